@@ -1,0 +1,9 @@
+// Host glue for the moe kernels: validates inputs and calls the launchers.
+#include "common/torch_checks.h"
+#include "registration.h"
+
+namespace flashseek {
+void register_moe_cuda(torch::Library& m) {
+  // No CUDA kernels registered yet: the op runs its reference implementation on CUDA tensors.
+}
+}  // namespace flashseek

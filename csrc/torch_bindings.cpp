@@ -1,0 +1,82 @@
+// Every flashseek op schema, in one place.
+//
+// Conventions:
+//   * Ops write into caller-provided outputs (`Tensor(a!)`) and return nothing, so engines can
+//     preallocate and CUDA-graph capture, and torch.compile functionalizes them. The Python
+//     wrappers in flashseek/ops.py allocate outputs when the caller passes none.
+//   * The CPU implementation of each op is its pure-torch reference (flashseek/ref), registered
+//     from Python together with the fake (meta) implementation.
+//   * CUDA implementations are registered per kernel family by csrc/<family>/<family>_ops.cpp.
+//     An op with no CUDA kernel in this build falls back to the reference on CUDA tensors.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "registration.h"
+
+TORCH_LIBRARY(flashseek, m) {
+  // ---- FP8 1x128 activation quantization (csrc/quant) ----
+  // x [M, K] bf16/fp16, K % 128 == 0 -> out e4m3 [M, K], scale fp32 [M, K/128] (column-major, see ops.py).
+  m.def("quant_fp8_1x128(Tensor x, Tensor(a!) out, Tensor(b!) scale, bool ue8m0=False) -> ()");
+  // gate_up [M, 2N] -> silu(gate) * up quantized: out e4m3 [M, N], scale fp32 [M, N/128].
+  m.def("silu_mul_quant_fp8(Tensor gate_up, Tensor(a!) out, Tensor(b!) scale, bool ue8m0=False) -> ()");
+
+  // ---- FP8 block-scaled GEMM (csrc/gemm) ----
+  // out[M, N] = (a [M, K] * a_scale [M, K/128]) @ (b [N, K] * b_scale [ceil(N/128), K/128])^T
+  m.def("fp8_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor(a!) out) -> ()");
+  // Rows of expert e are a[expert_offsets[e] : expert_offsets[e+1]]; b [E, N, K].
+  m.def(
+      "grouped_fp8_gemm_contiguous(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, "
+      "Tensor expert_offsets, Tensor(a!) out) -> ()");
+  // a [E, M_max, K]; only the first masked_m[e] rows of expert e are computed and written.
+  m.def(
+      "grouped_fp8_gemm_masked(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, "
+      "Tensor masked_m, Tensor(a!) out) -> ()");
+
+  // ---- Routing (csrc/routing) ----
+  m.def(
+      "route_noaux_tc(Tensor logits, Tensor bias, int n_group, int topk_group, int topk, "
+      "float routed_scaling_factor, bool renormalize, Tensor(a!) topk_weights, "
+      "Tensor(b!) topk_ids) -> ()");
+  m.def(
+      "route_softmax_topk(Tensor logits, int topk, bool renormalize, Tensor(a!) topk_weights, "
+      "Tensor(b!) topk_ids) -> ()");
+
+  // ---- MoE dispatch and combine (csrc/moe) ----
+  m.def(
+      "moe_align(Tensor topk_ids, int num_experts, int block_m, Tensor? expert_map, "
+      "Tensor(a!) sorted_ids, Tensor(b!) block_expert_ids, Tensor(c!) expert_offsets) -> ()");
+  m.def(
+      "moe_gather_quant(Tensor hidden, Tensor sorted_ids, int topk, Tensor(a!) out, "
+      "Tensor(b!) scale) -> ()");
+  m.def(
+      "moe_combine(Tensor expert_out, Tensor topk_weights, Tensor token_slots, "
+      "Tensor? shared_out, Tensor(a!) out) -> ()");
+
+  // ---- Paged MLA latent decode (csrc/mla) ----
+  m.def("mla_decode_plan(Tensor cache_seqlens, int s_q, int h_q, int num_sm_parts) -> Tensor");
+  m.def(
+      "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, "
+      "Tensor plan, float softmax_scale, bool causal, Tensor(a!) out, Tensor(b!) lse) -> ()");
+  m.def(
+      "mla_cache_append(Tensor latent, Tensor k_rope, Tensor(a!) kv_cache, "
+      "Tensor slot_mapping) -> ()");
+}
+
+#if FLASHSEEK_WITH_CUDA
+TORCH_LIBRARY_IMPL(flashseek, CUDA, m) {
+  flashseek::register_quant_cuda(m);
+  flashseek::register_gemm_cuda(m);
+  flashseek::register_routing_cuda(m);
+  flashseek::register_moe_cuda(m);
+  flashseek::register_mla_cuda(m);
+}
+#endif
+
+namespace {
+bool built_with_cuda() { return FLASHSEEK_WITH_CUDA != 0; }
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "flashseek: Hopper kernels for DeepSeek-V3/R1 (ops live under torch.ops.flashseek)";
+  mod.def("built_with_cuda", &built_with_cuda, "True when the sm_90a CUDA kernels were compiled in");
+}

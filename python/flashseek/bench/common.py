@@ -1,0 +1,136 @@
+"""Shared benchmark machinery: timing, ceilings, result rows.
+
+Each family module (flashseek/bench/<family>.py) exposes
+    run(ctx: BenchContext) -> list[Row]
+and uses `ctx.time(fn)` so that every timing is a CUDA-event median (or perf_counter on CPU) over
+rotated inputs after warm-up. The CLI (flashseek bench) measures the ceilings once per run, prints
+the table with the percentage of each ceiling, writes JSON and optionally a roofline PNG.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Row:
+    family: str
+    case: str                     # short human label, e.g. "b=128 sq=1 sk=4096 hq=128"
+    params: dict
+    us: float                     # flashseek median time, microseconds
+    flops: float                  # useful FLOPs of the call (0 for pure data movement)
+    bytes: float                  # minimal bytes moved through device memory
+    peer: Optional[str] = None    # name of the peer measured in the same run
+    peer_us: Optional[float] = None
+    backend: str = "kernel"       # "kernel" or "reference" (what flashseek ran)
+    extra: dict = field(default_factory=dict)  # per-stage breakdowns, error metrics, ...
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.us / 1e6 if self.us > 0 else 0.0
+
+    @property
+    def tbps(self) -> float:
+        return self.bytes / self.us / 1e6 if self.us > 0 else 0.0
+
+    def to_dict(self, ceilings: dict) -> dict:
+        d = asdict(self)
+        d["tflops"] = self.tflops
+        d["tbps"] = self.tbps
+        d["pct_copy_bw"] = 100 * self.tbps / ceilings["copy_tbps"] if ceilings.get("copy_tbps") else None
+        peak = ceilings.get(self.extra.get("peak", "fp8_tflops"))
+        d["pct_peak"] = 100 * self.tflops / peak if peak else None
+        d["speedup_vs_peer"] = (self.peer_us / self.us) if (self.peer_us and self.us) else None
+        return d
+
+
+class BenchContext:
+    def __init__(self, device: torch.device, quick: bool = False, warmup_ms: float = 25, rep_ms: float = 100):
+        self.device = device
+        self.quick = quick
+        self.warmup_ms = warmup_ms
+        self.rep_ms = rep_ms
+        self.ceilings: dict = {}
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def time(self, fn: Callable[[int], object], n_inputs: int = 1) -> float:
+        """Median time of fn(i) in microseconds; i cycles over n_inputs prepared input sets so that
+        problems smaller than L2 are not timed out of cache. Warm-up runs first."""
+        return time_median_us(fn, self.device, n_inputs, self.warmup_ms, self.rep_ms)
+
+
+def time_median_us(fn, device, n_inputs=1, warmup_ms=25.0, rep_ms=100.0, max_iters=2000) -> float:
+    if device.type != "cuda":
+        fn(0)
+        times = []
+        t_end = time.perf_counter() + max(rep_ms, 1.0) / 1e3
+        i = 0
+        while i < 3 or (time.perf_counter() < t_end and i < max_iters):
+            t0 = time.perf_counter()
+            fn(i % n_inputs)
+            times.append((time.perf_counter() - t0) * 1e6)
+            i += 1
+        return statistics.median(times)
+    # Estimate one call, then size warm-up and repetitions by time budget.
+    fn(0)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(5):
+        fn(i % n_inputs)
+    end.record()
+    torch.cuda.synchronize(device)
+    est_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for i in range(max(1, int(warmup_ms / est_ms))):
+        fn(i % n_inputs)
+    n = max(10, min(max_iters, int(rep_ms / est_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        starts[i].record()
+        fn(i % n_inputs)
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
+    """Measures, in this run, the device-to-device copy bandwidth (bytes read + written) and the
+    bf16 and fp8 (tensor-wise scaled, fast accumulation) matrix rates at 8192^3."""
+    if device.type != "cuda":
+        n = 1 << 24
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+        us = time_median_us(lambda i: dst.copy_(src), device, rep_ms=50)
+        a = torch.randn(1024, 1024, device=device)
+        mm_us = time_median_us(lambda i: a @ a, device, rep_ms=50)
+        return {"copy_tbps": 2 * n * 4 / us / 1e6, "bf16_tflops": 2 * 1024**3 / mm_us / 1e6,
+                "fp8_tflops": None, "device": "cpu"}
+    props = torch.cuda.get_device_properties(device)
+    n = (1 << 28) if not quick else (1 << 26)  # 1 GiB of fp32 each way: far beyond L2
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    copy_us = time_median_us(lambda i: dst.copy_(src), device, rep_ms=200)
+    del src, dst
+    s = 8192 if not quick else 4096
+    a = torch.randn(s, s, device=device, dtype=torch.bfloat16)
+    b = torch.randn(s, s, device=device, dtype=torch.bfloat16)
+    bf16_us = time_median_us(lambda i: a @ b, device, rep_ms=300)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device)
+    fp8_us = time_median_us(
+        lambda i: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
+        device, rep_ms=300)
+    return {
+        "device": props.name, "sms": props.multi_processor_count,
+        "copy_tbps": 2 * n * 4 / copy_us / 1e6,
+        "bf16_tflops": 2 * s**3 / bf16_us / 1e6,
+        "fp8_tflops": 2 * s**3 / fp8_us / 1e6,
+    }

@@ -1,0 +1,1 @@
+"""Pure-torch references: each is the specification of its op and its CPU implementation."""

@@ -1,0 +1,43 @@
+"""FP8 1x128 activation quantization (DeepSeek-V3 / DeepGEMM semantics).
+
+One fp32 scale per row per 128 channels: s = max(amax, 1e-4) / 448 (ue8m0: s rounded up to a
+power of two), q = e4m3(x / s). Dequantization is q * s.
+"""
+import torch
+
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-4
+BLOCK = 128
+
+
+def block_scales(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+    s = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    if ue8m0:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    return s
+
+
+def quant_fp8_1x128(x: torch.Tensor, ue8m0: bool = False):
+    """x [M, K] (K % 128 == 0) -> (q e4m3 [M, K], scale fp32 [M, K/128]), computed in fp32."""
+    m, k = x.shape
+    xb = x.float().reshape(m, k // BLOCK, BLOCK)
+    s = block_scales(xb.abs().amax(dim=-1), ue8m0)
+    q = (xb / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(m, k), s
+
+
+def dequant_fp8_1x128(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    m, k = q.shape
+    return (q.float().reshape(m, k // BLOCK, BLOCK) * s.float().unsqueeze(-1)).reshape(m, k)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [M, 2N] -> silu(gate) * up in fp32, gate the first half (DeepSeek MLP)."""
+    n = gate_up.shape[-1] // 2
+    g, u = gate_up.float()[..., :n], gate_up.float()[..., n:]
+    return torch.nn.functional.silu(g) * u
+
+
+def silu_mul_quant_fp8(gate_up: torch.Tensor, ue8m0: bool = False):
+    """Fused MLP middle step: quant_fp8_1x128(silu(gate) * up), the product kept in fp32."""
+    return quant_fp8_1x128(silu_mul(gate_up), ue8m0)
