@@ -8,6 +8,8 @@ Environment knobs:
   FLASHSEEK_CUDA=0|1   force the CPU-only build (0) or fail if CUDA is missing (1); default: auto
   CUDA_HOME            the toolkit root (default: /usr/local/cuda, else derived from nvcc on PATH)
   MAX_JOBS             parallel compile jobs (default: all cores)
+  FLASHSEEK_KERNELS_LIB  link this prebuilt libflashseek_kernels.a (scripts/build_kernels.sh) instead
+                       of compiling the kernels: they hold no torch code, so one build serves any torch
 """
 import os
 import shutil
@@ -92,6 +94,8 @@ class CMakeBuild(build_ext):
                 # Headers that the cu13 torch wheel carries (curand etc.) but a minimal toolkit lacks.
                 f"-DFLASHSEEK_NV_WHEEL_INCLUDE={_nvidia_wheel_include()}",
             ]
+            if os.environ.get("FLASHSEEK_KERNELS_LIB"):
+                args.append(f"-DFLASHSEEK_KERNELS_LIB={Path(os.environ['FLASHSEEK_KERNELS_LIB']).resolve()}")
         else:
             args += ["-DFLASHSEEK_CUDA=OFF"]
         if shutil.which("ccache"):

@@ -1,0 +1,91 @@
+"""The package, the op registry and the CLI: what every kernel family stands on."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashseek
+from flashseek import ops
+
+
+def _schema_op_names():
+    return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("flashseek::"))
+
+
+def test_every_schema_has_reference_and_fake():
+    """Each op defined in csrc/torch_bindings.cpp is registered in ops.py with a CPU reference and a
+    fake implementation; an op added to the bindings without them fails here."""
+    schemas = _schema_op_names()
+    assert schemas, "no flashseek ops registered: is flashseek._C loaded?"
+    assert sorted(ops.OP_NAMES) == schemas
+    for name in schemas:
+        qual = f"flashseek::{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "Meta") or \
+            torch._library.simple_registry.singleton.find(qual).fake_impl.kernel is not None, name
+
+
+def test_op_backends_reports_every_op():
+    backends = flashseek.op_backends()
+    assert set(backends) == set(ops.OP_NAMES)
+    assert set(backends.values()) <= {"kernel", "reference"}
+    if not flashseek.built_with_cuda():
+        assert set(backends.values()) == {"reference"}
+
+
+def test_wrong_dtype_device_and_shape_errors_name_the_argument():
+    x = torch.randn(4, 256)  # fp32: not accepted
+    with pytest.raises(ValueError, match=r"x must have dtype torch.bfloat16 or torch.float16, got torch.float32"):
+        ops.quant_fp8_1x128(x)
+    x = torch.randn(4, 200, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x's last dimension must be a multiple of 128, got 200"):
+        ops.quant_fp8_1x128(x)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    bad_out = torch.empty(4, 128, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"out must have shape \[4, 256\], got \[4, 128\]"):
+        ops.quant_fp8_1x128(x, out=bad_out)
+    row_major_scale = torch.empty(4, 2)
+    with pytest.raises(ValueError, match=r"scale must be column-major"):
+        ops.quant_fp8_1x128(x, scale=row_major_scale)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"must be on x's device"):
+            ops.quant_fp8_1x128(x, out=torch.empty(4, 256, dtype=torch.float8_e4m3fn, device="cuda"))
+
+
+def test_fullgraph_compile_traces_ops():
+    """The fake implementations let torch.compile(fullgraph=True) trace through the ops."""
+    def step(x):
+        q, s = ops.quant_fp8_1x128(x)
+        return q.float() * s.repeat_interleave(128, dim=1)
+
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), step(x))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "flashseek.cli.main", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_info_lists_ops():
+    r = _cli("info")
+    assert r.returncode == 0, r.stderr
+    for name in ops.OP_NAMES:
+        assert f"torch.ops.flashseek.{name}" in r.stdout
+
+
+def test_cli_bench_writes_json_and_roofline(tmp_path):
+    out = tmp_path / "bench.json"
+    png = tmp_path / "roofline.png"
+    r = _cli("bench", "quant", "--quick", "--device", "cpu", "--json", str(out), "--roofline", str(png))
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["card"] == "cpu" and doc["commit"] and doc["ceilings"]["copy_tbps"] > 0
+    assert doc["rows"], "the quant benchmark produced no rows"
+    for row in doc["rows"]:
+        assert row["us"] > 0 and row["bytes"] > 0 and row["family"] == "quant"
+    assert png.stat().st_size > 1000
