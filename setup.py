@@ -101,8 +101,13 @@ class CMakeBuild(build_ext):
         if shutil.which("ccache"):
             args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.check_call(["cmake", str(ROOT), *args], cwd=build_dir)
-        subprocess.check_call(["cmake", "--build", ".", "-j", jobs], cwd=build_dir)
+        # Prefer the cmake/ninja installed beside this Python (pip's), which a venv that is not
+        # activated leaves off PATH, over an older system cmake.
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("CCACHE_BASEDIR", str(ROOT))
+        subprocess.check_call(["cmake", str(ROOT), *args], cwd=build_dir, env=env)
+        subprocess.check_call(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, env=env)
         if not out_path.exists():
             sys.exit(f"flashseek: CMake did not produce {out_path}")
 
