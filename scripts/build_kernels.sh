@@ -16,4 +16,6 @@ cmake -S "$root" -B "$root/build/kernels" -G Ninja -DCMAKE_BUILD_TYPE=Release -D
 cmake --build "$root/build/kernels" --target flashseek_kernels -j "${MAX_JOBS:-$(nproc)}"
 mkdir -p "$dest"
 cp "$root/build/kernels/libflashseek_kernels.a" "$dest/"
+# The GPU machine's copy of the tree has no .git: carry the commit the kernels were built from.
+git -C "$root" describe --always --dirty > "$dest/commit.txt"
 echo "$dest/libflashseek_kernels.a ($(du -h "$dest/libflashseek_kernels.a" | cut -f1))"

@@ -19,6 +19,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 [ -f .prebuilt/libflashseek_kernels.a ] && export FLASHSEEK_KERNELS_LIB=$PWD/.prebuilt/libflashseek_kernels.a
+[ -f .prebuilt/commit.txt ] && export FLASHSEEK_COMMIT=$(cat .prebuilt/commit.txt)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/gpu.txt"
 stamp "building (prebuilt kernels: ${FLASHSEEK_KERNELS_LIB:-none})"
 if ! FLASHSEEK_CUDA=1 FLASHSEEK_PTXAS_VERBOSE=1 MAX_JOBS=$(nproc) $py -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
