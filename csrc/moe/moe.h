@@ -1,0 +1,76 @@
+// MoE dispatch / combine launchers (plain CUDA, no torch headers).
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace flashseek {
+
+constexpr int kMoeAlignMaxLocalExperts = 512;
+constexpr int64_t kMoeAlignMaxSlots = int64_t(1) << 22;
+
+// Groups the n = T * topk (token, k) slots by local expert, ascending slot id within an expert.
+// Contiguous mode (max_m == 0): expert e owns rows [expert_offsets[e], expert_offsets[e+1]), its
+// count padded up to a multiple of block_m; sorted_ids[row] = slot or the sentinel n;
+// block_expert_ids[b] = expert of rows [b*block_m, (b+1)*block_m) or -1. Masked mode (max_m > 0):
+// slot -> row e * max_m + rank, masked_m[e] = min(count, max_m). Both: token_slots[slot] = row or -1.
+// Ids outside [0, num_experts) and experts mapped outside [0, num_local) are dropped (row -1).
+struct MoeAlignParams {
+  const int32_t* topk_ids;   // [n], contiguous
+  int64_t n;
+  int num_experts;           // global id range
+  const int32_t* expert_map; // [num_experts] or null (identity)
+  int num_local;             // <= kMoeAlignMaxLocalExperts
+  int block_m;               // contiguous mode
+  int max_m;                 // > 0 selects masked mode
+  int32_t* sorted_ids;       // [max_rows]
+  int64_t max_rows;          // multiple of block_m, >= n + min(num_local, n) * (block_m - 1)
+  int32_t* block_expert_ids; // [max_rows / block_m]
+  int32_t* expert_offsets;   // [num_local + 1]
+  int32_t* masked_m;         // [num_local]
+  int32_t* token_slots;      // [n]
+};
+void launch_moe_align(const MoeAlignParams& p, cudaStream_t stream);
+
+// FP8 1x128 quantization of bf16 token rows into a row buffer viewed as [groups, rows_per_group, H]
+// (row r at group r / rows_per_group). Gather mode: one output row per sorted_ids entry (the
+// sentinel or any id outside [0, T*topk) gives the quantization of a zero row). Scatter mode: each
+// token's row is quantized once and written to every row token_slots[t, j] >= 0.
+struct MoeQuantParams {
+  const void* hidden;        // bf16 [T, H], unit stride along H
+  int64_t hidden_stride;
+  int64_t T;
+  int64_t H;                 // multiple of 128
+  int topk;
+  const int32_t* sorted_ids; // gather mode: [rows]
+  const int32_t* token_slots;// scatter mode: [T, topk], row stride token_slots_stride
+  int64_t token_slots_stride;
+  int64_t rows;              // total output rows (groups * rows_per_group)
+  int64_t rows_per_group;
+  uint8_t* out;              // e4m3, row r at out + (r / rpg) * out_gstride + (r % rpg) * out_rstride
+  int64_t out_gstride, out_rstride;
+  float* scale;              // (r, kb) at scale + (r / rpg) * s_gstride + (r % rpg) + kb * s_ld
+  int64_t s_gstride, s_ld;
+};
+void launch_moe_gather_quant(const MoeQuantParams& p, cudaStream_t stream);
+void launch_moe_scatter_quant(const MoeQuantParams& p, cudaStream_t stream);
+
+// out[t] = bf16( sum_j w[t,j] * expert_out[token_slots[t,j]] (j ascending, rows < 0 or >= rows
+// skipped) + shared_out[t] ), all in fp32 with separate multiply and add roundings.
+struct MoeCombineParams {
+  const void* expert_out;    // bf16 [rows, H]
+  int64_t eo_stride;
+  int64_t rows;
+  const float* weights;      // [T, topk]
+  int64_t w_stride;
+  const int32_t* token_slots;// [T, topk]
+  int64_t ts_stride;
+  const void* shared_out;    // bf16 [T, H] or null
+  int64_t sh_stride;
+  void* out;                 // bf16 [T, H]
+  int64_t out_stride;
+  int64_t T, H;              // H multiple of 8, 16-byte aligned rows
+  int topk;
+};
+void launch_moe_combine(const MoeCombineParams& p, cudaStream_t stream);
+
+}  // namespace flashseek

@@ -1,0 +1,113 @@
+// Token rows -> FP8 1x128 rows of the grouped-GEMM input, fused with the dispatch permutation.
+//
+// A half-warp owns one 128-column block: 16 lanes x 8 bf16 (one 16-byte load each), the block amax
+// by four xor-shuffles that stay inside the half-warp, then 8 e4m3 bytes per lane. The math is
+// flashseek/ref/quant.py step for step (s = max(amax, 1e-4) / 448 and x / s with IEEE division,
+// NaN-propagating amax, RNE + SATFINITE as the reference's clamp + cast), so rows are bit-identical.
+// Scatter mode quantizes each token once and stores it to its topk rows: prefill reads the hidden
+// states once instead of topk times, and decode writes only the rows that exist.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "common/cuda_check.h"
+#include "moe/moe.h"
+
+namespace flashseek {
+namespace {
+
+constexpr int kBlocksPerCta = 16;  // 128-column blocks per CTA (two per warp)
+constexpr int kThreads = kBlocksPerCta * 16;
+
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+struct QuantizedChunk {
+  uint2 q;      // 8 e4m3 values
+  float scale;  // the block's scale (valid in every lane of the half-warp)
+};
+
+// raw: this lane's 8 bf16 of the block (zeros for a missing row).
+__device__ __forceinline__ QuantizedChunk quantize_chunk(const uint4 raw) {
+  // Only this half-warp: the other half may have left (an odd number of 128-column blocks).
+  const unsigned half = 0xffffu << (threadIdx.x & 16);
+  float v[8];
+  const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h2[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = max_nan(amax, fabsf(v[i]));
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) amax = max_nan(amax, __shfl_xor_sync(half, amax, off));
+  QuantizedChunk c;
+  c.scale = __fdiv_rn(max_nan(amax, 1e-4f), 448.0f);
+  uint16_t pairs[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = make_float2(__fdiv_rn(v[2 * i], c.scale), __fdiv_rn(v[2 * i + 1], c.scale));
+    pairs[i] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
+  }
+  c.q = make_uint2(uint32_t(pairs[0]) | (uint32_t(pairs[1]) << 16), uint32_t(pairs[2]) | (uint32_t(pairs[3]) << 16));
+  return c;
+}
+
+__device__ __forceinline__ void store_row_chunk(const MoeQuantParams& p, int64_t row, int kb, int hl,
+                                                const QuantizedChunk& c) {
+  const int64_t g = row / p.rows_per_group, m = row - g * p.rows_per_group;
+  uint8_t* dst = p.out + g * p.out_gstride + m * p.out_rstride + int64_t(kb) * 128 + hl * 8;
+  *reinterpret_cast<uint2*>(dst) = c.q;
+  if (hl == 0) p.scale[g * p.s_gstride + m + int64_t(kb) * p.s_ld] = c.scale;
+}
+
+__device__ __forceinline__ uint4 load_chunk(const MoeQuantParams& p, int64_t token, int kb, int hl) {
+  const __nv_bfloat16* src = static_cast<const __nv_bfloat16*>(p.hidden) + token * p.hidden_stride +
+                             int64_t(kb) * 128 + hl * 8;
+  return __ldg(reinterpret_cast<const uint4*>(src));
+}
+
+__global__ void __launch_bounds__(kThreads) moe_gather_quant_kernel(const MoeQuantParams p) {
+  const int64_t row = blockIdx.x;
+  const int kb = blockIdx.y * kBlocksPerCta + (threadIdx.x >> 4);
+  const int hl = threadIdx.x & 15;
+  if (kb * 128 >= p.H) return;  // whole half-warps leave together; shuffles stay inside one
+  const int64_t slot = p.sorted_ids[row];
+  const bool real = slot >= 0 && slot < p.T * p.topk;
+  const uint4 raw = real ? load_chunk(p, slot / p.topk, kb, hl) : make_uint4(0, 0, 0, 0);
+  store_row_chunk(p, row, kb, hl, quantize_chunk(raw));
+}
+
+__global__ void __launch_bounds__(kThreads) moe_scatter_quant_kernel(const MoeQuantParams p) {
+  const int64_t token = blockIdx.x;
+  const int kb = blockIdx.y * kBlocksPerCta + (threadIdx.x >> 4);
+  const int hl = threadIdx.x & 15;
+  if (kb * 128 >= p.H) return;
+  const QuantizedChunk c = quantize_chunk(load_chunk(p, token, kb, hl));
+  const int32_t* slots = p.token_slots + token * p.token_slots_stride;
+  for (int j = 0; j < p.topk; ++j) {
+    const int64_t row = __ldg(slots + j);
+    if (row >= 0 && row < p.rows) store_row_chunk(p, row, kb, hl, c);
+  }
+}
+
+}  // namespace
+
+void launch_moe_gather_quant(const MoeQuantParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.H == 0) return;
+  const dim3 grid(unsigned(p.rows), unsigned((p.H / 128 + kBlocksPerCta - 1) / kBlocksPerCta));
+  moe_gather_quant_kernel<<<grid, kThreads, 0, stream>>>(p);
+  FS_CHECK_LAUNCH();
+}
+
+void launch_moe_scatter_quant(const MoeQuantParams& p, cudaStream_t stream) {
+  if (p.T == 0 || p.H == 0 || p.rows == 0) return;
+  const dim3 grid(unsigned(p.T), unsigned((p.H / 128 + kBlocksPerCta - 1) / kBlocksPerCta));
+  moe_scatter_quant_kernel<<<grid, kThreads, 0, stream>>>(p);
+  FS_CHECK_LAUNCH();
+}
+
+}  // namespace flashseek

@@ -1,0 +1,63 @@
+"""Benchmarks of the fused top-k routers (DeepSeek-R1 noaux_tc shape: E=256, 8 groups, top-4
+groups, top-8; plus softmax top-8 of 256).
+
+Counting: no FLOPs; bytes = logits + bias + weights + ids (the minimum any router moves).
+Peer: the eager torch reference (flashseek.ref.routing) on the same inputs, in the same run.
+"""
+from __future__ import annotations
+
+import torch
+
+from flashseek import ops
+from flashseek.bench.common import BenchContext, Row
+from flashseek.ref import routing as ref_routing
+
+R1 = dict(e=256, n_group=8, topk_group=4, topk=8, scale=2.5)
+
+
+def _inputs(t, e, device, n, dtype):
+    return [(torch.randn(t, e, device=device).to(dtype), torch.randn(e, device=device) * 0.05) for _ in range(n)]
+
+
+def run_routing(ctx: BenchContext) -> list[Row]:
+    dev = ctx.device
+    ts = [1, 64, 1024, 8192, 16384] if ctx.cuda else [1, 64]
+    if ctx.quick:
+        ts = ts[::2]
+    e, ng, tg, k, sc = R1["e"], R1["n_group"], R1["topk_group"], R1["topk"], R1["scale"]
+    rows: list[Row] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for t in ts:
+            n_in = 8 if t * e * 4 < (8 << 20) else 2  # rotate inputs that would sit in L2
+            inp = _inputs(t, e, dev, n_in, dtype)
+            w = torch.empty(t, k, device=dev)
+            ids = torch.empty(t, k, device=dev, dtype=torch.int32)
+
+            def fs(i):
+                torch.ops.flashseek.route_noaux_tc(inp[i][0], inp[i][1], ng, tg, k, sc, True, w, ids)
+
+            def peer(i):
+                ref_routing.route_noaux_tc(inp[i][0], inp[i][1], ng, tg, k, sc, True)
+
+            us = ctx.time(fs, n_in)
+            peer_us = ctx.time(peer, n_in)
+            nbytes = t * e * inp[0][0].element_size() + e * 4 + t * k * 8
+            rows.append(Row("routing", f"noaux_tc T={t} E={e} g={ng}/{tg} k={k} {str(dtype)[6:]}",
+                            dict(op="route_noaux_tc", T=t, E=e, n_group=ng, topk_group=tg, topk=k,
+                                 dtype=str(dtype)), us, 0.0, nbytes, peer="torch eager ref", peer_us=peer_us,
+                            backend="kernel" if ops.has_cuda_kernel("route_noaux_tc") else "reference"))
+    for t in ts:
+        n_in = 8 if t * e * 2 < (8 << 20) else 2
+        inp = _inputs(t, e, dev, n_in, torch.bfloat16)
+        w = torch.empty(t, k, device=dev)
+        ids = torch.empty(t, k, device=dev, dtype=torch.int32)
+        us = ctx.time(lambda i: torch.ops.flashseek.route_softmax_topk(inp[i][0], k, True, w, ids), n_in)
+        peer_us = ctx.time(lambda i: ref_routing.route_softmax_topk(inp[i][0], k, True), n_in)
+        rows.append(Row("routing", f"softmax T={t} E={e} k={k} bfloat16",
+                        dict(op="route_softmax_topk", T=t, E=e, topk=k), us, 0.0, t * e * 2 + t * k * 8,
+                        peer="torch eager ref", peer_us=peer_us,
+                        backend="kernel" if ops.has_cuda_kernel("route_softmax_topk") else "reference"))
+    return rows
+
+
+run = run_routing

@@ -1,0 +1,74 @@
+"""Top-k routing references: DeepSeek-V3 noaux_tc grouped top-k and plain softmax top-k.
+
+These are the specification of the routing kernels. Choices the kernels reproduce bit for bit:
+  * scores in fp32, sigmoid written as 1 / (1 + exp(-x)) (torch's own CUDA sigmoid is the same
+    formula; the CPU one is not, so the CUDA kernel is compared with this reference run on CUDA);
+  * ties are broken by the lower index: among equal group scores the lower group id is kept, among
+    equal (biased) scores the lower expert id is picked first. Stable sorts make that explicit,
+    since torch.topk promises no order among ties;
+  * ids come out in selection order: descending score, ties by ascending id;
+  * the renormalizing sum runs sequentially in selection order, so the kernel matches it exactly.
+NaN logits give unspecified (but in-range) ids.
+"""
+import torch
+
+
+def sigmoid_fp32(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
+def _topk_stable(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim; equal values: the lower index first."""
+    return torch.sort(x, dim=-1, descending=True, stable=True)[1][..., :k]
+
+
+def _seq_sum(w: torch.Tensor) -> torch.Tensor:
+    acc = w[..., 0].clone()
+    for j in range(1, w.shape[-1]):
+        acc = acc + w[..., j]
+    return acc.unsqueeze(-1)
+
+
+def route_noaux_tc(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, topk: int,
+                   routed_scaling_factor: float, renormalize: bool = True):
+    """logits [T, E] -> (weights fp32 [T, topk], ids int32 [T, topk]).
+
+    s = sigmoid(logits); b = s + bias selects; group score = sum of the top-2 of b per group of
+    E / n_group consecutive experts; the topk_group best groups survive; ids = top-k of b among
+    their experts; weights = s[ids] (/ their sum + 1e-20 if renormalize) * routed_scaling_factor.
+    """
+    t, e = logits.shape
+    s = sigmoid_fp32(logits)
+    b = s + bias.float()
+    if topk_group < n_group:
+        g = b.view(t, n_group, e // n_group)
+        top2 = torch.sort(g, dim=-1, descending=True)[0][..., :2]
+        gscore = top2[..., 0] + top2[..., 1]
+        keep = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device)
+        keep.scatter_(1, _topk_stable(gscore, topk_group), True)
+        keep = keep.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+        b = b.masked_fill(~keep, float("-inf"))
+    ids = _topk_stable(b, topk)
+    w = s.gather(1, ids)
+    if renormalize:
+        w = w / (_seq_sum(w) + 1e-20)
+    w = w * routed_scaling_factor
+    return w, ids.to(torch.int32)
+
+
+def route_softmax_topk(logits: torch.Tensor, topk: int, renormalize: bool = True):
+    """logits [T, E] -> (weights fp32 [T, topk], ids int32 [T, topk]), Mixtral / Qwen-MoE style.
+
+    Selection is on the fp32 logits (softmax is monotone), ties to the lower id. With p = exp(x - max):
+    weights = p[ids] / sum(p[ids]) (sequential, selection order) if renormalize, else p[ids] / sum(p).
+    """
+    x = logits.float()
+    p = torch.exp(x - x.amax(dim=-1, keepdim=True))
+    ids = _topk_stable(x, topk)
+    w = p.gather(1, ids)
+    if renormalize:
+        w = w / _seq_sum(w)
+    else:
+        w = w / p.sum(dim=-1, keepdim=True)
+    return w, ids.to(torch.int32)

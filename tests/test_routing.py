@@ -1,0 +1,259 @@
+"""Routing: noaux_tc grouped top-k and softmax top-k (reference semantics, kernels, bad inputs)."""
+import pytest
+import torch
+
+from flashseek import ops
+from flashseek.ref import routing as ref
+from tests.utils import opcheck
+
+# (E, n_group, topk_group, topk): tiny, R1-like, the R1 shape, a large one, and no grouping.
+CONFIGS = [(8, 4, 2, 2), (64, 8, 4, 6), (256, 8, 4, 8), (512, 16, 8, 16), (64, 1, 1, 8)]
+
+
+def _f64_noaux(logits, bias, n_group, topk_group, topk, scale, renormalize):
+    """Independent float64 per-token reimplementation with explicit (score desc, id asc) ordering."""
+    s = 1.0 / (1.0 + torch.exp(-logits.double()))
+    b = s + bias.double()
+    t, e = logits.shape
+    gsize = e // n_group
+    ids_all, w_all = [], []
+    for i in range(t):
+        row = b[i].tolist()
+        gs = []
+        for g in range(n_group):
+            vals = sorted(row[g * gsize:(g + 1) * gsize], reverse=True)
+            gs.append((-(vals[0] + vals[1]), g))
+        kept = {g for _, g in sorted(gs)[:topk_group]} if topk_group < n_group else set(range(n_group))
+        cand = sorted((-row[x], x) for x in range(e) if x // gsize in kept)[:topk]
+        ids = [x for _, x in cand]
+        w = [s[i, x].item() for x in ids]
+        if renormalize:
+            tot = sum(w)
+            w = [v / tot for v in w]
+        ids_all.append(ids)
+        w_all.append([v * scale for v in w])
+    return torch.tensor(w_all, dtype=torch.float64).reshape(t, topk), torch.tensor(ids_all).reshape(t, topk)
+
+
+def _f64_softmax(logits, topk, renormalize):
+    x = logits.double()
+    p = torch.softmax(x, dim=-1)
+    ids = []
+    for i in range(x.shape[0]):
+        ids.append([j for _, j in sorted((-v, j) for j, v in enumerate(x[i].tolist()))[:topk]])
+    ids = torch.tensor(ids).reshape(x.shape[0], topk)
+    w = p.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return w, ids
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_noaux_tc_reference_vs_float64(cfg, dtype, renormalize):
+    e, ng, tg, k = cfg
+    logits = torch.randn(37, e).to(dtype)
+    bias = torch.randn(e) * 0.05
+    w, ids = ops.route_noaux_tc(logits, bias, ng, tg, k, 2.5, renormalize)
+    w64, ids64 = _f64_noaux(logits, bias, ng, tg, k, 2.5, renormalize)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids.long(), ids64)
+    torch.testing.assert_close(w.double(), w64, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("e,k", [(8, 2), (60, 4), (128, 8), (512, 16)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_softmax_topk_reference_vs_float64(e, k, renormalize):
+    logits = torch.randn(29, e, dtype=torch.bfloat16)
+    w, ids = ops.route_softmax_topk(logits, k, renormalize)
+    w64, ids64 = _f64_softmax(logits, k, renormalize)
+    assert torch.equal(ids.long(), ids64)
+    torch.testing.assert_close(w.double(), w64, rtol=1e-6, atol=0)
+
+
+def test_noaux_tc_ties_lower_id_wins():
+    # All experts equal: groups tie (lower group ids kept) and experts tie (lower ids first).
+    logits = torch.zeros(2, 16)
+    bias = torch.zeros(16)
+    w, ids = ops.route_noaux_tc(logits, bias, 4, 2, 3, 1.0, True)
+    assert ids.tolist() == [[0, 1, 2], [0, 1, 2]]
+    torch.testing.assert_close(w, torch.full((2, 3), 1 / 3))
+    # Group 3 and group 1 tie on the top-2 sum and beat the rest: group 1 (lower id) is the one
+    # kept when topk_group = 1; inside it experts 5 and 6 tie and 5 comes first.
+    logits = torch.full((1, 16), -4.0)
+    logits[0, 5] = logits[0, 6] = 2.0
+    logits[0, 13] = logits[0, 14] = 2.0
+    _, ids = ops.route_noaux_tc(logits, torch.zeros(16), 4, 1, 2, 1.0, True)
+    assert ids.tolist() == [[5, 6]]
+    # The bias decides selection but not the weights.
+    bias = torch.zeros(16)
+    bias[12] = 10.0
+    w, ids = ops.route_noaux_tc(logits, bias, 4, 1, 2, 1.0, False)
+    assert ids.tolist() == [[12, 13]]
+    torch.testing.assert_close(w, torch.sigmoid(torch.tensor([[-4.0, 2.0]])))
+
+
+def test_softmax_topk_ties_lower_id_wins():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [-0.0, 0.0, -1.0, 0.0, 0.0]])
+    _, ids = ops.route_softmax_topk(logits, 2)
+    assert ids.tolist() == [[1, 2], [0, 1]]
+
+
+def test_empty_tokens():
+    w, ids = ops.route_noaux_tc(torch.randn(0, 256), torch.zeros(256), 8, 4, 8, 2.5)
+    assert w.shape == (0, 8) and ids.shape == (0, 8)
+    w, ids = ops.route_softmax_topk(torch.randn(0, 8), 2)
+    assert w.shape == (0, 2) and ids.shape == (0, 2)
+
+
+def test_against_transformers_router():
+    tr = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    del tr
+    e, ng, tg, k, hdim = 64, 8, 4, 6, 48
+    cfg = DeepseekV3Config(hidden_size=hdim, n_routed_experts=e, num_experts_per_tok=k, n_group=ng, topk_group=tg,
+                           routed_scaling_factor=2.5, norm_topk_prob=True)
+    router = DeepseekV3TopkRouter(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(e, hdim) * 0.2)
+        # A non-negative bias keeps every biased score positive, so HF's masking (0.0 in some
+        # versions, -inf in others) cannot pick a masked expert: the two then agree.
+        router.e_score_correction_bias.copy_(torch.rand(e) * 0.1)
+        x = torch.randn(64, hdim)
+        logits, hf_w, hf_ids = router(x)
+    w, ids = ops.route_noaux_tc(logits, router.e_score_correction_bias, ng, tg, k, 2.5, True)
+    # HF's topk(sorted=False) leaves the order unspecified: compare per-token sets, aligned by id.
+    hf_sorted, order = hf_ids.sort(dim=-1)
+    ours_sorted, our_order = ids.long().sort(dim=-1)
+    assert torch.equal(hf_sorted, ours_sorted)
+    torch.testing.assert_close(w.gather(1, our_order), hf_w.gather(1, order).float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(logits=torch.randn(4, 60), bias=torch.zeros(60)), "divisible by n_group"),
+    (dict(topk=16, topk_group=1), r"kept groups"),
+    (dict(topk_group=9), "topk_group must be in"),
+    (dict(n_group=64, logits=torch.randn(4, 128), bias=torch.zeros(128)), "n_group must be in"),
+    (dict(bias=torch.zeros(63)), "bias must have shape"),
+    (dict(bias=torch.zeros(64, dtype=torch.bfloat16)), "bias must have dtype"),
+    (dict(logits=torch.zeros(4, 64, dtype=torch.int32)), "logits must have dtype"),
+    (dict(logits=torch.randn(4, 1024), bias=torch.zeros(1024)), "1 to 512 experts"),
+    (dict(topk=17, topk_group=8), r"topk must be in \[1, 16\]"),
+    (dict(logits=torch.randn(4, 64), n_group=32, topk_group=1, topk=3, bias=torch.zeros(64)), "kept groups"),
+])
+def test_noaux_tc_bad_inputs(bad, match):
+    args = dict(logits=torch.randn(4, 64), bias=torch.zeros(64), n_group=8, topk_group=4, topk=8)
+    args.update(bad)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        ops.route_noaux_tc(args["logits"], args["bias"], args["n_group"], args["topk_group"], args["topk"], 2.5)
+
+
+def test_noaux_tc_bad_outputs():
+    logits = torch.randn(4, 64)
+    with pytest.raises((ValueError, RuntimeError), match="topk_ids must have dtype"):
+        ops.route_noaux_tc(logits, torch.zeros(64), 8, 4, 8, 2.5, topk_ids=torch.empty(4, 8, dtype=torch.int64))
+    with pytest.raises((ValueError, RuntimeError), match="topk_weights must have shape"):
+        ops.route_noaux_tc(logits, torch.zeros(64), 8, 4, 8, 2.5, topk_weights=torch.empty(4, 7))
+    with pytest.raises((ValueError, RuntimeError), match="must not exceed the number of experts"):
+        ops.route_softmax_topk(torch.randn(4, 8), 9)
+
+
+def _opcheck_args(device, t=5, e=64):
+    logits = torch.randn(t, e, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(e, device=device) * 0.1
+    w = torch.empty(t, 8, device=device)
+    ids = torch.empty(t, 8, device=device, dtype=torch.int32)
+    return logits, bias, w, ids
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_opcheck(device):
+    logits, bias, w, ids = _opcheck_args(device)
+    opcheck(torch.ops.flashseek.route_noaux_tc.default, (logits, bias, 8, 4, 8, 2.5, True, w, ids))
+    opcheck(torch.ops.flashseek.route_softmax_topk.default, (logits, 8, False, w, ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA kernels vs the reference run on CUDA tensors (the same fp32 expf there: ids bit-identical)
+# ------------------------------------------------------------------------------------------------
+def _cuda_inputs(t, e, dtype, kind, stride_pad=0):
+    if kind == "tie":
+        # Few distinct values: many expert ties and group ties.
+        logits = torch.randint(-2, 3, (t, e + stride_pad), device="cuda").to(dtype)
+        bias = torch.randint(0, 2, (e,), device="cuda").float() * 0.25
+    else:
+        logits = torch.randn(t, e + stride_pad, device="cuda").to(dtype)
+        bias = (torch.randn(e, device="cuda") * 0.1) if kind == "bias" else torch.zeros(e, device="cuda")
+    return logits[:, :e], bias
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [0, 1, 7, 128, 4096, 16384])
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("kind", ["bias", "tie"])
+def test_noaux_tc_cuda(t, cfg, kind):
+    e, ng, tg, k = cfg
+    dtype = torch.bfloat16 if t % 2 == 0 else torch.float32
+    logits, bias = _cuda_inputs(t, e, dtype, kind)
+    assert ops.has_cuda_kernel("route_noaux_tc")
+    for renorm in (True, False):
+        w, ids = ops.route_noaux_tc(logits, bias, ng, tg, k, 2.5, renorm)
+        w_ref, ids_ref = ref.route_noaux_tc(logits, bias, ng, tg, k, 2.5, renorm)
+        assert torch.equal(ids, ids_ref)
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_noaux_tc_cuda_strided_and_all_groups_kept(dtype):
+    logits, bias = _cuda_inputs(1000, 256, dtype, "bias", stride_pad=8)
+    for ng, tg, k in [(8, 4, 8), (8, 8, 8), (32, 4, 8), (2, 1, 16)]:
+        w, ids = ops.route_noaux_tc(logits, bias, ng, tg, k, 1.5)
+        w_ref, ids_ref = ref.route_noaux_tc(logits, bias, ng, tg, k, 1.5)
+        assert torch.equal(ids, ids_ref), (ng, tg, k)
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
+    # Odd layouts: groups that do not fill whole lanes (160 = 8 x 20, 60 = 3 x 20 experts).
+    for e, ng, tg, k in [(160, 8, 3, 6), (60, 3, 2, 4), (510, 17, 4, 8)]:
+        logits, bias = _cuda_inputs(333, e, dtype, "bias")
+        w, ids = ops.route_noaux_tc(logits, bias, ng, tg, k, 1.0)
+        w_ref, ids_ref = ref.route_noaux_tc(logits, bias, ng, tg, k, 1.0)
+        assert torch.equal(ids, ids_ref), (e, ng, tg, k)
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [0, 1, 7, 128, 4096, 16384])
+@pytest.mark.parametrize("e,k", [(8, 2), (60, 4), (64, 6), (256, 8), (512, 16)])
+@pytest.mark.parametrize("kind", ["rand", "tie"])
+def test_softmax_topk_cuda(t, e, k, kind):
+    logits, _ = _cuda_inputs(t, e, torch.bfloat16 if e != 64 else torch.float32, kind)
+    for renorm in (True, False):
+        w, ids = ops.route_softmax_topk(logits, k, renorm)
+        w_ref, ids_ref = ref.route_softmax_topk(logits, k, renorm)
+        assert torch.equal(ids, ids_ref)
+        # Without renormalization the full-row sum runs in a different order than torch's.
+        torch.testing.assert_close(w, w_ref, rtol=1e-6 if renorm else 2e-6, atol=0)
+
+
+@pytest.mark.cuda
+def test_routing_cuda_bad_inputs_and_graph():
+    logits = torch.randn(8, 64, device="cuda")
+    with pytest.raises((ValueError, RuntimeError), match="divisible by n_group"):
+        ops.route_noaux_tc(logits, torch.zeros(64, device="cuda"), 7, 2, 4, 1.0)
+    with pytest.raises((ValueError, RuntimeError), match="bias must have shape"):
+        ops.route_noaux_tc(logits, torch.zeros(63, device="cuda"), 8, 4, 4, 1.0)
+    bias = torch.zeros(64, device="cuda")
+    w = torch.empty(8, 4, device="cuda")
+    ids = torch.empty(8, 4, device="cuda", dtype=torch.int32)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.route_noaux_tc(logits, bias, 8, 4, 4, 1.0, topk_weights=w, topk_ids=ids)
+    logits.copy_(torch.randn_like(logits))
+    g.replay()
+    w_ref, ids_ref = ref.route_noaux_tc(logits, bias, 8, 4, 4, 1.0)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
