@@ -1,9 +1,234 @@
-// Host glue for the mla kernels: validates inputs and calls the launchers.
+// Host glue for the paged MLA decode kernels: validates inputs and calls the launchers.
+//
+// Index safety without a host sync: values inside block_table and cache_seqlens are not read here.
+// The decode kernel clamps each length to the table's capacity (max_pages * page_size) and each
+// page id to [0, num_pages), so a bad table yields wrong values but never an out-of-bounds access;
+// the append kernel skips slots outside the cache. flashseek.ops.mla_decode(validate=True) checks
+// the values on the host (and the CPU reference always does).
+#include <ATen/ATen.h>
+
+#include <climits>
+#include <cmath>
+
 #include "common/torch_checks.h"
+#include "mla/mla_params.h"
 #include "registration.h"
 
 namespace flashseek {
-void register_mla_cuda(torch::Library& m) {
-  // No CUDA kernels registered yet: the op runs its reference implementation on CUDA tensors.
+namespace {
+
+using namespace flashseek::mla;
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+int page_size_log2(int64_t page_size) {
+  switch (page_size) {
+    case 16: return 4;
+    case 32: return 5;
+    case 64: return 6;
+    case 128: return 7;
+    default: return -1;
+  }
 }
+
+// Returns true for the FP8 layout.
+bool check_cache(const at::Tensor& kv_cache) {
+  FS_CHECK_CUDA(kv_cache);
+  FS_CHECK_DIM(kv_cache, 3);
+  const bool fp8 = kv_cache.scalar_type() == at::kByte;
+  FS_CHECK(fp8 || kv_cache.scalar_type() == at::kBFloat16,
+           "kv_cache must have dtype BFloat16 (576-wide tokens) or Byte (656-byte FP8 tokens), got ",
+           kv_cache.scalar_type());
+  const int64_t width = fp8 ? kFp8TokenBytes : kDQK;
+  FS_CHECK(kv_cache.size(2) == width, "kv_cache must be [num_pages, page_size, ", width, "] for dtype ",
+           kv_cache.scalar_type(), " (bf16: 512 latent + 64 rope; uint8: the 656-byte FP8 token layout), got ",
+           kv_cache.sizes());
+  FS_CHECK(page_size_log2(kv_cache.size(1)) >= 0, "kv_cache's page size (dim 1) must be 16, 32, 64 or 128, got ",
+           kv_cache.size(1));
+  FS_CHECK(kv_cache.size(0) >= 1 && kv_cache.size(0) <= INT_MAX,
+           "kv_cache must have between 1 and 2^31 - 1 pages, got ", kv_cache.size(0));
+  FS_CHECK_CONTIGUOUS(kv_cache);
+  FS_CHECK(aligned16(kv_cache), "kv_cache's data must be 16-byte aligned");
+  return fp8;
+}
+
+void check_rows16(const at::Tensor& t, const char* name) {
+  for (int d = 0; d + 1 < t.dim(); ++d) {  // a size-1 dimension's stride is never used
+    FS_CHECK(t.size(d) == 1 || t.stride(d) % 8 == 0, name, "'s strides must be multiples of 8 elements (16-byte rows), got ",
+             t.strides());
+  }
+  FS_CHECK(aligned16(t), name, "'s data must be 16-byte aligned");
+}
+
+void check_seqlens(const at::Tensor& cache_seqlens, int64_t b) {
+  FS_CHECK_CUDA(cache_seqlens);
+  FS_CHECK_DTYPE(cache_seqlens, at::kInt);
+  FS_CHECK_SHAPE(cache_seqlens, b);
+  FS_CHECK_CONTIGUOUS(cache_seqlens);
+}
+
+at::Tensor mla_decode_plan(const at::Tensor& cache_seqlens, int64_t s_q, int64_t h_q, int64_t num_sm_parts) {
+  FS_CHECK_CUDA(cache_seqlens);
+  FS_CHECK_DIM(cache_seqlens, 1);
+  const int64_t b = cache_seqlens.size(0);
+  check_seqlens(cache_seqlens, b);
+  FS_CHECK(s_q >= 1 && s_q <= 64, "s_q must lie in [1, 64], got ", s_q);
+  FS_CHECK(h_q >= 1 && h_q <= 1024, "h_q must lie in [1, 1024], got ", h_q);
+  FS_CHECK(num_sm_parts >= 1 && num_sm_parts <= 4096, "num_sm_parts must lie in [1, 4096], got ", num_sm_parts);
+  FS_CHECK(b <= 32768, "batch must be <= 32768, got ", b);
+  const c10::cuda::CUDAGuard guard(cache_seqlens.device());
+  at::Tensor plan = at::empty({kPlanPartInts * num_sm_parts + 2 * b}, cache_seqlens.options());
+  PlanParams p{cache_seqlens.data_ptr<int>(), plan.data_ptr<int>(), static_cast<int>(b),
+               static_cast<int>(num_sm_parts)};
+  launch_plan(p, current_stream(cache_seqlens));
+  return plan;
+}
+
+void mla_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
+                const at::Tensor& cache_seqlens, const at::Tensor& plan, double softmax_scale, bool causal,
+                at::Tensor& out, at::Tensor& lse) {
+  FS_CHECK_CUDA(q);
+  FS_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+           "q must have dtype BFloat16 or Half, got ", q.scalar_type());
+  FS_CHECK_DIM(q, 4);
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
+  FS_CHECK(q.size(3) == kDQK, "q's head dim must be 576 (512 latent + 64 rope), got ", q.size(3));
+  FS_CHECK_LAST_DIM_CONTIGUOUS(q);
+  check_rows16(q, "q");
+  FS_CHECK(s_q >= 1 && s_q <= 64 && h_q >= 1 && h_q <= 1024,
+           "q must have 1 <= s_q <= 64 and 1 <= h_q <= 1024, got ", q.sizes());
+  FS_CHECK(b <= 65535, "batch must be <= 65535, got ", b);
+  const bool fp8 = check_cache(kv_cache);
+
+  FS_CHECK_CUDA(block_table);
+  FS_CHECK_DTYPE(block_table, at::kInt);
+  FS_CHECK_DIM(block_table, 2);
+  FS_CHECK(block_table.size(0) == b && block_table.size(1) >= 1, "block_table must be [", b,
+           ", max_pages >= 1], got ", block_table.sizes());
+  FS_CHECK_LAST_DIM_CONTIGUOUS(block_table);
+  FS_CHECK(block_table.size(1) * kv_cache.size(1) <= INT_MAX,
+           "block_table's capacity (max_pages * page_size) must be < 2^31 tokens, got ",
+           block_table.size(1) * kv_cache.size(1));
+  check_seqlens(cache_seqlens, b);
+
+  FS_CHECK_CUDA(plan);
+  FS_CHECK_DTYPE(plan, at::kInt);
+  FS_CHECK_DIM(plan, 1);
+  FS_CHECK_CONTIGUOUS(plan);
+  const int64_t rest = plan.size(0) - 2 * b;
+  FS_CHECK(rest >= kPlanPartInts && rest % kPlanPartInts == 0 && rest / kPlanPartInts <= 4096,
+           "plan must come from mla_decode_plan for this batch of ", b, ": 8 * num_sm_parts + 2 * ", b,
+           " int32, got ", plan.size(0));
+  const int num_sm_parts = static_cast<int>(rest / kPlanPartInts);
+  FS_CHECK(softmax_scale > 0 && std::isfinite(softmax_scale), "softmax_scale must be positive and finite, got ",
+           softmax_scale);
+
+  FS_CHECK_CUDA(out);
+  FS_CHECK_DTYPE(out, q.scalar_type());
+  FS_CHECK_SHAPE(out, b, s_q, h_q, kDV);
+  FS_CHECK_LAST_DIM_CONTIGUOUS(out);
+  check_rows16(out, "out");
+  FS_CHECK_CUDA(lse);
+  FS_CHECK_DTYPE(lse, at::kFloat);
+  FS_CHECK_SHAPE(lse, b, h_q, s_q);
+  FS_CHECK_CONTIGUOUS(lse);
+  const std::initializer_list<const at::Tensor*> others{&kv_cache, &block_table, &cache_seqlens, &plan, &out, &lse};
+  for (const at::Tensor* t : others) {
+    FS_CHECK(t->device() == q.device(), "every tensor must be on q's device ", q.device(), ", got ", t->device());
+  }
+  if (b == 0) return;
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int rows = static_cast<int>(s_q * h_q);
+  // Fixed-size split workspace from the caching allocator: graph-capturable. One part never splits.
+  at::Tensor ws_o, ws_lse;
+  if (num_sm_parts > 1) {
+    const int64_t slots = workspace_slots(num_sm_parts);
+    ws_o = at::empty({slots * rows * kDV}, q.options().dtype(at::kFloat));
+    ws_lse = at::empty({slots * rows}, q.options().dtype(at::kFloat));
+  }
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.q_stride_b = q.stride(0);
+  p.q_stride_s = q.stride(1);
+  p.q_stride_h = q.stride(2);
+  p.kv = kv_cache.data_ptr();
+  p.num_pages = static_cast<int>(kv_cache.size(0));
+  p.page_size_log2 = page_size_log2(kv_cache.size(1));
+  p.block_table = block_table.data_ptr<int>();
+  p.bt_stride_b = block_table.stride(0);
+  p.max_pages = static_cast<int>(block_table.size(1));
+  p.seqlens = cache_seqlens.data_ptr<int>();
+  p.plan = plan.data_ptr<int>();
+  p.num_sm_parts = num_sm_parts;
+  p.out = out.data_ptr();
+  p.o_stride_b = out.stride(0);
+  p.o_stride_s = out.stride(1);
+  p.o_stride_h = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  p.ws_o = num_sm_parts > 1 ? ws_o.data_ptr<float>() : nullptr;
+  p.ws_lse = num_sm_parts > 1 ? ws_lse.data_ptr<float>() : nullptr;
+  p.batch = static_cast<int>(b);
+  p.s_q = static_cast<int>(s_q);
+  p.h_q = static_cast<int>(h_q);
+  p.rows = rows;
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.causal = causal ? 1 : 0;
+  const bool q_fp16 = q.scalar_type() == at::kHalf;
+  const cudaStream_t stream = current_stream(q);
+  if (fp8) {
+    launch_decode_fp8_cache(p, q_fp16, stream);
+  } else {
+    launch_decode_bf16_cache(p, q_fp16, stream);
+  }
+  launch_combine(p, q_fp16, stream);
+}
+
+void mla_cache_append(const at::Tensor& latent, const at::Tensor& k_rope, at::Tensor& kv_cache,
+                      const at::Tensor& slot_mapping) {
+  FS_CHECK_CUDA(latent);
+  FS_CHECK(latent.scalar_type() == at::kBFloat16 || latent.scalar_type() == at::kHalf,
+           "latent must have dtype BFloat16 or Half, got ", latent.scalar_type());
+  FS_CHECK_DIM(latent, 2);
+  const int64_t t = latent.size(0);
+  FS_CHECK_SHAPE(latent, t, kDV);
+  FS_CHECK_CUDA(k_rope);
+  FS_CHECK_DTYPE(k_rope, latent.scalar_type());
+  FS_CHECK_SHAPE(k_rope, t, kDRope);
+  FS_CHECK_LAST_DIM_CONTIGUOUS(latent);
+  FS_CHECK_LAST_DIM_CONTIGUOUS(k_rope);
+  check_rows16(latent, "latent");
+  check_rows16(k_rope, "k_rope");
+  FS_CHECK(t <= INT_MAX, "at most 2^31 - 1 tokens, got ", t);
+  const bool fp8 = check_cache(kv_cache);
+  FS_CHECK_CUDA(slot_mapping);
+  FS_CHECK_DTYPE(slot_mapping, at::kLong);
+  FS_CHECK_SHAPE(slot_mapping, t);
+  FS_CHECK_CONTIGUOUS(slot_mapping);
+  FS_CHECK_SAME_DEVICE(kv_cache, latent);
+  FS_CHECK_SAME_DEVICE(kv_cache, k_rope);
+  FS_CHECK_SAME_DEVICE(kv_cache, slot_mapping);
+  if (t == 0) return;
+  const c10::cuda::CUDAGuard guard(kv_cache.device());
+  AppendParams p{};
+  p.latent = latent.data_ptr();
+  p.latent_stride = latent.stride(0);
+  p.k_rope = k_rope.data_ptr();
+  p.rope_stride = k_rope.stride(0);
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.kv = kv_cache.data_ptr();
+  p.capacity = kv_cache.size(0) * kv_cache.size(1);
+  p.tokens = static_cast<int>(t);
+  p.fp16_input = latent.scalar_type() == at::kHalf ? 1 : 0;
+  launch_cache_append(p, fp8, current_stream(kv_cache));
+}
+
+}  // namespace
+
+void register_mla_cuda(torch::Library& m) {
+  m.impl("mla_decode_plan", &mla_decode_plan);
+  m.impl("mla_decode", &mla_decode);
+  m.impl("mla_cache_append", &mla_cache_append);
+}
+
 }  // namespace flashseek

@@ -1,0 +1,115 @@
+// Writes new tokens into the paged latent cache: bf16 copy, or FP8 quantization (per 128 values
+// scale = max(amax, 1e-4) / 448, q = e4m3(x / scale), the same fp32 operations as the reference so
+// the bytes match). One warp per token; lane l owns latent values 16 l .. 16 l + 15.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <type_traits>
+
+#include "common/cuda_check.h"
+#include "mla/mla_params.h"
+
+namespace flashseek::mla {
+namespace {
+
+constexpr int kTokensPerCta = 4;
+
+template <typename T>
+__device__ __forceinline__ void to_float8(uint4 v, float* f) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 x;
+    if constexpr (std::is_same_v<T, __half>) {
+      x = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    } else {
+      x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+    }
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+__device__ __forceinline__ uint4 to_bf16x8(const float* f) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __nv_bfloat162 b = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    w[i] = *reinterpret_cast<uint32_t*>(&b);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename T, bool kFp8>
+__global__ void __launch_bounds__(kTokensPerCta * 32) mla_cache_append_kernel(const __grid_constant__ AppendParams p) {
+  const int tok = blockIdx.x * kTokensPerCta + (threadIdx.x >> 5);
+  if (tok >= p.tokens) return;
+  const int64_t slot = p.slot_mapping[tok];
+  // Negative slots are padding; slots past the cache are skipped (no host sync to report them).
+  if (slot < 0 || slot >= p.capacity) return;
+  const int lane = threadIdx.x & 31;
+  const T* lat = static_cast<const T*>(p.latent) + tok * p.latent_stride + lane * 16;
+  float x[16];
+  to_float8<T>(*reinterpret_cast<const uint4*>(lat), x);
+  to_float8<T>(*reinterpret_cast<const uint4*>(lat + 8), x + 8);
+  float rope[8];
+  if (lane < 8) {
+    to_float8<T>(*reinterpret_cast<const uint4*>(static_cast<const T*>(p.k_rope) + tok * p.rope_stride + lane * 8), rope);
+  }
+  if constexpr (kFp8) {
+    char* dst = static_cast<char*>(p.kv) + slot * kFp8TokenBytes;
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(x[i]));
+    // 8 lanes hold one 128-value block.
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float scale = fmaxf(amax, 1e-4f) / 448.f;
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint32_t packed = 0;
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const float a = fminf(fmaxf(x[4 * i + 2 * k] / scale, -448.f), 448.f);
+        const float b = fminf(fmaxf(x[4 * i + 2 * k + 1] / scale, -448.f), 448.f);
+        const __nv_fp8x2_storage_t q = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+        packed |= static_cast<uint32_t>(q) << (16 * k);
+      }
+      w[i] = packed;
+    }
+    *reinterpret_cast<uint4*>(dst + lane * 16) = make_uint4(w[0], w[1], w[2], w[3]);
+    if ((lane & 7) == 0) *reinterpret_cast<float*>(dst + kDV + 4 * (lane >> 3)) = scale;
+    if (lane < 8) *reinterpret_cast<uint4*>(dst + kDV + 16 + lane * 16) = to_bf16x8(rope);
+  } else {
+    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(p.kv) + slot * kDQK;
+    *reinterpret_cast<uint4*>(dst + lane * 16) = to_bf16x8(x);
+    *reinterpret_cast<uint4*>(dst + lane * 16 + 8) = to_bf16x8(x + 8);
+    if (lane < 8) *reinterpret_cast<uint4*>(dst + kDV + lane * 8) = to_bf16x8(rope);
+  }
+}
+
+template <typename T>
+void launch_typed(const AppendParams& p, bool fp8_cache, cudaStream_t stream) {
+  const dim3 grid((p.tokens + kTokensPerCta - 1) / kTokensPerCta);
+  if (fp8_cache) {
+    mla_cache_append_kernel<T, true><<<grid, kTokensPerCta * 32, 0, stream>>>(p);
+  } else {
+    mla_cache_append_kernel<T, false><<<grid, kTokensPerCta * 32, 0, stream>>>(p);
+  }
+  FS_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void launch_cache_append(const AppendParams& p, bool fp8_cache, cudaStream_t stream) {
+  if (p.tokens == 0) return;
+  if (p.fp16_input) {
+    launch_typed<__half>(p, fp8_cache, stream);
+  } else {
+    launch_typed<__nv_bfloat16>(p, fp8_cache, stream);
+  }
+}
+
+}  // namespace flashseek::mla

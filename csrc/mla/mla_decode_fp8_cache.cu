@@ -1,0 +1,12 @@
+// Decode instantiations for the FP8 latent cache (656-byte tokens; q bf16 or fp16).
+#include "mla/mla_decode_kernel.cuh"
+
+namespace flashseek::mla {
+void launch_decode_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
+  if (q_fp16) {
+    detail::launch_decode<__half, true>(p, stream);
+  } else {
+    detail::launch_decode<__nv_bfloat16, true>(p, stream);
+  }
+}
+}  // namespace flashseek::mla

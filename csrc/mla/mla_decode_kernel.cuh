@@ -1,0 +1,506 @@
+// Paged MLA latent decode kernel (sm_90a, v1: mma.sync m16n8k16 bf16 + ldmatrix + cp.async).
+//
+// Grid (row tiles, sm parts); 256 threads = 8 warps; one CTA per SM (up to 225 KB of shared memory).
+// A CTA owns kM = 16 * kRG packed query rows (row = s * h_q + h of one request; kRG = 4, 2 or 1 row
+// groups, picked from s_q * h_q so small head counts do not pay for padded MMA rows) and walks the
+// pieces of its sm part (see mla_params.h), streaming 64-token KV blocks through shared memory.
+// The kW = 8 / kRG warps of a row group split the work of their 16 rows:
+//   S[16 x 64]  = Q K^T   warp (rg, wc): keys 64/kW * wc ..        (16 / 8 / 4 fp32 regs)
+//   online softmax in the log2 domain; row max / sum exchanged between the kW warps via smem
+//   O[16 x 512] += P V    warp (rg, wc): dims 512/kW * wc ..       (128 / 64 / 32 fp32 regs)
+// P goes through shared memory (each warp needs every key). Tiles of 576 bf16 per row use a
+// 16-byte-chunk XOR swizzle (chunk ^ row % 8) so ldmatrix and cp.async are bank-conflict-free.
+// bf16 cache: two KV stages (cp.async double buffer). FP8 cache: raw 656-byte tokens are staged by
+// cp.async (two blocks ahead for 16/32-row tiles, one for 64-row tiles, as shared memory allows) and
+// dequantized to one bf16 tile before the MMAs (V = the same dequantized values).
+// Shared memory (bytes): bf16 64/32/16-row tiles 230400 / 189440 / 168960; FP8 198656 / 199680 / 179200.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "common/cuda_check.h"
+#include "mla/mla_params.h"
+
+namespace flashseek::mla {
+namespace detail {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowChunks = kDQK / 8;               // 72 chunks of 16 bytes per bf16 row
+constexpr int kTileBytes = kBlockN * kDQK * 2;     // 73728: one bf16 KV tile
+constexpr int kFp8StageBytes = kBlockN * kFp8TokenBytes;  // 41984
+constexpr int kFp8TokenChunks = kFp8TokenBytes / 16;      // 41
+
+template <bool kFp8, int kRG>
+struct Smem {
+  static constexpr int kM = 16 * kRG;              // query rows per CTA
+  static constexpr int kW = kWarps / kRG;          // warps per row group
+  static constexpr int kQ = 0;
+  static constexpr int kK0 = kM * kDQK * 2;
+  // fp8: raw token staging buffers, two where shared memory allows (prefetch two blocks ahead).
+  static constexpr int kFp8Stages = kRG == 4 ? 1 : 2;
+  // bf16: second KV stage; fp8: the staging buffers.
+  static constexpr int kK1 = kK0 + kTileBytes;
+  static constexpr int kP = kK1 + (kFp8 ? kFp8Stages * kFp8StageBytes : kTileBytes);
+  static constexpr int kStats = kP + kM * kBlockN * 2;   // P in bf16
+  static constexpr int kTotal = kStats + 2 * kW * kM * 4;  // row max and row sum per warp column
+};
+static_assert(Smem<false, 4>::kTotal <= 232448 && Smem<true, 4>::kTotal <= 232448 &&
+                  Smem<true, 2>::kTotal <= 232448 && Smem<true, 1>::kTotal <= 232448,
+              "shared memory exceeds the sm_90 per-block limit");
+
+// Byte offset of 16-byte chunk c of row r in a swizzled 576-wide bf16 tile.
+__device__ __forceinline__ uint32_t tile_off(int r, int c) {
+  return static_cast<uint32_t>(r * (kDQK * 2) + ((c ^ (r & 7)) << 4));
+}
+// Same for the 64-key P tile (8 chunks per row).
+__device__ __forceinline__ uint32_t p_off(int r, int c) {
+  return static_cast<uint32_t>(r * (kBlockN * 2) + ((c ^ (r & 7)) << 4));
+}
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  // src_bytes == 0 zero-fills the chunk without reading global memory.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t addr, uint32_t (&r)[2]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+template <typename QT>
+__device__ __forceinline__ void store_pair(QT* dst, float a, float b);
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+}
+template <>
+__device__ __forceinline__ void store_pair<__half>(__half* dst, float a, float b) {
+  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+}
+
+// 8 q values -> 8 bf16 (the MMAs run in bf16; fp16 q is rounded to bf16 here).
+template <typename QT>
+__device__ __forceinline__ uint4 q_to_bf16(uint4 v);
+template <>
+__device__ __forceinline__ uint4 q_to_bf16<__nv_bfloat16>(uint4 v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ uint4 q_to_bf16<__half>(uint4 v) {
+  uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(*reinterpret_cast<__half2*>(&w[i]));
+    w[i] = pack_bf16(f.x, f.y);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Loads (zero-fills) the KV rows of key block `blk` of request `bi`: bf16 into a swizzled tile,
+// or raw FP8 tokens into the staging buffer. Thread t handles token t / 4, chunks t % 4 + 4 j.
+template <bool kFp8>
+__device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, int bi, int blk, int len_eff) {
+  const int row = threadIdx.x >> 2, sub = threadIdx.x & 3;
+  const int token = blk * kBlockN + row;
+  const bool valid = token < len_eff;
+  const char* src = static_cast<const char*>(p.kv);
+  if (valid) {
+    // len_eff <= max_pages * page_size, so the table index is in range. Page ids are clamped to
+    // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
+    const int page_idx = token >> p.page_size_log2;
+    const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + page_idx)),
+                              static_cast<uint32_t>(p.num_pages - 1));
+    const int64_t slot = (static_cast<int64_t>(page) << p.page_size_log2) + (token & ((1 << p.page_size_log2) - 1));
+    src += slot * (kFp8 ? kFp8TokenBytes : kDQK * 2);
+  }
+  const int bytes = valid ? 16 : 0;
+  if constexpr (kFp8) {
+#pragma unroll
+    for (int j = 0; j < (kFp8TokenChunks + 3) / 4; ++j) {
+      const int c = sub + 4 * j;
+      if (c < kFp8TokenChunks) cp_async_16(dst + row * kFp8TokenBytes + c * 16, src + (valid ? c * 16 : 0), bytes);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kRowChunks / 4; ++j) {
+      const int c = sub + 4 * j;
+      cp_async_16(dst + tile_off(row, c), src + (valid ? c * 16 : 0), bytes);
+    }
+  }
+}
+
+// Raw FP8 tokens (staging) -> swizzled bf16 tile. 40 work items per token: 32 chunks of 16 e4m3
+// values (-> two bf16 chunks, times the token's scale for that 128-block) and 8 rope chunks.
+__device__ __forceinline__ void dequant_fp8_block(const char* stage, char* tile) {
+#pragma unroll 2
+  for (int i = 0; i < kBlockN * 40 / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int row = idx / 40, item = idx % 40;
+    const char* tok = stage + row * kFp8TokenBytes;
+    if (item < 32) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(tok + item * 16);
+      const float scale = *reinterpret_cast<const float*>(tok + kDV + 4 * (item / 8));
+      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+      uint32_t o[8];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[k] & 0xffff), __NV_E4M3);
+        const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[k] >> 16), __NV_E4M3);
+        const float2 flo = __half22float2(__half2(lo));
+        const float2 fhi = __half22float2(__half2(hi));
+        o[2 * k] = pack_bf16(flo.x * scale, flo.y * scale);
+        o[2 * k + 1] = pack_bf16(fhi.x * scale, fhi.y * scale);
+      }
+      *reinterpret_cast<uint4*>(tile + tile_off(row, 2 * item)) = make_uint4(o[0], o[1], o[2], o[3]);
+      *reinterpret_cast<uint4*>(tile + tile_off(row, 2 * item + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
+    } else {
+      const int rc = item - 32;
+      const uint4 raw = *reinterpret_cast<const uint4*>(tok + kDV + 16 + rc * 16);
+      *reinterpret_cast<uint4*>(tile + tile_off(row, kDV / 8 + rc)) = raw;
+    }
+  }
+}
+
+template <typename QT, bool kFp8, int kRG>
+__global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_constant__ DecodeParams p) {
+  using S = Smem<kFp8, kRG>;
+  constexpr int kM = S::kM, kW = S::kW;
+  constexpr int kKeys = kBlockN / kW;  // keys of S per warp: 32, 16, 8
+  constexpr int kNT = kKeys / 8;       // n-tiles of S per warp
+  constexpr int kDims = kDV / kW;      // output dims per warp: 256, 128, 64
+  constexpr int kONT = kDims / 8;      // n-tiles of O per warp
+  static_assert(kRG == 1 || kRG == 2 || kRG == 4, "row groups");
+
+  extern __shared__ __align__(128) char smem[];
+  const uint32_t s_base = smem_u32(smem);
+  const uint32_t sQ = s_base + S::kQ;
+  float* s_max = reinterpret_cast<float*>(smem + S::kStats);  // [kW][kM]
+  float* s_sum = s_max + kW * kM;                              // [kW][kM]
+
+  const int m_tile = blockIdx.x, part = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rg = warp % kRG, wc = warp / kRG;  // row group (16 rows); warp column within it
+  const int g = lane >> 2, q4 = lane & 3;
+  const int row0 = rg * 16 + g;                // this thread's rows: row0 and row0 + 8
+
+  const int* meta = p.plan + kPlanPartInts * part;
+  const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
+  const int b0 = max(meta[0], 0), blk0 = meta[1], b1 = min(meta[2], p.batch - 1), blk1 = meta[3];
+  const int split0 = meta[4];
+  const int cap = p.max_pages << p.page_size_log2;
+  const int n_slots = workspace_slots(p.num_sm_parts);
+
+  for (int bi = b0; bi <= b1; ++bi) {
+    const int len = max(p.seqlens[bi], 0);
+    const int len_eff = min(len, cap);  // a length beyond the table's capacity is clamped
+    const int nblk = (len + kBlockN - 1) / kBlockN;
+    const int blk_begin = bi == meta[0] ? max(blk0, 0) : 0;
+    const int blk_end = bi == meta[2] ? min(blk1, nblk) : nblk;
+    const int n_iter = max(blk_end - blk_begin, 0);
+
+    if (n_iter > 0) {
+      if constexpr (kFp8) {
+#pragma unroll
+        for (int st = 0; st < S::kFp8Stages; ++st) {
+          if (st < n_iter) {
+            load_kv_block<true>(p, s_base + S::kK1 + st * kFp8StageBytes, bi, blk_begin + st, len_eff);
+            cp_async_commit();
+          }
+        }
+      } else {
+        load_kv_block<false>(p, s_base + S::kK0, bi, blk_begin, len_eff);
+        cp_async_commit();
+      }
+      // Q tile (rows past s_q * h_q are zeros), converted to bf16, while the first block lands.
+      const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
+      constexpr int kQChunks = kM * kRowChunks;
+#pragma unroll 6
+      for (int i = 0; i < (kQChunks + kThreads - 1) / kThreads; ++i) {
+        const int idx = threadIdx.x + i * kThreads;
+        if (kQChunks % kThreads != 0 && idx >= kQChunks) break;
+        const int row = idx / kRowChunks, c = idx % kRowChunks;
+        const int R = m_tile * kM + row;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (R < p.rows) {
+          const int s = R / p.h_q, h = R - s * p.h_q;
+          v = q_to_bf16<QT>(__ldg(reinterpret_cast<const uint4*>(qb + s * p.q_stride_s + h * p.q_stride_h + c * 8)));
+        }
+        *reinterpret_cast<uint4*>(smem + S::kQ + tile_off(row, c)) = v;
+      }
+    }
+
+    // Visible keys of this thread's two rows.
+    int limit[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int R = m_tile * kM + row0 + 8 * h;
+      const int s = min(R / p.h_q, p.s_q - 1);
+      limit[h] = min(p.causal ? len - p.s_q + s + 1 : len, len_eff);
+    }
+
+    float o[kONT][4];
+#pragma unroll
+    for (int t = 0; t < kONT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+    for (int it = 0; it < n_iter; ++it) {
+      const int blk = blk_begin + it;
+      uint32_t sK;
+      if constexpr (kFp8) {
+        // Groups committed so far: blocks 0 .. min(n_iter, it + stages) - 1; block `it` must be done.
+        if (S::kFp8Stages > 1 && it + 1 < n_iter) {
+          cp_async_wait<S::kFp8Stages - 1>();
+        } else {
+          cp_async_wait<0>();
+        }
+        __syncthreads();  // staged tokens visible; the previous block's MMAs are done with sK
+        const int st = S::kFp8Stages > 1 ? it & 1 : 0;
+        dequant_fp8_block(smem + S::kK1 + st * kFp8StageBytes, smem + S::kK0);
+        __syncthreads();  // sK complete; staging buffer st free
+        if (it + S::kFp8Stages < n_iter) {
+          load_kv_block<true>(p, s_base + S::kK1 + st * kFp8StageBytes, bi, blk + S::kFp8Stages, len_eff);
+          cp_async_commit();
+        }
+        sK = s_base + S::kK0;
+      } else {
+        const int st = it & 1;
+        if (it + 1 < n_iter) {
+          // Stage st ^ 1 was last read in iteration it - 1, which ended with a barrier.
+          load_kv_block<false>(p, s_base + (st ? S::kK0 : S::kK1), bi, blk + 1, len_eff);
+          cp_async_commit();
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+        __syncthreads();  // block `blk` (and the Q tile) visible to every warp
+        sK = s_base + (st ? S::kK1 : S::kK0);
+      }
+
+      // ---- S = Q K^T for rows rg*16.., keys wc*kKeys.. ----
+      float sacc[kNT][4];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.f;
+      {
+        const int a_row = rg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int a_chunk = lane >> 4;
+        // x4: matrices (keys 0-7, dims lo), (keys 0-7, hi), (keys 8-15, lo), (keys 8-15, hi);
+        // x2 (one n-tile): lanes 0-15 address (keys 0-7, lo), (keys 0-7, hi).
+        const int b_row = wc * kKeys + (lane & 7) + (kNT >= 2 ? (lane >> 4) * 8 : 0);
+        const int b_chunk = (lane >> 3) & 1;
+#pragma unroll 4
+        for (int kk = 0; kk < kDQK / 16; ++kk) {
+          uint32_t a[4];
+          ldsm_x4(sQ + tile_off(a_row, 2 * kk + a_chunk), a);
+          if constexpr (kNT >= 2) {
+#pragma unroll
+            for (int jp = 0; jp < kNT / 2; ++jp) {
+              uint32_t bb[4];
+              ldsm_x4(sK + tile_off(b_row + jp * 16, 2 * kk + b_chunk), bb);
+              mma_bf16(sacc[2 * jp], a, bb[0], bb[1]);
+              mma_bf16(sacc[2 * jp + 1], a, bb[2], bb[3]);
+            }
+          } else {
+            uint32_t bb[2];
+            ldsm_x2(sK + tile_off(b_row, 2 * kk + b_chunk), bb);
+            mma_bf16(sacc[0], a, bb[0], bb[1]);
+          }
+        }
+      }
+
+      // ---- online softmax (log2 domain) ----
+      const int key0 = blk * kBlockN + wc * kKeys + 2 * q4;
+      float mloc[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + j * 8 + (e & 1);
+          const float v = key < limit[e >> 1] ? sacc[j][e] * p.scale_log2 : -INFINITY;
+          sacc[j][e] = v;
+          mloc[e >> 1] = fmaxf(mloc[e >> 1], v);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 1));
+        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
+      }
+      if (q4 == 0) {
+        s_max[wc * kM + row0] = mloc[0];
+        s_max[wc * kM + row0 + 8] = mloc[1];
+      }
+      __syncthreads();
+      float alpha[2], m_use[2], sloc[2] = {0.f, 0.f};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // fmaxf is exact: every warp of the row group gets the same max.
+        float m_new = m_run[h];
+#pragma unroll
+        for (int w = 0; w < kW; ++w) m_new = fmaxf(m_new, s_max[w * kM + row0 + 8 * h]);
+        m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
+        alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+        m_run[h] = m_new;
+      }
+      char* sP = smem + S::kP;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const float p0 = fast_exp2(sacc[j][0] - m_use[0]);
+        const float p1 = fast_exp2(sacc[j][1] - m_use[0]);
+        const float p2 = fast_exp2(sacc[j][2] - m_use[1]);
+        const float p3 = fast_exp2(sacc[j][3] - m_use[1]);
+        sloc[0] += p0 + p1;
+        sloc[1] += p2 + p3;
+        const int c = wc * kNT + j;  // 8-key chunk of the P row
+        *reinterpret_cast<uint32_t*>(sP + p_off(row0, c) + q4 * 4) = pack_bf16(p0, p1);
+        *reinterpret_cast<uint32_t*>(sP + p_off(row0 + 8, c) + q4 * 4) = pack_bf16(p2, p3);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sloc[h] += __shfl_xor_sync(0xffffffffu, sloc[h], 1);
+        sloc[h] += __shfl_xor_sync(0xffffffffu, sloc[h], 2);
+      }
+      if (q4 == 0) {
+        s_sum[wc * kM + row0] = sloc[0];
+        s_sum[wc * kM + row0 + 8] = sloc[1];
+      }
+#pragma unroll
+      for (int t = 0; t < kONT; ++t) {
+        o[t][0] *= alpha[0];
+        o[t][1] *= alpha[0];
+        o[t][2] *= alpha[1];
+        o[t][3] *= alpha[1];
+      }
+      __syncthreads();  // P and the row sums of every warp column visible
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // Summed in the same order by every warp of the row group, so l_run stays identical.
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < kW; ++w) total += s_sum[w * kM + row0 + 8 * h];
+        l_run[h] = l_run[h] * alpha[h] + total;
+      }
+
+      // ---- O += P V for rows rg*16.., dims wc*kDims.. ----
+      {
+        const uint32_t sPu = s_base + S::kP;
+        const int a_row = rg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int a_chunk = lane >> 4;
+        // x4.trans: matrices (keys 0-7, dims lo), (keys 8-15, lo), (keys 0-7, hi), (keys 8-15, hi).
+        const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int v_chunk = wc * (kDims / 8) + (lane >> 4);
+#pragma unroll 1
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          uint32_t a[4];
+          ldsm_x4(sPu + p_off(a_row, 2 * kk + a_chunk), a);
+#pragma unroll
+          for (int np = 0; np < kONT / 2; ++np) {
+            uint32_t bb[4];
+            ldsm_x4_t(sK + tile_off(kk * 16 + v_row, v_chunk + 2 * np), bb);
+            mma_bf16(o[2 * np], a, bb[0], bb[1]);
+            mma_bf16(o[2 * np + 1], a, bb[2], bb[3]);
+          }
+        }
+      }
+      __syncthreads();  // every warp is done with sK, sP and the row statistics
+    }
+
+    // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
+    const int nsplit = per_req[2 * bi + 1];
+    const int slot = per_req[2 * bi] + (bi == meta[0] ? split0 : 0);
+    const bool direct = nsplit <= 1;
+    if (!direct && (slot < 0 || slot >= n_slots || p.ws_o == nullptr)) continue;  // inconsistent plan
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int R = m_tile * kM + row0 + 8 * h;
+      if (R >= p.rows) continue;
+      const bool seen = l_run[h] > 0.f;
+      const float inv = seen ? 1.f / l_run[h] : 0.f;
+      const float lse2 = seen ? m_run[h] + __log2f(l_run[h]) : -INFINITY;  // log2 domain
+      if (direct) {
+        const int s = R / p.h_q, hh = R - s * p.h_q;
+        QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h +
+                  wc * kDims + 2 * q4;
+#pragma unroll
+        for (int t = 0; t < kONT; ++t) store_pair<QT>(dst + t * 8, o[t][2 * h] * inv, o[t][2 * h + 1] * inv);
+        if (wc == 0 && q4 == 0) {
+          p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+        }
+      } else {
+        float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + wc * kDims + 2 * q4;
+#pragma unroll
+        for (int t = 0; t < kONT; ++t) {
+          *reinterpret_cast<float2*>(dst + t * 8) = make_float2(o[t][2 * h] * inv, o[t][2 * h + 1] * inv);
+        }
+        if (wc == 0 && q4 == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+      }
+    }
+  }
+}
+
+template <typename QT, bool kFp8, int kRG>
+void launch_decode_rg(const DecodeParams& p, cudaStream_t stream) {
+  constexpr int smem = Smem<kFp8, kRG>::kTotal;
+  auto kernel = mla_decode_kernel<QT, kFp8, kRG>;
+  // Set on every launch: the attribute belongs to the current device's context (cheap, no stream op,
+  // allowed while capturing a graph).
+  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  constexpr int kM = Smem<kFp8, kRG>::kM;
+  const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  FS_CHECK_LAUNCH();
+}
+
+// Row tiles of 16 or 32 rows for s_q * h_q <= 32 (e.g. 16 heads of a TP-8 shard), else 64. For
+// s_q * h_q <= 64 there is one row tile either way, so the plan's default part count
+// (SMs / ceil(s_q * h_q / 64), flashseek.ops.default_num_sm_parts) fills the GPU in every case.
+template <typename QT, bool kFp8>
+void launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.rows == 0) return;
+  if (p.rows <= 16) {
+    launch_decode_rg<QT, kFp8, 1>(p, stream);
+  } else if (p.rows <= 32) {
+    launch_decode_rg<QT, kFp8, 2>(p, stream);
+  } else {
+    launch_decode_rg<QT, kFp8, 4>(p, stream);
+  }
+}
+
+}  // namespace detail
+}  // namespace flashseek::mla

@@ -1,0 +1,76 @@
+// Paged MLA latent decode: parameters and launch API of the kernels (no torch headers here).
+//
+// Shapes and semantics: python/flashseek/ref/mla.py is the specification. The constants below are
+// mirrored there (BLOCK_M, BLOCK_N, FIXED_SPLIT_COST, PLAN_PART_INTS) and must stay in sync.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace flashseek::mla {
+
+constexpr int kDQK = 576;            // 512 latent + 64 rope
+constexpr int kDV = 512;             // V = first 512 dims of each cached token
+constexpr int kDRope = 64;
+constexpr int kFp8TokenBytes = 656;  // 512 e4m3 | 4 fp32 scales | 64 bf16 rope
+constexpr int kBlockM = 64;          // packed query rows (s * h_q + h) per CTA
+constexpr int kBlockN = 64;          // keys per pipeline step; also the unit of the schedule
+constexpr int kFixedSplitCost = 5;   // one split costs this many key blocks (Q load, fill, combine)
+constexpr int kPlanPartInts = 8;     // per sm part: b0, blk0, b1, blk1, split0, 0, 0, 0
+
+// Plan layout (int32): [num_sm_parts][8] then [batch][2] = (ws_base, num_splits).
+// Part p covers requests b0..b1 (none when b1 < b0), key blocks [blk0, ..) of b0 through
+// [.., blk1) of b1; split0 is the split ordinal of the part's first piece within b0.
+// A request with num_splits > 1 writes its partials to workspace slots ws_base + split ordinal;
+// the slots of any plan fit in workspace_slots(num_sm_parts).
+constexpr int workspace_slots(int num_sm_parts) { return 2 * num_sm_parts; }
+
+struct PlanParams {
+  const int* seqlens;  // [batch]
+  int* plan;           // [8 * num_sm_parts + 2 * batch]
+  int batch;
+  int num_sm_parts;
+};
+
+struct DecodeParams {
+  const void* q;                  // [b, s_q, h_q, 576] bf16/fp16, strides in elements
+  int64_t q_stride_b, q_stride_s, q_stride_h;
+  const void* kv;                 // bf16 [num_pages, page_size, 576] or uint8 [.., .., 656], contiguous
+  int num_pages;
+  int page_size_log2;             // page_size = 1 << page_size_log2 (16, 32, 64, 128)
+  const int* block_table;         // [b, max_pages], unit last stride
+  int64_t bt_stride_b;
+  int max_pages;
+  const int* seqlens;             // [b]
+  const int* plan;                // see above
+  int num_sm_parts;
+  void* out;                      // [b, s_q, h_q, 512] q's dtype, strides in elements
+  int64_t o_stride_b, o_stride_s, o_stride_h;
+  float* lse;                     // [b, h_q, s_q] contiguous, natural log
+  float* ws_o;                    // [workspace_slots, rows, 512] fp32 split partials (null if 1 part)
+  float* ws_lse;                  // [workspace_slots, rows], log2 domain
+  int batch, s_q, h_q, rows;      // rows = s_q * h_q
+  float scale_log2;               // softmax_scale * log2(e)
+  int causal;
+};
+
+struct AppendParams {
+  const void* latent;             // [tokens, 512] bf16/fp16, unit last stride
+  int64_t latent_stride;
+  const void* k_rope;             // [tokens, 64] same dtype as latent
+  int64_t rope_stride;
+  const int64_t* slot_mapping;    // [tokens]
+  void* kv;                       // the cache, contiguous
+  int64_t capacity;               // num_pages * page_size
+  int tokens;
+  int fp16_input;
+};
+
+void launch_plan(const PlanParams& p, cudaStream_t stream);
+// Decode of every (row tile, sm part); requests with one split are written to out/lse directly.
+void launch_decode_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
+void launch_decode_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
+// Merges the partials of requests with more than one split into out/lse.
+void launch_combine(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
+void launch_cache_append(const AppendParams& p, bool fp8_cache, cudaStream_t stream);
+
+}  // namespace flashseek::mla

@@ -1,0 +1,98 @@
+// Split-KV schedule of the MLA decode kernel, computed on the device (no host sync, fixed-size
+// output: CUDA-graph capturable). Same greedy as flashseek.ref.mla.mla_decode_plan, bit for bit.
+#include <climits>
+
+#include "common/cuda_check.h"
+#include "mla/mla_params.h"
+
+namespace flashseek::mla {
+namespace {
+
+constexpr int kPlanThreads = 256;
+
+__global__ void __launch_bounds__(kPlanThreads) mla_plan_kernel(PlanParams p) {
+  // Per request: its key blocks during the walk; then (ws_base << 16) | num_splits (both <= 2P + 1
+  // <= 8193 for P <= 4096, checked by the host), so one int per request fits 32768 requests.
+  extern __shared__ int s_req[];
+  __shared__ long long s_total;
+  const int b = p.batch, P = p.num_sm_parts;
+  if (threadIdx.x == 0) s_total = 0;
+  __syncthreads();
+  long long local = 0;
+  for (int i = threadIdx.x; i < b; i += kPlanThreads) {
+    const int len = max(p.seqlens[i], 0);
+    const int nb = (len + kBlockN - 1) / kBlockN;
+    s_req[i] = nb;
+    local += nb + kFixedSplitCost;
+  }
+  atomicAdd(reinterpret_cast<unsigned long long*>(&s_total), static_cast<unsigned long long>(local));
+  __syncthreads();
+
+  if (threadIdx.x == 0) {
+    // The walk is inherently sequential (each part starts where the previous one stopped); from
+    // shared memory it costs a few cycles per request and part, so one thread does it.
+    const long long payload = (s_total + P - 1) / P + kFixedSplitCost;
+    int i = 0, blk = 0, cur_split = 0;
+    for (int part = 0; part < P; ++part) {
+      // The last part takes whatever is left, so every block is covered for any rounding.
+      long long rem = part < P - 1 ? payload : LLONG_MAX;
+      const int b0 = i, blk0 = blk, split0 = cur_split;
+      int last_b = b0 - 1, last_blk = 0;
+      while (i < b) {
+        const int rest = s_req[i] - blk;
+        if (rest + kFixedSplitCost <= rem) {
+          rem -= rest + kFixedSplitCost;
+          last_b = i;
+          last_blk = s_req[i];
+          s_req[i] = cur_split + 1;  // request i is finished: its slot now holds num_splits
+          ++i;
+          blk = 0;
+          cur_split = 0;
+        } else {
+          const long long take = rem - kFixedSplitCost;
+          if (take > 0) {  // take < rest here, so a piece never ends a request early
+            blk += static_cast<int>(take);
+            ++cur_split;
+            last_b = i;
+            last_blk = blk;
+          }
+          break;
+        }
+      }
+      int* out = p.plan + kPlanPartInts * part;
+      out[0] = b0;
+      out[1] = blk0;
+      out[2] = last_b;
+      out[3] = last_blk;
+      out[4] = split0;
+      out[5] = out[6] = out[7] = 0;
+    }
+    int ws = 0;
+    for (int r = 0; r < b; ++r) {
+      const int n = s_req[r];
+      s_req[r] = (ws << 16) | n;
+      if (n > 1) ws += n;
+    }
+  }
+  __syncthreads();
+  int* per_req = p.plan + kPlanPartInts * P;
+  for (int r = threadIdx.x; r < b; r += kPlanThreads) {
+    const int v = s_req[r];
+    per_req[2 * r] = v >> 16;
+    per_req[2 * r + 1] = v & 0xffff;
+  }
+}
+
+}  // namespace
+
+void launch_plan(const PlanParams& p, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(p.batch) * sizeof(int);
+  if (smem > 48 * 1024) {
+    FS_CUDA_CHECK(cudaFuncSetAttribute(mla_plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem)));
+  }
+  mla_plan_kernel<<<1, kPlanThreads, smem, stream>>>(p);
+  FS_CHECK_LAUNCH();
+}
+
+}  // namespace flashseek::mla

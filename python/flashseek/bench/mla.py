@@ -1,0 +1,157 @@
+"""Paged MLA latent decode benchmark: the rows of performance-targets.md's MLA table, plus FP8-cache rows.
+
+Counting (performance-targets.md), per call with mean_len the mean of the actual lengths:
+  FLOPs = b * h_q * s_q * mean_len * 2 * (576 + 512)
+  bytes = b * (s_q * h_q * 576 * 2 + mean_len * token_bytes + s_q * h_q * 512 * 2),
+  token_bytes = 1152 (bf16 cache) or 656 (FP8 cache).
+Timed: the whole mla_decode call (split kernel + combine) with the plan computed once, as an engine
+reuses it across layers; the plan kernel's own time is reported in `extra`. Peer: FlashMLA's dense
+kernel (bf16 cache, page 64) on the same inputs when `flash_mla` is importable.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Optional
+
+import torch
+
+from flashseek import ops
+from flashseek.bench.common import BenchContext, Row
+from flashseek.ref import mla as ref_mla
+
+FAMILY = "mla"
+PAGE = 64
+SCALE = 1.0 / math.sqrt(192)
+
+# (b, s_q, s_k, h_q, varlen, causal, fp8, quick)
+ROWS = [
+    (128, 1, 4096, 128, False, False, False, True),
+    (128, 1, 4096, 16, False, False, False, True),
+    (128, 1, 8192, 16, False, False, False, False),
+    (128, 1, 4096, 128, True, False, False, False),
+    (128, 2, 4096, 128, True, True, False, False),
+    (128, 2, 16384, 128, True, True, False, False),
+    (64, 1, 4096, 64, False, False, False, False),
+    (32, 1, 1024, 128, False, False, False, False),
+    (1, 1, 4096, 128, False, False, False, True),
+    # FP8 latent cache: the memory-bound rows, and the compute-bound reference point.
+    (128, 1, 4096, 16, False, False, True, True),
+    (128, 1, 8192, 16, False, False, True, False),
+    (64, 1, 4096, 64, False, False, True, False),
+    (128, 1, 4096, 128, False, False, True, False),
+]
+
+CPU_ROWS = [(2, 1, 256, 16, False, False, False, True), (2, 2, 256, 16, True, True, True, True)]
+
+
+def _lengths(b, s_q, s_k, varlen, seed):
+    if not varlen:
+        return [s_k] * b
+    # FlashMLA's benchmark: normal around the mean with sigma mean/2, at least s_q.
+    rng = random.Random(seed)
+    return [max(int(rng.normalvariate(s_k, s_k / 2)), s_q) for _ in range(b)]
+
+
+def _make_inputs(b, s_q, h_q, lens, fp8, device, n_sets, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    pages_per = [(n + PAGE - 1) // PAGE for n in lens]
+    max_pages = max(pages_per)
+    num_pages = sum(pages_per)
+    perm = torch.randperm(num_pages, generator=g, device=device).int()
+    table = torch.zeros(b, max_pages, dtype=torch.int32, device=device)
+    at = 0
+    for i, n in enumerate(pages_per):  # b <= 128 rows: a short host loop at setup only
+        table[i, :n] = perm[at:at + n]
+        at += n
+    sets = []
+    for _ in range(n_sets):
+        q = torch.randn(b, s_q, h_q, 576, generator=g, device=device).bfloat16()
+        if fp8:
+            cache = ops.empty_mla_cache(num_pages, PAGE, fp8=True, device=device)
+            tokens = num_pages * PAGE
+            for s in range(0, tokens, 1 << 20):  # chunks bound the bf16 staging memory
+                e = min(tokens, s + (1 << 20))
+                kv = torch.randn(e - s, 576, generator=g, device=device).bfloat16()
+                ops.mla_cache_append(kv[:, :512], kv[:, 512:], cache,
+                                     torch.arange(s, e, device=device, dtype=torch.int64))
+        else:
+            cache = torch.randn(num_pages, PAGE, 576, generator=g, device=device).bfloat16()
+        sets.append((q, cache))
+    return table, sets
+
+
+def _peer(q, cache, table, seqlens, causal) -> Optional[callable]:
+    try:
+        import flash_mla  # noqa: F401
+        from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+    except Exception:
+        return None
+    b, s_q, h_q, _ = q.shape
+    k = cache.view(cache.shape[0], cache.shape[1], 1, 576)
+    try:
+        meta, splits = get_mla_metadata()  # 2026 interface: metadata filled on first call
+    except TypeError:
+        try:
+            meta, splits = get_mla_metadata(seqlens, s_q * h_q, 1)  # 2025 interface
+        except Exception:
+            return None
+
+    def fn():
+        return flash_mla_with_kvcache(q, k, table, seqlens, 512, meta, splits, softmax_scale=SCALE, causal=causal)
+
+    try:
+        fn()
+    except Exception:  # an interface this module does not know: report no peer rather than fail
+        return None
+    return fn
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    rows = []
+    specs = ROWS if ctx.cuda else CPU_ROWS
+    if ctx.quick:
+        specs = [r for r in specs if r[-1]]
+    l2 = 50e6
+    for (b, s_q, s_k, h_q, varlen, causal, fp8, _) in specs:
+        dev = ctx.device
+        lens = _lengths(b, s_q, s_k, varlen, seed=b * 7 + s_k)
+        mean_len = sum(lens) / b
+        token_bytes = ref_mla.FP8_TOKEN_BYTES if fp8 else 2 * ref_mla.D_QK
+        nbytes = b * (s_q * h_q * 576 * 2 + mean_len * token_bytes + s_q * h_q * 512 * 2)
+        flops = b * h_q * s_q * mean_len * 2 * (576 + 512)
+        n_sets = 1 if (not ctx.cuda or nbytes > 2 * l2) else min(8, int(3 * l2 / nbytes) + 1)
+        table, sets = _make_inputs(b, s_q, h_q, lens, fp8, dev, n_sets, seed=len(rows))
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        plan = ops.mla_decode_plan(seqlens, s_q, h_q)
+        outs = [(torch.empty(b, s_q, h_q, 512, dtype=torch.bfloat16, device=dev),
+                 torch.empty(b, h_q, s_q, dtype=torch.float32, device=dev)) for _ in sets]
+
+        def call(i):
+            q, cache = sets[i]
+            o, l = outs[i]
+            return ops.mla_decode(q, cache, table, seqlens, plan, SCALE, causal, out=o, lse=l)
+
+        us = ctx.time(call, n_inputs=len(sets))
+        plan_us = ctx.time(lambda i: ops.mla_decode_plan(seqlens, s_q, h_q))
+        extra = {"peak": "bf16_tflops", "plan_us": plan_us, "num_sm_parts": ref_mla.plan_num_sm_parts(plan.numel(), b),
+                 "mean_len": mean_len, "cache": "fp8" if fp8 else "bf16"}
+        peer, peer_us = None, None
+        if ctx.cuda and not fp8:
+            fns = [_peer(q, cache, table, seqlens, causal) for q, cache in sets]
+            if fns[0] is not None:
+                peer, peer_us = "FlashMLA", ctx.time(lambda i: fns[i](), n_inputs=len(fns))
+        if b * s_k <= 16384 or not ctx.cuda:  # accuracy on the small rows only (the reference is slow)
+            q, cache = sets[0]
+            o, _ = call(0)
+            r, _ = ref_mla.mla_decode(q, cache, table, seqlens, SCALE, causal)
+            extra["cos_diff_vs_ref"] = float(1 - torch.nn.functional.cosine_similarity(
+                o.double().flatten(), r.double().flatten(), dim=0))
+        case = (f"b={b} sq={s_q} sk={s_k} hq={h_q}" + (" varlen" if varlen else "") + (" causal" if causal else "")
+                + (" fp8" if fp8 else ""))
+        rows.append(Row(FAMILY, case, dict(b=b, s_q=s_q, s_k=s_k, h_q=h_q, varlen=varlen, causal=causal, fp8=fp8,
+                                           page_size=PAGE), us, flops, nbytes, peer=peer, peer_us=peer_us,
+                        backend="kernel" if ops.has_cuda_kernel("mla_decode") and ctx.cuda else "reference",
+                        extra=extra))
+        del sets, outs
+    return rows
