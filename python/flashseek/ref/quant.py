@@ -13,8 +13,20 @@ BLOCK = 128
 def block_scales(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
     s = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
     if ue8m0:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
+        s = ceil_pow2(s)
     return s
+
+
+def ceil_pow2(s: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= s, exactly (s > 0; inf and NaN pass through).
+
+    Same value as exp2(ceil(log2(s))) except where fp32 log2 rounds a value a few ulps above a power
+    of two down onto the integer (then that formula returns a scale below s); the kernels use the
+    exponent bits, so the reference does too.
+    """
+    mant, exp = torch.frexp(s)  # s = mant * 2**exp, mant in [0.5, 1)
+    up = torch.ldexp(torch.ones_like(s), exp)
+    return torch.where((mant == 0.5) | ~torch.isfinite(s), s, up)
 
 
 def quant_fp8_1x128(x: torch.Tensor, ue8m0: bool = False):

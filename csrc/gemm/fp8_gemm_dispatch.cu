@@ -1,0 +1,108 @@
+// Shape-class dispatch of the dense FP8 GEMM and the split-K reduction (no CUTLASS here).
+#include <cuda_bf16.h>
+
+#include "common/cuda_check.h"
+#include "gemm/fp8_gemm.h"
+
+namespace flashseek {
+namespace {
+
+constexpr int kSwapMaxM = 128;     // at or below: tokens in the MMA's N (fp8_gemm_small.cu)
+constexpr int kSwapTileN = 64;     // token tile of the swapped kernel
+constexpr int kMaxSplitK = 16;
+constexpr int kGroupedSwapMaxM = 64;  // masked M_max at or below: grouped kernel with swapped operands
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+// Split K only as far as the extra tiles still fit in one wave: a decode GEMM reads each weight once,
+// so what matters is how many SMs pull weights at the same time.
+int choose_split_k(const Fp8GemmParams& p) {
+  const int tiles = ((p.n + 127) / 128) * ((p.m + kSwapTileN - 1) / kSwapTileN);
+  const int kb = p.k / 128;
+  int best = 1;
+  for (int d = 2; d <= kMaxSplitK && d <= kb; ++d) {
+    if (kb % d == 0 && tiles * d <= p.sm_count) best = d;
+  }
+  return best;
+}
+
+__global__ void reduce_split_k_kernel(const float4* __restrict__ partials, int split_k, int64_t mn4,
+                                      uint2* __restrict__ out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= mn4) return;
+  float4 acc = partials[i];
+  for (int s = 1; s < split_k; ++s) {
+    float4 v = partials[s * mn4 + i];
+    acc.x += v.x;
+    acc.y += v.y;
+    acc.z += v.z;
+    acc.w += v.w;
+  }
+  __nv_bfloat162 lo = __floats2bfloat162_rn(acc.x, acc.y);
+  __nv_bfloat162 hi = __floats2bfloat162_rn(acc.z, acc.w);
+  out[i] = make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
+}
+
+}  // namespace
+
+void launch_reduce_split_k(const float* partials, int split_k, int64_t mn, void* out_bf16, cudaStream_t stream) {
+  const int64_t mn4 = mn / 4;  // n % 16 == 0
+  if (mn4 == 0) return;
+  const int threads = 256;
+  reduce_split_k_kernel<<<dim3(unsigned((mn4 + threads - 1) / threads)), threads, 0, stream>>>(
+      reinterpret_cast<const float4*>(partials), split_k, mn4, static_cast<uint2*>(out_bf16));
+  FS_CHECK_LAUNCH();
+}
+
+Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p) {
+  Fp8GemmPlan plan{false, 1, 0};
+  if (p.m == 0) return plan;
+  if (p.m <= kSwapMaxM) {
+    plan.swap_ab = true;
+    plan.split_k = choose_split_k(p);
+    size_t partial_bytes = plan.split_k > 1 ? align_up(size_t(plan.split_k) * p.m * p.n * sizeof(float)) : 0;
+    plan.workspace_bytes = partial_bytes + align_up(fp8_gemm_small_workspace(p, plan.split_k));
+  } else {
+    plan.workspace_bytes = align_up(fp8_gemm_large_workspace(p));
+  }
+  return plan;
+}
+
+void launch_fp8_gemm(const Fp8GemmParams& p, const Fp8GemmPlan& plan, void* workspace, cudaStream_t stream) {
+  if (p.m == 0) return;
+  char* ws = static_cast<char*>(workspace);
+  if (!plan.swap_ab) {
+    launch_fp8_gemm_large(p, ws, stream);
+    return;
+  }
+  if (plan.split_k == 1) {
+    launch_fp8_gemm_small(p, 1, nullptr, ws, stream);
+    return;
+  }
+  float* partials = reinterpret_cast<float*>(ws);
+  char* cutlass_ws = ws + align_up(size_t(plan.split_k) * p.m * p.n * sizeof(float));
+  launch_fp8_gemm_small(p, plan.split_k, partials, cutlass_ws, stream);
+  launch_reduce_split_k(partials, plan.split_k, int64_t(p.m) * p.n, p.out, stream);
+}
+
+namespace {
+bool grouped_swap(const GroupedFp8GemmParams& p) {
+  return p.masked_m != nullptr && p.m_rows <= kGroupedSwapMaxM;
+}
+}  // namespace
+
+size_t grouped_fp8_gemm_workspace(const GroupedFp8GemmParams& p) {
+  return grouped_swap(p) ? grouped_fp8_gemm_swap_workspace(p) : grouped_fp8_gemm_rows_workspace(p);
+}
+
+void launch_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream) {
+  if (grouped_swap(p)) {
+    launch_grouped_fp8_gemm_swap(p, workspace, workspace_bytes, stream);
+  } else {
+    launch_grouped_fp8_gemm_rows(p, workspace, workspace_bytes, stream);
+  }
+}
+
+}  // namespace flashseek

@@ -1,0 +1,128 @@
+// FP8 1x128 activation quantization, plain and fused with silu(gate) * up.
+//
+// Layout of the work: 16 consecutive lanes own one (row, 128-channel block); each lane loads 8
+// channels with one 16-byte load (two for silu_mul), the half-warp reduces the amax with shuffles,
+// then each lane writes 8 e4m3 bytes. The math is the reference's, step for step, so the result is
+// bit-identical: s = max(amax, 1e-4) / 448 with IEEE division, q = e4m3_rne_satfinite(x / s).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include "common/cuda_check.h"
+#include "quant/quant.h"
+
+namespace flashseek {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kLanesPerBlock = 16;  // 16 lanes x 8 channels = one 128-channel scale block
+
+// torch.amax and clamp propagate NaN; fmaxf would drop it.
+__device__ __forceinline__ float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
+  uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ void load8(const __half* p, float (&v)[8]) {
+  uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __half22float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+// The exact smallest power of two >= s (the reference computes the same with frexp).
+__device__ __forceinline__ float ceil_pow2(float s) {
+  uint32_t bits = __float_as_uint(s);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return s;  // inf / nan stay
+  if (bits & 0x007fffffu) bits = (bits & 0xff800000u) + 0x00800000u;
+  return __uint_as_float(bits);
+}
+
+template <typename T, bool kSiluMul>
+__global__ void __launch_bounds__(kThreads) quant_fp8_1x128_kernel(QuantFp8Params p) {
+  const int64_t kb_count = p.n / 128;
+  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  // m * kb_count * 16 threads are needed; a half-warp is either entirely in range or entirely out,
+  // so the half-warp shuffles below never see an exited lane.
+  if (t >= p.m * kb_count * kLanesPerBlock) return;
+  const int64_t g = t / kLanesPerBlock;
+  const int lane = int(t % kLanesPerBlock);
+  const int64_t row = g / kb_count;
+  const int64_t kb = g - row * kb_count;
+  const int64_t col = kb * 128 + lane * 8;
+
+  const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride + col;
+  float v[8];
+  if constexpr (kSiluMul) {
+    float u[8];
+    load8(x, v);
+    load8(x + p.n, u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      // torch's silu: x / (1 + exp(-x)) in fp32, then the product with up, never rounded to 16 bits.
+      float sg = __fdiv_rn(v[i], 1.0f + expf(-v[i]));
+      v[i] = __fmul_rn(sg, u[i]);
+    }
+  } else {
+    load8(x, v);
+  }
+
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = max_nan(amax, fabsf(v[i]));
+  const unsigned half_mask = 0xffffu << (threadIdx.x & 16);
+#pragma unroll
+  for (int off = 8; off >= 1; off >>= 1) amax = max_nan(amax, __shfl_xor_sync(half_mask, amax, off));
+
+  float s = __fdiv_rn(max_nan(amax, 1e-4f), 448.0f);
+  if (p.ue8m0) s = ceil_pow2(s);
+
+  // SATFINITE saturates to +-448 exactly like the reference's clamp, and keeps NaN.
+  uint32_t packed[2];
+#pragma unroll
+  for (int w = 0; w < 2; ++w) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float2 pair = make_float2(__fdiv_rn(v[4 * w + 2 * j], s), __fdiv_rn(v[4 * w + 2 * j + 1], s));
+      __nv_fp8x2_storage_t q = __nv_cvt_float2_to_fp8x2(pair, __NV_SATFINITE, __NV_E4M3);
+      word |= uint32_t(q) << (16 * j);
+    }
+    packed[w] = word;
+  }
+  uint8_t* out = static_cast<uint8_t*>(p.out) + row * p.n + col;
+  *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
+  if (lane == 0) p.scale[kb * p.scale_ld + row] = s;
+}
+
+template <bool kSiluMul>
+void launch(const QuantFp8Params& p, cudaStream_t stream) {
+  const int64_t threads = p.m * (p.n / 128) * kLanesPerBlock;
+  if (threads == 0) return;
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  if (p.fp16) {
+    quant_fp8_1x128_kernel<__half, kSiluMul><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p);
+  } else {
+    quant_fp8_1x128_kernel<__nv_bfloat16, kSiluMul><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p);
+  }
+  FS_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void launch_quant_fp8_1x128(const QuantFp8Params& p, cudaStream_t stream) { launch<false>(p, stream); }
+void launch_silu_mul_quant_fp8(const QuantFp8Params& p, cudaStream_t stream) { launch<true>(p, stream); }
+
+}  // namespace flashseek

@@ -1,0 +1,372 @@
+"""FP8 block-scaled GEMMs (dense, grouped contiguous, grouped masked): references on CPU, kernels on CUDA.
+
+Accuracy criteria (DeepGEMM's): against the exact product of the same quantized inputs the relative
+error must stay below 1e-3; the output is bf16, whose rounding alone is ~2e-3 relative, so the exact
+product is rounded to bf16 before comparing (what remains is fp32 / tensor-core accumulation error
+plus the occasional rounding flip). Against the unquantized bf16 product, calc_diff < 1e-3 (it
+measures the e4m3 quantization error of both operands, ~6e-4 for Gaussian inputs).
+"""
+import pytest
+import torch
+
+from flashseek import ops
+from flashseek.ref import gemm as ref_gemm
+from tests.utils import FP8, calc_diff, opcheck, poison_, rel_err
+
+
+def make_act(m, k, device="cpu", dtype=torch.bfloat16):
+    x = torch.randn(m, k, device=device).to(dtype)
+    q, s = ops.quant_fp8_1x128(x) if m > 0 else (torch.empty(0, k, dtype=FP8, device=device),
+                                                   ops.empty_act_scale(0, k // 128, device))
+    return x, q, s
+
+
+def make_weight(n, k, device="cpu", e=None):
+    if e is None:
+        w = torch.randn(n, k, device=device).bfloat16()
+        q, s = ops.quantize_weight_fp8_128x128(w)
+        return w, q, s
+    ws, qs, ss = zip(*(make_weight(n, k, device) for _ in range(e)))
+    return torch.stack(ws), torch.stack(qs), torch.stack(ss)
+
+
+def exact(q, s, wq, ws):
+    return ref_gemm.fp8_gemm(q, s, wq, ws, out_dtype=torch.float64, acc_dtype=torch.float64)
+
+
+def assert_accurate(out, q, s, wq, ws, x=None, w=None):
+    ex = exact(q, s, wq, ws)
+    assert rel_err(out, ex.to(torch.bfloat16)) < 1e-3
+    if x is not None:
+        assert calc_diff(out, x.double() @ w.double().t()) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------ CPU
+@pytest.mark.parametrize("n,k", [(576, 512), (2112, 7168), (100 * 16, 384), (16, 128)])
+def test_quantize_weight(n, k):
+    w = torch.randn(n, k).bfloat16() * 3
+    q, s = ops.quantize_weight_fp8_128x128(w)
+    nb, kb = -(-n // 128), k // 128
+    assert q.dtype == FP8 and q.shape == (n, k) and q.is_contiguous()
+    assert s.shape == (nb, kb) and s.dtype == torch.float32 and s.is_contiguous()
+    wp = torch.zeros(nb * 128, k)
+    wp[:n] = w.float()
+    amax = wp.reshape(nb, 128, kb, 128).abs().amax(dim=(1, 3))
+    assert torch.equal(s, amax.clamp(min=1e-4) / 448)
+    deq = ref_gemm.dequant_weight_fp8_128x128(q, s)
+    full = s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
+    assert torch.all((deq - w.float()).abs() <= w.float().abs() / 16 + full * 2**-9 * 1.01)
+
+
+_NK = [(n, k) for n in (576, 1536, 2112, 4096, 7168) for k in (512, 1536, 2048, 7168)]
+# Every N x K pair once, M cycling through 1, 3 and 17 (M = 0 on two of them), to keep CPU time low.
+_MNK = [((1, 3, 17)[i % 3] if n * k < 4096 * 7168 else 1, n, k) for i, (n, k) in enumerate(_NK)]
+_MNK += [(0, 576, 512), (0, 7168, 2048)]
+
+
+@pytest.mark.parametrize("m,n,k", _MNK)
+def test_fp8_gemm_reference(m, n, k):
+    x, q, s = make_act(m, k)
+    w, wq, ws = make_weight(n, k)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
+    ops.fp8_gemm(q, s, wq, ws, out=out)
+    assert not out.isnan().any()
+    if m == 0:
+        return
+    # fp32 accumulation of the reference itself against float64: far below 1e-3.
+    f32 = ref_gemm.fp8_gemm(q, s, wq, ws, out_dtype=torch.float32)
+    assert rel_err(f32, exact(q, s, wq, ws)) < 1e-5
+    assert_accurate(out, q, s, wq, ws, x, w)
+
+
+def test_fp8_gemm_blockwise_definition():
+    """The dequantize-then-multiply reference equals the per-128-block scaled sum."""
+    m, n, k = 5, 272, 384
+    _, q, s = make_act(m, k)
+    _, wq, ws = make_weight(n, k)
+    acc = torch.zeros(m, n, dtype=torch.float64)
+    for kb in range(k // 128):
+        blk = q[:, kb * 128:(kb + 1) * 128].double() @ wq[:, kb * 128:(kb + 1) * 128].double().t()
+        acc += blk * s[:, kb, None].double() * ws[torch.arange(n) // 128, kb][None, :].double()
+    assert rel_err(exact(q, s, wq, ws), acc) < 1e-12
+
+
+def test_fp8_gemm_torch_scale_layout():
+    """a_scale in torch scaled_mm's layout (stride (1, M), M not a multiple of 4) is accepted."""
+    m, n, k = 7, 256, 512
+    _, q, s = make_act(m, k)
+    _, wq, ws = make_weight(n, k)
+    s2 = torch.empty(k // 128, m).t()
+    s2.copy_(s)
+    assert torch.equal(ops.fp8_gemm(q, s2, wq, ws), ops.fp8_gemm(q, s, wq, ws))
+
+
+def _offsets(sizes, align=1):
+    offs = [0]
+    for sz in sizes:
+        offs.append(offs[-1] + (sz + align - 1) // align * align)
+    return offs
+
+
+@pytest.mark.parametrize("sizes,align", [([3, 0, 1, 17], 1), ([0, 0, 5], 1), ([1, 130, 0, 2], 128), ([0], 1)])
+def test_grouped_contiguous_reference(sizes, align):
+    e, n, k = len(sizes), 576, 512
+    offs = _offsets(sizes, align)
+    m_total = offs[-1] + 3  # rows past offsets[E] stay untouched
+    x, q, s = make_act(m_total, k)
+    w, wq, ws = make_weight(n, k, e=e)
+    out = poison_(torch.empty(m_total, n, dtype=torch.bfloat16))
+    ops.grouped_fp8_gemm_contiguous(q, s, wq, ws, torch.tensor(offs, dtype=torch.int32), out=out)
+    for g in range(e):
+        lo, hi = offs[g], offs[g + 1]
+        if hi > lo:
+            assert_accurate(out[lo:hi], q[lo:hi], s[lo:hi], wq[g], ws[g], x[lo:hi], w[g])
+    assert out[offs[-1]:].isnan().all()
+
+
+@pytest.mark.parametrize("counts", [[0, 1, 7, 8], [8, 8], [0, 0, 0]])
+def test_grouped_masked_reference(counts):
+    e, m_max, n, k = len(counts), 8, 272, 384
+    w, wq, ws = make_weight(n, k, e=e)
+    x = torch.randn(e, m_max, k).bfloat16()
+    q = torch.empty(e, m_max, k, dtype=FP8)
+    s = ops.empty_grouped_act_scale(e, m_max, k // 128, "cpu")
+    for g in range(e):
+        ops.quant_fp8_1x128(x[g], out=q[g], scale=s[g])
+    out = poison_(torch.empty(e, m_max, n, dtype=torch.bfloat16))
+    ops.grouped_fp8_gemm_masked(q, s, wq, ws, torch.tensor(counts, dtype=torch.int32), out=out)
+    for g, c in enumerate(counts):
+        if c:
+            assert_accurate(out[g, :c], q[g, :c], s[g, :c], wq[g], ws[g], x[g, :c], w[g])
+        assert out[g, c:].isnan().all()
+
+
+def test_empty_grouped_act_scale_layout():
+    s = ops.empty_grouped_act_scale(3, 5, 4, "cpu")
+    assert s.shape == (3, 5, 4) and s.stride() == (32, 1, 8)
+
+
+def _gemm_args(m=4, n=256, k=256):
+    _, q, s = make_act(m, k)
+    _, wq, ws = make_weight(n, k)
+    return [q, s, wq, ws, torch.empty(m, n, dtype=torch.bfloat16)]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda a: a.__setitem__(0, a[0].view(torch.uint8)), "a must have dtype"),
+    (lambda a: a.__setitem__(2, a[2].float()), "b must have dtype"),
+    (lambda a: a.__setitem__(0, a[0][:, :200].contiguous()), "b must have shape|multiple of 128"),
+    (lambda a: a.__setitem__(1, a[1].contiguous()), "column-major"),
+    (lambda a: a.__setitem__(1, a[1][:, :1]), "a_scale must have shape"),
+    (lambda a: a.__setitem__(3, a[3][:1]), "b_scale must have shape"),
+    (lambda a: a.__setitem__(3, torch.empty(2, 2).t()), "b_scale must be contiguous"),
+    (lambda a: a.__setitem__(4, torch.empty(4, 256)), "out must have dtype"),
+    (lambda a: a.__setitem__(4, torch.empty(3, 256, dtype=torch.bfloat16)), "out must have shape"),
+])
+def test_fp8_gemm_bad_inputs(edit, match):
+    args = _gemm_args()
+    edit(args)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        torch.ops.flashseek.fp8_gemm(*args)
+
+
+def test_fp8_gemm_bad_k_and_n():
+    q = torch.zeros(2, 192, dtype=FP8)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        torch.ops.flashseek.fp8_gemm(q, torch.empty(2, 1), torch.zeros(16, 192, dtype=FP8), torch.empty(1, 1),
+                                     torch.empty(2, 16, dtype=torch.bfloat16))
+    _, q, s = make_act(2, 128)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        torch.ops.flashseek.fp8_gemm(q, s, torch.zeros(24, 128, dtype=FP8), torch.empty(1, 1),
+                                     torch.empty(2, 24, dtype=torch.bfloat16))
+
+
+def _grouped_args(e=3, m_total=10, n=256, k=256):
+    _, q, s = make_act(m_total, k)
+    _, wq, ws = make_weight(n, k, e=e)
+    offs = torch.tensor([0, 2, 2, 9], dtype=torch.int32)
+    return [q, s, wq, ws, offs, torch.empty(m_total, n, dtype=torch.bfloat16)]
+
+
+@pytest.mark.parametrize("offs, match", [
+    ([0, 5, 3, 9], "nondecreasing"),
+    ([0, 2, 4, 11], "past M_total"),
+    ([1, 2, 4, 9], "must be 0"),
+])
+def test_grouped_contiguous_bad_offsets(offs, match):
+    args = _grouped_args()
+    args[4] = torch.tensor(offs, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.flashseek.grouped_fp8_gemm_contiguous(*args)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda a: a.__setitem__(4, a[4].long()), "expert_offsets must have dtype"),
+    (lambda a: a.__setitem__(4, a[4][:3]), "expert_offsets must have shape"),
+    (lambda a: a.__setitem__(2, a[2][0]), "b must be 3-D"),
+    (lambda a: a.__setitem__(3, a[3][:2]), "b_scale must have shape"),
+    (lambda a: a.__setitem__(0, a[0].view(torch.int8)), "a must have dtype"),
+])
+def test_grouped_contiguous_bad_inputs(edit, match):
+    args = _grouped_args()
+    edit(args)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        torch.ops.flashseek.grouped_fp8_gemm_contiguous(*args)
+
+
+def _masked_args(e=2, m_max=4, n=256, k=256):
+    q = torch.zeros(e, m_max, k, dtype=FP8)
+    s = ops.empty_grouped_act_scale(e, m_max, k // 128, "cpu").fill_(1.0)
+    _, wq, ws = make_weight(n, k, e=e)
+    return [q, s, wq, ws, torch.tensor([1, 4], dtype=torch.int32), torch.empty(e, m_max, n, dtype=torch.bfloat16)]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda a: a.__setitem__(4, torch.tensor([1, 5], dtype=torch.int32)), "masked_m\\[1\\]=5"),
+    (lambda a: a.__setitem__(4, torch.tensor([-1, 0], dtype=torch.int32)), "masked_m\\[0\\]=-1"),
+    (lambda a: a.__setitem__(4, a[4].long()), "masked_m must have dtype"),
+    (lambda a: a.__setitem__(4, a[4][:1]), "masked_m must have shape"),
+    (lambda a: a.__setitem__(1, a[1].contiguous()), "column-major per expert"),
+    (lambda a: a.__setitem__(0, a[0][:1]), "a must have shape"),
+    (lambda a: a.__setitem__(5, a[5][:, :3]), "out must have shape"),
+])
+def test_grouped_masked_bad_inputs(edit, match):
+    args = _masked_args()
+    edit(args)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        torch.ops.flashseek.grouped_fp8_gemm_masked(*args)
+
+
+def test_gemm_opcheck_cpu():
+    opcheck(torch.ops.flashseek.fp8_gemm.default, tuple(_gemm_args(m=3)))
+    opcheck(torch.ops.flashseek.grouped_fp8_gemm_contiguous.default, tuple(_grouped_args()))
+    opcheck(torch.ops.flashseek.grouped_fp8_gemm_masked.default, tuple(_masked_args()))
+
+
+# ----------------------------------------------------------------------------------------- CUDA
+# (M, N, K): decode (swapped, split-K), the boundary at M = 128, prefill, partial N blocks, and the
+# DeepSeek projection shapes (q_b 24576x1536, kv_b 32768x512, o_proj 7168x16384).
+CUDA_DENSE = [
+    (1, 576, 7168), (1, 7168, 2048), (3, 2112, 7168), (16, 24576, 1536), (64, 2112, 7168), (64, 32768, 512),
+    (100, 1536, 512), (128, 7168, 16384), (129, 576, 7168), (130, 4096, 2048), (256, 2112, 1536),
+    (1000, 7168, 512), (1024, 24576, 1536), (2048, 32768, 512), (4096, 2112, 7168), (2048, 7168, 16384),
+    (4097, 576, 128), (333, 16, 256),
+]
+
+
+@pytest.mark.cuda
+def test_gemm_kernels_registered():
+    for name in ("fp8_gemm", "grouped_fp8_gemm_contiguous", "grouped_fp8_gemm_masked"):
+        assert ops.has_cuda_kernel(name), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,n,k", CUDA_DENSE)
+def test_fp8_gemm_cuda(m, n, k):
+    x, q, s = make_act(m, k, "cuda")
+    w, wq, ws = make_weight(n, k, "cuda")
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    ops.fp8_gemm(q, s, wq, ws, out=out)
+    assert not out.isnan().any()
+    assert_accurate(out, q, s, wq, ws, x if m * n * k <= 2**33 else None, w)
+
+
+@pytest.mark.cuda
+def test_fp8_gemm_cuda_edge_layouts():
+    # M = 0 is a no-op; torch's scale layout (ld = M = 7) is repacked; a sliced (unaligned) out errors.
+    _, wq, ws = make_weight(256, 512, "cuda")
+    out0 = torch.empty(0, 256, dtype=torch.bfloat16, device="cuda")
+    ops.fp8_gemm(torch.empty(0, 512, dtype=FP8, device="cuda"), ops.empty_act_scale(0, 4, "cuda"), wq, ws, out=out0)
+    _, q, s = make_act(7, 512, "cuda")
+    s2 = torch.empty(4, 7, device="cuda").t()
+    s2.copy_(s)
+    assert torch.equal(ops.fp8_gemm(q, s2, wq, ws), ops.fp8_gemm(q, s, wq, ws))
+    big = torch.empty(7 * 256 + 8, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="aligned"):
+        torch.ops.flashseek.fp8_gemm(q, s, wq, ws, big[1:1 + 7 * 256].view(7, 256))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sizes,align,n,k", [
+    ([3, 0, 1, 17, 200], 1, 576, 512),
+    ([1, 130, 0, 2, 255, 64, 0, 9], 128, 2112, 7168),
+    ([4096] * 8, 1, 4096, 7168),
+    ([0] * 5, 1, 256, 256),
+])
+def test_grouped_contiguous_cuda(sizes, align, n, k):
+    e = len(sizes)
+    offs = _offsets(sizes, align)
+    m_total = offs[-1] + 5
+    x, q, s = make_act(m_total, k, "cuda")
+    w, wq, ws = make_weight(n, k, "cuda", e=e)
+    out = poison_(torch.empty(m_total, n, dtype=torch.bfloat16, device="cuda"))
+    ops.grouped_fp8_gemm_contiguous(q, s, wq, ws, torch.tensor(offs, dtype=torch.int32, device="cuda"), out=out)
+    for g in range(e):
+        lo, hi = offs[g], offs[g + 1]
+        if hi > lo:
+            assert_accurate(out[lo:hi], q[lo:hi], s[lo:hi], wq[g], ws[g])
+    # Padding rows inside a group are computed (they are rows of that expert); rows past offsets[E] are not.
+    assert out[offs[-1]:].isnan().all()
+
+
+def _masked_inputs(e, m_max, n, k):
+    w, wq, ws = make_weight(n, k, "cuda", e=e)
+    x = torch.randn(e, m_max, k, device="cuda").bfloat16()
+    q = torch.empty(e, m_max, k, dtype=FP8, device="cuda")
+    s = ops.empty_grouped_act_scale(e, m_max, k // 128, "cuda")
+    for g in range(e):
+        ops.quant_fp8_1x128(x[g], out=q[g], scale=s[g])
+    return x, q, s, w, wq, ws
+
+
+def _check_masked(out, counts, q, s, wq, ws):
+    for g, c in enumerate(counts):
+        if c:
+            assert_accurate(out[g, :c], q[g, :c], s[g, :c], wq[g], ws[g])
+        assert out[g, c:].isnan().all()
+
+
+@pytest.mark.cuda
+# M_max <= 64 runs the swapped grouped kernel, larger M_max the rows-in-M one.
+@pytest.mark.parametrize("e,m_max,n,k", [(16, 64, 4096, 7168), (8, 256, 7168, 2048), (4, 1, 576, 512),
+                                         (32, 130, 2112, 1536), (64, 8, 2048, 7168), (3, 65, 16, 128)])
+def test_grouped_masked_cuda(e, m_max, n, k):
+    _, q, s, _, wq, ws = _masked_inputs(e, m_max, n, k)
+    counts = torch.randint(0, m_max + 1, (e,)).tolist()
+    counts[0], counts[-1] = 0, m_max
+    if e > 2:
+        counts[1] = 1
+    out = poison_(torch.empty(e, m_max, n, dtype=torch.bfloat16, device="cuda"))
+    ops.grouped_fp8_gemm_masked(q, s, wq, ws, torch.tensor(counts, dtype=torch.int32, device="cuda"), out=out)
+    _check_masked(out, counts, q, s, wq, ws)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m_max", [32, 96])  # the swapped (M_max <= 64) and the rows-in-M kernel
+def test_grouped_masked_cuda_graph(m_max):
+    e, n, k = 8, 512, 1024
+    _, q, s, _, wq, ws = _masked_inputs(e, m_max, n, k)
+    masked_m = torch.zeros(e, dtype=torch.int32, device="cuda")
+    out = torch.empty(e, m_max, n, dtype=torch.bfloat16, device="cuda")
+    ops.grouped_fp8_gemm_masked(q, s, wq, ws, masked_m, out=out)  # warm-up outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.grouped_fp8_gemm_masked(q, s, wq, ws, masked_m, out=out)
+    for counts in ([1, 0, m_max, 5, 0, 17, 2, m_max - 1], [m_max] * 8, [0] * 7 + [3]):
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        poison_(out)
+        g.replay()
+        torch.cuda.synchronize()
+        _check_masked(out, counts, q, s, wq, ws)
+
+
+@pytest.mark.cuda
+def test_gemm_opcheck_cuda():
+    def cuda(args):
+        return tuple(a.cuda() for a in args)
+
+    opcheck(torch.ops.flashseek.fp8_gemm.default, cuda(_gemm_args(m=3)))
+    opcheck(torch.ops.flashseek.fp8_gemm.default, cuda(_gemm_args(m=300)))
+    opcheck(torch.ops.flashseek.grouped_fp8_gemm_contiguous.default, cuda(_grouped_args()))
+    opcheck(torch.ops.flashseek.grouped_fp8_gemm_masked.default, cuda(_masked_args()))
