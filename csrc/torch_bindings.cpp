@@ -42,12 +42,21 @@ TORCH_LIBRARY(flashseek, m) {
       "Tensor(b!) topk_ids) -> ()");
 
   // ---- MoE dispatch and combine (csrc/moe) ----
+  // Contiguous layout; token_slots [T, topk] = the row of each (token, k) slot, -1 if dropped.
   m.def(
       "moe_align(Tensor topk_ids, int num_experts, int block_m, Tensor? expert_map, "
-      "Tensor(a!) sorted_ids, Tensor(b!) block_expert_ids, Tensor(c!) expert_offsets) -> ()");
+      "Tensor(a!) sorted_ids, Tensor(b!) block_expert_ids, Tensor(c!) expert_offsets, "
+      "Tensor(d!) token_slots) -> ()");
+  // Masked layout [E_local, max_m, ...]: masked_m [E_local], token_slots = e * max_m + rank or -1.
+  m.def(
+      "moe_align_masked(Tensor topk_ids, int num_experts, int max_m, Tensor? expert_map, "
+      "Tensor(a!) masked_m, Tensor(b!) token_slots) -> ()");
   m.def(
       "moe_gather_quant(Tensor hidden, Tensor sorted_ids, int topk, Tensor(a!) out, "
       "Tensor(b!) scale) -> ()");
+  // Each token quantized once, stored to rows token_slots[t, :] of out [G, M, H] / scale [G, M, H/128].
+  m.def(
+      "moe_scatter_quant(Tensor hidden, Tensor token_slots, Tensor(a!) out, Tensor(b!) scale) -> ()");
   m.def(
       "moe_combine(Tensor expert_out, Tensor topk_weights, Tensor token_slots, "
       "Tensor? shared_out, Tensor(a!) out) -> ()");

@@ -7,9 +7,6 @@ from flashseek.ref import moe as ref_moe
 from flashseek.ref import quant as ref_quant
 from tests.utils import FP8, opcheck, poison_, rel_err
 
-pytestmark = pytest.mark.skipif(not ops._moe_schema_ready("moe_align", "token_slots"),
-                                reason="flashseek._C predates the moe schemas in csrc/torch_bindings.cpp: rebuild")
-
 SMALL = dict(h=256, inter=256, e=16, n_group=4, topk_group=2, topk=4)
 
 

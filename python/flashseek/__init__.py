@@ -32,3 +32,10 @@ def cuda_kernels_available() -> bool:
 def op_backends() -> dict:
     """Maps each registered op to where it runs on CUDA tensors: 'kernel' or 'reference'."""
     return {name: ("kernel" if ops.has_cuda_kernel(name) else "reference") for name in ops.OP_NAMES}
+
+
+def __getattr__(name):  # lazy, so importing the ops does not import the model layer
+    if name in ("LLM", "SamplingParams"):
+        from flashseek.engine import llm, sampling
+        return llm.LLM if name == "LLM" else sampling.SamplingParams
+    raise AttributeError(f"module 'flashseek' has no attribute {name!r}")

@@ -197,21 +197,864 @@ def silu_mul_quant_fp8(gate_up: torch.Tensor, ue8m0: bool = False, out: Optional
 # FP8 block-scaled GEMM (dense, grouped contiguous, grouped masked)   [section: gemm]
 # --------------------------------------------------------------------------------------------
 # @section-gemm
+from flashseek.ref import gemm as ref_gemm  # noqa: E402
+
+
+def empty_grouped_act_scale(e: int, m_max: int, k_blocks: int, device) -> torch.Tensor:
+    """Allocates masked-layout activation scales [e, m_max, k_blocks] fp32: each expert's
+    [m_max, k_blocks] slice in the `empty_act_scale` layout (column-major, leading dimension
+    round_up(m_max, 4)): element (x, i, j) lives at (x * k_blocks + j) * round_up(m_max, 4) + i."""
+    ld = (m_max + 3) // 4 * 4
+    return torch.empty((e, k_blocks, ld), dtype=torch.float32, device=device)[:, :, :m_max].transpose(1, 2)
+
+
+def quantize_weight_fp8_128x128(w: torch.Tensor):
+    """Quantizes a weight [N, K] to e4m3 with one fp32 scale per 128x128 block.
+
+    Returns (w_fp8 [N, K], scale [ceil(N/128), ceil(K/128)]) with w ~= w_fp8 * scale per block and
+    scale = max(amax, 1e-4) / 448 (DeepSeek's `weight_scale_inv`). Pure torch, any device; the
+    layout is the one fp8_gemm and the grouped GEMMs read (stack per expert for [E, ...]).
+    """
+    return ref_gemm.quantize_weight_fp8_128x128(w)
+
+
+def _check_fp8_operand(t, name):
+    _expect_dtype(t, name, FP8)
+    _expect_contiguous(t, name)
+
+
+def _check_k_n(k, n):
+    _expect(k > 0 and k % 128 == 0, f"K (the last dimension of a and b) must be a positive multiple of 128, got {k}")
+    _expect(n % 16 == 0, f"N (b's rows) must be a multiple of 16, got {n}")
+
+
+def _check_weight_scale(s, name, shape):
+    _expect_dtype(s, name, torch.float32)
+    _expect_shape(s, name, shape)
+    _expect_contiguous(s, name)
+
+
+def _check_gemm_out(out, shape):
+    _expect_dtype(out, "out", torch.bfloat16)
+    _expect_shape(out, "out", shape)
+    _expect_contiguous(out, "out")
+
+
+def _check_fp8_gemm(a, a_scale, b, b_scale, out):
+    _expect_dim(a, "a", 2)
+    _expect_dim(b, "b", 2)
+    _check_fp8_operand(a, "a")
+    _check_fp8_operand(b, "b")
+    m, k = a.shape
+    n = b.shape[0]
+    _expect(b.shape[1] == k, f"b must have shape [N, {k}] (K-major, same K as a), got {list(b.shape)}")
+    _check_k_n(k, n)
+    _check_act_scale(a_scale, "a_scale", m, k // 128)
+    _check_weight_scale(b_scale, "b_scale", ((n + 127) // 128, k // 128))
+    _check_gemm_out(out, (m, n))
+    _expect_same_device(a, "a", a_scale=a_scale, b=b, b_scale=b_scale, out=out)
+
+
+def _ref_fp8_gemm(a, a_scale, b, b_scale, out):
+    out.copy_(ref_gemm.fp8_gemm(a, a_scale, b, b_scale, out.dtype))
+
+
+_register("fp8_gemm", _check_fp8_gemm, _ref_fp8_gemm)
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block-scaled FP8 GEMM: out = (a * a_scale) @ (b * b_scale)^T with fp32 accumulation.
+
+    Args:
+        a: e4m3 [M, K], contiguous, K a positive multiple of 128 (M may be 0).
+        a_scale: fp32 [M, K/128] 1x128 activation scales in the `empty_act_scale` layout (as
+            quant_fp8_1x128 returns them). Other column-major layouts are accepted; on CUDA a leading
+            dimension that is not a multiple of 4 costs a repacking copy.
+        b: e4m3 [N, K] weights (K-major, contiguous), N a multiple of 16 (partial 128-blocks allowed).
+        b_scale: fp32 [ceil(N/128), K/128] 128x128 block scales, row-major (quantize_weight_fp8_128x128).
+        out_dtype: only torch.bfloat16.
+        out: optional bf16 [M, N] output.
+    Returns:
+        out bf16 [M, N].
+    CUDA kernels (CUTLASS sm90 block-wise FP8): M <= 128 swaps the operands (tokens in the MMA's N,
+    128x64 tiles, split-K over K when the tiles alone cannot fill the SMs); larger M uses 128x128x128
+    cooperative tiles in 2x1 clusters with a persistent scheduler.
+    """
+    _expect(out_dtype == torch.bfloat16, f"fp8_gemm supports out_dtype=torch.bfloat16 only, got {out_dtype}")
+    if out is None:
+        out = torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
+    torch.ops.flashseek.fp8_gemm(a, a_scale, b, b_scale, out)
+    return out
+
+
+def _check_grouped_weights(b, b_scale, k):
+    _expect_dim(b, "b", 3)
+    _check_fp8_operand(b, "b")
+    e, n, kk = b.shape
+    _expect(kk == k, f"b must have shape [E, N, {k}] (K-major, same K as a), got {list(b.shape)}")
+    _check_k_n(k, n)
+    _check_weight_scale(b_scale, "b_scale", (e, (n + 127) // 128, k // 128))
+    return e, n
+
+
+def _check_grouped_fp8_gemm_contiguous(a, a_scale, b, b_scale, expert_offsets, out):
+    _expect_dim(a, "a", 2)
+    _check_fp8_operand(a, "a")
+    m, k = a.shape
+    e, n = _check_grouped_weights(b, b_scale, k)
+    _check_act_scale(a_scale, "a_scale", m, k // 128)
+    _expect_dtype(expert_offsets, "expert_offsets", torch.int32)
+    _expect_shape(expert_offsets, "expert_offsets", (e + 1,))
+    _expect_contiguous(expert_offsets, "expert_offsets")
+    _check_gemm_out(out, (m, n))
+    _expect_same_device(a, "a", a_scale=a_scale, b=b, b_scale=b_scale, expert_offsets=expert_offsets, out=out)
+
+
+def _ref_grouped_fp8_gemm_contiguous(a, a_scale, b, b_scale, expert_offsets, out):
+    ref_gemm.grouped_fp8_gemm_contiguous(a, a_scale, b, b_scale, expert_offsets, out)
+
+
+_register("grouped_fp8_gemm_contiguous", _check_grouped_fp8_gemm_contiguous, _ref_grouped_fp8_gemm_contiguous)
+
+
+def grouped_fp8_gemm_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                                expert_offsets: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Grouped FP8 GEMM, contiguous (prefill) layout: rows grouped by expert.
+
+    Args:
+        a: e4m3 [M_total, K]; the rows of expert e are a[expert_offsets[e]:expert_offsets[e+1]].
+        a_scale: fp32 [M_total, K/128] in the `empty_act_scale` layout.
+        b: e4m3 [E, N, K]; b_scale: fp32 [E, ceil(N/128), K/128].
+        expert_offsets: int32 [E+1] on a's device, nondecreasing, offsets[0] == 0, offsets[E] <= M_total.
+            No alignment is required (moe_align's 128-row padding is fine but not needed); padding
+            rows inside a group are computed like any other row.
+        out: optional bf16 [M_total, N]; rows at or past offsets[E] are not written.
+    The offsets are read on the device (no host sync). The reference path raises on offsets out of
+    order or past M_total; the CUDA kernel cannot check them and instead clips each group to
+    [offsets[e] clamped to [0, M_total], max(offsets[e+1], that) clamped to M_total] (no memory
+    outside the tensors is touched; the results of an invalid layout are unspecified).
+    """
+    if out is None:
+        out = torch.empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16, device=a.device)
+    torch.ops.flashseek.grouped_fp8_gemm_contiguous(a, a_scale, b, b_scale, expert_offsets, out)
+    return out
+
+
+def _check_grouped_fp8_gemm_masked(a, a_scale, b, b_scale, masked_m, out):
+    _expect_dim(a, "a", 3)
+    _check_fp8_operand(a, "a")
+    _, m_max, k = a.shape
+    e, n = _check_grouped_weights(b, b_scale, k)
+    _expect(a.shape[0] == e, f"a must have shape [E={e}, M_max, K] (E from b), got {list(a.shape)}")
+    kb = k // 128
+    _expect_dtype(a_scale, "a_scale", torch.float32)
+    _expect_shape(a_scale, "a_scale", (e, m_max, kb))
+    _expect(m_max <= 1 or a_scale.stride(1) == 1,
+            "a_scale must be column-major per expert (stride(1) == 1, see empty_grouped_act_scale), "
+            f"got strides {tuple(a_scale.stride())}")
+    _expect(kb <= 1 or a_scale.stride(2) >= m_max,
+            f"a_scale must have a per-expert leading dimension (stride(2)) >= {m_max}, got strides {tuple(a_scale.stride())}")
+    _expect_dtype(masked_m, "masked_m", torch.int32)
+    _expect_shape(masked_m, "masked_m", (e,))
+    _expect_contiguous(masked_m, "masked_m")
+    _check_gemm_out(out, (e, m_max, n))
+    _expect_same_device(a, "a", a_scale=a_scale, b=b, b_scale=b_scale, masked_m=masked_m, out=out)
+
+
+def _ref_grouped_fp8_gemm_masked(a, a_scale, b, b_scale, masked_m, out):
+    ref_gemm.grouped_fp8_gemm_masked(a, a_scale, b, b_scale, masked_m, out)
+
+
+_register("grouped_fp8_gemm_masked", _check_grouped_fp8_gemm_masked, _ref_grouped_fp8_gemm_masked)
+
+
+def grouped_fp8_gemm_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                            masked_m: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Grouped FP8 GEMM, masked (decode) layout.
+
+    Args:
+        a: e4m3 [E, M_max, K]; a_scale: fp32 [E, M_max, K/128] (`empty_grouped_act_scale` layout).
+        b: e4m3 [E, N, K]; b_scale: fp32 [E, ceil(N/128), K/128].
+        masked_m: int32 [E] on a's device; only rows < masked_m[e] of expert e are computed and written.
+        out: optional bf16 [E, M_max, N]; rows >= masked_m[e] keep their contents.
+    The counts are read on the device (no host sync, CUDA-graph capturable). The reference path
+    raises on masked_m outside [0, M_max]; the CUDA kernel clamps each count to that range.
+    CUDA kernels: M_max <= 64 swaps the operands (tokens in the MMA's N, 128x64 tiles); larger
+    M_max uses 128x128x128 tiles like the contiguous layout. Both are CUTLASS pointer-array kernels
+    whose per-expert arguments a tiny prepare kernel writes from masked_m.
+    """
+    if out is None:
+        out = torch.empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.bfloat16, device=a.device)
+    torch.ops.flashseek.grouped_fp8_gemm_masked(a, a_scale, b, b_scale, masked_m, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # Routing (noaux_tc grouped top-k, softmax top-k)   [section: routing]
 # --------------------------------------------------------------------------------------------
 # @section-routing
+from flashseek.ref import routing as ref_routing  # noqa: E402
+
+
+def _check_route_common(logits, topk, topk_weights, topk_ids):
+    _expect_dtype(logits, "logits", (torch.float32, torch.bfloat16, torch.float16))
+    _expect_dim(logits, "logits", 2)
+    t, e = logits.shape
+    _expect(logits.stride(-1) == 1 or e <= 1,
+            f"logits must have a unit stride in its last dimension, got strides {tuple(logits.stride())}")
+    _expect(1 <= e <= 512, f"logits must have 1 to 512 experts (columns), got {e}")
+    _expect(1 <= topk <= 16, f"topk must be in [1, 16], got {topk}")
+    _expect(topk <= e, f"topk ({topk}) must not exceed the number of experts ({e})")
+    _expect_dtype(topk_weights, "topk_weights", torch.float32)
+    _expect_dtype(topk_ids, "topk_ids", torch.int32)
+    _expect_shape(topk_weights, "topk_weights", (t, topk))
+    _expect_shape(topk_ids, "topk_ids", (t, topk))
+    _expect(topk_weights.stride(-1) == 1 or topk <= 1, "topk_weights must have a unit stride in its last dimension")
+    _expect(topk_ids.stride(-1) == 1 or topk <= 1, "topk_ids must have a unit stride in its last dimension")
+    _expect_same_device(logits, "logits", topk_weights=topk_weights, topk_ids=topk_ids)
+
+
+def _check_route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
+                          topk_weights, topk_ids):
+    _check_route_common(logits, topk, topk_weights, topk_ids)
+    e = logits.shape[1]
+    _expect_dtype(bias, "bias", torch.float32)
+    _expect_shape(bias, "bias", (e,))
+    _expect_contiguous(bias, "bias")
+    _expect_same_device(logits, "logits", bias=bias)
+    _expect(1 <= n_group <= 32, f"n_group must be in [1, 32], got {n_group}")
+    _expect(e % n_group == 0, f"the number of experts ({e}) must be divisible by n_group ({n_group})")
+    _expect(e // n_group >= 2,
+            f"each group needs at least 2 experts (its score is a top-2 sum), got E={e} n_group={n_group}")
+    _expect(1 <= topk_group <= n_group, f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    _expect(topk <= topk_group * (e // n_group),
+            f"topk ({topk}) must not exceed the experts in the kept groups ({topk_group} x {e // n_group})")
+
+
+def _ref_route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
+                        topk_weights, topk_ids):
+    w, ids = ref_routing.route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize)
+    topk_weights.copy_(w)
+    topk_ids.copy_(ids)
+
+
+_register("route_noaux_tc", _check_route_noaux_tc, _ref_route_noaux_tc)
+
+
+def route_noaux_tc(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, topk: int,
+                   routed_scaling_factor: float, renormalize: bool = True,
+                   topk_weights: Optional[torch.Tensor] = None, topk_ids: Optional[torch.Tensor] = None):
+    """DeepSeek-V3 `noaux_tc` router: grouped top-k on sigmoid scores with a selection-only bias.
+
+    Args:
+        logits: [T, E] fp32, bf16 or fp16 router logits (unit stride along E), E <= 512.
+        bias: [E] fp32 `e_score_correction_bias`, added to the scores for selection only.
+        n_group: groups of E / n_group consecutive experts (E % n_group == 0, n_group <= 32).
+        topk_group: groups kept per token, ranked by the sum of their two best biased scores.
+        topk: experts per token (<= 16), chosen among the kept groups by biased score.
+        routed_scaling_factor: multiplies the weights (2.5 for DeepSeek-R1).
+        renormalize: divide the weights by their sum (+ 1e-20) first (`norm_topk_prob`).
+    Returns:
+        (topk_weights fp32 [T, topk], topk_ids int32 [T, topk]); weights come from the unbiased scores.
+        Ids are in selection order (descending biased score); ties go to the lower group id and the
+        lower expert id. The CUDA kernel matches flashseek.ref.routing bit for bit on CUDA tensors.
+    """
+    t = logits.shape[0]
+    topk_weights = torch.empty((t, topk), dtype=torch.float32, device=logits.device) if topk_weights is None \
+        else topk_weights
+    topk_ids = torch.empty((t, topk), dtype=torch.int32, device=logits.device) if topk_ids is None else topk_ids
+    torch.ops.flashseek.route_noaux_tc(logits, bias, n_group, topk_group, topk, float(routed_scaling_factor),
+                                       renormalize, topk_weights, topk_ids)
+    return topk_weights, topk_ids
+
+
+def _check_route_softmax_topk(logits, topk, renormalize, topk_weights, topk_ids):
+    _check_route_common(logits, topk, topk_weights, topk_ids)
+
+
+def _ref_route_softmax_topk(logits, topk, renormalize, topk_weights, topk_ids):
+    w, ids = ref_routing.route_softmax_topk(logits, topk, renormalize)
+    topk_weights.copy_(w)
+    topk_ids.copy_(ids)
+
+
+_register("route_softmax_topk", _check_route_softmax_topk, _ref_route_softmax_topk)
+
+
+def route_softmax_topk(logits: torch.Tensor, topk: int, renormalize: bool = True,
+                       topk_weights: Optional[torch.Tensor] = None, topk_ids: Optional[torch.Tensor] = None):
+    """Softmax top-k router (Mixtral / Qwen-MoE style).
+
+    logits [T, E] (fp32/bf16/fp16, E <= 512) -> (topk_weights fp32 [T, topk], topk_ids int32 [T, topk]).
+    Ids: the topk largest logits in descending order, ties to the lower id. Weights: the softmax
+    probabilities of those experts, renormalized over the selection when `renormalize`.
+    """
+    t = logits.shape[0]
+    topk_weights = torch.empty((t, topk), dtype=torch.float32, device=logits.device) if topk_weights is None \
+        else topk_weights
+    topk_ids = torch.empty((t, topk), dtype=torch.int32, device=logits.device) if topk_ids is None else topk_ids
+    torch.ops.flashseek.route_softmax_topk(logits, topk, renormalize, topk_weights, topk_ids)
+    return topk_weights, topk_ids
 
 
 # --------------------------------------------------------------------------------------------
 # MoE dispatch, combine and the fused MoE layer   [section: moe]
 # --------------------------------------------------------------------------------------------
 # @section-moe
+from flashseek.ref import moe as ref_moe  # noqa: E402
+
+MOE_ALIGN_MAX_LOCAL_EXPERTS = 512
+
+
+MOE_ALIGN_MAX_SLOTS = 1 << 22
+moe_align_max_rows = ref_moe.moe_align_max_rows
+
+
+def _check_topk_ids(topk_ids):
+    _expect_dtype(topk_ids, "topk_ids", torch.int32)
+    _expect_dim(topk_ids, "topk_ids", 2)
+    _expect_contiguous(topk_ids, "topk_ids")
+    _expect(topk_ids.numel() <= MOE_ALIGN_MAX_SLOTS,
+            f"topk_ids may hold at most {MOE_ALIGN_MAX_SLOTS} slots (T * topk), got {topk_ids.numel()}")
+
+
+def _check_expert_map(expert_map, num_experts, topk_ids, num_local):
+    _expect(num_experts >= 1, f"num_experts must be >= 1, got {num_experts}")
+    _expect(1 <= num_local <= MOE_ALIGN_MAX_LOCAL_EXPERTS,
+            f"the number of local experts must be in [1, {MOE_ALIGN_MAX_LOCAL_EXPERTS}], got {num_local}")
+    if expert_map is None:
+        _expect(num_local == num_experts,
+                f"without expert_map the local experts ({num_local}, from the outputs' shapes) must equal "
+                f"num_experts ({num_experts})")
+        return
+    _expect_dtype(expert_map, "expert_map", torch.int32)
+    _expect_shape(expert_map, "expert_map", (num_experts,))
+    _expect_contiguous(expert_map, "expert_map")
+    _expect_same_device(topk_ids, "topk_ids", expert_map=expert_map)
+
+
+def _check_token_slots(token_slots, shape, name="token_slots"):
+    _expect_dtype(token_slots, name, torch.int32)
+    _expect_shape(token_slots, name, shape)
+    _expect_contiguous(token_slots, name)
+
+
+def _check_moe_align(topk_ids, num_experts, block_m, expert_map, sorted_ids, block_expert_ids, expert_offsets,
+                     token_slots):
+    _check_topk_ids(topk_ids)
+    _expect(1 <= block_m <= 1024, f"block_m must be in [1, 1024], got {block_m}")
+    _expect_dtype(expert_offsets, "expert_offsets", torch.int32)
+    _expect_dim(expert_offsets, "expert_offsets", 1)
+    _expect_contiguous(expert_offsets, "expert_offsets")
+    num_local = expert_offsets.shape[0] - 1
+    _check_expert_map(expert_map, num_experts, topk_ids, num_local)
+    _expect_dtype(sorted_ids, "sorted_ids", torch.int32)
+    _expect_dim(sorted_ids, "sorted_ids", 1)
+    _expect_contiguous(sorted_ids, "sorted_ids")
+    rows = sorted_ids.shape[0]
+    need = moe_align_max_rows(topk_ids.numel(), num_local, block_m)
+    _expect(rows % block_m == 0 and rows >= need,
+            f"sorted_ids must have a multiple of block_m={block_m} rows, at least {need} "
+            f"(moe_align_max_rows), got {rows}")
+    _expect_dtype(block_expert_ids, "block_expert_ids", torch.int32)
+    _expect_shape(block_expert_ids, "block_expert_ids", (rows // block_m,))
+    _expect_contiguous(block_expert_ids, "block_expert_ids")
+    _check_token_slots(token_slots, topk_ids.shape)
+    _expect_same_device(topk_ids, "topk_ids", sorted_ids=sorted_ids, block_expert_ids=block_expert_ids,
+                        expert_offsets=expert_offsets, token_slots=token_slots)
+
+
+def _ref_moe_align(topk_ids, num_experts, block_m, expert_map, sorted_ids, block_expert_ids, expert_offsets,
+                   token_slots):
+    res = ref_moe.moe_align(topk_ids, num_experts, block_m, expert_map, expert_offsets.shape[0] - 1,
+                            sorted_ids.shape[0])
+    for dst, src in zip((sorted_ids, block_expert_ids, expert_offsets, token_slots), res):
+        dst.copy_(src)
+
+_register("moe_align", _check_moe_align, _ref_moe_align)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 128, expert_map: Optional[torch.Tensor] = None,
+              num_local: Optional[int] = None, max_rows: Optional[int] = None):
+    """Groups the (token, k) slots by local expert for the contiguous grouped GEMM, on the device.
+
+    Args:
+        topk_ids: int32 [T, topk] global expert ids (contiguous), slot s = t * topk + k.
+        num_experts: global expert count; ids must lie in [0, num_experts).
+        block_m: each expert's rows are padded to a multiple of this.
+        expert_map: optional int32 [num_experts]: global -> local id, -1 for experts held elsewhere
+            (their slots are dropped).
+        num_local: local expert count, at most 512 (default num_experts; pass it with expert_map).
+        max_rows: rows to allocate (default and minimum: moe_align_max_rows(T * topk, num_local, block_m),
+            a static bound, so nothing syncs).
+    Returns:
+        (sorted_ids int32 [max_rows]: the slot of each row, T * topk for padding and unused rows;
+         block_expert_ids int32 [max_rows / block_m]: expert of each block of rows, -1 past the end;
+         expert_offsets int32 [num_local + 1]: padded group starts, offsets[-1] = rows used;
+         token_slots int32 [T, topk]: the row of each slot, -1 if dropped).
+    Rows within an expert follow ascending slot id. Out-of-range ids raise in the reference path;
+    the CUDA kernel cannot check values and drops such slots (row -1).
+    """
+    num_local = num_experts if num_local is None else num_local
+    _expect(1 <= block_m <= 1024, f"block_m must be in [1, 1024], got {block_m}")
+    need = moe_align_max_rows(topk_ids.numel(), num_local, block_m)
+    max_rows = need if max_rows is None else max_rows
+    dev = topk_ids.device
+    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
+    block_expert_ids = torch.empty(max_rows // block_m, dtype=torch.int32, device=dev)
+    expert_offsets = torch.empty(num_local + 1, dtype=torch.int32, device=dev)
+    token_slots = torch.empty(topk_ids.shape, dtype=torch.int32, device=dev)
+    torch.ops.flashseek.moe_align(topk_ids, num_experts, block_m, expert_map, sorted_ids, block_expert_ids,
+                                  expert_offsets, token_slots)
+    return sorted_ids, block_expert_ids, expert_offsets, token_slots
+
+
+def _check_moe_align_masked(topk_ids, num_experts, max_m, expert_map, masked_m, token_slots):
+    _check_topk_ids(topk_ids)
+    _expect(max_m >= 0, f"max_m must be >= 0, got {max_m}")
+    _expect_dtype(masked_m, "masked_m", torch.int32)
+    _expect_dim(masked_m, "masked_m", 1)
+    _expect_contiguous(masked_m, "masked_m")
+    num_local = masked_m.shape[0]
+    _check_expert_map(expert_map, num_experts, topk_ids, num_local)
+    _expect(num_local * max_m < 2**31, f"num_local * max_m must fit in int32, got {num_local} x {max_m}")
+    _check_token_slots(token_slots, topk_ids.shape)
+    _expect_same_device(topk_ids, "topk_ids", masked_m=masked_m, token_slots=token_slots)
+
+
+def _ref_moe_align_masked(topk_ids, num_experts, max_m, expert_map, masked_m, token_slots):
+    m, slots = ref_moe.moe_align_masked(topk_ids, num_experts, max_m, expert_map, masked_m.shape[0])
+    masked_m.copy_(m)
+    token_slots.copy_(slots)
+
+_register("moe_align_masked", _check_moe_align_masked, _ref_moe_align_masked)
+
+
+def moe_align_masked(topk_ids: torch.Tensor, num_experts: int, max_m: int, expert_map: Optional[torch.Tensor] = None,
+                     num_local: Optional[int] = None):
+    """Slot -> row map for the masked (decode) grouped layout [num_local, max_m, ...], on the device.
+
+    Returns (masked_m int32 [num_local] = min(count, max_m), token_slots int32 [T, topk] =
+    e * max_m + rank within the expert in ascending slot order, -1 if dropped or rank >= max_m).
+    max_m = T is always enough when each token's ids are distinct (as the routers guarantee).
+    """
+    num_local = num_experts if num_local is None else num_local
+    masked_m = torch.empty(num_local, dtype=torch.int32, device=topk_ids.device)
+    token_slots = torch.empty(topk_ids.shape, dtype=torch.int32, device=topk_ids.device)
+    torch.ops.flashseek.moe_align_masked(topk_ids, num_experts, max_m, expert_map, masked_m, token_slots)
+    return masked_m, token_slots
+
+
+def _check_moe_hidden(hidden):
+    _expect_dtype(hidden, "hidden", torch.bfloat16)
+    _expect_dim(hidden, "hidden", 2)
+    h = hidden.shape[1]
+    _expect(h % 128 == 0, f"hidden's last dimension must be a multiple of 128, got {h}")
+    _expect(hidden.stride(-1) == 1 and (hidden.shape[0] <= 1 or hidden.stride(0) % 8 == 0),
+            f"hidden must have a unit stride along H and a row stride that is a multiple of 8, got strides "
+            f"{tuple(hidden.stride())}")
+    return h
+
+
+def _check_moe_gather_quant(hidden, sorted_ids, topk, out, scale):
+    h = _check_moe_hidden(hidden)
+    _expect(topk >= 1, f"topk must be >= 1, got {topk}")
+    _expect_dtype(sorted_ids, "sorted_ids", torch.int32)
+    _expect_dim(sorted_ids, "sorted_ids", 1)
+    _expect_contiguous(sorted_ids, "sorted_ids")
+    rows = sorted_ids.shape[0]
+    _expect_dtype(out, "out", FP8)
+    _expect_shape(out, "out", (rows, h))
+    _expect_contiguous(out, "out")
+    _check_act_scale(scale, "scale", rows, h // 128)
+    _expect_same_device(hidden, "hidden", sorted_ids=sorted_ids, out=out, scale=scale)
+
+
+def _ref_moe_gather_quant(hidden, sorted_ids, topk, out, scale):
+    q, s = ref_moe.gather_quant(hidden, sorted_ids, topk)
+    out.copy_(q)
+    scale.copy_(s)
+
+
+_register("moe_gather_quant", _check_moe_gather_quant, _ref_moe_gather_quant)
+
+
+def moe_gather_quant(hidden: torch.Tensor, sorted_ids: torch.Tensor, topk: int, out: Optional[torch.Tensor] = None,
+                     scale: Optional[torch.Tensor] = None):
+    """Row r of the output = FP8 1x128 quantization of hidden[sorted_ids[r] // topk] (bit-identical
+    to quant_fp8_1x128); rows whose id is outside [0, T * topk) (moe_align's sentinel) get the
+    quantization of a zero row (zeros, scale 1e-4 / 448).
+    hidden bf16 [T, H] (H % 128 == 0) -> (out e4m3 [R, H], scale fp32 [R, H/128] `empty_act_scale`)."""
+    rows, h = sorted_ids.shape[0], hidden.shape[1]
+    out = torch.empty((rows, h), dtype=FP8, device=hidden.device) if out is None else out
+    scale = empty_act_scale(rows, h // 128, hidden.device) if scale is None else scale
+    torch.ops.flashseek.moe_gather_quant(hidden, sorted_ids, topk, out, scale)
+    return out, scale
+
+
+def _check_moe_scatter_quant(hidden, token_slots, out, scale):
+    h = _check_moe_hidden(hidden)
+    _expect_dtype(token_slots, "token_slots", torch.int32)
+    _expect_dim(token_slots, "token_slots", 2)
+    _expect(token_slots.shape[0] == hidden.shape[0],
+            f"token_slots must have shape [T={hidden.shape[0]}, topk], got {list(token_slots.shape)}")
+    _expect_contiguous(token_slots, "token_slots")
+    _expect_dtype(out, "out", FP8)
+    _expect_dim(out, "out", 3)
+    g, m, hh = out.shape
+    _expect(hh == h, f"out must have shape [G, M, {h}], got {list(out.shape)}")
+    _expect_contiguous(out, "out")
+    _expect_dtype(scale, "scale", torch.float32)
+    _expect_shape(scale, "scale", (g, m, h // 128))
+    _expect(m <= 1 or scale.stride(1) == 1,
+            f"scale must be column-major per group (stride(1) == 1, see empty_grouped_act_scale), got strides "
+            f"{tuple(scale.stride())}")
+    _expect(h // 128 <= 1 or scale.stride(2) >= m,
+            f"scale must have a leading dimension (stride(2)) >= {m}, got strides {tuple(scale.stride())}")
+    _expect_same_device(hidden, "hidden", token_slots=token_slots, out=out, scale=scale)
+
+
+def _ref_moe_scatter_quant(hidden, token_slots, out, scale):
+    ref_moe.scatter_quant_(hidden, token_slots, out, scale)
+
+_register("moe_scatter_quant", _check_moe_scatter_quant, _ref_moe_scatter_quant)
+
+
+def moe_scatter_quant(hidden: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor, scale: torch.Tensor):
+    """Quantizes each token once (FP8 1x128, bit-identical to quant_fp8_1x128) and stores it to the
+    rows token_slots[t, :] (>= 0) of `out`; rows nobody points at keep their contents.
+
+    out: e4m3 [R, H] with scale fp32 [R, H/128] (`empty_act_scale`, the contiguous layout), or
+    e4m3 [G, M, H] with scale [G, M, H/128] (`empty_grouped_act_scale`, the masked layout), where a
+    row index r means group r // M, row r % M. Returns (out, scale).
+    """
+    o, s = (out.unsqueeze(0), scale.unsqueeze(0)) if out.dim() == 2 else (out, scale)
+    torch.ops.flashseek.moe_scatter_quant(hidden, token_slots, o, s)
+    return out, scale
+
+
+def _check_moe_combine(expert_out, topk_weights, token_slots, shared_out, out):
+    _expect_dtype(expert_out, "expert_out", torch.bfloat16)
+    _expect_dim(expert_out, "expert_out", 2)
+    h = expert_out.shape[1]
+    _expect(h % 8 == 0, f"expert_out's last dimension must be a multiple of 8, got {h}")
+    _expect(expert_out.stride(-1) == 1 and (expert_out.shape[0] <= 1 or expert_out.stride(0) % 8 == 0),
+            "expert_out must have a unit stride along H and a row stride multiple of 8, got "
+            f"{tuple(expert_out.stride())}")
+    _expect_dtype(token_slots, "token_slots", torch.int32)
+    _expect_dim(token_slots, "token_slots", 2)
+    _expect_contiguous(token_slots, "token_slots")
+    t, k = token_slots.shape
+    _expect(1 <= k <= 64, f"topk (token_slots' second dimension) must be in [1, 64], got {k}")
+    _expect_dtype(topk_weights, "topk_weights", torch.float32)
+    _expect_shape(topk_weights, "topk_weights", (t, k))
+    _expect_contiguous(topk_weights, "topk_weights")
+    if shared_out is not None:
+        _expect_dtype(shared_out, "shared_out", torch.bfloat16)
+        _expect_shape(shared_out, "shared_out", (t, h))
+        _expect_contiguous(shared_out, "shared_out")
+    _expect_dtype(out, "out", torch.bfloat16)
+    _expect_shape(out, "out", (t, h))
+    _expect_contiguous(out, "out")
+    _expect_same_device(expert_out, "expert_out", topk_weights=topk_weights, token_slots=token_slots,
+                        shared_out=shared_out, out=out)
+
+
+def _ref_moe_combine(expert_out, topk_weights, token_slots, shared_out, out):
+    out.copy_(ref_moe.combine(expert_out, topk_weights, token_slots, shared_out))
+
+
+_register("moe_combine", _check_moe_combine, _ref_moe_combine)
+
+
+def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, token_slots: torch.Tensor,
+                shared_out: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[t] = sum_j topk_weights[t, j] * expert_out[token_slots[t, j]] + shared_out[t], in fp32.
+
+    expert_out: bf16 [R, H] or [G, M, H] (flattened: row r = group r // M), H % 8 == 0.
+    token_slots: int32 [T, topk] rows, -1 = skip (moe_align / moe_align_masked).
+    Deterministic: terms added in ascending j, separate fp32 multiply and add, no atomics; the CUDA
+    kernel is bit-identical to the reference. Returns bf16 [T, H].
+    """
+    eo = expert_out.reshape(-1, expert_out.shape[-1])
+    t = token_slots.shape[0]
+    out = torch.empty((t, eo.shape[1]), dtype=torch.bfloat16, device=eo.device) if out is None else out
+    torch.ops.flashseek.moe_combine(eo, topk_weights, token_slots, shared_out, out)
+    return out
+
+
+#: fused_moe's "auto" layout uses the masked (decode) path up to this many tokens. Both layouts run
+#: the same grouped GEMM; the masked one also runs silu_mul_quant over all E * T rows of its buffer
+#: (not just the routed ones), so it only pays off for small T. `flashseek bench moe` times both.
+FUSED_MOE_MASKED_MAX_T = 32
+#: Row alignment of the contiguous path. The grouped GEMM needs none, and with 1 no row is padding,
+#: so the activation buffers are exactly T * topk rows.
+FUSED_MOE_BLOCK_M = 1
+
+
+def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[torch.Tensor], w13: torch.Tensor,
+              w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, *, n_group: int, topk_group: int,
+              topk: int, routed_scaling_factor: float, renormalize: bool = True, scoring: str = "sigmoid",
+              shared_out: Optional[torch.Tensor] = None, expert_map: Optional[torch.Tensor] = None,
+              layout: str = "auto") -> torch.Tensor:
+    """The routed-expert MoE layer with FP8 experts: route, dispatch + quantize, grouped GEMM 1,
+    silu_mul_quant, grouped GEMM 2, combine (+ shared_out). No host syncs on either layout, so the
+    whole call is CUDA-graph capturable.
+
+    Args:
+        hidden: bf16 [T, H], H % 128 == 0.
+        router_logits: [T, E_global] (fp32/bf16/fp16).
+        bias: fp32 [E_global] selection bias for scoring="sigmoid" (None = zeros); ignored for softmax.
+        w13: e4m3 [E_local, 2I, H], gate rows first then up; w13_scale fp32 [E_local, 2I/128, H/128].
+        w2: e4m3 [E_local, H, I]; w2_scale fp32 [E_local, H/128, I/128].
+        n_group, topk_group, topk, routed_scaling_factor, renormalize: the router (route_noaux_tc);
+            for scoring="softmax" (route_softmax_topk) the weights are multiplied by the factor.
+        shared_out: optional bf16 [T, H] added in the combine (the shared expert's output).
+        expert_map: optional int32 [E_global] global -> local expert id, -1 = not on this rank.
+        layout: "masked" ([E_local, T, H] buffers, rows per expert counted on the device),
+            "contiguous" (T * topk rows grouped by expert) or "auto" (masked for T <= FUSED_MOE_MASKED_MAX_T).
+    Returns:
+        bf16 [T, H]. Spec: flashseek.ref.moe.fused_moe.
+    """
+    t, h = hidden.shape
+    e_local, i2, hh = w13.shape
+    _expect(hh == h, f"w13 must have shape [E, 2I, H={h}], got {list(w13.shape)}")
+    _expect(i2 % 256 == 0, f"w13's second dimension must be 2I with I a multiple of 128, got {i2}")
+    inter = i2 // 2
+    _expect_shape(w2, "w2", (e_local, h, inter))
+    _expect(layout in ("auto", "masked", "contiguous"),
+            f"layout must be 'auto', 'masked' or 'contiguous', got {layout!r}")
+    e_global = router_logits.shape[1]
+    _expect(expert_map is not None or e_global == e_local,
+            f"router_logits has {e_global} experts but w13 holds {e_local}: pass expert_map")
+    dev = hidden.device
+    if t == 0:
+        return torch.empty((0, h), dtype=torch.bfloat16, device=dev)
+
+    if scoring == "sigmoid":
+        if bias is None:
+            bias = torch.zeros(e_global, dtype=torch.float32, device=dev)
+        weights, ids = route_noaux_tc(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor,
+                                      renormalize)
+    elif scoring == "softmax":
+        weights, ids = route_softmax_topk(router_logits, topk, renormalize)
+        if routed_scaling_factor != 1.0:
+            weights = weights * routed_scaling_factor
+    else:
+        _fail(f"scoring must be 'sigmoid' or 'softmax', got {scoring!r}")
+
+    if layout == "auto":
+        layout = "masked" if t <= FUSED_MOE_MASKED_MAX_T else "contiguous"
+    kb_h = h // 128
+    if layout == "masked":
+        max_m = t
+        masked_m, token_slots = moe_align_masked(ids, e_global, max_m, expert_map, e_local)
+        a = torch.empty((e_local, max_m, h), dtype=FP8, device=dev)
+        a_scale = empty_grouped_act_scale(e_local, max_m, kb_h, dev)
+        moe_scatter_quant(hidden, token_slots, a, a_scale)
+        gate_up = grouped_fp8_gemm_masked(a, a_scale, w13, w13_scale, masked_m)
+        # Rows past masked_m[e] hold stale data; they stay in their rows and are never read.
+        act, act_scale = silu_mul_quant_fp8(gate_up.view(e_local * max_m, i2))
+        # Per-expert views of the flat [E * max_m, I/128] column-major scales: strides (max_m, 1, ld).
+        down = grouped_fp8_gemm_masked(act.view(e_local, max_m, inter), act_scale.unflatten(0, (e_local, max_m)),
+                                       w2, w2_scale, masked_m)
+    else:
+        rows = moe_align_max_rows(ids.numel(), e_local, FUSED_MOE_BLOCK_M)
+        _, _, offsets, token_slots = moe_align(ids, e_global, FUSED_MOE_BLOCK_M, expert_map, e_local, rows)
+        a = torch.empty((rows, h), dtype=FP8, device=dev)
+        a_scale = empty_act_scale(rows, kb_h, dev)
+        moe_scatter_quant(hidden, token_slots, a, a_scale)
+        gate_up = grouped_fp8_gemm_contiguous(a, a_scale, w13, w13_scale, offsets)
+        act, act_scale = silu_mul_quant_fp8(gate_up)
+        down = grouped_fp8_gemm_contiguous(act, act_scale, w2, w2_scale, offsets)
+    return moe_combine(down, weights, token_slots, shared_out)
 
 
 # --------------------------------------------------------------------------------------------
 # Paged MLA latent decode   [section: mla]
 # --------------------------------------------------------------------------------------------
 # @section-mla
+# The kernels read q rows, out rows and cache tokens with 16-byte accesses; the plan is int32 in
+# the layout of flashseek.ref.mla.mla_decode_plan (sm parts, then (ws_base, num_splits) per request).
+from flashseek.ref import mla as ref_mla  # noqa: E402
+
+
+def _check_mla_cache(kv_cache, name="kv_cache"):
+    _expect_dim(kv_cache, name, 3)
+    _expect_dtype(kv_cache, name, (torch.bfloat16, torch.uint8))
+    width = ref_mla.D_QK if kv_cache.dtype == torch.bfloat16 else ref_mla.FP8_TOKEN_BYTES
+    _expect(kv_cache.shape[2] == width,
+            f"{name} must be [num_pages, page_size, {width}] for dtype {kv_cache.dtype} "
+            f"(bf16: 576 = 512 latent + 64 rope; uint8: the 656-byte FP8 token layout), got {list(kv_cache.shape)}")
+    _expect(kv_cache.shape[1] in ref_mla.PAGE_SIZES,
+            f"{name}'s page size (dim 1) must be one of {ref_mla.PAGE_SIZES}, got {kv_cache.shape[1]}")
+    _expect(kv_cache.shape[0] >= 1, f"{name} must have at least one page, got {list(kv_cache.shape)}")
+    _expect_contiguous(kv_cache, name)
+
+
+def _check_mla_decode_plan(cache_seqlens, s_q, h_q, num_sm_parts):
+    _expect_dtype(cache_seqlens, "cache_seqlens", torch.int32)
+    _expect_dim(cache_seqlens, "cache_seqlens", 1)
+    _expect_contiguous(cache_seqlens, "cache_seqlens")
+    _expect(1 <= s_q <= 64, f"s_q must lie in [1, 64], got {s_q}")
+    _expect(1 <= h_q <= 1024, f"h_q must lie in [1, 1024], got {h_q}")
+    _expect(1 <= num_sm_parts <= 4096, f"num_sm_parts must lie in [1, 4096], got {num_sm_parts}")
+    _expect(cache_seqlens.shape[0] <= 32768, f"batch must be <= 32768, got {cache_seqlens.shape[0]}")
+    return cache_seqlens.new_empty((ref_mla.plan_size(cache_seqlens.shape[0], num_sm_parts),), dtype=torch.int32)
+
+
+def _ref_mla_decode_plan(cache_seqlens, s_q, h_q, num_sm_parts):
+    return ref_mla.mla_decode_plan(cache_seqlens, s_q, h_q, num_sm_parts)
+
+
+_register("mla_decode_plan", _check_mla_decode_plan, _ref_mla_decode_plan)
+
+
+def _check_mla_decode(q, kv_cache, block_table, cache_seqlens, plan, softmax_scale, causal, out, lse):
+    _expect_dtype(q, "q", (torch.bfloat16, torch.float16))
+    _expect_dim(q, "q", 4)
+    b, s_q, h_q, d = q.shape
+    _expect(d == ref_mla.D_QK, f"q's head dim must be {ref_mla.D_QK} (512 latent + 64 rope), got {d}")
+    _expect(q.stride(-1) == 1, f"q must have a unit stride in its last dimension, got strides {tuple(q.stride())}")
+    _expect(all(n == 1 or s % 8 == 0 for n, s in zip(q.shape[:3], q.stride()[:3])),
+            f"q's strides must be multiples of 8 elements (16-byte rows), got {tuple(q.stride())}")
+    _expect(1 <= s_q <= 64 and 1 <= h_q <= 1024, f"q must have 1 <= s_q <= 64 and 1 <= h_q <= 1024, got {list(q.shape)}")
+    _check_mla_cache(kv_cache)
+    _expect_dtype(block_table, "block_table", torch.int32)
+    _expect_dim(block_table, "block_table", 2)
+    _expect(block_table.shape[0] == b and block_table.shape[1] >= 1,
+            f"block_table must be [{b}, max_pages >= 1], got {list(block_table.shape)}")
+    _expect(block_table.stride(1) == 1,
+            f"block_table must have a unit stride in its last dimension, got strides {tuple(block_table.stride())}")
+    _expect_dtype(cache_seqlens, "cache_seqlens", torch.int32)
+    _expect_shape(cache_seqlens, "cache_seqlens", (b,))
+    _expect_contiguous(cache_seqlens, "cache_seqlens")
+    _expect_dtype(plan, "plan", torch.int32)
+    _expect_dim(plan, "plan", 1)
+    _expect_contiguous(plan, "plan")
+    _expect(ref_mla.plan_num_sm_parts(plan.shape[0], b) >= 1,
+            f"plan must come from mla_decode_plan for this batch of {b}: 8 * num_sm_parts + 2 * {b} "
+            f"int32, got {plan.shape[0]}")
+    _expect(softmax_scale > 0, f"softmax_scale must be positive, got {softmax_scale}")
+    _expect_dtype(out, "out", q.dtype)
+    _expect_shape(out, "out", (b, s_q, h_q, ref_mla.D_V))
+    _expect(out.stride(-1) == 1, f"out must have a unit stride in its last dimension, got strides {tuple(out.stride())}")
+    _expect(all(n == 1 or s % 8 == 0 for n, s in zip(out.shape[:3], out.stride()[:3])),
+            f"out's strides must be multiples of 8 elements (16-byte rows), got {tuple(out.stride())}")
+    _expect_dtype(lse, "lse", torch.float32)
+    _expect_shape(lse, "lse", (b, h_q, s_q))
+    _expect_contiguous(lse, "lse")
+    _expect_same_device(q, "q", kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                        plan=plan, out=out, lse=lse)
+
+
+def _ref_mla_decode(q, kv_cache, block_table, cache_seqlens, plan, softmax_scale, causal, out, lse):
+    o, l = ref_mla.mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal)
+    out.copy_(o)
+    lse.copy_(l)
+
+
+_register("mla_decode", _check_mla_decode, _ref_mla_decode)
+
+
+def _check_mla_cache_append(latent, k_rope, kv_cache, slot_mapping):
+    _expect_dtype(latent, "latent", (torch.bfloat16, torch.float16))
+    _expect_dim(latent, "latent", 2)
+    t = latent.shape[0]
+    _expect_shape(latent, "latent", (t, ref_mla.D_V))
+    _expect_dtype(k_rope, "k_rope", (torch.bfloat16, torch.float16))
+    _expect_shape(k_rope, "k_rope", (t, ref_mla.D_ROPE))
+    for name, x in (("latent", latent), ("k_rope", k_rope)):
+        _expect(x.stride(1) == 1 and (t <= 1 or x.stride(0) % 8 == 0),
+                f"{name} must have a unit last stride and a row stride that is a multiple of 8 elements, "
+                f"got strides {tuple(x.stride())}")
+    _check_mla_cache(kv_cache)
+    _expect_dtype(slot_mapping, "slot_mapping", torch.int64)
+    _expect_shape(slot_mapping, "slot_mapping", (t,))
+    _expect_contiguous(slot_mapping, "slot_mapping")
+    _expect_same_device(kv_cache, "kv_cache", latent=latent, k_rope=k_rope, slot_mapping=slot_mapping)
+
+
+def _ref_mla_cache_append(latent, k_rope, kv_cache, slot_mapping):
+    ref_mla.mla_cache_append(latent, k_rope, kv_cache, slot_mapping)
+
+
+_register("mla_cache_append", _check_mla_cache_append, _ref_mla_cache_append)
+
+
+def empty_mla_cache(num_pages: int, page_size: int, fp8: bool = False, device="cuda") -> torch.Tensor:
+    """Allocates an (uninitialized) paged latent cache.
+
+    bf16: [num_pages, page_size, 576] (512 latent | 64 rope). fp8: uint8 [num_pages, page_size, 656]
+    with per token 512 e4m3 latent values, 4 fp32 scales (one per 128) and 64 bf16 rope values.
+    Slots past a request's length are never read, so garbage (even NaN) there is harmless.
+    """
+    width = ref_mla.FP8_TOKEN_BYTES if fp8 else ref_mla.D_QK
+    dtype = torch.uint8 if fp8 else torch.bfloat16
+    return torch.empty((num_pages, page_size, width), dtype=dtype, device=device)
+
+
+def default_num_sm_parts(device, s_q: int, h_q: int) -> int:
+    """One CTA per SM: the kernel's grid is (ceil(s_q*h_q / 64) row tiles) x num_sm_parts."""
+    device = torch.device(device)
+    m_tiles = (s_q * h_q + ref_mla.BLOCK_M - 1) // ref_mla.BLOCK_M
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 8  # the CPU reference ignores the schedule; any small positive count is valid
+    return max(1, sms // m_tiles)
+
+
+def mla_decode_plan(cache_seqlens: torch.Tensor, s_q: int, h_q: int,
+                    num_sm_parts: Optional[int] = None) -> torch.Tensor:
+    """Computes the split-KV schedule of mla_decode on the device (no host sync, graph-capturable).
+
+    Call once per decode step and reuse it for every layer of that step: it depends only on
+    cache_seqlens (which must be the same tensor values passed to mla_decode), s_q and h_q.
+    Returns int32 [8 * num_sm_parts + 2 * b] (layout: flashseek.ref.mla.mla_decode_plan).
+    """
+    if num_sm_parts is None:
+        num_sm_parts = default_num_sm_parts(cache_seqlens.device, s_q, h_q)
+    return torch.ops.flashseek.mla_decode_plan(cache_seqlens, s_q, h_q, num_sm_parts)
+
+
+def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+               cache_seqlens: torch.Tensor, plan: torch.Tensor, softmax_scale: float,
+               causal: bool = False, out: Optional[torch.Tensor] = None,
+               lse: Optional[torch.Tensor] = None, validate: bool = False):
+    """Paged MLA latent decode: softmax(q k^T * scale) v with k = cache tokens (576), v = k[:512].
+
+    Args:
+        q: [b, s_q, h_q, 576] bf16/fp16 (unit last stride).
+        kv_cache: bf16 [num_pages, page_size, 576] or the FP8 uint8 [num_pages, page_size, 656]
+            layout (see empty_mla_cache); page_size 16, 32, 64 or 128.
+        block_table: int32 [b, max_pages]; cache_seqlens: int32 [b], 0 <= len <= max_pages * page_size.
+        plan: from mla_decode_plan(cache_seqlens, s_q, h_q).
+        causal: bottom-right aligned mask for s_q > 1 (query i sees the first len - s_q + i + 1 keys).
+        validate: read block_table and cache_seqlens on the host and raise on out-of-range values
+            (synchronizes; for debugging). Without it the CUDA kernel clamps: page ids to
+            [0, num_pages) and lengths to the table's capacity, so bad indices give wrong values but
+            never out-of-bounds reads.
+    Returns:
+        (out [b, s_q, h_q, 512] in q's dtype, lse [b, h_q, s_q] fp32, natural log; an empty
+        sequence gives out 0 and lse -inf).
+    """
+    b, s_q, h_q, _ = q.shape
+    if validate:
+        ref_mla.check_indices(kv_cache, block_table, cache_seqlens)
+    out = torch.empty((b, s_q, h_q, ref_mla.D_V), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device) if lse is None else lse
+    torch.ops.flashseek.mla_decode(q, kv_cache, block_table, cache_seqlens, plan, float(softmax_scale),
+                                   bool(causal), out, lse)
+    return out, lse
+
+
+def mla_cache_append(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    """Writes latent [t, 512] and k_rope [t, 64] (bf16/fp16) to slots slot_mapping [t] int64
+    (page * page_size + offset; negative: skipped) of kv_cache, quantizing to the FP8 layout when
+    kv_cache is uint8 (per 128 values: scale = max(amax, 1e-4) / 448). Slots >= the cache's
+    capacity raise on CPU and are skipped by the CUDA kernel (no sync to check them)."""
+    torch.ops.flashseek.mla_cache_append(latent, k_rope, kv_cache, slot_mapping)
+
