@@ -1,0 +1,1 @@
+"""Model implementations on top of the flashseek ops."""

@@ -1,0 +1,418 @@
+"""DeepSeek-V3 layers in two precisions.
+
+* "reference": weights dequantized to fp32, fp32 activations, no activation quantization, pure
+  torch. This is what the Hugging Face comparison runs against.
+* "fp8": bf16 activations, FP8 block-scaled GEMMs with 1x128 activation quantization, fused MoE,
+  paged MLA decode; each through flashseek.ops (kernels on Hopper, references on CPU), or a torch
+  emulation of the same math while an op has not landed (see fp8.py).
+
+The token batch is flat ([T, hidden]) and mixes sequences: the first `num_decode` tokens are one
+decode token per sequence, then each prefill chunk's tokens in order (AttnMetadata).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from flashseek.models.deepseek import fp8 as fp8_ops
+from flashseek.models.deepseek.config import DeepseekConfig
+from flashseek.ref import mla as ref_mla
+
+REFERENCE, FP8_MODE = "reference", "fp8"
+MAX_SQ = 64   # the MLA decode kernel's largest query count per request
+
+
+@dataclass
+class PrefillSeq:
+    start: int        # first token in the flat batch
+    q_len: int        # tokens computed this step
+    row: int          # row in block_tables / cache_seqlens
+    ctx_len: int      # tokens in the cache after this step's append
+
+
+@dataclass
+class AttnMetadata:
+    positions: torch.Tensor              # int64 [T]
+    slot_mapping: torch.Tensor           # int64 [T]
+    block_tables: torch.Tensor           # int32 [B, max_pages]; decode rows first
+    cache_seqlens: torch.Tensor          # int32 [B]; lengths after this step's append
+    num_decode: int
+    prefills: list = field(default_factory=list)   # list[PrefillSeq]
+    decode_plan: Optional[torch.Tensor] = None
+    # Split-KV schedules of the absorbed prefill calls, made once per step and shared by all layers.
+    prefill_plans: dict = field(default_factory=dict)
+    rope_cos_sin: Optional[tuple] = None   # gathered once per step, shared by all layers
+
+
+# ---- norms and rope ---------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+class YarnRope:
+    """Rotary embedding of DeepSeek-V3: YaRN-corrected frequencies, rotation of adjacent pairs
+    (x[2i], x[2i+1]) by angle pos * inv_freq[i], cos/sin scaled by YaRN's attention factor."""
+
+    def __init__(self, cfg: DeepseekConfig, device):
+        dim = cfg.qk_rope_head_dim
+        base = cfg.rope_theta
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        inv_freq = 1.0 / pos_freqs
+        rs = cfg.rope_scaling
+        if rs.type == "yarn":
+            def corr_dim(rot):
+                return dim * math.log(rs.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(base))
+            low = max(math.floor(corr_dim(rs.beta_fast)), 0)
+            high = min(math.ceil(corr_dim(rs.beta_slow)), dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+            # ramp 0: high-frequency dims keep the original frequency; ramp 1: interpolated by 1/factor.
+            inv_freq = inv_freq / rs.factor * ramp + inv_freq * (1 - ramp)
+        self.inv_freq = inv_freq.to(device)
+        # The whole table up front (42 MB at R1's 163840 positions): lookups never sync the host,
+        # so decode steps stay CUDA-graph capturable.
+        self.max_positions = min(cfg.max_position_embeddings, 1 << 20)
+        freqs = torch.arange(self.max_positions, dtype=torch.float32, device=device)[:, None] * self.inv_freq[None, :]
+        self._cos = freqs.cos() * cfg.rope_attention_factor
+        self._sin = freqs.sin() * cfg.rope_attention_factor
+
+    def cos_sin(self, positions: torch.Tensor):
+        return self._cos[positions], self._sin[positions]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, ..., dim] with cos/sin [T, dim/2]; computed in fp32, returned in x's dtype."""
+        xf = x.float()
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+        c, s = cos.view(shape), sin.view(shape)
+        return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+# ---- linear layers ----------------------------------------------------------------------------
+class Linear:
+    """A checkpoint linear: FP8 e4m3 + 128x128 scales, or plain bf16."""
+
+    def __init__(self, mode: str, ue8m0: bool = False):
+        self.mode = mode
+        self.ue8m0 = ue8m0
+        self.weight: Optional[torch.Tensor] = None     # fp32 (reference), e4m3 or bf16 (fp8 mode)
+        self.scale: Optional[torch.Tensor] = None
+
+    def set(self, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
+        if self.mode == REFERENCE:
+            self.weight = (fp8_ops.dequantize_weight_128x128(weight, scale) if scale is not None
+                           else weight.float())
+            self.scale = None
+        else:
+            self.weight, self.scale = weight, (scale.float().contiguous() if scale is not None else None)
+
+    def dense(self, dtype=torch.float32) -> torch.Tensor:
+        if self.scale is not None:
+            return fp8_ops.dequantize_weight_128x128(self.weight, self.scale, dtype)
+        return self.weight.to(dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == REFERENCE:
+            return x.float() @ self.weight.t()
+        if self.scale is not None:
+            return fp8_ops.fp8_linear(x, self.weight, self.scale, self.ue8m0)
+        return x.to(self.weight.dtype) @ self.weight.t()
+
+
+def concat_linears(mode: str, ue8m0: bool, parts: list[Linear]) -> Linear:
+    """Stacks linears along the output dim (gate and up into one GEMM); FP8 scales stack too when
+    every part's row count is a multiple of 128."""
+    out = Linear(mode, ue8m0)
+    out.weight = torch.cat([p.weight for p in parts], 0)
+    if all(p.scale is not None for p in parts):
+        if any(p.weight.shape[0] % 128 for p in parts[:-1]):
+            raise ValueError("gate/up fusion needs a multiple of 128 rows per part")
+        out.scale = torch.cat([p.scale for p in parts], 0)
+    return out
+
+
+class MLP:
+    """down(silu(gate(x)) * up(x)); in FP8 mode gate and up are one GEMM and the SiLU-mul is fused
+    with the quantization for the down GEMM."""
+
+    def __init__(self, mode: str, ue8m0: bool):
+        self.mode, self.ue8m0 = mode, ue8m0
+        self.gate, self.up, self.down = Linear(mode, ue8m0), Linear(mode, ue8m0), Linear(mode, ue8m0)
+        self.gate_up: Optional[Linear] = None
+
+    def finalize(self) -> None:
+        if self.mode == FP8_MODE:
+            self.gate_up = concat_linears(self.mode, self.ue8m0, [self.gate, self.up])
+            self.gate = self.up = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == REFERENCE:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        gu = self.gate_up(x)
+        if self.gate_up.quantized and self.down.quantized and gu.shape[-1] % 256 == 0:
+            q, s = fp8_ops.silu_mul_quant(gu, self.ue8m0)
+            return fp8_ops.fp8_gemm(q, s, self.down.weight, self.down.scale)
+        n = gu.shape[-1] // 2
+        h = (F.silu(gu[:, :n].float()) * gu[:, n:].float()).to(torch.bfloat16)
+        return self.down(h)
+
+
+# ---- routing and MoE --------------------------------------------------------------------------
+def _topk_stable(x, k):
+    """topk whose ties go to the lowest index (torch.topk leaves them unspecified), as the kernel does."""
+    v, i = torch.sort(x, dim=-1, descending=True, stable=True)
+    return v[..., :k], i[..., :k]
+
+
+def route_noaux_tc_torch(logits, bias, n_group, topk_group, topk, scaling, renormalize=True):
+    """noaux_tc: sigmoid scores, bias only for selection, top-2-sum group scores, top groups, top-k."""
+    s = logits.float().sigmoid()
+    b = s + bias.float() if bias is not None else s
+    t, e = b.shape
+    group = _topk_stable(b.view(t, n_group, e // n_group), 2)[0].sum(-1)
+    keep = torch.zeros_like(group, dtype=torch.bool).scatter_(1, _topk_stable(group, topk_group)[1], True)
+    masked = b.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    ids = _topk_stable(masked, topk)[1]
+    w = s.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return w * scaling, ids.to(torch.int32)
+
+
+class MoE:
+    def __init__(self, cfg: DeepseekConfig, mode: str, ue8m0: bool):
+        self.cfg, self.mode, self.ue8m0 = cfg, mode, ue8m0
+        E = cfg.n_routed_experts
+        self.experts = [MLP(mode, ue8m0) for _ in range(E)]
+        self.shared = MLP(mode, ue8m0) if cfg.n_shared_experts else None
+        self.gate_weight: Optional[torch.Tensor] = None
+        self.bias: Optional[torch.Tensor] = None
+        self.w13 = self.w13_scale = self.w2 = self.w2_scale = None
+
+    def finalize(self) -> None:
+        if self.shared is not None:
+            self.shared.finalize()
+        # fp8 mode: the router GEMM in bf16 (as DeepSeek's inference code), scores and routing in fp32.
+        self.gate_weight = self.gate_weight.to(torch.float32 if self.mode == REFERENCE else torch.bfloat16)
+        self.bias = self.bias.float()
+        if self.mode == FP8_MODE and all(e.gate.quantized for e in self.experts):
+            # fused_moe's layout: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
+            self.w13 = torch.stack([torch.cat([e.gate.weight, e.up.weight]) for e in self.experts])
+            self.w13_scale = torch.stack([torch.cat([e.gate.scale, e.up.scale]) for e in self.experts])
+            self.w2 = torch.stack([e.down.weight for e in self.experts])
+            self.w2_scale = torch.stack([e.down.scale for e in self.experts])
+            self.experts = None
+        else:
+            for e in self.experts:
+                e.finalize()
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.gate_weight.dtype) @ self.gate_weight.t()).float()
+
+    def route(self, logits):
+        c = self.cfg
+        fn = fp8_ops.op("route_noaux_tc") if self.mode == FP8_MODE else None
+        if fn is not None:
+            return fn(logits, self.bias, c.n_group, c.topk_group, c.num_experts_per_tok,
+                      c.routed_scaling_factor, renormalize=c.norm_topk_prob)
+        return route_noaux_tc_torch(logits, self.bias, c.n_group, c.topk_group, c.num_experts_per_tok,
+                                    c.routed_scaling_factor, c.norm_topk_prob)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        logits = self.router_logits(x)
+        shared = self.shared(x) if self.shared is not None else None
+        if self.w13 is not None:
+            fused = fp8_ops.op("fused_moe")
+            if fused is not None:
+                return fused(x, logits, self.bias, self.w13, self.w13_scale, self.w2, self.w2_scale,
+                             n_group=c.n_group, topk_group=c.topk_group, topk=c.num_experts_per_tok,
+                             routed_scaling_factor=c.routed_scaling_factor, renormalize=c.norm_topk_prob,
+                             shared_out=shared)
+            return self._experts_fp8_fallback(x, logits, shared)
+        weights, ids = self.route(logits)
+        out = torch.zeros(x.shape[0], c.hidden_size, dtype=torch.float32, device=x.device)
+        ids = ids.long()
+        for e in torch.unique(ids).tolist():
+            tok, k = torch.where(ids == e)
+            y = self.experts[e](x[tok]).float() * weights[tok, k, None]
+            out[tok] += y   # a token picks an expert at most once, so tok has no repeats
+        if shared is not None:
+            out += shared.float()
+        return out.to(x.dtype)
+
+    def _experts_fp8_fallback(self, x, logits, shared):
+        weights, ids = self.route(logits)
+        ids = ids.long()
+        out = torch.zeros(x.shape[0], self.cfg.hidden_size, dtype=torch.float32, device=x.device)
+        for e in torch.unique(ids).tolist():
+            tok, k = torch.where(ids == e)
+            gu = fp8_ops.fp8_linear(x[tok], self.w13[e], self.w13_scale[e], self.ue8m0)
+            q, s = fp8_ops.silu_mul_quant(gu, self.ue8m0)
+            y = fp8_ops.fp8_gemm(q, s, self.w2[e], self.w2_scale[e]).float()
+            out[tok] += y * weights[tok, k, None]
+        if shared is not None:
+            out += shared.float()
+        return out.to(x.dtype)
+
+
+# ---- MLA attention ----------------------------------------------------------------------------
+class MLAAttention:
+    def __init__(self, cfg: DeepseekConfig, mode: str, ue8m0: bool, prefill_mode: str = "decompressed"):
+        self.cfg, self.mode, self.ue8m0 = cfg, mode, ue8m0
+        if prefill_mode not in ("decompressed", "absorbed"):
+            raise ValueError(f"prefill_mode must be 'decompressed' or 'absorbed', got {prefill_mode!r}")
+        self.prefill_mode = prefill_mode
+        L = lambda: Linear(mode, ue8m0)  # noqa: E731
+        self.q_proj = L() if cfg.q_lora_rank is None else None
+        self.q_a_proj, self.q_b_proj = (L(), L()) if cfg.q_lora_rank is not None else (None, None)
+        self.kv_a_proj, self.kv_b_proj, self.o_proj = L(), L(), L()
+        self.q_a_norm = self.kv_a_norm = None
+        self.w_uk = self.w_uv_t = None
+
+    def finalize(self) -> None:
+        c = self.cfg
+        dtype = torch.float32 if self.mode == REFERENCE else torch.bfloat16
+        kvb = self.kv_b_proj.dense(torch.float32).view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim,
+                                                       c.kv_lora_rank)
+        # Absorption, precomputed once: q_lat = q_nope @ W_UK, o = o_lat @ W_UV^T.
+        self.w_uk = kvb[:, : c.qk_nope_head_dim, :].contiguous().to(dtype)      # [h, nope, lora]
+        self.w_uv_t = kvb[:, c.qk_nope_head_dim:, :].transpose(1, 2).contiguous().to(dtype)  # [h, lora, v]
+
+    def _q(self, x):
+        c = self.cfg
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(rms_norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps))
+        return q.view(x.shape[0], c.num_attention_heads, c.qk_head_dim)
+
+    def __call__(self, x, meta: AttnMetadata, kv_cache: torch.Tensor, rope: YarnRope) -> torch.Tensor:
+        c = self.cfg
+        T, h = x.shape[0], c.num_attention_heads
+        q = self._q(x)
+        kv = self.kv_a_proj(x)
+        latent = rms_norm(kv[:, : c.kv_lora_rank], self.kv_a_norm, c.rms_norm_eps)
+        if meta.rope_cos_sin is None:
+            meta.rope_cos_sin = rope.cos_sin(meta.positions)
+        cos, sin = meta.rope_cos_sin
+        k_rope = YarnRope.apply(kv[:, c.kv_lora_rank:], cos, sin)
+        q_nope = q[..., : c.qk_nope_head_dim]
+        q_rope = YarnRope.apply(q[..., c.qk_nope_head_dim:], cos, sin)
+        cache_append(latent, k_rope, kv_cache, meta.slot_mapping)
+
+        o = torch.empty(T, h, c.v_head_dim, dtype=x.dtype, device=x.device)
+        nd = meta.num_decode
+        if nd:
+            if meta.decode_plan is None:
+                meta.decode_plan = make_plan(kv_cache, meta.cache_seqlens[:nd], 1, h)
+            q_lat = self._absorb_q(q_nope[:nd], q_rope[:nd])                   # [nd, h, 576]
+            o_lat, _ = mla_decode(q_lat.unsqueeze(1), kv_cache, meta.block_tables[:nd],
+                                  meta.cache_seqlens[:nd], meta.decode_plan, c.softmax_scale, causal=False)
+            o[:nd] = self._unabsorb(o_lat[:, 0])
+        for p in meta.prefills:
+            sl = slice(p.start, p.start + p.q_len)
+            row = meta.block_tables[p.row: p.row + 1]
+            if self.prefill_mode == "absorbed":
+                o[sl] = self._prefill_absorbed(self._absorb_q(q_nope[sl], q_rope[sl]), kv_cache, row, p, meta)
+            else:
+                o[sl] = self._prefill_decompressed(q_nope[sl], q_rope[sl], kv_cache, row[0], p.ctx_len)
+        return self.o_proj(o.reshape(T, h * c.v_head_dim))
+
+    def _prefill_absorbed(self, q_lat, kv_cache, row, p: PrefillSeq, meta: AttnMetadata):
+        """Causal prefill through the decode kernel, whose s_q is at most MAX_SQ: the chunk is cut
+        into MAX_SQ-query pieces aligned to its end (the first piece front-padded), batched as rows
+        of one call, each row's length ending at its last query so the bottom-right mask holds."""
+        n, h = q_lat.shape[0], q_lat.shape[1]
+        s_q = min(n, MAX_SQ)
+        pieces = -(-n // s_q)
+        pad = pieces * s_q - n
+        if p.row not in meta.prefill_plans:
+            lens = [p.ctx_len - n + s_q * (j + 1) - pad for j in range(pieces)]
+            seqlens = torch.tensor(lens, dtype=torch.int32, device=q_lat.device)
+            meta.prefill_plans[p.row] = (seqlens, make_plan(kv_cache, seqlens, s_q, h))
+        seqlens, plan = meta.prefill_plans[p.row]
+        q = torch.cat([q_lat.new_zeros(pad, h, q_lat.shape[-1]), q_lat]) if pad else q_lat
+        o_lat, _ = mla_decode(q.view(pieces, s_q, h, -1), kv_cache, row.expand(pieces, -1).contiguous(), seqlens,
+                              plan, self.cfg.softmax_scale, causal=True)
+        return self._unabsorb(o_lat.reshape(pieces * s_q, h, -1)[pad:])
+
+    def _absorb_q(self, q_nope, q_rope):
+        q_lat = torch.einsum("thd,hdc->thc", q_nope.to(self.w_uk.dtype), self.w_uk)
+        return torch.cat([q_lat, q_rope.to(q_lat.dtype)], dim=-1)
+
+    def _unabsorb(self, o_lat):
+        return torch.einsum("thc,hcd->thd", o_lat.to(self.w_uv_t.dtype), self.w_uv_t)
+
+    def _prefill_decompressed(self, q_nope, q_rope, kv_cache, block_row, ctx_len):
+        """Standard attention with per-head keys/values expanded from the cached latents."""
+        c = self.cfg
+        s_q = q_nope.shape[0]
+        dtype = torch.float32 if self.mode == REFERENCE else torch.bfloat16
+        h = c.num_attention_heads
+        kv = cache_gather(kv_cache, block_row, ctx_len).to(dtype)               # [L, 576]
+        lat, k_rope = kv[:, : c.kv_lora_rank], kv[:, c.kv_lora_rank:]
+        kvb = self.kv_b_proj(lat.contiguous()).to(dtype).view(ctx_len, h, -1)
+        k = torch.cat([kvb[..., : c.qk_nope_head_dim], k_rope[:, None, :].expand(-1, h, -1)], dim=-1)
+        q = torch.cat([q_nope.to(dtype), q_rope.to(dtype)], dim=-1)
+        v = kvb[..., c.qk_nope_head_dim:]
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))                        # [h, len, d]
+        if s_q == ctx_len:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=c.softmax_scale)
+        else:
+            # Bottom-right aligned: query i sees the first ctx_len - s_q + i + 1 keys.
+            visible = ctx_len - s_q + torch.arange(s_q, device=q.device) + 1
+            mask = torch.arange(ctx_len, device=q.device)[None, :] < visible[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.softmax_scale)
+        return out.transpose(0, 1).to(q_nope.dtype if self.mode == FP8_MODE else torch.float32)
+
+
+# ---- paged latent cache access ----------------------------------------------------------------
+def _use_mla_ops(kv_cache: torch.Tensor) -> bool:
+    # The ops take bf16 (or the FP8 byte layout); the fp32 reference-precision cache stays in torch.
+    return kv_cache.dtype in (torch.bfloat16, torch.uint8)
+
+
+def cache_append(latent, k_rope, kv_cache, slot_mapping) -> None:
+    fn = fp8_ops.op("mla_cache_append")
+    if fn is not None and _use_mla_ops(kv_cache):
+        fn(latent.to(torch.bfloat16), k_rope.to(torch.bfloat16), kv_cache, slot_mapping)
+        return
+    ref_mla.mla_cache_append(latent, k_rope, kv_cache, slot_mapping)
+
+
+def cache_gather(kv_cache, block_row, length) -> torch.Tensor:
+    page_size = kv_cache.shape[1]
+    pages = block_row[: (length + page_size - 1) // page_size].long()
+    return ref_mla.cache_as_float(kv_cache[pages]).reshape(-1, ref_mla.D_QK)[:length]
+
+
+def make_plan(kv_cache, cache_seqlens, s_q: int, h_q: int):
+    """The kernel's split-KV schedule, or None where the torch reference runs."""
+    fn = fp8_ops.op("mla_decode_plan")
+    if fn is None or fp8_ops.op("mla_decode") is None or not _use_mla_ops(kv_cache):
+        return None
+    return fn(cache_seqlens, s_q, h_q)
+
+
+def mla_decode(q, kv_cache, block_table, cache_seqlens, plan, softmax_scale, causal):
+    """(out [b, s_q, h, 512], lse) through flashseek.ops.mla_decode, or the fp32 reference."""
+    fn = fp8_ops.op("mla_decode")
+    if fn is not None and _use_mla_ops(kv_cache):
+        if plan is None:
+            plan = make_plan(kv_cache, cache_seqlens, q.shape[1], q.shape[2])
+        return fn(q.to(torch.bfloat16), kv_cache, block_table, cache_seqlens, plan, softmax_scale, causal=causal)
+    out, lse = ref_mla.mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal)
+    return out.to(q.dtype), lse

@@ -1,0 +1,194 @@
+"""DeepSeek-V3/R1 causal LM over a paged latent KV cache."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from flashseek.models.deepseek.checkpoint import DEFAULT_SEED, iter_random_tensors
+from flashseek.models.deepseek.config import DeepseekConfig
+from flashseek.models.deepseek.layers import (FP8_MODE, REFERENCE, MLAAttention, AttnMetadata, MLP, MoE,
+                                              YarnRope, rms_norm)
+from flashseek.models.deepseek.loader import CheckpointReader, load_config
+
+
+class DecoderLayer:
+    def __init__(self, cfg: DeepseekConfig, idx: int, mode: str, ue8m0: bool, prefill_mode: str):
+        self.idx = idx
+        self.eps = cfg.rms_norm_eps
+        self.attn = MLAAttention(cfg, mode, ue8m0, prefill_mode)
+        self.mlp = MoE(cfg, mode, ue8m0) if cfg.is_moe_layer(idx) else MLP(mode, ue8m0)
+        self.input_norm = self.post_attn_norm = None
+
+    def finalize(self):
+        self.attn.finalize()
+        self.mlp.finalize()
+
+    def __call__(self, x, meta, kv_cache, rope):
+        h = x + self.attn(rms_norm(x, self.input_norm, self.eps), meta, kv_cache, rope).to(x.dtype)
+        return h + self.mlp(rms_norm(h, self.post_attn_norm, self.eps)).to(x.dtype)
+
+
+class DeepseekV3ForCausalLM:
+    """precision "reference" (fp32, dequantized weights, pure torch) or "fp8" (the kernel path).
+
+    prefill_mode "decompressed" expands per-head keys/values from the cached latents;
+    "absorbed" runs prefill through the MLA kernel with s_q = chunk length, causally.
+    """
+
+    def __init__(self, cfg: DeepseekConfig, device="cpu", precision: str = FP8_MODE,
+                 prefill_mode: str = "decompressed"):
+        if precision not in (REFERENCE, FP8_MODE):
+            raise ValueError(f"precision must be {REFERENCE!r} or {FP8_MODE!r}, got {precision!r}")
+        if precision == FP8_MODE and cfg.quantization is not None and cfg.fp8_path_problems():
+            raise ValueError("the fp8 precision cannot run this config (use precision='reference'): "
+                             + "; ".join(cfg.fp8_path_problems()))
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.precision = precision
+        self.dtype = torch.float32 if precision == REFERENCE else torch.bfloat16
+        ue8m0 = cfg.quantization is not None and cfg.quantization.ue8m0
+        self.layers = [DecoderLayer(cfg, i, precision, ue8m0, prefill_mode) for i in range(cfg.num_hidden_layers)]
+        self.embed = self.norm = self.lm_head = None
+        self.rope = YarnRope(cfg, self.device)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def set_prefill_mode(self, mode: str) -> None:
+        for layer in self.layers:
+            layer.attn.prefill_mode = mode
+
+    # ---- weights ------------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        pending: dict[str, torch.Tensor] = {}
+        seen = set()
+        for name, t in named_tensors:
+            seen.add(name)
+            if name.endswith(".weight_scale_inv"):
+                base = name[: -len(".weight_scale_inv")]
+                w = pending.pop(base + ".weight", None)
+                if w is None:
+                    pending[name] = t
+                else:
+                    self._linear(base).set(w, t)
+                continue
+            if name.endswith(".weight") and self._is_linear(name):
+                base = name[: -len(".weight")]
+                s = pending.pop(base + ".weight_scale_inv", None)
+                if s is not None or self.cfg.quantization is None:
+                    self._linear(base).set(t, s)
+                else:
+                    pending[name] = t
+                continue
+            self._assign(name, t)
+        if pending:
+            raise ValueError(f"weights without their scales (or scales without weights): {sorted(pending)}")
+        for layer in self.layers:
+            layer.finalize()
+
+    def _is_linear(self, name: str) -> bool:
+        return name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight")
+
+    def _layer(self, name):
+        return self.layers[int(name.split(".")[2])]
+
+    def _linear(self, base: str):
+        layer = self._layer(base)
+        parts = base.split(".")[3:]
+        if parts[0] == "self_attn":
+            attr = {"q_proj": "q_proj", "q_a_proj": "q_a_proj", "q_b_proj": "q_b_proj",
+                    "kv_a_proj_with_mqa": "kv_a_proj", "kv_b_proj": "kv_b_proj", "o_proj": "o_proj"}[parts[1]]
+            return getattr(layer.attn, attr)
+        mlp = layer.mlp
+        if parts[1] == "experts":
+            mlp = mlp.experts[int(parts[2])]
+        elif parts[1] == "shared_experts":
+            mlp = mlp.shared
+        return getattr(mlp, {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}[parts[-1]])
+
+    def _assign(self, name: str, t: torch.Tensor) -> None:
+        t = t.to(self.device)
+        if name == "model.embed_tokens.weight":
+            self.embed = t.to(self.dtype)
+        elif name == "model.norm.weight":
+            self.norm = t
+        elif name == "lm_head.weight":
+            self.lm_head = t.to(self.dtype)
+        elif name.endswith("input_layernorm.weight"):
+            self._layer(name).input_norm = t
+        elif name.endswith("post_attention_layernorm.weight"):
+            self._layer(name).post_attn_norm = t
+        elif name.endswith("q_a_layernorm.weight"):
+            self._layer(name).attn.q_a_norm = t
+        elif name.endswith("kv_a_layernorm.weight"):
+            self._layer(name).attn.kv_a_norm = t
+        elif name.endswith("mlp.gate.weight"):
+            self._layer(name).mlp.gate_weight = t
+        elif name.endswith("mlp.gate.e_score_correction_bias"):
+            self._layer(name).mlp.bias = t
+        else:
+            raise ValueError(f"unexpected tensor {name}")
+
+    @classmethod
+    def from_pretrained(cls, model_dir, device="cpu", precision: str = FP8_MODE, num_layers: Optional[int] = None,
+                        progress: bool = True, prefill_mode: str = "decompressed") -> "DeepseekV3ForCausalLM":
+        cfg = load_config(model_dir)
+        reader = CheckpointReader(model_dir, cfg, num_layers)
+        model = cls(reader.cfg, device, precision, prefill_mode)
+        model.load_weights(reader.iter_tensors(model.device, progress=progress))
+        model.source = str(Path(model_dir))
+        return model
+
+    @classmethod
+    def from_random(cls, cfg: DeepseekConfig, device="cpu", precision: str = FP8_MODE, seed: int = DEFAULT_SEED,
+                    prefill_mode: str = "decompressed") -> "DeepseekV3ForCausalLM":
+        """The model a seeded random checkpoint of cfg holds, generated directly on the device."""
+        model = cls(cfg, device, precision, prefill_mode)
+        model.load_weights(iter_random_tensors(cfg, seed, model.device, include_mtp=False))
+        model.source = f"random(seed={seed})"
+        return model
+
+    # ---- forward ------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list) -> torch.Tensor:
+        x = self.embed[input_ids]
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, meta, cache, self.rope)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return (x @ self.lm_head.t()).float()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list,
+                logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (fp32) of the tokens at logits_indices (all tokens when None)."""
+        x = self.hidden_states(input_ids, meta, kv_caches)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.logits(x)
+
+    def weight_bytes(self) -> int:
+        tot = 0
+        for obj in _walk(self):
+            tot += obj.numel() * obj.element_size()
+        return tot
+
+
+def _walk(model):
+    seen = set()
+    stack = [model]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            if id(o) not in seen:
+                seen.add(id(o))
+                yield o
+            continue
+        if isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__") and not isinstance(o, (type, torch.device, DeepseekConfig, YarnRope)):
+            stack.extend(v for k, v in vars(o).items() if k != "cfg")
