@@ -2,7 +2,8 @@
 # The one call for a GPU machine: build (all cores; links .prebuilt/libflashseek_kernels.a when present,
 # see scripts/build_kernels.sh), run the GPU tests, run the benchmarks. Logs and JSON go to OUTDIR.
 # Usage: scripts/gpu_run.sh OUTDIR
-#   TESTS="tests/test_mla.py ..."  which test files (default: all; only `cuda`-marked tests run)
+#   TESTS="tests/test_mla.py ..."  which test files (default: all; only `cuda`-marked tests run, one process each)
+#   CRASH_GDB="expr"               on a crash, rerun the tests matching expr under cuda-gdb for a native backtrace
 #   BENCH="mla gemm ..."           which bench families (default: all; BENCH=none skips)
 #   SANITIZE="tests/x.py -k y"     also run these under compute-sanitizer memcheck
 #   TEST_TIMEOUT / BENCH_TIMEOUT   seconds (default 300 / 240)
@@ -28,10 +29,24 @@ fi
 stamp "built"
 $py -m flashseek.cli.main info | tee "$out/info.txt"
 stamp "GPU tests"
-timeout "${TEST_TIMEOUT:-300}" $py -m pytest ${TESTS:-tests} -m cuda -q -rs -p no:cacheprovider \
-  --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
-echo "pytest rc=$?"; grep -E "passed|failed|error" "$out/tests.log" | tail -3
-grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -30
+# One process per file, so that a crash in one file cannot hide the results of the others.
+for f in ${TESTS:-tests/test_*.py}; do
+  name=$(basename "$f" .py)
+  timeout "${TEST_TIMEOUT:-300}" $py -m pytest "$f" -m cuda -q -rfEs --tb=short -p no:cacheprovider \
+    --junitxml="$out/$name.xml" >"$out/$name.log" 2>&1
+  rc=$?
+  echo "== $name rc=$rc: $(tail -1 "$out/$name.log")"
+  grep -E "^(FAILED|ERROR)" "$out/$name.log" | cut -c1-300 | head -${FAIL_LINES:-12}
+  if [ $rc -ge 124 ]; then
+    # A crash (or a hang) leaves no pytest summary: show where it died.
+    grep -B2 -A12 "Fatal Python error" "$out/$name.log" | grep -v site-packages | head -30
+    if [ -n "${CRASH_GDB:-}" ] && command -v cuda-gdb >/dev/null; then
+      timeout 120 cuda-gdb -q -batch -ex run -ex bt --args $py -m pytest "$f" -m cuda -q -x -p no:cacheprovider \
+        -k "${CRASH_GDB}" >"$out/$name.gdb" 2>&1
+      grep -E "^#" "$out/$name.gdb" | head -25
+    fi
+  fi
+done
 if [ -n "${SANITIZE:-}" ]; then
   stamp "compute-sanitizer memcheck: $SANITIZE"
   timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest $SANITIZE -m cuda -q -p no:cacheprovider \
