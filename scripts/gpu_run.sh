@@ -27,16 +27,23 @@ if ! FLASHSEEK_CUDA=1 FLASHSEEK_PTXAS_VERBOSE=1 MAX_JOBS=$(nproc) $py -m pip ins
   tail -80 "$out/build.log"; stamp "BUILD FAILED"; exit 1
 fi
 stamp "built"
+so=$(ls python/flashseek/_C*.so | head -1)
+{ ${CXX:-g++} --version | head -1; echo "libstdc++.so: $(${CXX:-g++} -print-file-name=libstdc++.so)";
+  echo "libstdc++ symbols defined in _C: $(nm -C "$so" | grep -c ' [TW] std::locale::')";
+  ldd "$so" | grep -E "stdc|cudart"; grep -E "libstdc|flashseek:" "$out/build.log" | head -5; } | tee "$out/toolchain.txt"
 $py -m flashseek.cli.main info | tee "$out/info.txt"
 stamp "GPU tests"
 # One process per file, so that a crash in one file cannot hide the results of the others.
 for f in ${TESTS:-tests/test_*.py}; do
   name=$(basename "$f" .py)
-  timeout "${TEST_TIMEOUT:-300}" $py -m pytest "$f" -m cuda -q -rfEs --tb=short -p no:cacheprovider \
+  FLASHSEEK_FAILURE_LOG="$out/$name.failures" timeout "${TEST_TIMEOUT:-300}" $py -m pytest "$f" -m cuda -q -rfEs --tb=short -p no:cacheprovider \
     --junitxml="$out/$name.xml" >"$out/$name.log" 2>&1
   rc=$?
   echo "== $name rc=$rc: $(tail -1 "$out/$name.log")"
-  grep -E "^(FAILED|ERROR)" "$out/$name.log" | cut -c1-300 | head -${FAIL_LINES:-12}
+  if [ -f "$out/$name.failures" ]; then
+    echo "   failures: $(grep -c '^==== ' "$out/$name.failures"); first ones:"
+    grep -E "^==== |^E  " "$out/$name.failures" | cut -c1-220 | head -${FAIL_LINES:-12}
+  fi
   if [ $rc -ge 124 ]; then
     # A crash (or a hang) leaves no pytest summary: show where it died.
     grep -B2 -A12 "Fatal Python error" "$out/$name.log" | grep -v site-packages | head -30
@@ -59,4 +66,7 @@ if [ "${BENCH:-all}" != none ]; then
     --roofline "$out/roofline.png" >"$out/bench.log" 2>&1
   echo "bench rc=$?"; cat "$out/bench.log" | tail -60
 fi
+# Only 8 files come back from the GPU machine: pack the per-file logs.
+tar czf "$out/logs.tgz" -C "$out" $(cd "$out" && ls | grep -vE '^(bench.json|roofline.png|logs.tgz)$') && \
+  (cd "$out" && ls | grep -vE '^(bench.json|roofline.png|logs.tgz)$' | xargs rm -f)
 stamp "done"
