@@ -7,7 +7,7 @@ references dequantize both operands to fp32 and multiply, which is the same sum 
 """
 import torch
 
-from flashseek.ref.quant import AMAX_FLOOR, BLOCK, FP8_MAX
+from flashseek.ref.quant import BLOCK, FP8_MAX, block_scales
 
 FP8 = torch.float8_e4m3fn
 
@@ -24,7 +24,7 @@ def quantize_weight_fp8_128x128(w: torch.Tensor):
     wp[:n, :k] = w.float()
     blocks = wp.reshape(nb, BLOCK, kb, BLOCK)
     amax = blocks.abs().amax(dim=(1, 3))
-    s = amax.clamp(min=AMAX_FLOOR) / FP8_MAX
+    s = block_scales(amax, ue8m0=False)
     q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.reshape(nb * BLOCK, kb * BLOCK)[:n, :k].contiguous(), s
 

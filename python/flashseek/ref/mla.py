@@ -24,12 +24,12 @@ import math
 
 import torch
 
+from flashseek.ref.quant import AMAX_FLOOR, FP8_MAX, block_scales
+
 D_QK = 576          # latent 512 + rope 64
 D_V = 512           # V = first 512 dims of each cached token
 D_ROPE = 64
 FP8_TOKEN_BYTES = 656  # 512 e4m3 + 4 fp32 scales + 64 bf16
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-4
 QUANT_BLOCK = 128
 PAGE_SIZES = (16, 32, 64, 128)
 
@@ -120,7 +120,7 @@ def quantize_tokens(latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
     """latent [t, 512], k_rope [t, 64] -> uint8 [t, 656] FP8 cache tokens (quantized in fp32)."""
     t = latent.shape[0]
     xb = latent.float().reshape(t, D_V // QUANT_BLOCK, QUANT_BLOCK)
-    s = xb.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / FP8_MAX
+    s = block_scales(xb.abs().amax(dim=-1), ue8m0=False)
     q = (xb / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(t, D_V)
     out = torch.empty((t, FP8_TOKEN_BYTES), dtype=torch.uint8, device=latent.device)
     out[:, :D_V] = q.view(torch.uint8)

@@ -11,7 +11,10 @@ BLOCK = 128
 
 
 def block_scales(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    s = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    # Divide by a tensor, not a Python float: on CUDA, ATen turns division by a host scalar into a
+    # multiplication by its reciprocal, which rounds differently from the IEEE division specified here.
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    s = amax / torch.full_like(amax, FP8_MAX)
     if ue8m0:
         s = ceil_pow2(s)
     return s

@@ -40,9 +40,7 @@ def quantize_weight_128x128(w: torch.Tensor, ue8m0: bool = False):
     padded = torch.zeros(nb * BLOCK, kb * BLOCK, dtype=torch.float32, device=w.device)
     padded[:n, :k] = w.float()
     tiles = padded.view(nb, BLOCK, kb, BLOCK)
-    s = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-4) / FP8_MAX
-    if ue8m0:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
+    s = ref_quant.block_scales(tiles.abs().amax(dim=(1, 3)), ue8m0)
     q = (tiles / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.view(nb * BLOCK, kb * BLOCK)[:n, :k].contiguous(), s.contiguous()
 
