@@ -39,24 +39,31 @@ def run_routing(ctx: BenchContext) -> list[Row]:
             def peer(i):
                 ref_routing.route_noaux_tc(inp[i][0], inp[i][1], ng, tg, k, sc, True)
 
-            us = ctx.time(fs, n_in)
+            us = ctx.time(fs, n_in, graph=True)
+            eager_us = ctx.time(fs, n_in)
             peer_us = ctx.time(peer, n_in)
             nbytes = t * e * inp[0][0].element_size() + e * 4 + t * k * 8
             rows.append(Row("routing", f"noaux_tc T={t} E={e} g={ng}/{tg} k={k} {str(dtype)[6:]}",
                             dict(op="route_noaux_tc", T=t, E=e, n_group=ng, topk_group=tg, topk=k,
                                  dtype=str(dtype)), us, 0.0, nbytes, peer="torch eager ref", peer_us=peer_us,
-                            backend="kernel" if ops.has_cuda_kernel("route_noaux_tc") else "reference"))
+                            backend="kernel" if ops.has_cuda_kernel("route_noaux_tc") else "reference",
+                            extra=dict(timing="cuda-graph replay", eager_call_us=eager_us)))
     for t in ts:
         n_in = 8 if t * e * 2 < (8 << 20) else 2
         inp = _inputs(t, e, dev, n_in, torch.bfloat16)
         w = torch.empty(t, k, device=dev)
         ids = torch.empty(t, k, device=dev, dtype=torch.int32)
-        us = ctx.time(lambda i: torch.ops.flashseek.route_softmax_topk(inp[i][0], k, True, w, ids), n_in)
+        def fs_softmax(i):
+            torch.ops.flashseek.route_softmax_topk(inp[i][0], k, True, w, ids)
+
+        us = ctx.time(fs_softmax, n_in, graph=True)
+        eager_us = ctx.time(fs_softmax, n_in)
         peer_us = ctx.time(lambda i: ref_routing.route_softmax_topk(inp[i][0], k, True), n_in)
         rows.append(Row("routing", f"softmax T={t} E={e} k={k} bfloat16",
                         dict(op="route_softmax_topk", T=t, E=e, topk=k), us, 0.0, t * e * 2 + t * k * 8,
                         peer="torch eager ref", peer_us=peer_us,
-                        backend="kernel" if ops.has_cuda_kernel("route_softmax_topk") else "reference"))
+                        backend="kernel" if ops.has_cuda_kernel("route_softmax_topk") else "reference",
+                        extra=dict(timing="cuda-graph replay", eager_call_us=eager_us)))
     return rows
 
 
