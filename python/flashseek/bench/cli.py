@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import subprocess
+import traceback
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ def run_families(families, device: torch.device, quick: bool) -> tuple[dict, lis
     ctx = BenchContext(device, quick=quick)
     ctx.ceilings = measure_ceilings(device, quick=quick)
     rows: list[Row] = []
+    errors: dict[str, str] = {}
     for fam in families:
         mod_name, fn_name = FAMILIES[fam]
         try:
@@ -62,7 +64,13 @@ def run_families(families, device: torch.device, quick: bool) -> tuple[dict, lis
                 raise
             print(f"[bench] family {fam!r} has no benchmark module yet ({mod_name})")
             continue
-        rows += getattr(mod, fn_name)(ctx)
+        try:
+            rows += getattr(mod, fn_name)(ctx)
+        except Exception:
+            # One family's failure must not discard the rows the others measured in this run.
+            errors[fam] = traceback.format_exc()
+            print(f"[bench] family {fam!r} FAILED:\n{errors[fam]}", flush=True)
+    ctx.ceilings["errors"] = errors
     return ctx.ceilings, rows
 
 
@@ -132,10 +140,13 @@ def run_cli(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ceilings, rows = run_families(families, device, args.quick)
     print(format_table(ceilings, rows))
+    failed = sorted(ceilings.get("errors", {}))
     if args.json:
         write_json(args.json, ceilings, rows, families)
         print(f"[bench] wrote {args.json}")
     if args.roofline:
         draw_roofline(args.roofline, ceilings, rows)
         print(f"[bench] wrote {args.roofline}")
-    return 0
+    if failed:
+        print(f"[bench] families that failed: {', '.join(failed)}")
+    return 1 if failed else 0

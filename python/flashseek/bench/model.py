@@ -123,15 +123,17 @@ def _layer_rows(ctx, timer, model, cache, layer, batch, ctx_len, x, meta, label)
         "attention": timer.graph(lambda: layer.attn(xn, meta, kv_cache, rope))[0],
     }
     attn = layer.attn
-    q_lat = torch.randn(batch, 1, h, cfg.latent_dim, device=x.device).to(torch.bfloat16 if model.dtype ==
-                                                                         torch.bfloat16 else model.dtype)
+    # Inputs come from the CPU generator: a capture attempt that failed above (the timer falls back to
+    # eager) can leave the CUDA generator in capture mode, where eager CUDA sampling raises.
+    q_lat = torch.randn(batch, 1, h, cfg.latent_dim).to(x.device, torch.bfloat16 if model.dtype ==
+                                                        torch.bfloat16 else model.dtype)
     from flashseek.models.deepseek.layers import mla_decode
     stages["attention.mla_decode"] = timer.graph(lambda: mla_decode(q_lat, kv_cache, meta.block_tables,
                                                                     meta.cache_seqlens, meta.decode_plan,
                                                                     cfg.softmax_scale, False))[0]
     lins = [l for l in (attn.q_proj, attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj, attn.o_proj) if l is not None]
     ins = {id(attn.q_b_proj): cfg.q_lora_rank, id(attn.o_proj): h * cfg.v_head_dim}
-    lin_inputs = [(l, torch.randn(batch, ins.get(id(l), cfg.hidden_size), device=x.device).to(model.dtype))
+    lin_inputs = [(l, torch.randn(batch, ins.get(id(l), cfg.hidden_size)).to(x.device, model.dtype))
                   for l in lins]
     stages["attention.gemms"] = timer.graph(lambda: [l(a) for l, a in lin_inputs])[0]
     attn_params = sum(l.weight.numel() for l in lins) + attn.w_uk.numel() + attn.w_uv_t.numel()
