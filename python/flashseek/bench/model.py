@@ -57,6 +57,7 @@ class _Timer:
     def __init__(self, ctx: BenchContext):
         self.ctx = ctx
         self.pool = torch.cuda.graph_pool_handle() if ctx.cuda else None
+        self.capture_failures: list[str] = []  # reported with the rows: these stages were timed eagerly
 
     def eager(self, fn: Callable) -> float:
         return self.ctx.time(lambda i: fn())
@@ -75,8 +76,9 @@ class _Timer:
             with torch.cuda.graph(g, pool=self.pool):
                 fn()
             return self.ctx.time(lambda i: g.replay()), True
-        except Exception:
+        except Exception as exc:
             torch.cuda.synchronize()
+            self.capture_failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             return self.eager(fn), False
 
 
@@ -205,7 +207,7 @@ def _bench(ctx: BenchContext, model: DeepseekV3ForCausalLM, batches, ctx_len: in
             step = lambda: model.forward(ids, meta, cache.layers)  # noqa: E731
             step_us, graphed = timer.graph(step)
             step_eager = timer.eager(step)
-            hx = torch.randn(b, cfg.hidden_size, device=model.device).to(model.dtype)
+            hx = torch.randn(b, cfg.hidden_size).to(model.device, model.dtype)  # CPU RNG: see _layer_rows
             head_us = timer.graph(lambda: model.logits(hx))[0]
             n_layers = len(model.layers)
             proj = None
@@ -250,6 +252,11 @@ def _bench(ctx: BenchContext, model: DeepseekV3ForCausalLM, batches, ctx_len: in
         print(f"[bench model] projected 61-layer decode ({label}; per-layer times as measured at ctx {ctx_len}, "
               f"3 dense + 58 MoE layers + lm_head run back to back on one GPU, i.e. perfect pipelining across "
               f"GPUs holding the weights, no communication, no MTP): {lines}")
+    if timer.capture_failures:
+        print(f"[bench model] {len(timer.capture_failures)} stage(s) could not be graph-captured and were "
+              f"timed eagerly; first: {timer.capture_failures[0]}")
+        for r in rows:
+            r.extra["graph_capture_failures"] = sorted(set(timer.capture_failures))
     return rows
 
 
