@@ -28,6 +28,10 @@ def test_every_schema_has_reference_and_fake():
             torch._library.simple_registry.singleton.find(qual).fake_impl.kernel is not None, name
 
 
+def test_namespace_lists_every_op():
+    assert sorted(torch.ops.flashseek) == _schema_op_names()
+
+
 def test_op_backends_reports_every_op():
     backends = flashseek.op_backends()
     assert set(backends) == set(ops.OP_NAMES)

@@ -16,6 +16,12 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
 
 from flashseek import ops  # noqa: E402,F401  (registers CPU/fake implementations)
 
+# torch.ops namespaces fill in lazily; touching each op makes `list(torch.ops.flashseek)` and
+# `dir(torch.ops.flashseek)` show every registered op.
+for _name in ops.OP_NAMES:
+    getattr(torch.ops.flashseek, _name)
+del _name
+
 __version__ = "0.1.0"
 
 
