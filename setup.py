@@ -68,7 +68,9 @@ class CMakeBuild(build_ext):
         from torch.utils import cpp_extension
 
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A stable build directory under the checkout (not pip's random temp dir): ninja then rebuilds
+        # only what changed, and ccache (rooted at the checkout) can reuse objects across clones.
+        build_dir = Path(os.environ.get("FLASHSEEK_BUILD_DIR") or ROOT / "build" / "cmake").resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         cuda_home, why_not = _want_cuda()
         if cuda_home is None:
@@ -94,8 +96,9 @@ class CMakeBuild(build_ext):
                 # Headers that the cu13 torch wheel carries (curand etc.) but a minimal toolkit lacks.
                 f"-DFLASHSEEK_NV_WHEEL_INCLUDE={_nvidia_wheel_include()}",
             ]
-            if os.environ.get("FLASHSEEK_KERNELS_LIB"):
-                args.append(f"-DFLASHSEEK_KERNELS_LIB={Path(os.environ['FLASHSEEK_KERNELS_LIB']).resolve()}")
+            # Always passed (empty = compile the kernels): the build directory's cache outlives one build.
+            kernels_lib = os.environ.get("FLASHSEEK_KERNELS_LIB")
+            args.append(f"-DFLASHSEEK_KERNELS_LIB={Path(kernels_lib).resolve() if kernels_lib else ''}")
         else:
             args += ["-DFLASHSEEK_CUDA=OFF"]
         if shutil.which("ccache"):
