@@ -259,11 +259,13 @@ def test_gemm_opcheck_cpu():
 
 
 # ----------------------------------------------------------------------------------------- CUDA
-# (M, N, K): decode (swapped, split-K), the boundary at M = 128, prefill, partial N blocks, and the
-# DeepSeek projection shapes (q_b 24576x1536, kv_b 32768x512, o_proj 7168x16384).
+# (M, N, K): decode (swapped, split-K; 64 < M <= 128 without split: 1x2 clusters), the boundary at
+# M = 128, prefill (stream-K where the last wave is mostly empty: 129x576, 130x4096, 256x2112,
+# 4096x2112), partial N blocks, and the DeepSeek projection shapes (q_b 24576x1536, kv_b 32768x512,
+# o_proj 7168x16384).
 CUDA_DENSE = [
     (1, 576, 7168), (1, 7168, 2048), (3, 2112, 7168), (16, 24576, 1536), (64, 2112, 7168), (64, 32768, 512),
-    (100, 1536, 512), (128, 7168, 16384), (129, 576, 7168), (130, 4096, 2048), (256, 2112, 1536),
+    (100, 1536, 512), (80, 24576, 1536), (96, 7168, 2048), (128, 7168, 16384), (129, 576, 7168), (130, 4096, 2048), (256, 2112, 1536),
     (1000, 7168, 512), (1024, 24576, 1536), (2048, 32768, 512), (4096, 2112, 7168), (2048, 7168, 16384),
     (4097, 576, 128), (333, 16, 256),
 ]
@@ -284,6 +286,18 @@ def test_fp8_gemm_cuda(m, n, k):
     ops.fp8_gemm(q, s, wq, ws, out=out)
     assert not out.isnan().any()
     assert_accurate(out, q, s, wq, ws, x if m * n * k <= 2**33 else None, w)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,n,k", [(129, 576, 7168), (4096, 2112, 7168)])
+def test_fp8_gemm_cuda_stream_k_deterministic(m, n, k):
+    # These shapes leave a mostly empty last wave, so they run the stream-K kernel, whose K-split
+    # partials are reduced in a fixed order: repeated calls must agree bit for bit.
+    _, q, s = make_act(m, k, "cuda")
+    _, wq, ws = make_weight(n, k, "cuda")
+    first = ops.fp8_gemm(q, s, wq, ws)
+    for _ in range(3):
+        assert torch.equal(ops.fp8_gemm(q, s, wq, ws), first)
 
 
 @pytest.mark.cuda

@@ -27,17 +27,23 @@ struct Fp8GemmPlan {
   bool swap_ab;     // tokens in the MMA's N (small m)
   int split_k;      // > 1: fp32 partials in the workspace, then a reduction kernel
   size_t workspace_bytes;
+  bool stream_k = false;  // large m: stream-K scheduler instead of the persistent data-parallel one
+  bool swap_cluster = false;  // 64 < m <= 128, no split: swapped kernel in 1x2 clusters (fp8_gemm_small_mc.cu)
 };
 
 Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p);
 void launch_fp8_gemm(const Fp8GemmParams& p, const Fp8GemmPlan& plan, void* workspace, cudaStream_t stream);
 
-// The two dense kernels (fp8_gemm_large.cu, fp8_gemm_small.cu).
+// The dense kernels (fp8_gemm_large.cu, fp8_gemm_streamk.cu, fp8_gemm_small.cu, fp8_gemm_small_mc.cu).
 size_t fp8_gemm_large_workspace(const Fp8GemmParams& p);
 void launch_fp8_gemm_large(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
+size_t fp8_gemm_streamk_workspace(const Fp8GemmParams& p);
+void launch_fp8_gemm_streamk(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
 // Swapped operands, K split into `split_k` batches. split_k == 1 writes bf16 `out`; otherwise fp32
 // partials [split_k, m, n] go to `partials` and the caller reduces them.
 size_t fp8_gemm_small_workspace(const Fp8GemmParams& p, int split_k);
+size_t fp8_gemm_small_mc_workspace(const Fp8GemmParams& p);
+void launch_fp8_gemm_small_mc(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
 void launch_fp8_gemm_small(const Fp8GemmParams& p, int split_k, float* partials, void* workspace,
                            cudaStream_t stream);
 void launch_reduce_split_k(const float* partials, int split_k, int64_t mn, void* out_bf16, cudaStream_t stream);

@@ -1,6 +1,9 @@
 // Shape-class dispatch of the dense FP8 GEMM and the split-K reduction (no CUTLASS here).
 #include <cuda_bf16.h>
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "common/cuda_check.h"
 #include "gemm/fp8_gemm.h"
 
@@ -25,6 +28,36 @@ int choose_split_k(const Fp8GemmParams& p) {
     if (kb % d == 0 && tiles * d <= p.sm_count) best = d;
   }
   return best;
+}
+
+// Large M: the persistent data-parallel kernel walks 128x128 tiles (M tiles rounded up to the 2x1
+// cluster) in waves of sm_count CTAs. When the last wave would be less than half full, the stream-K
+// kernel runs instead: it keeps the full waves but one, and spreads the remaining tiles' K blocks
+// over every SM (CUTLASS's hybrid stream-K; with <= 8 K blocks per tile CUTLASS splits nothing, so
+// the plain kernel runs). FLASHSEEK_GEMM_STREAMK=0|1 forces the choice (for A/B measurements).
+bool choose_stream_k(const Fp8GemmParams& p) {
+  static const int forced = [] {
+    const char* s = std::getenv("FLASHSEEK_GEMM_STREAMK");
+    return s && (s[0] == '0' || s[0] == '1') ? s[0] - '0' : -1;
+  }();
+  if (forced >= 0) return forced == 1;
+  const int64_t tiles_m = ((p.m + 127) / 128 + 1) / 2 * 2;
+  const int64_t tiles = tiles_m * ((p.n + 127) / 128);
+  const int64_t wave = std::max(p.sm_count / 2 * 2, 2);
+  const int64_t tail = tiles % wave;
+  return p.k / 128 > 8 && tail != 0 && 2 * tail < wave;
+}
+
+// 64 < M <= 128 without split-K: two 64-token tiles per 128-row weight tile. Without a cluster both
+// CTAs read the weight tile from L2; the 1x2-cluster kernel multicasts it (L2 reads of 128x7168x16384:
+// 352 -> 235 MB, the bound at ~7 TB/s of L2 bandwidth: ~50 -> ~34-40 us). With split-K (small N) the
+// plain kernel keeps its fp32-partials path. FLASHSEEK_GEMM_SMALL_MC=0 disables it (A/B).
+bool choose_swap_cluster(const Fp8GemmParams& p, int split_k) {
+  static const bool enabled = [] {
+    const char* s = std::getenv("FLASHSEEK_GEMM_SMALL_MC");
+    return !(s && s[0] == '0');
+  }();
+  return enabled && p.m > kSwapTileN && split_k == 1;
 }
 
 __global__ void reduce_split_k_kernel(const float4* __restrict__ partials, int split_k, int64_t mn4,
@@ -61,10 +94,13 @@ Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p) {
   if (p.m <= kSwapMaxM) {
     plan.swap_ab = true;
     plan.split_k = choose_split_k(p);
+    plan.swap_cluster = choose_swap_cluster(p, plan.split_k);
     size_t partial_bytes = plan.split_k > 1 ? align_up(size_t(plan.split_k) * p.m * p.n * sizeof(float)) : 0;
-    plan.workspace_bytes = partial_bytes + align_up(fp8_gemm_small_workspace(p, plan.split_k));
+    plan.workspace_bytes = partial_bytes + align_up(plan.swap_cluster ? fp8_gemm_small_mc_workspace(p)
+                                                                      : fp8_gemm_small_workspace(p, plan.split_k));
   } else {
-    plan.workspace_bytes = align_up(fp8_gemm_large_workspace(p));
+    plan.stream_k = choose_stream_k(p);
+    plan.workspace_bytes = align_up(plan.stream_k ? fp8_gemm_streamk_workspace(p) : fp8_gemm_large_workspace(p));
   }
   return plan;
 }
@@ -73,7 +109,15 @@ void launch_fp8_gemm(const Fp8GemmParams& p, const Fp8GemmPlan& plan, void* work
   if (p.m == 0) return;
   char* ws = static_cast<char*>(workspace);
   if (!plan.swap_ab) {
-    launch_fp8_gemm_large(p, ws, stream);
+    if (plan.stream_k) {
+      launch_fp8_gemm_streamk(p, ws, stream);
+    } else {
+      launch_fp8_gemm_large(p, ws, stream);
+    }
+    return;
+  }
+  if (plan.swap_cluster) {
+    launch_fp8_gemm_small_mc(p, ws, stream);
     return;
   }
   if (plan.split_k == 1) {

@@ -80,7 +80,7 @@ struct GroupedRunner {
 
   static typename Gemm::Arguments make_args(const GroupedFp8GemmParams& p, const Arrays& g) {
     cutlass::KernelHardwareInfo hw;
-    cudaGetDevice(&hw.device_id);
+    hw.device_id = current_device();
     hw.sm_count = p.sm_count;
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGrouped,
@@ -90,7 +90,32 @@ struct GroupedRunner {
         hw};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
+    apply_tuning(args.scheduler, tuning());
     return args;
+  }
+
+  // Grouped-scheduler knobs (FLASHSEEK_GROUPED_SWIZZLE / _RASTER; default: swizzle 1, along M).
+  static SchedTuning tuning() {
+    static const SchedTuning t = [] {
+      SchedTuning s = sched_tuning_from_env("FLASHSEEK_GROUPED");
+      // CUTLASS rounds every group's tile counts up to multiples of the swizzle (times the cluster),
+      // and the rounded-up tiles run a full (zero-filled) mainloop; group sizes are device-side, so
+      // no swizzle by default.
+      if (s.swizzle == 0) s.swizzle = 1;
+      if (s.raster == 0) s.raster = 1;  // CUTLASS's grouped default; no heuristic for groups
+      return s;
+    }();
+    return t;
+  }
+
+  // The arguments hold only workspace-derived device arrays (the prepare kernel fills them on every
+  // launch), so the Params depend on the workspace pointer, the group count and the sizes.
+  static LaunchKey key(const GroupedFp8GemmParams& p) {
+    const SchedTuning t = tuning();
+    LaunchKey k;
+    k.add(p.num_experts).add(p.m_rows).add(p.n).add(p.k).add(p.sm_count).add(p.masked_m != nullptr ? 1 : 0);
+    k.add(t.swizzle).add(t.raster);
+    return k;
   }
 
   static size_t workspace(const GroupedFp8GemmParams& p) {
@@ -167,7 +192,7 @@ void GroupedRunner<Cfg>::launch(const GroupedFp8GemmParams& p, void* workspace_p
   const int blocks_y = std::clamp(2048 / p.num_experts, 1, kb_count);
   prepare_groups_kernel<Cfg><<<dim3(p.num_experts, blocks_y), 256, 0, stream>>>(p, g);
   FS_CHECK_LAUNCH();
-  run_gemm<Gemm>(make_args(p, g), g.cutlass_ws, stream);
+  run_gemm<Gemm>(make_args(p, g), key(p), g.cutlass_ws, stream);
   FS_CHECK_LAUNCH();
 }
 

@@ -1,5 +1,8 @@
 // Grouped FP8 block-scaled GEMM, rows in the MMA's M: 128x128x128 tiles, two consumer warpgroups
-// (cooperative), persistent group scheduler, no cluster (groups are often a single M tile).
+// (cooperative), persistent group scheduler, 1x2 clusters: the two CTAs of a cluster compute
+// neighbouring N tiles of the same rows and share (TMA-multicast) the activation tile, which halves
+// the activation traffic from L2 and works for groups of a single M tile (MoE prefill, ~128 rows per
+// expert); along M a cluster would pair tiles that small groups do not have.
 // Used for the contiguous (prefill) layout and for masked batches with M_max > 64.
 // The shared machinery (prepare kernel, compact scales) is in grouped_fp8_common.cuh.
 #include "gemm/grouped_fp8_common.cuh"
@@ -12,7 +15,7 @@ using namespace flashseek::cutlass_fp8;
 struct RowsInM {
   static constexpr bool kSwap = false;
   using TileShape = Shape<_128, _128, _128>;
-  using ClusterShape = Shape<_1, _1, _1>;
+  using ClusterShape = Shape<_1, _2, _1>;
   using ElementD = cutlass::bfloat16_t;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;

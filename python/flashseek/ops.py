@@ -278,8 +278,11 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     Returns:
         out bf16 [M, N].
     CUDA kernels (CUTLASS sm90 block-wise FP8): M <= 128 swaps the operands (tokens in the MMA's N,
-    128x64 tiles, split-K over K when the tiles alone cannot fill the SMs); larger M uses 128x128x128
-    cooperative tiles in 2x1 clusters with a persistent scheduler.
+    128x64 tiles, split-K over K when the tiles alone cannot fill the SMs, else for 64 < M 1x2 clusters
+    that multicast each weight tile to both token tiles); larger M uses 128x128x128
+    cooperative tiles in 2x1 clusters with a persistent scheduler, or a stream-K scheduler where the
+    last wave of tiles would be less than half full (deterministic reduction). docs/gemm-design.md
+    has the per-shape rule.
     """
     _expect(out_dtype == torch.bfloat16, f"fp8_gemm supports out_dtype=torch.bfloat16 only, got {out_dtype}")
     if out is None:

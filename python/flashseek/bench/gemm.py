@@ -90,6 +90,23 @@ GEMM_CASES_QUICK = [(64, 2112, 7168), (4096, 7168, 16384)]
 GEMM_CASES_CPU = [(16, 256, 512), (64, 576, 1024)]
 
 
+def _gemm_path(m, n, k, ctx) -> str:
+    """The kernel fp8_gemm_dispatch.cu picks (docs/gemm-design.md), without the env overrides."""
+    sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if ctx.cuda else 132
+    if m <= 128:
+        tiles = (n + 127) // 128 * ((m + 63) // 64)
+        split = max([d for d in range(1, min(16, k // 128) + 1) if (k // 128) % d == 0 and tiles * d <= sms] or [1])
+        if split == 1 and m > 64:
+            return "swap_ab 128x64 1x2-cluster"
+        return f"swap_ab 128x64 split-k {split}"
+    tiles = ((m + 127) // 128 + 1) // 2 * 2 * ((n + 127) // 128)
+    wave = max(sms // 2 * 2, 2)
+    tail = tiles % wave
+    if k // 128 > 8 and tail != 0 and 2 * tail < wave:
+        return "128x128x128 coop 2x1 stream-k"
+    return "128x128x128 coop 2x1 persistent"
+
+
 def run_gemm(ctx: BenchContext) -> list[Row]:
     cases = (GEMM_CASES_QUICK if ctx.quick else GEMM_CASES) if ctx.cuda else GEMM_CASES_CPU
     rows = []
@@ -103,10 +120,19 @@ def run_gemm(ctx: BenchContext) -> list[Row]:
         peer_us = _time_peer(ctx, [peer]) if peer else None
         kb = k // 128
         nbytes = m * k + n * k + m * kb * 4 + ((n + 127) // 128) * kb * 4 + m * n * 2
+        extra = {"path": _gemm_path(m, n, k, ctx)}
+        if ctx.cuda and m <= 128:
+            # Decode-sized calls are host-bound when timed one by one; an engine replays them in a
+            # CUDA graph, which is the device time alone (the weight-bandwidth target is about this).
+            extra["graph_us"] = ctx.time(lambda i: ops.fp8_gemm(*inputs[i], out=out), n_inputs, graph=True)
+            if peer:
+                try:
+                    extra["peer_graph_us"] = ctx.time(lambda i: peer(), 1, graph=True)
+                except Exception as exc:  # a cuBLASLt path that cannot be captured
+                    extra["peer_graph_us"] = f"n/a ({type(exc).__name__})"
         rows.append(Row("gemm", f"{m}x{n}x{k}", {"m": m, "n": n, "k": k}, us, 2.0 * m * n * k, nbytes,
                         peer="torch scaled_mm blockwise" if peer_us else None, peer_us=peer_us,
-                        backend=_backend("fp8_gemm"),
-                        extra={"path": "swap_ab 128x64 split-k" if m <= 128 else "128x128x128 coop 2x1"}))
+                        backend=_backend("fp8_gemm"), extra=extra))
     return rows
 
 
@@ -125,7 +151,8 @@ def _contiguous_row(ctx, e, rows_per, n, k) -> Row:
     nbytes = m * k + e * n * k + m * kb * 4 + e * ((n + 127) // 128) * kb * 4 + m * n * 2
     return Row("grouped", f"contiguous {e}x{rows_per} n={n} k={k}", {"e": e, "rows": rows_per, "n": n, "k": k},
                us, 2.0 * m * n * k, nbytes, peer="torch scaled_mm blockwise, loop over experts" if peer_us else None,
-               peer_us=peer_us, backend=_backend("grouped_fp8_gemm_contiguous"))
+               peer_us=peer_us, backend=_backend("grouped_fp8_gemm_contiguous"),
+               extra={"path": "128x128x128 coop 1x2 grouped"})
 
 
 def _routed_counts(tokens, experts, topk, gen):
@@ -162,7 +189,7 @@ def _masked_rows(ctx, tokens, weights) -> list[Row]:
                         backend=_backend("grouped_fp8_gemm_masked"),
                         extra={"roofline_us": roof_us, "x_roofline": (us / roof_us) if roof_us else None,
                                "target_x_roofline": 1.25,
-                               "path": "swap_ab 128x64" if m_max <= 64 else "128x128x128"}))
+                               "path": "swap_ab 128x64" if m_max <= 64 else "128x128x128 coop 1x2"}))
         del a, sa, out
     return rows
 
