@@ -1,6 +1,17 @@
 // Merges the split-KV partials (o normalized per split, lse in log2) of requests with more than one
 // split: out = sum_i 2^(lse_i - lse) o_i, lse = log2 sum_i 2^lse_i (stored as a natural log).
-// One warp per packed row; each lane owns 16 of the 512 dims (four coalesced float4 columns).
+// Two shapes, picked on the host from the expected splits per request (num_sm_parts / batch):
+//   narrow (large batches, ~2 splits per request): one warp per packed row, 4 rows per CTA, each lane
+//     owning four float4 columns (16 dims), splits walked 4 at a time;
+//   wide (small batches, many splits): 128 threads per row, 2 rows per CTA, one float4 column each,
+//     splits walked 16 at a time.
+// Either way every load of a group of splits is issued before any is used, so a request with n
+// splits costs about n / group memory round trips (v1 walked them one by one: 32 dependent round
+// trips at b = 1), and a CTA reads each 2 KB partial row fully coalesced. The wide shape alone was
+// measured slower at b = 32..128 (more threads and lse passes per byte), hence the two.
+// Launched as a programmatic dependent of the decode kernel: its CTAs are scheduled as decode CTAs
+// retire and wait (griddepcontrol.wait) until the whole decode grid's writes are visible, which
+// hides most of the launch gap between the two kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -10,7 +21,7 @@
 namespace flashseek::mla {
 namespace {
 
-constexpr int kRowsPerCta = 4;
+constexpr int kCols = kDV / 4;  // float4 columns of a row
 
 __device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 v) {
   __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
@@ -23,18 +34,23 @@ __device__ __forceinline__ void store4(__half* dst, float4 v) {
   *reinterpret_cast<uint2*>(dst) = u;
 }
 
-template <typename QT>
-__global__ void __launch_bounds__(kRowsPerCta * 32) mla_combine_kernel(const __grid_constant__ DecodeParams p) {
-  const int bi = blockIdx.y;
+// kVec float4 columns per thread, kRows rows per CTA, kGroup splits per round of loads.
+template <typename QT, int kVec, int kRows, int kGroup>
+__global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const __grid_constant__ DecodeParams p) {
+  constexpr int kRowThreads = kCols / kVec;
+  // Wait for the decode grid (a no-op when not launched as a programmatic dependent).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  const int bi = blockIdx.y, R = blockIdx.x * kRows + threadIdx.x / kRowThreads;
+  const int t = threadIdx.x % kRowThreads;
   const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
   const int n = per_req[2 * bi + 1], base = per_req[2 * bi];
   if (n <= 1) return;  // written by the decode kernel directly
   if (base < 0 || base + n > workspace_slots(p.num_sm_parts)) return;  // inconsistent plan
-  const int R = blockIdx.x * kRowsPerCta + (threadIdx.x >> 5);
-  if (R >= p.rows) return;
+  if (R >= p.rows) return;  // whole warps: kRowThreads is a multiple of 32
   const int lane = threadIdx.x & 31;
   const float* lse_in = p.ws_lse + static_cast<int64_t>(base) * p.rows + R;
 
+  // Every warp reduces the n split lse values itself (n is small; the reads hit L1): no barrier.
   float m = -INFINITY;
   for (int i = lane; i < n; i += 32) m = fmaxf(m, lse_in[static_cast<int64_t>(i) * p.rows]);
 #pragma unroll
@@ -47,41 +63,80 @@ __global__ void __launch_bounds__(kRowsPerCta * 32) mla_combine_kernel(const __g
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   const float lse2 = m == -INFINITY ? -INFINITY : m + log2f(sum);
 
-  float4 acc[4];
+  float4 acc[kVec];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k = 0; k < kVec; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (lse2 != -INFINITY) {
-    for (int i = 0; i < n; ++i) {
-      const float w = exp2f(lse_in[static_cast<int64_t>(i) * p.rows] - lse2);
-      const float* src = p.ws_o + (static_cast<int64_t>(base + i) * p.rows + R) * kDV + lane * 4;
+    const int64_t split_stride = static_cast<int64_t>(p.rows) * kDV;
+    const float* src = p.ws_o + (static_cast<int64_t>(base) * p.rows + R) * kDV + t * 4;
+    for (int i0 = 0; i0 < n; i0 += kGroup) {
+      float4 v[kGroup][kVec];
+      float l[kGroup];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float4 v = *reinterpret_cast<const float4*>(src + k * 128);
-        acc[k].x += w * v.x;
-        acc[k].y += w * v.y;
-        acc[k].z += w * v.z;
-        acc[k].w += w * v.w;
+      for (int j = 0; j < kGroup; ++j) {
+        const bool ok = i0 + j < n;
+        l[j] = ok ? lse_in[static_cast<int64_t>(i0 + j) * p.rows] : -INFINITY;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          v[j][k] = ok ? *reinterpret_cast<const float4*>(src + (i0 + j) * split_stride + k * kRowThreads * 4)
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        if (i0 + j >= n) break;
+        const float w = exp2f(l[j] - lse2);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          acc[k].x += w * v[j][k].x;
+          acc[k].y += w * v[j][k].y;
+          acc[k].z += w * v[j][k].z;
+          acc[k].w += w * v[j][k].w;
+        }
       }
     }
   }
   const int s = R / p.h_q, h = R - s * p.h_q;
-  QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + h * p.o_stride_h + lane * 4;
+  QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + h * p.o_stride_h + t * 4;
 #pragma unroll
-  for (int k = 0; k < 4; ++k) store4(dst + k * 128, acc[k]);
-  if (lane == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + h) * p.s_q + s] = lse2 * 0.69314718055994531f;
+  for (int k = 0; k < kVec; ++k) store4(dst + k * kRowThreads * 4, acc[k]);
+  if (t == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + h) * p.s_q + s] = lse2 * 0.69314718055994531f;
+}
+
+template <typename QT, int kVec, int kRows, int kGroup>
+void launch_combine_shape(const DecodeParams& p, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((p.rows + kRows - 1) / kRows, p.batch);
+  cfg.blockDim = dim3(kRows * kCols / kVec);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, mla_combine_kernel<QT, kVec, kRows, kGroup>, p));
+}
+
+template <typename QT>
+void launch_combine_t(const DecodeParams& p, cudaStream_t stream) {
+  // The plan spreads about num_sm_parts + batch pieces over the batch.
+  if (p.num_sm_parts >= 8 * p.batch) {
+    launch_combine_shape<QT, 1, 2, 16>(p, stream);
+  } else {
+    launch_combine_shape<QT, 4, 4, 4>(p, stream);
+  }
 }
 
 }  // namespace
 
 void launch_combine(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0 || p.ws_o == nullptr) return;
-  const dim3 grid((p.rows + kRowsPerCta - 1) / kRowsPerCta, p.batch);
   if (q_fp16) {
-    mla_combine_kernel<__half><<<grid, kRowsPerCta * 32, 0, stream>>>(p);
+    launch_combine_t<__half>(p, stream);
   } else {
-    mla_combine_kernel<__nv_bfloat16><<<grid, kRowsPerCta * 32, 0, stream>>>(p);
+    launch_combine_t<__nv_bfloat16>(p, stream);
   }
-  FS_CHECK_LAUNCH();
 }
 
 }  // namespace flashseek::mla

@@ -10,10 +10,13 @@
 //   O[16 x 512] += P V    warp (rg, wc): dims 512/kW * wc ..       (128 / 64 / 32 fp32 regs)
 // P goes through shared memory (each warp needs every key). Tiles of 576 bf16 per row use a
 // 16-byte-chunk XOR swizzle (chunk ^ row % 8) so ldmatrix and cp.async are bank-conflict-free.
+// 16-row tiles hold each warp's latent Q fragments in registers for the whole request (see kQReg).
 // bf16 cache: two KV stages (cp.async double buffer). FP8 cache: raw 656-byte tokens are staged by
-// cp.async (two blocks ahead for 16/32-row tiles, one for 64-row tiles, as shared memory allows) and
-// dequantized to one bf16 tile before the MMAs (V = the same dequantized values).
-// Shared memory (bytes): bf16 64/32/16-row tiles 230400 / 189440 / 168960; FP8 198656 / 199680 / 179200.
+// cp.async (three / two / one blocks ahead for 16 / 32 / 64-row tiles, as shared memory allows) and
+// dequantized by all threads to one bf16 tile before the MMAs (V = the same dequantized values).
+// Block-table reads are issued one iteration ahead of the copies they address (not for the bf16
+// 64-row tile, see kPrefetchPage). docs/mla-design.md has the measurements behind these choices.
+// Shared memory (bytes): bf16 64/32/16-row tiles 230400 / 189440 / 168960; FP8 198656 / 199680 / 221184.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -40,8 +43,9 @@ struct Smem {
   static constexpr int kW = kWarps / kRG;          // warps per row group
   static constexpr int kQ = 0;
   static constexpr int kK0 = kM * kDQK * 2;
-  // fp8: raw token staging buffers, two where shared memory allows (prefetch two blocks ahead).
-  static constexpr int kFp8Stages = kRG == 4 ? 1 : 2;
+  // fp8: raw token staging buffers, as many as shared memory allows (3 / 2 / 1 for 16 / 32 / 64
+  // rows): the copies of the next kFp8Stages blocks are in flight while a block is dequantized.
+  static constexpr int kFp8Stages = kRG == 4 ? 1 : (kRG == 2 ? 2 : 3);
   // bf16: second KV stage; fp8: the staging buffers.
   static constexpr int kK1 = kK0 + kTileBytes;
   static constexpr int kP = kK1 + (kFp8 ? kFp8Stages * kFp8StageBytes : kTileBytes);
@@ -49,7 +53,8 @@ struct Smem {
   static constexpr int kTotal = kStats + 2 * kW * kM * 4;  // row max and row sum per warp column
 };
 static_assert(Smem<false, 4>::kTotal <= 232448 && Smem<true, 4>::kTotal <= 232448 &&
-                  Smem<true, 2>::kTotal <= 232448 && Smem<true, 1>::kTotal <= 232448,
+                  Smem<true, 2>::kTotal <= 232448 && Smem<true, 1>::kTotal <= 232448 &&
+                  Smem<false, 2>::kTotal <= 232448 && Smem<false, 1>::kTotal <= 232448,
               "shared memory exceeds the sm_90 per-block limit");
 
 // Byte offset of 16-byte chunk c of row r in a swizzled 576-wide bf16 tile.
@@ -133,24 +138,30 @@ __device__ __forceinline__ uint4 q_to_bf16<__half>(uint4 v) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Loads (zero-fills) the KV rows of key block `blk` of request `bi`: bf16 into a swizzled tile,
-// or raw FP8 tokens into the staging buffer. Thread t handles token t / 4, chunks t % 4 + 4 j.
+// Source of this thread's KV row of key block `blk` of request `bi`, or nullptr past the visible
+// length (the row is then zero-filled). Thread t handles token t / 4. Split from the copy so the
+// block-table read (a dependent global load) can be issued an iteration ahead of its use.
 template <bool kFp8>
-__device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, int bi, int blk, int len_eff) {
+__device__ __forceinline__ const char* kv_row_src(const DecodeParams& p, int bi, int blk, int len_eff) {
+  const int token = blk * kBlockN + (threadIdx.x >> 2);
+  if (token >= len_eff) return nullptr;
+  // len_eff <= max_pages * page_size, so the table index is in range. Page ids are clamped to
+  // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
+  const int page_idx = token >> p.page_size_log2;
+  const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + page_idx)),
+                            static_cast<uint32_t>(p.num_pages - 1));
+  const int64_t slot = (static_cast<int64_t>(page) << p.page_size_log2) + (token & ((1 << p.page_size_log2) - 1));
+  return static_cast<const char*>(p.kv) + slot * (kFp8 ? kFp8TokenBytes : kDQK * 2);
+}
+
+// Copies (zero-fills) the KV rows of one key block: bf16 into a swizzled tile, or raw FP8 tokens
+// into a staging buffer. Thread t handles token t / 4, chunks t % 4 + 4 j; src from kv_row_src.
+template <bool kFp8>
+__device__ __forceinline__ void issue_kv_block(uint32_t dst, const char* src, const void* kv_base) {
   const int row = threadIdx.x >> 2, sub = threadIdx.x & 3;
-  const int token = blk * kBlockN + row;
-  const bool valid = token < len_eff;
-  const char* src = static_cast<const char*>(p.kv);
-  if (valid) {
-    // len_eff <= max_pages * page_size, so the table index is in range. Page ids are clamped to
-    // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
-    const int page_idx = token >> p.page_size_log2;
-    const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + page_idx)),
-                              static_cast<uint32_t>(p.num_pages - 1));
-    const int64_t slot = (static_cast<int64_t>(page) << p.page_size_log2) + (token & ((1 << p.page_size_log2) - 1));
-    src += slot * (kFp8 ? kFp8TokenBytes : kDQK * 2);
-  }
+  const bool valid = src != nullptr;
   const int bytes = valid ? 16 : 0;
+  if (!valid) src = static_cast<const char*>(kv_base);  // never read (src-size 0), but a valid address
   if constexpr (kFp8) {
 #pragma unroll
     for (int j = 0; j < (kFp8TokenChunks + 3) / 4; ++j) {
@@ -166,35 +177,69 @@ __device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t ds
   }
 }
 
-// Raw FP8 tokens (staging) -> swizzled bf16 tile. 40 work items per token: 32 chunks of 16 e4m3
-// values (-> two bf16 chunks, times the token's scale for that 128-block) and 8 rope chunks.
-__device__ __forceinline__ void dequant_fp8_block(const char* stage, char* tile) {
-#pragma unroll 2
-  for (int i = 0; i < kBlockN * 40 / kThreads; ++i) {
-    const int idx = threadIdx.x + i * kThreads;
-    const int row = idx / 40, item = idx % 40;
-    const char* tok = stage + row * kFp8TokenBytes;
-    if (item < 32) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(tok + item * 16);
-      const float scale = *reinterpret_cast<const float*>(tok + kDV + 4 * (item / 8));
-      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-      uint32_t o[8];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[k] & 0xffff), __NV_E4M3);
-        const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[k] >> 16), __NV_E4M3);
-        const float2 flo = __half22float2(__half2(lo));
-        const float2 fhi = __half22float2(__half2(hi));
-        o[2 * k] = pack_bf16(flo.x * scale, flo.y * scale);
-        o[2 * k + 1] = pack_bf16(fhi.x * scale, fhi.y * scale);
-      }
-      *reinterpret_cast<uint4*>(tile + tile_off(row, 2 * item)) = make_uint4(o[0], o[1], o[2], o[3]);
-      *reinterpret_cast<uint4*>(tile + tile_off(row, 2 * item + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
-    } else {
-      const int rc = item - 32;
-      const uint4 raw = *reinterpret_cast<const uint4*>(tok + kDV + 16 + rc * 16);
-      *reinterpret_cast<uint4*>(tile + tile_off(row, kDV / 8 + rc)) = raw;
+// Waits until at most min(pending, kMax) cp.async groups are outstanding (pending >= 0 at run time).
+template <int kMax>
+__device__ __forceinline__ void cp_async_wait_upto(int pending) {
+  if constexpr (kMax >= 2) {
+    if (pending >= 2) {
+      cp_async_wait<2>();
+      return;
     }
+  }
+  if constexpr (kMax >= 1) {
+    if (pending >= 1) {
+      cp_async_wait<1>();
+      return;
+    }
+  }
+  cp_async_wait<0>();
+}
+
+// 8 e4m3 values (two words) times `scale` -> 8 bf16 (one 16-byte chunk). e4m3 -> f16 is exact
+// (hardware cvt), the product is formed in fp32 and rounded once to bf16.
+__device__ __forceinline__ uint4 dequant8(uint32_t w0, uint32_t w1, float scale) {
+  const uint32_t w[2] = {w0, w1};
+  uint32_t o[4];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[k] & 0xffff), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[k] >> 16), __NV_E4M3);
+    const float2 flo = __half22float2(__half2(lo));
+    const float2 fhi = __half22float2(__half2(hi));
+    o[2 * k] = pack_bf16(flo.x * scale, flo.y * scale);
+    o[2 * k + 1] = pack_bf16(fhi.x * scale, fhi.y * scale);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// Raw FP8 tokens (staging) -> swizzled bf16 tile, by all 256 threads. Latent: 64 tokens x 64
+// output chunks (8 e4m3 -> 8 bf16); thread t always converts chunk c = t % 64 of tokens t / 64 + 4 i
+// (i < 16), so every address is a per-thread base plus a compile-time offset (the swizzle term
+// (c ^ row % 8) takes two values, by the parity of i): about 28 instructions per chunk instead of the
+// 42 that the generic index arithmetic cost (the dequant was half of the FP8 kernel's instructions).
+// A warp covers 32 consecutive chunks of one token: its 8-byte loads are contiguous and its 16-byte
+// stores hit 8 distinct chunk columns per 8 lanes (the XOR is a bijection on chunk % 8), so there are
+// no bank conflicts. Rope: 64 tokens x 8 chunks copied as is.
+__device__ __forceinline__ void dequant_fp8_block(const char* stage, char* tile) {
+  constexpr int kRowStep = kThreads / 64;                    // 4 tokens per pass
+  const int c = threadIdx.x & 63, r0 = threadIdx.x >> 6;     // r0 < 4: row % 8 is r0 or r0 + 4
+  const char* src = stage + r0 * kFp8TokenBytes + c * 8;
+  const float* scl = reinterpret_cast<const float*>(stage + r0 * kFp8TokenBytes + kDV) + (c >> 4);
+  char* dst_even = tile + tile_off(r0, c);
+  char* dst_odd = tile + tile_off(r0 + kRowStep, c) - kRowStep * kDQK * 2;
+#pragma unroll 8
+  for (int i = 0; i < kBlockN / kRowStep; ++i) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(src + i * kRowStep * kFp8TokenBytes);
+    const float scale = scl[i * kRowStep * kFp8TokenBytes / 4];
+    char* dst = (i & 1 ? dst_odd : dst_even) + i * kRowStep * kDQK * 2;
+    *reinterpret_cast<uint4*>(dst) = dequant8(raw.x, raw.y, scale);
+  }
+#pragma unroll
+  for (int i = 0; i < kBlockN * 8 / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int row = idx >> 3, rc = idx & 7;
+    const uint4 raw = *reinterpret_cast<const uint4*>(stage + row * kFp8TokenBytes + kDV + 16 + rc * 16);
+    *reinterpret_cast<uint4*>(tile + tile_off(row, kDV / 8 + rc)) = raw;
   }
 }
 
@@ -206,8 +251,23 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   constexpr int kNT = kKeys / 8;       // n-tiles of S per warp
   constexpr int kDims = kDV / kW;      // output dims per warp: 256, 128, 64
   constexpr int kONT = kDims / 8;      // n-tiles of O per warp
+  // 16-row tiles keep the warp's latent Q fragments (16 rows x 512) in 128 registers for the whole
+  // request: every warp would otherwise re-read all of Q from shared memory for each key block
+  // (18 KB per warp, 147 KB per block, more than the K and V reads together). The 4 rope k steps
+  // still read shared memory (registers are full).
+  constexpr bool kQReg = kRG == 1;
+  constexpr int kQRegSteps = kQReg ? kDV / 16 : 0;
+  // Independent accumulator chains for S: a single n-tile would be one chain of 36 dependent MMAs.
+  constexpr int kChains = kNT == 1 ? 4 : (kNT == 2 ? 2 : 1);
+  // Block-table reads one iteration ahead (kv_row_src). Not for the bf16 64-row tile: there the two
+  // live pointer registers cost more (measured 682 -> 695 us at b=128, h_q=128) than the hidden latency.
+  constexpr bool kPrefetchPage = kFp8 || kRG < 4;
+  static_assert((kDQK / 16) % kChains == 0, "k steps per chain");
   static_assert(kRG == 1 || kRG == 2 || kRG == 4, "row groups");
 
+  // Lets the combine kernel (a programmatic dependent, see mla_combine.cu) be scheduled as soon as SMs
+  // free up; it waits for this whole grid to finish before reading any partial.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   extern __shared__ __align__(128) char smem[];
   const uint32_t s_base = smem_u32(smem);
   const uint32_t sQ = s_base + S::kQ;
@@ -235,18 +295,23 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
     const int blk_end = bi == meta[2] ? min(blk1, nblk) : nblk;
     const int n_iter = max(blk_end - blk_begin, 0);
 
+    // Source row of the next block to copy, looked up one iteration ahead (see kv_row_src).
+    const char* next_src = nullptr;
     if (n_iter > 0) {
       if constexpr (kFp8) {
 #pragma unroll
         for (int st = 0; st < S::kFp8Stages; ++st) {
           if (st < n_iter) {
-            load_kv_block<true>(p, s_base + S::kK1 + st * kFp8StageBytes, bi, blk_begin + st, len_eff);
+            issue_kv_block<true>(s_base + S::kK1 + st * kFp8StageBytes, kv_row_src<true>(p, bi, blk_begin + st, len_eff),
+                                 p.kv);
             cp_async_commit();
           }
         }
+        next_src = kv_row_src<true>(p, bi, blk_begin + S::kFp8Stages, len_eff);
       } else {
-        load_kv_block<false>(p, s_base + S::kK0, bi, blk_begin, len_eff);
+        issue_kv_block<false>(s_base + S::kK0, kv_row_src<false>(p, bi, blk_begin, len_eff), p.kv);
         cp_async_commit();
+        if constexpr (kPrefetchPage) next_src = kv_row_src<false>(p, bi, blk_begin + 1, len_eff);
       }
       // Q tile (rows past s_q * h_q are zeros), converted to bf16, while the first block lands.
       const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
@@ -279,32 +344,37 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 #pragma unroll
     for (int t = 0; t < kONT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    uint32_t qf[kQReg ? kQRegSteps : 1][4];  // latent Q A-fragments of this warp's 16 rows (kQReg only)
 
     for (int it = 0; it < n_iter; ++it) {
       const int blk = blk_begin + it;
       uint32_t sK;
       if constexpr (kFp8) {
-        // Groups committed so far: blocks 0 .. min(n_iter, it + stages) - 1; block `it` must be done.
-        if (S::kFp8Stages > 1 && it + 1 < n_iter) {
-          cp_async_wait<S::kFp8Stages - 1>();
-        } else {
-          cp_async_wait<0>();
-        }
+        // Groups committed so far: blocks 0 .. min(n_iter, it + stages) - 1, one group each; block
+        // `it` must be done, so min(n_iter - 1 - it, stages - 1) may stay in flight.
+        cp_async_wait_upto<S::kFp8Stages - 1>(min(n_iter - 1 - it, S::kFp8Stages - 1));
         __syncthreads();  // staged tokens visible; the previous block's MMAs are done with sK
-        const int st = S::kFp8Stages > 1 ? it & 1 : 0;
+        const int st = it % S::kFp8Stages;
         dequant_fp8_block(smem + S::kK1 + st * kFp8StageBytes, smem + S::kK0);
         __syncthreads();  // sK complete; staging buffer st free
         if (it + S::kFp8Stages < n_iter) {
-          load_kv_block<true>(p, s_base + S::kK1 + st * kFp8StageBytes, bi, blk + S::kFp8Stages, len_eff);
+          issue_kv_block<true>(s_base + S::kK1 + st * kFp8StageBytes, next_src, p.kv);
           cp_async_commit();
+          next_src = kv_row_src<true>(p, bi, blk + S::kFp8Stages + 1, len_eff);
         }
         sK = s_base + S::kK0;
       } else {
         const int st = it & 1;
         if (it + 1 < n_iter) {
           // Stage st ^ 1 was last read in iteration it - 1, which ended with a barrier.
-          load_kv_block<false>(p, s_base + (st ? S::kK0 : S::kK1), bi, blk + 1, len_eff);
-          cp_async_commit();
+          if constexpr (kPrefetchPage) {
+            issue_kv_block<false>(s_base + (st ? S::kK0 : S::kK1), next_src, p.kv);
+            cp_async_commit();
+            next_src = kv_row_src<false>(p, bi, blk + 2, len_eff);
+          } else {
+            issue_kv_block<false>(s_base + (st ? S::kK0 : S::kK1), kv_row_src<false>(p, bi, blk + 1, len_eff), p.kv);
+            cp_async_commit();
+          }
           cp_async_wait<1>();
         } else {
           cp_async_wait<0>();
@@ -315,33 +385,60 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 
       // ---- S = Q K^T for rows rg*16.., keys wc*kKeys.. ----
       float sacc[kNT][4];
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.f;
       {
         const int a_row = rg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int a_chunk = lane >> 4;
+        if constexpr (kQReg) {
+          if (it == 0) {  // the Q tile is visible after the barrier above
+#pragma unroll
+            for (int kk = 0; kk < kQRegSteps; ++kk) ldsm_x4(sQ + tile_off(a_row, 2 * kk + a_chunk), qf[kk]);
+          }
+        }
         // x4: matrices (keys 0-7, dims lo), (keys 0-7, hi), (keys 8-15, lo), (keys 8-15, hi);
         // x2 (one n-tile): lanes 0-15 address (keys 0-7, lo), (keys 0-7, hi).
         const int b_row = wc * kKeys + (lane & 7) + (kNT >= 2 ? (lane >> 4) * 8 : 0);
         const int b_chunk = (lane >> 3) & 1;
-#pragma unroll 4
-        for (int kk = 0; kk < kDQK / 16; ++kk) {
-          uint32_t a[4];
-          ldsm_x4(sQ + tile_off(a_row, 2 * kk + a_chunk), a);
-          if constexpr (kNT >= 2) {
+        float cacc[kChains][kNT][4];
 #pragma unroll
-            for (int jp = 0; jp < kNT / 2; ++jp) {
-              uint32_t bb[4];
-              ldsm_x4(sK + tile_off(b_row + jp * 16, 2 * kk + b_chunk), bb);
-              mma_bf16(sacc[2 * jp], a, bb[0], bb[1]);
-              mma_bf16(sacc[2 * jp + 1], a, bb[2], bb[3]);
+        for (int ch = 0; ch < kChains; ++ch)
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) cacc[ch][j][0] = cacc[ch][j][1] = cacc[ch][j][2] = cacc[ch][j][3] = 0.f;
+        // k step kk feeds chain kk % kChains; the loop body covers kChains consecutive steps.
+#pragma unroll(kQReg ? kDQK / 16 / kChains : (kChains == 1 ? 4 : 2))
+        for (int k0 = 0; k0 < kDQK / 16; k0 += kChains) {
+#pragma unroll
+          for (int ch = 0; ch < kChains; ++ch) {
+            const int kk = k0 + ch;
+            uint32_t a[4];
+            if (kk < kQRegSteps) {  // resolved at compile time (the loop is fully unrolled when kQReg)
+              a[0] = qf[kk][0], a[1] = qf[kk][1], a[2] = qf[kk][2], a[3] = qf[kk][3];
+            } else {
+              ldsm_x4(sQ + tile_off(a_row, 2 * kk + a_chunk), a);
             }
-          } else {
-            uint32_t bb[2];
-            ldsm_x2(sK + tile_off(b_row, 2 * kk + b_chunk), bb);
-            mma_bf16(sacc[0], a, bb[0], bb[1]);
+            if constexpr (kNT >= 2) {
+#pragma unroll
+              for (int jp = 0; jp < kNT / 2; ++jp) {
+                uint32_t bb[4];
+                ldsm_x4(sK + tile_off(b_row + jp * 16, 2 * kk + b_chunk), bb);
+                mma_bf16(cacc[ch][2 * jp], a, bb[0], bb[1]);
+                mma_bf16(cacc[ch][2 * jp + 1], a, bb[2], bb[3]);
+              }
+            } else {
+              uint32_t bb[2];
+              ldsm_x2(sK + tile_off(b_row, 2 * kk + b_chunk), bb);
+              mma_bf16(cacc[ch][0], a, bb[0], bb[1]);
+            }
           }
         }
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float v = cacc[0][j][e];
+#pragma unroll
+            for (int ch = 1; ch < kChains; ++ch) v += cacc[ch][j][e];
+            sacc[j][e] = v;
+          }
       }
 
       // ---- online softmax (log2 domain) ----
@@ -438,7 +535,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
           }
         }
       }
-      __syncthreads();  // every warp is done with sK, sP and the row statistics
+      // Every warp is done with sK, sP and the row statistics. (For FP8 the next iteration's first
+      // barrier would already order every later write; dropping this one measured no gain.)
+      __syncthreads();
     }
 
     // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
