@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "common/cuda_check.h"
+#include "common/fp8_block_quant.cuh"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
@@ -61,24 +62,12 @@ __global__ void __launch_bounds__(kTokensPerCta * 32) mla_cache_append_kernel(co
     char* dst = static_cast<char*>(p.kv) + slot * kFp8TokenBytes;
     float amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(x[i]));
-    // 8 lanes hold one 128-value block.
-#pragma unroll
-    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float scale = fmaxf(amax, 1e-4f) / 448.f;
+    for (int i = 0; i < 16; ++i) amax = max_nan(amax, fabsf(x[i]));
+    amax = group_amax<8>(amax, 0xffffffffu);  // 8 lanes hold one 128-value block
+    const float scale = fp8_block_scale(amax);
     uint32_t w[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      uint32_t packed = 0;
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const float a = fminf(fmaxf(x[4 * i + 2 * k] / scale, -448.f), 448.f);
-        const float b = fminf(fmaxf(x[4 * i + 2 * k + 1] / scale, -448.f), 448.f);
-        const __nv_fp8x2_storage_t q = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
-        packed |= static_cast<uint32_t>(q) << (16 * k);
-      }
-      w[i] = packed;
-    }
+    for (int i = 0; i < 4; ++i) w[i] = quantize4_e4m3(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3], scale);
     *reinterpret_cast<uint4*>(dst + lane * 16) = make_uint4(w[0], w[1], w[2], w[3]);
     if ((lane & 7) == 0) *reinterpret_cast<float*>(dst + kDV + 4 * (lane >> 3)) = scale;
     if (lane < 8) *reinterpret_cast<uint4*>(dst + kDV + 16 + lane * 16) = to_bf16x8(rope);

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common/cuda_check.h"
+#include "common/fp8_block_quant.cuh"
 #include "moe/moe.h"
 
 namespace flashseek {
@@ -19,8 +20,6 @@ namespace {
 
 constexpr int kBlocksPerCta = 16;  // 128-column blocks per CTA (two per warp)
 constexpr int kThreads = kBlocksPerCta * 16;
-
-__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
 struct QuantizedChunk {
   uint2 q;      // 8 e4m3 values
@@ -42,17 +41,10 @@ __device__ __forceinline__ QuantizedChunk quantize_chunk(const uint4 raw) {
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < 8; ++i) amax = max_nan(amax, fabsf(v[i]));
-#pragma unroll
-  for (int off = 8; off > 0; off >>= 1) amax = max_nan(amax, __shfl_xor_sync(half, amax, off));
+  amax = group_amax<16>(amax, half);
   QuantizedChunk c;
-  c.scale = __fdiv_rn(max_nan(amax, 1e-4f), 448.0f);
-  uint16_t pairs[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = make_float2(__fdiv_rn(v[2 * i], c.scale), __fdiv_rn(v[2 * i + 1], c.scale));
-    pairs[i] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
-  }
-  c.q = make_uint2(uint32_t(pairs[0]) | (uint32_t(pairs[1]) << 16), uint32_t(pairs[2]) | (uint32_t(pairs[3]) << 16));
+  c.scale = fp8_block_scale(amax);
+  c.q = make_uint2(quantize4_e4m3(v[0], v[1], v[2], v[3], c.scale), quantize4_e4m3(v[4], v[5], v[6], v[7], c.scale));
   return c;
 }
 

@@ -9,6 +9,7 @@
 #include <cuda_fp8.h>
 
 #include "common/cuda_check.h"
+#include "common/fp8_block_quant.cuh"
 #include "quant/quant.h"
 
 namespace flashseek {
@@ -16,9 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kLanesPerBlock = 16;  // 16 lanes x 8 channels = one 128-channel scale block
-
-// torch.amax and clamp propagate NaN; fmaxf would drop it.
-__device__ __forceinline__ float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
 
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
   uint4 raw = *reinterpret_cast<const uint4*>(p);
@@ -42,13 +40,6 @@ __device__ __forceinline__ void load8(const __half* p, float (&v)[8]) {
   }
 }
 
-// The exact smallest power of two >= s (the reference computes the same with frexp).
-__device__ __forceinline__ float ceil_pow2(float s) {
-  uint32_t bits = __float_as_uint(s);
-  if ((bits & 0x7f800000u) == 0x7f800000u) return s;  // inf / nan stay
-  if (bits & 0x007fffffu) bits = (bits & 0xff800000u) + 0x00800000u;
-  return __uint_as_float(bits);
-}
 
 template <typename T, bool kSiluMul>
 __global__ void __launch_bounds__(kThreads) quant_fp8_1x128_kernel(QuantFp8Params p) {
@@ -82,28 +73,11 @@ __global__ void __launch_bounds__(kThreads) quant_fp8_1x128_kernel(QuantFp8Param
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < 8; ++i) amax = max_nan(amax, fabsf(v[i]));
-  const unsigned half_mask = 0xffffu << (threadIdx.x & 16);
-#pragma unroll
-  for (int off = 8; off >= 1; off >>= 1) amax = max_nan(amax, __shfl_xor_sync(half_mask, amax, off));
-
-  float s = __fdiv_rn(max_nan(amax, 1e-4f), 448.0f);
-  if (p.ue8m0) s = ceil_pow2(s);
-
-  // SATFINITE saturates to +-448 exactly like the reference's clamp, and keeps NaN.
-  uint32_t packed[2];
-#pragma unroll
-  for (int w = 0; w < 2; ++w) {
-    uint32_t word = 0;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      float2 pair = make_float2(__fdiv_rn(v[4 * w + 2 * j], s), __fdiv_rn(v[4 * w + 2 * j + 1], s));
-      __nv_fp8x2_storage_t q = __nv_cvt_float2_to_fp8x2(pair, __NV_SATFINITE, __NV_E4M3);
-      word |= uint32_t(q) << (16 * j);
-    }
-    packed[w] = word;
-  }
+  amax = group_amax<kLanesPerBlock>(amax, 0xffffu << (threadIdx.x & 16));
+  const float s = fp8_block_scale(amax, p.ue8m0);
   uint8_t* out = static_cast<uint8_t*>(p.out) + row * p.n + col;
-  *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
+  *reinterpret_cast<uint2*>(out) = make_uint2(quantize4_e4m3(v[0], v[1], v[2], v[3], s),
+                                              quantize4_e4m3(v[4], v[5], v[6], v[7], s));
   if (lane == 0) p.scale[kb * p.scale_ld + row] = s;
 }
 
