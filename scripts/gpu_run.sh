@@ -5,7 +5,8 @@
 #   TESTS="tests/test_mla.py ..."  which test files (default: all; only `cuda`-marked tests run, one process each)
 #   CRASH_GDB="expr"               on a crash, rerun the tests matching expr under cuda-gdb for a native backtrace
 #   BENCH="mla gemm ..."           which bench families (default: all; BENCH=none skips)
-#   SANITIZE="tests/x.py -k y"     also run these under compute-sanitizer memcheck
+#   SANITIZE="tests/x.py ..."      also run these test files under compute-sanitizer memcheck
+#   SANITIZE_K="expr"              ... only the tests matching this pytest -k expression
 #   TEST_TIMEOUT / BENCH_TIMEOUT   seconds (default 300 / 240)
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUTDIR}
@@ -55,9 +56,9 @@ for f in ${TESTS:-tests/test_*.py}; do
   fi
 done
 if [ -n "${SANITIZE:-}" ]; then
-  stamp "compute-sanitizer memcheck: $SANITIZE"
-  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest $SANITIZE -m cuda -q -p no:cacheprovider \
-    >"$out/sanitizer.log" 2>&1
+  stamp "compute-sanitizer memcheck: $SANITIZE -k '${SANITIZE_K:-}'"
+  timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $py -m pytest $SANITIZE -m cuda -q -p no:cacheprovider ${SANITIZE_K:+-k "$SANITIZE_K"} >"$out/sanitizer.log" 2>&1
   echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$out/sanitizer.log" | tail -3
 fi
 if [ "${BENCH:-all}" != none ]; then
