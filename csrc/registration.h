@@ -8,4 +8,5 @@ void register_gemm_cuda(torch::Library& m);
 void register_routing_cuda(torch::Library& m);
 void register_moe_cuda(torch::Library& m);
 void register_mla_cuda(torch::Library& m);
+void register_norm_cuda(torch::Library& m);
 }  // namespace flashseek

@@ -69,6 +69,13 @@ TORCH_LIBRARY(flashseek, m) {
   m.def(
       "mla_cache_append(Tensor latent, Tensor k_rope, Tensor(a!) kv_cache, "
       "Tensor slot_mapping) -> ()");
+
+  // ---- RMSNorm (csrc/norm) ----
+  // x [M, N] bf16/fp16/fp32, weight [N] bf16/fp16/fp32 -> out [M, N] in x's dtype:
+  // out = T(float(x) * rsqrt(mean(float(x)^2) + eps) * float(weight)). Rows may be strided.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
+  // In place: residual = T(float(x) + float(residual)), then x = rms_norm(residual) (the rounded sum).
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
 }
 
 #if FLASHSEEK_WITH_CUDA
@@ -78,6 +85,7 @@ TORCH_LIBRARY_IMPL(flashseek, CUDA, m) {
   flashseek::register_routing_cuda(m);
   flashseek::register_moe_cuda(m);
   flashseek::register_mla_cuda(m);
+  flashseek::register_norm_cuda(m);
 }
 #endif
 

@@ -1061,3 +1061,100 @@ def mla_cache_append(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch
     capacity raise on CPU and are skipped by the CUDA kernel (no sync to check them)."""
     torch.ops.flashseek.mla_cache_append(latent, k_rope, kv_cache, slot_mapping)
 
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm and fused residual-add + RMSNorm   [section: norm]
+# --------------------------------------------------------------------------------------------
+# @section-norm
+# Semantics and rounding points: flashseek.ref.norm. The CUDA kernel runs one CTA per row with
+# 16-byte accesses where pointers, row strides and N allow (else a scalar path); N <= 16384.
+from flashseek.ref import norm as ref_norm  # noqa: E402
+
+NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+NORM_MAX_N = 16384
+
+
+def _check_norm_rows(t, name, shape=None, dtype=None):
+    _expect_dim(t, name, 2)
+    if shape is not None:
+        _expect_shape(t, name, shape)
+    if dtype is not None:
+        _expect_dtype(t, name, dtype)
+    _expect(t.shape[1] <= 1 or t.stride(1) == 1,
+            f"{name} must have a unit stride in its last dimension, got strides {tuple(t.stride())}")
+
+
+def _check_norm_common(x, weight, eps):
+    _expect_dtype(x, "x", NORM_DTYPES)
+    _check_norm_rows(x, "x")
+    n = x.shape[1]
+    _expect(1 <= n <= NORM_MAX_N, f"x's last dimension must lie in [1, {NORM_MAX_N}], got {n}")
+    _expect_dtype(weight, "weight", NORM_DTYPES)
+    _expect_shape(weight, "weight", (n,))
+    _expect_contiguous(weight, "weight")
+    _expect(eps >= 0, f"eps must be >= 0, got {eps}")
+
+
+def _check_rms_norm(x, weight, eps, out):
+    _check_norm_common(x, weight, eps)
+    _check_norm_rows(out, "out", tuple(x.shape), x.dtype)
+    _expect_same_device(x, "x", weight=weight, out=out)
+
+
+def _ref_rms_norm(x, weight, eps, out):
+    out.copy_(ref_norm.rms_norm(x, weight, eps))
+
+
+_register("rms_norm", _check_rms_norm, _ref_rms_norm)
+
+
+def _check_fused_add_rms_norm(x, residual, weight, eps):
+    _check_norm_common(x, weight, eps)
+    _check_norm_rows(residual, "residual", tuple(x.shape), x.dtype)
+    _expect_same_device(x, "x", residual=residual, weight=weight)
+
+
+def _ref_fused_add_rms_norm(x, residual, weight, eps):
+    y, r = ref_norm.fused_add_rms_norm(x, residual, weight, eps)
+    residual.copy_(r)
+    x.copy_(y)
+
+
+_register("fused_add_rms_norm", _check_fused_add_rms_norm, _ref_fused_add_rms_norm)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RMSNorm of each row: out = x * rsqrt(mean(x^2) + eps) * weight, in fp32, rounded once to x's dtype.
+
+    Args:
+        x: [M, N] bf16/fp16/fp32, 1 <= N <= 16384, unit stride in N (any row stride: e.g. the
+            latent columns of the kv_a projection's output). M may be 0.
+        weight: [N] bf16/fp16/fp32, contiguous (any of the three, independently of x).
+        eps: added to the mean of squares.
+        out: optional [M, N] output in x's dtype (unit stride in N, any row stride).
+    Returns:
+        out. Spec: flashseek.ref.norm.rms_norm (within one rounding of x's dtype: the order of the
+        fp32 sum of squares differs; deterministic on CUDA).
+    """
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    torch.ops.flashseek.rms_norm(x, weight, float(eps), out)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """In place, vLLM-style: residual <- residual + x (rounded to its dtype), x <- rms_norm(residual).
+
+    The norm reads the rounded sum, so the pair equals the unfused `h = residual + x;
+    rms_norm(h, weight, eps)` exactly (up to the order of the fp32 sum of squares on CUDA).
+
+    Args:
+        x: [M, N] bf16/fp16/fp32 (e.g. a sublayer's output), overwritten with the normalized sum.
+        residual: [M, N] in x's dtype, overwritten with the sum. Both unit stride in N, any row
+            stride; they must not overlap.
+        weight: [N] bf16/fp16/fp32, contiguous.
+    Returns:
+        (x, residual), the same tensors.
+    """
+    torch.ops.flashseek.fused_add_rms_norm(x, residual, weight, float(eps))
+    return x, residual

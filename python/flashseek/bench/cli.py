@@ -24,6 +24,7 @@ FAMILIES = {
     "moe": ("flashseek.bench.moe", "run_moe"),
     "mla": ("flashseek.bench.mla", "run"),
     "model": ("flashseek.bench.model", "run_model"),
+    "norm": ("flashseek.bench.norm", "run_norm"),
 }
 
 

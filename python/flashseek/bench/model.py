@@ -16,7 +16,7 @@ import torch
 from flashseek.bench.common import BenchContext, Row
 from flashseek.engine.kv_cache import PagedKVCache, BlockTable, SCRATCH_PAGE
 from flashseek.models.deepseek.config import r1_config
-from flashseek.models.deepseek.layers import AttnMetadata, MLP, MoE, PrefillSeq, make_plan, rms_norm
+from flashseek.models.deepseek.layers import AttnMetadata, MLP, MoE, PrefillSeq, add_norm, make_plan, norm
 from flashseek.models.deepseek.model import DeepseekV3ForCausalLM
 
 FAMILY = "model"
@@ -118,10 +118,13 @@ def _layer_rows(ctx, timer, model, cache, layer, batch, ctx_len, x, meta, label)
     run_layer = lambda: layer(x, meta, kv_cache, rope)  # noqa: E731
     us, graphed = timer.graph(run_layer)
     eager_us = timer.eager(run_layer)
-    xn = rms_norm(x, layer.input_norm, layer.eps)
+    xn = norm(x, layer.input_norm, layer.eps, layer.mode)
+    # The layer's two norms as it runs them: a plain one and the residual add fused with the second
+    # (in place in FP8 mode, so on scratch copies; replays keep adding, harmless for timing).
+    xa, xr = x.clone(), x.clone()
     stages = {
-        "norms": timer.graph(lambda: (rms_norm(x, layer.input_norm, layer.eps),
-                                      rms_norm(x, layer.post_attn_norm, layer.eps)))[0],
+        "norms": timer.graph(lambda: (norm(x, layer.input_norm, layer.eps, layer.mode),
+                                      add_norm(xa, xr, layer.post_attn_norm, layer.eps, layer.mode)))[0],
         "attention": timer.graph(lambda: layer.attn(xn, meta, kv_cache, rope))[0],
     }
     attn = layer.attn

@@ -18,9 +18,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import flashseek.ops as ops
 from flashseek.models.deepseek import fp8 as fp8_ops
 from flashseek.models.deepseek.config import DeepseekConfig
 from flashseek.ref import mla as ref_mla
+from flashseek.ref import norm as ref_norm
 
 REFERENCE, FP8_MODE = "reference", "fp8"
 MAX_SQ = 64   # the MLA decode kernel's largest query count per request
@@ -50,9 +52,27 @@ class AttnMetadata:
 
 # ---- norms and rope ---------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    """The pure-torch formula (flashseek.ref.norm.rms_norm), which the reference precision runs."""
+    return ref_norm.rms_norm(x, weight, eps)
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: str) -> torch.Tensor:
+    """RMSNorm: the torch formula in the reference precision (fp32-exact, what the HF comparison
+    checks), flashseek.ops.rms_norm (the CUDA kernel on GPU, the same formula on CPU) in FP8 mode."""
+    if mode == REFERENCE:
+        return rms_norm(x, weight, eps)
+    return ops.rms_norm(x, weight, eps)
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, mode: str):
+    """(rms_norm(residual + x), residual + x), the sum rounded to residual's dtype before the norm
+    reads it, as the unfused `h = residual + x; rms_norm(h)` does. In FP8 mode through
+    flashseek.ops.fused_add_rms_norm, which overwrites x and residual in place (one pass over the
+    row instead of three); the reference precision stays out of place in pure torch."""
+    if mode == REFERENCE:
+        h = residual + x
+        return rms_norm(h, weight, eps), h
+    return ops.fused_add_rms_norm(x, residual, weight, eps)
 
 
 class YarnRope:
@@ -296,7 +316,7 @@ class MLAAttention:
         if self.q_proj is not None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(rms_norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps))
+            q = self.q_b_proj(norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps, self.mode))
         return q.view(x.shape[0], c.num_attention_heads, c.qk_head_dim)
 
     def __call__(self, x, meta: AttnMetadata, kv_cache: torch.Tensor, rope: YarnRope) -> torch.Tensor:
@@ -304,7 +324,7 @@ class MLAAttention:
         T, h = x.shape[0], c.num_attention_heads
         q = self._q(x)
         kv = self.kv_a_proj(x)
-        latent = rms_norm(kv[:, : c.kv_lora_rank], self.kv_a_norm, c.rms_norm_eps)
+        latent = norm(kv[:, : c.kv_lora_rank], self.kv_a_norm, c.rms_norm_eps, self.mode)
         if meta.rope_cos_sin is None:
             meta.rope_cos_sin = rope.cos_sin(meta.positions)
         cos, sin = meta.rope_cos_sin

@@ -9,13 +9,14 @@ import torch
 from flashseek.models.deepseek.checkpoint import DEFAULT_SEED, iter_random_tensors
 from flashseek.models.deepseek.config import DeepseekConfig
 from flashseek.models.deepseek.layers import (FP8_MODE, REFERENCE, MLAAttention, AttnMetadata, MLP, MoE,
-                                              YarnRope, rms_norm)
+                                              YarnRope, add_norm, norm)
 from flashseek.models.deepseek.loader import CheckpointReader, load_config
 
 
 class DecoderLayer:
     def __init__(self, cfg: DeepseekConfig, idx: int, mode: str, ue8m0: bool, prefill_mode: str):
         self.idx = idx
+        self.mode = mode
         self.eps = cfg.rms_norm_eps
         self.attn = MLAAttention(cfg, mode, ue8m0, prefill_mode)
         self.mlp = MoE(cfg, mode, ue8m0) if cfg.is_moe_layer(idx) else MLP(mode, ue8m0)
@@ -25,9 +26,23 @@ class DecoderLayer:
         self.attn.finalize()
         self.mlp.finalize()
 
+    def forward(self, x, residual, meta, kv_cache, rope):
+        """One layer with the residual stream kept apart (vLLM-style), so each residual add fuses
+        with the RMSNorm after it: returns (out, residual) whose sum residual + out is the layer's
+        output hidden state. Pass residual=None for the first layer (x is then the hidden state).
+        In FP8 mode x and residual are updated in place: pass tensors this call may overwrite."""
+        if residual is None:
+            residual, x = x, norm(x, self.input_norm, self.eps, self.mode)
+        else:
+            x, residual = add_norm(x, residual, self.input_norm, self.eps, self.mode)
+        a = self.attn(x, meta, kv_cache, rope).to(residual.dtype)
+        a, residual = add_norm(a, residual, self.post_attn_norm, self.eps, self.mode)
+        return self.mlp(a).to(residual.dtype), residual
+
     def __call__(self, x, meta, kv_cache, rope):
-        h = x + self.attn(rms_norm(x, self.input_norm, self.eps), meta, kv_cache, rope).to(x.dtype)
-        return h + self.mlp(rms_norm(h, self.post_attn_norm, self.eps)).to(x.dtype)
+        """The layer's output hidden state; x is left untouched."""
+        out, residual = self.forward(x.clone(), None, meta, kv_cache, rope)
+        return residual + out
 
 
 class DeepseekV3ForCausalLM:
@@ -153,13 +168,15 @@ class DeepseekV3ForCausalLM:
 
     # ---- forward ------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list) -> torch.Tensor:
-        x = self.embed[input_ids]
+        x = self.embed[input_ids]  # a fresh tensor (advanced indexing copies): the layers may overwrite it
+        residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, meta, cache, self.rope)
-        return x
+            x, residual = layer.forward(x, residual, meta, cache, self.rope)
+        # The last add stays unfused: the final norm runs only on the rows whose logits are wanted.
+        return x if residual is None else residual + x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        x = norm(x, self.norm, self.cfg.rms_norm_eps, self.precision)
         return (x @ self.lm_head.t()).float()
 
     @torch.inference_mode()

@@ -1,0 +1,74 @@
+"""Benchmarks of RMSNorm and the fused residual-add + RMSNorm at DeepSeek-R1's hidden size (7168),
+for decode (1, 16, 128 tokens) and prefill (4096 tokens).
+
+Counting: no FLOPs; bytes = what the op must move: fused: read x + residual + weight, write x and
+residual; plain: read x + weight, write out. Peer: the eager torch reference (flashseek.ref.norm) on
+the same inputs, in the same run; the reference replayed in a CUDA graph is recorded in `extra`
+(what the unfused model paid under the engine's graphs).
+"""
+from __future__ import annotations
+
+import torch
+
+from flashseek import ops
+from flashseek.bench.common import BenchContext, Row
+from flashseek.ref import norm as ref_norm
+
+HIDDEN = 7168
+EPS = 1e-6
+
+
+def run_norm(ctx: BenchContext) -> list[Row]:
+    dev = ctx.device
+    ts = [1, 16, 128, 4096] if ctx.cuda else [1, 16]
+    if ctx.quick:
+        ts = ts[::2]
+    h, dtype = HIDDEN, torch.bfloat16
+    w = (1 + 0.1 * torch.randn(h, device=dev)).to(dtype)
+    rows: list[Row] = []
+    for t in ts:
+        # Rotate inputs that would sit in L2 (50 MB on an H100).
+        n_in = 8 if 2 * t * h * 2 < (16 << 20) else 2
+        xs = [torch.randn(t, h, device=dev).to(dtype) for _ in range(n_in)]
+        rs = [torch.randn(t, h, device=dev).to(dtype) for _ in range(n_in)]
+        out = torch.empty(t, h, device=dev, dtype=dtype)
+        esize = xs[0].element_size()
+
+        # In place: replays keep adding into the residual and renormalizing x, which stays finite.
+        def fused(i):
+            torch.ops.flashseek.fused_add_rms_norm(xs[i], rs[i], w, EPS)
+
+        def fused_ref(i):
+            ref_norm.fused_add_rms_norm(xs[i], rs[i], w, EPS)
+
+        backend = "kernel" if ops.has_cuda_kernel("fused_add_rms_norm") else "reference"
+        us = ctx.time(fused, n_in, graph=True)
+        eager_us = ctx.time(fused, n_in)
+        peer_us = ctx.time(fused_ref, n_in)
+        peer_graph_us = ctx.time(fused_ref, n_in, graph=True) if ctx.cuda else None
+        nbytes = 4 * t * h * esize + h * w.element_size()
+        rows.append(Row("norm", f"fused_add_rms_norm T={t} H={h} bf16", dict(op="fused_add_rms_norm", T=t, H=h),
+                        us, 0.0, float(nbytes), peer="torch eager ref", peer_us=peer_us, backend=backend,
+                        extra=dict(timing="cuda-graph replay", eager_call_us=eager_us,
+                                   peer_graph_us=peer_graph_us)))
+
+        def plain(i):
+            torch.ops.flashseek.rms_norm(xs[i], w, EPS, out)
+
+        def plain_ref(i):
+            ref_norm.rms_norm(xs[i], w, EPS)
+
+        backend = "kernel" if ops.has_cuda_kernel("rms_norm") else "reference"
+        us = ctx.time(plain, n_in, graph=True)
+        eager_us = ctx.time(plain, n_in)
+        peer_us = ctx.time(plain_ref, n_in)
+        peer_graph_us = ctx.time(plain_ref, n_in, graph=True) if ctx.cuda else None
+        nbytes = 2 * t * h * esize + h * w.element_size()
+        rows.append(Row("norm", f"rms_norm T={t} H={h} bf16", dict(op="rms_norm", T=t, H=h),
+                        us, 0.0, float(nbytes), peer="torch eager ref", peer_us=peer_us, backend=backend,
+                        extra=dict(timing="cuda-graph replay", eager_call_us=eager_us,
+                                   peer_graph_us=peer_graph_us)))
+    return rows
+
+
+run = run_norm
