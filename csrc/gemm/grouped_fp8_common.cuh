@@ -15,6 +15,7 @@
 // the same compact scale layout seen as the B' operand's MN-major scales.
 #pragma once
 #include <algorithm>
+#include <type_traits>
 
 #include "common/cuda_check.h"
 #include "gemm/cutlass_fp8_common.cuh"
@@ -23,6 +24,46 @@
 namespace flashseek::cutlass_fp8 {
 
 using GroupedProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
+
+// The CUTLASS kernel of a grouped block-scaled FP8 GEMM. The rows-in-M and the swapped (tokens in
+// the MMA's N) variants differ only in the choices taken as parameters; each variant is instantiated
+// in its own translation unit so that they compile in parallel.
+//   kSwap = false: A = activations [M_e, K], B = weights [N, K], D = out [M_e, N] row-major;
+//                  activation scales 1x128 MN-major (SFA), weight scales 128x128 K-major (SFB).
+//   kSwap = true:  A' = weights, B' = activations, D' = out^T column-major; the scale roles swap.
+template <bool Swap, class TileShape_, class ClusterShape_>
+struct GroupedKernelConfig {
+  static constexpr bool kSwap = Swap;
+  using TileShape = TileShape_;
+  using ClusterShape = ClusterShape_;
+  using ElementD = cutlass::bfloat16_t;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;
+  using LayoutD = std::conditional_t<Swap, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  using ScaleConfig = std::conditional_t<
+      Swap, cutlass::detail::Sm90BlockwiseScaleConfig<128, 1, 128, cute::GMMA::Major::K, cute::GMMA::Major::MN>,
+      cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, cute::GMMA::Major::MN, cute::GMMA::Major::K>>;
+  using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+  using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, float,
+      void, LayoutD*, 8,  // no C operand
+      ElementD, LayoutD*, 8, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementFp8, cute::tuple<LayoutA*, LayoutSFA*>,
+      kAlignFp8, ElementFp8, cute::tuple<LayoutB*, LayoutSFB*>, kAlignFp8, ElementAcc, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8BlockScaledAccum>::CollectiveOp;
+
+  using GemmKernel =
+      cutlass::gemm::kernel::GemmUniversal<GroupedProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+};
 
 template <class Cfg>
 struct GroupedRunner {
