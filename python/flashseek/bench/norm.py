@@ -18,6 +18,18 @@ HIDDEN = 7168
 EPS = 1e-6
 
 
+def _row(ctx: BenchContext, op: str, kernel, reference, n_in: int, t: int, h: int, nbytes: int) -> Row:
+    """Times `kernel` as graph replays and eagerly, and its reference eagerly and as graph replays."""
+    us = ctx.time(kernel, n_in, graph=True)
+    eager_us = ctx.time(kernel, n_in)
+    peer_us = ctx.time(reference, n_in)
+    peer_graph_us = ctx.time(reference, n_in, graph=True) if ctx.cuda else None
+    return Row("norm", f"{op} T={t} H={h} bf16", dict(op=op, T=t, H=h), us, 0.0, float(nbytes),
+               peer="torch eager ref", peer_us=peer_us,
+               backend="kernel" if ops.has_cuda_kernel(op) else "reference",
+               extra=dict(timing="cuda-graph replay", eager_call_us=eager_us, peer_graph_us=peer_graph_us))
+
+
 def run_norm(ctx: BenchContext) -> list[Row]:
     dev = ctx.device
     ts = [1, 16, 128, 4096] if ctx.cuda else [1, 16]
@@ -32,42 +44,17 @@ def run_norm(ctx: BenchContext) -> list[Row]:
         xs = [torch.randn(t, h, device=dev).to(dtype) for _ in range(n_in)]
         rs = [torch.randn(t, h, device=dev).to(dtype) for _ in range(n_in)]
         out = torch.empty(t, h, device=dev, dtype=dtype)
-        esize = xs[0].element_size()
+        act_bytes, w_bytes = t * h * xs[0].element_size(), h * w.element_size()
 
         # In place: replays keep adding into the residual and renormalizing x, which stays finite.
-        def fused(i):
-            torch.ops.flashseek.fused_add_rms_norm(xs[i], rs[i], w, EPS)
-
-        def fused_ref(i):
-            ref_norm.fused_add_rms_norm(xs[i], rs[i], w, EPS)
-
-        backend = "kernel" if ops.has_cuda_kernel("fused_add_rms_norm") else "reference"
-        us = ctx.time(fused, n_in, graph=True)
-        eager_us = ctx.time(fused, n_in)
-        peer_us = ctx.time(fused_ref, n_in)
-        peer_graph_us = ctx.time(fused_ref, n_in, graph=True) if ctx.cuda else None
-        nbytes = 4 * t * h * esize + h * w.element_size()
-        rows.append(Row("norm", f"fused_add_rms_norm T={t} H={h} bf16", dict(op="fused_add_rms_norm", T=t, H=h),
-                        us, 0.0, float(nbytes), peer="torch eager ref", peer_us=peer_us, backend=backend,
-                        extra=dict(timing="cuda-graph replay", eager_call_us=eager_us,
-                                   peer_graph_us=peer_graph_us)))
-
-        def plain(i):
-            torch.ops.flashseek.rms_norm(xs[i], w, EPS, out)
-
-        def plain_ref(i):
-            ref_norm.rms_norm(xs[i], w, EPS)
-
-        backend = "kernel" if ops.has_cuda_kernel("rms_norm") else "reference"
-        us = ctx.time(plain, n_in, graph=True)
-        eager_us = ctx.time(plain, n_in)
-        peer_us = ctx.time(plain_ref, n_in)
-        peer_graph_us = ctx.time(plain_ref, n_in, graph=True) if ctx.cuda else None
-        nbytes = 2 * t * h * esize + h * w.element_size()
-        rows.append(Row("norm", f"rms_norm T={t} H={h} bf16", dict(op="rms_norm", T=t, H=h),
-                        us, 0.0, float(nbytes), peer="torch eager ref", peer_us=peer_us, backend=backend,
-                        extra=dict(timing="cuda-graph replay", eager_call_us=eager_us,
-                                   peer_graph_us=peer_graph_us)))
+        rows.append(_row(ctx, "fused_add_rms_norm",
+                         lambda i: torch.ops.flashseek.fused_add_rms_norm(xs[i], rs[i], w, EPS),
+                         lambda i: ref_norm.fused_add_rms_norm(xs[i], rs[i], w, EPS),
+                         n_in, t, h, 4 * act_bytes + w_bytes))
+        rows.append(_row(ctx, "rms_norm",
+                         lambda i: torch.ops.flashseek.rms_norm(xs[i], w, EPS, out),
+                         lambda i: ref_norm.rms_norm(xs[i], w, EPS),
+                         n_in, t, h, 2 * act_bytes + w_bytes))
     return rows
 
 
