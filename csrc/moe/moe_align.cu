@@ -29,6 +29,16 @@ __device__ __forceinline__ int local_expert(const MoeAlignParams& p, int64_t s) 
   return (e >= 0 && e < p.num_local) ? e : -1;
 }
 
+// The local experts of this lane's slots base + u*32 + lane (u < kUnroll); -1 past `end`.
+__device__ __forceinline__ void load_step_experts(const MoeAlignParams& p, int64_t base, int64_t end, int lane,
+                                                  int (&e)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t s = base + u * 32 + lane;
+    e[u] = s < end ? local_expert(p, s) : -1;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1) moe_align_kernel(const MoeAlignParams p) {
   __shared__ int cnt[kWarps][kMoeAlignMaxLocalExperts];  // counts, then each warp's next row
   __shared__ int offs[kMoeAlignMaxLocalExperts + 1];
@@ -53,11 +63,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_align_kernel(const MoeAlignPa
   if (warp < nw) {
     for (int64_t base = beg; base < end; base += 32 * kUnroll) {
       int e[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t s = base + u * 32 + lane;
-        e[u] = s < end ? local_expert(p, s) : -1;
-      }
+      load_step_experts(p, base, end, lane, e);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const unsigned peers = __match_any_sync(kFull, e[u]);
@@ -113,11 +119,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_align_kernel(const MoeAlignPa
     const unsigned lt = (1u << lane) - 1u;
     for (int64_t base = beg; base < end; base += 32 * kUnroll) {
       int e[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t s = base + u * 32 + lane;
-        e[u] = s < end ? local_expert(p, s) : -1;
-      }
+      load_step_experts(p, base, end, lane, e);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t s = base + u * 32 + lane;
