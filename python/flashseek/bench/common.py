@@ -106,8 +106,9 @@ def time_median_us(fn, device, n_inputs=1, warmup_ms=25.0, rep_ms=100.0, max_ite
     return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
 
 
-def time_graph_us(fn, device, n_inputs=1, rep_ms=100.0, calls_per_graph=20) -> float:
-    """Median per-call device time over replays of a CUDA graph holding `calls_per_graph` calls."""
+def time_graph_us(fn, device, n_inputs=1, rep_ms=100.0, calls_per_graph=20, pool=None) -> float:
+    """Median per-call device time over replays of a CUDA graph holding `calls_per_graph` calls.
+    `pool` shares one graph memory pool between the graphs of several timings."""
     fn(0)  # any lazy initialisation happens outside the capture
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -116,7 +117,7 @@ def time_graph_us(fn, device, n_inputs=1, rep_ms=100.0, calls_per_graph=20) -> f
             fn(i % n_inputs)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         for i in range(calls_per_graph):
             fn(i % n_inputs)
     per_replay = time_median_us(lambda i: graph.replay(), device, 1, warmup_ms=10, rep_ms=rep_ms)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from flashseek.bench.common import BenchContext, Row
+from flashseek.bench.common import BenchContext, Row, time_graph_us
 from flashseek.engine.kv_cache import PagedKVCache, BlockTable, SCRATCH_PAGE
 from flashseek.models.deepseek.config import r1_config
 from flashseek.models.deepseek.layers import AttnMetadata, MLP, MoE, PrefillSeq, add_norm, make_plan, norm
@@ -66,16 +66,9 @@ class _Timer:
         if not self.ctx.cuda:
             return self.eager(fn), False
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                fn()
-            return self.ctx.time(lambda i: g.replay()), True
+            # One layer per graph, as the decode step replays it.
+            us = time_graph_us(lambda i: fn(), self.ctx.device, 1, self.ctx.rep_ms, calls_per_graph=1, pool=self.pool)
+            return us, True
         except Exception as exc:
             torch.cuda.synchronize()
             self.capture_failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
