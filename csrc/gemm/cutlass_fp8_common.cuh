@@ -36,6 +36,28 @@ inline void check_status(cutlass::Status st, const char* what) {
   }
 }
 
+// The dense kernels' collectives: no C operand, D stored by TMA, and the cooperative warp-specialized
+// FP8 block-scaled mainloop with as many stages as the shared memory left by the epilogue allows.
+// Only the operand / scale layouts, the tile and cluster shapes and D differ between the large-M
+// (rows in M) and the swapped small-M kernels.
+template <class TileShape, class ClusterShape, class LayoutA, class LayoutSFA, class LayoutB, class LayoutSFB,
+          class ElementD, class LayoutD>
+struct BlockScaledCollectives {
+  static constexpr int kAlignD = 16 / int(sizeof(ElementD));
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, float,
+      void, LayoutD, kAlignD,  // no C operand
+      ElementD, LayoutD, kAlignD, cutlass::epilogue::TmaWarpSpecializedCooperative,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementFp8, cute::tuple<LayoutA, LayoutSFA>, kAlignFp8,
+      ElementFp8, cute::tuple<LayoutB, LayoutSFB>, kAlignFp8, ElementAcc, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8BlockScaledAccum>::CollectiveOp;
+};
+
 // Everything a kernel's Params are computed from (pointers, sizes, strides, device, workspace,
 // scheduler knobs), packed as integers. Two launches with equal keys get identical Params.
 struct LaunchKey {

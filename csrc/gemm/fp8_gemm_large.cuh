@@ -33,19 +33,10 @@ using ScaleConfig =
 using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
 using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
 
-using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, float,
-    void, LayoutD, 8,  // no C operand
-    ElementD, LayoutD, 8, cutlass::epilogue::TmaWarpSpecializedCooperative,
-    cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
-
-using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementFp8, cute::tuple<LayoutA, LayoutSFA>, kAlignFp8,
-    ElementFp8, cute::tuple<LayoutB, LayoutSFB>, kAlignFp8, ElementAcc, TileShape, ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-        sizeof(typename CollectiveEpilogue::SharedStorage))>,
-    cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8BlockScaledAccum>::CollectiveOp;
+using Collectives =
+    BlockScaledCollectives<TileShape, ClusterShape, LayoutA, LayoutSFA, LayoutB, LayoutSFB, ElementD, LayoutD>;
+using CollectiveEpilogue = Collectives::Epilogue;
+using CollectiveMainloop = Collectives::Mainloop;
 
 }  // namespace large_gemm
 

@@ -31,19 +31,10 @@ using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
 template <class ElementD, int ClusterN>
 struct SwapGemm {
   using ClusterShape = Shape<_1, Int<ClusterN>, _1>;
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, float,
-      void, LayoutD, 16 / sizeof(ElementD),  // no C operand
-      ElementD, LayoutD, 16 / sizeof(ElementD), cutlass::epilogue::TmaWarpSpecializedCooperative,
-      cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
-
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementFp8, cute::tuple<LayoutA, LayoutSFA>, kAlignFp8,
-      ElementFp8, cute::tuple<LayoutB, LayoutSFB>, kAlignFp8, ElementAcc, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8BlockScaledAccum>::CollectiveOp;
+  using Collectives = BlockScaledCollectives<TileShape, ClusterShape, LayoutA, LayoutSFA, LayoutB, LayoutSFB,
+                                             ElementD, LayoutD>;
+  using CollectiveEpilogue = typename Collectives::Epilogue;
+  using CollectiveMainloop = typename Collectives::Mainloop;
 
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                           CollectiveEpilogue>;
