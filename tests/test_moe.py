@@ -348,7 +348,9 @@ def _rand_ids(t, k, e, device="cuda"):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("t", [0, 1, 7, 128, 4096, 16384])
+# Slot counts T*k on both sides of one align block (4096 slots: one launch; more: three launches with
+# per-block counts), and many blocks.
+@pytest.mark.parametrize("t", [0, 1, 7, 128, 256, 257, 512, 513, 2049, 4096, 16384])
 @pytest.mark.parametrize("e,k", [(8, 2), (64, 6), (256, 8), (512, 16)])
 def test_moe_align_cuda(t, e, k):
     ids = _rand_ids(t, k, e)

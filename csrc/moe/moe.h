@@ -7,6 +7,8 @@ namespace flashseek {
 
 constexpr int kMoeAlignMaxLocalExperts = 512;
 constexpr int64_t kMoeAlignMaxSlots = int64_t(1) << 22;
+// Slots one block of moe_align handles; more take three launches and a workspace.
+constexpr int64_t kMoeAlignBlockSlots = 4096;
 
 // Groups the n = T * topk (token, k) slots by local expert, ascending slot id within an expert.
 // Contiguous mode (max_m == 0): expert e owns rows [expert_offsets[e], expert_offsets[e+1]), its
@@ -28,7 +30,9 @@ struct MoeAlignParams {
   int32_t* expert_offsets;   // [num_local + 1]
   int32_t* masked_m;         // [num_local]
   int32_t* token_slots;      // [n]
+  int32_t* workspace;        // [moe_align_workspace_ints(n, num_local)], null when that is 0
 };
+int64_t moe_align_workspace_ints(int64_t n, int num_local);
 void launch_moe_align(const MoeAlignParams& p, cudaStream_t stream);
 
 // FP8 1x128 quantization of bf16 token rows into a row buffer viewed as [groups, rows_per_group, H]

@@ -1,14 +1,16 @@
-// moe_align: (token, k) slots grouped by local expert, in one single-block launch.
+// moe_align: (token, k) slots grouped by local expert, deterministically, with no host sync.
 //
-// One block does count, scan and scatter, so there are no global intermediates, no second launch and
-// no host sync (CUDA-graph safe). Determinism without atomics: warp w owns a contiguous chunk of
-// slots and keeps private per-expert counters in shared memory; inside a 32-slot step the lanes
-// that share an expert find each other with __match_any_sync and the lowest lane updates the
-// counter. An exclusive scan of the counters over warps then gives each warp its first row per
-// expert, so rows follow ascending slot id within each expert, exactly as the reference.
-// One block is enough: even T=16384, topk=8 (131k slots) is a few tens of microseconds, against
-// milliseconds of grouped GEMMs at that size; decode sizes take a few microseconds.
+// Determinism without atomics: warp w of a block owns a contiguous chunk of slots and keeps private
+// per-expert counters in shared memory; inside a 32-slot step the lanes that share an expert find
+// each other with __match_any_sync and the lowest lane updates the counter. An exclusive scan of the
+// counters over warps (and, with several blocks, over the blocks first) gives each warp its first
+// row per expert, so rows follow ascending slot id within each expert, exactly as the reference.
+// Up to kMoeAlignBlockSlots slots (decode) one block does count, scan and scatter in one launch, with
+// no global intermediates. More slots (prefill) run the same steps as three launches: per-block
+// counts into a [blocks, E] workspace, a one-block scan that also lays out the experts, and the
+// scatter; one block alone took 430 us for 131k slots, latency-bound on one SM.
 #include <cstdint>
+#include <stdexcept>
 
 #include "common/cuda_check.h"
 #include "moe/moe.h"
@@ -39,132 +41,221 @@ __device__ __forceinline__ void load_step_experts(const MoeAlignParams& p, int64
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) moe_align_kernel(const MoeAlignParams p) {
-  __shared__ int cnt[kWarps][kMoeAlignMaxLocalExperts];  // counts, then each warp's next row
-  __shared__ int offs[kMoeAlignMaxLocalExperts + 1];
-  __shared__ int total[kMoeAlignMaxLocalExperts];
-  __shared__ int warp_sums[kWarps];
+// A block's slots [beg, end), cut into warp chunks of whole 32-slot steps (as few warps as needed).
+struct WarpChunks {
+  int nw;           // warps with slots
+  int64_t beg, end; // this warp's slots
+};
 
+__device__ __forceinline__ WarpChunks warp_chunks(int64_t beg, int64_t end, int warp) {
+  const int64_t steps = (end - beg + 31) / 32;
+  WarpChunks c;
+  c.nw = int(steps < kWarps ? (steps > 0 ? steps : 1) : kWarps);
+  const int64_t chunk = (steps + c.nw - 1) / c.nw * 32;
+  c.beg = beg + int64_t(warp) * chunk;
+  c.end = c.beg + chunk < end ? c.beg + chunk : end;
+  return c;
+}
+
+// Shared state of one block. cnt: per-warp counts, then (after scan_warps) each warp's next rank.
+struct AlignSmem {
+  int cnt[kWarps][kMoeAlignMaxLocalExperts];
+  int offs[kMoeAlignMaxLocalExperts + 1];
+  int total[kMoeAlignMaxLocalExperts];
+  int warp_sums[kWarps];
+};
+
+// Per-warp, per-expert counts of the block's slots.
+__device__ void count_block(const MoeAlignParams& p, const WarpChunks& c, AlignSmem& sm) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int E = p.num_local;
-  const bool masked = p.max_m > 0;
-
-  // Chunking: as few warps as the slots need (decode: one), each a multiple of 32 slots.
-  const int64_t steps = (p.n + 31) / 32;
-  const int nw = int(steps < kWarps ? (steps > 0 ? steps : 1) : kWarps);
-  const int64_t chunk = (steps + nw - 1) / nw * 32;
-  const int64_t beg = int64_t(warp) * chunk;
-  const int64_t end = beg + chunk < p.n ? beg + chunk : p.n;
-
-  for (int i = tid; i < kWarps * E; i += kThreads) cnt[i / E][i % E] = 0;
+  for (int i = tid; i < kWarps * E; i += kThreads) sm.cnt[i / E][i % E] = 0;
   __syncthreads();
-
-  // Pass 1: per-warp counts.
-  if (warp < nw) {
-    for (int64_t base = beg; base < end; base += 32 * kUnroll) {
+  if (warp < c.nw) {
+    for (int64_t base = c.beg; base < c.end; base += 32 * kUnroll) {
       int e[kUnroll];
-      load_step_experts(p, base, end, lane, e);
+      load_step_experts(p, base, c.end, lane, e);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const unsigned peers = __match_any_sync(kFull, e[u]);
-        if (e[u] >= 0 && lane == __ffs(peers) - 1) cnt[warp][e[u]] += __popc(peers);
+        if (e[u] >= 0 && lane == __ffs(peers) - 1) sm.cnt[warp][e[u]] += __popc(peers);
       }
     }
   }
   __syncthreads();
+}
 
-  // Pass 2: exclusive scan over warps per expert, then the expert starts.
-  int mine = 0;
-  if (tid < E) {
-    int run = 0;
+// Exclusive scan over the warps per expert, starting from `base` (the slots of this expert in earlier
+// blocks); returns the block's count of expert tid (tid < E).
+__device__ __forceinline__ int scan_warps(const MoeAlignParams& p, int nw, int base, AlignSmem& sm) {
+  const int tid = threadIdx.x;
+  int run = base;
+  if (tid < p.num_local) {
     for (int w = 0; w < nw; ++w) {
-      const int c = cnt[w][tid];
-      cnt[w][tid] = run;
+      const int c = sm.cnt[w][tid];
+      sm.cnt[w][tid] = run;
       run += c;
     }
-    total[tid] = run;
-    if (masked) {
-      p.masked_m[tid] = run < p.max_m ? run : p.max_m;
-    } else {
-      mine = (run + p.block_m - 1) / p.block_m * p.block_m;
-    }
   }
-  if (!masked) {
-    int incl = mine;
+  return run - base;
+}
+
+// From the per-expert totals (thread e holds total[e]): masked_m, or the padded expert offsets (also
+// left in sm.offs), the sentinel in every sorted_ids row the scatter does not write, and the block table.
+__device__ void finish_layout(const MoeAlignParams& p, int total, AlignSmem& sm) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int E = p.num_local;
+  if (p.max_m > 0) {
+    if (tid < E) p.masked_m[tid] = total < p.max_m ? total : p.max_m;
+    return;
+  }
+  const int mine = tid < E ? (total + p.block_m - 1) / p.block_m * p.block_m : 0;
+  int incl = mine;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int o = __shfl_up_sync(kFull, incl, off);
+    if (lane >= off) incl += o;
+  }
+  if (lane == 31) sm.warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int v = lane < kWarps ? sm.warp_sums[lane] : 0;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
-      const int o = __shfl_up_sync(kFull, incl, off);
-      if (lane >= off) incl += o;
+      const int o = __shfl_up_sync(kFull, v, off);
+      if (lane >= off) v += o;
     }
-    if (lane == 31) warp_sums[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-      int v = lane < kWarps ? warp_sums[lane] : 0;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int o = __shfl_up_sync(kFull, v, off);
-        if (lane >= off) v += o;
-      }
-      if (lane < kWarps) warp_sums[lane] = v;  // inclusive over warps
-    }
-    __syncthreads();
-    const int excl = incl - mine + (warp > 0 ? warp_sums[warp - 1] : 0);
-    if (tid < E) offs[tid] = excl;
-    if (tid == E - 1) offs[E] = excl + mine;
+    if (lane < kWarps) sm.warp_sums[lane] = v;  // inclusive over warps
   }
   __syncthreads();
-
-  // Pass 3: rows. Lanes of one expert read the warp's next row, then its lowest lane advances it.
-  if (warp < nw) {
-    const unsigned lt = (1u << lane) - 1u;
-    for (int64_t base = beg; base < end; base += 32 * kUnroll) {
-      int e[kUnroll];
-      load_step_experts(p, base, end, lane, e);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t s = base + u * 32 + lane;
-        const unsigned peers = __match_any_sync(kFull, e[u]);
-        int next = 0;
-        if (e[u] >= 0) {
-          const int first = cnt[warp][e[u]];
-          const int rank = first + __popc(peers & lt);
-          next = first + __popc(peers);
-          int row;
-          if (masked) {
-            row = rank < p.max_m ? e[u] * p.max_m + rank : -1;
-          } else {
-            row = offs[e[u]] + rank;
-            p.sorted_ids[row] = int(s);
-          }
-          p.token_slots[s] = row;
-        } else if (s < end) {
-          p.token_slots[s] = -1;
-        }
-        __syncwarp();
-        if (e[u] >= 0 && lane == __ffs(peers) - 1) cnt[warp][e[u]] = next;
-        __syncwarp();
-      }
-    }
+  const int excl = incl - mine + (warp > 0 ? sm.warp_sums[warp - 1] : 0);
+  if (tid < E) {
+    sm.offs[tid] = excl;
+    sm.total[tid] = total;
   }
-  if (masked) return;
+  if (tid == E - 1) sm.offs[E] = excl + mine;
+  __syncthreads();
 
-  // Everything the scatter does not write: padding rows, the unused tail, the block table.
   const int sentinel = int(p.n);
   if (tid < E) {
-    for (int r = offs[tid] + total[tid]; r < offs[tid + 1]; ++r) p.sorted_ids[r] = sentinel;
-    for (int b = offs[tid] / p.block_m; b < offs[tid + 1] / p.block_m; ++b) p.block_expert_ids[b] = tid;
+    for (int r = sm.offs[tid] + sm.total[tid]; r < sm.offs[tid + 1]; ++r) p.sorted_ids[r] = sentinel;
+    for (int b = sm.offs[tid] / p.block_m; b < sm.offs[tid + 1] / p.block_m; ++b) p.block_expert_ids[b] = tid;
+    p.expert_offsets[tid] = sm.offs[tid];
   }
-  if (tid < E) p.expert_offsets[tid] = offs[tid];
-  if (tid == E - 1) p.expert_offsets[E] = offs[E];  // E may equal the thread count
-  const int64_t used = offs[E];
+  if (tid == E - 1) p.expert_offsets[E] = sm.offs[E];  // E may equal the thread count
+  const int64_t used = sm.offs[E];
   for (int64_t r = used + tid; r < p.max_rows; r += kThreads) p.sorted_ids[r] = sentinel;
   for (int64_t b = used / p.block_m + tid; b < p.max_rows / p.block_m; b += kThreads) p.block_expert_ids[b] = -1;
 }
 
+// Rows of the block's slots: lanes of one expert read the warp's next rank, then its lowest lane
+// advances it. sm.cnt holds each warp's first rank per expert; offs the expert starts (contiguous).
+__device__ void scatter_block(const MoeAlignParams& p, const WarpChunks& c, AlignSmem& sm, const int* offs) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp >= c.nw) return;
+  const bool masked = p.max_m > 0;
+  const unsigned lt = (1u << lane) - 1u;
+  for (int64_t base = c.beg; base < c.end; base += 32 * kUnroll) {
+    int e[kUnroll];
+    load_step_experts(p, base, c.end, lane, e);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t s = base + u * 32 + lane;
+      const unsigned peers = __match_any_sync(kFull, e[u]);
+      int next = 0;
+      if (e[u] >= 0) {
+        const int first = sm.cnt[warp][e[u]];
+        const int rank = first + __popc(peers & lt);
+        next = first + __popc(peers);
+        int row;
+        if (masked) {
+          row = rank < p.max_m ? e[u] * p.max_m + rank : -1;
+        } else {
+          row = offs[e[u]] + rank;
+          p.sorted_ids[row] = int(s);
+        }
+        p.token_slots[s] = row;
+      } else if (s < c.end) {
+        p.token_slots[s] = -1;
+      }
+      __syncwarp();
+      if (e[u] >= 0 && lane == __ffs(peers) - 1) sm.cnt[warp][e[u]] = next;
+      __syncwarp();
+    }
+  }
+}
+
+// Up to kMoeAlignBlockSlots slots: count, scan and scatter in one block, one launch.
+__global__ void __launch_bounds__(kThreads, 1) moe_align_kernel(const MoeAlignParams p) {
+  __shared__ AlignSmem sm;
+  const WarpChunks c = warp_chunks(0, p.n, threadIdx.x >> 5);
+  count_block(p, c, sm);
+  const int total = scan_warps(p, c.nw, 0, sm);
+  finish_layout(p, total, sm);
+  __syncthreads();
+  scatter_block(p, c, sm, sm.offs);
+}
+
+// More slots: the same three steps over blocks of kMoeAlignBlockSlots slots, with the per-block
+// counts in the workspace [blocks, E] between three launches. Slot order within an expert is still
+// ascending: block b's rows follow every earlier block's.
+__global__ void __launch_bounds__(kThreads, 1) moe_align_count_kernel(const MoeAlignParams p) {
+  __shared__ AlignSmem sm;
+  const int64_t beg = int64_t(blockIdx.x) * kMoeAlignBlockSlots;
+  const int64_t end = beg + kMoeAlignBlockSlots < p.n ? beg + kMoeAlignBlockSlots : p.n;
+  const WarpChunks c = warp_chunks(beg, end, threadIdx.x >> 5);
+  count_block(p, c, sm);
+  const int total = scan_warps(p, c.nw, 0, sm);
+  if (threadIdx.x < p.num_local) p.workspace[int64_t(blockIdx.x) * p.num_local + threadIdx.x] = total;
+}
+
+__global__ void __launch_bounds__(kThreads, 1) moe_align_scan_kernel(const MoeAlignParams p, int blocks) {
+  __shared__ AlignSmem sm;
+  const int e = threadIdx.x;
+  int run = 0;
+  if (e < p.num_local) {
+    for (int b = 0; b < blocks; ++b) {
+      int* w = p.workspace + int64_t(b) * p.num_local + e;
+      const int c = *w;
+      *w = run;
+      run += c;
+    }
+  }
+  finish_layout(p, run, sm);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) moe_align_scatter_kernel(const MoeAlignParams p) {
+  __shared__ AlignSmem sm;
+  const int64_t beg = int64_t(blockIdx.x) * kMoeAlignBlockSlots;
+  const int64_t end = beg + kMoeAlignBlockSlots < p.n ? beg + kMoeAlignBlockSlots : p.n;
+  const WarpChunks c = warp_chunks(beg, end, threadIdx.x >> 5);
+  count_block(p, c, sm);
+  const int base = threadIdx.x < p.num_local ? p.workspace[int64_t(blockIdx.x) * p.num_local + threadIdx.x] : 0;
+  scan_warps(p, c.nw, base, sm);
+  __syncthreads();
+  scatter_block(p, c, sm, p.expert_offsets);
+}
+
 }  // namespace
 
+int64_t moe_align_workspace_ints(int64_t n, int num_local) {
+  const int64_t blocks = (n + kMoeAlignBlockSlots - 1) / kMoeAlignBlockSlots;
+  return blocks > 1 ? blocks * num_local : 0;
+}
+
 void launch_moe_align(const MoeAlignParams& p, cudaStream_t stream) {
-  moe_align_kernel<<<1, kThreads, 0, stream>>>(p);
+  const int64_t blocks = (p.n + kMoeAlignBlockSlots - 1) / kMoeAlignBlockSlots;
+  if (blocks <= 1) {
+    moe_align_kernel<<<1, kThreads, 0, stream>>>(p);
+    FS_CHECK_LAUNCH();
+    return;
+  }
+  if (p.workspace == nullptr) throw std::invalid_argument("flashseek: moe_align needs a workspace for this many slots");
+  moe_align_count_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(p);
+  FS_CHECK_LAUNCH();
+  moe_align_scan_kernel<<<1, kThreads, 0, stream>>>(p, int(blocks));
+  FS_CHECK_LAUNCH();
+  moe_align_scatter_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(p);
   FS_CHECK_LAUNCH();
 }
 

@@ -2,6 +2,7 @@
 #include "common/torch_checks.h"
 #include "moe/moe.h"
 #include "registration.h"
+#include <ATen/ATen.h>
 
 namespace flashseek {
 namespace {
@@ -57,6 +58,17 @@ MoeAlignParams align_params(const at::Tensor& topk_ids, int64_t num_experts,
   return p;
 }
 
+// The multi-block path's per-block counts come from the caching allocator (stream-ordered, graph safe).
+void launch_align(MoeAlignParams& p, const at::Tensor& topk_ids) {
+  const int64_t ws = moe_align_workspace_ints(p.n, p.num_local);
+  at::Tensor workspace;
+  if (ws > 0) {
+    workspace = at::empty({ws}, topk_ids.options().dtype(at::kInt));
+    p.workspace = workspace.data_ptr<int32_t>();
+  }
+  launch_moe_align(p, current_stream(topk_ids));
+}
+
 void moe_align_cuda(const at::Tensor& topk_ids, int64_t num_experts, int64_t block_m,
                     const std::optional<at::Tensor>& expert_map, at::Tensor& sorted_ids, at::Tensor& block_expert_ids,
                     at::Tensor& expert_offsets, at::Tensor& token_slots) {
@@ -81,7 +93,7 @@ void moe_align_cuda(const at::Tensor& topk_ids, int64_t num_experts, int64_t blo
   p.max_rows = rows;
   p.block_expert_ids = block_expert_ids.data_ptr<int32_t>();
   p.expert_offsets = expert_offsets.data_ptr<int32_t>();
-  launch_moe_align(p, current_stream(topk_ids));
+  launch_align(p, topk_ids);
 }
 
 void moe_align_masked_cuda(const at::Tensor& topk_ids, int64_t num_experts, int64_t max_m,
@@ -102,7 +114,7 @@ void moe_align_masked_cuda(const at::Tensor& topk_ids, int64_t num_experts, int6
   p.block_m = 1;
   p.max_m = static_cast<int>(max_m);
   p.masked_m = masked_m.data_ptr<int32_t>();
-  launch_moe_align(p, current_stream(topk_ids));
+  launch_align(p, topk_ids);
 }
 
 void check_hidden(const at::Tensor& hidden) {
