@@ -69,6 +69,13 @@ TORCH_LIBRARY(flashseek, m) {
   m.def(
       "mla_cache_append(Tensor latent, Tensor k_rope, Tensor(a!) kv_cache, "
       "Tensor slot_mapping) -> ()");
+  // Pre-attention glue of an MLA layer, for T tokens and h heads: latent = rms_norm(kv[:, :512])
+  // and k_pe = rope(kv[:, 512:]) written to kv_cache slot slot_mapping[t] (negative: skipped);
+  // q_out [T, h, 64] = rope(q_pe) (e.g. the tail of the absorbed q [T, h, 576]). Rope: DeepSeek's
+  // interleaved pairs at positions[t] from cos/sin [max_positions, 32] fp32 tables.
+  m.def(
+      "mla_rope_norm_append(Tensor kv, Tensor q_pe, Tensor positions, Tensor cos, Tensor sin, "
+      "Tensor norm_weight, float eps, Tensor slot_mapping, Tensor(a!) kv_cache, Tensor(b!) q_out) -> ()");
 
   // ---- RMSNorm (csrc/norm) ----
   // x [M, N] bf16/fp16/fp32, weight [N] bf16/fp16/fp32 -> out [M, N] in x's dtype:

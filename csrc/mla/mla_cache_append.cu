@@ -1,46 +1,14 @@
 // Writes new tokens into the paged latent cache: bf16 copy, or FP8 quantization (per 128 values
 // scale = max(amax, 1e-4) / 448, q = e4m3(x / scale), the same fp32 operations as the reference so
 // the bytes match). One warp per token; lane l owns latent values 16 l .. 16 l + 15.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-
-#include <type_traits>
-
 #include "common/cuda_check.h"
-#include "common/fp8_block_quant.cuh"
+#include "mla/mla_cache_token.cuh"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
 namespace {
 
 constexpr int kTokensPerCta = 4;
-
-template <typename T>
-__device__ __forceinline__ void to_float8(uint4 v, float* f) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 x;
-    if constexpr (std::is_same_v<T, __half>) {
-      x = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-    } else {
-      x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
-    }
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
-
-__device__ __forceinline__ uint4 to_bf16x8(const float* f) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __nv_bfloat162 b = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    w[i] = *reinterpret_cast<uint32_t*>(&b);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
 
 template <typename T, bool kFp8>
 __global__ void __launch_bounds__(kTokensPerCta * 32) mla_cache_append_kernel(const __grid_constant__ AppendParams p) {
@@ -69,8 +37,8 @@ __global__ void __launch_bounds__(kTokensPerCta * 32) mla_cache_append_kernel(co
 #pragma unroll
     for (int i = 0; i < 4; ++i) w[i] = quantize4_e4m3(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3], scale);
     *reinterpret_cast<uint4*>(dst + lane * 16) = make_uint4(w[0], w[1], w[2], w[3]);
-    if ((lane & 7) == 0) *reinterpret_cast<float*>(dst + kDV + 4 * (lane >> 3)) = scale;
-    if (lane < 8) *reinterpret_cast<uint4*>(dst + kDV + 16 + lane * 16) = to_bf16x8(rope);
+    if ((lane & 7) == 0) *reinterpret_cast<float*>(dst + kFp8ScaleOffset + 4 * (lane >> 3)) = scale;
+    if (lane < 8) *reinterpret_cast<uint4*>(dst + kFp8RopeOffset + lane * 16) = to_bf16x8(rope);
   } else {
     __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(p.kv) + slot * kDQK;
     *reinterpret_cast<uint4*>(dst + lane * 16) = to_bf16x8(x);

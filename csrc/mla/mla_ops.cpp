@@ -3,7 +3,8 @@
 // Index safety without a host sync: values inside block_table and cache_seqlens are not read here.
 // The decode kernel clamps each length to the table's capacity (max_pages * page_size) and each
 // page id to [0, num_pages), so a bad table yields wrong values but never an out-of-bounds access;
-// the append kernel skips slots outside the cache. flashseek.ops.mla_decode(validate=True) checks
+// the append kernels skip slots outside the cache and mla_rope_norm_append clamps positions to its
+// cos/sin tables. flashseek.ops.mla_decode(validate=True) checks
 // the values on the host (and the CPU reference always does).
 #include <ATen/ATen.h>
 
@@ -223,12 +224,105 @@ void mla_cache_append(const at::Tensor& latent, const at::Tensor& k_rope, at::Te
   launch_cache_append(p, fp8, current_stream(kv_cache));
 }
 
+
+void mla_rope_norm_append(const at::Tensor& kv, const at::Tensor& q_pe, const at::Tensor& positions,
+                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& norm_weight, double eps,
+                          const at::Tensor& slot_mapping, at::Tensor& kv_cache, at::Tensor& q_out) {
+  FS_CHECK_CUDA(kv);
+  FS_CHECK(kv.scalar_type() == at::kBFloat16 || kv.scalar_type() == at::kHalf,
+           "kv must have dtype BFloat16 or Half, got ", kv.scalar_type());
+  FS_CHECK_DIM(kv, 2);
+  const int64_t t = kv.size(0);
+  FS_CHECK(kv.size(1) == kDQK, "kv must be [tokens, 576] (512 latent + 64 k_pe), got ", kv.sizes());
+  FS_CHECK_LAST_DIM_CONTIGUOUS(kv);
+  check_rows16(kv, "kv");
+  FS_CHECK(t <= INT_MAX, "at most 2^31 - 1 tokens, got ", t);
+  FS_CHECK_CUDA(q_pe);
+  FS_CHECK_DTYPE(q_pe, kv.scalar_type());
+  FS_CHECK_DIM(q_pe, 3);
+  const int64_t h = q_pe.size(1);
+  FS_CHECK(q_pe.size(0) == t && q_pe.size(2) == kDRope && h >= 1 && h <= 1024,
+           "q_pe must be [", t, ", heads in [1, 1024], 64], got ", q_pe.sizes());
+  FS_CHECK_LAST_DIM_CONTIGUOUS(q_pe);
+  check_rows16(q_pe, "q_pe");
+  FS_CHECK_CUDA(q_out);
+  FS_CHECK_DTYPE(q_out, kv.scalar_type());
+  FS_CHECK_SHAPE(q_out, t, h, kDRope);
+  FS_CHECK_LAST_DIM_CONTIGUOUS(q_out);
+  check_rows16(q_out, "q_out");
+  FS_CHECK_CUDA(positions);
+  FS_CHECK_DTYPE(positions, at::kLong);
+  FS_CHECK_SHAPE(positions, t);
+  FS_CHECK_CONTIGUOUS(positions);
+  FS_CHECK_CUDA(cos);
+  FS_CHECK_DTYPE(cos, at::kFloat);
+  FS_CHECK_DIM(cos, 2);
+  FS_CHECK(cos.size(0) >= 1 && cos.size(1) == kDRope / 2, "cos must be [max_positions >= 1, 32], got ", cos.sizes());
+  FS_CHECK_CONTIGUOUS(cos);
+  FS_CHECK(aligned16(cos), "cos's data must be 16-byte aligned");
+  FS_CHECK_CUDA(sin);
+  FS_CHECK_DTYPE(sin, at::kFloat);
+  FS_CHECK(sin.sizes() == cos.sizes(), "sin must have cos's shape ", cos.sizes(), ", got ", sin.sizes());
+  FS_CHECK_CONTIGUOUS(sin);
+  FS_CHECK(aligned16(sin), "sin's data must be 16-byte aligned");
+  FS_CHECK_CUDA(norm_weight);
+  WeightDtype wdt = WeightDtype::kFloat32;
+  switch (norm_weight.scalar_type()) {
+    case at::kBFloat16: wdt = WeightDtype::kBFloat16; break;
+    case at::kHalf: wdt = WeightDtype::kFloat16; break;
+    case at::kFloat: wdt = WeightDtype::kFloat32; break;
+    default: FS_CHECK(false, "norm_weight must have dtype BFloat16, Half or Float, got ", norm_weight.scalar_type());
+  }
+  FS_CHECK_SHAPE(norm_weight, kDV);
+  FS_CHECK_CONTIGUOUS(norm_weight);
+  FS_CHECK(aligned16(norm_weight), "norm_weight's data must be 16-byte aligned");
+  FS_CHECK(eps >= 0 && std::isfinite(eps), "eps must be >= 0 and finite, got ", eps);
+  FS_CHECK_CUDA(slot_mapping);
+  FS_CHECK_DTYPE(slot_mapping, at::kLong);
+  FS_CHECK_SHAPE(slot_mapping, t);
+  FS_CHECK_CONTIGUOUS(slot_mapping);
+  const bool fp8 = check_cache(kv_cache);
+  const std::initializer_list<const at::Tensor*> others{&q_pe, &positions, &cos, &sin, &norm_weight, &slot_mapping,
+                                                        &kv_cache, &q_out};
+  for (const at::Tensor* x : others) {
+    FS_CHECK(x->device() == kv.device(), "every tensor must be on kv's device ", kv.device(), ", got ", x->device());
+  }
+  const int64_t ctas = (t + 3) / 4 + t * ((h + 15) / 16);
+  FS_CHECK(ctas <= INT_MAX, "too many tokens x heads for one launch: ", t, " x ", h);
+  if (t == 0) return;
+  const c10::cuda::CUDAGuard guard(kv.device());
+  RopeNormAppendParams p{};
+  p.kv = kv.data_ptr();
+  p.kv_stride = kv.stride(0);
+  p.q_pe = q_pe.data_ptr();
+  p.q_stride_t = q_pe.stride(0);
+  p.q_stride_h = q_pe.stride(1);
+  p.q_out = q_out.data_ptr();
+  p.qo_stride_t = q_out.stride(0);
+  p.qo_stride_h = q_out.stride(1);
+  p.positions = positions.data_ptr<int64_t>();
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.num_positions = cos.size(0);
+  p.weight = norm_weight.data_ptr();
+  p.weight_dtype = wdt;
+  p.eps = static_cast<float>(eps);
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.kv_cache = kv_cache.data_ptr();
+  p.capacity = kv_cache.size(0) * kv_cache.size(1);
+  p.tokens = static_cast<int>(t);
+  p.heads = static_cast<int>(h);
+  p.fp16_input = kv.scalar_type() == at::kHalf ? 1 : 0;
+  launch_rope_norm_append(p, fp8, current_stream(kv));
+}
+
 }  // namespace
 
 void register_mla_cuda(torch::Library& m) {
   m.impl("mla_decode_plan", &mla_decode_plan);
   m.impl("mla_decode", &mla_decode);
   m.impl("mla_cache_append", &mla_cache_append);
+  m.impl("mla_rope_norm_append", &mla_rope_norm_append);
 }
 
 }  // namespace flashseek

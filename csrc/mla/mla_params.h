@@ -65,6 +65,33 @@ struct AppendParams {
   int fp16_input;
 };
 
+// The pre-attention glue of an MLA layer in one launch (spec: flashseek/ref/mla.py,
+// mla_rope_norm_append): per token, latent = rms_norm(kv[:512]) and k_pe = rope(kv[512:]) are
+// written to cache slot slot_mapping[t] (negative or >= capacity: skipped), and every head's
+// q_pe = rope(q_pe) to q_out. Rope: interleaved pairs, fp32, rounded to the input dtype.
+enum class WeightDtype : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
+
+struct RopeNormAppendParams {
+  const void* kv;                 // [tokens, 576] bf16/fp16 (512 latent | 64 k_pe), unit last stride
+  int64_t kv_stride;
+  const void* q_pe;               // [tokens, heads, 64] kv's dtype, unit last stride
+  int64_t q_stride_t, q_stride_h;
+  void* q_out;                    // [tokens, heads, 64] kv's dtype, unit last stride (may be q_lat's tail)
+  int64_t qo_stride_t, qo_stride_h;
+  const int64_t* positions;       // [tokens]; clamped to [0, num_positions)
+  const float* cos;               // [num_positions, 32] contiguous (attention factor included)
+  const float* sin;
+  int64_t num_positions;
+  const void* weight;             // [512] kv_a RMSNorm weight, contiguous
+  WeightDtype weight_dtype;
+  float eps;
+  const int64_t* slot_mapping;    // [tokens]
+  void* kv_cache;                 // the cache, contiguous
+  int64_t capacity;               // num_pages * page_size
+  int tokens, heads;
+  int fp16_input;
+};
+
 void launch_plan(const PlanParams& p, cudaStream_t stream);
 // Decode of every (row tile, sm part); requests with one split are written to out/lse directly.
 void launch_decode_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
@@ -72,5 +99,6 @@ void launch_decode_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t st
 // Merges the partials of requests with more than one split into out/lse.
 void launch_combine(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 void launch_cache_append(const AppendParams& p, bool fp8_cache, cudaStream_t stream);
+void launch_rope_norm_append(const RopeNormAppendParams& p, bool fp8_cache, cudaStream_t stream);
 
 }  // namespace flashseek::mla

@@ -1063,6 +1063,93 @@ def mla_cache_append(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch
 
 
 
+def _check_rows16(x, name):
+    _expect(x.stride(-1) == 1 and all(n == 1 or st % 8 == 0 for n, st in zip(x.shape[:-1], x.stride()[:-1])),
+            f"{name} must have a unit last stride and other strides that are multiples of 8 elements "
+            f"(16-byte rows), got strides {tuple(x.stride())}")
+
+
+def _check_mla_rope_norm_append(kv, q_pe, positions, cos, sin, norm_weight, eps, slot_mapping, kv_cache, q_out):
+    _expect_dtype(kv, "kv", (torch.bfloat16, torch.float16))
+    _expect_dim(kv, "kv", 2)
+    t = kv.shape[0]
+    _expect(kv.shape[1] == ref_mla.D_QK, f"kv must be [tokens, {ref_mla.D_QK}] (512 latent + 64 k_pe), "
+            f"got {list(kv.shape)}")
+    _check_rows16(kv, "kv")
+    _expect_dtype(q_pe, "q_pe", kv.dtype)
+    _expect_dim(q_pe, "q_pe", 3)
+    h = q_pe.shape[1]
+    _expect(q_pe.shape[0] == t and q_pe.shape[2] == ref_mla.D_ROPE and 1 <= h <= 1024,
+            f"q_pe must be [{t}, heads in [1, 1024], {ref_mla.D_ROPE}], got {list(q_pe.shape)}")
+    _check_rows16(q_pe, "q_pe")
+    _expect_dtype(q_out, "q_out", kv.dtype)
+    _expect_shape(q_out, "q_out", (t, h, ref_mla.D_ROPE))
+    _check_rows16(q_out, "q_out")
+    _expect_dtype(positions, "positions", torch.int64)
+    _expect_shape(positions, "positions", (t,))
+    _expect_contiguous(positions, "positions")
+    _expect_dtype(cos, "cos", torch.float32)
+    _expect(cos.dim() == 2 and cos.shape[0] >= 1 and cos.shape[1] == ref_mla.D_ROPE // 2,
+            f"cos must be [max_positions >= 1, {ref_mla.D_ROPE // 2}], got {list(cos.shape)}")
+    _expect_contiguous(cos, "cos")
+    _expect_dtype(sin, "sin", torch.float32)
+    _expect(sin.shape == cos.shape, f"sin must have cos's shape {list(cos.shape)}, got {list(sin.shape)}")
+    _expect_contiguous(sin, "sin")
+    _expect_dtype(norm_weight, "norm_weight", (torch.bfloat16, torch.float16, torch.float32))
+    _expect_shape(norm_weight, "norm_weight", (ref_mla.D_V,))
+    _expect_contiguous(norm_weight, "norm_weight")
+    _expect(eps >= 0, f"eps must be >= 0, got {eps}")
+    _expect_dtype(slot_mapping, "slot_mapping", torch.int64)
+    _expect_shape(slot_mapping, "slot_mapping", (t,))
+    _expect_contiguous(slot_mapping, "slot_mapping")
+    _check_mla_cache(kv_cache)
+    _expect_same_device(kv, "kv", q_pe=q_pe, positions=positions, cos=cos, sin=sin, norm_weight=norm_weight,
+                        slot_mapping=slot_mapping, kv_cache=kv_cache, q_out=q_out)
+
+
+def _ref_mla_rope_norm_append(kv, q_pe, positions, cos, sin, norm_weight, eps, slot_mapping, kv_cache, q_out):
+    q_out.copy_(ref_mla.mla_rope_norm_append(kv, q_pe, positions, cos, sin, norm_weight, eps, slot_mapping,
+                                             kv_cache))
+
+
+_register("mla_rope_norm_append", _check_mla_rope_norm_append, _ref_mla_rope_norm_append)
+
+
+def mla_rope_norm_append(kv: torch.Tensor, q_pe: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, norm_weight: torch.Tensor, eps: float, slot_mapping: torch.Tensor,
+                         kv_cache: torch.Tensor, q_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The MLA layer's pre-attention glue in one kernel: kv_a RMSNorm, rope of k_pe and q_pe, cache append.
+
+    Per token t (spec: flashseek.ref.mla.mla_rope_norm_append):
+        latent = rms_norm(kv[t, :512], norm_weight, eps)  and  k_pe = rope(kv[t, 512:]), both rounded
+        to kv's dtype, are written to kv_cache slot slot_mapping[t] as mla_cache_append writes them
+        (bf16, or the FP8 layout); q_out[t] = rope(q_pe[t]) for every head.
+    Rope is DeepSeek's interleaved form (pairs (2i, 2i+1) rotated by cos/sin[positions[t], i]) in fp32.
+
+    Args:
+        kv: [T, 576] bf16/fp16 (512 latent | 64 k_pe), e.g. a column slice of a fused projection;
+            unit last stride, row stride a multiple of 8 elements.
+        q_pe: [T, h, 64] in kv's dtype (e.g. q[..., 128:] of the q projection), 1 <= h <= 1024.
+        positions: int64 [T] rows of the tables: in [0, max_positions) (CPU raises; CUDA clamps).
+        cos, sin: fp32 [max_positions, 32] contiguous (YarnRope's tables, attention factor included).
+        norm_weight: [512] bf16/fp16/fp32 (kv_a_layernorm), contiguous; eps >= 0.
+        slot_mapping: int64 [T]; negative: the cache write is skipped (q_out is still written);
+            >= num_pages * page_size: CPU raises, CUDA skips (no sync to check).
+        kv_cache: bf16 [num_pages, page_size, 576] or the FP8 uint8 [.., .., 656] layout.
+        q_out: optional [T, h, 64] output in kv's dtype, any strides with 16-byte rows, e.g.
+            q_lat[..., 512:] of the absorbed query [T, h, 576]; must not overlap the inputs.
+    Returns:
+        q_out. Tolerance of the CUDA kernel against the reference: rope and the cache's rope bits
+        exact; the latent within one rounding of kv's dtype (the fp32 sum of squares is ordered as
+        flashseek.ops.rms_norm's kernel, which it equals bit for bit), FP8 bytes as mla_cache_append.
+    """
+    t, h = q_pe.shape[0], q_pe.shape[1]
+    q_out = torch.empty((t, h, ref_mla.D_ROPE), dtype=q_pe.dtype, device=q_pe.device) if q_out is None else q_out
+    torch.ops.flashseek.mla_rope_norm_append(kv, q_pe, positions, cos, sin, norm_weight, float(eps), slot_mapping,
+                                             kv_cache, q_out)
+    return q_out
+
+
 # --------------------------------------------------------------------------------------------
 # RMSNorm and fused residual-add + RMSNorm   [section: norm]
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from flashseek.ref.norm import rms_norm
 from flashseek.ref.quant import AMAX_FLOOR, FP8_MAX, block_scales
 
 D_QK = 576          # latent 512 + rope 64
@@ -163,6 +164,50 @@ def mla_cache_append(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch
         flat[slots] = quantize_tokens(lat, rope)
     else:
         flat[slots] = torch.cat([lat.float(), rope.float()], dim=-1).to(kv_cache.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-attention glue: kv_a RMSNorm, rope, cache append
+# ---------------------------------------------------------------------------------------------
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's rotary embedding of adjacent pairs (x[2i], x[2i+1]) by cos/sin[..., i].
+
+    x [T, ..., dim] with cos/sin [T, dim/2] (broadcast over the middle dims); computed in fp32 as
+    (x0 * c - x1 * s, x0 * s + x1 * c), each product and sum rounded to fp32, returned in x's dtype.
+    """
+    xf = x.float()
+    x0, x1 = xf[..., 0::2], xf[..., 1::2]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    c, s = cos.view(shape), sin.view(shape)
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+def check_positions(positions: torch.Tensor, num_positions: int) -> None:
+    pos = positions.long()
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= num_positions):
+        raise ValueError(f"flashseek: positions must lie in [0, {num_positions}) (the rope tables' rows), "
+                         f"got [{int(pos.min())}, {int(pos.max())}]")
+
+
+def mla_rope_norm_append(kv: torch.Tensor, q_pe: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, norm_weight: torch.Tensor, eps: float, slot_mapping: torch.Tensor,
+                         kv_cache: torch.Tensor) -> torch.Tensor:
+    """The MLA layer's glue between the kv_a projection and attention; returns rope(q_pe).
+
+    kv [T, 576] (512 latent | 64 k_pe) and q_pe [T, h, 64] in bf16/fp16; cos/sin [P, 32] fp32 tables
+    read at positions [T]. Exactly the unfused sequence
+        latent = rms_norm(kv[:, :512], norm_weight, eps)            (in kv's dtype)
+        k_pe   = rope_interleaved(kv[:, 512:], cos[pos], sin[pos])  (fp32, rounded to kv's dtype)
+        mla_cache_append(latent, k_pe, kv_cache, slot_mapping)      (negative slots skipped)
+        return rope_interleaved(q_pe, cos[pos], sin[pos])
+    """
+    check_positions(positions, cos.shape[0])
+    pos = positions.long()
+    c, s = cos[pos], sin[pos]
+    latent = rms_norm(kv[:, :D_V], norm_weight, eps)
+    k_pe = rope_interleaved(kv[:, D_V:], c, s)
+    mla_cache_append(latent, k_pe, kv_cache, slot_mapping)
+    return rope_interleaved(q_pe, c, s)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,14 +106,16 @@ class YarnRope:
     def cos_sin(self, positions: torch.Tensor):
         return self._cos[positions], self._sin[positions]
 
+    @property
+    def tables(self):
+        """(cos, sin) fp32 [max_positions, dim/2], as flashseek.ops.mla_rope_norm_append reads them."""
+        return self._cos, self._sin
+
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, ..., dim] with cos/sin [T, dim/2]; computed in fp32, returned in x's dtype."""
-        xf = x.float()
-        x0, x1 = xf[..., 0::2], xf[..., 1::2]
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-        c, s = cos.view(shape), sin.view(shape)
-        return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+        """x [T, ..., dim] with cos/sin [T, dim/2]; computed in fp32, returned in x's dtype
+        (flashseek.ref.mla.rope_interleaved, the formula mla_rope_norm_append's kernel follows)."""
+        return ref_mla.rope_interleaved(x, cos, sin)
 
 
 # ---- linear layers ----------------------------------------------------------------------------
@@ -290,6 +292,20 @@ class MoE:
 
 # ---- MLA attention ----------------------------------------------------------------------------
 class MLAAttention:
+    """DeepSeek's multi-head latent attention over the paged latent cache: decode (and the absorbed
+    prefill) through the MLA kernel with W_UK / W_UV absorbed, the decompressed prefill in torch.
+
+    FP8 mode, per layer call: q_a_proj and kv_a_proj are one GEMM (they read the same x; one
+    activation quantization), the glue between the projections and attention is one op
+    (flashseek.ops.mla_rope_norm_append: kv_a RMSNorm, rope of k_pe and q_pe, cache append), and the
+    absorption bmms write straight into the kernel's q and the o_proj input. The reference
+    precision runs the unfused torch sequence (the op's specification). The class switches below
+    turn each fusion off, for tests comparing with the unfused sequence; fuse_qkv_a applies at
+    finalize().
+    """
+    fuse_qkv_a = True
+    fuse_glue = True
+
     def __init__(self, cfg: DeepseekConfig, mode: str, ue8m0: bool, prefill_mode: str = "decompressed"):
         self.cfg, self.mode, self.ue8m0 = cfg, mode, ue8m0
         if prefill_mode not in ("decompressed", "absorbed"):
@@ -299,6 +315,7 @@ class MLAAttention:
         self.q_proj = L() if cfg.q_lora_rank is None else None
         self.q_a_proj, self.q_b_proj = (L(), L()) if cfg.q_lora_rank is not None else (None, None)
         self.kv_a_proj, self.kv_b_proj, self.o_proj = L(), L(), L()
+        self.qkv_a_proj: Optional[Linear] = None   # [q_a_proj; kv_a_proj] after finalize (FP8 mode)
         self.q_a_norm = self.kv_a_norm = None
         self.w_uk = self.w_uv_t = None
 
@@ -310,48 +327,82 @@ class MLAAttention:
         # Absorption, precomputed once: q_lat = q_nope @ W_UK, o = o_lat @ W_UV^T.
         self.w_uk = kvb[:, : c.qk_nope_head_dim, :].contiguous().to(dtype)      # [h, nope, lora]
         self.w_uv_t = kvb[:, c.qk_nope_head_dim:, :].transpose(1, 2).contiguous().to(dtype)  # [h, lora, v]
+        if self.mode == FP8_MODE and self.fuse_qkv_a and self.q_a_proj is not None:
+            qa, kva = self.q_a_proj, self.kv_a_proj
+            # FP8 scales stack when q_a's rows fill whole 128-row blocks (R1: 1536 + 576 rows);
+            # each output then has exactly the separate GEMM's per-block math.
+            if (qa.quantized and kva.quantized and qa.weight.shape[0] % 128 == 0) or \
+                    not (qa.quantized or kva.quantized):
+                self.qkv_a_proj = concat_linears(self.mode, self.ue8m0, [qa, kva])
+                self.q_a_proj = self.kv_a_proj = None
 
-    def _q(self, x):
+    def _project(self, x):
+        """(q [T, h, qk_head_dim], kv [T, kv_lora_rank + rope]): the input projections, q_a's RMSNorm and q_b."""
         c = self.cfg
-        if self.q_proj is not None:
-            q = self.q_proj(x)
+        if self.qkv_a_proj is not None:
+            a = self.qkv_a_proj(x)
+            r = c.q_lora_rank
+            q = self.q_b_proj(norm(a[:, :r], self.q_a_norm, c.rms_norm_eps, self.mode))
+            kv = a[:, r:]
         else:
-            q = self.q_b_proj(norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps, self.mode))
-        return q.view(x.shape[0], c.num_attention_heads, c.qk_head_dim)
+            if self.q_proj is not None:
+                q = self.q_proj(x)
+            else:
+                q = self.q_b_proj(norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps, self.mode))
+            kv = self.kv_a_proj(x)
+        return q.view(x.shape[0], c.num_attention_heads, c.qk_head_dim), kv
+
+    def _fused_glue(self, kv_cache, q) -> bool:
+        c = self.cfg
+        return (self.fuse_glue and self.mode == FP8_MODE and _use_mla_ops(kv_cache)
+                and fp8_ops.op("mla_rope_norm_append") is not None and q.dtype in (torch.bfloat16, torch.float16)
+                and c.kv_lora_rank == ref_mla.D_V and c.qk_rope_head_dim == ref_mla.D_ROPE)
 
     def __call__(self, x, meta: AttnMetadata, kv_cache: torch.Tensor, rope: YarnRope) -> torch.Tensor:
         c = self.cfg
         T, h = x.shape[0], c.num_attention_heads
-        q = self._q(x)
-        kv = self.kv_a_proj(x)
-        latent = norm(kv[:, : c.kv_lora_rank], self.kv_a_norm, c.rms_norm_eps, self.mode)
-        if meta.rope_cos_sin is None:
-            meta.rope_cos_sin = rope.cos_sin(meta.positions)
-        cos, sin = meta.rope_cos_sin
-        k_rope = YarnRope.apply(kv[:, c.kv_lora_rank:], cos, sin)
+        q, kv = self._project(x)
         q_nope = q[..., : c.qk_nope_head_dim]
-        q_rope = YarnRope.apply(q[..., c.qk_nope_head_dim:], cos, sin)
-        cache_append(latent, k_rope, kv_cache, meta.slot_mapping)
+        if self._fused_glue(kv_cache, q):
+            # The absorbed query [T, h, 576] = [q_nope @ W_UK | rope(q_pe)]: the op writes the rope
+            # tail of every row (the decompressed prefill reads it there too), _absorb_q the rest.
+            q_lat = torch.empty(T, h, c.kv_lora_rank + c.qk_rope_head_dim, dtype=q.dtype, device=x.device)
+            q_rope = q_lat[..., c.kv_lora_rank:]
+            cos, sin = rope.tables
+            ops.mla_rope_norm_append(kv, q[..., c.qk_nope_head_dim:], meta.positions, cos, sin, self.kv_a_norm,
+                                     c.rms_norm_eps, meta.slot_mapping, kv_cache, q_out=q_rope)
+        else:
+            q_lat = None
+            latent = norm(kv[:, : c.kv_lora_rank], self.kv_a_norm, c.rms_norm_eps, self.mode)
+            if meta.rope_cos_sin is None:
+                meta.rope_cos_sin = rope.cos_sin(meta.positions)
+            cos, sin = meta.rope_cos_sin
+            k_rope = YarnRope.apply(kv[:, c.kv_lora_rank:], cos, sin)
+            q_rope = YarnRope.apply(q[..., c.qk_nope_head_dim:], cos, sin)
+            cache_append(latent, k_rope, kv_cache, meta.slot_mapping)
+        rows = lambda sl: None if q_lat is None else q_lat[sl]  # noqa: E731
 
+        # Each section writes its rows of o, which is already the o_proj input [T, h * v].
         o = torch.empty(T, h, c.v_head_dim, dtype=x.dtype, device=x.device)
         nd = meta.num_decode
         if nd:
             if meta.decode_plan is None:
                 meta.decode_plan = make_plan(kv_cache, meta.cache_seqlens[:nd], 1, h)
-            q_lat = self._absorb_q(q_nope[:nd], q_rope[:nd])                   # [nd, h, 576]
-            o_lat, _ = mla_decode(q_lat.unsqueeze(1), kv_cache, meta.block_tables[:nd],
+            ql = self._absorb_q(q_nope[:nd], q_rope[:nd], rows(slice(0, nd)))     # [nd, h, 576]
+            o_lat, _ = mla_decode(ql.unsqueeze(1), kv_cache, meta.block_tables[:nd],
                                   meta.cache_seqlens[:nd], meta.decode_plan, c.softmax_scale, causal=False)
-            o[:nd] = self._unabsorb(o_lat[:, 0])
+            self._unabsorb(o_lat[:, 0], out=o[:nd])
         for p in meta.prefills:
             sl = slice(p.start, p.start + p.q_len)
             row = meta.block_tables[p.row: p.row + 1]
             if self.prefill_mode == "absorbed":
-                o[sl] = self._prefill_absorbed(self._absorb_q(q_nope[sl], q_rope[sl]), kv_cache, row, p, meta)
+                self._prefill_absorbed(self._absorb_q(q_nope[sl], q_rope[sl], rows(sl)), kv_cache, row, p, meta,
+                                       out=o[sl])
             else:
                 o[sl] = self._prefill_decompressed(q_nope[sl], q_rope[sl], kv_cache, row[0], p.ctx_len)
-        return self.o_proj(o.reshape(T, h * c.v_head_dim))
+        return self.o_proj(o.view(T, h * c.v_head_dim))
 
-    def _prefill_absorbed(self, q_lat, kv_cache, row, p: PrefillSeq, meta: AttnMetadata):
+    def _prefill_absorbed(self, q_lat, kv_cache, row, p: PrefillSeq, meta: AttnMetadata, out=None):
         """Causal prefill through the decode kernel, whose s_q is at most MAX_SQ: the chunk is cut
         into MAX_SQ-query pieces aligned to its end (the first piece front-padded), batched as rows
         of one call, each row's length ending at its last query so the bottom-right mask holds."""
@@ -367,14 +418,32 @@ class MLAAttention:
         q = torch.cat([q_lat.new_zeros(pad, h, q_lat.shape[-1]), q_lat]) if pad else q_lat
         o_lat, _ = mla_decode(q.view(pieces, s_q, h, -1), kv_cache, row.expand(pieces, -1).contiguous(), seqlens,
                               plan, self.cfg.softmax_scale, causal=True)
-        return self._unabsorb(o_lat.reshape(pieces * s_q, h, -1)[pad:])
+        return self._unabsorb(o_lat.reshape(pieces * s_q, h, -1)[pad:], out=out)
 
-    def _absorb_q(self, q_nope, q_rope):
-        q_lat = torch.einsum("thd,hdc->thc", q_nope.to(self.w_uk.dtype), self.w_uk)
-        return torch.cat([q_lat, q_rope.to(q_lat.dtype)], dim=-1)
+    def _absorb_q(self, q_nope, q_rope, q_lat=None):
+        """The absorbed query [n, h, 576] = [q_nope @ W_UK | q_rope], the product one bmm over heads
+        written in place (cuBLAS takes the strided view as is). Pass q_lat when its rope tail already
+        holds q_rope (mla_rope_norm_append wrote it); else it is allocated and q_rope copied in."""
+        lora = self.cfg.kv_lora_rank
+        dt = self.w_uk.dtype
+        if q_lat is None or q_lat.dtype != dt:
+            q_lat = torch.empty(q_nope.shape[0], q_nope.shape[1], lora + q_rope.shape[-1], dtype=dt,
+                                device=q_nope.device)
+            q_lat[..., lora:] = q_rope
+        torch.bmm(q_nope.to(dt).transpose(0, 1), self.w_uk, out=q_lat[..., :lora].transpose(0, 1))
+        return q_lat
 
-    def _unabsorb(self, o_lat):
-        return torch.einsum("thc,hcd->thd", o_lat.to(self.w_uv_t.dtype), self.w_uv_t)
+    def _unabsorb(self, o_lat, out=None):
+        """o [n, h, v] = o_lat [n, h, 512] @ W_UV^T per head, one bmm over heads, written straight
+        into out (rows of the o_proj input) when given."""
+        a = o_lat.to(self.w_uv_t.dtype).transpose(0, 1)
+        if out is None:
+            return torch.bmm(a, self.w_uv_t).transpose(0, 1)
+        if out.dtype == self.w_uv_t.dtype:
+            torch.bmm(a, self.w_uv_t, out=out.transpose(0, 1))
+        else:
+            out.copy_(torch.bmm(a, self.w_uv_t).transpose(0, 1))
+        return out
 
     def _prefill_decompressed(self, q_nope, q_rope, kv_cache, block_row, ctx_len):
         """Standard attention with per-head keys/values expanded from the cached latents."""

@@ -1,0 +1,396 @@
+"""The MLA layer's pre-attention glue: flashseek.ops.mla_rope_norm_append (reference on CPU, kernel on
+GPU), the fused q_a/kv_a projection and the copy-free absorption in the model, and the number of ops
+a decode attention step issues.
+
+Tolerances of the CUDA kernel against the reference on the same cos/sin tables: q_out and the
+cache's rope values bit-exact (fp32 products and sums, no FMA, then one rounding); the latent equal
+bit for bit to flashseek.ops.rms_norm on the GPU (same summation order), so within one rounding of
+the input dtype of the torch reference; FP8 cache bytes identical to mla_cache_append of that latent.
+"""
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from flashseek import ops
+from flashseek.engine.session import Session
+from flashseek.models.deepseek.checkpoint import ensure_default_model
+from flashseek.models.deepseek.config import tiny_r1_config
+from flashseek.models.deepseek.layers import MLAAttention, YarnRope
+from flashseek.models.deepseek.model import DeepseekV3ForCausalLM
+from flashseek.ref import mla as ref_mla
+from flashseek.ref import norm as ref_norm
+from tests.utils import opcheck, poison_
+
+EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------- inputs
+def make_inputs(T, h, page_size=16, num_pages=6, fp8=False, dtype=torch.bfloat16, wdtype=torch.bfloat16,
+                device="cpu", seed=0, neg_every=3):
+    """Random (never zero) inputs laid out as the model has them: kv a column slice of the fused
+    q_a/kv_a output, q_pe a slice of q [T, h, 192], q_out the rope tail of a NaN-poisoned q_lat
+    [T, h, 576], a NaN-filled cache; every third slot negative (padding)."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(T, 384 + 576, generator=g) * 3).to(dtype)
+    q = (torch.randn(T, h, 192, generator=g) * 3).to(dtype)
+    rope = YarnRope(tiny_r1_config(), "cpu")
+    cos, sin = rope.tables
+    positions = torch.randint(0, cos.shape[0], (T,), generator=g)
+    cap = num_pages * page_size
+    slots = torch.randperm(cap, generator=g)[:T].long()
+    if neg_every:
+        slots[1::neg_every] = -1
+    weight = (1 + 0.5 * torch.randn(512, generator=g)).to(wdtype)
+    cache = ops.empty_mla_cache(num_pages, page_size, fp8=fp8, device="cpu")
+    cache.view(torch.uint8).fill_(0xFF)  # NaN as bf16, e4m3 and fp32 scales
+    q_lat = poison_(torch.empty(T, h, 576, dtype=dtype))
+    a, q, q_lat, positions, cos, sin, weight, slots, cache = (
+        x.to(device) for x in (a, q, q_lat, positions, cos, sin, weight, slots, cache))
+    return dict(kv=a[:, 384:], q_pe=q[..., 128:], positions=positions, cos=cos, sin=sin, norm_weight=weight,
+                eps=EPS, slot_mapping=slots, kv_cache=cache, q_out=q_lat[..., 512:], q_lat=q_lat)
+
+
+ARGS = ("kv", "q_pe", "positions", "cos", "sin", "norm_weight", "eps", "slot_mapping", "kv_cache", "q_out")
+
+
+def call_op(d):
+    torch.ops.flashseek.mla_rope_norm_append(*[d[k] for k in ARGS])
+
+
+def unfused(d):
+    """The model's unfused torch sequence: (latent, k_rope, q_rope) and the cache it writes."""
+    cache = d["kv_cache"].clone()
+    cos, sin = d["cos"][d["positions"]], d["sin"][d["positions"]]
+    latent = ref_norm.rms_norm(d["kv"][:, :512], d["norm_weight"], d["eps"])
+    k_rope = YarnRope.apply(d["kv"][:, 512:], cos, sin)
+    q_rope = YarnRope.apply(d["q_pe"], cos, sin)
+    ref_mla.mla_cache_append(latent, k_rope, cache, d["slot_mapping"])
+    return latent, k_rope, q_rope, cache
+
+
+# ----------------------------------------------------------------------------------- CPU reference
+@pytest.mark.parametrize("T", [0, 1, 7])
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                          (torch.float16, torch.float16)])
+def test_op_equals_unfused_sequence_cpu(T, page_size, fp8, dtype, wdtype):
+    d = make_inputs(T, 5, page_size, fp8=fp8, dtype=dtype, wdtype=wdtype, seed=T * 7 + page_size)
+    _, _, q_rope, want_cache = unfused(d)
+    call_op(d)
+    assert torch.equal(d["kv_cache"].view(torch.uint8), want_cache.view(torch.uint8))
+    assert torch.equal(d["q_out"], q_rope)
+    assert torch.isnan(d["q_lat"][..., :512]).all()  # the absorbed head region is not the op's
+    # Skipped (negative) slots and every other slot keep their poison.
+    untouched = torch.ones(d["kv_cache"].shape[0] * page_size, dtype=torch.bool)
+    s = d["slot_mapping"]
+    untouched[s[s >= 0]] = False
+    assert torch.all(d["kv_cache"].view(torch.uint8).reshape(untouched.shape[0], -1)[untouched] == 0xFF)
+
+
+def test_wrapper_allocates_q_out_and_all_negative_slots():
+    d = make_inputs(4, 3, neg_every=0)
+    d["slot_mapping"].fill_(-1)
+    before = d["kv_cache"].clone()
+    out = ops.mla_rope_norm_append(*[d[k] for k in ARGS[:-1]])
+    assert out.shape == (4, 3, 64) and torch.equal(out, unfused(d)[2])
+    assert torch.equal(d["kv_cache"].view(torch.uint8), before.view(torch.uint8))
+
+
+def test_opcheck_cpu():
+    for fp8 in (False, True):
+        d = make_inputs(3, 2, fp8=fp8)
+        d["kv_cache"].zero_()
+        d["q_out"] = torch.zeros(3, 2, 64, dtype=torch.bfloat16)
+        opcheck(torch.ops.flashseek.mla_rope_norm_append.default, tuple(d[k] for k in ARGS))
+
+
+def _bad_cases(device):
+    d = make_inputs(3, 2, device=device)
+
+    def with_(**kw):
+        return {**d, **kw}
+
+    return [
+        (with_(kv=d["kv"].float()), "kv must have dtype"),
+        (with_(kv=d["kv"][:, :512]), "kv must be"),
+        (with_(kv=torch.randn(3, 1152, device=device).bfloat16()[:, ::2]), "unit (last )?stride"),
+        (with_(q_pe=d["q_pe"].half()), "q_pe must have dtype"),
+        (with_(q_pe=d["q_pe"][:, :, :32]), "q_pe must be"),
+        (with_(q_out=d["q_out"][:2]), "q_out must have shape"),
+        (with_(positions=d["positions"].int()), "positions must have dtype"),
+        (with_(cos=d["cos"][:, :16].contiguous()), "cos must be"),
+        (with_(sin=d["sin"][:10]), "sin must have"),
+        (with_(norm_weight=d["norm_weight"][:256]), "norm_weight must have shape"),
+        (with_(slot_mapping=d["slot_mapping"][:2]), "slot_mapping must have shape"),
+        (with_(kv_cache=torch.zeros(2, 8, 576, dtype=torch.bfloat16, device=device)), "page size"),
+        (with_(kv_cache=torch.zeros(2, 16, 576, dtype=torch.float16, device=device)), "kv_cache must have dtype"),
+    ]
+
+
+@pytest.mark.parametrize("idx", range(13))
+def test_bad_inputs_cpu(idx):
+    kw, match = _bad_cases("cpu")[idx]
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call_op(kw)
+
+
+def test_bad_index_values_cpu():
+    d = make_inputs(3, 2)
+    d["slot_mapping"][0] = d["kv_cache"].shape[0] * d["kv_cache"].shape[1]
+    with pytest.raises(ValueError, match="slot_mapping entries must be <"):
+        call_op(d)
+    d = make_inputs(3, 2)
+    d["positions"][2] = d["cos"].shape[0]
+    with pytest.raises(ValueError, match="positions must lie in"):
+        call_op(d)
+
+
+# ----------------------------------------------------------------------------------- model
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return ensure_default_model(tmp_path_factory.mktemp("tiny"))
+
+
+@contextmanager
+def switches(**kw):
+    old = {k: getattr(MLAAttention, k) for k in kw}
+    for k, v in kw.items():
+        setattr(MLAAttention, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(MLAAttention, k, v)
+
+
+def load(model_dir, device="cpu", **kw):
+    with switches(**kw):
+        return DeepseekV3ForCausalLM.from_pretrained(model_dir, device=device, precision="fp8", progress=False)
+
+
+@pytest.fixture(scope="module")
+def fp8_model(model_dir):
+    return load(model_dir)
+
+
+def ids(n, seed=0):
+    return torch.randint(0, 1024, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_steps(model, prompt, steps=3, chunk=None, kv_cache_fp8=False):
+    s = Session(model, max_len=128, kv_cache_fp8=kv_cache_fp8)
+    logits = [s.prefill(prompt, chunk=chunk)]
+    for t in range(steps):
+        logits.append(s.decode([int(logits[-1][-1].argmax())]))
+    return logits
+
+
+def test_fused_qkv_a_projection_equals_separate(model_dir, fp8_model):
+    """q_a_proj and kv_a_proj as one FP8 GEMM: the same logits as two GEMMs (tiny R1: 384 + 576 rows)."""
+    attn = fp8_model.layers[0].attn
+    assert attn.qkv_a_proj is not None and attn.q_a_proj is None and attn.kv_a_proj is None
+    separate = load(model_dir, fuse_qkv_a=False)
+    assert separate.layers[0].attn.qkv_a_proj is None
+    prompt = ids(40, 1)
+    for a, b in zip(run_steps(fp8_model, prompt), run_steps(separate, prompt)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("prefill_mode", ["decompressed", "absorbed"])
+@pytest.mark.parametrize("kv_cache_fp8", [False, True])
+def test_fused_glue_equals_unfused(fp8_model, prefill_mode, kv_cache_fp8):
+    """The op + in-place bmms against the unfused torch glue: prefill (chunked) and decode logits."""
+    prompt = ids(70, 2)
+    fp8_model.set_prefill_mode(prefill_mode)
+    try:
+        fused = run_steps(fp8_model, prompt, chunk=40, kv_cache_fp8=kv_cache_fp8)
+        with switches(fuse_glue=False):
+            plain = run_steps(fp8_model, prompt, chunk=40, kv_cache_fp8=kv_cache_fp8)
+    finally:
+        fp8_model.set_prefill_mode("decompressed")
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------- op counts
+VIEW_LIKE = ("aten::empty", "aten::new_empty", "aten::detach", "aten::lift_fresh")
+
+
+class OpLog(TorchDispatchMode):
+    """Records the aten / flashseek ops that reach the dispatcher (a custom op's reference body is
+    not traced: the mode is off while an op runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        ret = schema.returns[0].alias_info if schema.returns else None
+        if ret is not None and not ret.is_write:
+            # A view, unless it had to copy (aten::to to another dtype, reshape of a strided view).
+            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if src is None or not isinstance(out, torch.Tensor) or \
+                    out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+                return out
+        elif schema.name.startswith(VIEW_LIKE):
+            return out
+        self.names.append(schema.name.split("::")[1] + ("" if func._overloadname == "default"
+                                                        else "." + func._overloadname))
+        return out
+
+
+def decode_attention_ops(model, batch=1):
+    """The ops one decode step's attention issues in layer 1 (layer 0 also makes the per-step
+    schedule and, unfused, gathers the rope tables)."""
+    s = Session(model, num_seqs=batch, max_len=64)
+    for i in range(batch):
+        s.prefill(ids(9 + i, i), i)
+    attn = model.layers[1].attn
+    log = OpLog()
+    orig = attn.__call__
+
+    def logged(*a, **k):
+        with log:
+            return orig(*a, **k)
+
+    attn.__call__ = logged  # the instance attribute is not what `attn(...)` calls: patch the class slot
+    cls_call = MLAAttention.__call__
+    MLAAttention.__call__ = lambda self, *a, **k: logged(*a, **k) if self is attn else cls_call(self, *a, **k)
+    try:
+        s.decode(list(range(batch)))
+    finally:
+        MLAAttention.__call__ = cls_call
+        del attn.__call__
+    return log.names
+
+
+def test_decode_attention_op_count(fp8_model, model_dir):
+    unfused_model = load(model_dir, fuse_qkv_a=False)
+    with switches(fuse_glue=False):
+        before = decode_attention_ops(unfused_model)
+    after = decode_attention_ops(fp8_model)
+    print(f"\ndecode attention ops per layer, before ({len(before)}): {before}"
+          f"\nafter ({len(after)}): {after}")
+    assert after == ["quant_fp8_1x128", "fp8_gemm", "rms_norm", "quant_fp8_1x128", "fp8_gemm",
+                     "mla_rope_norm_append", "bmm.out", "mla_decode", "bmm.out", "quant_fp8_1x128", "fp8_gemm"]
+    assert len(before) >= 2 * len(after)
+
+
+# ----------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("T,h", [(1, 1), (1, 128), (7, 16), (33, 17), (300, 4)])
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                          (torch.float16, torch.float16)])
+def test_kernel_matches_reference_cuda(T, h, page_size, fp8, dtype, wdtype):
+    num_pages = -(-T // page_size) + 2
+    d = make_inputs(T, h, page_size, num_pages=num_pages, fp8=fp8, dtype=dtype, wdtype=wdtype, device="cuda",
+                    seed=T * 131 + h)
+    # Reference on the CPU with the same tables; its latent from the GPU norm kernel (the kernel's
+    # summation order) for the bit-level cache comparison, and from torch for the 1-ulp bound.
+    c = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    pos = c["positions"]
+    lat_gpu = ops.rms_norm(d["kv"][:, :512], d["norm_weight"], EPS).cpu()
+    lat_cpu = ref_norm.rms_norm(c["kv"][:, :512], c["norm_weight"], EPS)
+    k_rope = YarnRope.apply(c["kv"][:, 512:], c["cos"][pos], c["sin"][pos])
+    q_rope = YarnRope.apply(c["q_pe"], c["cos"][pos], c["sin"][pos])
+    want = c["kv_cache"].clone()
+    ref_mla.mla_cache_append(lat_gpu, k_rope, want, c["slot_mapping"])
+    call_op(d)
+    torch.cuda.synchronize()
+    assert torch.equal(d["q_out"].cpu(), q_rope)
+    assert torch.isnan(d["q_lat"][..., :512]).all()
+    assert torch.equal(d["kv_cache"].cpu().view(torch.uint8), want.view(torch.uint8))
+    # The GPU norm against torch's summation order: within one rounding of the input dtype.
+    ulp = torch.finfo(dtype).eps * lat_cpu.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert torch.all((lat_gpu.float() - lat_cpu.float()).abs() <= ulp)
+
+
+@pytest.mark.cuda
+def test_kernel_skips_out_of_range_and_clamps_positions_cuda():
+    d = make_inputs(5, 8, device="cuda", neg_every=0)
+    cap = d["kv_cache"].shape[0] * d["kv_cache"].shape[1]
+    d["slot_mapping"][0] = cap + 100
+    d["positions"][1] = 10 ** 9        # clamped to the last table row
+    d["positions"][2] = -4             # clamped to row 0
+    before = d["kv_cache"].clone()
+    call_op(d)
+    torch.cuda.synchronize()
+    c = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    pos = c["positions"].clamp(0, c["cos"].shape[0] - 1)
+    q_rope = YarnRope.apply(c["q_pe"], c["cos"][pos], c["sin"][pos])
+    assert torch.equal(c["q_out"], q_rope)
+    flat = d["kv_cache"].view(torch.uint8).view(cap, -1)
+    bflat = before.view(torch.uint8).view(cap, -1)
+    others = torch.ones(cap, dtype=torch.bool, device="cuda")
+    others[d["slot_mapping"][1:]] = False
+    assert torch.equal(flat[others], bflat[others])  # nothing written for the out-of-range slot
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("idx", range(13))
+def test_bad_inputs_cuda(idx):
+    kw, match = _bad_cases("cuda")[idx]
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call_op(kw)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    d = make_inputs(4, 16, device="cuda")
+    call_op(d)  # warm up outside the capture
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        call_op(d)
+    torch.cuda.current_stream().wait_stream(s)
+    d["kv"].copy_(torch.randn_like(d["kv"]))
+    d["positions"].copy_(torch.tensor([1, 2, 3, 4]))
+    g.replay()
+    torch.cuda.synchronize()
+    c = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    pos = c["positions"]
+    assert torch.equal(c["q_out"], YarnRope.apply(c["q_pe"], c["cos"][pos], c["sin"][pos]))
+
+
+@pytest.mark.cuda
+def test_fused_qkv_a_gemm_equals_separate_cuda():
+    """R1's q_a (1536 rows) and kv_a (576) stacked into one FP8 GEMM. The per-block math is the
+    same (one activation quantization, the same 128x128 weight scales), but the kernel's split-K
+    choice depends on N, so the fp32 sum order may differ: within one bf16 rounding."""
+    from flashseek.models.deepseek import fp8 as fp8_ops
+    from flashseek.models.deepseek.layers import Linear, concat_linears
+    g = torch.Generator(device="cuda").manual_seed(0)
+    parts = []
+    for n in (1536, 576):
+        lin = Linear("fp8")
+        lin.set(*fp8_ops.quantize_weight_128x128(torch.randn(n, 7168, device="cuda", generator=g) * 0.02))
+        parts.append(lin)
+    fused = concat_linears("fp8", False, parts)
+    for t in (1, 3, 64, 300):
+        x = torch.randn(t, 7168, device="cuda", generator=g).bfloat16()
+        a, b = fused(x).float(), torch.cat([p(x) for p in parts], dim=1).float()
+        diff = (a - b).abs()
+        print(f"M={t}: {(diff > 0).float().mean().item():.4%} differ, max |diff| {diff.max().item():.3g}, "
+              f"max |diff|/|b| {(diff / b.abs().clamp_min(1e-3)).max().item():.3g}")
+        assert torch.all(diff <= 2 ** -7 * torch.maximum(a.abs(), b.abs()) + 1e-2), t
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefill_mode", ["decompressed", "absorbed"])
+def test_fused_glue_equals_unfused_cuda(model_dir, prefill_mode):
+    model = load(model_dir, device="cuda")
+    prompt = ids(70, 3)
+    model.set_prefill_mode(prefill_mode)
+    fused = run_steps(model, prompt, chunk=40)
+    with switches(fuse_glue=False):
+        plain = run_steps(model, prompt, chunk=40)
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
