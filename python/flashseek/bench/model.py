@@ -30,10 +30,15 @@ def _linear_bytes(lin) -> int:
     return _nbytes(lin.weight, lin.scale)
 
 
+def attention_linears(attn) -> list:
+    """The attention's projections as the layer holds them (q_a and kv_a may be one fused GEMM)."""
+    lins = (attn.q_proj, attn.qkv_a_proj, attn.q_a_proj, attn.kv_a_proj, attn.q_b_proj, attn.o_proj)
+    return [x for x in lins if x is not None]
+
+
 def attention_weight_bytes(attn) -> int:
-    lins = [attn.q_proj, attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj, attn.o_proj]
-    return sum(_linear_bytes(x) for x in lins if x is not None) + _nbytes(attn.w_uk, attn.w_uv_t, attn.q_a_norm,
-                                                                          attn.kv_a_norm)
+    return sum(_linear_bytes(x) for x in attention_linears(attn)) + _nbytes(attn.w_uk, attn.w_uv_t, attn.q_a_norm,
+                                                                            attn.kv_a_norm)
 
 
 def mlp_weight_bytes(mlp: MLP) -> int:
@@ -129,7 +134,7 @@ def _layer_rows(ctx, timer, model, cache, layer, batch, ctx_len, x, meta, label)
     stages["attention.mla_decode"] = timer.graph(lambda: mla_decode(q_lat, kv_cache, meta.block_tables,
                                                                     meta.cache_seqlens, meta.decode_plan,
                                                                     cfg.softmax_scale, False))[0]
-    lins = [l for l in (attn.q_proj, attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj, attn.o_proj) if l is not None]
+    lins = attention_linears(attn)
     ins = {id(attn.q_b_proj): cfg.q_lora_rank, id(attn.o_proj): h * cfg.v_head_dim}
     lin_inputs = [(l, torch.randn(batch, ins.get(id(l), cfg.hidden_size)).to(x.device, model.dtype))
                   for l in lins]
