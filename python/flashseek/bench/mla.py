@@ -136,6 +136,19 @@ def run(ctx: BenchContext) -> list[Row]:
         plan_us = ctx.time(lambda i: ops.mla_decode_plan(seqlens, s_q, h_q))
         extra = {"peak": "bf16_tflops", "plan_us": plan_us, "num_sm_parts": ref_mla.plan_num_sm_parts(plan.numel(), b),
                  "mean_len": mean_len, "cache": "fp8" if fp8 else "bf16"}
+        if ctx.cuda and b <= 32:
+            # Small batches: the whole call as a CUDA-graph replay (how an engine runs a decode step),
+            # and the schedule's split count, which bounds how many SMs work (A/B of the default).
+            extra["graph_us"] = ctx.time(call, n_inputs=len(sets), graph=True)
+            p0 = extra["num_sm_parts"]
+            by_parts = {}
+            for parts in (p0, 2 * p0, 4 * p0):
+                plan_p = ops.mla_decode_plan(seqlens, s_q, h_q, parts)
+                by_parts[parts] = ctx.time(
+                    lambda i, plan_p=plan_p: ops.mla_decode(sets[i][0], sets[i][1], table, seqlens, plan_p, SCALE,
+                                                            causal, out=outs[i][0], lse=outs[i][1]),
+                    n_inputs=len(sets), graph=True)
+            extra["graph_us_by_num_sm_parts"] = by_parts
         peer, peer_us = None, None
         if ctx.cuda and not fp8:
             fns = [_peer(q, cache, table, seqlens, causal) for q, cache in sets]
