@@ -257,3 +257,52 @@ def test_routing_cuda_bad_inputs_and_graph():
     w_ref, ids_ref = ref.route_noaux_tc(logits, bias, 8, 4, 4, 1.0)
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
+
+
+# Kernel boundaries: token counts around the 4-tokens-per-block and the grid-stride (persistent warps)
+# granularity, layouts with empty slots / lanes, topk 16, n_group 32, the sigmoid's slow path.
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [2, 3, 5, 31, 33, 1023, 1025, 40000])
+@pytest.mark.parametrize("cfg", [(256, 8, 4, 8), (512, 32, 4, 16), (96, 32, 8, 16), (250, 10, 3, 7), (6, 3, 1, 2),
+                                 (256, 8, 8, 8)])
+def test_noaux_tc_cuda_boundaries(t, cfg):
+    e, ng, tg, k = cfg
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        for kind in ("bias", "tie"):
+            logits, bias = _cuda_inputs(t, e, dtype, kind, stride_pad=3 if dtype == torch.bfloat16 else 0)
+            for renorm in (True, False):
+                w, ids = ops.route_noaux_tc(logits, bias, ng, tg, k, 2.5, renorm)
+                w_ref, ids_ref = ref.route_noaux_tc(logits, bias, ng, tg, k, 2.5, renorm)
+                assert torch.equal(ids, ids_ref), (t, cfg, dtype, kind, renorm)
+                torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noaux_tc_cuda_extreme_logits(dtype):
+    # exp(-x) overflows (x < -87: 1 + exp(-x) >= 2^126, the reciprocal's slow path; sigmoid 0 or
+    # denormal) and saturates (x > 17: sigmoid 1.0, many exact ties) in the same rows.
+    logits = torch.randn(333, 256, device="cuda") * 4
+    logits[:, ::7] = -100.0
+    logits[:, 3::13] = -87.5
+    logits[:, 1::11] = 90.0
+    logits = logits.to(dtype)
+    bias = torch.randn(256, device="cuda") * 0.1
+    for renorm in (True, False):
+        w, ids = ops.route_noaux_tc(logits, bias, 8, 4, 8, 2.5, renorm)
+        w_ref, ids_ref = ref.route_noaux_tc(logits, bias, 8, 4, 8, 2.5, renorm)
+        assert torch.equal(ids, ids_ref)
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [3, 33, 1025, 40000])
+@pytest.mark.parametrize("e,k", [(1, 1), (33, 5), (128, 16), (300, 9)])
+def test_softmax_topk_cuda_boundaries(t, e, k):
+    for dtype in (torch.bfloat16, torch.float16):
+        logits, _ = _cuda_inputs(t, e, dtype, "tie", stride_pad=8)
+        for renorm in (True, False):
+            w, ids = ops.route_softmax_topk(logits, k, renorm)
+            w_ref, ids_ref = ref.route_softmax_topk(logits, k, renorm)
+            assert torch.equal(ids, ids_ref)
+            torch.testing.assert_close(w, w_ref, rtol=1e-6 if renorm else 2e-6, atol=0)

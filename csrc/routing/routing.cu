@@ -1,21 +1,39 @@
-// Fused top-k routing: one warp per token, everything in registers, one launch per call.
+// Fused top-k routing: one warp per token, everything in registers plus a few KB of shared memory,
+// one launch per call. Warps loop over tokens (grid capped at the resident-block count), so the
+// lane layout and the bias are set up once per warp, not once per token.
 //
 // Lane layout. A token's E experts are split into `n_layout` groups of G consecutive experts; each
 // group owns `lpg` consecutive lanes (a power of two, so butterfly shuffles stay inside it) and each
 // lane holds up to `vpl` consecutive experts of its group. Without a group stage (softmax, or every
 // group kept) there is one group of E experts over all 32 lanes. Keeping a lane's experts consecutive
 // gives 16-byte loads for the R1 shape (8 groups of 32 experts: 4 lanes x 8 bf16 per group) and
-// means a lane's slots are in ascending id order, which the lower-id tie rule relies on.
+// means that lane order is expert-id order, which the lower-id tie rule relies on.
+//
+// Selection. Every candidate is a 64-bit key (monotone uint32 image of its score << 32 | VPL-1-slot),
+// so comparing keys compares (score, -id) within a lane. Each lane sorts its VPL keys once (Batcher
+// network), keeps its head in registers and parks the rest in shared memory. A round is one
+// REDUX.MAX of the heads' score words plus a ballot: the lowest lane holding the maximum has the
+// lowest id (lane order = id order, and a lane's own ties are already ordered by id). The winner
+// records its id and pops its next key from shared memory. Non-candidates (dropped groups, empty
+// slots, spent lanes) have score word 0, which only a NaN score (all ones) shares, so with topk <=
+// candidates a non-candidate never wins, and a NaN still yields in-range ids. The per-lane top-2 for
+// the group scores comes out of the sort for free. The bias lives in shared memory (once a block).
 //
 // Exactness. Expert ids must be bit-identical to flashseek/ref/routing.py, so every value that a
-// comparison sees is computed with the reference's fp32 operations: sigmoid = 1 / (1 + expf(-x)),
-// IEEE division, explicit __fadd_rn so that nvcc cannot contract a multiply inside expf with the
-// following add into an fma. Selection compares (score, id) keys: a monotone uint32 image of the
-// score, then the smaller id; -0.0 is folded into +0.0 because torch's sort treats them as equal.
+// comparison sees is computed with the reference's fp32 operations: sigmoid = 1 / (1 + expf(-x))
+// with an IEEE (round-to-nearest) reciprocal, explicit __fadd_rn so that nvcc cannot contract the
+// multiply at the end of expf with the following add into an fma. The reciprocal runs the same
+// MUFU.RCP + one fma Newton step as __frcp_rn's own fast path, which is exact for 1 <= d < 2^126;
+// a lane with any d outside that range (x < -87, or NaN) recomputes its row with __frcp_rn. -0.0 is
+// folded into +0.0 (softmax keys) because torch's sort treats them as equal; a biased sigmoid score
+// s + b (s >= +0) is never -0.0.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "common/cuda_check.h"
 #include "routing/routing.h"
@@ -24,21 +42,50 @@ namespace flashseek {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
+constexpr int kMaxTopk = 16;
+constexpr int kMaxExperts = 512;
 constexpr unsigned kFull = 0xffffffffu;
 
 struct Layout {
   int n_layout;  // groups in the lane layout
   int group;     // experts per group (G)
   int lpg;       // lanes per group, power of two
+  int lpg_log2;
   int vpl;       // experts per lane (<= the VPL template)
   bool vec;      // every lane's slice is full and aligned for vector loads
 };
 
-__device__ __forceinline__ uint32_t ordered_key(float f) {
-  f = (f == 0.0f) ? 0.0f : f;
-  uint32_t u = __float_as_uint(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+// Per-warp shared memory. `val` holds the weight numerators by expert id; `list` holds each lane's
+// sorted keys 1..VPL-1 (slot-major, so a pop is a conflict-free LDS.64) and then an all-zero
+// sentinel slot, written once per warp, on which a spent lane's pointer stays; `picks` the ids in
+// pick order and `pval` their weight numerators (zero-padded to a multiple of 4).
+template <int VPL>
+struct WarpSmem {
+  float val[(32 * VPL < kMaxExperts) ? 32 * VPL : kMaxExperts];
+  uint2 list[VPL][32];
+  uint32_t picks[kMaxTopk];
+  float pval[kMaxTopk];
+};
+
+__device__ __forceinline__ uint32_t ordered_bits(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);
 }
+__device__ __forceinline__ float unordered_bits(uint32_t k) {
+  return __uint_as_float(k ^ ((k & 0x80000000u) ? 0x80000000u : 0xffffffffu));
+}
+// A key's low word is VPL - 1 - slot (larger for a lower id; the id is the lane's start + slot).
+// Constants, unlike the ids themselves, so nothing per lane stays live across tokens.
+template <int VPL>
+__device__ __forceinline__ uint64_t make_key(uint32_t score_word, int slot) {
+  return (uint64_t(score_word) << 32) | uint32_t(VPL - 1 - slot);
+}
+// Key of an empty slot, a spent lane or a sentinel: score word 0, slot 0 (so that even a NaN tie
+// at score word 0 yields an in-range id: the lane's start).
+template <int VPL>
+constexpr uint64_t kNoKey = uint64_t(VPL - 1);
+__device__ __forceinline__ uint32_t key_hi(uint64_t k) { return uint32_t(k >> 32); }
+__device__ __forceinline__ uint32_t key_lo(uint64_t k) { return uint32_t(k); }
 
 template <typename In>
 __device__ __forceinline__ float to_f32(In v);
@@ -49,90 +96,204 @@ __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return
 template <>
 __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
 
-// Loads this lane's `cnt` consecutive logits (as fp32) into x[0..VPL); missing slots get -inf.
+// Loads this lane's `cnt` consecutive logits (as fp32) into x[0..VPL); missing slots get `fill`.
 template <int VPL, typename In>
-__device__ __forceinline__ void load_row(const In* row, int start, int cnt, bool vec, float (&x)[VPL]) {
+__device__ __forceinline__ void load_row(const In* row, int start, int cnt, bool vec, float fill, float (&x)[VPL]) {
   constexpr int kBytes = VPL * int(sizeof(In));
   if constexpr (kBytes >= 16) {
     if (vec && cnt == VPL) {
-      In buf[VPL];
+      uint4 buf[kBytes / 16];
       const uint4* src = reinterpret_cast<const uint4*>(row + start);
 #pragma unroll
-      for (int c = 0; c < kBytes / 16; ++c) reinterpret_cast<uint4*>(buf)[c] = __ldg(src + c);
+      for (int c = 0; c < kBytes / 16; ++c) buf[c] = __ldg(src + c);
+      if constexpr (std::is_same_v<In, __nv_bfloat16>) {
+        // bf16 -> fp32 is a 16-bit shift: one integer op per value.
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(buf);
 #pragma unroll
-      for (int i = 0; i < VPL; ++i) x[i] = to_f32(buf[i]);
+        for (int i = 0; i < VPL / 2; ++i) {
+          x[2 * i] = __uint_as_float(w[i] << 16);
+          x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+      } else {
+        const In* b = reinterpret_cast<const In*>(buf);
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) x[i] = to_f32(b[i]);
+      }
       return;
     }
   }
 #pragma unroll
-  for (int i = 0; i < VPL; ++i) x[i] = (i < cnt) ? to_f32(row[start + i]) : -__int_as_float(0x7f800000);
+  for (int i = 0; i < VPL; ++i) x[i] = (i < cnt) ? to_f32(row[start + i]) : fill;
 }
 
-__device__ __forceinline__ float sigmoid_ref(float x) {
-  return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x)));
+// s[i] = 1 / (1 + expf(-x[i])), bit-identical to __fdiv_rn(1, __fadd_rn(1, expf(-x))): both are
+// the correctly rounded reciprocal. Fast path = __frcp_rn's own (MUFU.RCP, e = d*r - 1, r - r*e),
+// valid for normal d below 2^126; d >= 1 here, so one compare per slot guards it.
+template <int VPL>
+__device__ __forceinline__ void sigmoid_ref(float (&s)[VPL]) {
+  float d[VPL];
+  bool fast = true;
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    d[i] = __fadd_rn(1.0f, expf(-s[i]));
+    fast = fast && (d[i] < 0x1p126f);
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d[i]));
+    const float e = __fmaf_rn(d[i], r, -1.0f);
+    s[i] = __fmaf_rn(r, -e, r);
+  }
+  if (!fast) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) s[i] = __frcp_rn(d[i]);
+  }
 }
 
 __host__ __device__ inline Layout make_layout(int E, int n_layout) {
   Layout l;
   l.n_layout = n_layout;
   l.group = E / n_layout;
-  int lpg = 1;
-  while (lpg * 2 * n_layout <= 32) lpg *= 2;
+  int lpg = 1, lg = 0;
+  while (lpg * 2 * n_layout <= 32) {
+    lpg *= 2;
+    ++lg;
+  }
   l.lpg = lpg;
+  l.lpg_log2 = lg;
   l.vpl = (l.group + lpg - 1) / lpg;
   l.vec = false;
   return l;
 }
 
-// Picks the best available slot of this lane: the largest key, the lowest slot on ties.
+// Descending sort of N (a power of two) keys: Batcher's odd-even merge network (19 compare-
+// exchanges for N = 8), fully unrolled.
+// One 64-bit compare and four selects on a single predicate (written in PTX so that nvcc does
+// not turn it into a separate max and min, which costs a second compare).
+__device__ __forceinline__ void cmp_swap(uint64_t& a, uint64_t& b) {
+  asm("{\n\t.reg .pred p;\n\t.reg .b64 t;\n\t"
+      "setp.gt.u64 p, %1, %0;\n\t"
+      "selp.b64 t, %1, %0, p;\n\t"
+      "selp.b64 %1, %0, %1, p;\n\t"
+      "mov.b64 %0, t;\n\t}"
+      : "+l"(a), "+l"(b));
+}
+struct SortNet {
+  int n = 0;
+  int a[256] = {}, b[256] = {};
+};
+constexpr SortNet make_sort_net(int N) {
+  SortNet s;
+  for (int p = 1; p < N; p += p)
+    for (int k = p; k > 0; k /= 2)
+      for (int j = k % p; j + k < N; j += k + k)
+        for (int i = 0; i < k && i + j + k < N; ++i)
+          if ((i + j) / (p + p) == (i + j + k) / (p + p)) {
+            s.a[s.n] = i + j;
+            s.b[s.n] = i + j + k;
+            ++s.n;
+          }
+  return s;
+}
+template <int N>
+__device__ __forceinline__ void sort_desc(uint64_t (&v)[N]) {
+  static constexpr SortNet net = make_sort_net(N);
+  static_assert(net.n <= 256);
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (cmp_swap(v[net.a[I]], v[net.b[I]]), ...);
+  }(std::make_integer_sequence<int, net.n>{});
+}
+
+// Writes this lane's sentinel slot (once per warp; the per-token keys never overwrite it).
 template <int VPL>
-__device__ __forceinline__ void local_best(const uint32_t (&key)[VPL], const float (&val)[VPL], uint32_t avail,
-                                           uint32_t& best_key, int& best_slot, float& best_val) {
-  best_slot = -1;
-  best_key = 0;
-  best_val = 0.0f;
+__device__ __forceinline__ void init_list(WarpSmem<VPL>& sm, int lane) {
+  sm.list[VPL - 1][lane] = make_uint2(key_hi(kNoKey<VPL>), key_lo(kNoKey<VPL>));
+}
+
+// topk rounds of a warp-wide argmax over the lanes' sorted keys (v: this lane's keys, sorted
+// descending, slots relative to `start`; kept = false takes the lane out). Leaves the picked ids in
+// sm.picks[0..topk).
+// Rounds run in straight-line blocks of 4 (no per-round branch); a block's rounds past topk
+// change nothing.
+template <int VPL>
+__device__ __forceinline__ void select_topk(const uint64_t (&v)[VPL], bool kept, WarpSmem<VPL>& sm, int lane,
+                                            int start, int topk) {
+  const uint32_t id_base = uint32_t(start + VPL - 1);
 #pragma unroll
-  for (int i = 0; i < VPL; ++i) {
-    const bool ok = (avail >> i) & 1u;
-    if (ok && (best_slot < 0 || key[i] > best_key)) {
-      best_key = key[i];
-      best_slot = i;
-      best_val = val[i];
+  for (int s = 1; s < VPL; ++s) sm.list[s - 1][lane] = make_uint2(key_hi(v[s]), key_lo(v[s]));
+  uint32_t hk = kept ? key_hi(v[0]) : 0u, hl = key_lo(v[0]);
+  uint32_t next = uint32_t(__cvta_generic_to_shared(&sm.list[0][lane]));
+  const uint32_t last = uint32_t(__cvta_generic_to_shared(&sm.list[VPL - 1][lane]));
+  const uint32_t lower_lanes = (1u << lane) - 1u;
+  for (int j0 = 0; j0 < topk; j0 += 4) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = j0 + u;
+      const uint32_t kmax = __reduce_max_sync(kFull, hk);
+      const bool tie = hk == kmax;
+      const uint32_t tied = __ballot_sync(kFull, tie);
+      // The lowest tied lane holds the lowest id.
+      if (tie && (tied & lower_lanes) == 0u && (u == 0 || j < topk)) {
+        sm.picks[j] = id_base - hl;
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(hk), "=r"(hl) : "r"(next) : "memory");
+        next = min(next + 32u * uint32_t(sizeof(uint2)), last);
+      }
     }
   }
 }
 
-// k rounds of a warp-wide argmax over (key, -id). __reduce_max_sync on the key, then on the
-// complemented id among the lanes holding the maximum key: two REDUX per round instead of ten
-// shuffles. The round's winner broadcasts its `val` (the weight numerator); lane j keeps pick j.
+// Sum over j < topk of lane j's x, sequentially in j (the reference's order); every lane gets it.
+// Lanes publish x (zero past topk: adding +0 changes nothing) and read them back 4 at a time.
 template <int VPL>
-__device__ __forceinline__ void select_topk(const uint32_t (&key)[VPL], const float (&val)[VPL], uint32_t avail,
-                                            int first_id, int lane, int topk, int& my_id, float& my_val,
-                                            float& sum) {
-  uint32_t best_key;
-  int best_slot;
-  float best_val;
-  local_best<VPL>(key, val, avail, best_key, best_slot, best_val);
-  my_id = 0;
-  my_val = 0.0f;
-  sum = 0.0f;
-  for (int j = 0; j < topk; ++j) {
-    const bool have = best_slot >= 0;
-    const uint32_t kmax = __reduce_max_sync(kFull, have ? best_key : 0u);
-    const uint32_t lo = (have && best_key == kmax) ? ~uint32_t(first_id + best_slot) : 0u;
-    const uint32_t lomax = __reduce_max_sync(kFull, lo);
-    const bool win = have && lo == lomax;
-    const int src = __ffs(__ballot_sync(kFull, win)) - 1;
-    const float v = __shfl_sync(kFull, best_val, src < 0 ? 0 : src);
-    const int id = int(~lomax);
-    if (lane == j) {
-      my_id = id;
-      my_val = v;
+__device__ __forceinline__ float seq_sum(WarpSmem<VPL>& sm, float x, int lane, int topk) {
+  if (lane < kMaxTopk) sm.pval[lane] = lane < topk ? x : 0.0f;
+  __syncwarp();
+  float sum = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kMaxTopk / 4; ++c) {
+    if (4 * c >= topk) break;
+    const float4 q = reinterpret_cast<const float4*>(sm.pval)[c];
+    sum = c == 0 ? q.x : __fadd_rn(sum, q.x);
+    sum = __fadd_rn(__fadd_rn(__fadd_rn(sum, q.y), q.z), q.w);
+  }
+  return sum;
+}
+
+// Per-token elementwise stage of noaux_tc: logits -> sigmoid (into sm.val, by expert id) -> keys.
+// FULL: every lane holds VPL experts, loaded with 16-byte vectors (lanes past the layout alias
+// lane 0's slice: same values, and the caller never keeps them).
+template <bool FULL, int VPL, typename In>
+__device__ __forceinline__ void noaux_prep(const In* row, int start, int cnt, const float* sbias,
+                                           WarpSmem<VPL>& sm, uint64_t (&key)[VPL]) {
+  float s[VPL], b[VPL];
+  if constexpr (FULL) {
+    load_row<VPL, In>(row, start, VPL, true, 0.0f, s);
+#pragma unroll
+    for (int c = 0; c < VPL / 4; ++c) {
+      const float4 v = reinterpret_cast<const float4*>(sbias + start)[c];
+      b[4 * c] = v.x;
+      b[4 * c + 1] = v.y;
+      b[4 * c + 2] = v.z;
+      b[4 * c + 3] = v.w;
     }
-    sum = __fadd_rn(sum, v);
-    if (win) {
-      avail &= ~(1u << best_slot);
-      local_best<VPL>(key, val, avail, best_key, best_slot, best_val);
+  } else {
+    load_row<VPL, In>(row, start, cnt, false, 0.0f, s);
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) b[i] = i < cnt ? sbias[start + i] : 0.0f;
+  }
+  sigmoid_ref<VPL>(s);
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) key[i] = make_key<VPL>(ordered_bits(__fadd_rn(s[i], b[i])), i);
+  if constexpr (FULL) {
+#pragma unroll
+    for (int c = 0; c < VPL / 4; ++c)
+      reinterpret_cast<float4*>(sm.val + start)[c] = make_float4(s[4 * c], s[4 * c + 1], s[4 * c + 2], s[4 * c + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      if (i < cnt) {
+        sm.val[start + i] = s[i];
+      } else {
+        key[i] = kNoKey<VPL>;
+      }
     }
   }
 }
@@ -140,121 +301,148 @@ __device__ __forceinline__ void select_topk(const uint32_t (&key)[VPL], const fl
 template <int VPL, typename In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_noaux_tc_kernel(const RouteParams p, const Layout l) {
+  constexpr int kVal = (32 * VPL < kMaxExperts) ? 32 * VPL : kMaxExperts;
+  __shared__ WarpSmem<VPL> smem[kWarpsPerBlock];
+  __shared__ __align__(16) float sbias[kVal];
   const int lane = threadIdx.x & 31;
-  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (t >= p.T) return;  // whole warps exit together
+  const int warp = threadIdx.x >> 5;
+  WarpSmem<VPL>& sm = smem[warp];
 
-  const int g = lane / l.lpg;
-  const int q = lane % l.lpg;
+  const int g = lane >> l.lpg_log2;
+  const int q = lane & (l.lpg - 1);
   int start = 0, cnt = 0;
   if (g < l.n_layout) {
     start = g * l.group + q * l.vpl;
     cnt = min(l.vpl, l.group - q * l.vpl);
     cnt = cnt < 0 ? 0 : cnt;
   }
-  const In* row = static_cast<const In*>(p.logits) + t * p.logits_stride;
-  float s[VPL];
-  load_row<VPL, In>(row, start, cnt, l.vec, s);
+  for (int e = threadIdx.x; e < p.E; e += kWarpsPerBlock * 32) sbias[e] = __ldg(p.bias + e);
+  init_list<VPL>(sm, lane);
+  __syncthreads();
+  const bool grouped = p.topk_group < p.n_group;
+  // Group stage: this lane compares its group with groups q, q + lpg, ... (n_cmp of them).
+  const int n_cmp = (l.n_layout + l.lpg - 1) >> l.lpg_log2;
+  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
-  float bsc[VPL];
-#pragma unroll
-  for (int i = 0; i < VPL; ++i) {
-    s[i] = sigmoid_ref(s[i]);
-    bsc[i] = (i < cnt) ? __fadd_rn(s[i], __ldg(p.bias + start + i)) : -__int_as_float(0x7f800000);
-  }
-
-  bool kept = g < l.n_layout;
-  if (p.topk_group < p.n_group) {
-    // Group score: the sum of the group's two largest biased scores (values only, so the
-    // butterfly merge of per-lane top-2 pairs is exact).
-    float m1 = -__int_as_float(0x7f800000), m2 = m1;
-#pragma unroll
-    for (int i = 0; i < VPL; ++i) {
-      const float v = bsc[i];
-      if (v > m1) {
-        m2 = m1;
-        m1 = v;
-      } else if (v > m2) {
-        m2 = v;
+  for (int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp; t < p.T; t += stride) {
+    const In* row = static_cast<const In*>(p.logits) + t * p.logits_stride;
+    uint64_t key[VPL];
+    if constexpr (VPL * sizeof(In) >= 16 && VPL % 4 == 0) {
+      if (l.vec) {
+        noaux_prep<true, VPL, In>(row, start, cnt, sbias, sm, key);
+      } else {
+        noaux_prep<false, VPL, In>(row, start, cnt, sbias, sm, key);
       }
+    } else {
+      noaux_prep<false, VPL, In>(row, start, cnt, sbias, sm, key);
     }
-    for (int off = 1; off < l.lpg; off <<= 1) {
-      const float o1 = __shfl_xor_sync(kFull, m1, off);
-      const float o2 = __shfl_xor_sync(kFull, m2, off);
-      const float n2 = fmaxf(fminf(m1, o1), fmaxf(m2, o2));
-      m1 = fmaxf(m1, o1);
-      m2 = n2;
-    }
-    const float gs = __fadd_rn(m1, m2);
-    // Rank of this lane's group: groups with a larger score, or an equal score and a lower id.
-    int rank = 0;
-    for (int h = 0; h < l.n_layout; ++h) {
-      const float o = __shfl_sync(kFull, gs, h * l.lpg);
-      rank += (o > gs || (o == gs && h < g)) ? 1 : 0;
-    }
-    kept = kept && rank < p.topk_group;
-  }
+    sort_desc<VPL>(key);
 
-  uint32_t key[VPL];
-  uint32_t avail = 0;
-#pragma unroll
-  for (int i = 0; i < VPL; ++i) {
-    key[i] = ordered_key(bsc[i]);
-    if (kept && i < cnt) avail |= 1u << i;
-  }
-  int my_id;
-  float my_val, sum;
-  select_topk<VPL>(key, s, avail, start, lane, p.topk, my_id, my_val, sum);
-  if (lane < p.topk) {
-    float w = p.renormalize ? __fdiv_rn(my_val, __fadd_rn(sum, 1e-20f)) : my_val;
-    w = __fmul_rn(w, p.scale);
-    p.weights[t * p.weights_stride + lane] = w;
-    p.ids[t * p.ids_stride + lane] = my_id;
+    bool kept = g < l.n_layout;
+    if (grouped) {
+      // Group score: the sum of the group's two largest biased scores (values only, so the
+      // butterfly merge of per-lane top-2 pairs is exact). The lane's top-2 are its first keys.
+      const float ninf = -__int_as_float(0x7f800000);
+      float m1 = cnt >= 1 ? unordered_bits(key_hi(key[0])) : ninf;
+      float m2 = ninf;
+      if constexpr (VPL >= 2) m2 = cnt >= 2 ? unordered_bits(key_hi(key[1])) : ninf;
+      for (int off = 1; off < l.lpg; off <<= 1) {
+        const float o1 = __shfl_xor_sync(kFull, m1, off);
+        const float o2 = __shfl_xor_sync(kFull, m2, off);
+        const float n2 = fmaxf(fminf(m1, o1), fmaxf(m2, o2));
+        m1 = fmaxf(m1, o1);
+        m2 = n2;
+      }
+      const float gs = __fadd_rn(m1, m2);  // the same in all lpg lanes of a group
+      // Rank of this lane's group: groups with a larger score, or an equal score and a lower id.
+      // The group's lanes split the other groups between them, then add up their counts.
+      int rank = 0;
+#pragma unroll 2
+      for (int c = 0; c < n_cmp; ++c) {
+        const int h = (c << l.lpg_log2) + q;
+        const float o = __shfl_sync(kFull, gs, (h << l.lpg_log2) & 31);
+        const bool better = (o > gs) | ((o == gs) & (h < g));
+        rank += int(better & (h < l.n_layout));
+      }
+      for (int off = 1; off < l.lpg; off <<= 1) rank += __shfl_xor_sync(kFull, rank, off);
+      kept = kept && rank < p.topk_group;
+    }
+
+    select_topk<VPL>(key, kept, sm, lane, start, p.topk);
+    __syncwarp();
+    int my_id = 0;
+    float my_val = 0.0f;
+    if (lane < p.topk) {
+      my_id = int(sm.picks[lane]);
+      my_val = sm.val[my_id];
+    }
+    float w = my_val;
+    if (p.renormalize) w = __fdiv_rn(my_val, __fadd_rn(seq_sum(sm, my_val, lane, p.topk), 1e-20f));
+    if (lane < p.topk) {
+      p.weights[t * p.weights_stride + lane] = __fmul_rn(w, p.scale);
+      p.ids[t * p.ids_stride + lane] = my_id;
+    }
+    __syncwarp();  // every lane has read val / picks before the next token rewrites them
   }
 }
 
 template <int VPL, typename In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_softmax_topk_kernel(const RouteParams p, const Layout l) {
+  __shared__ WarpSmem<VPL> smem[kWarpsPerBlock];
   const int lane = threadIdx.x & 31;
-  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (t >= p.T) return;
+  const int warp = threadIdx.x >> 5;
+  WarpSmem<VPL>& sm = smem[warp];
 
   const int start = lane * l.vpl;
   int cnt = min(l.vpl, p.E - start);
   cnt = cnt < 0 ? 0 : cnt;
-  const In* row = static_cast<const In*>(p.logits) + t * p.logits_stride;
-  float x[VPL];
-  load_row<VPL, In>(row, start, cnt, l.vec, x);
+  init_list<VPL>(sm, lane);
+  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
-  float m = -__int_as_float(0x7f800000);
-#pragma unroll
-  for (int i = 0; i < VPL; ++i) m = fmaxf(m, x[i]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, off));
+  for (int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp; t < p.T; t += stride) {
+    const In* row = static_cast<const In*>(p.logits) + t * p.logits_stride;
+    float x[VPL];
+    load_row<VPL, In>(row, start, cnt, l.vec, -__int_as_float(0x7f800000), x);
 
-  float e[VPL];
-  uint32_t key[VPL];
-  uint32_t avail = 0;
-  float lsum = 0.0f;
+    float m = -__int_as_float(0x7f800000);
 #pragma unroll
-  for (int i = 0; i < VPL; ++i) {
-    e[i] = (i < cnt) ? expf(__fsub_rn(x[i], m)) : 0.0f;
-    lsum = __fadd_rn(lsum, e[i]);
-    key[i] = ordered_key(x[i]);
-    if (i < cnt) avail |= 1u << i;
-  }
-  int my_id;
-  float my_val, sel_sum;
-  select_topk<VPL>(key, e, avail, start, lane, p.topk, my_id, my_val, sel_sum);
-  if (!p.renormalize) {
+    for (int i = 0; i < VPL; ++i) m = fmaxf(m, x[i]);
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) lsum = __fadd_rn(lsum, __shfl_xor_sync(kFull, lsum, off));
-  }
-  if (lane < p.topk) {
-    const float w = __fdiv_rn(my_val, p.renormalize ? sel_sum : lsum);
-    p.weights[t * p.weights_stride + lane] = w;
-    p.ids[t * p.ids_stride + lane] = my_id;
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, off));
+
+    uint64_t key[VPL];
+    float lsum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      const float e = (i < cnt) ? expf(__fsub_rn(x[i], m)) : 0.0f;
+      lsum = __fadd_rn(lsum, e);
+      if (i < cnt) sm.val[start + i] = e;
+      // x + 0 folds -0.0 into +0.0 (torch's sort treats them as equal).
+      key[i] = (i < cnt) ? make_key<VPL>(ordered_bits(__fadd_rn(x[i], 0.0f)), i) : kNoKey<VPL>;
+    }
+    sort_desc<VPL>(key);
+    select_topk<VPL>(key, true, sm, lane, start, p.topk);
+    __syncwarp();
+    int my_id = 0;
+    float my_val = 0.0f;
+    if (lane < p.topk) {
+      my_id = int(sm.picks[lane]);
+      my_val = sm.val[my_id];
+    }
+    float den;
+    if (p.renormalize) {
+      den = seq_sum(sm, my_val, lane, p.topk);
+    } else {
+      den = lsum;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) den = __fadd_rn(den, __shfl_xor_sync(kFull, den, off));
+    }
+    if (lane < p.topk) {
+      p.weights[t * p.weights_stride + lane] = __fdiv_rn(my_val, den);
+      p.ids[t * p.ids_stride + lane] = my_id;
+    }
+    __syncwarp();
   }
 }
 
@@ -263,22 +451,38 @@ bool aligned16(const RouteParams& p) {
   return (reinterpret_cast<uintptr_t>(p.logits) % 16 == 0) && ((p.logits_stride * int64_t(sizeof(In))) % 16 == 0);
 }
 
+// Resident blocks per SM of `kernel` (cached by the caller) times the SM count of the current device.
+template <typename Kernel>
+int64_t max_grid(Kernel kernel, int& blocks_per_sm) {
+  if (blocks_per_sm <= 0) {
+    int b = 0;
+    FS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, kWarpsPerBlock * 32, 0));
+    blocks_per_sm = b > 0 ? b : 1;
+  }
+  static int sm_count[64] = {};
+  int dev = 0;
+  FS_CUDA_CHECK(cudaGetDevice(&dev));
+  int& n = sm_count[dev & 63];
+  if (n <= 0) FS_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return int64_t(blocks_per_sm) * n;
+}
+
 template <typename In, bool kSoftmax>
 void launch_typed(const RouteParams& p, Layout l, cudaStream_t stream) {
   int vpl_t = 1;
   while (vpl_t < l.vpl) vpl_t *= 2;
   l.vec = (vpl_t == l.vpl) && (l.group % l.vpl == 0) && aligned16<In>(p) &&
           (l.vpl * int(sizeof(In))) % 16 == 0;
-  const dim3 grid(unsigned((p.T + kWarpsPerBlock - 1) / kWarpsPerBlock));
+  const int64_t blocks = (p.T + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const dim3 block(kWarpsPerBlock * 32);
-#define FS_ROUTE_CASE(V)                                                      \
-  case V:                                                                     \
-    if constexpr (kSoftmax) {                                                 \
-      route_softmax_topk_kernel<V, In><<<grid, block, 0, stream>>>(p, l);     \
-    } else {                                                                  \
-      route_noaux_tc_kernel<V, In><<<grid, block, 0, stream>>>(p, l);         \
-    }                                                                         \
-    break;
+#define FS_ROUTE_CASE(V)                                                                         \
+  case V: {                                                                                      \
+    static int occ = 0;                                                                          \
+    auto kernel = kSoftmax ? route_softmax_topk_kernel<V, In> : route_noaux_tc_kernel<V, In>;    \
+    const dim3 grid(unsigned(std::min(blocks, max_grid(kernel, occ))));                          \
+    kernel<<<grid, block, 0, stream>>>(p, l);                                                    \
+    break;                                                                                       \
+  }
   switch (vpl_t) {
     FS_ROUTE_CASE(1)
     FS_ROUTE_CASE(2)
