@@ -306,3 +306,27 @@ def test_softmax_topk_cuda_boundaries(t, e, k):
             w_ref, ids_ref = ref.route_softmax_topk(logits, k, renorm)
             assert torch.equal(ids, ids_ref)
             torch.testing.assert_close(w, w_ref, rtol=1e-6 if renorm else 2e-6, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_noaux_tc_cuda_r1_path_strided_outputs_and_nan(dtype):
+    # The R1 shape runs the compile-time kernel (16-byte aligned rows); outputs written through
+    # row strides wider than topk; NaN logits and bias still give in-range ids.
+    t = 777
+    logits, bias = _cuda_inputs(t, 256, dtype, "bias", stride_pad=8)
+    w_buf = torch.full((t, 11), -1.0, device="cuda")
+    id_buf = torch.full((t, 13), -1, device="cuda", dtype=torch.int32)
+    w, ids = ops.route_noaux_tc(logits, bias, 8, 4, 8, 2.5, True, topk_weights=w_buf[:, 1:9],
+                                topk_ids=id_buf[:, 2:10])
+    w_ref, ids_ref = ref.route_noaux_tc(logits, bias, 8, 4, 8, 2.5, True)
+    assert torch.equal(id_buf[:, 2:10], ids_ref)
+    torch.testing.assert_close(w_buf[:, 1:9], w_ref, rtol=1e-6, atol=0)
+    assert (w_buf[:, 0] == -1).all() and (w_buf[:, 9:] == -1).all()
+    assert (id_buf[:, :2] == -1).all() and (id_buf[:, 10:] == -1).all()
+    logits = logits.clone()
+    logits[::3, ::5] = float("nan")
+    bias = bias.clone()
+    bias[7] = float("nan")
+    w, ids = ops.route_noaux_tc(logits, bias, 8, 4, 8, 2.5, True)
+    assert ((ids >= 0) & (ids < 256)).all()
