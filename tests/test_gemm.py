@@ -315,6 +315,68 @@ def test_fp8_gemm_cuda_edge_layouts():
         torch.ops.flashseek.fp8_gemm(q, s, wq, ws, big[1:1 + 7 * 256].view(7, 256))
 
 
+# ------------------------------------------------------------------ CUDA: small M (decode)
+# M crosses every boundary of the swapped kernels' 64-token tile and of 8-token MMA columns (and
+# M % 8 != 0) with N in {16, 48, 576, 2112, 7168} (single 16-row slice, partial 128-row weight
+# tiles, 17 x 128) and K in {128 (one block, no split), 512, 1536, 7168, 16384}: each M gets 4 (N, K)
+# pairs, stepping through the 25 pairs with stride 7 (every pair 2-3 times, 56 cases).
+# Tolerances are those of every GEMM test here (assert_accurate): relative error beyond the bf16
+# output's rounding < 1e-3 against the exact float64 product of the quantized inputs, calc_diff < 1e-3
+# against the unquantized product where it fits in memory.
+_SMALL_M = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64]
+_SMALL_M_NK = [(n, k) for n in (16, 48, 576, 2112, 7168) for k in (128, 512, 1536, 7168, 16384)]
+SMALL_M_CASES = [(m, *_SMALL_M_NK[(4 * i + r) * 7 % len(_SMALL_M_NK)]) for i, m in enumerate(_SMALL_M) for r in range(4)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,n,k", SMALL_M_CASES)
+def test_fp8_gemm_small_m_sweep(m, n, k):
+    x, q, s = make_act(m, k, "cuda")
+    w, wq, ws = make_weight(n, k, "cuda")
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    ops.fp8_gemm(q, s, wq, ws, out=out)
+    assert_accurate(out, q, s, wq, ws, x if m * n * k <= 2**33 else None, w)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,n,k", [(5, 576, 1536), (64, 2112, 512), (1, 7168, 128)])
+def test_fp8_gemm_small_m_padded_scale_ld(m, n, k):
+    """a_scale with a padded leading dimension (ld = round_up(M, 4) + 12, 16-byte multiple) is passed
+    through without repacking; the result must equal the one from the default layout bit for bit."""
+    x, q, s = make_act(m, k, "cuda")
+    w, wq, ws = make_weight(n, k, "cuda")
+    ld = (m + 3) // 4 * 4 + 12
+    padded = torch.full((k // 128, ld), float("nan"), device="cuda")[:, :m].t()
+    padded.copy_(s)
+    assert padded.stride() == (1, ld)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    ops.fp8_gemm(q, padded, wq, ws, out=out)
+    assert_accurate(out, q, s, wq, ws, x, w)
+    assert torch.equal(out, ops.fp8_gemm(q, s, wq, ws))
+
+
+@pytest.mark.cuda
+def test_fp8_gemm_small_m_cuda_graph():
+    """The split-K decode path (workspace partials + reduction kernel) replays from a CUDA graph with
+    new inputs."""
+    m, n, k = 12, 2112, 7168
+    _, q, s = make_act(m, k, "cuda")
+    _, wq, ws = make_weight(n, k, "cuda")
+    out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    ops.fp8_gemm(q, s, wq, ws, out=out)  # warm-up outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.fp8_gemm(q, s, wq, ws, out=out)
+    _, q2, s2 = make_act(m, k, "cuda")
+    q.copy_(q2)
+    s.copy_(s2)
+    poison_(out)
+    g.replay()
+    torch.cuda.synchronize()
+    assert_accurate(out, q, s, wq, ws)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("sizes,align,n,k", [
     ([3, 0, 1, 17, 200], 1, 576, 512),
