@@ -40,6 +40,12 @@ TORCH_LIBRARY(flashseek, m) {
   m.def(
       "route_softmax_topk(Tensor logits, int topk, bool renormalize, Tensor(a!) topk_weights, "
       "Tensor(b!) topk_ids) -> ()");
+  // Gate GEMM + route_noaux_tc for T <= 64: hidden [T, H] bf16, gate_weight [E, H] bf16, H % 512 == 0;
+  // logits [T, E] fp32 out (accumulation order: flashseek/ref/routing.py gate_logits_fp32).
+  m.def(
+      "route_noaux_tc_gate(Tensor hidden, Tensor gate_weight, Tensor bias, int n_group, int topk_group, "
+      "int topk, float routed_scaling_factor, bool renormalize, Tensor(a!) topk_weights, "
+      "Tensor(b!) topk_ids, Tensor(c!) logits) -> ()");
 
   // ---- MoE dispatch and combine (csrc/moe) ----
   // Contiguous layout; token_slots [T, topk] = the row of each (token, k) slot, -1 if dropped.

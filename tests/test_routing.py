@@ -330,3 +330,148 @@ def test_noaux_tc_cuda_r1_path_strided_outputs_and_nan(dtype):
     bias[7] = float("nan")
     w, ids = ops.route_noaux_tc(logits, bias, 8, 4, 8, 2.5, True)
     assert ((ids >= 0) & (ids < 256)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# route_noaux_tc_gate: router GEMM (fp32, fixed order) + route_noaux_tc, T <= 64
+def _gate_inputs(t, e, h, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    w = (torch.randn(e, h, generator=g) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(e, generator=g) * 0.05
+    return x.to(device), w.to(device), bias.to(device)
+
+
+def test_gate_logits_order_explicit():
+    # The documented order, written out as scalar loops (tiny shape: 1 token, 2 experts, H 1024).
+    x, w, _ = _gate_inputs(1, 2, 1024)
+    got = ref.gate_logits_fp32(x, w)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    xs, ws = x.float()[0], w.float()
+    for e in range(2):
+        q = []
+        for kb in range(2):
+            lanes = []
+            for lane in range(32):
+                acc = f32(0.0)
+                for s in range(2):
+                    for i in range(8):
+                        k = 512 * kb + 256 * s + 8 * lane + i
+                        acc = acc + xs[k] * ws[e, k]
+                lanes.append(acc)
+            while len(lanes) > 1:
+                half = len(lanes) // 2
+                lanes = [lanes[i] + lanes[i + half] for i in range(half)]
+            q.append(lanes[0])
+        assert torch.equal(got[0, e], q[0] + q[1])
+
+
+@pytest.mark.parametrize("t,e,h", [(1, 256, 1024), (5, 64, 512), (16, 256, 2048)])
+def test_gate_logits_close_to_matmul(t, e, h):
+    x, w, _ = _gate_inputs(t, e, h)
+    got = ref.gate_logits_fp32(x, w)
+    exact = x.double() @ w.double().t()
+    # fp32 accumulation of exact products over H terms: |err| <= ~H * 2^-24 * sum|x w| (loose bound).
+    bound = (x.double().abs() @ w.double().abs().t()) * (h * 2.0 ** -24)
+    assert ((got.double() - exact).abs() <= bound).all()
+    torch.testing.assert_close(got, x.float() @ w.float().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [(256, 8, 4, 8), (64, 8, 4, 6), (64, 1, 1, 8)])
+@pytest.mark.parametrize("t", [0, 1, 7])
+def test_gate_op_cpu_matches_reference(cfg, t):
+    e, ng, tg, k = cfg
+    x, w, bias = _gate_inputs(t, e, 1024)
+    weights, ids, logits = ops.route_noaux_tc_gate(x, w, bias, ng, tg, k, 2.5, True)
+    assert weights.shape == (t, k) and ids.shape == (t, k) and logits.shape == (t, e)
+    lg = ref.gate_logits_fp32(x, w)
+    w_ref, ids_ref = ref.route_noaux_tc(lg, bias, ng, tg, k, 2.5, True)
+    assert torch.equal(logits, lg) and torch.equal(ids, ids_ref) and torch.equal(weights, w_ref)
+
+
+def test_gate_wrapper_falls_back_above_limit():
+    x, w, bias = _gate_inputs(ops.ROUTE_GATE_MAX_T + 1, 64, 512)
+    weights, ids, logits = ops.route_noaux_tc_gate(x, w, bias, 8, 4, 8, 2.5, True)
+    lg = (x @ w.t()).float()
+    w_ref, ids_ref = ops.route_noaux_tc(lg, bias, 8, 4, 8, 2.5, True)
+    assert torch.equal(logits, lg) and torch.equal(ids, ids_ref) and torch.equal(weights, w_ref)
+    # max_t lowers the switch point.
+    x4 = x[:4].contiguous()
+    _, ids4, lg4 = ops.route_noaux_tc_gate(x4, w, bias, 8, 4, 8, 2.5, True, max_t=2)
+    assert torch.equal(lg4, (x4 @ w.t()).float())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(4, 512)), "hidden must have dtype"),
+    (dict(w=torch.randn(64, 512)), "gate_weight must have dtype"),
+    (dict(w=torch.randn(64, 1024).to(torch.bfloat16)), r"gate_weight must have shape \[E, H=512\]"),
+    (dict(x=torch.randn(4, 384).to(torch.bfloat16), w=torch.randn(64, 384).to(torch.bfloat16)), "multiple of 512"),
+    (dict(x=torch.randn(4, 1024).to(torch.bfloat16)[:, ::2]), "hidden must be contiguous"),
+    (dict(bias=torch.zeros(63)), "bias must have shape"),
+    (dict(w=torch.randn(60, 512).to(torch.bfloat16), bias=torch.zeros(60)), "divisible by n_group"),
+    (dict(x=torch.randn(65, 512).to(torch.bfloat16)), "at most 64 tokens"),
+    (dict(logits=torch.empty(4, 63)), "logits must have shape"),
+    (dict(logits=torch.empty(4, 64, dtype=torch.bfloat16)), "logits must have dtype"),
+])
+def test_gate_bad_inputs(bad, match):
+    a = dict(x=torch.randn(4, 512).to(torch.bfloat16), w=torch.randn(64, 512).to(torch.bfloat16),
+             bias=torch.zeros(64), logits=None)
+    a.update(bad)
+    t = a["x"].shape[0]
+    logits = a["logits"] if a["logits"] is not None else torch.empty(t, a["w"].shape[0])
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        torch.ops.flashseek.route_noaux_tc_gate(a["x"], a["w"], a["bias"], 8, 4, 8, 2.5, True, torch.empty(t, 8),
+                                                torch.empty(t, 8, dtype=torch.int32), logits)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_gate_opcheck(device):
+    x, w, bias = _gate_inputs(3, 64, 512, device)
+    out = (torch.empty(3, 8, device=device), torch.empty(3, 8, device=device, dtype=torch.int32),
+           torch.empty(3, 64, device=device))
+    opcheck(torch.ops.flashseek.route_noaux_tc_gate.default, (x, w, bias, 8, 4, 8, 2.5, True, *out))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 16, 33, 63, 64])
+@pytest.mark.parametrize("cfg,h", [((256, 8, 4, 8), 7168), ((256, 8, 4, 8), 512), ((64, 8, 4, 6), 2048),
+                                   ((250, 10, 3, 7), 1024), ((512, 16, 8, 16), 1536)])
+def test_gate_cuda_bit_exact(t, cfg, h):
+    e, ng, tg, k = cfg
+    x, w, bias = _gate_inputs(t, e, h, seed=t)
+    lg_ref = ref.gate_logits_fp32(x, w)  # on CPU: the order is device independent
+    x, w, bias = x.cuda(), w.cuda(), bias.cuda()
+    for renorm in (True, False):
+        out_w = torch.full((t, k), float("nan"), device="cuda")
+        out_ids = torch.full((t, k), -1, dtype=torch.int32, device="cuda")
+        out_lg = torch.full((t, e), float("nan"), device="cuda")
+        weights, ids, logits = ops.route_noaux_tc_gate(x, w, bias, ng, tg, k, 2.5, renorm, out_w, out_ids, out_lg)
+        assert torch.equal(logits.cpu(), lg_ref), (t, cfg, h)
+        w_ref, ids_ref = ref.route_noaux_tc(lg_ref.cuda(), bias, ng, tg, k, 2.5, renorm)  # sigmoid on CUDA
+        assert torch.equal(ids, ids_ref)
+        torch.testing.assert_close(weights, w_ref, rtol=1e-6, atol=0)
+        # And close to the plain fp32 GEMM of the same bf16 inputs.
+        torch.testing.assert_close(logits, x.float() @ w.float().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_gate_cuda_graph_and_fallback():
+    x, w, bias = _gate_inputs(8, 256, 7168, "cuda")
+    out = (torch.empty(8, 8, device="cuda"), torch.empty(8, 8, device="cuda", dtype=torch.int32),
+           torch.empty(8, 256, device="cuda"))
+    ops.route_noaux_tc_gate(x, w, bias, 8, 4, 8, 2.5, True, *out)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.route_noaux_tc_gate(x, w, bias, 8, 4, 8, 2.5, True, *out)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    w_ref, ids_ref, lg_ref = ref.route_noaux_tc_gate(x.cpu(), w.cpu(), bias.cpu(), 8, 4, 8, 2.5, True)
+    assert torch.equal(out[2].cpu(), lg_ref)
+    w_ref, ids_ref = ref.route_noaux_tc(lg_ref.cuda(), bias, 8, 4, 8, 2.5, True)
+    assert torch.equal(out[1], ids_ref)
+    xl = torch.randn(100, 7168, device="cuda").to(torch.bfloat16)
+    weights, ids, logits = ops.route_noaux_tc_gate(xl, w, bias, 8, 4, 8, 2.5, True)
+    w2, ids2 = ops.route_noaux_tc((xl @ w.t()).float(), bias, 8, 4, 8, 2.5, True)
+    assert torch.equal(ids, ids2)

@@ -26,6 +26,22 @@ struct RouteParams {
 };
 
 void launch_route_noaux_tc(const RouteParams& p, cudaStream_t stream);
+
+// Gate GEMM + noaux_tc routing for small T (routing_gate.cu): logits = hidden @ gate_weight^T in
+// fp32, accumulated in the fixed order of flashseek/ref/routing.py:gate_logits_fp32, then routed
+// exactly like launch_route_noaux_tc on those logits. `route` carries the routing parameters and
+// the outputs (route.logits / dtype / stride are set by the launcher to the logits output).
+constexpr int kGateMaxT = 64;      // tokens per call
+constexpr int kGateKBlock = 512;   // H % kGateKBlock == 0
+struct GateRouteParams {
+  const void* hidden;       // [T, H] bf16, contiguous, 16-byte aligned
+  const void* gate_weight;  // [E, H] bf16, contiguous, 16-byte aligned
+  float* logits;            // [T, E] fp32 out, contiguous
+  float* partials;          // [H / kGateKBlock, T, E] fp32 scratch
+  int H;
+  RouteParams route;        // T <= kGateMaxT, E, bias, routing parameters, weights / ids outputs
+};
+void launch_route_noaux_tc_gate(GateRouteParams p, cudaStream_t stream);
 void launch_route_softmax_topk(const RouteParams& p, cudaStream_t stream);
 
 }  // namespace flashseek

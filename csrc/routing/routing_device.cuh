@@ -202,16 +202,14 @@ __device__ __forceinline__ void merge_top2(float& a1, float& a2, float b1, float
   a2 = n2;
 }
 
-// One token on one warp (warp-collective): row = its 256 logits (16-byte aligned), sbias = the bias
-// in shared memory (16-byte aligned), ktable = the 256 kept_table_entry values (shared memory).
+// One token on one warp (warp-collective), from logits already in registers: s = this lane's
+// logits of experts 8 * lane .. 8 * lane + 7 (as fp32), sbias = the bias in shared memory (16-byte
+// aligned), ktable = the 256 kept_table_entry values (shared memory).
 // Lanes < 8 write w_out[lane] and id_out[lane].
-template <typename In>
-__device__ __forceinline__ void route_token(const In* row, const float* sbias, const uint32_t* ktable, WarpSmem& sm,
-                                            const Lane& l,
-                                            float scale, bool renormalize, float* w_out, int32_t* id_out) {
+__device__ __forceinline__ void route_token_regs(float (&s)[8], const float* sbias, const uint32_t* ktable,
+                                                 WarpSmem& sm, const Lane& l, float scale, bool renormalize,
+                                                 float* w_out, int32_t* id_out) {
   const int lane = l.lane;
-  float s[8];
-  load_row<8, In>(row, 8 * lane, 8, true, 0.0f, s);
   const float4 bias0 = reinterpret_cast<const float4*>(sbias)[2 * lane];
   const float4 bias1 = reinterpret_cast<const float4*>(sbias)[2 * lane + 1];
   sigmoid_ref<8>(s);
@@ -314,6 +312,17 @@ __device__ __forceinline__ void route_token(const In* row, const float* sbias, c
     id_out[lane] = my_id;
   }
   __syncwarp();  // every lane has read sval / picks / pval before the next token rewrites them
+}
+
+// The same from a row in global memory: row = the token's 256 logits (16-byte aligned, read-only
+// during the kernel: loaded through the non-coherent path).
+template <typename In>
+__device__ __forceinline__ void route_token(const In* row, const float* sbias, const uint32_t* ktable, WarpSmem& sm,
+                                            const Lane& l,
+                                            float scale, bool renormalize, float* w_out, int32_t* id_out) {
+  float s[8];
+  load_row<8, In>(row, 8 * l.lane, 8, true, 0.0f, s);
+  route_token_regs(s, sbias, ktable, sm, l, scale, renormalize, w_out, id_out);
 }
 }  // namespace r1
 

@@ -3,6 +3,8 @@
 #include "registration.h"
 #include "routing/routing.h"
 
+#include <ATen/ATen.h>
+
 namespace flashseek {
 namespace {
 
@@ -100,10 +102,71 @@ void route_softmax_topk_cuda(const at::Tensor& logits, int64_t topk, bool renorm
   launch_route_softmax_topk(p, current_stream(logits));
 }
 
+void route_noaux_tc_gate_cuda(const at::Tensor& hidden, const at::Tensor& gate_weight, const at::Tensor& bias,
+                              int64_t n_group, int64_t topk_group, int64_t topk, double routed_scaling_factor,
+                              bool renormalize, at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& logits) {
+  FS_CHECK_CUDA(hidden);
+  FS_CHECK_CUDA(gate_weight);
+  FS_CHECK_SAME_DEVICE(hidden, gate_weight);
+  FS_CHECK_DTYPE(hidden, at::kBFloat16);
+  FS_CHECK_DTYPE(gate_weight, at::kBFloat16);
+  FS_CHECK_DIM(hidden, 2);
+  FS_CHECK_DIM(gate_weight, 2);
+  FS_CHECK_CONTIGUOUS(hidden);
+  FS_CHECK_CONTIGUOUS(gate_weight);
+  const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_weight.size(0);
+  FS_CHECK(gate_weight.size(1) == H, "gate_weight must have shape [E, H=", H, "], got ", gate_weight.sizes());
+  FS_CHECK(H > 0 && H % kGateKBlock == 0, "the hidden size must be a positive multiple of ", kGateKBlock, ", got ",
+           H);
+  FS_CHECK(T <= kGateMaxT, "route_noaux_tc_gate takes at most ", kGateMaxT, " tokens, got ", T,
+           " (flashseek.ops.route_noaux_tc_gate falls back to a GEMM + route_noaux_tc above that)");
+  FS_CHECK(reinterpret_cast<uintptr_t>(hidden.data_ptr()) % 16 == 0 &&
+               reinterpret_cast<uintptr_t>(gate_weight.data_ptr()) % 16 == 0,
+           "hidden and gate_weight must be 16-byte aligned");
+  FS_CHECK_CUDA(logits);
+  FS_CHECK_SAME_DEVICE(hidden, logits);
+  FS_CHECK_DTYPE(logits, at::kFloat);
+  FS_CHECK_SHAPE(logits, T, E);
+  FS_CHECK_CONTIGUOUS(logits);
+  FS_CHECK(reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0, "logits must be 16-byte aligned");
+  // The routing checks, on the logits output (its shape is [T, E]).
+  check_logits(logits, topk);
+  FS_CHECK_CUDA(bias);
+  FS_CHECK_SAME_DEVICE(logits, bias);
+  FS_CHECK_DTYPE(bias, at::kFloat);
+  FS_CHECK_SHAPE(bias, E);
+  FS_CHECK_CONTIGUOUS(bias);
+  FS_CHECK(n_group >= 1 && n_group <= 32, "n_group must be in [1, 32], got ", n_group);
+  FS_CHECK(E % n_group == 0, "the number of experts (", E, ") must be divisible by n_group (", n_group, ")");
+  FS_CHECK(E / n_group >= 2, "each group needs at least 2 experts (its score is a top-2 sum), got E=", E,
+           " n_group=", n_group);
+  FS_CHECK(topk_group >= 1 && topk_group <= n_group, "topk_group must be in [1, n_group=", n_group, "], got ",
+           topk_group);
+  FS_CHECK(topk <= topk_group * (E / n_group), "topk (", topk, ") must not exceed the experts in the kept groups (",
+           topk_group, " x ", E / n_group, ")");
+  check_outputs(logits, topk, topk_weights, topk_ids);
+  if (T == 0) return;
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  at::Tensor partials = at::empty({H / kGateKBlock, T, E}, logits.options());
+  GateRouteParams p{};
+  p.hidden = hidden.data_ptr();
+  p.gate_weight = gate_weight.data_ptr();
+  p.logits = logits.data_ptr<float>();
+  p.partials = partials.data_ptr<float>();
+  p.H = static_cast<int>(H);
+  p.route = base_params(logits, topk, renormalize, topk_weights, topk_ids);
+  p.route.bias = bias.data_ptr<float>();
+  p.route.n_group = static_cast<int>(n_group);
+  p.route.topk_group = static_cast<int>(topk_group);
+  p.route.scale = static_cast<float>(routed_scaling_factor);
+  launch_route_noaux_tc_gate(p, current_stream(hidden));
+}
+
 }  // namespace
 
 void register_routing_cuda(torch::Library& m) {
   m.impl("route_noaux_tc", &route_noaux_tc_cuda);
   m.impl("route_softmax_topk", &route_softmax_topk_cuda);
+  m.impl("route_noaux_tc_gate", &route_noaux_tc_gate_cuda);
 }
 }  // namespace flashseek

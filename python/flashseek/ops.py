@@ -501,6 +501,86 @@ def route_softmax_topk(logits: torch.Tensor, topk: int, renormalize: bool = True
     return topk_weights, topk_ids
 
 
+#: route_noaux_tc_gate's token limit (the kernel's, csrc/routing/routing.h): the wrapper runs the
+#: bf16 GEMM + route_noaux_tc above it. `flashseek bench routing` times both paths.
+ROUTE_GATE_MAX_T = ref_routing.GATE_MAX_T
+
+
+def _check_route_noaux_tc_gate(hidden, gate_weight, bias, n_group, topk_group, topk, routed_scaling_factor,
+                               renormalize, topk_weights, topk_ids, logits):
+    _expect_dtype(hidden, "hidden", torch.bfloat16)
+    _expect_dtype(gate_weight, "gate_weight", torch.bfloat16)
+    _expect_dim(hidden, "hidden", 2)
+    _expect_dim(gate_weight, "gate_weight", 2)
+    _expect_contiguous(hidden, "hidden")
+    _expect_contiguous(gate_weight, "gate_weight")
+    t, h = hidden.shape
+    e = gate_weight.shape[0]
+    _expect(gate_weight.shape[1] == h, f"gate_weight must have shape [E, H={h}], got {list(gate_weight.shape)}")
+    _expect(h > 0 and h % ref_routing.GATE_K_BLOCK == 0,
+            f"the hidden size must be a positive multiple of {ref_routing.GATE_K_BLOCK}, got {h}")
+    _expect(t <= ROUTE_GATE_MAX_T,
+            f"route_noaux_tc_gate takes at most {ROUTE_GATE_MAX_T} tokens, got {t} "
+            "(flashseek.ops.route_noaux_tc_gate falls back to a GEMM + route_noaux_tc above that)")
+    _expect_same_device(hidden, "hidden", gate_weight=gate_weight, logits=logits)
+    _expect_dtype(logits, "logits", torch.float32)
+    _expect_shape(logits, "logits", (t, e))
+    _expect_contiguous(logits, "logits")
+    _check_route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
+                          topk_weights, topk_ids)
+
+
+def _ref_route_noaux_tc_gate(hidden, gate_weight, bias, n_group, topk_group, topk, routed_scaling_factor,
+                             renormalize, topk_weights, topk_ids, logits):
+    w, ids, lg = ref_routing.route_noaux_tc_gate(hidden, gate_weight, bias, n_group, topk_group, topk,
+                                                 routed_scaling_factor, renormalize)
+    logits.copy_(lg)
+    topk_weights.copy_(w)
+    topk_ids.copy_(ids)
+
+
+_register("route_noaux_tc_gate", _check_route_noaux_tc_gate, _ref_route_noaux_tc_gate)
+
+
+def route_noaux_tc_gate(hidden: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, n_group: int,
+                        topk_group: int, topk: int, routed_scaling_factor: float, renormalize: bool = True,
+                        topk_weights: Optional[torch.Tensor] = None, topk_ids: Optional[torch.Tensor] = None,
+                        logits: Optional[torch.Tensor] = None, max_t: int = ROUTE_GATE_MAX_T):
+    """Router GEMM + `route_noaux_tc` in one launch for decode-sized batches.
+
+    Args:
+        hidden: [T, H] bf16, contiguous, H % 512 == 0.
+        gate_weight: [E, H] bf16, contiguous (the router's weight), E <= 512.
+        bias, n_group, topk_group, topk, routed_scaling_factor, renormalize: as route_noaux_tc.
+        topk_weights, topk_ids, logits: optional outputs (fp32 [T, topk], int32 [T, topk], fp32 [T, E]).
+        max_t: the fused op runs for T <= min(max_t, ROUTE_GATE_MAX_T).
+    Returns:
+        (topk_weights, topk_ids, logits).
+    Semantics: for T <= the limit, logits = hidden @ gate_weight^T accumulated in fp32 in the fixed
+    order of flashseek.ref.routing.gate_logits_fp32 (never rounded to bf16), and (weights, ids) =
+    route_noaux_tc(logits, ...) bit for bit. Above it: logits = (hidden @ gate_weight^T) as a bf16
+    GEMM (cuBLAS order, rounded to bf16, as MoE.router_logits computes them), then route_noaux_tc.
+    """
+    t = hidden.shape[0]
+    e = gate_weight.shape[0]
+    dev = hidden.device
+    topk_weights = torch.empty((t, topk), dtype=torch.float32, device=dev) if topk_weights is None else topk_weights
+    topk_ids = torch.empty((t, topk), dtype=torch.int32, device=dev) if topk_ids is None else topk_ids
+    if t > min(max_t, ROUTE_GATE_MAX_T):
+        lg = (hidden @ gate_weight.t()).float()
+        if logits is not None:
+            logits.copy_(lg)
+            lg = logits
+        route_noaux_tc(lg, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize, topk_weights,
+                       topk_ids)
+        return topk_weights, topk_ids, lg
+    logits = torch.empty((t, e), dtype=torch.float32, device=dev) if logits is None else logits
+    torch.ops.flashseek.route_noaux_tc_gate(hidden, gate_weight, bias, n_group, topk_group, topk,
+                                            float(routed_scaling_factor), renormalize, topk_weights, topk_ids,
+                                            logits)
+    return topk_weights, topk_ids, logits
+
+
 # --------------------------------------------------------------------------------------------
 # MoE dispatch, combine and the fused MoE layer   [section: moe]
 # --------------------------------------------------------------------------------------------

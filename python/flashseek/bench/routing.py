@@ -64,6 +64,46 @@ def run_routing(ctx: BenchContext) -> list[Row]:
                         peer="torch eager ref", peer_us=peer_us,
                         backend="kernel" if ops.has_cuda_kernel("route_softmax_topk") else "reference",
                         extra=dict(timing="cuda-graph replay", eager_call_us=eager_us)))
+    rows += _gate_rows(ctx)
+    return rows
+
+
+def _gate_rows(ctx: BenchContext) -> list[Row]:
+    """route_noaux_tc_gate vs the model's path (bf16 GEMM -> .float() -> route_noaux_tc), R1 shapes,
+    both timed as CUDA-graph replays in the same run. Inputs rotate over enough (hidden, gate weight)
+    pairs (24 x 3.7 MB) that the weight streams from HBM, as it does layer after layer in a model."""
+    dev = ctx.device
+    h = 7168
+    e, ng, tg, k, sc = R1["e"], R1["n_group"], R1["topk_group"], R1["topk"], R1["scale"]
+    ts = [1, 4, 16, 32, 64] if ctx.cuda else [1, 4]
+    if ctx.quick:
+        ts = ts[::2]
+    n_in = 24 if ctx.cuda else 1
+    ws = [(torch.randn(e, h, device=dev) * 0.02).to(torch.bfloat16) for _ in range(n_in)]
+    bias = torch.randn(e, device=dev) * 0.05
+    rows: list[Row] = []
+    for t in ts:
+        xs = [torch.randn(t, h, device=dev).to(torch.bfloat16) for _ in range(n_in)]
+        w = torch.empty(t, k, device=dev)
+        ids = torch.empty(t, k, device=dev, dtype=torch.int32)
+        lg = torch.empty(t, e, device=dev)
+
+        def fused(i):
+            torch.ops.flashseek.route_noaux_tc_gate(xs[i], ws[i], bias, ng, tg, k, sc, True, w, ids, lg)
+
+        def model_path(i):
+            logits = (xs[i] @ ws[i].t()).float()
+            torch.ops.flashseek.route_noaux_tc(logits, bias, ng, tg, k, sc, True, w, ids)
+
+        us = ctx.time(fused, n_in, graph=True)
+        peer_us = ctx.time(model_path, n_in, graph=True)
+        nbytes = e * h * 2 + t * h * 2 + e * 4 + t * (e * 4 + k * 8)
+        rows.append(Row("routing", f"noaux_tc+gate T={t} H={h} E={e} g={ng}/{tg} k={k}",
+                        dict(op="route_noaux_tc_gate", T=t, H=h, E=e, n_group=ng, topk_group=tg, topk=k),
+                        us, 2.0 * t * e * h, nbytes, peer="bf16 matmul + .float() + route_noaux_tc (graph)",
+                        peer_us=peer_us,
+                        backend="kernel" if ops.has_cuda_kernel("route_noaux_tc_gate") else "reference",
+                        extra=dict(peak="bf16_tflops", timing="cuda-graph replay, both", speedup_vs_peer=peer_us / us if us else None)))
     return rows
 
 

@@ -72,3 +72,51 @@ def route_softmax_topk(logits: torch.Tensor, topk: int, renormalize: bool = True
     else:
         w = w / p.sum(dim=-1, keepdim=True)
     return w, ids.to(torch.int32)
+
+
+#: The k-block of the fused gate GEMM (H % GATE_K_BLOCK == 0) and its token limit (csrc/routing/routing.h).
+GATE_K_BLOCK = 512
+GATE_MAX_T = 64
+
+
+def gate_logits_fp32(hidden: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """logits [T, E] fp32 = hidden [T, H] @ gate_weight [E, H]^T, summed in route_noaux_tc_gate's order.
+
+    With k = 512 kb + 256 s + 8 l + i (kb < H / 512, s < 2, l < 32, i < 8) and p = x[k] * w[k] in fp32
+    (exact for bf16 inputs):
+      * lane partial P[kb, l]: sequential fp32 sum over (s, i) in lexicographic order, from 0;
+      * block partial Q[kb]: pairwise tree over l, halves first: (l, l + 16), then (l, l + 8), ... (l, l + 1);
+      * logit: Q[0] + Q[1] + ... left to right.
+    The kernel's fma equals this add of the rounded product unless a product is subnormal or overflows.
+    Slow (per token, [E, H] products); fine for the T <= 64 the op takes.
+    """
+    t, h = hidden.shape
+    e = gate_weight.shape[0]
+    assert h % GATE_K_BLOCK == 0
+    nkb = h // GATE_K_BLOCK
+    w = gate_weight.float().view(e, nkb, 2, 32, 8)
+    out = torch.empty(t, e, dtype=torch.float32, device=hidden.device)
+    for r in range(t):
+        p = w * hidden[r].float().view(1, nkb, 2, 32, 8)
+        acc = torch.zeros(e, nkb, 32, dtype=torch.float32, device=hidden.device)
+        for s in range(2):
+            for i in range(8):
+                acc = acc + p[:, :, s, :, i]
+        n = 32
+        while n > 1:
+            n //= 2
+            acc = acc[..., :n] + acc[..., n:2 * n]
+        q = acc[..., 0]  # [E, nkb]
+        logit = q[:, 0].clone()
+        for kb in range(1, nkb):
+            logit = logit + q[:, kb]
+        out[r] = logit
+    return out
+
+
+def route_noaux_tc_gate(hidden: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, n_group: int,
+                        topk_group: int, topk: int, routed_scaling_factor: float, renormalize: bool = True):
+    """-> (weights, ids, logits): route_noaux_tc on gate_logits_fp32(hidden, gate_weight)."""
+    logits = gate_logits_fp32(hidden, gate_weight)
+    w, ids = route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize)
+    return w, ids, logits
