@@ -335,7 +335,10 @@ def test_fp8_gemm_small_m_sweep(m, n, k):
     w, wq, ws = make_weight(n, k, "cuda")
     out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
     ops.fp8_gemm(q, s, wq, ws, out=out)
-    assert_accurate(out, q, s, wq, ws, x if m * n * k <= 2**33 else None, w)
+    # The unquantized comparison only where the output is large enough for calc_diff to average the
+    # FP8 quantization noise (~5e-4 on large outputs): over M*N = 32 values it measured 1.3e-3 once on
+    # the H100 while the exact comparison, the one that checks the kernel, held.
+    assert_accurate(out, q, s, wq, ws, x if m * n >= 4096 and m * n * k <= 2**33 else None, w)
 
 
 @pytest.mark.cuda

@@ -395,6 +395,10 @@ def test_gate_wrapper_falls_back_above_limit():
     lg = (x @ w.t()).float()
     w_ref, ids_ref = ops.route_noaux_tc(lg, bias, 8, 4, 8, 2.5, True)
     assert torch.equal(logits, lg) and torch.equal(ids, ids_ref) and torch.equal(weights, w_ref)
+    # The default switch point is the measured cut-over, below the kernel's limit.
+    xd = x[: ops.ROUTE_GATE_DEFAULT_MAX_T + 1].contiguous()
+    _, ids_d, lg_d = ops.route_noaux_tc_gate(xd, w, bias, 8, 4, 8, 2.5, True)
+    assert torch.equal(lg_d, (xd @ w.t()).float())
     # max_t lowers the switch point.
     x4 = x[:4].contiguous()
     _, ids4, lg4 = ops.route_noaux_tc_gate(x4, w, bias, 8, 4, 8, 2.5, True, max_t=2)
@@ -445,7 +449,8 @@ def test_gate_cuda_bit_exact(t, cfg, h):
         out_w = torch.full((t, k), float("nan"), device="cuda")
         out_ids = torch.full((t, k), -1, dtype=torch.int32, device="cuda")
         out_lg = torch.full((t, e), float("nan"), device="cuda")
-        weights, ids, logits = ops.route_noaux_tc_gate(x, w, bias, ng, tg, k, 2.5, renorm, out_w, out_ids, out_lg)
+        weights, ids, logits = ops.route_noaux_tc_gate(x, w, bias, ng, tg, k, 2.5, renorm, out_w, out_ids, out_lg,
+                                                       max_t=ops.ROUTE_GATE_MAX_T)  # the kernel up to its limit
         assert torch.equal(logits.cpu(), lg_ref), (t, cfg, h)
         w_ref, ids_ref = ref.route_noaux_tc(lg_ref.cuda(), bias, ng, tg, k, 2.5, renorm)  # sigmoid on CUDA
         assert torch.equal(ids, ids_ref)
