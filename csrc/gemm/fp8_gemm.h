@@ -29,14 +29,12 @@ struct Fp8GemmPlan {
   size_t workspace_bytes;
   bool stream_k = false;  // large m: stream-K scheduler instead of the persistent data-parallel one
   bool swap_cluster = false;  // 64 < m <= 128, no split: swapped kernel in 1x2 clusters (fp8_gemm_small_mc.cu)
-  bool swap_stream_k = false; // m <= 64: swapped kernel, stream-K scheduler (fp8_gemm_small_streamk.cu)
 };
 
 Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p);
 void launch_fp8_gemm(const Fp8GemmParams& p, const Fp8GemmPlan& plan, void* workspace, cudaStream_t stream);
 
-// The dense kernels (fp8_gemm_large.cu, fp8_gemm_streamk.cu, fp8_gemm_small.cu, fp8_gemm_small_mc.cu,
-// fp8_gemm_small_streamk.cu).
+// The dense kernels (fp8_gemm_large.cu, fp8_gemm_streamk.cu, fp8_gemm_small.cu, fp8_gemm_small_mc.cu).
 size_t fp8_gemm_large_workspace(const Fp8GemmParams& p);
 void launch_fp8_gemm_large(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
 size_t fp8_gemm_streamk_workspace(const Fp8GemmParams& p);
@@ -46,8 +44,6 @@ void launch_fp8_gemm_streamk(const Fp8GemmParams& p, void* workspace, cudaStream
 size_t fp8_gemm_small_workspace(const Fp8GemmParams& p, int split_k);
 size_t fp8_gemm_small_mc_workspace(const Fp8GemmParams& p);
 void launch_fp8_gemm_small_mc(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
-size_t fp8_gemm_small_streamk_workspace(const Fp8GemmParams& p);
-void launch_fp8_gemm_small_streamk(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
 void launch_fp8_gemm_small(const Fp8GemmParams& p, int split_k, float* partials, void* workspace,
                            cudaStream_t stream);
 void launch_reduce_split_k(const float* partials, int split_k, int64_t mn, void* out_bf16, cudaStream_t stream);

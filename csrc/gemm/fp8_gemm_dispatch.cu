@@ -60,18 +60,6 @@ bool choose_swap_cluster(const Fp8GemmParams& p, int split_k) {
   return enabled && p.m > kSwapTileN && split_k == 1;
 }
 
-// M <= 64: the stream-K swapped kernel spreads every weight tile's K blocks over all SMs and reduces
-// in the kernel, where the split-K path needs fp32 partials and a second kernel, and the plain
-// persistent one leaves partial last waves idle. FLASHSEEK_GEMM_SMALL_STREAMK=0 keeps the previous
-// choice (split-K or persistent), for A/B runs; read once per process.
-bool choose_swap_stream_k(const Fp8GemmParams& p) {
-  static const bool enabled = [] {
-    const char* s = std::getenv("FLASHSEEK_GEMM_SMALL_STREAMK");
-    return !(s && s[0] == '0');
-  }();
-  return enabled && p.m <= kSwapTileN;
-}
-
 __global__ void reduce_split_k_kernel(const float4* __restrict__ partials, int split_k, int64_t mn4,
                                       uint2* __restrict__ out) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -105,11 +93,6 @@ Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p) {
   if (p.m == 0) return plan;
   if (p.m <= kSwapMaxM) {
     plan.swap_ab = true;
-    if (choose_swap_stream_k(p)) {
-      plan.swap_stream_k = true;
-      plan.workspace_bytes = align_up(fp8_gemm_small_streamk_workspace(p));
-      return plan;
-    }
     plan.split_k = choose_split_k(p);
     plan.swap_cluster = choose_swap_cluster(p, plan.split_k);
     size_t partial_bytes = plan.split_k > 1 ? align_up(size_t(plan.split_k) * p.m * p.n * sizeof(float)) : 0;
@@ -131,10 +114,6 @@ void launch_fp8_gemm(const Fp8GemmParams& p, const Fp8GemmPlan& plan, void* work
     } else {
       launch_fp8_gemm_large(p, ws, stream);
     }
-    return;
-  }
-  if (plan.swap_stream_k) {
-    launch_fp8_gemm_small_streamk(p, ws, stream);
     return;
   }
   if (plan.swap_cluster) {

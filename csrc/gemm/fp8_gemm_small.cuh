@@ -9,10 +9,9 @@
 // Split-K: batch l covers K blocks [l*K/S, (l+1)*K/S); every operand gets a batch stride pointing at
 // its own K slice and the fp32 partials land in [S, M, N].
 //
-// Instantiations: fp8_gemm_small.cu (no cluster; bf16 out, and fp32 partials for split-K),
+// Instantiations: fp8_gemm_small.cu (no cluster; bf16 out, and fp32 partials for split-K) and
 // fp8_gemm_small_mc.cu (1x2 cluster along the tokens, bf16, no split: 64 < M <= 128, where the two
-// token tiles of a weight tile share one multicast weight read) and fp8_gemm_small_streamk.cu
-// (stream-K scheduler, bf16, no batches); see docs/gemm-design.md.
+// token tiles of a weight tile share one multicast weight read; see docs/gemm-design.md).
 #pragma once
 #include "common/cuda_check.h"
 #include "gemm/cutlass_fp8_common.cuh"
@@ -29,9 +28,7 @@ using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<128, 1, 128, cute:
 using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
 using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
 
-// SchedulerTag: void = CUTLASS's persistent data-parallel scheduler; cutlass::gemm::StreamKScheduler
-// spreads the K blocks of the tiles over every SM and reduces the partial tiles inside the kernel.
-template <class ElementD, int ClusterN, class SchedulerTag = void>
+template <class ElementD, int ClusterN>
 struct SwapGemm {
   using ClusterShape = Shape<_1, Int<ClusterN>, _1>;
   using Collectives = BlockScaledCollectives<TileShape, ClusterShape, LayoutA, LayoutSFA, LayoutB, LayoutSFB,
@@ -40,7 +37,7 @@ struct SwapGemm {
   using CollectiveMainloop = typename Collectives::Mainloop;
 
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                          CollectiveEpilogue, SchedulerTag>;
+                                                          CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
   static typename Gemm::Arguments make_args(const Fp8GemmParams& p, int split, ElementD* d) {
@@ -70,7 +67,7 @@ struct SwapGemm {
     hw.sm_count = p.sm_count;
 
     typename Gemm::Arguments args{
-        split > 1 ? cutlass::gemm::GemmUniversalMode::kBatched : cutlass::gemm::GemmUniversalMode::kGemm,
+        cutlass::gemm::GemmUniversalMode::kBatched,
         {n, m, k_split, split},
         {static_cast<const ElementFp8*>(p.b), stride_a, static_cast<const ElementFp8*>(p.a), stride_b, p.b_scale,
          layout_sfa, p.a_scale, layout_sfb},

@@ -8,7 +8,6 @@ experts that received rows.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -86,11 +85,7 @@ def _backend(name):
 
 # -------------------------------------------------------------------------------- dense GEMM
 GEMM_CASES = [(64, 2112, 7168), (128, 7168, 16384), (4096, 2112, 7168), (4096, 7168, 16384),
-              (4096, 24576, 1536), (8192, 4096, 7168),
-              # DeepSeek-R1 decode projections at batch 1 and 16: fused q_a/kv_a, q_b, o_proj, dense
-              # gate+up and down (weight streams: the copy bandwidth is their ceiling).
-              (1, 2112, 7168), (1, 24576, 1536), (1, 7168, 16384), (1, 36864, 7168), (1, 7168, 18432),
-              (16, 36864, 7168)]
+              (4096, 24576, 1536), (8192, 4096, 7168)]
 GEMM_CASES_QUICK = [(64, 2112, 7168), (4096, 7168, 16384)]
 GEMM_CASES_CPU = [(16, 256, 512), (64, 576, 1024)]
 
@@ -98,8 +93,6 @@ GEMM_CASES_CPU = [(16, 256, 512), (64, 576, 1024)]
 def _gemm_path(m, n, k, ctx) -> str:
     """The kernel fp8_gemm_dispatch.cu picks (docs/gemm-design.md), without the env overrides."""
     sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if ctx.cuda else 132
-    if m <= 64 and os.environ.get("FLASHSEEK_GEMM_SMALL_STREAMK", "1")[:1] != "0":
-        return "swap_ab 128x64 stream-k"
     if m <= 128:
         tiles = (n + 127) // 128 * ((m + 63) // 64)
         split = max([d for d in range(1, min(16, k // 128) + 1) if (k // 128) % d == 0 and tiles * d <= sms] or [1])
