@@ -43,6 +43,12 @@ def _commit() -> str:
         return os.environ["FLASHSEEK_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[3]
+        # Only this checkout's own repository: an exported tree inside another checkout would
+        # otherwise report the enclosing repository's HEAD.
+        top = subprocess.check_output(["git", "-C", str(root), "rev-parse", "--show-toplevel"],
+                                      stderr=subprocess.DEVNULL, text=True).strip()
+        if Path(top).resolve() != root:
+            return "unknown"
         return subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                                        stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:
