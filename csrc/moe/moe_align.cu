@@ -199,14 +199,24 @@ __global__ void __launch_bounds__(kThreads, 1) moe_align_kernel(const MoeAlignPa
 // More slots: the same three steps over blocks of kMoeAlignBlockSlots slots, with the per-block
 // counts in the workspace [blocks, E] between three launches. Slot order within an expert is still
 // ascending: block b's rows follow every earlier block's.
-__global__ void __launch_bounds__(kThreads, 1) moe_align_count_kernel(const MoeAlignParams p) {
-  __shared__ AlignSmem sm;
+__device__ __forceinline__ WarpChunks block_warp_chunks(const MoeAlignParams& p) {
   const int64_t beg = int64_t(blockIdx.x) * kMoeAlignBlockSlots;
   const int64_t end = beg + kMoeAlignBlockSlots < p.n ? beg + kMoeAlignBlockSlots : p.n;
-  const WarpChunks c = warp_chunks(beg, end, threadIdx.x >> 5);
+  return warp_chunks(beg, end, threadIdx.x >> 5);
+}
+
+// This block's count of expert threadIdx.x (threadIdx.x < E): its total, then (after the scan
+// kernel) the slots of that expert in earlier blocks.
+__device__ __forceinline__ int* block_count(const MoeAlignParams& p) {
+  return p.workspace + int64_t(blockIdx.x) * p.num_local + threadIdx.x;
+}
+
+__global__ void __launch_bounds__(kThreads, 1) moe_align_count_kernel(const MoeAlignParams p) {
+  __shared__ AlignSmem sm;
+  const WarpChunks c = block_warp_chunks(p);
   count_block(p, c, sm);
   const int total = scan_warps(p, c.nw, 0, sm);
-  if (threadIdx.x < p.num_local) p.workspace[int64_t(blockIdx.x) * p.num_local + threadIdx.x] = total;
+  if (threadIdx.x < p.num_local) *block_count(p) = total;
 }
 
 __global__ void __launch_bounds__(kThreads, 1) moe_align_scan_kernel(const MoeAlignParams p, int blocks) {
@@ -226,11 +236,9 @@ __global__ void __launch_bounds__(kThreads, 1) moe_align_scan_kernel(const MoeAl
 
 __global__ void __launch_bounds__(kThreads, 1) moe_align_scatter_kernel(const MoeAlignParams p) {
   __shared__ AlignSmem sm;
-  const int64_t beg = int64_t(blockIdx.x) * kMoeAlignBlockSlots;
-  const int64_t end = beg + kMoeAlignBlockSlots < p.n ? beg + kMoeAlignBlockSlots : p.n;
-  const WarpChunks c = warp_chunks(beg, end, threadIdx.x >> 5);
+  const WarpChunks c = block_warp_chunks(p);
   count_block(p, c, sm);
-  const int base = threadIdx.x < p.num_local ? p.workspace[int64_t(blockIdx.x) * p.num_local + threadIdx.x] : 0;
+  const int base = threadIdx.x < p.num_local ? *block_count(p) : 0;
   scan_warps(p, c.nw, base, sm);
   __syncthreads();
   scatter_block(p, c, sm, p.expert_offsets);

@@ -131,6 +131,18 @@ __device__ __forceinline__ void select_topk(const uint64_t (&v)[VPL], bool kept,
 
 // Sum over j < topk of lane j's x, sequentially in j (the reference's order); every lane gets it.
 // Lanes publish x (zero past topk: adding +0 changes nothing) and read them back 4 at a time.
+// Lane j < topk takes pick j (its expert id and weight numerator) once select_topk has written them.
+template <int VPL>
+__device__ __forceinline__ void read_pick(const WarpSmem<VPL>& sm, int lane, int topk, int& id, float& val) {
+  __syncwarp();
+  id = 0;
+  val = 0.0f;
+  if (lane < topk) {
+    id = int(sm.picks[lane]);
+    val = sm.val[id];
+  }
+}
+
 template <int VPL>
 __device__ __forceinline__ float seq_sum(WarpSmem<VPL>& sm, float x, int lane, int topk) {
   if (lane < kMaxTopk) sm.pval[lane] = lane < topk ? x : 0.0f;
@@ -258,13 +270,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     }
 
     select_topk<VPL>(key, kept, sm, lane, start, p.topk);
-    __syncwarp();
-    int my_id = 0;
-    float my_val = 0.0f;
-    if (lane < p.topk) {
-      my_id = int(sm.picks[lane]);
-      my_val = sm.val[my_id];
-    }
+    int my_id;
+    float my_val;
+    read_pick(sm, lane, p.topk, my_id, my_val);
     float w = my_val;
     if (p.renormalize) w = __fdiv_rn(my_val, __fadd_rn(seq_sum(sm, my_val, lane, p.topk), 1e-20f));
     if (lane < p.topk) {
@@ -312,13 +320,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     }
     sort_desc<VPL>(key);
     select_topk<VPL>(key, true, sm, lane, start, p.topk);
-    __syncwarp();
-    int my_id = 0;
-    float my_val = 0.0f;
-    if (lane < p.topk) {
-      my_id = int(sm.picks[lane]);
-      my_val = sm.val[my_id];
-    }
+    int my_id;
+    float my_val;
+    read_pick(sm, lane, p.topk, my_id, my_val);
     float den;
     if (p.renormalize) {
       den = seq_sum(sm, my_val, lane, p.topk);

@@ -63,9 +63,9 @@ void check_logits(const at::Tensor& logits, int64_t topk) {
   FS_CHECK(topk <= E, "topk (", topk, ") must not exceed the number of experts (", E, ")");
 }
 
-void route_noaux_tc_cuda(const at::Tensor& logits, const at::Tensor& bias, int64_t n_group, int64_t topk_group,
-                         int64_t topk, double routed_scaling_factor, bool renormalize, at::Tensor& topk_weights,
-                         at::Tensor& topk_ids) {
+// The grouped top-k's parameters against the logits [T, E] (and the selection bias [E]).
+void check_noaux_params(const at::Tensor& logits, const at::Tensor& bias, int64_t n_group, int64_t topk_group,
+                        int64_t topk) {
   check_logits(logits, topk);
   const int64_t E = logits.size(1);
   FS_CHECK_CUDA(bias);
@@ -81,6 +81,12 @@ void route_noaux_tc_cuda(const at::Tensor& logits, const at::Tensor& bias, int64
            topk_group);
   FS_CHECK(topk <= topk_group * (E / n_group), "topk (", topk, ") must not exceed the experts in the kept groups (",
            topk_group, " x ", E / n_group, ")");
+}
+
+void route_noaux_tc_cuda(const at::Tensor& logits, const at::Tensor& bias, int64_t n_group, int64_t topk_group,
+                         int64_t topk, double routed_scaling_factor, bool renormalize, at::Tensor& topk_weights,
+                         at::Tensor& topk_ids) {
+  check_noaux_params(logits, bias, n_group, topk_group, topk);
   check_outputs(logits, topk, topk_weights, topk_ids);
   if (logits.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -130,20 +136,7 @@ void route_noaux_tc_gate_cuda(const at::Tensor& hidden, const at::Tensor& gate_w
   FS_CHECK_CONTIGUOUS(logits);
   FS_CHECK(reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0, "logits must be 16-byte aligned");
   // The routing checks, on the logits output (its shape is [T, E]).
-  check_logits(logits, topk);
-  FS_CHECK_CUDA(bias);
-  FS_CHECK_SAME_DEVICE(logits, bias);
-  FS_CHECK_DTYPE(bias, at::kFloat);
-  FS_CHECK_SHAPE(bias, E);
-  FS_CHECK_CONTIGUOUS(bias);
-  FS_CHECK(n_group >= 1 && n_group <= 32, "n_group must be in [1, 32], got ", n_group);
-  FS_CHECK(E % n_group == 0, "the number of experts (", E, ") must be divisible by n_group (", n_group, ")");
-  FS_CHECK(E / n_group >= 2, "each group needs at least 2 experts (its score is a top-2 sum), got E=", E,
-           " n_group=", n_group);
-  FS_CHECK(topk_group >= 1 && topk_group <= n_group, "topk_group must be in [1, n_group=", n_group, "], got ",
-           topk_group);
-  FS_CHECK(topk <= topk_group * (E / n_group), "topk (", topk, ") must not exceed the experts in the kept groups (",
-           topk_group, " x ", E / n_group, ")");
+  check_noaux_params(logits, bias, n_group, topk_group, topk);
   check_outputs(logits, topk, topk_weights, topk_ids);
   if (T == 0) return;
   const c10::cuda::CUDAGuard guard(hidden.device());
