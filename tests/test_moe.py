@@ -287,18 +287,6 @@ def test_fused_moe_cpu(t, layout, case):
     assert rel_err(out, ref) < 1e-2
 
 
-def test_fused_moe_shared_expert_cpu():
-    t, h, inter, e = 7, 256, 128, 16
-    hidden, logits, bias, w13, w13_s, w2, w2_s = _moe_inputs(t, h, inter, e)
-    ws = (torch.randn(h, h) / h ** 0.5).bfloat16()
-    shared = lambda x: (x @ ws.t()).bfloat16()  # noqa: E731
-    kw = dict(n_group=4, topk_group=2, topk=4, routed_scaling_factor=2.5)
-    want = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared(hidden))
-    assert torch.equal(ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_expert=shared), want)
-    with pytest.raises(ValueError, match="shared_out or shared_expert"):
-        ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=want, shared_expert=shared)
-
-
 def test_fused_moe_bad_inputs():
     cfg = SMALL
     hidden, logits, bias, w13, w13_s, w2, w2_s = _moe_inputs(2, cfg["h"], cfg["inter"], cfg["e"])
@@ -509,32 +497,6 @@ def test_fused_moe_cuda_graph(layout):
         g.replay()
         eager = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw)
         assert torch.equal(out, eager)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not _fused_ops_have_kernels(), reason="a stage of fused_moe has no CUDA kernel in this build")
-@pytest.mark.parametrize("layout", ["masked", "contiguous"])
-def test_fused_moe_cuda_shared_expert_overlap(layout):
-    """shared_expert runs on a side stream; the result equals passing its output as shared_out, eagerly
-    and replayed from a CUDA graph with new inputs."""
-    t, h, inter, e = 16, 512, 256, 32
-    hidden, logits, bias, w13, w13_s, w2, w2_s = _moe_inputs(t, h, inter, e, device="cuda")
-    ws = (torch.randn(h, h, device="cuda") / h ** 0.5).bfloat16()
-    shared = lambda x: (x @ ws.t()).bfloat16()  # noqa: E731
-    kw = dict(n_group=4, topk_group=2, topk=6, routed_scaling_factor=2.5, layout=layout)
-    want = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared(hidden))
-    got = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_expert=shared)
-    assert torch.equal(got, want)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_expert=shared)
-    hidden.copy_(torch.randn_like(hidden))
-    logits.copy_(torch.randn_like(logits))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw,
-                                          shared_out=shared(hidden)))
 
 
 @pytest.mark.cuda

@@ -884,8 +884,7 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
               w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, *, n_group: int, topk_group: int,
               topk: int, routed_scaling_factor: float, renormalize: bool = True, scoring: str = "sigmoid",
               shared_out: Optional[torch.Tensor] = None, expert_map: Optional[torch.Tensor] = None,
-              layout: str = "auto", shared_expert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-              ) -> torch.Tensor:
+              layout: str = "auto") -> torch.Tensor:
     """The routed-expert MoE layer with FP8 experts: route, dispatch + quantize, grouped GEMM 1,
     silu_mul_quant, grouped GEMM 2, combine (+ shared_out). No host syncs on either layout, so the
     whole call is CUDA-graph capturable.
@@ -899,10 +898,6 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
         n_group, topk_group, topk, routed_scaling_factor, renormalize: the router (route_noaux_tc);
             for scoring="softmax" (route_softmax_topk) the weights are multiplied by the factor.
         shared_out: optional bf16 [T, H] added in the combine (the shared expert's output).
-        shared_expert: optional callable hidden -> bf16 [T, H] (the shared expert), instead of
-            shared_out. On CUDA it runs on a side stream while the routed experts are dispatched and
-            multiplied (both are weight streams; the side stream fills the SMs that the grouped GEMMs'
-            last waves leave idle), joined before the combine; CUDA-graph capture records the fork.
         expert_map: optional int32 [E_global] global -> local expert id, -1 = not on this rank.
         layout: "masked" ([E_local, T, H] buffers, rows per expert counted on the device),
             "contiguous" (T * topk rows grouped by expert) or "auto" (masked for T <= FUSED_MOE_MASKED_MAX_T).
@@ -923,20 +918,6 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
     dev = hidden.device
     if t == 0:
         return torch.empty((0, h), dtype=torch.bfloat16, device=dev)
-    _expect(shared_out is None or shared_expert is None, "pass shared_out or shared_expert, not both")
-    side = None
-    if shared_expert is not None:
-        if hidden.is_cuda:
-            main = torch.cuda.current_stream(dev)
-            side = _side_stream(dev)
-            side.wait_stream(main)
-            # Every use of the side stream starts by waiting for main and ends with main waiting
-            # for it, so memory the side stream allocates or reads is never reused out of order
-            # (no record_stream, which graph capture would not see the same way).
-            with torch.cuda.stream(side):
-                shared_out = shared_expert(hidden)
-        else:
-            shared_out = shared_expert(hidden)
 
     if scoring == "sigmoid":
         if bias is None:
@@ -974,21 +955,7 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
         gate_up = grouped_fp8_gemm_contiguous(a, a_scale, w13, w13_scale, offsets)
         act, act_scale = silu_mul_quant_fp8(gate_up)
         down = grouped_fp8_gemm_contiguous(act, act_scale, w2, w2_scale, offsets)
-    if side is not None:
-        torch.cuda.current_stream(dev).wait_stream(side)
     return moe_combine(down, weights, token_slots, shared_out)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One side stream per device for work that overlaps a fused op's main stream."""
-    idx = torch.device(device).index
-    idx = torch.cuda.current_device() if idx is None else idx
-    if idx not in _SIDE_STREAMS:
-        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
-    return _SIDE_STREAMS[idx]
 
 
 # --------------------------------------------------------------------------------------------

@@ -255,17 +255,15 @@ class MoE:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         logits = self.router_logits(x)
+        shared = self.shared(x) if self.shared is not None else None
         if self.w13 is not None:
             fused = fp8_ops.op("fused_moe")
             if fused is not None:
-                # fused_moe runs the shared expert itself, overlapped with the routed experts on CUDA.
                 return fused(x, logits, self.bias, self.w13, self.w13_scale, self.w2, self.w2_scale,
                              n_group=c.n_group, topk_group=c.topk_group, topk=c.num_experts_per_tok,
                              routed_scaling_factor=c.routed_scaling_factor, renormalize=c.norm_topk_prob,
-                             shared_expert=self.shared)
-            shared = self.shared(x) if self.shared is not None else None
+                             shared_out=shared)
             return self._experts_fp8_fallback(x, logits, shared)
-        shared = self.shared(x) if self.shared is not None else None
         weights, ids = self.route(logits)
         out = torch.zeros(x.shape[0], c.hidden_size, dtype=torch.float32, device=x.device)
         ids = ids.long()
