@@ -53,6 +53,15 @@ bool check_cache(const at::Tensor& kv_cache) {
   return fp8;
 }
 
+// The tokens' cache slots: int64 [tokens] (values are checked by the kernels, which skip slots
+// outside the cache).
+void check_slot_mapping(const at::Tensor& slot_mapping, int64_t tokens) {
+  FS_CHECK_CUDA(slot_mapping);
+  FS_CHECK_DTYPE(slot_mapping, at::kLong);
+  FS_CHECK_SHAPE(slot_mapping, tokens);
+  FS_CHECK_CONTIGUOUS(slot_mapping);
+}
+
 void check_rows16(const at::Tensor& t, const char* name) {
   for (int d = 0; d + 1 < t.dim(); ++d) {  // a size-1 dimension's stride is never used
     FS_CHECK(t.size(d) == 1 || t.stride(d) % 8 == 0, name, "'s strides must be multiples of 8 elements (16-byte rows), got ",
@@ -202,10 +211,7 @@ void mla_cache_append(const at::Tensor& latent, const at::Tensor& k_rope, at::Te
   check_rows16(k_rope, "k_rope");
   FS_CHECK(t <= INT_MAX, "at most 2^31 - 1 tokens, got ", t);
   const bool fp8 = check_cache(kv_cache);
-  FS_CHECK_CUDA(slot_mapping);
-  FS_CHECK_DTYPE(slot_mapping, at::kLong);
-  FS_CHECK_SHAPE(slot_mapping, t);
-  FS_CHECK_CONTIGUOUS(slot_mapping);
+  check_slot_mapping(slot_mapping, t);
   FS_CHECK_SAME_DEVICE(kv_cache, latent);
   FS_CHECK_SAME_DEVICE(kv_cache, k_rope);
   FS_CHECK_SAME_DEVICE(kv_cache, slot_mapping);
@@ -277,10 +283,7 @@ void mla_rope_norm_append(const at::Tensor& kv, const at::Tensor& q_pe, const at
   FS_CHECK_CONTIGUOUS(norm_weight);
   FS_CHECK(aligned16(norm_weight), "norm_weight's data must be 16-byte aligned");
   FS_CHECK(eps >= 0 && std::isfinite(eps), "eps must be >= 0 and finite, got ", eps);
-  FS_CHECK_CUDA(slot_mapping);
-  FS_CHECK_DTYPE(slot_mapping, at::kLong);
-  FS_CHECK_SHAPE(slot_mapping, t);
-  FS_CHECK_CONTIGUOUS(slot_mapping);
+  check_slot_mapping(slot_mapping, t);
   const bool fp8 = check_cache(kv_cache);
   const std::initializer_list<const at::Tensor*> others{&q_pe, &positions, &cos, &sin, &norm_weight, &slot_mapping,
                                                         &kv_cache, &q_out};
