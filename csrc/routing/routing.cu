@@ -391,8 +391,8 @@ int64_t max_grid(Kernel kernel, int& blocks_per_sm) {
 template <typename In>
 bool launch_r1(const RouteParams& p, cudaStream_t stream) {
   const int64_t max_stride = std::max({p.logits_stride, p.weights_stride, p.ids_stride, int64_t(1)});
-  if (!(p.E == r1::kE && p.n_group == r1::kGroups && p.topk_group == r1::kTopkGroup && p.topk == r1::kTopk &&
-        aligned16<In>(p) && p.T * max_stride < (int64_t(1) << 31)))
+  if (!(r1::is_r1_shape(p.E, p.n_group, p.topk_group, p.topk) && aligned16<In>(p) &&
+        p.T * max_stride < (int64_t(1) << 31)))
     return false;
   static int occ = 0;
   const int64_t blocks = (p.T + kWarpsPerBlock - 1) / kWarpsPerBlock;

@@ -151,6 +151,11 @@ constexpr int kTopkGroup = 4;
 constexpr int kTopk = 8;
 constexpr int kVpl = 4;  // keys per lane in the selection stage
 
+// The routing parameters this compile-time path implements (host and device).
+__host__ __device__ constexpr bool is_r1_shape(int E, int n_group, int topk_group, int topk) {
+  return E == kE && n_group == kGroups && topk_group == kTopkGroup && topk == kTopk;
+}
+
 struct __align__(16) WarpSmem {
   float sval[kE];          // sigmoid by expert id (the weight numerators)
   float bval[kE];          // biased score by expert id (read back by the compacted layout)

@@ -254,7 +254,7 @@ void launch_route_noaux_tc_gate(GateRouteParams p, cudaStream_t stream) {
   p.route.logits_stride = p.route.E;
   p.route.dtype = RouteDtype::kF32;
   const RouteParams& r = p.route;
-  if (r.E == r1::kE && r.n_group == r1::kGroups && r.topk_group == r1::kTopkGroup && r.topk == r1::kTopk) {
+  if (r1::is_r1_shape(r.E, r.n_group, r.topk_group, r.topk)) {
     launch_gate<true>(p, stream);
   } else {
     launch_gate<false>(p, stream);
