@@ -102,7 +102,7 @@ __device__ __forceinline__ int scan_warps(const MoeAlignParams& p, int nw, int b
 
 // From the per-expert totals (thread e holds total[e]): masked_m, or the padded expert offsets (also
 // left in sm.offs) and the sentinel in every sorted_ids row the scatter does not write. The block
-// table is filled by fill_block_table, spread over every block of the scatter.
+// table is filled by fill_block_table (in the one-block kernel, or spread over the scatter's blocks).
 __device__ void finish_layout(const MoeAlignParams& p, int total, AlignSmem& sm) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int E = p.num_local;
