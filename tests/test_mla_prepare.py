@@ -99,11 +99,12 @@ def test_wrapper_allocates_q_out_and_all_negative_slots():
     assert torch.equal(d["kv_cache"].view(torch.uint8), before.view(torch.uint8))
 
 
-def test_opcheck_cpu():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_opcheck(device):
     for fp8 in (False, True):
-        d = make_inputs(3, 2, fp8=fp8)
+        d = make_inputs(3, 2, fp8=fp8, device=device)
         d["kv_cache"].zero_()
-        d["q_out"] = torch.zeros(3, 2, 64, dtype=torch.bfloat16)
+        d["q_out"] = torch.zeros(3, 2, 64, dtype=torch.bfloat16, device=device)
         opcheck(torch.ops.flashseek.mla_rope_norm_append.default, tuple(d[k] for k in ARGS))
 
 
