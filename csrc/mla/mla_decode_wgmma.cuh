@@ -1,0 +1,397 @@
+// Paged MLA latent decode, 64-row tiles on Hopper tensor cores (wgmma), bf16 latent cache.
+//
+// Why a second kernel: with mma.sync every warp re-reads its Q, K and V fragments from shared memory
+// (~790 KB per 64x64 block, docs/mla-design.md), which caps the h_q = 128 rows near 215 TFLOP/s.
+// wgmma reads each operand tile once per warpgroup straight from 128B-swizzled shared memory.
+//
+// Grid (row tiles, sm parts) and plan semantics are the mma.sync kernel's (mla_decode_kernel.cuh);
+// a CTA owns 64 packed query rows. 256 threads = two warpgroups; the 64 x 512 fp32 output lives in
+// registers, split by columns: warpgroup 0 owns dims 0..255, warpgroup 1 dims 256..511 (128 fp32
+// registers a thread each). Per 64-key block:
+//   WG0: S = Q K^T (36 x wgmma m64n64k16, Q and K from shared memory), mask, online softmax in the
+//        log2 domain, rescale O0, P (bf16) and the row factors to shared memory, then
+//        O0 += P V[:, :256] (4 x m64n256k16, P from registers: the S accumulator layout is the A
+//        fragment layout, so P never round-trips for WG0).
+//   WG1: waits for P, rescales O1, O1 += P V[:, 256:] (P and V from shared memory), and owns the
+//        KV pipeline: cp.async of block n+2 into the stage block n used, issued while WG0 computes
+//        S of block n+1 (two 73,728-byte stages).
+// Two named barriers a block: kBarPFull (WG0 arrives after P is stored, WG1 waits) and a full
+// rendezvous at the end of the block (both warpgroups done reading the stage; block n+1 landed).
+// The rendezvous is what makes phase reuse of kBarPFull safe: WG0 arrives for block n+1 only after
+// WG1 has passed block n's wait.
+//
+// Shared memory, each tile in 64-column panels of [rows][128 B] with the 128B swizzle (16-byte
+// chunk c of row r at r * 128 + ((c ^ r % 8) << 4)), the layout wgmma descriptors describe:
+//   Q 64 x 576 (9 panels, 73,728 B) | K stage 0 | K stage 1 (64 keys x 576) | P 64 x 64 | row factors
+// V is K's first 512 columns: for P V it is read as an MN-major operand (dims contiguous), with
+// panels 8,192 B apart (leading byte offset) and 8-key groups 1,024 B apart (stride byte offset).
+#pragma once
+#include <cute/arch/mma_sm90_desc.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <utility>
+
+#include "mla/mla_decode_kernel.cuh"
+
+namespace flashseek::mla {
+namespace wg {
+
+using detail::cp_async_16;
+using detail::cp_async_commit;
+using detail::cp_async_wait;
+using detail::fast_exp2;
+using detail::pack_bf16;
+using detail::q_to_bf16;
+using detail::smem_u32;
+using detail::store_pair;
+
+constexpr int kThreads = 256;
+constexpr int kM = 64;
+constexpr int kPanelBytes = 64 * 128;               // 64 rows x 64 bf16
+constexpr int kTileBytes = kDQK / 64 * kPanelBytes; // 73,728
+constexpr int kPanels = kDQK / 64;                  // 9
+
+struct Smem {
+  static constexpr int kQ = 0;
+  static constexpr int kK0 = kQ + kTileBytes;
+  static constexpr int kK1 = kK0 + kTileBytes;
+  static constexpr int kP = kK1 + kTileBytes;
+  static constexpr int kAlpha = kP + kM * 64 * 2;  // [64] per-block rescale factor of each row
+  static constexpr int kLRun = kAlpha + kM * 4;    // [64] final row sum (end of a request)
+  static constexpr int kMRun = kLRun + kM * 4;     // [64] final row max (log2 domain)
+  static constexpr int kUsed = kMRun + kM * 4;
+  static constexpr int kTotal = kUsed + 1024;      // + slack to align the base to 1,024 B
+};
+static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
+
+// Named barriers (0 is __syncthreads).
+constexpr int kBarPFull = 1;
+constexpr int kBarBlockEnd = 2;
+
+__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+// Orders this thread's generic-proxy shared-memory writes (st.shared, cp.async) before later
+// async-proxy reads (wgmma operands).
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ uint32_t swz(int r, int c) {  // chunk c (< 8) of row r inside a panel
+  return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
+}
+// Byte offset of 16-byte chunk c (< 72) of row r in a 576-wide paneled tile.
+__device__ __forceinline__ uint32_t tile_chunk(int r, int c) { return (c >> 3) * kPanelBytes + swz(r, c & 7); }
+
+// wgmma shared-memory descriptor, 128B swizzle. K-major tiles ignore the leading byte offset.
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+namespace gmma = cute::SM90::GMMA;
+using MmaQK = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>;
+using MmaPVss = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>;
+using MmaPVrs = gmma::MMA_64x256x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>;
+
+template <size_t... I>
+__device__ __forceinline__ void qk_step(uint64_t da, uint64_t db, float (&d)[32], gmma::ScaleOut sc,
+                                        std::index_sequence<I...>) {
+  MmaQK::fma(da, db, d[I]..., sc);
+}
+template <size_t... I>
+__device__ __forceinline__ void pv_step_ss(uint64_t da, uint64_t db, float (&d)[128], std::index_sequence<I...>) {
+  MmaPVss::fma(da, db, d[I]..., gmma::ScaleOut::One);
+}
+template <size_t... I>
+__device__ __forceinline__ void pv_step_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[128],
+                                           std::index_sequence<I...>) {
+  MmaPVrs::fma(a[0], a[1], a[2], a[3], db, d[I]..., gmma::ScaleOut::One);
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(d[i]);
+}
+
+// WG1's part of a KV block copy: 64 tokens x 72 chunks, thread t (0..127) copies chunks
+// t % 8 + 8 j (j < 9) of tokens t / 8 + 16 i (i < 4). Eight threads cover one token's 128-byte
+// panel row: coalesced 128-byte reads, and the XOR swizzle spreads their stores over all banks.
+// Tokens at or past len_eff are zero-filled (never read).
+__device__ __forceinline__ void issue_kv_block(const DecodeParams& p, uint32_t dst, int bi, int blk, int len_eff,
+                                               int t) {
+  const int c0 = t & 7;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = (t >> 3) + 16 * i;
+    const int token = blk * kBlockN + row;
+    const char* src = static_cast<const char*>(p.kv);
+    int bytes = 0;
+    if (token < len_eff) {
+      // len_eff <= max_pages * page_size keeps the table index in range; page ids are clamped to
+      // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
+      const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + (token >> p.page_size_log2))),
+                                static_cast<uint32_t>(p.num_pages - 1));
+      const int64_t slot = (static_cast<int64_t>(page) << p.page_size_log2) + (token & ((1 << p.page_size_log2) - 1));
+      src += slot * (kDQK * 2) + c0 * 16;
+      bytes = 16;
+    }
+#pragma unroll
+    for (int j = 0; j < kPanels; ++j) {
+      cp_async_16(dst + j * kPanelBytes + swz(row, c0), src + (bytes ? j * 128 : 0), bytes);
+    }
+  }
+}
+
+template <typename QT>
+__global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __grid_constant__ DecodeParams p) {
+  // The combine kernel (programmatic dependent) may be scheduled as SMs free up; it waits for this
+  // whole grid before reading any partial.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  extern __shared__ char smem_raw[];
+  // wgmma's 128B swizzle is a function of address bits 4-9: tiles must start 1,024-byte aligned.
+  const uint32_t raw_base = smem_u32(smem_raw);
+  const uint32_t s_base = (raw_base + 1023u) & ~1023u;
+  char* smem = smem_raw + (s_base - raw_base);
+  float* s_alpha = reinterpret_cast<float*>(smem + Smem::kAlpha);
+  float* s_lrun = reinterpret_cast<float*>(smem + Smem::kLRun);
+  float* s_mrun = reinterpret_cast<float*>(smem + Smem::kMRun);
+
+  const int m_tile = blockIdx.x, part = blockIdx.y;
+  const int wg = threadIdx.x >> 7, tw = threadIdx.x & 127;  // warpgroup, thread within it
+  const int warp = tw >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, q4 = lane & 3;
+  const int row0 = warp * 16 + g;  // this thread's accumulator rows: row0 and row0 + 8
+
+  const int* meta = p.plan + kPlanPartInts * part;
+  const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
+  const int b0 = max(meta[0], 0), blk0 = meta[1], b1 = min(meta[2], p.batch - 1), blk1 = meta[3];
+  const int split0 = meta[4];
+  const int cap = p.max_pages << p.page_size_log2;
+  const int n_slots = workspace_slots(p.num_sm_parts);
+
+  for (int bi = b0; bi <= b1; ++bi) {
+    const int len = max(p.seqlens[bi], 0);
+    const int len_eff = min(len, cap);  // a length beyond the table's capacity is clamped
+    const int nblk = (len + kBlockN - 1) / kBlockN;
+    const int blk_begin = bi == meta[0] ? max(blk0, 0) : 0;
+    const int blk_end = bi == meta[2] ? min(blk1, nblk) : nblk;
+    const int n_iter = max(blk_end - blk_begin, 0);
+
+    if (n_iter > 0) {
+      if (wg == 1) {
+        issue_kv_block(p, s_base + Smem::kK0, bi, blk_begin, len_eff, tw);
+        cp_async_commit();
+        if (n_iter > 1) issue_kv_block(p, s_base + Smem::kK1, bi, blk_begin + 1, len_eff, tw);
+        cp_async_commit();  // possibly empty: keeps the group count uniform
+      }
+      // Q tile (rows past s_q * h_q are zeros), converted to bf16, while the first blocks land.
+      const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
+      constexpr int kQChunks = kM * kDQK / 8;
+#pragma unroll 6
+      for (int i = 0; i < kQChunks / kThreads; ++i) {
+        const int idx = threadIdx.x + i * kThreads;
+        const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
+        const int R = m_tile * kM + row;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (R < p.rows) {
+          const int s = R / p.h_q, h = R - s * p.h_q;
+          v = q_to_bf16<QT>(__ldg(reinterpret_cast<const uint4*>(qb + s * p.q_stride_s + h * p.q_stride_h + c * 8)));
+        }
+        *reinterpret_cast<uint4*>(smem + Smem::kQ + tile_chunk(row, c)) = v;
+      }
+      if (wg == 1) cp_async_wait<1>();  // block 0 landed
+      fence_async_smem();
+      __syncthreads();  // Q and block 0 visible to the async proxy
+    }
+
+    float o[128];  // this warpgroup's 64 x 256 output slice
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+    if (wg == 0) {
+      // Visible keys of this thread's two rows.
+      int limit[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int R = m_tile * kM + row0 + 8 * h;
+        const int s = min(R / p.h_q, p.s_q - 1);
+        limit[h] = min(p.causal ? len - p.s_q + s + 1 : len, len_eff);
+      }
+      const uint32_t sQ = s_base + Smem::kQ;
+      for (int it = 0; it < n_iter; ++it) {
+        const int blk = blk_begin + it;
+        const uint32_t sK = s_base + ((it & 1) ? Smem::kK1 : Smem::kK0);
+        // ---- S = Q K^T ----
+        float sacc[32];
+        fence_regs(sacc);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kk = 0; kk < kDQK / 16; ++kk) {
+          const uint32_t off = (kk >> 2) * kPanelBytes + (kk & 3) * 32;
+          qk_step(make_desc(sQ + off, 16, 1024), make_desc(sK + off, 16, 1024), sacc,
+                  kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<32>{});
+        }
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_regs(sacc);
+
+        // ---- mask + online softmax (log2 domain); a warp owns all 64 keys of its 16 rows ----
+        float mloc[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = blk * kBlockN + 8 * j + 2 * q4 + (e & 1);
+            const float v = key < limit[e >> 1] ? sacc[4 * j + e] * p.scale_log2 : -INFINITY;
+            sacc[4 * j + e] = v;
+            mloc[e >> 1] = fmaxf(mloc[e >> 1], v);
+          }
+        }
+        float alpha[2], m_use[2], sloc[2] = {0.f, 0.f};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 1));
+          mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
+          const float m_new = fmaxf(m_run[h], mloc[h]);
+          m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
+          alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+          m_run[h] = m_new;
+        }
+        uint32_t pf[16];  // P as bf16 pairs, in the A-fragment order of the P V wgmma
+        char* sP = smem + Smem::kP;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float p0 = fast_exp2(sacc[4 * j + 0] - m_use[0]);
+          const float p1 = fast_exp2(sacc[4 * j + 1] - m_use[0]);
+          const float p2 = fast_exp2(sacc[4 * j + 2] - m_use[1]);
+          const float p3 = fast_exp2(sacc[4 * j + 3] - m_use[1]);
+          sloc[0] += p0 + p1;
+          sloc[1] += p2 + p3;
+          pf[2 * j] = pack_bf16(p0, p1);
+          pf[2 * j + 1] = pack_bf16(p2, p3);
+          *reinterpret_cast<uint32_t*>(sP + swz(row0, j) + q4 * 4) = pf[2 * j];
+          *reinterpret_cast<uint32_t*>(sP + swz(row0 + 8, j) + q4 * 4) = pf[2 * j + 1];
+        }
+        if (q4 == 0) {
+          s_alpha[row0] = alpha[0];
+          s_alpha[row0 + 8] = alpha[1];
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          sloc[h] += __shfl_xor_sync(0xffffffffu, sloc[h], 1);
+          sloc[h] += __shfl_xor_sync(0xffffffffu, sloc[h], 2);
+          l_run[h] = l_run[h] * alpha[h] + sloc[h];
+        }
+        fence_async_smem();
+        bar_arrive(kBarPFull, kThreads);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          o[4 * j + 0] *= alpha[0];
+          o[4 * j + 1] *= alpha[0];
+          o[4 * j + 2] *= alpha[1];
+          o[4 * j + 3] *= alpha[1];
+        }
+        // ---- O0 += P V[:, 0:256] ----
+        fence_regs(o);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
+          pv_step_rs(a, make_desc(sK + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
+        }
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_regs(o);
+        bar_sync(kBarBlockEnd, kThreads);
+      }
+      if (q4 == 0) {
+        s_lrun[row0] = l_run[0];
+        s_lrun[row0 + 8] = l_run[1];
+        s_mrun[row0] = m_run[0];
+        s_mrun[row0 + 8] = m_run[1];
+      }
+    } else {
+      const uint32_t sP = s_base + Smem::kP;
+      for (int it = 0; it < n_iter; ++it) {
+        const uint32_t sK = s_base + ((it & 1) ? Smem::kK1 : Smem::kK0);
+        bar_sync(kBarPFull, kThreads);
+        const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row0 + 8];
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          o[4 * j + 0] *= alpha0;
+          o[4 * j + 1] *= alpha0;
+          o[4 * j + 2] *= alpha1;
+          o[4 * j + 3] *= alpha1;
+        }
+        // ---- O1 += P V[:, 256:512] ----
+        fence_regs(o);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          pv_step_ss(make_desc(sP + kk * 32, 16, 1024), make_desc(sK + 4 * kPanelBytes + kk * 2048, kPanelBytes, 1024),
+                     o, std::make_index_sequence<128>{});
+        }
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_regs(o);
+        if (it + 1 < n_iter) {
+          cp_async_wait<0>();  // block it + 1 landed (block it + 2 is not issued yet)
+          fence_async_smem();
+        }
+        bar_sync(kBarBlockEnd, kThreads);
+        // Both warpgroups are done with this stage: refill it with block it + 2.
+        if (it + 2 < n_iter) {
+          issue_kv_block(p, sK, bi, blk_begin + it + 2, len_eff, tw);
+          cp_async_commit();
+        }
+      }
+    }
+    __syncthreads();  // final row statistics visible to WG1; every read of Q / K / P done
+
+    // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
+    const int nsplit = per_req[2 * bi + 1];
+    const int slot = per_req[2 * bi] + (bi == meta[0] ? split0 : 0);
+    const bool direct = nsplit <= 1;
+    const bool writable = direct || (slot >= 0 && slot < n_slots && p.ws_o != nullptr);  // else: inconsistent plan
+    const int col0 = wg * 256 + 2 * q4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + 8 * h;
+      const int R = m_tile * kM + r;
+      if (!writable || R >= p.rows) continue;
+      const float l = s_lrun[r], m = s_mrun[r];
+      const bool seen = l > 0.f;
+      const float inv = seen ? 1.f / l : 0.f;
+      const float lse2 = seen ? m + __log2f(l) : -INFINITY;  // log2 domain
+      if (direct) {
+        const int s = R / p.h_q, hh = R - s * p.h_q;
+        QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col0;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) store_pair<QT>(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+        if (wg == 0 && q4 == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+      } else {
+        float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col0;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+        }
+        if (wg == 0 && q4 == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+      }
+    }
+    // s_lrun / s_mrun are rewritten by the next request (at once when it has no blocks here).
+    __syncthreads();
+  }
+}
+
+template <typename QT>
+void launch_decode_wgmma(const DecodeParams& p, cudaStream_t stream) {
+  constexpr int smem = Smem::kTotal;
+  auto kernel = mla_decode_wgmma_kernel<QT>;
+  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  FS_CHECK_LAUNCH();
+}
+
+}  // namespace wg
+}  // namespace flashseek::mla
