@@ -5,24 +5,25 @@
 // wgmma reads each operand tile once per warpgroup straight from 128B-swizzled shared memory.
 //
 // Grid (row tiles, sm parts) and plan semantics are the mma.sync kernel's (mla_decode_kernel.cuh);
-// a CTA owns 64 packed query rows. 256 threads = two warpgroups; the 64 x 512 fp32 output lives in
-// registers, split by columns: warpgroup 0 owns dims 0..255, warpgroup 1 dims 256..511 (128 fp32
-// registers a thread each). Per 64-key block:
-//   WG0: S = Q K^T (36 x wgmma m64n64k16, Q and K from shared memory), mask, online softmax in the
-//        log2 domain, rescale O0, P (bf16) and the row factors to shared memory, then
-//        O0 += P V[:, :256] (4 x m64n256k16, P from registers: the S accumulator layout is the A
-//        fragment layout, so P never round-trips for WG0).
-//   WG1: waits for P, rescales O1, O1 += P V[:, 256:] (P and V from shared memory), and owns the
-//        KV pipeline: cp.async of block n+2 into the stage block n used, issued while WG0 computes
-//        S of block n+1 (two 73,728-byte stages).
-// Two named barriers a block: kBarPFull (WG0 arrives after P is stored, WG1 waits) and a full
-// rendezvous at the end of the block (both warpgroups done reading the stage; block n+1 landed).
-// The rendezvous is what makes phase reuse of kBarPFull safe: WG0 arrives for block n+1 only after
-// WG1 has passed block n's wait.
+// a CTA owns 64 packed query rows. 384 threads = three warpgroups with split roles:
+//   WG0 (S, softmax; 192 registers): the latent part of Q lives in its registers for the whole
+//        request (A fragments, 128 registers), so S = Q K^T (32 x wgmma m64n64k16 with A from
+//        registers + 4 rope k steps from shared memory) reads only K from shared memory. Then the
+//        mask and online softmax in the log2 domain; P (bf16) goes into the stage's rope panel,
+//        which S no longer needs, with the per-row rescale factor beside it.
+//   WG1, WG2 (P V, loads; 160 registers): each owns 256 of the 512 output dims as 128 fp32
+//        registers a thread; O_half += P V_half (4 x m64n256k16, P and V from shared memory). After
+//        both halves are done with a stage they refill it with the block three ahead (cp.async,
+//        completion signalled on the stage's mbarrier).
+// Three 73,728-byte KV stages: WG0 computes S of block n+1 (and its softmax) while WG1/WG2 run
+// P V of block n, and block n+2 is in flight. Synchronisation is by mbarriers with phase parity
+// (kfull: the 256 loader threads' cp.async completions; pfull: WG0's P and factors written) and a
+// named barrier between WG1 and WG2 before a stage is refilled; a running block counter gives each
+// block its stage and parity across requests.
 //
 // Shared memory, each tile in 64-column panels of [rows][128 B] with the 128B swizzle (16-byte
 // chunk c of row r at r * 128 + ((c ^ r % 8) << 4)), the layout wgmma descriptors describe:
-//   Q 64 x 576 (9 panels, 73,728 B) | K stage 0 | K stage 1 (64 keys x 576) | P 64 x 64 | row factors
+//   3 K stages (64 keys x 576; panel 8 = rope, then P) | Q rope 64 x 64 | factors | stats | mbarriers
 // V is K's first 512 columns: for P V it is read as an MN-major operand (dims contiguous), with
 // panels 8,192 B apart (leading byte offset) and 8-key groups 1,024 B apart (stride byte offset).
 #pragma once
@@ -44,42 +45,60 @@ using detail::q_to_bf16;
 using detail::smem_u32;
 using detail::store_pair;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 384;
 constexpr int kM = 64;
-constexpr int kPanelBytes = 64 * 128;               // 64 rows x 64 bf16
-constexpr int kTileBytes = kDQK / 64 * kPanelBytes; // 73,728
-constexpr int kPanels = kDQK / 64;                  // 9
+constexpr int kStages = 3;
+constexpr int kPanelBytes = 64 * 128;                // 64 rows x 64 bf16
+constexpr int kPanels = kDQK / 64;                   // 9; panel 8 holds the rope dims, then P
+constexpr int kTileBytes = kPanels * kPanelBytes;    // 73,728
+constexpr int kRegsS = 192;                          // WG0 (184 spills)
+constexpr int kRegsPV = 160;                         // WG1, WG2 (152: ptxas ignores the setmaxnreg)
+static_assert(kRegsS * 128 + 2 * kRegsPV * 128 <= 65536, "register file");
 
 struct Smem {
-  static constexpr int kQ = 0;
-  static constexpr int kK0 = kQ + kTileBytes;
-  static constexpr int kK1 = kK0 + kTileBytes;
-  static constexpr int kP = kK1 + kTileBytes;
-  static constexpr int kAlpha = kP + kM * 64 * 2;  // [64] per-block rescale factor of each row
-  static constexpr int kLRun = kAlpha + kM * 4;    // [64] final row sum (end of a request)
-  static constexpr int kMRun = kLRun + kM * 4;     // [64] final row max (log2 domain)
-  static constexpr int kUsed = kMRun + kM * 4;
-  static constexpr int kTotal = kUsed + 1024;      // + slack to align the base to 1,024 B
+  static constexpr int kK = 0;                                  // [kStages] tiles
+  static constexpr int kQRope = kK + kStages * kTileBytes;      // 64 x 64 rope part of Q
+  static constexpr int kAlpha = kQRope + kPanelBytes;           // [kStages][64] rescale factors
+  static constexpr int kLRun = kAlpha + kStages * kM * 4;       // [64] final row sum
+  static constexpr int kMRun = kLRun + kM * 4;                  // [64] final row max (log2 domain)
+  static constexpr int kBars = kMRun + kM * 4;                  // kfull[kStages], pfull[kStages]
+  static constexpr int kUsed = kBars + 2 * kStages * 8;
+  static constexpr int kTotal = kUsed + 1024;                   // + slack to align the base to 1,024 B
 };
 static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
 
 // Named barriers (0 is __syncthreads).
-constexpr int kBarPFull = 1;
-constexpr int kBarBlockEnd = 2;
+constexpr int kBarWG0 = 1;       // WG0's four warps (S reads of the rope panel done before P overwrites it)
+constexpr int kBarPV = 2;        // WG1 + WG2: both halves of P V done with a stage
+constexpr int kBarRequest = 3;   // all: request boundary
 
 __device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-// Orders this thread's generic-proxy shared-memory writes (st.shared, cp.async) before later
-// async-proxy reads (wgmma operands).
+// Orders generic-proxy shared-memory accesses (st.shared, cp.async) and async-proxy ones (wgmma).
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrives on `bar` when all of this thread's earlier cp.async copies have landed (no count increment:
+// the barrier's expected count already includes this thread).
+__device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
 
 __device__ __forceinline__ uint32_t swz(int r, int c) {  // chunk c (< 8) of row r inside a panel
   return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
 }
-// Byte offset of 16-byte chunk c (< 72) of row r in a 576-wide paneled tile.
-__device__ __forceinline__ uint32_t tile_chunk(int r, int c) { return (c >> 3) * kPanelBytes + swz(r, c & 7); }
 
 // wgmma shared-memory descriptor, 128B swizzle. K-major tiles ignore the leading byte offset.
 __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
@@ -88,40 +107,44 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint3
 }
 
 namespace gmma = cute::SM90::GMMA;
-using MmaQK = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>;
-using MmaPVss = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>;
-using MmaPVrs = gmma::MMA_64x256x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>;
+using MmaQKrs = gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>;
+using MmaQKss = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>;
+using MmaPV = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>;
 
 template <size_t... I>
-__device__ __forceinline__ void qk_step(uint64_t da, uint64_t db, float (&d)[32], gmma::ScaleOut sc,
-                                        std::index_sequence<I...>) {
-  MmaQK::fma(da, db, d[I]..., sc);
-}
-template <size_t... I>
-__device__ __forceinline__ void pv_step_ss(uint64_t da, uint64_t db, float (&d)[128], std::index_sequence<I...>) {
-  MmaPVss::fma(da, db, d[I]..., gmma::ScaleOut::One);
-}
-template <size_t... I>
-__device__ __forceinline__ void pv_step_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[128],
+__device__ __forceinline__ void qk_step_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[32], gmma::ScaleOut sc,
                                            std::index_sequence<I...>) {
-  MmaPVrs::fma(a[0], a[1], a[2], a[3], db, d[I]..., gmma::ScaleOut::One);
+  MmaQKrs::fma(a[0], a[1], a[2], a[3], db, d[I]..., sc);
+}
+template <size_t... I>
+__device__ __forceinline__ void qk_step_ss(uint64_t da, uint64_t db, float (&d)[32], std::index_sequence<I...>) {
+  MmaQKss::fma(da, db, d[I]..., gmma::ScaleOut::One);
+}
+template <size_t... I>
+__device__ __forceinline__ void pv_step(uint64_t da, uint64_t db, float (&d)[128], std::index_sequence<I...>) {
+  MmaPV::fma(da, db, d[I]..., gmma::ScaleOut::One);
 }
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(d[i]);
 }
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(d[i]);
+}
 
-// WG1's part of a KV block copy: 64 tokens x 72 chunks, thread t (0..127) copies chunks
-// t % 8 + 8 j (j < 9) of tokens t / 8 + 16 i (i < 4). Eight threads cover one token's 128-byte
-// panel row: coalesced 128-byte reads, and the XOR swizzle spreads their stores over all banks.
-// Tokens at or past len_eff are zero-filled (never read).
-__device__ __forceinline__ void issue_kv_block(const DecodeParams& p, uint32_t dst, int bi, int blk, int len_eff,
-                                               int t) {
+// The loaders' part of a KV block copy: 64 tokens x 72 chunks over 256 threads; thread t copies
+// chunks t % 8 + 8 j (j < 9) of tokens t / 8 + 32 i (i < 2). Eight threads cover one token's
+// 128-byte panel row: coalesced reads, and the XOR swizzle spreads their stores over all banks.
+// Tokens at or past len_eff are zero-filled (never read). Arrives on `full` when the copies land.
+__device__ __forceinline__ void issue_kv_block(const DecodeParams& p, uint32_t dst, uint32_t full, int bi, int blk,
+                                               int len_eff, int t) {
   const int c0 = t & 7;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = (t >> 3) + 16 * i;
+  for (int i = 0; i < 2; ++i) {
+    const int row = (t >> 3) + 32 * i;
     const int token = blk * kBlockN + row;
     const char* src = static_cast<const char*>(p.kv);
     int bytes = 0;
@@ -139,6 +162,21 @@ __device__ __forceinline__ void issue_kv_block(const DecodeParams& p, uint32_t d
       cp_async_16(dst + j * kPanelBytes + swz(row, c0), src + (bytes ? j * 128 : 0), bytes);
     }
   }
+  mbar_arrive_on_copies(full);
+}
+
+// Two q values (a bf16 pair of the A fragment) from global memory; fp16 q is rounded to bf16.
+template <typename QT>
+__device__ __forceinline__ uint32_t load_q_pair(const QT* src);
+template <>
+__device__ __forceinline__ uint32_t load_q_pair<__nv_bfloat16>(const __nv_bfloat16* src) {
+  return __ldg(reinterpret_cast<const unsigned int*>(src));
+}
+template <>
+__device__ __forceinline__ uint32_t load_q_pair<__half>(const __half* src) {
+  const unsigned int w = __ldg(reinterpret_cast<const unsigned int*>(src));
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+  return pack_bf16(f.x, f.y);
 }
 
 template <typename QT>
@@ -154,6 +192,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
   float* s_alpha = reinterpret_cast<float*>(smem + Smem::kAlpha);
   float* s_lrun = reinterpret_cast<float*>(smem + Smem::kLRun);
   float* s_mrun = reinterpret_cast<float*>(smem + Smem::kMRun);
+  const uint32_t bar_full = s_base + Smem::kBars;              // + 8 * stage
+  const uint32_t bar_p = s_base + Smem::kBars + 8 * kStages;   // + 8 * stage
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(bar_full + 8 * st, 256);
+      mbar_init(bar_p + 8 * st, 128);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
 
   const int m_tile = blockIdx.x, part = blockIdx.y;
   const int wg = threadIdx.x >> 7, tw = threadIdx.x & 127;  // warpgroup, thread within it
@@ -168,74 +217,95 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
   const int cap = p.max_pages << p.page_size_log2;
   const int n_slots = workspace_slots(p.num_sm_parts);
 
-  for (int bi = b0; bi <= b1; ++bi) {
-    const int len = max(p.seqlens[bi], 0);
-    const int len_eff = min(len, cap);  // a length beyond the table's capacity is clamped
+  // Request bi's piece of this part: key blocks [blk_begin, blk_begin + n_iter).
+  auto piece = [&](int bi, int& len, int& len_eff, int& blk_begin, int& n_iter) {
+    len = max(p.seqlens[bi], 0);
+    len_eff = min(len, cap);  // a length beyond the table's capacity is clamped
     const int nblk = (len + kBlockN - 1) / kBlockN;
-    const int blk_begin = bi == meta[0] ? max(blk0, 0) : 0;
+    blk_begin = bi == meta[0] ? max(blk0, 0) : 0;
     const int blk_end = bi == meta[2] ? min(blk1, nblk) : nblk;
-    const int n_iter = max(blk_end - blk_begin, 0);
+    n_iter = max(blk_end - blk_begin, 0);
+  };
 
-    if (n_iter > 0) {
-      if (wg == 1) {
-        issue_kv_block(p, s_base + Smem::kK0, bi, blk_begin, len_eff, tw);
-        cp_async_commit();
-        if (n_iter > 1) issue_kv_block(p, s_base + Smem::kK1, bi, blk_begin + 1, len_eff, tw);
-        cp_async_commit();  // possibly empty: keeps the group count uniform
-      }
-      // Q tile (rows past s_q * h_q are zeros), converted to bf16, while the first blocks land.
+  // The roles never rejoin: after setmaxnreg each warpgroup runs its own loop over the requests
+  // (register allocation is per region; a merge point would force the smaller budget on both).
+  // gblk counts the blocks of this CTA over all its requests: a block's stage and mbarrier parity.
+  if (wg == 0) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsS));
+    uint32_t gblk = 0;
+    for (int bi = b0; bi <= b1; ++bi) {
+      int len, len_eff, blk_begin, n_iter;
+      piece(bi, len, len_eff, blk_begin, n_iter);
       const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
-      constexpr int kQChunks = kM * kDQK / 8;
-#pragma unroll 6
-      for (int i = 0; i < kQChunks / kThreads; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
-        const int R = m_tile * kM + row;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (R < p.rows) {
-          const int s = R / p.h_q, h = R - s * p.h_q;
-          v = q_to_bf16<QT>(__ldg(reinterpret_cast<const uint4*>(qb + s * p.q_stride_s + h * p.q_stride_h + c * 8)));
-        }
-        *reinterpret_cast<uint4*>(smem + Smem::kQ + tile_chunk(row, c)) = v;
-      }
-      if (wg == 1) cp_async_wait<1>();  // block 0 landed
-      fence_async_smem();
-      __syncthreads();  // Q and block 0 visible to the async proxy
-    }
-
-    float o[128];  // this warpgroup's 64 x 256 output slice
+      // ---- Q: latent A fragments into registers, rope part into shared memory ----
+      uint32_t qf[kDV / 16][4];
+      if (n_iter > 0) {
+        const QT* qrow[2];
+        bool valid[2];
 #pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-
-    if (wg == 0) {
-      // Visible keys of this thread's two rows.
-      int limit[2];
+        for (int h = 0; h < 2; ++h) {
+          const int R = m_tile * kM + row0 + 8 * h;
+          valid[h] = R < p.rows;
+          const int s = valid[h] ? R / p.h_q : 0, hh = valid[h] ? R - s * p.h_q : 0;
+          qrow[h] = qb + s * p.q_stride_s + hh * p.q_stride_h + 2 * q4;
+        }
+#pragma unroll
+        for (int kk = 0; kk < kDV / 16; ++kk) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = e & 1, col = 16 * kk + 8 * (e >> 1);
+            qf[kk][e] = valid[h] ? load_q_pair<QT>(qrow[h] + col) : 0u;
+          }
+        }
+        for (int idx = tw; idx < kM * 8; idx += 128) {
+          const int row = idx >> 3, c = idx & 7;
+          const int R = m_tile * kM + row;
+          uint4 v = make_uint4(0, 0, 0, 0);
+          if (R < p.rows) {
+            const int s = R / p.h_q, hh = R - s * p.h_q;
+            v = q_to_bf16<QT>(__ldg(reinterpret_cast<const uint4*>(qb + s * p.q_stride_s + hh * p.q_stride_h + kDV + c * 8)));
+          }
+          *reinterpret_cast<uint4*>(smem + Smem::kQRope + swz(row, c)) = v;
+        }
+        fence_async_smem();
+        bar_sync(kBarWG0, 128);
+      }
+      int limit[2];  // visible keys of this thread's two rows
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int R = m_tile * kM + row0 + 8 * h;
         const int s = min(R / p.h_q, p.s_q - 1);
         limit[h] = min(p.causal ? len - p.s_q + s + 1 : len, len_eff);
       }
-      const uint32_t sQ = s_base + Smem::kQ;
+      float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+      const uint32_t sQRope = s_base + Smem::kQRope;
       for (int it = 0; it < n_iter; ++it) {
-        const int blk = blk_begin + it;
-        const uint32_t sK = s_base + ((it & 1) ? Smem::kK1 : Smem::kK0);
-        // ---- S = Q K^T ----
+        const uint32_t G = gblk + it, st = G % kStages;
+        const uint32_t sK = s_base + Smem::kK + st * kTileBytes;
+        mbar_wait(bar_full + 8 * st, (G / kStages) & 1);
+        fence_async_smem();
+        // ---- S = Q K^T: 32 latent k steps with Q from registers, 4 rope k steps from shared memory ----
         float sacc[32];
         fence_regs(sacc);
+#pragma unroll
+        for (int kk = 0; kk < kDV / 16; ++kk) fence_regs(qf[kk]);  // Q's loads stay before the wgmma fence
         cute::warpgroup_arrive();
 #pragma unroll
-        for (int kk = 0; kk < kDQK / 16; ++kk) {
-          const uint32_t off = (kk >> 2) * kPanelBytes + (kk & 3) * 32;
-          qk_step(make_desc(sQ + off, 16, 1024), make_desc(sK + off, 16, 1024), sacc,
-                  kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<32>{});
+        for (int kk = 0; kk < kDV / 16; ++kk) {
+          qk_step_rs(qf[kk], make_desc(sK + (kk >> 2) * kPanelBytes + (kk & 3) * 32, 16, 1024), sacc,
+                     kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<32>{});
+        }
+#pragma unroll
+        for (int kk = 0; kk < kDRope / 16; ++kk) {
+          qk_step_ss(make_desc(sQRope + kk * 32, 16, 1024), make_desc(sK + 8 * kPanelBytes + kk * 32, 16, 1024), sacc,
+                     std::make_index_sequence<32>{});
         }
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_regs(sacc);
 
         // ---- mask + online softmax (log2 domain); a warp owns all 64 keys of its 16 rows ----
+        const int blk = blk_begin + it;
         float mloc[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -257,8 +327,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
           alpha[h] = fast_exp2(m_run[h] - m_use[h]);
           m_run[h] = m_new;
         }
-        uint32_t pf[16];  // P as bf16 pairs, in the A-fragment order of the P V wgmma
-        char* sP = smem + Smem::kP;
+        // Every warp's S wgmma has read the rope panel before P overwrites it.
+        bar_sync(kBarWG0, 128);
+        char* sP = smem + Smem::kK + st * kTileBytes + 8 * kPanelBytes;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const float p0 = fast_exp2(sacc[4 * j + 0] - m_use[0]);
@@ -267,42 +338,21 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
           const float p3 = fast_exp2(sacc[4 * j + 3] - m_use[1]);
           sloc[0] += p0 + p1;
           sloc[1] += p2 + p3;
-          pf[2 * j] = pack_bf16(p0, p1);
-          pf[2 * j + 1] = pack_bf16(p2, p3);
-          *reinterpret_cast<uint32_t*>(sP + swz(row0, j) + q4 * 4) = pf[2 * j];
-          *reinterpret_cast<uint32_t*>(sP + swz(row0 + 8, j) + q4 * 4) = pf[2 * j + 1];
+          *reinterpret_cast<uint32_t*>(sP + swz(row0, j) + q4 * 4) = pack_bf16(p0, p1);
+          *reinterpret_cast<uint32_t*>(sP + swz(row0 + 8, j) + q4 * 4) = pack_bf16(p2, p3);
         }
         if (q4 == 0) {
-          s_alpha[row0] = alpha[0];
-          s_alpha[row0 + 8] = alpha[1];
+          s_alpha[st * kM + row0] = alpha[0];
+          s_alpha[st * kM + row0 + 8] = alpha[1];
         }
+        fence_async_smem();
+        mbar_arrive(bar_p + 8 * st);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           sloc[h] += __shfl_xor_sync(0xffffffffu, sloc[h], 1);
           sloc[h] += __shfl_xor_sync(0xffffffffu, sloc[h], 2);
           l_run[h] = l_run[h] * alpha[h] + sloc[h];
         }
-        fence_async_smem();
-        bar_arrive(kBarPFull, kThreads);
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          o[4 * j + 0] *= alpha[0];
-          o[4 * j + 1] *= alpha[0];
-          o[4 * j + 2] *= alpha[1];
-          o[4 * j + 3] *= alpha[1];
-        }
-        // ---- O0 += P V[:, 0:256] ----
-        fence_regs(o);
-        cute::warpgroup_arrive();
-#pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
-          pv_step_rs(a, make_desc(sK + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
-        }
-        cute::warpgroup_commit_batch();
-        cute::warpgroup_wait<0>();
-        fence_regs(o);
-        bar_sync(kBarBlockEnd, kThreads);
       }
       if (q4 == 0) {
         s_lrun[row0] = l_run[0];
@@ -310,12 +360,33 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         s_mrun[row0] = m_run[0];
         s_mrun[row0 + 8] = m_run[1];
       }
-    } else {
-      const uint32_t sP = s_base + Smem::kP;
+      bar_sync(kBarRequest, kThreads);  // statistics visible; WG1/WG2 write the outputs
+      bar_sync(kBarRequest, kThreads);  // ... and are done reading them
+      gblk += n_iter;
+    }
+  } else {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsPV));
+    const int t = threadIdx.x - 128;  // 0..255 among the loaders
+    const int half = wg - 1;
+    uint32_t gblk = 0;
+    for (int bi = b0; bi <= b1; ++bi) {
+      int len, len_eff, blk_begin, n_iter;
+      piece(bi, len, len_eff, blk_begin, n_iter);
+      // ---- WG1 / WG2: loads and O_half += P V_half ----
+#pragma unroll 1
+      for (int i = 0; i < kStages && i < n_iter; ++i) {
+        const uint32_t st = (gblk + i) % kStages;
+        issue_kv_block(p, s_base + Smem::kK + st * kTileBytes, bar_full + 8 * st, bi, blk_begin + i, len_eff, t);
+      }
+      float o[128];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] = 0.f;
       for (int it = 0; it < n_iter; ++it) {
-        const uint32_t sK = s_base + ((it & 1) ? Smem::kK1 : Smem::kK0);
-        bar_sync(kBarPFull, kThreads);
-        const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row0 + 8];
+        const uint32_t G = gblk + it, st = G % kStages;
+        const uint32_t sK = s_base + Smem::kK + st * kTileBytes;
+        mbar_wait(bar_p + 8 * st, (G / kStages) & 1);
+        fence_async_smem();
+        const float alpha0 = s_alpha[st * kM + row0], alpha1 = s_alpha[st * kM + row0 + 8];
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
           o[4 * j + 0] *= alpha0;
@@ -323,63 +394,56 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
           o[4 * j + 2] *= alpha1;
           o[4 * j + 3] *= alpha1;
         }
-        // ---- O1 += P V[:, 256:512] ----
         fence_regs(o);
         cute::warpgroup_arrive();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          pv_step_ss(make_desc(sP + kk * 32, 16, 1024), make_desc(sK + 4 * kPanelBytes + kk * 2048, kPanelBytes, 1024),
-                     o, std::make_index_sequence<128>{});
+          pv_step(make_desc(sK + 8 * kPanelBytes + kk * 32, 16, 1024),
+                  make_desc(sK + 4 * half * kPanelBytes + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
         }
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_regs(o);
-        if (it + 1 < n_iter) {
-          cp_async_wait<0>();  // block it + 1 landed (block it + 2 is not issued yet)
-          fence_async_smem();
-        }
-        bar_sync(kBarBlockEnd, kThreads);
-        // Both warpgroups are done with this stage: refill it with block it + 2.
-        if (it + 2 < n_iter) {
-          issue_kv_block(p, sK, bi, blk_begin + it + 2, len_eff, tw);
-          cp_async_commit();
+        if (it + kStages < n_iter) {
+          bar_sync(kBarPV, 256);  // both halves done with this stage (WG0 finished with it before pfull)
+          issue_kv_block(p, sK, bar_full + 8 * st, bi, blk_begin + it + kStages, len_eff, t);
         }
       }
-    }
-    __syncthreads();  // final row statistics visible to WG1; every read of Q / K / P done
+      bar_sync(kBarRequest, kThreads);
 
-    // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
-    const int nsplit = per_req[2 * bi + 1];
-    const int slot = per_req[2 * bi] + (bi == meta[0] ? split0 : 0);
-    const bool direct = nsplit <= 1;
-    const bool writable = direct || (slot >= 0 && slot < n_slots && p.ws_o != nullptr);  // else: inconsistent plan
-    const int col0 = wg * 256 + 2 * q4;
+      // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
+      const int nsplit = per_req[2 * bi + 1];
+      const int slot = per_req[2 * bi] + (bi == meta[0] ? split0 : 0);
+      const bool direct = nsplit <= 1;
+      const bool writable = direct || (slot >= 0 && slot < n_slots && p.ws_o != nullptr);  // else: inconsistent plan
+      const int col0 = half * 256 + 2 * q4;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = row0 + 8 * h;
-      const int R = m_tile * kM + r;
-      if (!writable || R >= p.rows) continue;
-      const float l = s_lrun[r], m = s_mrun[r];
-      const bool seen = l > 0.f;
-      const float inv = seen ? 1.f / l : 0.f;
-      const float lse2 = seen ? m + __log2f(l) : -INFINITY;  // log2 domain
-      if (direct) {
-        const int s = R / p.h_q, hh = R - s * p.h_q;
-        QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col0;
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + 8 * h;
+        const int R = m_tile * kM + r;
+        if (!writable || R >= p.rows) continue;
+        const float l = s_lrun[r], m = s_mrun[r];
+        const bool seen = l > 0.f;
+        const float inv = seen ? 1.f / l : 0.f;
+        const float lse2 = seen ? m + __log2f(l) : -INFINITY;  // log2 domain
+        if (direct) {
+          const int s = R / p.h_q, hh = R - s * p.h_q;
+          QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col0;
 #pragma unroll
-        for (int j = 0; j < 32; ++j) store_pair<QT>(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-        if (wg == 0 && q4 == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
-      } else {
-        float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col0;
+          for (int j = 0; j < 32; ++j) store_pair<QT>(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+          if (half == 0 && q4 == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+        } else {
+          float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col0;
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+          for (int j = 0; j < 32; ++j) {
+            *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+          }
+          if (half == 0 && q4 == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
         }
-        if (wg == 0 && q4 == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
       }
+      bar_sync(kBarRequest, kThreads);
+      gblk += n_iter;
     }
-    // s_lrun / s_mrun are rewritten by the next request (at once when it has no blocks here).
-    __syncthreads();
   }
 }
 
