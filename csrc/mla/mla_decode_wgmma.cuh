@@ -50,22 +50,28 @@ constexpr int kPanelBytes = 64 * 128;               // 64 rows x 64 bf16
 constexpr int kTileBytes = kDQK / 64 * kPanelBytes; // 73,728
 constexpr int kPanels = kDQK / 64;                  // 9
 
+// bf16 cache: two KV stages and a P tile. FP8 cache: one bf16 stage (dequantized by all threads
+// from raw 656-byte tokens, two blocks of which are staged by cp.async) and P in the stage's rope
+// panel, which S has finished with: a separate P tile does not fit next to the raw stages.
+template <bool kFp8>
 struct Smem {
   static constexpr int kQ = 0;
   static constexpr int kK0 = kQ + kTileBytes;
-  static constexpr int kK1 = kK0 + kTileBytes;
-  static constexpr int kP = kK1 + kTileBytes;
-  static constexpr int kAlpha = kP + kM * 64 * 2;  // [64] per-block rescale factor of each row
+  static constexpr int kK1 = kK0 + kTileBytes;                 // bf16: second stage; FP8: raw stages
+  static constexpr int kRawStage = kBlockN * kFp8TokenBytes;   // 41,984
+  static constexpr int kP = kFp8 ? kK0 + 8 * kPanelBytes : kK1 + kTileBytes;
+  static constexpr int kAlpha = kFp8 ? kK1 + 2 * kRawStage : kP + kM * 64 * 2;  // [64] rescale factor per row
   static constexpr int kLRun = kAlpha + kM * 4;    // [64] final row sum (end of a request)
   static constexpr int kMRun = kLRun + kM * 4;     // [64] final row max (log2 domain)
-  static constexpr int kUsed = kMRun + kM * 4;
-  static constexpr int kTotal = kUsed + 1024;      // + slack to align the base to 1,024 B
+  static constexpr int kTotal = kMRun + kM * 4;
 };
-static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
+static_assert(Smem<false>::kTotal <= 232448 && Smem<true>::kTotal <= 232448,
+              "shared memory exceeds the sm_90 per-block limit");
 
 // Named barriers (0 is __syncthreads).
 constexpr int kBarPFull = 1;
 constexpr int kBarBlockEnd = 2;
+constexpr int kBarWG0 = 3;  // FP8: WG0's S reads of the rope panel are done before P overwrites it
 
 __device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void bar_arrive(int id, int n) {
@@ -141,19 +147,46 @@ __device__ __forceinline__ void issue_kv_block(const DecodeParams& p, uint32_t d
   }
 }
 
-template <typename QT>
+// Raw FP8 tokens (656 bytes: 512 e4m3 | 4 fp32 scales | 64 bf16 rope) -> the paneled bf16 tile, by
+// all 256 threads. Thread t converts latent chunk c = t % 64 (8 values) of tokens t / 64 + 4 i: a
+// warp reads 256 contiguous bytes of one token and stores one 128-byte row in each of 4 panels.
+// Values are detail::dequant8's: e4m3 -> f16 exactly, times the fp32 scale, rounded once to bf16
+// (the same values as the mma.sync kernel's tiles).
+__device__ __forceinline__ void dequant_block(const char* raw, char* tile) {
+  const int c = threadIdx.x & 63, r0 = threadIdx.x >> 6;
+  char* dst0 = tile + (c >> 3) * kPanelBytes;
+#pragma unroll 8
+  for (int i = 0; i < kBlockN / 4; ++i) {
+    const int row = r0 + 4 * i;
+    const char* tok = raw + row * kFp8TokenBytes;
+    const uint2 w = *reinterpret_cast<const uint2*>(tok + c * 8);
+    const float scale = *reinterpret_cast<const float*>(tok + kDV + (c >> 4) * 4);
+    *reinterpret_cast<uint4*>(dst0 + swz(row, c & 7)) = detail::dequant8(w.x, w.y, scale);
+  }
+#pragma unroll
+  for (int i = 0; i < kBlockN * 8 / kThreads; ++i) {  // rope: 64 tokens x 8 chunks, copied
+    const int idx = threadIdx.x + i * kThreads;
+    const int row = idx >> 3, rc = idx & 7;
+    *reinterpret_cast<uint4*>(tile + 8 * kPanelBytes + swz(row, rc)) =
+        *reinterpret_cast<const uint4*>(raw + row * kFp8TokenBytes + kDV + 16 + rc * 16);
+  }
+}
+
+template <typename QT, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __grid_constant__ DecodeParams p) {
+  using S = Smem<kFp8>;
   // The combine kernel (programmatic dependent) may be scheduled as SMs free up; it waits for this
   // whole grid before reading any partial.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  extern __shared__ char smem_raw[];
   // wgmma's 128B swizzle is a function of address bits 4-9: tiles must start 1,024-byte aligned.
-  const uint32_t raw_base = smem_u32(smem_raw);
-  const uint32_t s_base = (raw_base + 1023u) & ~1023u;
-  char* smem = smem_raw + (s_base - raw_base);
-  float* s_alpha = reinterpret_cast<float*>(smem + Smem::kAlpha);
-  float* s_lrun = reinterpret_cast<float*>(smem + Smem::kLRun);
-  float* s_mrun = reinterpret_cast<float*>(smem + Smem::kMRun);
+  // A kernel without static shared memory gets its dynamic window at that alignment (CUTLASS's
+  // sm90 kernels rely on the same); the FP8 layout leaves no slack to realign, so check instead.
+  extern __shared__ __align__(1024) char smem[];
+  const uint32_t s_base = smem_u32(smem);
+  if (s_base & 1023u) __trap();
+  float* s_alpha = reinterpret_cast<float*>(smem + S::kAlpha);
+  float* s_lrun = reinterpret_cast<float*>(smem + S::kLRun);
+  float* s_mrun = reinterpret_cast<float*>(smem + S::kMRun);
 
   const int m_tile = blockIdx.x, part = blockIdx.y;
   const int wg = threadIdx.x >> 7, tw = threadIdx.x & 127;  // warpgroup, thread within it
@@ -177,10 +210,18 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
     const int n_iter = max(blk_end - blk_begin, 0);
 
     if (n_iter > 0) {
-      if (wg == 1) {
-        issue_kv_block(p, s_base + Smem::kK0, bi, blk_begin, len_eff, tw);
+      if constexpr (kFp8) {  // every thread stages its share of the raw tokens of blocks 0 and 1
+        detail::issue_kv_block<true>(s_base + S::kK1, detail::kv_row_src<true>(p, bi, blk_begin, len_eff), p.kv);
         cp_async_commit();
-        if (n_iter > 1) issue_kv_block(p, s_base + Smem::kK1, bi, blk_begin + 1, len_eff, tw);
+        if (n_iter > 1) {
+          detail::issue_kv_block<true>(s_base + S::kK1 + S::kRawStage,
+                                       detail::kv_row_src<true>(p, bi, blk_begin + 1, len_eff), p.kv);
+        }
+        cp_async_commit();  // possibly empty: keeps the group count uniform
+      } else if (wg == 1) {
+        issue_kv_block(p, s_base + S::kK0, bi, blk_begin, len_eff, tw);
+        cp_async_commit();
+        if (n_iter > 1) issue_kv_block(p, s_base + S::kK1, bi, blk_begin + 1, len_eff, tw);
         cp_async_commit();  // possibly empty: keeps the group count uniform
       }
       // Q tile (rows past s_q * h_q are zeros), converted to bf16, while the first blocks land.
@@ -196,17 +237,35 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
           const int s = R / p.h_q, h = R - s * p.h_q;
           v = q_to_bf16<QT>(__ldg(reinterpret_cast<const uint4*>(qb + s * p.q_stride_s + h * p.q_stride_h + c * 8)));
         }
-        *reinterpret_cast<uint4*>(smem + Smem::kQ + tile_chunk(row, c)) = v;
+        *reinterpret_cast<uint4*>(smem + S::kQ + tile_chunk(row, c)) = v;
       }
-      if (wg == 1) cp_async_wait<1>();  // block 0 landed
+      if (!kFp8 && wg == 1) cp_async_wait<1>();  // block 0 landed
       fence_async_smem();
-      __syncthreads();  // Q and block 0 visible to the async proxy
+      __syncthreads();  // Q and (bf16) block 0 visible to the async proxy
     }
 
     float o[128];  // this warpgroup's 64 x 256 output slice
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+    // FP8: block `it`'s raw tokens -> the bf16 stage, by all threads; then the raw buffer takes
+    // block it + 2. One cp.async group is committed per block (empty past the end), so block it's
+    // group is complete when at most one newer group is pending.
+    auto fp8_stage = [&](int it) {
+      if constexpr (kFp8) {
+        cp_async_wait<1>();
+        bar_sync(0, kThreads);  // every thread's raw tokens visible; the previous block is done with the stage
+        dequant_block(smem + S::kK1 + (it & 1) * S::kRawStage, smem + S::kK0);
+        fence_async_smem();
+        bar_sync(0, kThreads);  // the stage complete; raw buffer it % 2 free
+        if (it + 2 < n_iter) {
+          detail::issue_kv_block<true>(s_base + S::kK1 + (it & 1) * S::kRawStage,
+                                       detail::kv_row_src<true>(p, bi, blk_begin + it + 2, len_eff), p.kv);
+        }
+        cp_async_commit();
+      }
+    };
 
     if (wg == 0) {
       // Visible keys of this thread's two rows.
@@ -217,10 +276,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         const int s = min(R / p.h_q, p.s_q - 1);
         limit[h] = min(p.causal ? len - p.s_q + s + 1 : len, len_eff);
       }
-      const uint32_t sQ = s_base + Smem::kQ;
+      const uint32_t sQ = s_base + S::kQ;
       for (int it = 0; it < n_iter; ++it) {
         const int blk = blk_begin + it;
-        const uint32_t sK = s_base + ((it & 1) ? Smem::kK1 : Smem::kK0);
+        fp8_stage(it);
+        const uint32_t sK = s_base + ((!kFp8 && (it & 1)) ? S::kK1 : S::kK0);
         // ---- S = Q K^T ----
         float sacc[32];
         fence_regs(sacc);
@@ -258,7 +318,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
           m_run[h] = m_new;
         }
         uint32_t pf[16];  // P as bf16 pairs, in the A-fragment order of the P V wgmma
-        char* sP = smem + Smem::kP;
+        char* sP = smem + S::kP;
+        if constexpr (kFp8) bar_sync(kBarWG0, 128);  // P overwrites the rope panel every warp's S read
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const float p0 = fast_exp2(sacc[4 * j + 0] - m_use[0]);
@@ -311,9 +372,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         s_mrun[row0 + 8] = m_run[1];
       }
     } else {
-      const uint32_t sP = s_base + Smem::kP;
+      const uint32_t sP = s_base + S::kP;
       for (int it = 0; it < n_iter; ++it) {
-        const uint32_t sK = s_base + ((it & 1) ? Smem::kK1 : Smem::kK0);
+        fp8_stage(it);
+        const uint32_t sK = s_base + ((!kFp8 && (it & 1)) ? S::kK1 : S::kK0);
         bar_sync(kBarPFull, kThreads);
         const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row0 + 8];
 #pragma unroll
@@ -334,13 +396,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_regs(o);
-        if (it + 1 < n_iter) {
+        if (!kFp8 && it + 1 < n_iter) {
           cp_async_wait<0>();  // block it + 1 landed (block it + 2 is not issued yet)
           fence_async_smem();
         }
         bar_sync(kBarBlockEnd, kThreads);
         // Both warpgroups are done with this stage: refill it with block it + 2.
-        if (it + 2 < n_iter) {
+        if (!kFp8 && it + 2 < n_iter) {
           issue_kv_block(p, sK, bi, blk_begin + it + 2, len_eff, tw);
           cp_async_commit();
         }
@@ -383,10 +445,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
   }
 }
 
-template <typename QT>
+template <typename QT, bool kFp8>
 void launch_decode_wgmma(const DecodeParams& p, cudaStream_t stream) {
-  constexpr int smem = Smem::kTotal;
-  auto kernel = mla_decode_wgmma_kernel<QT>;
+  constexpr int smem = Smem<kFp8>::kTotal;
+  auto kernel = mla_decode_wgmma_kernel<QT, kFp8>;
   FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
   kernel<<<grid, kThreads, smem, stream>>>(p);

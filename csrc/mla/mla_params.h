@@ -96,8 +96,9 @@ void launch_plan(const PlanParams& p, cudaStream_t stream);
 // Decode of every (row tile, sm part); requests with one split are written to out/lse directly.
 void launch_decode_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 void launch_decode_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
-// The wgmma kernel for 64-row tiles of the bf16 cache (launch_decode_bf16_cache picks it for s_q * h_q > 32).
+// The wgmma kernels for 64-row tiles (launch_decode_*_cache pick them for s_q * h_q > 32).
 void launch_decode_wgmma_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
+void launch_decode_wgmma_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 // Merges the partials of requests with more than one split into out/lse.
 void launch_combine(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 void launch_cache_append(const AppendParams& p, bool fp8_cache, cudaStream_t stream);
