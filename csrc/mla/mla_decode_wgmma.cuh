@@ -296,31 +296,23 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         fence_regs(sacc);
 
         // ---- mask + online softmax (log2 domain); a warp owns all 64 keys of its 16 rows ----
-        // WG0 is one warp per scheduler and its instruction latency is the kernel's critical path,
-        // so the softmax is kept short: masking only in blocks that reach a row's limit, the max
-        // taken on raw scores (the scale is positive) and the scale folded into exp2's argument.
         float mloc[2] = {-INFINITY, -INFINITY};
-        const int key0 = blk * kBlockN + 2 * q4;
-        if (key0 + kBlockN > min(limit[0], limit[1])) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              if (key0 + 8 * j + (e & 1) >= limit[e >> 1]) sacc[4 * j + e] = -INFINITY;
-            }
-          }
-        }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) mloc[e >> 1] = fmaxf(mloc[e >> 1], sacc[4 * j + e]);
+          for (int e = 0; e < 4; ++e) {
+            const int key = blk * kBlockN + 8 * j + 2 * q4 + (e & 1);
+            const float v = key < limit[e >> 1] ? sacc[4 * j + e] * p.scale_log2 : -INFINITY;
+            sacc[4 * j + e] = v;
+            mloc[e >> 1] = fmaxf(mloc[e >> 1], v);
+          }
         }
         float alpha[2], m_use[2], sloc[2] = {0.f, 0.f};
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 1));
           mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
-          const float m_new = fmaxf(m_run[h], mloc[h] * p.scale_log2);
+          const float m_new = fmaxf(m_run[h], mloc[h]);
           m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
           alpha[h] = fast_exp2(m_run[h] - m_use[h]);
           m_run[h] = m_new;
@@ -330,10 +322,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         if constexpr (kFp8) bar_sync(kBarWG0, 128);  // P overwrites the rope panel every warp's S read
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const float p0 = fast_exp2(fmaf(sacc[4 * j + 0], p.scale_log2, -m_use[0]));
-          const float p1 = fast_exp2(fmaf(sacc[4 * j + 1], p.scale_log2, -m_use[0]));
-          const float p2 = fast_exp2(fmaf(sacc[4 * j + 2], p.scale_log2, -m_use[1]));
-          const float p3 = fast_exp2(fmaf(sacc[4 * j + 3], p.scale_log2, -m_use[1]));
+          const float p0 = fast_exp2(sacc[4 * j + 0] - m_use[0]);
+          const float p1 = fast_exp2(sacc[4 * j + 1] - m_use[0]);
+          const float p2 = fast_exp2(sacc[4 * j + 2] - m_use[1]);
+          const float p3 = fast_exp2(sacc[4 * j + 3] - m_use[1]);
           sloc[0] += p0 + p1;
           sloc[1] += p2 + p3;
           pf[2 * j] = pack_bf16(p0, p1);
@@ -353,16 +345,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         }
         fence_async_smem();
         bar_arrive(kBarPFull, kThreads);
-        // Rescaling by 1 is the identity: skipped when no row max of the warp moved (most blocks
-        // once the max has settled).
-        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-          for (int j = 0; j < 32; ++j) {
-            o[4 * j + 0] *= alpha[0];
-            o[4 * j + 1] *= alpha[0];
-            o[4 * j + 2] *= alpha[1];
-            o[4 * j + 3] *= alpha[1];
-          }
+        for (int j = 0; j < 32; ++j) {
+          o[4 * j + 0] *= alpha[0];
+          o[4 * j + 1] *= alpha[0];
+          o[4 * j + 2] *= alpha[1];
+          o[4 * j + 3] *= alpha[1];
         }
         // ---- O0 += P V[:, 0:256] ----
         fence_regs(o);
@@ -390,14 +378,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         const uint32_t sK = s_base + ((!kFp8 && (it & 1)) ? S::kK1 : S::kK0);
         bar_sync(kBarPFull, kThreads);
         const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row0 + 8];
-        if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
 #pragma unroll
-          for (int j = 0; j < 32; ++j) {
-            o[4 * j + 0] *= alpha0;
-            o[4 * j + 1] *= alpha0;
-            o[4 * j + 2] *= alpha1;
-            o[4 * j + 3] *= alpha1;
-          }
+        for (int j = 0; j < 32; ++j) {
+          o[4 * j + 0] *= alpha0;
+          o[4 * j + 1] *= alpha0;
+          o[4 * j + 2] *= alpha1;
+          o[4 * j + 3] *= alpha1;
         }
         // ---- O1 += P V[:, 256:512] ----
         fence_regs(o);
