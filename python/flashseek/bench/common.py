@@ -106,9 +106,11 @@ def time_median_us(fn, device, n_inputs=1, warmup_ms=25.0, rep_ms=100.0, max_ite
     return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
 
 
-def time_graph_us(fn, device, n_inputs=1, rep_ms=100.0, calls_per_graph=20, pool=None) -> float:
+def time_graph_us(fn, device, n_inputs=1, rep_ms=100.0, calls_per_graph=20, pool=None, keep_alive=None) -> float:
     """Median per-call device time over replays of a CUDA graph holding `calls_per_graph` calls.
-    `pool` shares one graph memory pool between the graphs of several timings."""
+    `pool` shares one graph memory pool between the graphs of several timings. Such a pool lives only
+    while a graph captured into it does (torch asserts on a capture into a released pool), so the
+    caller passes a list in `keep_alive` that holds every graph until it is done with the pool."""
     fn(0)  # any lazy initialisation happens outside the capture
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -121,6 +123,10 @@ def time_graph_us(fn, device, n_inputs=1, rep_ms=100.0, calls_per_graph=20, pool
         for i in range(calls_per_graph):
             fn(i % n_inputs)
     per_replay = time_median_us(lambda i: graph.replay(), device, 1, warmup_ms=10, rep_ms=rep_ms)
+    if keep_alive is not None:
+        keep_alive.append(graph)
+    elif pool is not None:
+        raise ValueError("time_graph_us: a shared pool needs keep_alive (the graph is its only owner)")
     return per_replay / calls_per_graph
 
 

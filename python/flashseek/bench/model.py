@@ -62,6 +62,7 @@ class _Timer:
     def __init__(self, ctx: BenchContext):
         self.ctx = ctx
         self.pool = torch.cuda.graph_pool_handle() if ctx.cuda else None
+        self.graphs: list = []  # keeps the shared pool alive between captures (see time_graph_us)
         self.capture_failures: list[str] = []  # reported with the rows: these stages were timed eagerly
 
     def eager(self, fn: Callable) -> float:
@@ -72,7 +73,8 @@ class _Timer:
             return self.eager(fn), False
         try:
             # One layer per graph, as the decode step replays it.
-            us = time_graph_us(lambda i: fn(), self.ctx.device, 1, self.ctx.rep_ms, calls_per_graph=1, pool=self.pool)
+            us = time_graph_us(lambda i: fn(), self.ctx.device, 1, self.ctx.rep_ms, calls_per_graph=1, pool=self.pool,
+                               keep_alive=self.graphs)
             return us, True
         except Exception as exc:
             torch.cuda.synchronize()
