@@ -22,6 +22,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 [ -f .prebuilt/libflashseek_kernels.a ] && export FLASHSEEK_KERNELS_LIB=$PWD/.prebuilt/libflashseek_kernels.a
 [ -f .prebuilt/commit.txt ] && export FLASHSEEK_COMMIT=$(cat .prebuilt/commit.txt)
+# A same-run peer for the MLA bench (a standalone FlashMLA benchmark binary built outside this repo).
+[ -x .prebuilt/peers/bench_flashmla ] && export FLASHSEEK_FLASHMLA_BENCH=$PWD/.prebuilt/peers/bench_flashmla
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/gpu.txt"
 stamp "building (prebuilt kernels: ${FLASHSEEK_KERNELS_LIB:-none})"
 if ! FLASHSEEK_CUDA=1 FLASHSEEK_PTXAS_VERBOSE=1 MAX_JOBS=$(nproc) $py -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then

@@ -6,12 +6,18 @@ Counting (performance-targets.md), per call with mean_len the mean of the actual
   token_bytes = 1152 (bf16 cache) or 656 (FP8 cache).
 Timed: the whole mla_decode call (split kernel + combine) with the plan computed once, as an engine
 reuses it across layers; the plan kernel's own time is reported in `extra`. Peer: FlashMLA's dense
-kernel (bf16 cache, page 64) on the same inputs when `flash_mla` is importable.
+kernel (bf16 cache, page 64) on the same inputs when `flash_mla` is importable; otherwise, for the
+fixed-length bf16 rows, a standalone FlashMLA benchmark binary named by FLASHSEEK_FLASHMLA_BENCH
+(arguments `b s_q s_k h_q 0 causal 0 64 "" iters`, prints "...: <us> us"; decode + combine, with
+its own random inputs of the same shape), run in the same process on the same GPU.
 """
 from __future__ import annotations
 
 import math
+import os
 import random
+import re
+import subprocess
 from typing import Optional
 
 import torch
@@ -107,6 +113,20 @@ def _peer(q, cache, table, seqlens, causal) -> Optional[callable]:
     return fn
 
 
+def _external_peer_us(b, s_q, s_k, h_q, causal) -> Optional[float]:
+    """Median µs from the standalone FlashMLA binary (see the module docstring), or None."""
+    exe = os.environ.get("FLASHSEEK_FLASHMLA_BENCH")
+    if not exe or not os.path.isfile(exe):
+        return None
+    try:
+        res = subprocess.run([exe, str(b), str(s_q), str(s_k), str(h_q), "0", str(int(causal)), "0", str(PAGE), "", "30"],
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r":\s*([0-9.]+) us", res.stdout)
+    return float(m.group(1)) if res.returncode == 0 and m else None
+
+
 def run(ctx: BenchContext) -> list[Row]:
     rows = []
     specs = ROWS if ctx.cuda else CPU_ROWS
@@ -154,6 +174,9 @@ def run(ctx: BenchContext) -> list[Row]:
             fns = [_peer(q, cache, table, seqlens, causal) for q, cache in sets]
             if fns[0] is not None:
                 peer, peer_us = "FlashMLA", ctx.time(lambda i: fns[i](), n_inputs=len(fns))
+            elif not varlen:
+                peer_us = _external_peer_us(b, s_q, s_k, h_q, causal)
+                peer = "FlashMLA (standalone)" if peer_us is not None else None
         if b * s_k <= 16384 or not ctx.cuda:  # accuracy on the small rows only (the reference is slow)
             q, cache = sets[0]
             o, _ = call(0)
