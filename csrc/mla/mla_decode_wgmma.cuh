@@ -72,6 +72,7 @@ static_assert(Smem<false>::kTotal <= 232448 && Smem<true>::kTotal <= 232448,
 constexpr int kBarPFull = 1;
 constexpr int kBarBlockEnd = 2;
 constexpr int kBarWG0 = 3;  // FP8: WG0's S reads of the rope panel are done before P overwrites it
+constexpr int kBarWG1 = 4;  // FP8: every WG1 thread's raw copies of the next block have landed
 
 __device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void bar_arrive(int id, int n) {
@@ -172,6 +173,67 @@ __device__ __forceinline__ void dequant_block(const char* raw, char* tile) {
   }
 }
 
+// WG1's copy of one block of raw FP8 tokens (64 x 41 chunks of 16 bytes): thread t copies chunks
+// t % 2 + 2 j of token t / 2. Tokens at or past len_eff are zero-filled (never read).
+__device__ __forceinline__ void issue_raw_block(const DecodeParams& p, uint32_t dst, int bi, int blk, int len_eff,
+                                                int t) {
+  const int row = t >> 1, sub = t & 1;
+  const int token = blk * kBlockN + row;
+  const char* src = static_cast<const char*>(p.kv);
+  int bytes = 0;
+  if (token < len_eff) {  // as issue_kv_block: table index in range, page id clamped
+    const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + (token >> p.page_size_log2))),
+                              static_cast<uint32_t>(p.num_pages - 1));
+    const int64_t slot = (static_cast<int64_t>(page) << p.page_size_log2) + (token & ((1 << p.page_size_log2) - 1));
+    src += slot * kFp8TokenBytes;
+    bytes = 16;
+  }
+#pragma unroll
+  for (int j = 0; j < (detail::kFp8TokenChunks + 1) / 2; ++j) {
+    const int c = sub + 2 * j;
+    if (c < detail::kFp8TokenChunks) cp_async_16(dst + row * kFp8TokenBytes + c * 16, src + (bytes ? c * 16 : 0), bytes);
+  }
+}
+
+// The FP8 dequant is split so that WG1 does part of it while it waits for WG0's P (it is idle
+// during S and the softmax): latent chunks 32..63 of the next block go to 64 registers of each WG1
+// thread (16 chunks: c = 32 + t % 32, tokens t / 32 + 4 i) and are stored after the rendezvous,
+// while all 256 threads convert chunks 0..31 (c = t % 32, tokens t / 32 + 8 i) and the rope.
+__device__ __forceinline__ void dequant_upper_to_regs(const char* raw, uint4 (&pre)[16], int t) {
+  const int c = 32 + (t & 31), r0 = t >> 5;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const char* tok = raw + (r0 + 4 * i) * kFp8TokenBytes;
+    const uint2 w = *reinterpret_cast<const uint2*>(tok + c * 8);
+    pre[i] = detail::dequant8(w.x, w.y, *reinterpret_cast<const float*>(tok + kDV + (c >> 4) * 4));
+  }
+}
+__device__ __forceinline__ void store_upper_regs(const uint4 (&pre)[16], char* tile, int t) {
+  const int c = 32 + (t & 31), r0 = t >> 5;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    *reinterpret_cast<uint4*>(tile + (c >> 3) * kPanelBytes + swz(r0 + 4 * i, c & 7)) = pre[i];
+  }
+}
+__device__ __forceinline__ void dequant_lower_and_rope(const char* raw, char* tile) {
+  const int c = threadIdx.x & 31, r0 = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int row = r0 + 8 * i;
+    const char* tok = raw + row * kFp8TokenBytes;
+    const uint2 w = *reinterpret_cast<const uint2*>(tok + c * 8);
+    *reinterpret_cast<uint4*>(tile + (c >> 3) * kPanelBytes + swz(row, c & 7)) =
+        detail::dequant8(w.x, w.y, *reinterpret_cast<const float*>(tok + kDV + (c >> 4) * 4));
+  }
+#pragma unroll
+  for (int i = 0; i < kBlockN * 8 / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int row = idx >> 3, rc = idx & 7;
+    *reinterpret_cast<uint4*>(tile + 8 * kPanelBytes + swz(row, rc)) =
+        *reinterpret_cast<const uint4*>(raw + row * kFp8TokenBytes + kDV + 16 + rc * 16);
+  }
+}
+
 template <typename QT, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __grid_constant__ DecodeParams p) {
   using S = Smem<kFp8>;
@@ -210,15 +272,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
     const int n_iter = max(blk_end - blk_begin, 0);
 
     if (n_iter > 0) {
-      if constexpr (kFp8) {  // every thread stages its share of the raw tokens of blocks 0 and 1
-        detail::issue_kv_block<true>(s_base + S::kK1, detail::kv_row_src<true>(p, bi, blk_begin, len_eff), p.kv);
+      if (kFp8 && wg == 1) {  // WG1 stages the raw tokens of blocks 0 and 1
+        issue_raw_block(p, s_base + S::kK1, bi, blk_begin, len_eff, tw);
         cp_async_commit();
-        if (n_iter > 1) {
-          detail::issue_kv_block<true>(s_base + S::kK1 + S::kRawStage,
-                                       detail::kv_row_src<true>(p, bi, blk_begin + 1, len_eff), p.kv);
-        }
+        if (n_iter > 1) issue_raw_block(p, s_base + S::kK1 + S::kRawStage, bi, blk_begin + 1, len_eff, tw);
         cp_async_commit();  // possibly empty: keeps the group count uniform
-      } else if (wg == 1) {
+      } else if (!kFp8 && wg == 1) {
         issue_kv_block(p, s_base + S::kK0, bi, blk_begin, len_eff, tw);
         cp_async_commit();
         if (n_iter > 1) issue_kv_block(p, s_base + S::kK1, bi, blk_begin + 1, len_eff, tw);
@@ -249,21 +308,38 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
-    // FP8: block `it`'s raw tokens -> the bf16 stage, by all threads; then the raw buffer takes
-    // block it + 2. One cp.async group is committed per block (empty past the end), so block it's
-    // group is complete when at most one newer group is pending.
+    // FP8: block `it`'s raw tokens -> the bf16 stage. WG1 owns the raw copies (one cp.async group per
+    // block, empty past the end, so block it's group is complete when at most one newer group is
+    // pending); from the second block on, the upper half of the latent chunks was dequantized into
+    // WG1's registers during the previous block (fp8_predequant) and is only stored here.
+    uint4 pre[kFp8 ? 16 : 1];
     auto fp8_stage = [&](int it) {
       if constexpr (kFp8) {
-        cp_async_wait<1>();
-        bar_sync(0, kThreads);  // every thread's raw tokens visible; the previous block is done with the stage
-        dequant_block(smem + S::kK1 + (it & 1) * S::kRawStage, smem + S::kK0);
+        if (wg == 1) cp_async_wait<1>();
+        bar_sync(0, kThreads);  // raw tokens visible; the previous block is done with the stage
+        char* raw = smem + S::kK1 + (it & 1) * S::kRawStage;
+        if (it == 0) {
+          dequant_block(raw, smem + S::kK0);
+        } else {
+          dequant_lower_and_rope(raw, smem + S::kK0);
+          if (wg == 1) store_upper_regs(pre, smem + S::kK0, tw);
+        }
         fence_async_smem();
         bar_sync(0, kThreads);  // the stage complete; raw buffer it % 2 free
-        if (it + 2 < n_iter) {
-          detail::issue_kv_block<true>(s_base + S::kK1 + (it & 1) * S::kRawStage,
-                                       detail::kv_row_src<true>(p, bi, blk_begin + it + 2, len_eff), p.kv);
+        if (wg == 1) {
+          if (it + 2 < n_iter) issue_raw_block(p, s_base + S::kK1 + (it & 1) * S::kRawStage, bi, blk_begin + it + 2, len_eff, tw);
+          cp_async_commit();
         }
-        cp_async_commit();
+      }
+    };
+    // WG1, before it waits for block it's P: the upper latent half of block it + 1 into registers.
+    auto fp8_predequant = [&](int it) {
+      if constexpr (kFp8) {
+        if (it + 1 < n_iter) {
+          cp_async_wait<1>();       // block it + 1 landed (it + 2 may be pending)
+          bar_sync(kBarWG1, 128);   // ... for every WG1 thread's copies
+          dequant_upper_to_regs(smem + S::kK1 + ((it + 1) & 1) * S::kRawStage, pre, tw);
+        }
       }
     };
 
@@ -375,6 +451,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
       const uint32_t sP = s_base + S::kP;
       for (int it = 0; it < n_iter; ++it) {
         fp8_stage(it);
+        fp8_predequant(it);
         const uint32_t sK = s_base + ((!kFp8 && (it & 1)) ? S::kK1 : S::kK0);
         bar_sync(kBarPFull, kThreads);
         const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row0 + 8];
