@@ -243,6 +243,78 @@ __device__ __forceinline__ void dequant_fp8_block(const char* stage, char* tile)
   }
 }
 
+// This CTA's part of the split-KV plan (mla_params.h): requests b0..b1 and, for each, its piece of
+// key blocks. Shared by the mma.sync and the wgmma kernels.
+// (per_req and the slot count are re-derived from the parameters where used: the 16-row FP8
+// kernel sits at 255 registers, and keeping them live made it spill.)
+struct PlanPart {
+  const int* meta;  // this part's entries
+  int b0, b1, blk0, blk1, cap;
+
+  __device__ __forceinline__ PlanPart(const DecodeParams& p, int part) : meta(p.plan + kPlanPartInts * part) {
+    b0 = max(meta[0], 0);
+    b1 = min(meta[2], p.batch - 1);
+    blk0 = meta[1];
+    blk1 = meta[3];
+    cap = p.max_pages << p.page_size_log2;
+  }
+  // Request bi's piece: key blocks [blk_begin, blk_begin + n_iter) of its len keys (len_eff: the
+  // length clamped to the block table's capacity).
+  __device__ __forceinline__ void piece(const DecodeParams& p, int bi, int& len, int& len_eff, int& blk_begin,
+                                        int& n_iter) const {
+    len = max(p.seqlens[bi], 0);
+    len_eff = min(len, cap);
+    const int nblk = (len + kBlockN - 1) / kBlockN;
+    blk_begin = bi == meta[0] ? max(blk0, 0) : 0;
+    const int blk_end = bi == meta[2] ? min(blk1, nblk) : nblk;
+    n_iter = max(blk_end - blk_begin, 0);
+  }
+  // Where request bi's piece goes: straight to out / lse (one split) or workspace slot `slot`.
+  // False for an inconsistent plan (slot out of range, or no workspace): nothing is written.
+  __device__ __forceinline__ bool destination(const DecodeParams& p, int bi, bool& direct, int& slot) const {
+    const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;  // [batch][2]: (ws_base, num_splits)
+    direct = per_req[2 * bi + 1] <= 1;
+    slot = per_req[2 * bi] + (bi == meta[0] ? meta[4] : 0);
+    return direct || (slot >= 0 && slot < workspace_slots(p.num_sm_parts) && p.ws_o != nullptr);
+  }
+};
+
+// Keys visible to packed row R of a request with len keys (len_eff after clamping to the table):
+// causal rows see len - s_q + s + 1 (bottom-right aligned); padding rows past s_q * h_q use s_q - 1.
+__device__ __forceinline__ int visible_keys(const DecodeParams& p, int R, int len, int len_eff) {
+  const int s = min(R / p.h_q, p.s_q - 1);
+  return min(p.causal ? len - p.s_q + s + 1 : len, len_eff);
+}
+
+// Writes this thread's part of output row R (packed s * h_q + h) of request bi: kPairs pairs of
+// columns col0 + 8 j, values pair(j) (unnormalised), scaled by 1 / l; the thread with write_lse
+// also writes the row's lse. Rows with no visible key get out 0 and lse -inf.
+template <typename QT, int kPairs, typename Pair>
+__device__ __forceinline__ void write_piece_row(const DecodeParams& p, int bi, int R, bool direct, int slot, int col0,
+                                                float m_log2, float l, bool write_lse, Pair pair) {
+  const bool seen = l > 0.f;
+  const float inv = seen ? 1.f / l : 0.f;
+  const float lse2 = seen ? m_log2 + __log2f(l) : -INFINITY;  // log2 domain
+  if (direct) {
+    const int s = R / p.h_q, hh = R - s * p.h_q;
+    QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col0;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      const float2 v = pair(j);
+      store_pair<QT>(dst + 8 * j, v.x * inv, v.y * inv);
+    }
+    if (write_lse) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+  } else {
+    float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col0;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      const float2 v = pair(j);
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(v.x * inv, v.y * inv);
+    }
+    if (write_lse) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+  }
+}
+
 template <typename QT, bool kFp8, int kRG>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_constant__ DecodeParams p) {
   using S = Smem<kFp8, kRG>;
@@ -280,20 +352,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   const int g = lane >> 2, q4 = lane & 3;
   const int row0 = rg * 16 + g;                // this thread's rows: row0 and row0 + 8
 
-  const int* meta = p.plan + kPlanPartInts * part;
-  const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
-  const int b0 = max(meta[0], 0), blk0 = meta[1], b1 = min(meta[2], p.batch - 1), blk1 = meta[3];
-  const int split0 = meta[4];
-  const int cap = p.max_pages << p.page_size_log2;
-  const int n_slots = workspace_slots(p.num_sm_parts);
-
-  for (int bi = b0; bi <= b1; ++bi) {
-    const int len = max(p.seqlens[bi], 0);
-    const int len_eff = min(len, cap);  // a length beyond the table's capacity is clamped
-    const int nblk = (len + kBlockN - 1) / kBlockN;
-    const int blk_begin = bi == meta[0] ? max(blk0, 0) : 0;
-    const int blk_end = bi == meta[2] ? min(blk1, nblk) : nblk;
-    const int n_iter = max(blk_end - blk_begin, 0);
+  const PlanPart plan(p, part);
+  for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+    int len, len_eff, blk_begin, n_iter;
+    plan.piece(p, bi, len, len_eff, blk_begin, n_iter);
 
     // Source row of the next block to copy, looked up one iteration ahead (see kv_row_src).
     const char* next_src = nullptr;
@@ -331,14 +393,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
       }
     }
 
-    // Visible keys of this thread's two rows.
-    int limit[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int R = m_tile * kM + row0 + 8 * h;
-      const int s = min(R / p.h_q, p.s_q - 1);
-      limit[h] = min(p.causal ? len - p.s_q + s + 1 : len, len_eff);
-    }
+    const int limit[2] = {visible_keys(p, m_tile * kM + row0, len, len_eff),  // this thread's two rows
+                          visible_keys(p, m_tile * kM + row0 + 8, len, len_eff)};
 
     float o[kONT][4];
 #pragma unroll
@@ -541,34 +597,15 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
     }
 
     // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
-    const int nsplit = per_req[2 * bi + 1];
-    const int slot = per_req[2 * bi] + (bi == meta[0] ? split0 : 0);
-    const bool direct = nsplit <= 1;
-    if (!direct && (slot < 0 || slot >= n_slots || p.ws_o == nullptr)) continue;  // inconsistent plan
+    bool direct;
+    int slot;
+    if (!plan.destination(p, bi, direct, slot)) continue;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int R = m_tile * kM + row0 + 8 * h;
       if (R >= p.rows) continue;
-      const bool seen = l_run[h] > 0.f;
-      const float inv = seen ? 1.f / l_run[h] : 0.f;
-      const float lse2 = seen ? m_run[h] + __log2f(l_run[h]) : -INFINITY;  // log2 domain
-      if (direct) {
-        const int s = R / p.h_q, hh = R - s * p.h_q;
-        QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h +
-                  wc * kDims + 2 * q4;
-#pragma unroll
-        for (int t = 0; t < kONT; ++t) store_pair<QT>(dst + t * 8, o[t][2 * h] * inv, o[t][2 * h + 1] * inv);
-        if (wc == 0 && q4 == 0) {
-          p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
-        }
-      } else {
-        float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + wc * kDims + 2 * q4;
-#pragma unroll
-        for (int t = 0; t < kONT; ++t) {
-          *reinterpret_cast<float2*>(dst + t * 8) = make_float2(o[t][2 * h] * inv, o[t][2 * h + 1] * inv);
-        }
-        if (wc == 0 && q4 == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
-      }
+      write_piece_row<QT, kONT>(p, bi, R, direct, slot, wc * kDims + 2 * q4, m_run[h], l_run[h], wc == 0 && q4 == 0,
+                                [&](int t) { return make_float2(o[t][2 * h], o[t][2 * h + 1]); });
     }
   }
 }

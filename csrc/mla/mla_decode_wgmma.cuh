@@ -256,20 +256,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
   const int g = lane >> 2, q4 = lane & 3;
   const int row0 = warp * 16 + g;  // this thread's accumulator rows: row0 and row0 + 8
 
-  const int* meta = p.plan + kPlanPartInts * part;
-  const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
-  const int b0 = max(meta[0], 0), blk0 = meta[1], b1 = min(meta[2], p.batch - 1), blk1 = meta[3];
-  const int split0 = meta[4];
-  const int cap = p.max_pages << p.page_size_log2;
-  const int n_slots = workspace_slots(p.num_sm_parts);
-
-  for (int bi = b0; bi <= b1; ++bi) {
-    const int len = max(p.seqlens[bi], 0);
-    const int len_eff = min(len, cap);  // a length beyond the table's capacity is clamped
-    const int nblk = (len + kBlockN - 1) / kBlockN;
-    const int blk_begin = bi == meta[0] ? max(blk0, 0) : 0;
-    const int blk_end = bi == meta[2] ? min(blk1, nblk) : nblk;
-    const int n_iter = max(blk_end - blk_begin, 0);
+  const detail::PlanPart plan(p, part);
+  for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+    int len, len_eff, blk_begin, n_iter;
+    plan.piece(p, bi, len, len_eff, blk_begin, n_iter);
 
     if (n_iter > 0) {
       if (kFp8 && wg == 1) {  // WG1 stages the raw tokens of blocks 0 and 1
@@ -344,14 +334,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
     };
 
     if (wg == 0) {
-      // Visible keys of this thread's two rows.
-      int limit[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int R = m_tile * kM + row0 + 8 * h;
-        const int s = min(R / p.h_q, p.s_q - 1);
-        limit[h] = min(p.causal ? len - p.s_q + s + 1 : len, len_eff);
-      }
+      const int limit[2] = {detail::visible_keys(p, m_tile * kM + row0, len, len_eff),  // this thread's two rows
+                            detail::visible_keys(p, m_tile * kM + row0 + 8, len, len_eff)};
       const uint32_t sQ = s_base + S::kQ;
       for (int it = 0; it < n_iter; ++it) {
         const int blk = blk_begin + it;
@@ -488,33 +472,16 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
     __syncthreads();  // final row statistics visible to WG1; every read of Q / K / P done
 
     // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
-    const int nsplit = per_req[2 * bi + 1];
-    const int slot = per_req[2 * bi] + (bi == meta[0] ? split0 : 0);
-    const bool direct = nsplit <= 1;
-    const bool writable = direct || (slot >= 0 && slot < n_slots && p.ws_o != nullptr);  // else: inconsistent plan
-    const int col0 = wg * 256 + 2 * q4;
+    bool direct;
+    int slot;
+    if (plan.destination(p, bi, direct, slot)) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = row0 + 8 * h;
-      const int R = m_tile * kM + r;
-      if (!writable || R >= p.rows) continue;
-      const float l = s_lrun[r], m = s_mrun[r];
-      const bool seen = l > 0.f;
-      const float inv = seen ? 1.f / l : 0.f;
-      const float lse2 = seen ? m + __log2f(l) : -INFINITY;  // log2 domain
-      if (direct) {
-        const int s = R / p.h_q, hh = R - s * p.h_q;
-        QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) store_pair<QT>(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-        if (wg == 0 && q4 == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
-      } else {
-        float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-        }
-        if (wg == 0 && q4 == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + 8 * h;
+        const int R = m_tile * kM + r;
+        if (R >= p.rows) continue;
+        detail::write_piece_row<QT, 32>(p, bi, R, direct, slot, wg * 256 + 2 * q4, s_mrun[r], s_lrun[r], wg == 0 && q4 == 0,
+                                        [&](int j) { return make_float2(o[4 * j + 2 * h], o[4 * j + 2 * h + 1]); });
       }
     }
     // s_lrun / s_mrun are rewritten by the next request (at once when it has no blocks here).
