@@ -93,3 +93,21 @@ def test_cli_bench_writes_json_and_roofline(tmp_path):
     for row in doc["rows"]:
         assert row["us"] > 0 and row["bytes"] > 0 and row["family"] == "quant"
     assert png.stat().st_size > 1000
+
+
+def test_mla_bench_external_flashmla_peer(tmp_path, monkeypatch):
+    """The MLA bench's standalone-FlashMLA peer hook: parses the binary's timing line, passes the
+    row's shape, and reports no peer (rather than failing) for a missing or failing binary."""
+    from flashseek.bench import mla as bench_mla
+
+    exe = tmp_path / "fake_flashmla"
+    exe.write_text('#!/bin/sh\n[ "$1" = 128 ] || exit 3\n'
+                   'echo "fake b=$1 sq=$2 sk=$3 hq=$4 fp8=$5 causal=$6 varlen=$7 page=$8 P=66: 252.4 us  579 TFLOP/s"\n')
+    exe.chmod(0o755)
+    monkeypatch.setenv("FLASHSEEK_FLASHMLA_BENCH", str(exe))
+    assert bench_mla._external_peer_us(128, 1, 4096, 128, False) == 252.4
+    assert bench_mla._external_peer_us(64, 1, 4096, 64, False) is None  # the binary exits non-zero
+    monkeypatch.setenv("FLASHSEEK_FLASHMLA_BENCH", str(tmp_path / "missing"))
+    assert bench_mla._external_peer_us(128, 1, 4096, 128, False) is None
+    monkeypatch.delenv("FLASHSEEK_FLASHMLA_BENCH")
+    assert bench_mla._external_peer_us(128, 1, 4096, 128, False) is None
