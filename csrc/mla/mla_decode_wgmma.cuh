@@ -1,4 +1,4 @@
-// Paged MLA latent decode, 64-row tiles on Hopper tensor cores (wgmma), bf16 latent cache.
+// Paged MLA latent decode, 64-row tiles on Hopper tensor cores (wgmma), bf16 and FP8 latent caches.
 //
 // Why a second kernel: with mma.sync every warp re-reads its Q, K and V fragments from shared memory
 // (~790 KB per 64x64 block, docs/mla-design.md), which caps the h_q = 128 rows near 215 TFLOP/s.
@@ -25,6 +25,10 @@
 //   Q 64 x 576 (9 panels, 73,728 B) | K stage 0 | K stage 1 (64 keys x 576) | P 64 x 64 | row factors
 // V is K's first 512 columns: for P V it is read as an MN-major operand (dims contiguous), with
 // panels 8,192 B apart (leading byte offset) and 8-key groups 1,024 B apart (stride byte offset).
+//
+// FP8 cache (kFp8): one bf16 stage, dequantized from two cp.async-staged blocks of raw 656-byte
+// tokens (WG1 owns the copies and converts half of the next block into registers while it waits
+// for P), and P in the stage's rope panel (see Smem). docs/mla-design.md has the measurements.
 #pragma once
 #include <cute/arch/mma_sm90_desc.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
