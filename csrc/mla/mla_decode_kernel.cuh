@@ -141,17 +141,20 @@ __device__ __forceinline__ uint4 q_to_bf16<__half>(uint4 v) {
 // Source of this thread's KV row of key block `blk` of request `bi`, or nullptr past the visible
 // length (the row is then zero-filled). Thread t handles token t / 4. Split from the copy so the
 // block-table read (a dependent global load) can be issued an iteration ahead of its use.
+// Cache row of `token` of request bi, or nullptr at or past len_eff (the row is then zero-filled).
+// len_eff <= max_pages * page_size, so the table index is in range. Page ids are clamped to
+// [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
 template <bool kFp8>
-__device__ __forceinline__ const char* kv_row_src(const DecodeParams& p, int bi, int blk, int len_eff) {
-  const int token = blk * kBlockN + (threadIdx.x >> 2);
+__device__ __forceinline__ const char* cache_row(const DecodeParams& p, int bi, int token, int len_eff) {
   if (token >= len_eff) return nullptr;
-  // len_eff <= max_pages * page_size, so the table index is in range. Page ids are clamped to
-  // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
-  const int page_idx = token >> p.page_size_log2;
-  const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + page_idx)),
+  const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + (token >> p.page_size_log2))),
                             static_cast<uint32_t>(p.num_pages - 1));
   const int64_t slot = (static_cast<int64_t>(page) << p.page_size_log2) + (token & ((1 << p.page_size_log2) - 1));
   return static_cast<const char*>(p.kv) + slot * (kFp8 ? kFp8TokenBytes : kDQK * 2);
+}
+template <bool kFp8>
+__device__ __forceinline__ const char* kv_row_src(const DecodeParams& p, int bi, int blk, int len_eff) {
+  return cache_row<kFp8>(p, bi, blk * kBlockN + (threadIdx.x >> 2), len_eff);
 }
 
 // Copies (zero-fills) the KV rows of one key block: bf16 into a swizzled tile, or raw FP8 tokens

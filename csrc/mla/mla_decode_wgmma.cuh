@@ -133,47 +133,13 @@ __device__ __forceinline__ void issue_kv_block(const DecodeParams& p, uint32_t d
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int row = (t >> 3) + 16 * i;
-    const int token = blk * kBlockN + row;
-    const char* src = static_cast<const char*>(p.kv);
-    int bytes = 0;
-    if (token < len_eff) {
-      // len_eff <= max_pages * page_size keeps the table index in range; page ids are clamped to
-      // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
-      const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + (token >> p.page_size_log2))),
-                                static_cast<uint32_t>(p.num_pages - 1));
-      const int64_t slot = (static_cast<int64_t>(page) << p.page_size_log2) + (token & ((1 << p.page_size_log2) - 1));
-      src += slot * (kDQK * 2) + c0 * 16;
-      bytes = 16;
-    }
+    const char* src = detail::cache_row<false>(p, bi, blk * kBlockN + row, len_eff);
+    const int bytes = src ? 16 : 0;
+    src = src ? src + c0 * 16 : static_cast<const char*>(p.kv);  // never read (src-size 0), but a valid address
 #pragma unroll
     for (int j = 0; j < kPanels; ++j) {
       cp_async_16(dst + j * kPanelBytes + swz(row, c0), src + (bytes ? j * 128 : 0), bytes);
     }
-  }
-}
-
-// Raw FP8 tokens (656 bytes: 512 e4m3 | 4 fp32 scales | 64 bf16 rope) -> the paneled bf16 tile, by
-// all 256 threads. Thread t converts latent chunk c = t % 64 (8 values) of tokens t / 64 + 4 i: a
-// warp reads 256 contiguous bytes of one token and stores one 128-byte row in each of 4 panels.
-// Values are detail::dequant8's: e4m3 -> f16 exactly, times the fp32 scale, rounded once to bf16
-// (the same values as the mma.sync kernel's tiles).
-__device__ __forceinline__ void dequant_block(const char* raw, char* tile) {
-  const int c = threadIdx.x & 63, r0 = threadIdx.x >> 6;
-  char* dst0 = tile + (c >> 3) * kPanelBytes;
-#pragma unroll 8
-  for (int i = 0; i < kBlockN / 4; ++i) {
-    const int row = r0 + 4 * i;
-    const char* tok = raw + row * kFp8TokenBytes;
-    const uint2 w = *reinterpret_cast<const uint2*>(tok + c * 8);
-    const float scale = *reinterpret_cast<const float*>(tok + kDV + (c >> 4) * 4);
-    *reinterpret_cast<uint4*>(dst0 + swz(row, c & 7)) = detail::dequant8(w.x, w.y, scale);
-  }
-#pragma unroll
-  for (int i = 0; i < kBlockN * 8 / kThreads; ++i) {  // rope: 64 tokens x 8 chunks, copied
-    const int idx = threadIdx.x + i * kThreads;
-    const int row = idx >> 3, rc = idx & 7;
-    *reinterpret_cast<uint4*>(tile + 8 * kPanelBytes + swz(row, rc)) =
-        *reinterpret_cast<const uint4*>(raw + row * kFp8TokenBytes + kDV + 16 + rc * 16);
   }
 }
 
@@ -182,16 +148,9 @@ __device__ __forceinline__ void dequant_block(const char* raw, char* tile) {
 __device__ __forceinline__ void issue_raw_block(const DecodeParams& p, uint32_t dst, int bi, int blk, int len_eff,
                                                 int t) {
   const int row = t >> 1, sub = t & 1;
-  const int token = blk * kBlockN + row;
-  const char* src = static_cast<const char*>(p.kv);
-  int bytes = 0;
-  if (token < len_eff) {  // as issue_kv_block: table index in range, page id clamped
-    const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + (token >> p.page_size_log2))),
-                              static_cast<uint32_t>(p.num_pages - 1));
-    const int64_t slot = (static_cast<int64_t>(page) << p.page_size_log2) + (token & ((1 << p.page_size_log2) - 1));
-    src += slot * kFp8TokenBytes;
-    bytes = 16;
-  }
+  const char* src = detail::cache_row<true>(p, bi, blk * kBlockN + row, len_eff);
+  const int bytes = src ? 16 : 0;
+  if (!src) src = static_cast<const char*>(p.kv);  // never read (src-size 0), but a valid address
 #pragma unroll
   for (int j = 0; j < (detail::kFp8TokenChunks + 1) / 2; ++j) {
     const int c = sub + 2 * j;
@@ -199,10 +158,13 @@ __device__ __forceinline__ void issue_raw_block(const DecodeParams& p, uint32_t 
   }
 }
 
-// The FP8 dequant is split so that WG1 does part of it while it waits for WG0's P (it is idle
-// during S and the softmax): latent chunks 32..63 of the next block go to 64 registers of each WG1
-// thread (16 chunks: c = 32 + t % 32, tokens t / 32 + 4 i) and are stored after the rendezvous,
-// while all 256 threads convert chunks 0..31 (c = t % 32, tokens t / 32 + 8 i) and the rope.
+// Raw FP8 tokens (656 bytes: 512 e4m3 | 4 fp32 scales | 64 bf16 rope) -> the paneled bf16 tile.
+// Values are detail::dequant8's: e4m3 -> f16 exactly, times the fp32 scale, rounded once to bf16
+// (the same values as the mma.sync kernel's tiles). The work is split so that WG1 does part of it
+// while it waits for WG0's P (it is idle during S and the softmax): latent chunks 32..63 of the
+// next block go to 64 registers of each WG1 thread (16 chunks: c = 32 + t % 32, tokens t / 32 + 4 i)
+// and are stored after the rendezvous, while all 256 threads convert chunks 0..31 (c = t % 32,
+// tokens t / 32 + 8 i) and copy the rope. A warp reads 256 contiguous bytes of one token.
 __device__ __forceinline__ void dequant_upper_to_regs(const char* raw, uint4 (&pre)[16], int t) {
   const int c = 32 + (t & 31), r0 = t >> 5;
 #pragma unroll
@@ -304,20 +266,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
 
     // FP8: block `it`'s raw tokens -> the bf16 stage. WG1 owns the raw copies (one cp.async group per
     // block, empty past the end, so block it's group is complete when at most one newer group is
-    // pending); from the second block on, the upper half of the latent chunks was dequantized into
-    // WG1's registers during the previous block (fp8_predequant) and is only stored here.
+    // pending); the upper half of the latent chunks was dequantized into WG1's registers during the
+    // previous block (fp8_predequant; for the first block, here) and is only stored here.
     uint4 pre[kFp8 ? 16 : 1];
     auto fp8_stage = [&](int it) {
       if constexpr (kFp8) {
         if (wg == 1) cp_async_wait<1>();
         bar_sync(0, kThreads);  // raw tokens visible; the previous block is done with the stage
         char* raw = smem + S::kK1 + (it & 1) * S::kRawStage;
-        if (it == 0) {
-          dequant_block(raw, smem + S::kK0);
-        } else {
-          dequant_lower_and_rope(raw, smem + S::kK0);
-          if (wg == 1) store_upper_regs(pre, smem + S::kK0, tw);
-        }
+        if (it == 0 && wg == 1) dequant_upper_to_regs(raw, pre, tw);  // no earlier block to do it during
+        dequant_lower_and_rope(raw, smem + S::kK0);
+        if (wg == 1) store_upper_regs(pre, smem + S::kK0, tw);
         fence_async_smem();
         bar_sync(0, kThreads);  // the stage complete; raw buffer it % 2 free
         if (wg == 1) {

@@ -111,6 +111,8 @@ def time_graph_us(fn, device, n_inputs=1, rep_ms=100.0, calls_per_graph=20, pool
     `pool` shares one graph memory pool between the graphs of several timings. Such a pool lives only
     while a graph captured into it does (torch asserts on a capture into a released pool), so the
     caller passes a list in `keep_alive` that holds every graph until it is done with the pool."""
+    if pool is not None and keep_alive is None:
+        raise ValueError("time_graph_us: a shared pool needs keep_alive (the graph is its only owner)")
     fn(0)  # any lazy initialisation happens outside the capture
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -125,8 +127,6 @@ def time_graph_us(fn, device, n_inputs=1, rep_ms=100.0, calls_per_graph=20, pool
     per_replay = time_median_us(lambda i: graph.replay(), device, 1, warmup_ms=10, rep_ms=rep_ms)
     if keep_alive is not None:
         keep_alive.append(graph)
-    elif pool is not None:
-        raise ValueError("time_graph_us: a shared pool needs keep_alive (the graph is its only owner)")
     return per_replay / calls_per_graph
 
 
