@@ -29,6 +29,7 @@ struct Fp8GemmPlan {
   size_t workspace_bytes;
   bool stream_k = false;  // large m: stream-K scheduler instead of the persistent data-parallel one
   bool swap_cluster = false;  // 64 < m <= 128, no split: swapped kernel in 1x2 clusters (fp8_gemm_small_mc.cu)
+  bool sm90 = false;          // large m: the hand-written kernel (fp8_gemm_sm90.cu)
 };
 
 Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p);
@@ -76,6 +77,12 @@ struct GroupedFp8GemmParams {
 size_t grouped_fp8_gemm_workspace(const GroupedFp8GemmParams& p);
 void launch_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream);
+
+// The hand-written sm90 kernel (fp8_gemm_sm90.cu, 128x128 tiles, one CTA per SM, no workspace): dense
+// problems with M > 128, and grouped problems whose scale strides it can TMA-load (supported()).
+void launch_fp8_gemm_sm90(const Fp8GemmParams& p, cudaStream_t stream);
+bool grouped_fp8_gemm_sm90_supported(const GroupedFp8GemmParams& p);
+void launch_grouped_fp8_gemm_sm90(const GroupedFp8GemmParams& p, cudaStream_t stream);
 
 size_t grouped_fp8_gemm_rows_workspace(const GroupedFp8GemmParams& p);
 void launch_grouped_fp8_gemm_rows(const GroupedFp8GemmParams& p, void* workspace, size_t workspace_bytes,

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 
 #include "common/cuda_check.h"
 #include "gemm/fp8_gemm.h"
@@ -60,6 +61,16 @@ bool choose_swap_cluster(const Fp8GemmParams& p, int split_k) {
   return enabled && p.m > kSwapTileN && split_k == 1;
 }
 
+// Rows-in-M problems (dense M > 128, grouped except the swapped masked path) run the hand-written
+// sm90 kernel; FLASHSEEK_GEMM_IMPL=cutlass selects the CUTLASS kernels instead (A/B measurements).
+bool use_sm90() {
+  static const bool enabled = [] {
+    const char* s = std::getenv("FLASHSEEK_GEMM_IMPL");
+    return !(s && std::string(s) == "cutlass");
+  }();
+  return enabled;
+}
+
 __global__ void reduce_split_k_kernel(const float4* __restrict__ partials, int split_k, int64_t mn4,
                                       uint2* __restrict__ out) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -98,6 +109,8 @@ Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p) {
     size_t partial_bytes = plan.split_k > 1 ? align_up(size_t(plan.split_k) * p.m * p.n * sizeof(float)) : 0;
     plan.workspace_bytes = partial_bytes + align_up(plan.swap_cluster ? fp8_gemm_small_mc_workspace(p)
                                                                       : fp8_gemm_small_workspace(p, plan.split_k));
+  } else if (use_sm90()) {
+    plan.sm90 = true;
   } else {
     plan.stream_k = choose_stream_k(p);
     plan.workspace_bytes = align_up(plan.stream_k ? fp8_gemm_streamk_workspace(p) : fp8_gemm_large_workspace(p));
@@ -109,7 +122,9 @@ void launch_fp8_gemm(const Fp8GemmParams& p, const Fp8GemmPlan& plan, void* work
   if (p.m == 0) return;
   char* ws = static_cast<char*>(workspace);
   if (!plan.swap_ab) {
-    if (plan.stream_k) {
+    if (plan.sm90) {
+      launch_fp8_gemm_sm90(p, stream);
+    } else if (plan.stream_k) {
       launch_fp8_gemm_streamk(p, ws, stream);
     } else {
       launch_fp8_gemm_large(p, ws, stream);
@@ -134,15 +149,21 @@ namespace {
 bool grouped_swap(const GroupedFp8GemmParams& p) {
   return p.masked_m != nullptr && p.m_rows <= kGroupedSwapMaxM;
 }
+bool grouped_sm90(const GroupedFp8GemmParams& p) {
+  return !grouped_swap(p) && use_sm90() && grouped_fp8_gemm_sm90_supported(p);
+}
 }  // namespace
 
 size_t grouped_fp8_gemm_workspace(const GroupedFp8GemmParams& p) {
+  if (grouped_sm90(p)) return 0;
   return grouped_swap(p) ? grouped_fp8_gemm_swap_workspace(p) : grouped_fp8_gemm_rows_workspace(p);
 }
 
 void launch_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream) {
-  if (grouped_swap(p)) {
+  if (grouped_sm90(p)) {
+    launch_grouped_fp8_gemm_sm90(p, stream);
+  } else if (grouped_swap(p)) {
     launch_grouped_fp8_gemm_swap(p, workspace, workspace_bytes, stream);
   } else {
     launch_grouped_fp8_gemm_rows(p, workspace, workspace_bytes, stream);

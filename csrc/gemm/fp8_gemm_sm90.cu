@@ -1,0 +1,168 @@
+// Launchers of the hand-written sm90 FP8 GEMM (fp8_gemm_sm90.cuh): dense and grouped problems.
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda_check.h"
+#include "gemm/fp8_gemm.h"
+#include "gemm/fp8_gemm_sm90.cuh"
+
+namespace flashseek {
+namespace {
+
+using sm90gemm::KernelParams;
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    check_cuda(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status),
+               "cudaGetDriverEntryPointByVersion", __FILE__, __LINE__);
+    if (status != cudaDriverEntryPointSuccess || ptr == nullptr) {
+      throw std::runtime_error("flashseek: the driver has no cuTensorMapEncodeTiled");
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// Row-major fp8 matrix [rows, k] (k contiguous), loaded as 128-byte-wide boxes of `box_rows` rows
+// into 128B-swizzled shared memory. Rows and columns past the matrix read as zeros.
+CUtensorMap fp8_rows_map(const void* base, int64_t rows, int64_t k, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {cuuint64_t(k), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(k)};
+  const cuuint32_t box[2] = {128, cuuint32_t(box_rows)};
+  const cuuint32_t elem[2] = {1, 1};
+  CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box, elem,
+                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) throw std::runtime_error("flashseek: cuTensorMapEncodeTiled (fp8 operand) failed: " +
+                                                  std::to_string(int(r)));
+  return map;
+}
+
+// Activation scales: element (row, kb, plane) at plane * plane_stride + kb * ld + row (floats), loaded
+// as 128 consecutive rows of one K block; rows past `rows` read as zeros.
+CUtensorMap scale_map(const float* base, int64_t rows, int64_t kb, int64_t planes, int64_t ld, int64_t plane_stride) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {cuuint64_t(rows), cuuint64_t(kb), cuuint64_t(planes)};
+  // Strides of size-1 dimensions are never used but must still be 16-byte multiples.
+  const int64_t ld_bytes = kb > 1 ? ld * 4 : (rows * 4 + 15) / 16 * 16;
+  const int64_t plane_bytes = planes > 1 ? plane_stride * 4 : ld_bytes * kb;
+  const cuuint64_t strides[2] = {cuuint64_t(ld_bytes), cuuint64_t(plane_bytes)};
+  const cuuint32_t box[3] = {128, 1, 1};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(base), dims, strides, box,
+                           elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                           CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) throw std::runtime_error("flashseek: cuTensorMapEncodeTiled (activation scales) failed: " +
+                                                  std::to_string(int(r)));
+  return map;
+}
+
+int env_int(const char* name, int fallback) {
+  const char* s = std::getenv(name);
+  return s && *s ? std::atoi(s) : fallback;
+}
+
+constexpr int kBlockN = 128;
+constexpr int kStages = 5;
+
+struct Problem {
+  const void* a;
+  int64_t a_rows;
+  const float* a_scale;
+  int64_t scale_rows, scale_ld, scale_planes, scale_plane_stride;
+  const void* b;
+  int64_t b_rows;
+  KernelParams kp;
+  int grid;
+};
+
+void launch(const Problem& pr, cudaStream_t stream) {
+  using L = sm90gemm::SmemLayout<kBlockN, kStages>;
+  auto kernel = sm90gemm::fp8_gemm_sm90_kernel<kBlockN, kStages>;
+  static std::once_flag attr_once[64];
+  int device = 0;
+  FS_CUDA_CHECK(cudaGetDevice(&device));
+  std::call_once(attr_once[device % 64], [&] {
+    FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kDynamic));
+  });
+  const CUtensorMap ta = fp8_rows_map(pr.a, pr.a_rows, pr.kp.k, sm90gemm::kBlockM);
+  const CUtensorMap tb = fp8_rows_map(pr.b, pr.b_rows, pr.kp.k, kBlockN);
+  const CUtensorMap ts = scale_map(pr.a_scale, pr.scale_rows, pr.kp.k / 128, pr.scale_planes, pr.scale_ld,
+                                   pr.scale_plane_stride);
+  kernel<<<pr.grid, sm90gemm::kThreads, L::kDynamic, stream>>>(ta, tb, ts, pr.kp);
+  FS_CHECK_LAUNCH();
+}
+
+KernelParams base_params(const float* b_scale, void* out, int n, int k) {
+  KernelParams kp{};
+  kp.b_scale = b_scale;
+  kp.out = static_cast<__nv_bfloat16*>(out);
+  kp.n = n;
+  kp.k = k;
+  kp.num_n_blocks = (n + kBlockN - 1) / kBlockN;
+  kp.band = std::max(1, env_int("FLASHSEEK_SM90_BAND", 16));
+  return kp;
+}
+
+}  // namespace
+
+void launch_fp8_gemm_sm90(const Fp8GemmParams& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0) return;
+  Problem pr{};
+  pr.a = p.a;
+  pr.a_rows = p.m;
+  pr.a_scale = p.a_scale;
+  pr.scale_rows = p.m;
+  pr.scale_ld = p.a_scale_ld;
+  pr.scale_planes = 1;
+  pr.scale_plane_stride = 0;
+  pr.b = p.b;
+  pr.b_rows = p.n;
+  pr.kp = base_params(p.b_scale, p.out, p.n, p.k);
+  pr.kp.num_groups = 1;
+  pr.kp.rows_total = p.m;
+  const int64_t tiles = int64_t((p.m + 127) / 128) * pr.kp.num_n_blocks;
+  pr.grid = int(std::min<int64_t>(tiles, p.sm_count));
+  launch(pr, stream);
+}
+
+bool grouped_fp8_gemm_sm90_supported(const GroupedFp8GemmParams& p) {
+  const bool ld_ok = p.k / 128 <= 1 || p.a_scale_ld % 4 == 0;
+  const bool estride_ok = p.masked_m == nullptr || p.num_experts <= 1 || p.a_scale_estride % 4 == 0;
+  return p.num_experts <= sm90gemm::kMaxGroups && ld_ok && estride_ok &&
+         reinterpret_cast<uintptr_t>(p.a_scale) % 16 == 0;
+}
+
+void launch_grouped_fp8_gemm_sm90(const GroupedFp8GemmParams& p, cudaStream_t stream) {
+  const bool masked = p.masked_m != nullptr;
+  const int64_t a_rows = masked ? int64_t(p.num_experts) * p.m_rows : p.m_rows;
+  if (a_rows == 0 || p.n == 0 || p.num_experts == 0) return;
+  Problem pr{};
+  pr.a = p.a;
+  pr.a_rows = a_rows;
+  pr.a_scale = p.a_scale;
+  pr.scale_rows = p.m_rows;
+  pr.scale_ld = p.a_scale_ld;
+  pr.scale_planes = masked ? p.num_experts : 1;
+  pr.scale_plane_stride = masked ? p.a_scale_estride : 0;
+  pr.b = p.b;
+  pr.b_rows = int64_t(p.num_experts) * p.n;
+  pr.kp = base_params(p.b_scale, p.out, p.n, p.k);
+  pr.kp.offsets = masked ? nullptr : p.expert_offsets;
+  pr.kp.masked_m = masked ? p.masked_m : nullptr;
+  pr.kp.num_groups = p.num_experts;
+  pr.kp.rows_total = int(a_rows);
+  pr.kp.m_max = masked ? p.m_rows : 0;
+  pr.grid = p.sm_count;
+  launch(pr, stream);
+}
+
+}  // namespace flashseek
