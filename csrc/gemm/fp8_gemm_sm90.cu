@@ -47,15 +47,16 @@ CUtensorMap fp8_rows_map(const void* base, int64_t rows, int64_t k, int box_rows
 }
 
 // Activation scales: element (row, kb, plane) at plane * plane_stride + kb * ld + row (floats), loaded
-// as 128 consecutive rows of one K block; rows past `rows` read as zeros.
-CUtensorMap scale_map(const float* base, int64_t rows, int64_t kb, int64_t planes, int64_t ld, int64_t plane_stride) {
+// as `box_rows` consecutive rows of one K block; rows past `rows` read as zeros.
+CUtensorMap scale_map(const float* base, int64_t rows, int64_t kb, int64_t planes, int64_t ld, int64_t plane_stride,
+                      int box_rows) {
   CUtensorMap map;
   const cuuint64_t dims[3] = {cuuint64_t(rows), cuuint64_t(kb), cuuint64_t(planes)};
   // Strides of size-1 dimensions are never used but must still be 16-byte multiples.
   const int64_t ld_bytes = kb > 1 ? ld * 4 : (rows * 4 + 15) / 16 * 16;
   const int64_t plane_bytes = planes > 1 ? plane_stride * 4 : ld_bytes * kb;
   const cuuint64_t strides[2] = {cuuint64_t(ld_bytes), cuuint64_t(plane_bytes)};
-  const cuuint32_t box[3] = {128, 1, 1};
+  const cuuint32_t box[3] = {cuuint32_t(box_rows), 1, 1};
   const cuuint32_t elem[3] = {1, 1, 1};
   CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(base), dims, strides, box,
                            elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
@@ -72,6 +73,7 @@ int env_int(const char* name, int fallback) {
 
 constexpr int kBlockN = 128;
 constexpr int kStages = 5;
+constexpr int kClusterN = 2;
 
 struct Problem {
   const void* a;
@@ -81,24 +83,63 @@ struct Problem {
   const void* b;
   int64_t b_rows;
   KernelParams kp;
-  int grid;
+  int sm_count;
 };
 
-void launch(const Problem& pr, cudaStream_t stream) {
+// Clusters of kClusterN CTAs that can be resident at once (GPC packing can leave SMs unused).
+int resident_clusters(const void* kernel, int smem_bytes, int sm_count) {
+  static std::mutex mu;
+  static int cached_device = -1, cached = 0;
+  int device = 0;
+  FS_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  if (device != cached_device) {
+    cudaLaunchConfig_t cfg{};
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = kClusterN;
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3(unsigned(sm_count / kClusterN * kClusterN));
+    cfg.blockDim = dim3(sm90gemm::kThreads);
+    cfg.dynamicSmemBytes = size_t(smem_bytes);
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    FS_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    cached = std::max(clusters, 1);
+    cached_device = device;
+  }
+  return cached;
+}
+
+void launch(const Problem& pr, int64_t max_units, cudaStream_t stream) {
   using L = sm90gemm::SmemLayout<kBlockN, kStages>;
-  auto kernel = sm90gemm::fp8_gemm_sm90_kernel<kBlockN, kStages>;
+  auto kernel = sm90gemm::fp8_gemm_sm90_kernel<kBlockN, kStages, kClusterN>;
   static std::once_flag attr_once[64];
   int device = 0;
   FS_CUDA_CHECK(cudaGetDevice(&device));
   std::call_once(attr_once[device % 64], [&] {
     FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kDynamic));
   });
-  const CUtensorMap ta = fp8_rows_map(pr.a, pr.a_rows, pr.kp.k, sm90gemm::kBlockM);
+  const int clusters = int(std::min<int64_t>(
+      std::max<int64_t>(max_units, 1), resident_clusters(reinterpret_cast<const void*>(kernel), L::kDynamic,
+                                                         pr.sm_count)));
+  const CUtensorMap ta = fp8_rows_map(pr.a, pr.a_rows, pr.kp.k, sm90gemm::kBlockM / kClusterN);
   const CUtensorMap tb = fp8_rows_map(pr.b, pr.b_rows, pr.kp.k, kBlockN);
   const CUtensorMap ts = scale_map(pr.a_scale, pr.scale_rows, pr.kp.k / 128, pr.scale_planes, pr.scale_ld,
-                                   pr.scale_plane_stride);
-  kernel<<<pr.grid, sm90gemm::kThreads, L::kDynamic, stream>>>(ta, tb, ts, pr.kp);
-  FS_CHECK_LAUNCH();
+                                   pr.scale_plane_stride, L::kSfaRows);
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = kClusterN;
+  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+  cfg.gridDim = dim3(unsigned(clusters * kClusterN));
+  cfg.blockDim = dim3(sm90gemm::kThreads);
+  cfg.dynamicSmemBytes = size_t(L::kDynamic);
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, ta, tb, ts, pr.kp));
 }
 
 KernelParams base_params(const float* b_scale, void* out, int n, int k) {
@@ -129,9 +170,8 @@ void launch_fp8_gemm_sm90(const Fp8GemmParams& p, cudaStream_t stream) {
   pr.kp = base_params(p.b_scale, p.out, p.n, p.k);
   pr.kp.num_groups = 1;
   pr.kp.rows_total = p.m;
-  const int64_t tiles = int64_t((p.m + 127) / 128) * pr.kp.num_n_blocks;
-  pr.grid = int(std::min<int64_t>(tiles, p.sm_count));
-  launch(pr, stream);
+  pr.sm_count = p.sm_count;
+  launch(pr, int64_t((p.m + 127) / 128) * ((pr.kp.num_n_blocks + kClusterN - 1) / kClusterN), stream);
 }
 
 bool grouped_fp8_gemm_sm90_supported(const GroupedFp8GemmParams& p) {
@@ -161,8 +201,9 @@ void launch_grouped_fp8_gemm_sm90(const GroupedFp8GemmParams& p, cudaStream_t st
   pr.kp.num_groups = p.num_experts;
   pr.kp.rows_total = int(a_rows);
   pr.kp.m_max = masked ? p.m_rows : 0;
-  pr.grid = p.sm_count;
-  launch(pr, stream);
+  pr.sm_count = p.sm_count;
+  // Units (row blocks x n-block pairs) are only known on the device: every resident cluster runs.
+  launch(pr, INT64_MAX, stream);
 }
 
 }  // namespace flashseek
