@@ -71,7 +71,7 @@ int env_int(const char* name, int fallback) {
   return s && *s ? std::atoi(s) : fallback;
 }
 
-constexpr int kBlockN = 128;
+constexpr int kBlockN = sm90gemm::kBlockN;
 constexpr int kStages = 5;
 constexpr int kClusterN = 2;
 
@@ -113,8 +113,8 @@ int resident_clusters(const void* kernel, int smem_bytes, int sm_count) {
 }
 
 void launch(const Problem& pr, int64_t max_units, cudaStream_t stream) {
-  using L = sm90gemm::SmemLayout<kBlockN, kStages>;
-  auto kernel = sm90gemm::fp8_gemm_sm90_kernel<kBlockN, kStages, kClusterN>;
+  using L = sm90gemm::SmemLayout<kStages>;
+  auto kernel = sm90gemm::fp8_gemm_sm90_kernel<kStages, kClusterN>;
   static std::once_flag attr_once[64];
   int device = 0;
   FS_CUDA_CHECK(cudaGetDevice(&device));

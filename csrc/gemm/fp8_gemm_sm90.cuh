@@ -3,17 +3,17 @@
 // masked-grouped problems.
 //
 // Why not CUTLASS's block-wise collective: it tops out near 1050-1100 TFLOP/s on long-K shapes
-// (docs/gemm-design.md): its two consumer warpgroups promote in lockstep and its tiles cannot grow.
-// Here each math warpgroup runs its own 64-row half of the tile on its own clock, so one
-// warpgroup's promotion FFMAs overlap the other's wgmma, and the pipeline is kept deep.
+// (docs/gemm-design.md): its consumer warpgroups wait for each K block's wgmma, then promote, so the
+// tensor pipe idles during the promotion whenever both warpgroups promote at once.
 //
-// Structure (384 threads, one CTA per SM, persistent):
-//   warpgroup 0  producer: one thread issues the TMA loads of A (128 x 128 B), B (BLOCK_N x 128 B)
-//                and the 128 activation scales of each K block into a ring of STAGES stages;
-//   warpgroups 1-2  math: rows [64 w, 64 w + 64) of the tile. Per K block: 4 wgmma m64nBLOCK_Nk32
-//                into a fresh accumulator, then final += acc * (a_scale[row] * b_scale), then
-//                release the stage. Epilogue: bf16 through a padded shared tile, 16-byte stores
-//                masked to the group's rows and to N.
+// Structure (384 threads, one CTA per SM, persistent, 128 x 128 tiles):
+//   warpgroup 0  producer: one thread issues the TMA loads of A (128 x 128 B), B (128 x 128 B) and
+//                the activation scales of each K block into a ring of STAGES stages;
+//   warpgroups 1-2  math: rows [64 w, 64 w + 64) of the tile. Per K block: 4 wgmma m64n128k32
+//                into a fresh accumulator, wait, release the stage, promote (final += acc *
+//                a_scale[row] * b_scale). The two warpgroups take turns issuing (named barriers),
+//                so one promotes while the other's batch multiplies. Epilogue: bf16 through a
+//                padded shared tile, 16-byte stores masked to the group's rows and to N.
 // Clusters of CLUSTER_N (1 or 2) CTAs take neighbouring n blocks of the same rows: each CTA loads
 // 128 / CLUSTER_N rows of the A tile and multicasts them to both, so A's L2->SM traffic halves
 // (the bound at ~7 TB/s of L2 reads: 32 KB per 4.2 MFLOP is 6.8 TB/s at 870 TFLOP/s). A stage is
@@ -40,6 +40,7 @@
 namespace flashseek::sm90gemm {
 
 constexpr int kBlockM = 128;
+constexpr int kBlockN = 128;
 constexpr int kBlockK = 128;
 constexpr int kThreads = 384;
 constexpr int kMaxGroups = 1024;
@@ -57,15 +58,14 @@ struct KernelParams {
   int band;
 };
 
-// The wgmma m64nNk32 e4m3 x e4m3 -> f32 atom for each tile width used.
-template <int N> struct Mma;
-template <> struct Mma<128> { using Op = cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>; };
-template <> struct Mma<160> { using Op = cute::SM90::GMMA::MMA_64x160x32_F32E4M3E4M3_SS_TN<>; };
 
-template <class Op, int N, size_t... I>
-__device__ __forceinline__ void wgmma_step(uint64_t da, uint64_t db, float (&d)[N], bool accumulate,
+using MmaOp = cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>;
+constexpr int kAcc = 64;  // fp32 accumulators per thread of a 64 x 128 warpgroup tile
+
+template <size_t... I>
+__device__ __forceinline__ void wgmma_step(uint64_t da, uint64_t db, float (&d)[kAcc], bool accumulate,
                                            std::index_sequence<I...>) {
-  Op::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+  MmaOp::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
 
 // K-major operand, 128-byte rows, 128B swizzle (what TMA writes with CU_TENSOR_MAP_SWIZZLE_128B):
@@ -75,6 +75,31 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
 
+// Shared-memory helpers on 32-bit shared-window addresses (one register each).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1, 0x989680;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar), "r"(cta) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ float lds_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ int lds_s32(uint32_t addr) {
+  int v;
+  asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -94,15 +119,39 @@ __device__ __forceinline__ void group_rows(const KernelParams& p, int g, int& be
   }
 }
 
-struct Tile {
-  int group, row0, row_end, n_block;
+template <int STAGES>
+struct SmemLayout {
+  static constexpr int kABytes = kBlockM * kBlockK;  // 16 KB
+  static constexpr int kBBytes = kBlockN * kBlockK;  // 16 KB
+  // 132 scales: the TMA box starts at the tile's first row rounded down to 4 (a 16-byte aligned
+  // global address, which TMA requires of the innermost coordinate); stages 128-byte aligned.
+  static constexpr int kSfaRows = kBlockM + 4;
+  static constexpr int kSfaBytes = 640;
+  static constexpr int kDPitch = kBlockN * 2 + 16;  // bytes per staged output row (bank spread)
+  static constexpr int kA = 0;
+  static constexpr int kB = kA + STAGES * kABytes;
+  static constexpr int kSfa = kB + STAGES * kBBytes;
+  static constexpr int kD = kSfa + STAGES * kSfaBytes;
+  static constexpr int kCum = kD + kBlockM * kDPitch;
+  static constexpr int kBar = (kCum + (kMaxGroups + 1) * 4 + 7) / 8 * 8;
+  static constexpr int kTotal = kBar + 2 * STAGES * 8;
+  static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 inside the kernel
+  __device__ static uint32_t full(uint32_t base, int s) { return base + kBar + 8 * s; }
+  __device__ static uint32_t empty(uint32_t base, int s) { return base + kBar + 8 * (STAGES + s); }
 };
 
-// Linear unit t -> tile (group, first row, row end, n block) of cluster rank `rank`. A unit is one
-// m block x `cluster_n` neighbouring n blocks; m blocks are numbered across groups (cum[g] = m
-// blocks of groups < g); units walk bands of `band` m blocks, n outer inside a band.
-__device__ __forceinline__ Tile locate_tile(const KernelParams& p, const int* cum, int t, int cluster_n, int rank) {
-  const int total_m = cum[p.num_groups];
+__device__ __forceinline__ uint8_t* aligned_smem(uint8_t* raw) {
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+}
+
+// The tile of cluster rank `rank` in unit t. A unit is one m block x `cluster_n` neighbouring n
+// blocks; m blocks are numbered across groups (cum[g] = m blocks of groups < g); units walk bands
+// of `band` m blocks, n outer inside a band.
+struct Tile {
+  int group, row0, row_end, n0;
+};
+__device__ __forceinline__ Tile locate_tile(const KernelParams& p, uint32_t cum, int t, int cluster_n, int rank) {
+  const int total_m = lds_s32(cum + 4 * p.num_groups);
   const int n_units = (p.num_n_blocks + cluster_n - 1) / cluster_n;
   const int per_band = p.band * n_units;
   const int band_idx = t / per_band;
@@ -111,167 +160,241 @@ __device__ __forceinline__ Tile locate_tile(const KernelParams& p, const int* cu
   const int local = t - band_idx * per_band;
   const int m_lin = base_m + local % band_m;
   Tile tile;
-  tile.n_block = (local / band_m) * cluster_n + rank;
+  tile.n0 = ((local / band_m) * cluster_n + rank) * kBlockN;
   int lo = 0, hi = p.num_groups - 1;  // last g with cum[g] <= m_lin
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (cum[mid] <= m_lin) lo = mid; else hi = mid - 1;
+    if (lds_s32(cum + 4 * mid) <= m_lin) lo = mid; else hi = mid - 1;
   }
   tile.group = lo;
   int begin, end;
   group_rows(p, lo, begin, end);
-  tile.row0 = begin + (m_lin - cum[lo]) * kBlockM;
+  tile.row0 = begin + (m_lin - lds_s32(cum + 4 * lo)) * kBlockM;
   tile.row_end = end;
   return tile;
 }
 
-template <int BLOCK_N, int STAGES>
-struct SmemLayout {
-  static constexpr int kABytes = kBlockM * kBlockK;   // 16 KB
-  static constexpr int kBBytes = BLOCK_N * kBlockK;
-  // 132 scales: the TMA box starts at the tile's first row rounded down to 4 (a 16-byte aligned
-  // global address, which TMA requires of the innermost coordinate); stages 128-byte aligned.
-  static constexpr int kSfaRows = kBlockM + 4;
-  static constexpr int kSfaBytes = 640;
-  static constexpr int kDPitch = BLOCK_N * 2 + 16;     // bytes per staged output row (bank spread)
-  static constexpr int kA = 0;
-  static constexpr int kB = kA + STAGES * kABytes;
-  static constexpr int kSfa = kB + STAGES * kBBytes;
-  static constexpr int kD = kSfa + STAGES * kSfaBytes;
-  static constexpr int kCum = kD + kBlockM * kDPitch;
-  static constexpr int kBar = kCum + (kMaxGroups + 1) * 4 + 4;  // 8-byte aligned below
-  static constexpr int kBarAligned = (kBar + 7) / 8 * 8;
-  static constexpr int kTotal = kBarAligned + 2 * STAGES * 8;
-  static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 inside the kernel
-  static_assert(kBBytes % 1024 == 0, "B stages must stay 1024-aligned for the 128B swizzle");
-};
+__device__ __forceinline__ int total_units(const KernelParams& p, uint32_t cum, int cluster_n) {
+  return lds_s32(cum + 4 * p.num_groups) * ((p.num_n_blocks + cluster_n - 1) / cluster_n);
+}
 
-template <int BLOCK_N, int STAGES, int CLUSTER_N>
-__device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* smem, const int* cum,
-                                                uint64_t* full_bar, uint64_t* empty_bar, int total_units,
-                                                int cluster_id, int num_clusters, int rank) {
-  using L = SmemLayout<BLOCK_N, STAGES>;
-  using Op = typename Mma<BLOCK_N>::Op;
-  constexpr int kAcc = BLOCK_N / 2;  // fp32 accumulators per thread of a 64 x BLOCK_N warpgroup tile
-  const int tid = threadIdx.x, lane = tid % 32, wg = tid / 128;
-  const int num_kb = p.k / kBlockK;
-  const bool masked = p.masked_m != nullptr;
-  cutlass::arch::warpgroup_reg_alloc<232>();
-  const int mw = wg - 1;                       // math warpgroup: rows [64 mw, 64 mw + 64) of the tile
-  const int wtid = tid - 128 * wg;             // thread in its warpgroup
-  const int r_local = 16 * (wtid / 32) + (lane / 4);  // and r_local + 8
-  const int n_scale_blocks = (p.n + 127) / 128;
+// One math warpgroup. Everything is recomputed after setmaxnreg from the kernel parameters and
+// shared memory: a value live across it makes ptxas ignore the register split (and cap the math
+// warpgroups at the kernel's 168 registers).
+template <int STAGES, int CLUSTER_N>
+struct MathWarpgroup {
+  using L = SmemLayout<STAGES>;
+  struct Step {  // one issued K block of a tile
+    int t, kb;        // unit, K block
+    int n0, row0, row_end, sb_index;  // the tile; sb_index: its weight-scale row in b_scale
+    int stage;
+    float s0, s1;     // a_scale(row) * b_scale for this thread's two rows
+  };
+
+  const KernelParams& p;
+  uint32_t base;  // 1024-aligned shared base
+  int mw, lane, r_local, num_kb, num_units, num_clusters, rank;
   int stage = 0;
   uint32_t phase = 0;
-  float acc[kAcc];
-  float fin[kAcc];
 
-  for (int t = cluster_id; t < total_units; t += num_clusters) {
-    const Tile tile = locate_tile(p, cum, t, CLUSTER_N, rank);
-    const int n0 = tile.n_block * BLOCK_N;
-    // The scales' first row sits at this offset inside the 16-byte aligned TMA box.
-    const int sfa_shift = (masked ? tile.row0 - tile.group * p.m_max : tile.row0) & 3;
-    // Weight scales of this tile: columns below `split` use block n0 / 128, the rest the next one. A
-    // cluster's surplus tile past N (odd n-block count) computes on any valid scales; nothing is stored.
-    const float* sb_row =
-        p.b_scale + (int64_t(tile.group) * n_scale_blocks + min(n0 / 128, n_scale_blocks - 1)) * num_kb;
-    const int split = min(128 - n0 % 128, BLOCK_N);
-    const bool two_blocks = split < BLOCK_N && n0 / 128 + 1 < n_scale_blocks;
-    const float* sb_row2 = two_blocks ? sb_row + num_kb : sb_row;
-#pragma unroll
-    for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
-    float sb_next = __ldg(sb_row), sb2_next = __ldg(sb_row2);
+  __device__ __forceinline__ void locate(Step& s) const {
+    const Tile tile = locate_tile(p, base + L::kCum, s.t, CLUSTER_N, rank);
+    const int nsb = (p.n + 127) / 128;
+    s.n0 = tile.n0;
+    s.row0 = tile.row0;
+    s.row_end = tile.row_end;
+    // A cluster's surplus tile past N (odd n-block count) computes on any valid scales; nothing is stored.
+    s.sb_index = (tile.group * nsb + min(tile.n0 / 128, nsb - 1)) * num_kb;
+  }
 
-    for (int kb = 0; kb < num_kb; ++kb) {
-      const float sb = sb_next, sb2 = sb2_next;
-      if (kb + 1 < num_kb) {
-        sb_next = __ldg(sb_row + kb + 1);
-        sb2_next = __ldg(sb_row2 + kb + 1);
-      }
-      cutlass::arch::ClusterTransactionBarrier::wait(full_bar + stage, phase);
-      const float* sfa = reinterpret_cast<const float*>(smem + L::kSfa + stage * L::kSfaBytes) + 64 * mw + sfa_shift;
-      const float sa0 = sfa[r_local], sa1 = sfa[r_local + 8];
-      const uint32_t a_addr = smem_u32(smem + L::kA + stage * L::kABytes + mw * 64 * kBlockK);
-      const uint32_t b_addr = smem_u32(smem + L::kB + stage * L::kBBytes);
+  // Waits for the stage, issues its 4 wgmma into `acc` and fetches the scales of its promotion.
+  __device__ __forceinline__ void issue(float (&acc)[kAcc], Step& s) {
+    const float sb = __ldg(p.b_scale + s.sb_index + s.kb);
+    s.stage = stage;
+    mbar_wait(L::full(base, stage), phase);
+    // The scales' first row sits at row0 % 4 inside the 16-byte aligned TMA box (masked groups start
+    // at multiples of 128).
+    const int shift = p.masked_m != nullptr ? 0 : (s.row0 & 3);
+    const uint32_t sfa = base + L::kSfa + stage * L::kSfaBytes + 4 * (64 * mw + shift + r_local);
+    const float sa0 = lds_f32(sfa), sa1 = lds_f32(sfa + 32);
+    const uint32_t a_addr = base + L::kA + stage * L::kABytes + mw * 64 * kBlockK;
+    const uint32_t b_addr = base + L::kB + stage * L::kBBytes;
+    cute::warpgroup_arrive();
 #pragma unroll
-      for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
-      cute::warpgroup_arrive();
+    for (int ks = 0; ks < kBlockK / 32; ++ks) {
+      wgmma_step(smem_desc(a_addr + ks * 32), smem_desc(b_addr + ks * 32), acc, ks > 0,
+                 std::make_index_sequence<kAcc>{});
+    }
+    cute::warpgroup_commit_batch();
+    s.s0 = sa0 * sb;
+    s.s1 = sa1 * sb;
+    if (++stage == STAGES) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+
+  // `s` is complete in `acc`: release its stage and promote it into `fin`.
+  __device__ __forceinline__ void retire(const float (&acc)[kAcc], float (&fin)[kAcc], const Step& s) const {
+    if (lane == 0) {
+      const uint32_t bar = L::empty(base, s.stage);
+      if constexpr (CLUSTER_N > 1) {
 #pragma unroll
-      for (int ks = 0; ks < kBlockK / 32; ++ks) {
-        wgmma_step<Op>(smem_desc(a_addr + ks * 32), smem_desc(b_addr + ks * 32), acc, ks > 0,
-                       std::make_index_sequence<kAcc>{});
-      }
-      cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<0>();
-#pragma unroll
-      for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
-      if (lane == 0) {
-#pragma unroll
-        for (int c = 0; c < CLUSTER_N; ++c) {
-          if constexpr (CLUSTER_N > 1) {
-            cutlass::arch::ClusterBarrier::arrive(empty_bar + stage, c, 1);
-          } else {
-            cutlass::arch::ClusterBarrier::arrive(empty_bar + stage);
-          }
-        }
-      }
-      if (++stage == STAGES) {
-        stage = 0;
-        phase ^= 1;
-      }
-      const float s00 = sa0 * sb, s10 = sa1 * sb, s01 = sa0 * sb2, s11 = sa1 * sb2;
-#pragma unroll
-      for (int j = 0; j < kAcc / 4; ++j) {
-        const bool first = (BLOCK_N <= 128 && 128 % BLOCK_N == 0) || 8 * j < split;
-        fin[4 * j + 0] += acc[4 * j + 0] * (first ? s00 : s01);
-        fin[4 * j + 1] += acc[4 * j + 1] * (first ? s00 : s01);
-        fin[4 * j + 2] += acc[4 * j + 2] * (first ? s10 : s11);
-        fin[4 * j + 3] += acc[4 * j + 3] * (first ? s10 : s11);
+        for (int c = 0; c < CLUSTER_N; ++c) mbar_arrive_cluster(bar, c);
+      } else {
+        mbar_arrive(bar);
       }
     }
-
-    // Epilogue: this warpgroup's 64 x BLOCK_N half through shared memory, then 16-byte stores.
-    uint8_t* d_tile = smem + L::kD + mw * 64 * L::kDPitch;
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + mw) : "memory");  // previous tile's reads are done
+    const float keep = s.kb == 0 ? 0.f : 1.f;
 #pragma unroll
     for (int j = 0; j < kAcc / 4; ++j) {
-      const int col = 8 * j + 2 * (lane % 4);
-      __nv_bfloat162 lo = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
-      __nv_bfloat162 hi = __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
-      *reinterpret_cast<__nv_bfloat162*>(d_tile + r_local * L::kDPitch + col * 2) = lo;
-      *reinterpret_cast<__nv_bfloat162*>(d_tile + (r_local + 8) * L::kDPitch + col * 2) = hi;
+      fin[4 * j + 0] = fmaf(acc[4 * j + 0], s.s0, keep * fin[4 * j + 0]);
+      fin[4 * j + 1] = fmaf(acc[4 * j + 1], s.s0, keep * fin[4 * j + 1]);
+      fin[4 * j + 2] = fmaf(acc[4 * j + 2], s.s1, keep * fin[4 * j + 2]);
+      fin[4 * j + 3] = fmaf(acc[4 * j + 3], s.s1, keep * fin[4 * j + 3]);
+    }
+  }
+
+  // This warpgroup's 64 x 128 half through a padded shared tile, then 16-byte stores masked to the
+  // group's rows and to N.
+  __device__ __forceinline__ void epilogue(const float (&fin)[kAcc], const Step& s) const {
+    const uint32_t d_tile = base + L::kD + mw * 64 * L::kDPitch;
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + mw) : "memory");  // the previous tile's reads are done
+#pragma unroll
+    for (int j = 0; j < kAcc / 4; ++j) {
+      const uint32_t col_bytes = 2 * (8 * j + 2 * (lane % 4));
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
+      const __nv_bfloat162 hi = __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(d_tile + r_local * L::kDPitch + col_bytes),
+                   "r"(*reinterpret_cast<const uint32_t*>(&lo)) : "memory");
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(d_tile + (r_local + 8) * L::kDPitch + col_bytes),
+                   "r"(*reinterpret_cast<const uint32_t*>(&hi)) : "memory");
     }
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + mw) : "memory");
-    constexpr int kChunksPerRow = BLOCK_N / 8;
-    const int row_base = tile.row0 + 64 * mw;
+    constexpr int kChunksPerRow = kBlockN / 8;
+    const int wtid = threadIdx.x % 128;
+    const int row_base = s.row0 + 64 * mw;
 #pragma unroll 4
-    for (int c = wtid; c < 64 * kChunksPerRow; c += 128) {
-      const int r = c / kChunksPerRow, ch = c % kChunksPerRow;
-      const int row = row_base + r, col = n0 + ch * 8;
-      if (row < tile.row_end && col < p.n) {
-        const uint4 v = *reinterpret_cast<const uint4*>(d_tile + r * L::kDPitch + ch * 16);
+    for (int i = wtid; i < 64 * kChunksPerRow; i += 128) {
+      const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
+      const int row = row_base + r, col = s.n0 + ch * 8;
+      if (row < s.row_end && col < p.n) {
+        uint4 v;
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "r"(d_tile + r * L::kDPitch + ch * 16));
         *reinterpret_cast<uint4*>(p.out + int64_t(row) * p.n + col) = v;
       }
     }
   }
+
+  // One tile. The two math warpgroups take turns issuing their K blocks (named barriers 3 and 4):
+  // each SM sub-partition's tensor core runs wgmma in issue order, so warpgroup 0's batch for K
+  // block kb runs, then warpgroup 1's, and each promotes while the other's batch multiplies.
+  // Issued at the same time, their wgmma interleave, both finish together and both promote while
+  // the tensor pipe idles (what CUTLASS's cooperative kernel does).
+  __device__ __forceinline__ void run_tile(float (&acc)[kAcc], float (&fin)[kAcc], int t) {
+    Step s;
+    s.t = t;
+    locate(s);
+    for (int kb = 0; kb < num_kb; ++kb) {
+      s.kb = kb;
+      asm volatile("bar.sync %0, 256;\n" ::"r"(3 + mw) : "memory");      // my turn
+      issue(acc, s);
+      asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - mw) : "memory");    // the other warpgroup's turn
+      cute::warpgroup_wait<0>();
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
+      retire(acc, fin, s);
+    }
+    epilogue(fin, s);
+  }
+};
+
+template <int STAGES, int CLUSTER_N>
+__device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* smem_raw) {
+  cutlass::arch::warpgroup_reg_alloc<232>();
+  const uint32_t base = smem_u32(aligned_smem(smem_raw));
+  const int tid = threadIdx.x, wg = tid / 128;
+  MathWarpgroup<STAGES, CLUSTER_N> m{p, base};
+  m.mw = wg - 1;  // math warpgroup: rows [64 mw, 64 mw + 64) of the tile
+  m.lane = tid % 32;
+  m.r_local = 16 * ((tid % 128) / 32) + m.lane / 4;  // and r_local + 8
+  m.num_kb = p.k / kBlockK;
+  m.num_clusters = gridDim.x / CLUSTER_N;
+  m.num_units = total_units(p, base + SmemLayout<STAGES>::kCum, CLUSTER_N);
+  m.rank = CLUSTER_N > 1 ? int(cute::block_rank_in_cluster()) : 0;
+  float acc[kAcc], fin[kAcc];
+  // Warpgroup 0 issues first; after the last K block warpgroup 0 takes warpgroup 1's final turn
+  // signal, so that no arrival is left pending on barrier 3.
+  if (m.mw == 1) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
+  for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, fin, t);
+  if (m.mw == 0) asm volatile("bar.sync 3, 256;\n" ::: "memory");
+  if constexpr (CLUSTER_N > 1) cute::cluster_sync();
 }
 
-template <int BLOCK_N, int STAGES, int CLUSTER_N>
+// The producer warpgroup: one thread walks the same units as the math warpgroups and keeps the
+// stage ring full (recomputing everything after setmaxnreg, like the math warpgroups).
+template <int STAGES, int CLUSTER_N>
+__device__ __forceinline__ void producer(const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
+                                         const CUtensorMap* tmap_sfa, const KernelParams& p, uint8_t* smem_raw) {
+  using L = SmemLayout<STAGES>;
+  constexpr int kARowsPerCta = kBlockM / CLUSTER_N;
+  cutlass::arch::warpgroup_reg_dealloc<40>();
+  if (threadIdx.x == 0) {
+    uint8_t* smem = aligned_smem(smem_raw);
+    const uint32_t base = smem_u32(smem);
+    uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + L::kBar);
+    const int rank = CLUSTER_N > 1 ? int(cute::block_rank_in_cluster()) : 0;
+    const int num_clusters = gridDim.x / CLUSTER_N;
+    const int num_units = total_units(p, base + L::kCum, CLUSTER_N);
+    const int num_kb = p.k / kBlockK;
+    constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+    const bool masked = p.masked_m != nullptr;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int t = blockIdx.x / CLUSTER_N; t < num_units; t += num_clusters) {
+      const Tile tile = locate_tile(p, base + L::kCum, t, CLUSTER_N, rank);
+      const int b_row = tile.group * p.n + tile.n0;
+      const int sfa_row = (masked ? tile.row0 - tile.group * p.m_max : tile.row0) & ~3;
+      const int sfa_plane = masked ? tile.group : 0;
+      for (int kb = 0; kb < num_kb; ++kb) {
+        mbar_wait(L::empty(base, stage), phase ^ 1);
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage,
+                                                                       L::kABytes + L::kBBytes + L::kSfaRows * 4);
+        uint8_t* a_dst = smem + L::kA + stage * L::kABytes + rank * kARowsPerCta * kBlockK;
+        if constexpr (CLUSTER_N > 1) {
+          cute::SM90_TMA_LOAD_MULTICAST_2D::copy(tmap_a, full_bar + stage, uint16_t((1 << CLUSTER_N) - 1), kHint,
+                                                 a_dst, kb * kBlockK, tile.row0 + rank * kARowsPerCta);
+        } else {
+          cute::SM90_TMA_LOAD_2D::copy(tmap_a, full_bar + stage, kHint, a_dst, kb * kBlockK, tile.row0);
+        }
+        cute::SM90_TMA_LOAD_2D::copy(tmap_b, full_bar + stage, kHint, smem + L::kB + stage * L::kBBytes,
+                                     kb * kBlockK, b_row);
+        cute::SM90_TMA_LOAD_3D::copy(tmap_sfa, full_bar + stage, kHint, smem + L::kSfa + stage * L::kSfaBytes,
+                                     sfa_row, kb, sfa_plane);
+        if (++stage == STAGES) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  }
+  if constexpr (CLUSTER_N > 1) cute::cluster_sync();
+}
+
+template <int STAGES, int CLUSTER_N>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
-                         const __grid_constant__ CUtensorMap tmap_sfa, const KernelParams p) {
+                         const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ KernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using L = SmemLayout<BLOCK_N, STAGES>;
-  constexpr int kARowsPerCta = kBlockM / CLUSTER_N;
+  using L = SmemLayout<STAGES>;
   static_assert(CLUSTER_N == 1 || CLUSTER_N == 2, "clusters of 1 or 2 CTAs");
-  static_assert(BLOCK_N % 128 == 0 || 128 % BLOCK_N == 0 || BLOCK_N == 160, "scale-block crossing rule");
-
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* smem = aligned_smem(smem_raw);
   int* cum = reinterpret_cast<int*>(smem + L::kCum);
-  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + L::kBarAligned);
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + L::kBar);
   uint64_t* empty_bar = full_bar + STAGES;
-
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
 
@@ -316,53 +439,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The peer's multicasts and barrier arrivals may only start once every barrier of the cluster exists.
   if constexpr (CLUSTER_N > 1) cute::cluster_sync();
 
-  const int rank = CLUSTER_N > 1 ? int(cute::block_rank_in_cluster()) : 0;
-  const int cluster_id = blockIdx.x / CLUSTER_N, num_clusters = gridDim.x / CLUSTER_N;
-  const int total_units = cum[p.num_groups] * ((p.num_n_blocks + CLUSTER_N - 1) / CLUSTER_N);
-  const int num_kb = p.k / kBlockK;
-  const int wg = tid / 128;
-
-  if (wg == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<40>();
-    if (tid == 0) {
-      constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-      const bool masked = p.masked_m != nullptr;
-      int stage = 0;
-      uint32_t phase = 0;
-      for (int t = cluster_id; t < total_units; t += num_clusters) {
-        const Tile tile = locate_tile(p, cum, t, CLUSTER_N, rank);
-        const int b_row = tile.group * p.n + tile.n_block * BLOCK_N;
-        const int sfa_row = (masked ? tile.row0 - tile.group * p.m_max : tile.row0) & ~3;
-        const int sfa_plane = masked ? tile.group : 0;
-        for (int kb = 0; kb < num_kb; ++kb) {
-          cutlass::arch::ClusterBarrier::wait(empty_bar + stage, phase ^ 1);
-          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-              full_bar + stage, L::kABytes + L::kBBytes + L::kSfaRows * 4);
-          uint8_t* a_dst = smem + L::kA + stage * L::kABytes + rank * kARowsPerCta * kBlockK;
-          if constexpr (CLUSTER_N > 1) {
-            cute::SM90_TMA_LOAD_MULTICAST_2D::copy(&tmap_a, full_bar + stage, uint16_t((1 << CLUSTER_N) - 1), kHint,
-                                                   a_dst, kb * kBlockK, tile.row0 + rank * kARowsPerCta);
-          } else {
-            cute::SM90_TMA_LOAD_2D::copy(&tmap_a, full_bar + stage, kHint, a_dst, kb * kBlockK, tile.row0);
-          }
-          cute::SM90_TMA_LOAD_2D::copy(&tmap_b, full_bar + stage, kHint, smem + L::kB + stage * L::kBBytes,
-                                       kb * kBlockK, b_row);
-          cute::SM90_TMA_LOAD_3D::copy(&tmap_sfa, full_bar + stage, kHint,
-                                       smem + L::kSfa + stage * L::kSfaBytes, sfa_row, kb, sfa_plane);
-          if (++stage == STAGES) {
-            stage = 0;
-            phase ^= 1;
-          }
-        }
-      }
-    }
-    // No CTA may leave while its peer can still multicast into it or arrive on its barriers. Each role
-    // waits on its own: code shared after setmaxnreg would make ptxas ignore the register split.
-    if constexpr (CLUSTER_N > 1) cute::cluster_sync();
+  // Each role ends with its own cluster barrier (no CTA may leave while its peer can still multicast
+  // into it or arrive on its barriers): code shared after setmaxnreg makes ptxas ignore the split.
+  if (tid < 128) {
+    producer<STAGES, CLUSTER_N>(&tmap_a, &tmap_b, &tmap_sfa, p, smem_raw);
   } else {
-    math_warpgroups<BLOCK_N, STAGES, CLUSTER_N>(p, smem, cum, full_bar, empty_bar, total_units, cluster_id,
-                                                num_clusters, rank);
-    if constexpr (CLUSTER_N > 1) cute::cluster_sync();
+    math_warpgroups<STAGES, CLUSTER_N>(p, smem_raw);
   }
 #endif
 }
