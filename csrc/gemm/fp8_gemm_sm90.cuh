@@ -56,6 +56,7 @@ struct KernelParams {
   int n, k;
   int num_n_blocks;
   int band;
+  int take_turns;  // 1: the math warpgroups alternate their wgmma issue (0 only for A/B runs)
 };
 
 
@@ -188,7 +189,7 @@ struct MathWarpgroup {
     int t, kb;        // unit, K block
     int n0, row0, row_end, sb_index;  // the tile; sb_index: its weight-scale row in b_scale
     int stage;
-    float s0, s1;     // a_scale(row) * b_scale for this thread's two rows
+    float sa0, sa1;   // a_scale of this thread's two rows
   };
 
   const KernelParams& p;
@@ -207,16 +208,16 @@ struct MathWarpgroup {
     s.sb_index = (tile.group * nsb + min(tile.n0 / 128, nsb - 1)) * num_kb;
   }
 
-  // Waits for the stage, issues its 4 wgmma into `acc` and fetches the scales of its promotion.
+  // Waits for the stage, issues its 4 wgmma into `acc` and reads the activation scales.
   __device__ __forceinline__ void issue(float (&acc)[kAcc], Step& s) {
-    const float sb = __ldg(p.b_scale + s.sb_index + s.kb);
     s.stage = stage;
     mbar_wait(L::full(base, stage), phase);
     // The scales' first row sits at row0 % 4 inside the 16-byte aligned TMA box (masked groups start
     // at multiples of 128).
     const int shift = p.masked_m != nullptr ? 0 : (s.row0 & 3);
     const uint32_t sfa = base + L::kSfa + stage * L::kSfaBytes + 4 * (64 * mw + shift + r_local);
-    const float sa0 = lds_f32(sfa), sa1 = lds_f32(sfa + 32);
+    s.sa0 = lds_f32(sfa);
+    s.sa1 = lds_f32(sfa + 32);
     const uint32_t a_addr = base + L::kA + stage * L::kABytes + mw * 64 * kBlockK;
     const uint32_t b_addr = base + L::kB + stage * L::kBBytes;
     cute::warpgroup_arrive();
@@ -226,16 +227,15 @@ struct MathWarpgroup {
                  std::make_index_sequence<kAcc>{});
     }
     cute::warpgroup_commit_batch();
-    s.s0 = sa0 * sb;
-    s.s1 = sa1 * sb;
     if (++stage == STAGES) {
       stage = 0;
       phase ^= 1;
     }
   }
 
-  // `s` is complete in `acc`: release its stage and promote it into `fin`.
-  __device__ __forceinline__ void retire(const float (&acc)[kAcc], float (&fin)[kAcc], const Step& s) const {
+  // `s` is complete in `acc`: release its stage and promote it into `fin` (sb: its weight scale).
+  __device__ __forceinline__ void retire(const float (&acc)[kAcc], float (&fin)[kAcc], const Step& s,
+                                         float sb) const {
     if (lane == 0) {
       const uint32_t bar = L::empty(base, s.stage);
       if constexpr (CLUSTER_N > 1) {
@@ -245,13 +245,13 @@ struct MathWarpgroup {
         mbar_arrive(bar);
       }
     }
-    const float keep = s.kb == 0 ? 0.f : 1.f;
+    const float s0 = s.sa0 * sb, s1 = s.sa1 * sb;
 #pragma unroll
     for (int j = 0; j < kAcc / 4; ++j) {
-      fin[4 * j + 0] = fmaf(acc[4 * j + 0], s.s0, keep * fin[4 * j + 0]);
-      fin[4 * j + 1] = fmaf(acc[4 * j + 1], s.s0, keep * fin[4 * j + 1]);
-      fin[4 * j + 2] = fmaf(acc[4 * j + 2], s.s1, keep * fin[4 * j + 2]);
-      fin[4 * j + 3] = fmaf(acc[4 * j + 3], s.s1, keep * fin[4 * j + 3]);
+      fin[4 * j + 0] = fmaf(acc[4 * j + 0], s0, fin[4 * j + 0]);
+      fin[4 * j + 1] = fmaf(acc[4 * j + 1], s0, fin[4 * j + 1]);
+      fin[4 * j + 2] = fmaf(acc[4 * j + 2], s1, fin[4 * j + 2]);
+      fin[4 * j + 3] = fmaf(acc[4 * j + 3], s1, fin[4 * j + 3]);
     }
   }
 
@@ -297,15 +297,22 @@ struct MathWarpgroup {
     Step s;
     s.t = t;
     locate(s);
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
+    // The weight scale is fetched one K block ahead: nothing between a warpgroup's wgmma issue and
+    // its turn signal may wait on memory.
+    float sb_next = __ldg(p.b_scale + s.sb_index);
     for (int kb = 0; kb < num_kb; ++kb) {
       s.kb = kb;
-      asm volatile("bar.sync %0, 256;\n" ::"r"(3 + mw) : "memory");      // my turn
+      const float sb = sb_next;
+      if (p.take_turns) asm volatile("bar.sync %0, 256;\n" ::"r"(3 + mw) : "memory");    // my turn
       issue(acc, s);
-      asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - mw) : "memory");    // the other warpgroup's turn
+      if (p.take_turns) asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - mw) : "memory");  // the other's turn
+      if (kb + 1 < num_kb) sb_next = __ldg(p.b_scale + s.sb_index + kb + 1);
       cute::warpgroup_wait<0>();
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
-      retire(acc, fin, s);
+      retire(acc, fin, s, sb);
     }
     epilogue(fin, s);
   }
@@ -327,9 +334,9 @@ __device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* 
   float acc[kAcc], fin[kAcc];
   // Warpgroup 0 issues first; after the last K block warpgroup 0 takes warpgroup 1's final turn
   // signal, so that no arrival is left pending on barrier 3.
-  if (m.mw == 1) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
+  if (p.take_turns && m.mw == 1) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
   for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, fin, t);
-  if (m.mw == 0) asm volatile("bar.sync 3, 256;\n" ::: "memory");
+  if (p.take_turns && m.mw == 0) asm volatile("bar.sync 3, 256;\n" ::: "memory");
   if constexpr (CLUSTER_N > 1) cute::cluster_sync();
 }
 
