@@ -12,8 +12,8 @@
 //   warpgroups 1-2  math: rows [64 w, 64 w + 64) of the tile. Per K block: 4 wgmma m64n128k32
 //                into a fresh accumulator, wait, release the stage, promote (final += acc *
 //                a_scale[row] * b_scale). The two warpgroups take turns issuing (named barriers),
-//                so one promotes while the other's batch multiplies. Epilogue: bf16 through a
-//                padded shared tile, 16-byte stores masked to the group's rows and to N.
+//                so one promotes while the other's batch multiplies. Epilogue: bf16 stores straight
+//                from the accumulator layout, masked to the group's rows and to N.
 // Clusters of CLUSTER_N (1 or 2) CTAs take neighbouring n blocks of the same rows: each CTA loads
 // 128 / CLUSTER_N rows of the A tile and multicasts them to both, so A's L2->SM traffic halves
 // (the bound at ~7 TB/s of L2 reads: 32 KB per 4.2 MFLOP is 6.8 TB/s at 870 TFLOP/s). A stage is
@@ -128,12 +128,10 @@ struct SmemLayout {
   // global address, which TMA requires of the innermost coordinate); stages 128-byte aligned.
   static constexpr int kSfaRows = kBlockM + 4;
   static constexpr int kSfaBytes = 640;
-  static constexpr int kDPitch = kBlockN * 2 + 16;  // bytes per staged output row (bank spread)
   static constexpr int kA = 0;
   static constexpr int kB = kA + STAGES * kABytes;
   static constexpr int kSfa = kB + STAGES * kBBytes;
-  static constexpr int kD = kSfa + STAGES * kSfaBytes;
-  static constexpr int kCum = kD + kBlockM * kDPitch;
+  static constexpr int kCum = kSfa + STAGES * kSfaBytes;
   static constexpr int kBar = (kCum + (kMaxGroups + 1) * 4 + 7) / 8 * 8;
   static constexpr int kTotal = kBar + 2 * STAGES * 8;
   static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 inside the kernel
@@ -255,36 +253,21 @@ struct MathWarpgroup {
     }
   }
 
-  // This warpgroup's 64 x 128 half through a padded shared tile, then 16-byte stores masked to the
-  // group's rows and to N.
+  // This warpgroup's 64 x 128 half straight from the accumulator layout: each warp store covers
+  // 16 bytes of 8 rows, and the next j fills the other half of each 32-byte sector, so L2 sees whole
+  // sectors. No shared staging tile: its 34 KB buys the sixth pipeline stage.
   __device__ __forceinline__ void epilogue(const float (&fin)[kAcc], const Step& s) const {
-    const uint32_t d_tile = base + L::kD + mw * 64 * L::kDPitch;
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + mw) : "memory");  // the previous tile's reads are done
+    const int row_a = s.row0 + 64 * mw + r_local, row_b = row_a + 8;
+    const bool ok_a = row_a < s.row_end, ok_b = row_b < s.row_end;
+    __nv_bfloat16* out_a = p.out + int64_t(row_a) * p.n + s.n0 + 2 * (lane % 4);
+    __nv_bfloat16* out_b = out_a + int64_t(8) * p.n;
 #pragma unroll
     for (int j = 0; j < kAcc / 4; ++j) {
-      const uint32_t col_bytes = 2 * (8 * j + 2 * (lane % 4));
+      if (s.n0 + 8 * j >= p.n) break;  // N is a multiple of 16: an 8-column group is all in or all out
       const __nv_bfloat162 lo = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
       const __nv_bfloat162 hi = __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(d_tile + r_local * L::kDPitch + col_bytes),
-                   "r"(*reinterpret_cast<const uint32_t*>(&lo)) : "memory");
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(d_tile + (r_local + 8) * L::kDPitch + col_bytes),
-                   "r"(*reinterpret_cast<const uint32_t*>(&hi)) : "memory");
-    }
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + mw) : "memory");
-    constexpr int kChunksPerRow = kBlockN / 8;
-    const int wtid = threadIdx.x % 128;
-    const int row_base = s.row0 + 64 * mw;
-#pragma unroll 4
-    for (int i = wtid; i < 64 * kChunksPerRow; i += 128) {
-      const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
-      const int row = row_base + r, col = s.n0 + ch * 8;
-      if (row < s.row_end && col < p.n) {
-        uint4 v;
-        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "r"(d_tile + r * L::kDPitch + ch * 16));
-        *reinterpret_cast<uint4*>(p.out + int64_t(row) * p.n + col) = v;
-      }
+      if (ok_a) *reinterpret_cast<__nv_bfloat162*>(out_a + 8 * j) = lo;
+      if (ok_b) *reinterpret_cast<__nv_bfloat162*>(out_b + 8 * j) = hi;
     }
   }
 
