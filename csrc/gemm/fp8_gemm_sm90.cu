@@ -150,7 +150,6 @@ KernelParams base_params(const float* b_scale, void* out, int n, int k) {
   kp.k = k;
   kp.num_n_blocks = (n + kBlockN - 1) / kBlockN;
   kp.band = std::max(1, env_int("FLASHSEEK_SM90_BAND", 16));
-  kp.take_turns = env_int("FLASHSEEK_SM90_TURNS", 1) != 0;
   return kp;
 }
 

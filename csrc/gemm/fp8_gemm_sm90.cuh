@@ -11,9 +11,9 @@
 //                the activation scales of each K block into a ring of STAGES stages;
 //   warpgroups 1-2  math: rows [64 w, 64 w + 64) of the tile. Per K block: 4 wgmma m64n128k32
 //                into a fresh accumulator, wait, release the stage, promote (final += acc *
-//                a_scale[row] * b_scale). The two warpgroups take turns issuing (named barriers),
-//                so one promotes while the other's batch multiplies. Epilogue: bf16 stores straight
-//                from the accumulator layout, masked to the group's rows and to N.
+//                a_scale[row] * b_scale); the next stage's full barrier is probed before the
+//                promotion. Epilogue: bf16 stores straight from the accumulator layout, masked to
+//                the group's rows and to N.
 // Clusters of CLUSTER_N (1 or 2) CTAs take neighbouring n blocks of the same rows: each CTA loads
 // 128 / CLUSTER_N rows of the A tile and multicasts them to both, so A's L2->SM traffic halves
 // (the bound at ~7 TB/s of L2 reads: 32 KB per 4.2 MFLOP is 6.8 TB/s at 870 TFLOP/s). A stage is
@@ -56,7 +56,6 @@ struct KernelParams {
   int n, k;
   int num_n_blocks;
   int band;
-  int take_turns;  // 1: the math warpgroups alternate their wgmma issue (0 only for A/B runs)
 };
 
 
@@ -82,6 +81,14 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "{\n.reg .pred p;\nWAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1, 0x989680;\n"
       "@!p bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+// Non-blocking probe: true once the phase with this parity has completed.
+__device__ __forceinline__ bool mbar_test(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  return done != 0;
 }
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
   asm volatile(
@@ -206,10 +213,11 @@ struct MathWarpgroup {
     s.sb_index = (tile.group * nsb + min(tile.n0 / 128, nsb - 1)) * num_kb;
   }
 
-  // Waits for the stage, issues its 4 wgmma into `acc` and reads the activation scales.
-  __device__ __forceinline__ void issue(float (&acc)[kAcc], Step& s) {
+  // Waits for the stage (unless an earlier probe saw it full), issues its 4 wgmma into `acc` and
+  // reads the activation scales.
+  __device__ __forceinline__ void issue(float (&acc)[kAcc], Step& s, bool ready) {
     s.stage = stage;
-    mbar_wait(L::full(base, stage), phase);
+    if (!ready) mbar_wait(L::full(base, stage), phase);
     // The scales' first row sits at row0 % 4 inside the 16-byte aligned TMA box (masked groups start
     // at multiples of 128).
     const int shift = p.masked_m != nullptr ? 0 : (s.row0 & 3);
@@ -271,30 +279,25 @@ struct MathWarpgroup {
     }
   }
 
-  // One tile. The two math warpgroups take turns issuing their K blocks (named barriers 3 and 4):
-  // each SM sub-partition's tensor core runs wgmma in issue order, so warpgroup 0's batch for K
-  // block kb runs, then warpgroup 1's, and each promotes while the other's batch multiplies.
-  // Issued at the same time, their wgmma interleave, both finish together and both promote while
-  // the tensor pipe idles (what CUTLASS's cooperative kernel does).
-  __device__ __forceinline__ void run_tile(float (&acc)[kAcc], float (&fin)[kAcc], int t) {
+  // One tile. The full barrier of the next K block is probed right after this one's wgmma complete,
+  // so the probe's latency hides behind the promotion instead of delaying the next issue.
+  __device__ __forceinline__ void run_tile(float (&acc)[kAcc], float (&fin)[kAcc], int t, bool& ready) {
     Step s;
     s.t = t;
     locate(s);
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
-    // The weight scale is fetched one K block ahead: nothing between a warpgroup's wgmma issue and
-    // its turn signal may wait on memory.
+    // The weight scale is fetched one K block ahead, off the issue path.
     float sb_next = __ldg(p.b_scale + s.sb_index);
     for (int kb = 0; kb < num_kb; ++kb) {
       s.kb = kb;
       const float sb = sb_next;
-      if (p.take_turns) asm volatile("bar.sync %0, 256;\n" ::"r"(3 + mw) : "memory");    // my turn
-      issue(acc, s);
-      if (p.take_turns) asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - mw) : "memory");  // the other's turn
+      issue(acc, s, ready);
       if (kb + 1 < num_kb) sb_next = __ldg(p.b_scale + s.sb_index + kb + 1);
       cute::warpgroup_wait<0>();
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
+      ready = mbar_test(L::full(base, stage), phase);
       retire(acc, fin, s, sb);
     }
     epilogue(fin, s);
@@ -315,11 +318,8 @@ __device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* 
   m.num_units = total_units(p, base + SmemLayout<STAGES>::kCum, CLUSTER_N);
   m.rank = CLUSTER_N > 1 ? int(cute::block_rank_in_cluster()) : 0;
   float acc[kAcc], fin[kAcc];
-  // Warpgroup 0 issues first; after the last K block warpgroup 0 takes warpgroup 1's final turn
-  // signal, so that no arrival is left pending on barrier 3.
-  if (p.take_turns && m.mw == 1) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
-  for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, fin, t);
-  if (p.take_turns && m.mw == 0) asm volatile("bar.sync 3, 256;\n" ::: "memory");
+  bool ready = false;
+  for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, fin, t, ready);
   if constexpr (CLUSTER_N > 1) cute::cluster_sync();
 }
 
