@@ -277,9 +277,23 @@ def test_gemm_kernels_registered():
         assert ops.has_cuda_kernel(name), name
 
 
+# Rows-in-M problems (dense M > 128, grouped with M_max > 64) have two kernel families: CUTLASS's
+# block-wise collectives (the default) and the hand-written sm90 kernel (FLASHSEEK_GEMM_IMPL=sm90,
+# read on every call). Both are checked here with the same tolerances.
+@pytest.fixture(params=["default", "sm90"])
+def gemm_impl(request, monkeypatch):
+    if request.param == "sm90":
+        monkeypatch.setenv("FLASHSEEK_GEMM_IMPL", "sm90")
+    else:
+        monkeypatch.delenv("FLASHSEEK_GEMM_IMPL", raising=False)
+    return request.param
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("m,n,k", CUDA_DENSE)
-def test_fp8_gemm_cuda(m, n, k):
+def test_fp8_gemm_cuda(m, n, k, gemm_impl):
+    if gemm_impl == "sm90" and m <= 128:
+        pytest.skip("M <= 128 always runs the swapped small-M kernels")
     _check_dense_cuda(m, n, k)
 
 
@@ -296,9 +310,10 @@ def _check_dense_cuda(m, n, k, min_outputs_vs_unquantized=0):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("m,n,k", [(129, 576, 7168), (4096, 2112, 7168)])
-def test_fp8_gemm_cuda_stream_k_deterministic(m, n, k):
-    # These shapes leave a mostly empty last wave, so they run the stream-K kernel, whose K-split
-    # partials are reduced in a fixed order: repeated calls must agree bit for bit.
+def test_fp8_gemm_cuda_stream_k_deterministic(m, n, k, gemm_impl):
+    # By default these shapes leave a mostly empty last wave, so they run CUTLASS's stream-K kernel,
+    # whose K-split partials are reduced in a fixed order; the sm90 kernel splits nothing. Either
+    # way repeated calls must agree bit for bit.
     _, q, s = make_act(m, k, "cuda")
     _, wq, ws = make_weight(n, k, "cuda")
     first = ops.fp8_gemm(q, s, wq, ws)
@@ -389,7 +404,7 @@ def test_fp8_gemm_small_m_cuda_graph():
     ([4096] * 8, 1, 4096, 7168),
     ([0] * 5, 1, 256, 256),
 ])
-def test_grouped_contiguous_cuda(sizes, align, n, k):
+def test_grouped_contiguous_cuda(sizes, align, n, k, gemm_impl):
     e = len(sizes)
     offs = _offsets(sizes, align)
     m_total = offs[-1] + 5
@@ -426,7 +441,7 @@ def _check_masked(out, counts, q, s, wq, ws):
 # M_max <= 64 runs the swapped grouped kernel, larger M_max the rows-in-M one.
 @pytest.mark.parametrize("e,m_max,n,k", [(16, 64, 4096, 7168), (8, 256, 7168, 2048), (4, 1, 576, 512),
                                          (32, 130, 2112, 1536), (64, 8, 2048, 7168), (3, 65, 16, 128)])
-def test_grouped_masked_cuda(e, m_max, n, k):
+def test_grouped_masked_cuda(e, m_max, n, k, gemm_impl):
     _, q, s, _, wq, ws = _masked_inputs(e, m_max, n, k)
     counts = torch.randint(0, m_max + 1, (e,)).tolist()
     counts[0], counts[-1] = 0, m_max
@@ -439,7 +454,7 @@ def test_grouped_masked_cuda(e, m_max, n, k):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("m_max", [32, 96])  # the swapped (M_max <= 64) and the rows-in-M kernel
-def test_grouped_masked_cuda_graph(m_max):
+def test_grouped_masked_cuda_graph(m_max, gemm_impl):
     e, n, k = 8, 512, 1024
     _, q, s, _, wq, ws = _masked_inputs(e, m_max, n, k)
     masked_m = torch.zeros(e, dtype=torch.int32, device="cuda")
