@@ -2,9 +2,11 @@
 // fp32 promotion per 128-deep K block, bf16 out), one kernel for dense, contiguous-grouped and
 // masked-grouped problems.
 //
-// Why not CUTLASS's block-wise collective: it tops out near 1050-1100 TFLOP/s on long-K shapes
-// (docs/gemm-design.md): its consumer warpgroups wait for each K block's wgmma, then promote, so the
-// tensor pipe idles during the promotion whenever both warpgroups promote at once.
+// Status: opt-in (FLASHSEEK_GEMM_IMPL=sm90). Correct on the whole GPU test sweep, but it measures
+// 0.65-0.92x of the CUTLASS block-wise kernels that run by default (slowest at short K, where both
+// math warpgroups store their epilogue while the tensor pipe idles). docs/gemm-design.md has the
+// measurements, what each experiment ruled out, and the next steps. It exists as the base for a
+// DeepGEMM-class kernel: no JIT, one mechanism for dense / contiguous / masked, no scale repacking.
 //
 // Structure (384 threads, one CTA per SM, persistent, 128 x 128 tiles):
 //   warpgroup 0  producer: one thread issues the TMA loads of A (128 x 128 B), B (128 x 128 B) and
@@ -16,8 +18,8 @@
 //                the group's rows and to N.
 // Clusters of CLUSTER_N (1 or 2) CTAs take neighbouring n blocks of the same rows: each CTA loads
 // 128 / CLUSTER_N rows of the A tile and multicasts them to both, so A's L2->SM traffic halves
-// (the bound at ~7 TB/s of L2 reads: 32 KB per 4.2 MFLOP is 6.8 TB/s at 870 TFLOP/s). A stage is
-// refilled only when the consumers of every CTA of the cluster have released it.
+// (32 -> 24.5 KB per 4.2 MFLOP; measured +4%). A stage is refilled only when the consumers of every
+// CTA of the cluster have released it.
 // Groups: group g owns rows [begin(g), end(g)) of A and out and multiplies weights b[g]. Dense is
 // one group [0, M). Every CTA builds the prefix of 128-row blocks per group in shared memory and
 // walks the same linearised (m block, n block) tile order in bands of `band` m blocks, so that the
