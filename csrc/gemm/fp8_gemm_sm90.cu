@@ -72,7 +72,7 @@ int env_int(const char* name, int fallback) {
 }
 
 constexpr int kBlockN = sm90gemm::kBlockN;
-constexpr int kStages = 6;
+constexpr int kStages = 5;
 constexpr int kClusterN = 2;
 
 struct Problem {

@@ -14,8 +14,9 @@
 //   warpgroups 1-2  math: rows [64 w, 64 w + 64) of the tile. Per K block: 4 wgmma m64n128k32
 //                into a fresh accumulator, wait, release the stage, promote (final += acc *
 //                a_scale[row] * b_scale); the next stage's full barrier is probed before the
-//                promotion. Epilogue: bf16 stores straight from the accumulator layout, masked to
-//                the group's rows and to N.
+//                promotion. Epilogue: bf16 into a shared staging tile, written out by a storer warp
+//                of warpgroup 0 (16-byte stores masked to the group's rows and to N) while the math
+//                warpgroups start the next tile.
 // Clusters of CLUSTER_N (1 or 2) CTAs take neighbouring n blocks of the same rows: each CTA loads
 // 128 / CLUSTER_N rows of the A tile and multicasts them to both, so A's L2->SM traffic halves
 // (32 -> 24.5 KB per 4.2 MFLOP; measured +4%). A stage is refilled only when the consumers of every
@@ -46,6 +47,10 @@ constexpr int kBlockN = 128;
 constexpr int kBlockK = 128;
 constexpr int kThreads = 384;
 constexpr int kMaxGroups = 1024;
+// Named barriers between math warpgroup w and its storer warp (128 + 32 threads): staged tile full /
+// staging tile free.
+constexpr int kBarDFull = 1;
+constexpr int kBarDEmpty = 3;
 
 struct KernelParams {
   const float* b_scale;  // [groups, ceil(n/128), k/128]
@@ -140,7 +145,9 @@ struct SmemLayout {
   static constexpr int kA = 0;
   static constexpr int kB = kA + STAGES * kABytes;
   static constexpr int kSfa = kB + STAGES * kBBytes;
-  static constexpr int kCum = kSfa + STAGES * kSfaBytes;
+  static constexpr int kDPitch = kBlockN * 2 + 16;  // bytes per staged output row (bank spread)
+  static constexpr int kD = kSfa + STAGES * kSfaBytes;
+  static constexpr int kCum = kD + kBlockM * kDPitch;
   static constexpr int kBar = (kCum + (kMaxGroups + 1) * 4 + 7) / 8 * 8;
   static constexpr int kTotal = kBar + 2 * STAGES * 8;
   static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 inside the kernel
@@ -263,22 +270,23 @@ struct MathWarpgroup {
     }
   }
 
-  // This warpgroup's 64 x 128 half straight from the accumulator layout: each warp store covers
-  // 16 bytes of 8 rows, and the next j fills the other half of each 32-byte sector, so L2 sees whole
-  // sectors. No shared staging tile: its 34 KB buys the sixth pipeline stage.
-  __device__ __forceinline__ void epilogue(const float (&fin)[kAcc], const Step& s) const {
-    const int row_a = s.row0 + 64 * mw + r_local, row_b = row_a + 8;
-    const bool ok_a = row_a < s.row_end, ok_b = row_b < s.row_end;
-    __nv_bfloat16* out_a = p.out + int64_t(row_a) * p.n + s.n0 + 2 * (lane % 4);
-    __nv_bfloat16* out_b = out_a + int64_t(8) * p.n;
+  // This warpgroup's 64 x 128 half goes to its shared staging tile as bf16, and a storer warp of
+  // the producer warpgroup writes it out (storer()), so the math warpgroups return to the tensor
+  // pipe after 64 shared stores instead of a tile's worth of global stores.
+  __device__ __forceinline__ void epilogue(const float (&fin)[kAcc]) const {
+    const uint32_t d_tile = base + L::kD + mw * 64 * L::kDPitch;
+    asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDEmpty + mw) : "memory");  // the storer is done with it
 #pragma unroll
     for (int j = 0; j < kAcc / 4; ++j) {
-      if (s.n0 + 8 * j >= p.n) break;  // N is a multiple of 16: an 8-column group is all in or all out
+      const uint32_t col_bytes = 2 * (8 * j + 2 * (lane % 4));
       const __nv_bfloat162 lo = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
       const __nv_bfloat162 hi = __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
-      if (ok_a) *reinterpret_cast<__nv_bfloat162*>(out_a + 8 * j) = lo;
-      if (ok_b) *reinterpret_cast<__nv_bfloat162*>(out_b + 8 * j) = hi;
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(d_tile + r_local * L::kDPitch + col_bytes),
+                   "r"(*reinterpret_cast<const uint32_t*>(&lo)) : "memory");
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(d_tile + (r_local + 8) * L::kDPitch + col_bytes),
+                   "r"(*reinterpret_cast<const uint32_t*>(&hi)) : "memory");
     }
+    asm volatile("bar.arrive %0, 160;\n" ::"r"(kBarDFull + mw) : "memory");
   }
 
   // One tile. The full barrier of the next K block is probed right after this one's wgmma complete,
@@ -302,7 +310,7 @@ struct MathWarpgroup {
       ready = mbar_test(L::full(base, stage), phase);
       retire(acc, fin, s, sb);
     }
-    epilogue(fin, s);
+    epilogue(fin);
   }
 };
 
@@ -322,7 +330,41 @@ __device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* 
   float acc[kAcc], fin[kAcc];
   bool ready = false;
   for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, fin, t, ready);
+  // Takes the storer's last "buffer free" signal, so no arrival is left pending on the barrier.
+  asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDEmpty + m.mw) : "memory");
   if constexpr (CLUSTER_N > 1) cute::cluster_sync();
+}
+
+// Storer warp w (warp 1 + w of the producer warpgroup): writes math warpgroup w's staged 64 x 128
+// bf16 half of every tile with 16-byte stores, masked to the group's rows and to N.
+template <int STAGES, int CLUSTER_N>
+__device__ __forceinline__ void storer(const KernelParams& p, uint32_t base, int w) {
+  using L = SmemLayout<STAGES>;
+  const int lane = threadIdx.x % 32;
+  const int rank = CLUSTER_N > 1 ? int(cute::block_rank_in_cluster()) : 0;
+  const int num_clusters = gridDim.x / CLUSTER_N;
+  const int num_units = total_units(p, base + L::kCum, CLUSTER_N);
+  const uint32_t d_tile = base + L::kD + w * 64 * L::kDPitch;
+  constexpr int kChunksPerRow = kBlockN / 8;
+  asm volatile("bar.arrive %0, 160;\n" ::"r"(kBarDEmpty + w) : "memory");  // the tile starts free
+  for (int t = blockIdx.x / CLUSTER_N; t < num_units; t += num_clusters) {
+    const Tile tile = locate_tile(p, base + L::kCum, t, CLUSTER_N, rank);
+    const int row_base = tile.row0 + 64 * w;
+    asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDFull + w) : "memory");
+#pragma unroll 4
+    for (int i = lane; i < 64 * kChunksPerRow; i += 32) {
+      const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
+      const int row = row_base + r, col = tile.n0 + ch * 8;
+      if (row < tile.row_end && col < p.n) {
+        uint4 v;
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "r"(d_tile + r * L::kDPitch + ch * 16));
+        *reinterpret_cast<uint4*>(p.out + int64_t(row) * p.n + col) = v;
+      }
+    }
+    asm volatile("bar.arrive %0, 160;\n" ::"r"(kBarDEmpty + w) : "memory");
+  }
 }
 
 // The producer warpgroup: one thread walks the same units as the math warpgroups and keeps the
@@ -333,6 +375,8 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_a, const CUtens
   using L = SmemLayout<STAGES>;
   constexpr int kARowsPerCta = kBlockM / CLUSTER_N;
   cutlass::arch::warpgroup_reg_dealloc<40>();
+  const int warp = threadIdx.x / 32;
+  if (warp == 1 || warp == 2) storer<STAGES, CLUSTER_N>(p, smem_u32(aligned_smem(smem_raw)), warp - 1);
   if (threadIdx.x == 0) {
     uint8_t* smem = aligned_smem(smem_raw);
     const uint32_t base = smem_u32(smem);
