@@ -209,6 +209,7 @@ struct MathWarpgroup {
   const KernelParams& p;
   uint32_t base;  // 1024-aligned shared base
   int mw, lane, r_local, num_kb, num_units, num_clusters, rank;
+  uint64_t a_desc0, b_desc0;  // wgmma descriptors of this warpgroup's A rows and of B in stage 0
   int stage = 0;
   uint32_t phase = 0;
 
@@ -233,12 +234,13 @@ struct MathWarpgroup {
     const uint32_t sfa = base + L::kSfa + stage * L::kSfaBytes + 4 * (64 * mw + shift + r_local);
     s.sa0 = lds_f32(sfa);
     s.sa1 = lds_f32(sfa + 32);
-    const uint32_t a_addr = base + L::kA + stage * L::kABytes + mw * 64 * kBlockK;
-    const uint32_t b_addr = base + L::kB + stage * L::kBBytes;
+    // Descriptors of stage 0 plus the stage and K-step offsets (in 16-byte units, below the 14-bit
+    // address field's limit): two adds instead of rebuilding each descriptor.
+    const uint64_t stage_off = uint64_t(stage) * (L::kABytes >> 4);
     cute::warpgroup_arrive();
 #pragma unroll
     for (int ks = 0; ks < kBlockK / 32; ++ks) {
-      wgmma_step(smem_desc(a_addr + ks * 32), smem_desc(b_addr + ks * 32), acc, ks > 0,
+      wgmma_step(a_desc0 + stage_off + ks * 2, b_desc0 + stage_off + ks * 2, acc, ks > 0,
                  std::make_index_sequence<kAcc>{});
     }
     cute::warpgroup_commit_batch();
@@ -327,6 +329,9 @@ __device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* 
   m.num_clusters = gridDim.x / CLUSTER_N;
   m.num_units = total_units(p, base + SmemLayout<STAGES>::kCum, CLUSTER_N);
   m.rank = CLUSTER_N > 1 ? int(cute::block_rank_in_cluster()) : 0;
+  static_assert(SmemLayout<STAGES>::kABytes == SmemLayout<STAGES>::kBBytes, "one stage stride for A and B");
+  m.a_desc0 = smem_desc(base + SmemLayout<STAGES>::kA + m.mw * 64 * kBlockK);
+  m.b_desc0 = smem_desc(base + SmemLayout<STAGES>::kB);
   float acc[kAcc], fin[kAcc];
   bool ready = false;
   for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, fin, t, ready);
