@@ -3,9 +3,8 @@
 // masked-grouped problems.
 //
 // Status: opt-in (FLASHSEEK_GEMM_IMPL=sm90). Correct on the whole GPU test sweep, but it measures
-// 0.65-0.92x of the CUTLASS block-wise kernels that run by default (slowest at short K, where both
-// math warpgroups store their epilogue while the tensor pipe idles). docs/gemm-design.md has the
-// measurements, what each experiment ruled out, and the next steps. It exists as the base for a
+// 0.84-0.92x of the CUTLASS block-wise kernels that run by default; what is left is in the K loop.
+// docs/gemm-design.md has the measurements, what each experiment ruled out, and the next steps. It exists as the base for a
 // DeepGEMM-class kernel: no JIT, one mechanism for dense / contiguous / masked, no scale repacking.
 //
 // Structure (384 threads, one CTA per SM, persistent, 128 x 128 tiles):
