@@ -222,11 +222,12 @@ struct MathWarpgroup {
     s.sb_index = (tile.group * nsb + min(tile.n0 / 128, nsb - 1)) * num_kb;
   }
 
-  // Waits for the stage (unless an earlier probe saw it full), issues its 4 wgmma into `acc` and
-  // reads the activation scales.
-  __device__ __forceinline__ void issue(float (&acc)[kAcc], Step& s, bool ready) {
+  // Waits for the stage (unless the probe that set `ready` saw this very stage full; the flag is
+  // consumed), issues its 4 wgmma into `acc` and reads the activation scales.
+  __device__ __forceinline__ void issue(float (&acc)[kAcc], Step& s, bool& ready) {
     s.stage = stage;
     if (!ready) mbar_wait(L::full(base, stage), phase);
+    ready = false;
     // The scales' first row sits at row0 % 4 inside the 16-byte aligned TMA box (masked groups start
     // at multiples of 128).
     const int shift = p.masked_m != nullptr ? 0 : (s.row0 & 3);
@@ -292,26 +293,63 @@ struct MathWarpgroup {
 
   // One tile. The full barrier of the next K block is probed right after this one's wgmma complete,
   // so the probe's latency hides behind the promotion instead of delaying the next issue.
-  __device__ __forceinline__ void run_tile(float (&acc)[kAcc], float (&fin)[kAcc], int t, bool& ready) {
+  __device__ __forceinline__ void finish(const float (&acc)[kAcc], float (&fin)[kAcc], const Step& s, float sb,
+                                         bool& ready) {
+    ready = mbar_test(L::full(base, stage), phase);
+    retire(acc, fin, s, sb);
+  }
+
+  // One tile. Two accumulator sets alternate over its K blocks: block kb + 1 is issued before block
+  // kb is promoted, so this warpgroup keeps the tensor pipe fed through its own promotion. Every
+  // branch around a wgmma depends only on kernel parameters (K), which ptxas sees as warp-uniform.
+  __device__ __forceinline__ void run_tile(float (&acc)[kAcc], float (&acc2)[kAcc], float (&fin)[kAcc], int t,
+                                           bool& ready) {
     Step s;
     s.t = t;
     locate(s);
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
-    // The weight scale is fetched one K block ahead, off the issue path.
-    float sb_next = __ldg(p.b_scale + s.sb_index);
-    for (int kb = 0; kb < num_kb; ++kb) {
-      s.kb = kb;
-      const float sb = sb_next;
-      issue(acc, s, ready);
-      if (kb + 1 < num_kb) sb_next = __ldg(p.b_scale + s.sb_index + kb + 1);
-      cute::warpgroup_wait<0>();
-#pragma unroll
-      for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
-      ready = mbar_test(L::full(base, stage), phase);
-      retire(acc, fin, s, sb);
+    s.kb = 0;
+    float sb = __ldg(p.b_scale + s.sb_index);
+    issue(acc, s, ready);
+    while (true) {
+      if (s.kb + 1 == num_kb) {
+        cute::warpgroup_wait<0>();
+        fence(acc);
+        finish(acc, fin, s, sb, ready);
+        break;
+      }
+      Step n = s;
+      n.kb = s.kb + 1;
+      const float sb_n = __ldg(p.b_scale + s.sb_index + n.kb);
+      issue(acc2, n, ready);
+      cute::warpgroup_wait<1>();
+      fence(acc);
+      finish(acc, fin, s, sb, ready);
+      s = n;
+      sb = sb_n;
+      if (s.kb + 1 == num_kb) {
+        cute::warpgroup_wait<0>();
+        fence(acc2);
+        finish(acc2, fin, s, sb, ready);
+        break;
+      }
+      n = s;
+      n.kb = s.kb + 1;
+      const float sb_n2 = __ldg(p.b_scale + s.sb_index + n.kb);
+      issue(acc, n, ready);
+      cute::warpgroup_wait<1>();
+      fence(acc2);
+      finish(acc2, fin, s, sb, ready);
+      s = n;
+      sb = sb_n2;
     }
     epilogue(fin);
+  }
+
+  __device__ __forceinline__ static void fence(float (&acc)[kAcc]) {
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
   }
 };
 
@@ -331,9 +369,9 @@ __device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* 
   static_assert(SmemLayout<STAGES>::kABytes == SmemLayout<STAGES>::kBBytes, "one stage stride for A and B");
   m.a_desc0 = smem_desc(base + SmemLayout<STAGES>::kA + m.mw * 64 * kBlockK);
   m.b_desc0 = smem_desc(base + SmemLayout<STAGES>::kB);
-  float acc[kAcc], fin[kAcc];
+  float acc[kAcc], acc2[kAcc], fin[kAcc];
   bool ready = false;
-  for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, fin, t, ready);
+  for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, acc2, fin, t, ready);
   // Takes the storer's last "buffer free" signal, so no arrival is left pending on the barrier.
   asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDEmpty + m.mw) : "memory");
   if constexpr (CLUSTER_N > 1) cute::cluster_sync();
