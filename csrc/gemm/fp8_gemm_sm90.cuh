@@ -2,18 +2,19 @@
 // fp32 promotion per 128-deep K block, bf16 out), one kernel for dense, contiguous-grouped and
 // masked-grouped problems.
 //
-// Status: opt-in (FLASHSEEK_GEMM_IMPL=sm90). Correct on the whole GPU test sweep, but it measures
-// 0.84-0.92x of the CUTLASS block-wise kernels that run by default; what is left is in the K loop.
-// docs/gemm-design.md has the measurements, what each experiment ruled out, and the next steps. It exists as the base for a
+// Status: opt-in (FLASHSEEK_GEMM_IMPL=sm90). Correct on the whole GPU test sweep; it measures
+// 0.91-1.12x of the CUTLASS block-wise kernels that run by default, depending on shape, and fused_moe
+// prefill runs slower on it. docs/gemm-design.md has the measurements, what each experiment ruled
+// out, and the next steps. It exists as the base for a
 // DeepGEMM-class kernel: no JIT, one mechanism for dense / contiguous / masked, no scale repacking.
 //
 // Structure (384 threads, one CTA per SM, persistent, 128 x 128 tiles):
 //   warpgroup 0  producer: one thread issues the TMA loads of A (128 x 128 B), B (128 x 128 B) and
 //                the activation scales of each K block into a ring of STAGES stages;
-//   warpgroups 1-2  math: rows [64 w, 64 w + 64) of the tile. Per K block: 4 wgmma m64n128k32
-//                into a fresh accumulator, wait, release the stage, promote (final += acc *
-//                a_scale[row] * b_scale); the next stage's full barrier is probed before the
-//                promotion. Epilogue: bf16 into a shared staging tile, written out by a storer warp
+//   warpgroups 1-2  math: rows [64 w, 64 w + 64) of the tile. Two accumulator sets alternate over
+//                the tile's K blocks: the 4 wgmma m64n128k32 of block kb + 1 are issued, then
+//                block kb's stage is released and kb promoted (final += acc * a_scale[row] *
+//                b_scale); the next stage's full barrier is probed before the promotion. Epilogue: bf16 into a shared staging tile, written out by a storer warp
 //                of warpgroup 0 (16-byte stores masked to the group's rows and to N) while the math
 //                warpgroups start the next tile.
 // Clusters of CLUSTER_N (1 or 2) CTAs take neighbouring n blocks of the same rows: each CTA loads
