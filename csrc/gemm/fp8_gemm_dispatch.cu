@@ -63,8 +63,7 @@ bool choose_swap_cluster(const Fp8GemmParams& p, int split_k) {
 
 // Rows-in-M problems (dense M > 128, grouped except the swapped masked path): which kernel family.
 // CUTLASS kernels by default: the hand-written sm90 kernel (fp8_gemm_sm90.cuh) is correct and measures
-// 0.91-1.12x of them depending on shape, but fused_moe prefill runs slower on it
-// (docs/gemm-design.md). FLASHSEEK_GEMM_IMPL=sm90 selects it; read on every call (a getenv,
+// 0.91-1.12x of them depending on shape, no clear win yet (docs/gemm-design.md). FLASHSEEK_GEMM_IMPL=sm90 selects it; read on every call (a getenv,
 // ~100 ns) so that one test process can check both paths.
 bool use_sm90() {
   const char* s = std::getenv("FLASHSEEK_GEMM_IMPL");

@@ -3,8 +3,8 @@
 // masked-grouped problems.
 //
 // Status: opt-in (FLASHSEEK_GEMM_IMPL=sm90). Correct on the whole GPU test sweep; it measures
-// 0.91-1.12x of the CUTLASS block-wise kernels that run by default, depending on shape, and fused_moe
-// prefill runs slower on it. docs/gemm-design.md has the measurements, what each experiment ruled
+// 0.91-1.12x of the CUTLASS block-wise kernels that run by default, depending on shape, and the same
+// within ±4% inside fused_moe. docs/gemm-design.md has the measurements, what each experiment ruled
 // out, and the next steps. It exists as the base for a
 // DeepGEMM-class kernel: no JIT, one mechanism for dense / contiguous / masked, no scale repacking.
 //
