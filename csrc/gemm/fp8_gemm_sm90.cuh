@@ -303,6 +303,8 @@ struct MathWarpgroup {
   // One tile. Two accumulator sets alternate over its K blocks: block kb + 1 is issued before block
   // kb is promoted, so this warpgroup keeps the tensor pipe fed through its own promotion. Every
   // branch around a wgmma depends only on kernel parameters (K), which ptxas sees as warp-uniform.
+  // The loop body is the pair of steps written out, (acc -> acc2) then (acc2 -> acc), so that each
+  // step names its registers statically (a runtime-indexed pair would live in local memory).
   __device__ __forceinline__ void run_tile(float (&acc)[kAcc], float (&acc2)[kAcc], float (&fin)[kAcc], int t,
                                            bool& ready) {
     Step s;
