@@ -36,9 +36,10 @@
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90_desc.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
-#include <cute/arch/mma_sm90_gmma_ext.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
+
+#include "common/smem_sm90.cuh"
 
 namespace flashseek::sm90gemm {
 
@@ -75,12 +76,6 @@ __device__ __forceinline__ void wgmma_step(uint64_t da, uint64_t db, float (&d)[
   MmaOp::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
 
-// K-major operand, 128-byte rows, 128B swizzle (what TMA writes with CU_TENSOR_MAP_SWIZZLE_128B):
-// 8-row core groups 1024 B apart; the leading byte offset is ignored for this layout.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (static_cast<uint64_t>(1) << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
-}
 
 // Shared-memory helpers on 32-bit shared-window addresses (one register each).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -114,9 +109,6 @@ __device__ __forceinline__ int lds_s32(uint32_t addr) {
   int v;
   asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(v) : "r"(addr));
   return v;
-}
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // Rows [begin, end) of group g, with the launcher's clamping rules: contiguous offsets are clipped
@@ -370,8 +362,9 @@ __device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* 
   m.num_units = total_units(p, base + SmemLayout<STAGES>::kCum, CLUSTER_N);
   m.rank = CLUSTER_N > 1 ? int(cute::block_rank_in_cluster()) : 0;
   static_assert(SmemLayout<STAGES>::kABytes == SmemLayout<STAGES>::kBBytes, "one stage stride for A and B");
-  m.a_desc0 = smem_desc(base + SmemLayout<STAGES>::kA + m.mw * 64 * kBlockK);
-  m.b_desc0 = smem_desc(base + SmemLayout<STAGES>::kB);
+  // K-major operands of 128-byte rows: 8-row core groups 1024 B apart.
+  m.a_desc0 = wgmma_desc_sw128(base + SmemLayout<STAGES>::kA + m.mw * 64 * kBlockK, 16, 1024);
+  m.b_desc0 = wgmma_desc_sw128(base + SmemLayout<STAGES>::kB, 16, 1024);
   float acc[kAcc], acc2[kAcc], fin[kAcc];
   bool ready = false;
   for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, acc2, fin, t, ready);

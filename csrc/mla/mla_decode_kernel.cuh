@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "common/cuda_check.h"
+#include "common/smem_sm90.cuh"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
@@ -105,9 +106,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
   __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
   return *reinterpret_cast<uint32_t*>(&v);
 }
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using flashseek::smem_u32;
 
 template <typename QT>
 __device__ __forceinline__ void store_pair(QT* dst, float a, float b);

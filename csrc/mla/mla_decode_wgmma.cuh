@@ -92,11 +92,7 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {  // chunk c (< 8) of row
 // Byte offset of 16-byte chunk c (< 72) of row r in a 576-wide paneled tile.
 __device__ __forceinline__ uint32_t tile_chunk(int r, int c) { return (c >> 3) * kPanelBytes + swz(r, c & 7); }
 
-// wgmma shared-memory descriptor, 128B swizzle. K-major tiles ignore the leading byte offset.
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
-         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
-}
+using flashseek::wgmma_desc_sw128;
 
 namespace gmma = cute::SM90::GMMA;
 using MmaQK = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>;
@@ -311,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
 #pragma unroll
         for (int kk = 0; kk < kDQK / 16; ++kk) {
           const uint32_t off = (kk >> 2) * kPanelBytes + (kk & 3) * 32;
-          qk_step(make_desc(sQ + off, 16, 1024), make_desc(sK + off, 16, 1024), sacc,
+          qk_step(wgmma_desc_sw128(sQ + off, 16, 1024), wgmma_desc_sw128(sK + off, 16, 1024), sacc,
                   kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<32>{});
         }
         cute::warpgroup_commit_batch();
@@ -381,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
           const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
-          pv_step_rs(a, make_desc(sK + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
+          pv_step_rs(a, wgmma_desc_sw128(sK + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
         }
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
@@ -414,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         cute::warpgroup_arrive();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          pv_step_ss(make_desc(sP + kk * 32, 16, 1024), make_desc(sK + 4 * kPanelBytes + kk * 2048, kPanelBytes, 1024),
+          pv_step_ss(wgmma_desc_sw128(sP + kk * 32, 16, 1024), wgmma_desc_sw128(sK + 4 * kPanelBytes + kk * 2048, kPanelBytes, 1024),
                      o, std::make_index_sequence<128>{});
         }
         cute::warpgroup_commit_batch();

@@ -1,0 +1,22 @@
+// Shared-memory addressing shared by the sm_90a kernels (MLA decode, FP8 GEMM).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace flashseek {
+
+// 32-bit shared-window address of a generic pointer into shared memory (one register).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// wgmma shared-memory matrix descriptor for a 128B-swizzled operand (what TMA writes with
+// CU_TENSOR_MAP_SWIZZLE_128B, or the same XOR layout written by hand): start address, leading and
+// stride byte offsets (16-byte units, 14 bits each). K-major tiles ignore the leading byte offset.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+}  // namespace flashseek
