@@ -289,6 +289,17 @@ def gemm_impl(request, monkeypatch):
     return request.param
 
 
+# Decode problems (dense M <= 64, masked M_max <= 64) have two kernel families too: the hand-written
+# stream-K kernel (the default) and CUTLASS's swapped kernels (FLASHSEEK_GEMM_SKINNY=0).
+@pytest.fixture(params=["skinny", "cutlass"])
+def decode_impl(request, monkeypatch):
+    if request.param == "cutlass":
+        monkeypatch.setenv("FLASHSEEK_GEMM_SKINNY", "0")
+    else:
+        monkeypatch.delenv("FLASHSEEK_GEMM_SKINNY", raising=False)
+    return request.param
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("m,n,k", CUDA_DENSE)
 def test_fp8_gemm_cuda(m, n, k, gemm_impl):
@@ -351,7 +362,7 @@ SMALL_M_CASES = [(m, *_SMALL_M_NK[(4 * i + r) * 7 % len(_SMALL_M_NK)]) for i, m 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("m,n,k", SMALL_M_CASES)
-def test_fp8_gemm_small_m_sweep(m, n, k):
+def test_fp8_gemm_small_m_sweep(m, n, k, decode_impl):
     # The unquantized comparison only where the output is large enough for calc_diff to average the
     # FP8 quantization noise (~5e-4 on large outputs): over M*N = 32 values it measured 1.3e-3 once on
     # the H100 while the exact comparison, the one that checks the kernel, held.
@@ -360,7 +371,7 @@ def test_fp8_gemm_small_m_sweep(m, n, k):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("m,n,k", [(5, 576, 1536), (64, 2112, 512), (1, 7168, 128)])
-def test_fp8_gemm_small_m_padded_scale_ld(m, n, k):
+def test_fp8_gemm_small_m_padded_scale_ld(m, n, k, decode_impl):
     """a_scale with a padded leading dimension (ld = round_up(M, 4) + 12, 16-byte multiple) is passed
     through without repacking; the result must equal the one from the default layout bit for bit."""
     x, q, s = make_act(m, k, "cuda")
@@ -376,8 +387,20 @@ def test_fp8_gemm_small_m_padded_scale_ld(m, n, k):
 
 
 @pytest.mark.cuda
-def test_fp8_gemm_small_m_cuda_graph():
-    """The split-K decode path (workspace partials + reduction kernel) replays from a CUDA graph with
+@pytest.mark.parametrize("m,n,k", [(1, 2112, 7168), (64, 7168, 16384), (17, 576, 1536), (3, 24576, 1536)])
+def test_fp8_gemm_decode_deterministic(m, n, k, decode_impl):
+    """Tiles shared by several CTAs (stream-K in the skinny kernel, split-K in CUTLASS's) are reduced
+    in a fixed order: repeated calls agree bit for bit."""
+    _, q, s = make_act(m, k, "cuda")
+    _, wq, ws = make_weight(n, k, "cuda")
+    first = ops.fp8_gemm(q, s, wq, ws)
+    for _ in range(3):
+        assert torch.equal(ops.fp8_gemm(q, s, wq, ws), first)
+
+
+@pytest.mark.cuda
+def test_fp8_gemm_small_m_cuda_graph(decode_impl):
+    """The split decode path (workspace partials + reduction kernel) replays from a CUDA graph with
     new inputs."""
     m, n, k = 12, 2112, 7168
     _, q, s = make_act(m, k, "cuda")
@@ -441,7 +464,7 @@ def _check_masked(out, counts, q, s, wq, ws):
 # M_max <= 64 runs the swapped grouped kernel, larger M_max the rows-in-M one.
 @pytest.mark.parametrize("e,m_max,n,k", [(16, 64, 4096, 7168), (8, 256, 7168, 2048), (4, 1, 576, 512),
                                          (32, 130, 2112, 1536), (64, 8, 2048, 7168), (3, 65, 16, 128)])
-def test_grouped_masked_cuda(e, m_max, n, k, gemm_impl):
+def test_grouped_masked_cuda(e, m_max, n, k, gemm_impl, decode_impl):
     _, q, s, _, wq, ws = _masked_inputs(e, m_max, n, k)
     counts = torch.randint(0, m_max + 1, (e,)).tolist()
     counts[0], counts[-1] = 0, m_max
@@ -454,7 +477,7 @@ def test_grouped_masked_cuda(e, m_max, n, k, gemm_impl):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("m_max", [32, 96])  # the swapped (M_max <= 64) and the rows-in-M kernel
-def test_grouped_masked_cuda_graph(m_max, gemm_impl):
+def test_grouped_masked_cuda_graph(m_max, gemm_impl, decode_impl):
     e, n, k = 8, 512, 1024
     _, q, s, _, wq, ws = _masked_inputs(e, m_max, n, k)
     masked_m = torch.zeros(e, dtype=torch.int32, device="cuda")
@@ -470,6 +493,29 @@ def test_grouped_masked_cuda_graph(m_max, gemm_impl):
         g.replay()
         torch.cuda.synchronize()
         _check_masked(out, counts, q, s, wq, ws)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("e,m_max,n,k,active", [(256, 1, 512, 7168, 8), (256, 3, 1040, 2048, 20),
+                                                (64, 64, 576, 512, 64), (1024, 2, 16, 128, 5)])
+def test_grouped_masked_decode_shapes(e, m_max, n, k, active, decode_impl):
+    """MoE decode: a few active experts among many (the stream-K split over the active ones only), one
+    expert with a count past M_max (clamped), and activation scales in the flat [E * M_max, K/128]
+    layout of a single quantization (per-expert stride M_max, not a multiple of 4)."""
+    w, wq, ws = make_weight(n, k, "cuda", e=e)
+    x = torch.randn(e * m_max, k, device="cuda").bfloat16()
+    q, s = ops.quant_fp8_1x128(x)
+    q, s = q.view(e, m_max, k), s.unflatten(0, (e, m_max))
+    counts = [0] * e
+    for g in torch.randperm(e)[:active].tolist():
+        counts[g] = int(torch.randint(1, m_max + 1, ()))
+    over = next(g for g in range(e) if counts[g])
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    masked_m[over] = m_max + 7
+    out = poison_(torch.empty(e, m_max, n, dtype=torch.bfloat16, device="cuda"))
+    ops.grouped_fp8_gemm_masked(q, s, wq, ws, masked_m, out=out)
+    counts[over] = m_max
+    _check_masked(out, counts, q, s, wq, ws)
 
 
 @pytest.mark.cuda

@@ -30,6 +30,7 @@ struct Fp8GemmPlan {
   bool stream_k = false;  // large m: stream-K scheduler instead of the persistent data-parallel one
   bool swap_cluster = false;  // 64 < m <= 128, no split: swapped kernel in 1x2 clusters (fp8_gemm_small_mc.cu)
   bool sm90 = false;          // large m: the hand-written kernel (fp8_gemm_sm90.cu)
+  bool skinny = false;        // m <= 64: the stream-K decode kernel (fp8_gemm_skinny.cu)
 };
 
 Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p);
@@ -83,6 +84,14 @@ void launch_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace, siz
 void launch_fp8_gemm_sm90(const Fp8GemmParams& p, cudaStream_t stream);
 bool grouped_fp8_gemm_sm90_supported(const GroupedFp8GemmParams& p);
 void launch_grouped_fp8_gemm_sm90(const GroupedFp8GemmParams& p, cudaStream_t stream);
+
+// The decode kernel (fp8_gemm_skinny.cu): weights in the MMA's M, up to 64 tokens in its N, the
+// (tile, K block) units of the whole problem split evenly over the SMs (stream-K, fixed-order
+// reduction of shared tiles). Dense M <= 64 and masked M_max <= 64.
+size_t fp8_gemm_skinny_workspace(int num_groups, int sm_count);
+void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
+bool grouped_fp8_gemm_skinny_supported(const GroupedFp8GemmParams& p);
+void launch_grouped_fp8_gemm_skinny(const GroupedFp8GemmParams& p, void* workspace, cudaStream_t stream);
 
 size_t grouped_fp8_gemm_rows_workspace(const GroupedFp8GemmParams& p);
 void launch_grouped_fp8_gemm_rows(const GroupedFp8GemmParams& p, void* workspace, size_t workspace_bytes,

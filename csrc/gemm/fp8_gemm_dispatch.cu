@@ -14,6 +14,7 @@ namespace {
 constexpr int kSwapMaxM = 128;     // at or below: tokens in the MMA's N (fp8_gemm_small.cu)
 constexpr int kSwapTileN = 64;     // token tile of the swapped kernel
 constexpr int kMaxSplitK = 16;
+constexpr int kSkinnyMaxM = 64;    // at or below: the decode kernel (fp8_gemm_skinny.cu)
 constexpr int kGroupedSwapMaxM = 64;  // masked M_max at or below: grouped kernel with swapped operands
 constexpr size_t kAlign = 256;
 
@@ -70,6 +71,14 @@ bool use_sm90() {
   return s != nullptr && std::string(s) == "sm90";
 }
 
+// Decode problems (dense M <= 64, masked M_max <= 64): the hand-written stream-K kernel
+// (fp8_gemm_skinny.cuh) by default; FLASHSEEK_GEMM_SKINNY=0 selects the CUTLASS swapped kernels
+// instead. Read on every call, so that one test process can check both paths.
+bool use_skinny() {
+  const char* s = std::getenv("FLASHSEEK_GEMM_SKINNY");
+  return !(s != nullptr && s[0] == '0');
+}
+
 __global__ void reduce_split_k_kernel(const float4* __restrict__ partials, int split_k, int64_t mn4,
                                       uint2* __restrict__ out) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -101,7 +110,10 @@ void launch_reduce_split_k(const float* partials, int split_k, int64_t mn, void*
 Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p) {
   Fp8GemmPlan plan{false, 1, 0};
   if (p.m == 0) return plan;
-  if (p.m <= kSwapMaxM) {
+  if (p.m <= kSkinnyMaxM && use_skinny()) {
+    plan.skinny = true;
+    plan.workspace_bytes = fp8_gemm_skinny_workspace(1, p.sm_count);
+  } else if (p.m <= kSwapMaxM) {
     plan.swap_ab = true;
     plan.split_k = choose_split_k(p);
     plan.swap_cluster = choose_swap_cluster(p, plan.split_k);
@@ -120,6 +132,10 @@ Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p) {
 void launch_fp8_gemm(const Fp8GemmParams& p, const Fp8GemmPlan& plan, void* workspace, cudaStream_t stream) {
   if (p.m == 0) return;
   char* ws = static_cast<char*>(workspace);
+  if (plan.skinny) {
+    launch_fp8_gemm_skinny(p, ws, stream);
+    return;
+  }
   if (!plan.swap_ab) {
     if (plan.sm90) {
       launch_fp8_gemm_sm90(p, stream);
@@ -148,19 +164,25 @@ namespace {
 bool grouped_swap(const GroupedFp8GemmParams& p) {
   return p.masked_m != nullptr && p.m_rows <= kGroupedSwapMaxM;
 }
+bool grouped_skinny(const GroupedFp8GemmParams& p) {
+  return use_skinny() && grouped_fp8_gemm_skinny_supported(p);
+}
 bool grouped_sm90(const GroupedFp8GemmParams& p) {
   return !grouped_swap(p) && use_sm90() && grouped_fp8_gemm_sm90_supported(p);
 }
 }  // namespace
 
 size_t grouped_fp8_gemm_workspace(const GroupedFp8GemmParams& p) {
+  if (grouped_skinny(p)) return fp8_gemm_skinny_workspace(p.num_experts, p.sm_count);
   if (grouped_sm90(p)) return 0;
   return grouped_swap(p) ? grouped_fp8_gemm_swap_workspace(p) : grouped_fp8_gemm_rows_workspace(p);
 }
 
 void launch_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream) {
-  if (grouped_sm90(p)) {
+  if (grouped_skinny(p)) {
+    launch_grouped_fp8_gemm_skinny(p, workspace, stream);
+  } else if (grouped_sm90(p)) {
     launch_grouped_fp8_gemm_sm90(p, stream);
   } else if (grouped_swap(p)) {
     launch_grouped_fp8_gemm_swap(p, workspace, workspace_bytes, stream);

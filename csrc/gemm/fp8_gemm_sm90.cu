@@ -10,41 +10,12 @@
 #include "common/cuda_check.h"
 #include "gemm/fp8_gemm.h"
 #include "gemm/fp8_gemm_sm90.cuh"
+#include "gemm/sm90_tensor_maps.h"
 
 namespace flashseek {
 namespace {
 
 using sm90gemm::KernelParams;
-
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    check_cuda(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status),
-               "cudaGetDriverEntryPointByVersion", __FILE__, __LINE__);
-    if (status != cudaDriverEntryPointSuccess || ptr == nullptr) {
-      throw std::runtime_error("flashseek: the driver has no cuTensorMapEncodeTiled");
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
-// Row-major fp8 matrix [rows, k] (k contiguous), loaded as 128-byte-wide boxes of `box_rows` rows
-// into 128B-swizzled shared memory. Rows and columns past the matrix read as zeros.
-CUtensorMap fp8_rows_map(const void* base, int64_t rows, int64_t k, int box_rows) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {cuuint64_t(k), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(k)};
-  const cuuint32_t box[2] = {128, cuuint32_t(box_rows)};
-  const cuuint32_t elem[2] = {1, 1};
-  CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box, elem,
-                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) throw std::runtime_error("flashseek: cuTensorMapEncodeTiled (fp8 operand) failed: " +
-                                                  std::to_string(int(r)));
-  return map;
-}
 
 // Activation scales: element (row, kb, plane) at plane * plane_stride + kb * ld + row (floats), loaded
 // as `box_rows` consecutive rows of one K block; rows past `rows` read as zeros.
@@ -58,9 +29,9 @@ CUtensorMap scale_map(const float* base, int64_t rows, int64_t kb, int64_t plane
   const cuuint64_t strides[2] = {cuuint64_t(ld_bytes), cuuint64_t(plane_bytes)};
   const cuuint32_t box[3] = {cuuint32_t(box_rows), 1, 1};
   const cuuint32_t elem[3] = {1, 1, 1};
-  CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(base), dims, strides, box,
-                           elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                           CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  CUresult r = tensor_map_encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(base), dims,
+                                      strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) throw std::runtime_error("flashseek: cuTensorMapEncodeTiled (activation scales) failed: " +
                                                   std::to_string(int(r)));
   return map;

@@ -8,6 +8,8 @@ experts that received rows.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -79,6 +81,20 @@ def _time_peer(ctx, fns) -> Optional[float]:
     return ctx.time(loop)
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Sets an environment override the GEMM dispatch reads on every call (same-run A/B rows)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def _backend(name):
     return "kernel" if ops.has_cuda_kernel(name) else "reference"
 
@@ -97,6 +113,9 @@ GEMM_CASES_CPU = [(16, 256, 512), (64, 576, 1024)]
 def _gemm_path(m, n, k, ctx) -> str:
     """The kernel fp8_gemm_dispatch.cu picks (docs/gemm-design.md), without the env overrides."""
     sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if ctx.cuda else 132
+    if m <= 64:
+        units = (n + 63) // 64 * (k // 128)
+        return f"skinny 64x64x128 stream-k over {min(sms, units)} CTAs"
     if m <= 128:
         tiles = (n + 127) // 128 * ((m + 63) // 64)
         split = max([d for d in range(1, min(16, k // 128) + 1) if (k // 128) % d == 0 and tiles * d <= sms] or [1])
@@ -129,6 +148,10 @@ def run_gemm(ctx: BenchContext) -> list[Row]:
             # Decode-sized calls are host-bound when timed one by one; an engine replays them in a
             # CUDA graph, which is the device time alone (the weight-bandwidth target is about this).
             extra["graph_us"] = ctx.time(lambda i: ops.fp8_gemm(*inputs[i], out=out), n_inputs, graph=True)
+            if m <= 64:  # the CUTLASS swapped split-K path, same inputs, same run
+                with _env("FLASHSEEK_GEMM_SKINNY", "0"):
+                    extra["cutlass_graph_us"] = ctx.time(lambda i: ops.fp8_gemm(*inputs[i], out=out), n_inputs,
+                                                         graph=True)
             if peer:
                 try:
                     extra["peer_graph_us"] = ctx.time(lambda i: peer(), 1, graph=True)
@@ -178,6 +201,10 @@ def _masked_rows(ctx, tokens, weights) -> list[Row]:
         sa = ops.empty_grouped_act_scale(e, m_max, kb, ctx.device).fill_(1.0 / 448)
         out = torch.empty(e, m_max, n, dtype=torch.bfloat16, device=ctx.device)
         us = ctx.time(lambda i: ops.grouped_fp8_gemm_masked(a, sa, b, sb, masked_m, out=out))
+        alt = {}
+        if m_max <= 64:  # the CUTLASS swapped kernel, same inputs, same run
+            with _env("FLASHSEEK_GEMM_SKINNY", "0"):
+                alt["cutlass_us"] = ctx.time(lambda i: ops.grouped_fp8_gemm_masked(a, sa, b, sb, masked_m, out=out))
         touched = [g for g in range(e) if counts[g] > 0]
         peers = [_peer_fn(a[g, :counts[g]], sa[g, :counts[g]], b[g], sb[g]) for g in touched] if ctx.cuda else []
         peer_us = _time_peer(ctx, peers)
@@ -193,7 +220,8 @@ def _masked_rows(ctx, tokens, weights) -> list[Row]:
                         backend=_backend("grouped_fp8_gemm_masked"),
                         extra={"roofline_us": roof_us, "x_roofline": (us / roof_us) if roof_us else None,
                                "target_x_roofline": 1.25,
-                               "path": "swap_ab 128x64" if m_max <= 64 else "128x128x128 coop 1x2"}))
+                               "path": "skinny 64x64x128 stream-k" if m_max <= 64 else "128x128x128 coop 1x2",
+                               **alt}))
         del a, sa, out
     return rows
 

@@ -1,0 +1,102 @@
+// Launchers of the decode GEMM (fp8_gemm_skinny.cuh): dense M <= 64 and masked-grouped M_max <= 64.
+#include <algorithm>
+#include <mutex>
+
+#include "common/cuda_check.h"
+#include "gemm/fp8_gemm.h"
+#include "gemm/fp8_gemm_skinny.cuh"
+#include "gemm/sm90_tensor_maps.h"
+
+namespace flashseek {
+namespace {
+
+using skinny::Params;
+
+size_t header_bytes(int groups) { return ((size_t(groups) + 1) * sizeof(int) + 255) / 256 * 256; }
+
+void bind_workspace(Params& kp, void* workspace, int groups) {
+  kp.header = static_cast<int*>(workspace);
+  kp.partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + header_bytes(groups));
+}
+
+// Both kernels are programmatic dependents of whatever precedes them on the stream: their launch and
+// prologue overlap its tail, and griddepcontrol.wait holds their first global access until it is done.
+void launch(const CUtensorMap& tmap_w, const CUtensorMap& tmap_x, const Params& kp, int ctas, bool reduce,
+            cudaStream_t stream) {
+  static std::once_flag attr_once[64];
+  int device = 0;
+  FS_CUDA_CHECK(cudaGetDevice(&device));
+  std::call_once(attr_once[device % 64], [] {
+    FS_CUDA_CHECK(cudaFuncSetAttribute(skinny::skinny_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       skinny::Smem::kDynamic));
+  });
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(ctas));
+  cfg.blockDim = dim3(skinny::kThreads);
+  cfg.dynamicSmemBytes = size_t(skinny::Smem::kDynamic);
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny::skinny_kernel, tmap_w, tmap_x, kp));
+  if (!reduce) return;
+  cfg.blockDim = dim3(skinny::kMathThreads);
+  cfg.dynamicSmemBytes = 0;
+  FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny::reduce_kernel, kp));
+}
+
+}  // namespace
+
+size_t fp8_gemm_skinny_workspace(int num_groups, int sm_count) {
+  return header_bytes(num_groups) + size_t(2) * sm_count * skinny::kSlotFloats * sizeof(float);
+}
+
+void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0) return;
+  Params kp{};
+  kp.a_scale = p.a_scale;
+  kp.a_scale_ld = p.a_scale_ld;
+  kp.b_scale = p.b_scale;
+  kp.out = static_cast<__nv_bfloat16*>(p.out);
+  kp.num_groups = 1;
+  kp.m_rows = p.m;
+  kp.n = p.n;
+  kp.k = p.k;
+  bind_workspace(kp, workspace, 1);
+  const int64_t num_kb = p.k / skinny::kBlockK;
+  const int64_t units = int64_t((p.n + skinny::kRows - 1) / skinny::kRows) * num_kb;
+  const int ctas = int(std::min<int64_t>(p.sm_count, units));
+  // The reduction runs only if some CTA boundary falls inside a tile.
+  bool reduce = false;
+  for (int c = 1; c < ctas && !reduce; ++c) reduce = (int64_t(c) * units / ctas) % num_kb != 0;
+  launch(fp8_rows_map(p.b, p.n, p.k, skinny::kRows), fp8_rows_map(p.a, p.m, p.k, skinny::kTokens), kp, ctas, reduce,
+         stream);
+}
+
+bool grouped_fp8_gemm_skinny_supported(const GroupedFp8GemmParams& p) {
+  return p.masked_m != nullptr && p.m_rows <= skinny::kTokens && p.num_experts <= skinny::kMaxGroups;
+}
+
+void launch_grouped_fp8_gemm_skinny(const GroupedFp8GemmParams& p, void* workspace, cudaStream_t stream) {
+  if (p.m_rows == 0 || p.n == 0 || p.num_experts == 0) return;
+  Params kp{};
+  kp.a_scale = p.a_scale;
+  kp.a_scale_ld = p.a_scale_ld;
+  kp.a_scale_estride = p.a_scale_estride;
+  kp.b_scale = p.b_scale;
+  kp.out = static_cast<__nv_bfloat16*>(p.out);
+  kp.masked_m = p.masked_m;
+  kp.num_groups = p.num_experts;
+  kp.m_rows = p.m_rows;
+  kp.n = p.n;
+  kp.k = p.k;
+  bind_workspace(kp, workspace, p.num_experts);
+  // Which experts have tokens is only known on the device: every SM runs, idle ones get empty ranges.
+  const int64_t e = p.num_experts;
+  launch(fp8_rows_map(p.b, e * p.n, p.k, skinny::kRows), fp8_rows_map(p.a, e * p.m_rows, p.k, skinny::kTokens), kp,
+         p.sm_count, true, stream);
+}
+
+}  // namespace flashseek

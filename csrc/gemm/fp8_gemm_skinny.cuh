@@ -1,0 +1,336 @@
+// Hopper FP8 block-scaled GEMM for decode: at most 64 tokens, so the weights are the MMA's M and the
+// tokens its N (out^T = W . X^T), and the job is to stream the weight matrix at the copy bandwidth.
+//
+// Dense (M <= 64 tokens) and masked-grouped (M_max <= 64 tokens per expert) problems share one
+// mechanism. A tile is 64 weight rows of one group (wgmma m64n64k32, 64 token columns; TMA zero-fills
+// the token rows past the tensor). The work is the list of (tile, 128-deep K block) units of the
+// active groups, tile-major, and CTA c of G takes units [c U / G, (c + 1) U / G): every SM streams
+// the same number of weight bytes whatever N and K are (stream-K). A tile that lies inside one CTA's
+// range is written as bf16 at once. A tile shared by several CTAs leaves one fp32 partial per CTA
+// in the workspace; reduce_kernel, launched right behind (programmatic dependent launch), sums them
+// in CTA order, so the result does not depend on timing.
+//
+// CTA: 160 threads. Warps 0-3 (one warpgroup) issue the wgmma of each unit and promote it into the
+// fp32 tile (fin += acc * a_scale[token] * b_scale); warp 4 fills a ring of kStages stages: lane 0
+// TMA-loads the weight block (64 x 128 B) and the token block (64 x 128 B), and all 32 lanes
+// cp.async the 64 activation scales (any stride, zero past the group's tokens), each stage's full
+// barrier completing on the TMA bytes plus the lanes' cp.async arrivals.
+// Both kernels call griddepcontrol.wait before their first global-memory access, so launching them
+// as programmatic dependents is safe after any kernel.
+#pragma once
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/mma_sm90_desc.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "common/smem_sm90.cuh"
+
+namespace flashseek::skinny {
+
+constexpr int kRows = 64;     // weight rows per tile: the MMA's M
+constexpr int kTokens = 64;   // token columns per tile: the MMA's N
+constexpr int kBlockK = 128;
+constexpr int kStages = 12;   // 12 x 8 KB of weights in flight per SM; the copy needs ~45 KB
+constexpr int kMathThreads = 128;
+constexpr int kThreads = kMathThreads + 32;
+constexpr int kMaxGroups = 1024;
+constexpr int kAcc = kRows * kTokens / kMathThreads;  // 32 fp32 per thread
+constexpr int kSlotFloats = kAcc * kMathThreads;      // one fp32 partial tile in the workspace
+
+struct Params {
+  const float* a_scale;  // (group g, token i, kb) at g * a_scale_estride + kb * a_scale_ld + i
+  int64_t a_scale_ld, a_scale_estride;
+  const float* b_scale;  // [groups, ceil(n / 128), k / 128]
+  __nv_bfloat16* out;    // [groups * m_rows, n]
+  const int32_t* masked_m;  // masked: tokens per group (clamped to [0, m_rows]); dense: null, one group
+  int num_groups;
+  int m_rows;  // dense: M; masked: M_max
+  int n, k;
+  int* header;      // workspace: [0] active groups, [1..] their ids (written by CTA 0 for reduce_kernel)
+  float* partials;  // workspace: [2 * gridDim.x][kSlotFloats]
+};
+
+struct Smem {
+  static constexpr int kWBytes = kRows * kBlockK;    // 8 KB
+  static constexpr int kXBytes = kTokens * kBlockK;  // 8 KB
+  static constexpr int kSaBytes = kTokens * 4;
+  static constexpr int kW = 0;
+  static constexpr int kX = kW + kStages * kWBytes;
+  static constexpr int kSa = kX + kStages * kXBytes;
+  static constexpr int kActive = kSa + kStages * kSaBytes;  // [0] count, [1..] group ids
+  static constexpr int kBar = (kActive + (kMaxGroups + 1) * 4 + 7) / 8 * 8;
+  static constexpr int kTotal = kBar + 2 * kStages * 8;
+  static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 (128B-swizzle atoms)
+  __device__ static uint32_t full(uint32_t base, int s) { return base + kBar + 8 * s; }
+  __device__ static uint32_t empty(uint32_t base, int s) { return base + kBar + 8 * (kStages + s); }
+};
+
+using MmaOp = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;
+
+template <size_t... I>
+__device__ __forceinline__ void wgmma_step(uint64_t dw, uint64_t dx, float (&d)[kAcc], bool accumulate,
+                                           std::index_sequence<I...>) {
+  MmaOp::fma(dw, dx, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1, 0x989680;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void allow_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
+__device__ __forceinline__ int group_tokens(const Params& p, int g) {
+  return p.masked_m != nullptr ? min(max(__ldg(p.masked_m + g), 0), p.m_rows) : p.m_rows;
+}
+
+// The stream-K split shared by both kernels: U units over G CTAs.
+struct Split {
+  int64_t units;
+  int ctas, num_kb;
+  __device__ int64_t begin(int c) const { return int64_t(c) * units / ctas; }
+  // The CTA whose range holds unit u: the largest c with begin(c) <= u.
+  __device__ int cta_of(int64_t u) const { return int(((u + 1) * ctas + units - 1) / units) - 1; }
+  // Workspace slot of CTA c's partial of tile t: 2c for the tile its range starts in, else 2c + 1.
+  __device__ int slot(int c, int64_t t) const { return begin(c) / num_kb == t ? 2 * c : 2 * c + 1; }
+};
+
+// Writes one finished 64 x 64 tile, transposed to out[token][row], masked to the group's tokens
+// and to N. Thread (warp w, lane l) holds rows 16 w + l / 4 (+ 8) and token pairs 8 j + 2 (l % 4).
+__device__ __forceinline__ void store_tile(const Params& p, const float (&fin)[kAcc], int g, int n0, int tid) {
+  const int tokens = group_tokens(p, g);
+  const int warp = tid / 32, lane = tid % 32;
+  const int r0 = n0 + 16 * warp + lane / 4, r1 = r0 + 8;
+  __nv_bfloat16* out = p.out + int64_t(g) * p.m_rows * p.n;
+#pragma unroll
+  for (int j = 0; j < kAcc / 4; ++j) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int tok = 8 * j + 2 * (lane % 4) + q;
+      if (tok < tokens) {
+        if (r0 < p.n) out[int64_t(tok) * p.n + r0] = __float2bfloat16_rn(fin[4 * j + q]);
+        if (r1 < p.n) out[int64_t(tok) * p.n + r1] = __float2bfloat16_rn(fin[4 * j + 2 + q]);
+      }
+    }
+  }
+}
+
+// The groups with at least one token, in order, into active[1..]; active[0] = their count. Warp 0
+// (lanes own contiguous runs of groups).
+__device__ __forceinline__ void list_active_groups(const Params& p, int* active, int lane) {
+  const int per = (p.num_groups + 31) / 32;
+  const int lo = lane * per, hi = min(lo + per, p.num_groups);
+  int mine = 0;
+  for (int g = lo; g < hi; ++g) mine += group_tokens(p, g) > 0;
+  int incl = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  int at = incl - mine;
+  for (int g = lo; g < hi; ++g) {
+    if (group_tokens(p, g) > 0) active[1 + at++] = g;
+  }
+  if (lane == 31) active[0] = incl;
+}
+
+__device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const CUtensorMap* tmap_x, const Params& p,
+                                         uint8_t* smem, const Split& sp, int c) {
+  const uint32_t base = smem_u32(smem);
+  const int lane = threadIdx.x % 32;
+  const int* active = reinterpret_cast<const int*>(smem + Smem::kActive);
+  const int tiles_per_group = (p.n + kRows - 1) / kRows;
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Smem::kBar);
+  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  int stage = 0;
+  uint32_t phase = 0;
+  const int64_t end = sp.begin(c + 1);
+  for (int64_t u = sp.begin(c); u < end; ++u) {
+    const int64_t t = u / sp.num_kb;
+    const int kb = int(u - t * sp.num_kb);
+    const int g = active[1 + int(t / tiles_per_group)];
+    const int n0 = int(t % tiles_per_group) * kRows;
+    mbar_wait(Smem::empty(base, stage), phase ^ 1);
+    if (lane == 0) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage, Smem::kWBytes + Smem::kXBytes);
+      cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + stage, kHint, smem + Smem::kW + stage * Smem::kWBytes,
+                                   kb * kBlockK, g * p.n + n0);
+      cute::SM90_TMA_LOAD_2D::copy(tmap_x, full_bar + stage, kHint, smem + Smem::kX + stage * Smem::kXBytes,
+                                   kb * kBlockK, p.masked_m != nullptr ? g * p.m_rows : 0);
+    }
+    const int tokens = group_tokens(p, g);
+    const float* sa = p.a_scale + int64_t(g) * p.a_scale_estride + int64_t(kb) * p.a_scale_ld;
+    const uint32_t dst = base + Smem::kSa + stage * Smem::kSaBytes;
+#pragma unroll
+    for (int h = 0; h < kTokens / 32; ++h) {
+      const int i = lane + 32 * h;
+      const bool in = i < tokens;
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst + 4 * i),
+                   "l"(in ? sa + i : p.a_scale), "r"(in ? 4 : 0) : "memory");
+    }
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(Smem::full(base, stage)) : "memory");
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+}
+
+__device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, const Split& sp, int c) {
+  const uint32_t base = smem_u32(smem);
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int* active = reinterpret_cast<const int*>(smem + Smem::kActive);
+  const int tiles_per_group = (p.n + kRows - 1) / kRows;
+  const int nsb = (p.n + 127) / 128;
+  // K-major 128-byte rows, 8-row swizzle atoms 1024 B apart; the descriptors of stage 0 plus the stage
+  // and K-step offsets (16-byte units).
+  const uint64_t w_desc0 = wgmma_desc_sw128(base + Smem::kW, 16, 1024);
+  const uint64_t x_desc0 = wgmma_desc_sw128(base + Smem::kX, 16, 1024);
+  int stage = 0;
+  uint32_t phase = 0;
+  float acc[kAcc], fin[kAcc];
+  const int64_t end = sp.begin(c + 1);
+  int64_t u = sp.begin(c);
+  while (u < end) {
+    const int64_t t = u / sp.num_kb;
+    const int kb0 = int(u - t * sp.num_kb);
+    const int kb_end = int(min(end, (t + 1) * sp.num_kb) - t * sp.num_kb);
+    const int g = active[1 + int(t / tiles_per_group)];
+    const int n0 = int(t % tiles_per_group) * kRows;
+    const float* sb_row = p.b_scale + (int64_t(g) * nsb + n0 / 128) * sp.num_kb;
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
+    float sb = __ldg(sb_row + kb0);
+    for (int kb = kb0; kb < kb_end; ++kb) {
+      const float sb_next = __ldg(sb_row + min(kb + 1, sp.num_kb - 1));
+      mbar_wait(Smem::full(base, stage), phase);
+      const uint64_t w_desc = w_desc0 + uint64_t(stage) * (Smem::kWBytes >> 4);
+      const uint64_t x_desc = x_desc0 + uint64_t(stage) * (Smem::kXBytes >> 4);
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int ks = 0; ks < kBlockK / 32; ++ks) {
+        wgmma_step(w_desc + ks * 2, x_desc + ks * 2, acc, ks > 0, std::make_index_sequence<kAcc>{});
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
+      const uint32_t sa_base = base + Smem::kSa + stage * Smem::kSaBytes + 8 * (lane % 4);
+      float2 sa[kAcc / 4];
+#pragma unroll
+      for (int j = 0; j < kAcc / 4; ++j) {
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(sa[j].x), "=f"(sa[j].y) : "r"(sa_base + 32 * j));
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(Smem::empty(base, stage));
+#pragma unroll
+      for (int j = 0; j < kAcc / 4; ++j) {
+        const float s0 = sa[j].x * sb, s1 = sa[j].y * sb;
+        fin[4 * j + 0] = fmaf(acc[4 * j + 0], s0, fin[4 * j + 0]);
+        fin[4 * j + 1] = fmaf(acc[4 * j + 1], s1, fin[4 * j + 1]);
+        fin[4 * j + 2] = fmaf(acc[4 * j + 2], s0, fin[4 * j + 2]);
+        fin[4 * j + 3] = fmaf(acc[4 * j + 3], s1, fin[4 * j + 3]);
+      }
+      sb = sb_next;
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    if (kb0 == 0 && kb_end == sp.num_kb) {
+      store_tile(p, fin, g, n0, tid);
+    } else {
+      float* slot = p.partials + int64_t(sp.slot(c, t)) * kSlotFloats + tid;
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) slot[i * kMathThreads] = fin[i];
+    }
+    u = t * sp.num_kb + kb_end;
+  }
+}
+
+__device__ __forceinline__ Split make_split(const Params& p, int active_groups) {
+  Split sp;
+  sp.num_kb = p.k / kBlockK;
+  sp.units = int64_t(active_groups) * ((p.n + kRows - 1) / kRows) * sp.num_kb;
+  sp.ctas = gridDim.x;
+  return sp;
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    skinny_kernel(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ CUtensorMap tmap_x,
+                  const __grid_constant__ Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  int* active = reinterpret_cast<int*>(smem + Smem::kActive);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (tid == 0) {
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Smem::kBar);
+    for (int s = 0; s < kStages; ++s) {
+      cutlass::arch::ClusterTransactionBarrier::init(bars + s, 1 + 32);  // TMA issuer + 32 cp.async lanes
+      cutlass::arch::ClusterBarrier::init(bars + kStages + s, kMathThreads / 32);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  if (tid == kMathThreads) {
+    cute::prefetch_tma_descriptor(&tmap_w);
+    cute::prefetch_tma_descriptor(&tmap_x);
+  }
+  grid_dependency_wait();
+  if (warp == 0) list_active_groups(p, active, lane);
+  __syncthreads();
+  const Split sp = make_split(p, active[0]);
+  if (blockIdx.x == 0) {
+    for (int i = tid; i <= active[0]; i += kThreads) p.header[i] = active[i];
+  }
+  allow_dependents();
+  if (tid < kMathThreads) {
+    math_warpgroup(p, smem, sp, blockIdx.x);
+  } else {
+    producer(&tmap_w, &tmap_x, p, smem, sp, blockIdx.x);
+  }
+#endif
+}
+
+// One CTA per main-kernel CTA c: if c is the first CTA of a tile that continues past its range, sums
+// that tile's partials in CTA order and writes it.
+__global__ void __launch_bounds__(kMathThreads)
+    reduce_kernel(const __grid_constant__ Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  grid_dependency_wait();
+  allow_dependents();
+  const int c = blockIdx.x, tid = threadIdx.x;
+  const Split sp = make_split(p, p.header[0]);
+  const int64_t begin = sp.begin(c), end = sp.begin(c + 1);
+  if (begin >= end) return;
+  const int64_t t = (end - 1) / sp.num_kb;
+  if (begin > t * sp.num_kb || end == (t + 1) * sp.num_kb) return;
+  const int last = sp.cta_of((t + 1) * sp.num_kb - 1);
+  float fin[kAcc];
+  const float* first = p.partials + int64_t(sp.slot(c, t)) * kSlotFloats + tid;
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) fin[i] = first[i * kMathThreads];
+  for (int o = c + 1; o <= last; ++o) {
+    const float* part = p.partials + int64_t(sp.slot(o, t)) * kSlotFloats + tid;
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) fin[i] += part[i * kMathThreads];
+  }
+  const int tiles_per_group = (p.n + kRows - 1) / kRows;
+  store_tile(p, fin, p.header[1 + int(t / tiles_per_group)], int(t % tiles_per_group) * kRows, tid);
+#endif
+}
+
+}  // namespace flashseek::skinny
