@@ -157,12 +157,18 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const CUtens
   constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
   int stage = 0;
   uint32_t phase = 0;
+  int64_t u = sp.begin(c);
   const int64_t end = sp.begin(c + 1);
-  for (int64_t u = sp.begin(c); u < end; ++u) {
-    const int64_t t = u / sp.num_kb;
-    const int kb = int(u - t * sp.num_kb);
-    const int g = active[1 + int(t / tiles_per_group)];
-    const int n0 = int(t % tiles_per_group) * kRows;
+  if (u >= end) return;
+  // The walk advances (group, row tile, K block) incrementally: three 64-bit divisions per unit (the
+  // first version) put hundreds of dependent instructions on this one thread's path to each TMA.
+  const int64_t t0 = u / sp.num_kb;
+  int kb = int(u - t0 * sp.num_kb);
+  int gi = int(t0 / tiles_per_group);
+  int n0 = int(t0 - int64_t(gi) * tiles_per_group) * kRows;
+  int g = active[1 + gi];
+  int tokens = group_tokens(p, g);
+  for (; u < end; ++u) {
     mbar_wait(Smem::empty(base, stage), phase ^ 1);
     if (lane == 0) {
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage, Smem::kWBytes + Smem::kXBytes);
@@ -171,7 +177,6 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const CUtens
       cute::SM90_TMA_LOAD_2D::copy(tmap_x, full_bar + stage, kHint, smem + Smem::kX + stage * Smem::kXBytes,
                                    kb * kBlockK, p.masked_m != nullptr ? g * p.m_rows : 0);
     }
-    const int tokens = group_tokens(p, g);
     const float* sa = p.a_scale + int64_t(g) * p.a_scale_estride + int64_t(kb) * p.a_scale_ld;
     const uint32_t dst = base + Smem::kSa + stage * Smem::kSaBytes;
 #pragma unroll
@@ -185,6 +190,15 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const CUtens
     if (++stage == kStages) {
       stage = 0;
       phase ^= 1;
+    }
+    if (++kb == sp.num_kb) {
+      kb = 0;
+      n0 += kRows;
+      if (n0 >= p.n && u + 1 < end) {
+        n0 = 0;
+        g = active[1 + ++gi];
+        tokens = group_tokens(p, g);
+      }
     }
   }
 }
@@ -324,6 +338,7 @@ __global__ void __launch_bounds__(kMathThreads)
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) fin[i] = first[i * kMathThreads];
   for (int o = c + 1; o <= last; ++o) {
+    if (sp.begin(o) == sp.begin(o + 1)) continue;  // an idle CTA (fewer units than CTAs) wrote nothing
     const float* part = p.partials + int64_t(sp.slot(o, t)) * kSlotFloats + tid;
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) fin[i] += part[i * kMathThreads];
