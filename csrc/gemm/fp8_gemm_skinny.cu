@@ -21,7 +21,13 @@ void bind_workspace(Params& kp, void* workspace, int groups) {
 
 // Both kernels are programmatic dependents of whatever precedes them on the stream: their launch and
 // prologue overlap its tail, and griddepcontrol.wait holds their first global access until it is done.
-void launch(const CUtensorMap& tmap_w, const CUtensorMap& tmap_x, const Params& kp, int ctas, bool reduce,
+skinny::TokenMaps token_maps(const void* a, int64_t rows, int64_t k) {
+  skinny::TokenMaps maps;
+  for (int i = 0; i < 4; ++i) maps.rows[i] = fp8_rows_map(a, rows, k, 8 << i);
+  return maps;
+}
+
+void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Params& kp, int ctas, bool reduce,
             cudaStream_t stream) {
   static std::once_flag attr_once[64];
   int device = 0;
@@ -71,7 +77,7 @@ void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_
   // The reduction runs only if some CTA boundary falls inside a tile.
   bool reduce = false;
   for (int c = 1; c < ctas && !reduce; ++c) reduce = (int64_t(c) * units / ctas) % num_kb != 0;
-  launch(fp8_rows_map(p.b, p.n, p.k, skinny::kRows), fp8_rows_map(p.a, p.m, p.k, skinny::kTokens), kp, ctas, reduce,
+  launch(fp8_rows_map(p.b, p.n, p.k, skinny::kRows), token_maps(p.a, p.m, p.k), kp, ctas, reduce,
          stream);
 }
 
@@ -95,7 +101,7 @@ void launch_grouped_fp8_gemm_skinny(const GroupedFp8GemmParams& p, void* workspa
   bind_workspace(kp, workspace, p.num_experts);
   // Which experts have tokens is only known on the device: every SM runs, idle ones get empty ranges.
   const int64_t e = p.num_experts;
-  launch(fp8_rows_map(p.b, e * p.n, p.k, skinny::kRows), fp8_rows_map(p.a, e * p.m_rows, p.k, skinny::kTokens), kp,
+  launch(fp8_rows_map(p.b, e * p.n, p.k, skinny::kRows), token_maps(p.a, e * p.m_rows, p.k), kp,
          p.sm_count, true, stream);
 }
 

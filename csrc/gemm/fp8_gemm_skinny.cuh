@@ -12,9 +12,10 @@
 //
 // CTA: 160 threads. Warps 0-3 (one warpgroup) issue the wgmma of each unit and promote it into the
 // fp32 tile (fin += acc * a_scale[token] * b_scale); warp 4 fills a ring of kStages stages: lane 0
-// TMA-loads the weight block (64 x 128 B) and the token block (64 x 128 B), and all 32 lanes
-// cp.async the 64 activation scales (any stride, zero past the group's tokens), each stage's full
-// barrier completing on the TMA bytes plus the lanes' cp.async arrivals.
+// TMA-loads the weight block (64 x 128 B) and the token block (8-64 rows x 128 B), and the lanes
+// cp.async the 64 activation scales (any stride, zero past the group's tokens) and the weight scale,
+// each stage's full barrier completing on the TMA bytes plus the lanes' cp.async arrivals. Every
+// operand of a unit is in shared memory when the math warpgroup starts it.
 // Both kernels call griddepcontrol.wait before their first global-memory access, so launching them
 // as programmatic dependents is safe after any kernel.
 #pragma once
@@ -60,7 +61,7 @@ struct Params {
 struct Smem {
   static constexpr int kWBytes = kRows * kBlockK;    // 8 KB
   static constexpr int kXBytes = kTokens * kBlockK;  // 8 KB
-  static constexpr int kSaBytes = kTokens * 4;
+  static constexpr int kSaBytes = kTokens * 4 + 16;  // 64 activation scales, then the weight scale
   static constexpr int kW = 0;
   static constexpr int kX = kW + kStages * kWBytes;
   static constexpr int kSa = kX + kStages * kXBytes;
@@ -147,7 +148,18 @@ __device__ __forceinline__ void list_active_groups(const Params& p, int* active,
   if (lane == 31) active[0] = incl;
 }
 
-__device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const CUtensorMap* tmap_x, const Params& p,
+// Token blocks come in boxes of 8, 16, 32 or 64 rows: a group's block is the smallest box that holds
+// its tokens, so masked experts with a few tokens do not pull 64 rows of other experts' activations.
+// The MMA still reads 64 columns; the ones past the box hold a previous stage's data and are never
+// stored.
+struct TokenMaps {
+  CUtensorMap rows[4];  // boxes of 8 << i rows
+};
+__device__ __forceinline__ int token_box(int tokens) {
+  return tokens <= 8 ? 0 : tokens <= 16 ? 1 : tokens <= 32 ? 2 : 3;
+}
+
+__device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenMaps* tmap_x, const Params& p,
                                          uint8_t* smem, const Split& sp, int c) {
   const uint32_t base = smem_u32(smem);
   const int lane = threadIdx.x % 32;
@@ -168,13 +180,17 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const CUtens
   int n0 = int(t0 - int64_t(gi) * tiles_per_group) * kRows;
   int g = active[1 + gi];
   int tokens = group_tokens(p, g);
+  const int nsb = (p.n + 127) / 128;
   for (; u < end; ++u) {
+    const int box = token_box(tokens);
     mbar_wait(Smem::empty(base, stage), phase ^ 1);
     if (lane == 0) {
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage, Smem::kWBytes + Smem::kXBytes);
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage,
+                                                                     Smem::kWBytes + (8 << box) * kBlockK);
       cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + stage, kHint, smem + Smem::kW + stage * Smem::kWBytes,
                                    kb * kBlockK, g * p.n + n0);
-      cute::SM90_TMA_LOAD_2D::copy(tmap_x, full_bar + stage, kHint, smem + Smem::kX + stage * Smem::kXBytes,
+      cute::SM90_TMA_LOAD_2D::copy(&tmap_x->rows[box], full_bar + stage, kHint,
+                                   smem + Smem::kX + stage * Smem::kXBytes,
                                    kb * kBlockK, p.masked_m != nullptr ? g * p.m_rows : 0);
     }
     const float* sa = p.a_scale + int64_t(g) * p.a_scale_estride + int64_t(kb) * p.a_scale_ld;
@@ -185,6 +201,10 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const CUtens
       const bool in = i < tokens;
       asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst + 4 * i),
                    "l"(in ? sa + i : p.a_scale), "r"(in ? 4 : 0) : "memory");
+    }
+    if (lane == 0) {
+      const float* sb = p.b_scale + (int64_t(g) * nsb + n0 / 128) * sp.num_kb + kb;
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst + 4 * kTokens), "l"(sb) : "memory");
     }
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(Smem::full(base, stage)) : "memory");
     if (++stage == kStages) {
@@ -208,7 +228,6 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
   const int tid = threadIdx.x, lane = tid % 32;
   const int* active = reinterpret_cast<const int*>(smem + Smem::kActive);
   const int tiles_per_group = (p.n + kRows - 1) / kRows;
-  const int nsb = (p.n + 127) / 128;
   // K-major 128-byte rows, 8-row swizzle atoms 1024 B apart; the descriptors of stage 0 plus the stage
   // and K-step offsets (16-byte units).
   const uint64_t w_desc0 = wgmma_desc_sw128(base + Smem::kW, 16, 1024);
@@ -224,12 +243,9 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
     const int kb_end = int(min(end, (t + 1) * sp.num_kb) - t * sp.num_kb);
     const int g = active[1 + int(t / tiles_per_group)];
     const int n0 = int(t % tiles_per_group) * kRows;
-    const float* sb_row = p.b_scale + (int64_t(g) * nsb + n0 / 128) * sp.num_kb;
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
-    float sb = __ldg(sb_row + kb0);
     for (int kb = kb0; kb < kb_end; ++kb) {
-      const float sb_next = __ldg(sb_row + min(kb + 1, sp.num_kb - 1));
       mbar_wait(Smem::full(base, stage), phase);
       const uint64_t w_desc = w_desc0 + uint64_t(stage) * (Smem::kWBytes >> 4);
       const uint64_t x_desc = x_desc0 + uint64_t(stage) * (Smem::kXBytes >> 4);
@@ -243,6 +259,10 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
       const uint32_t sa_base = base + Smem::kSa + stage * Smem::kSaBytes + 8 * (lane % 4);
+      float sb;
+      asm volatile("ld.shared.f32 %0, [%1];\n"
+                   : "=f"(sb)
+                   : "r"(base + Smem::kSa + stage * Smem::kSaBytes + 4 * kTokens));
       float2 sa[kAcc / 4];
 #pragma unroll
       for (int j = 0; j < kAcc / 4; ++j) {
@@ -258,7 +278,6 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
         fin[4 * j + 2] = fmaf(acc[4 * j + 2], s0, fin[4 * j + 2]);
         fin[4 * j + 3] = fmaf(acc[4 * j + 3], s1, fin[4 * j + 3]);
       }
-      sb = sb_next;
       if (++stage == kStages) {
         stage = 0;
         phase ^= 1;
@@ -284,7 +303,7 @@ __device__ __forceinline__ Split make_split(const Params& p, int active_groups) 
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
-    skinny_kernel(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ CUtensorMap tmap_x,
+    skinny_kernel(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ TokenMaps tmap_x,
                   const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint8_t smem_raw[];
@@ -301,7 +320,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (tid == kMathThreads) {
     cute::prefetch_tma_descriptor(&tmap_w);
-    cute::prefetch_tma_descriptor(&tmap_x);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cute::prefetch_tma_descriptor(&tmap_x.rows[i]);
   }
   grid_dependency_wait();
   if (warp == 0) list_active_groups(p, active, lane);
