@@ -2,20 +2,22 @@
 // tokens its N (out^T = W . X^T), and the job is to stream the weight matrix at the copy bandwidth.
 //
 // Dense (M <= 64 tokens) and masked-grouped (M_max <= 64 tokens per expert) problems share one
-// mechanism. A tile is 64 weight rows of one group (wgmma m64n64k32, 64 token columns; TMA zero-fills
-// the token rows past the tensor). The work is the list of (tile, 128-deep K block) units of the
-// active groups, tile-major, and CTA c of G takes units [c U / G, (c + 1) U / G): every SM streams
-// the same number of weight bytes whatever N and K are (stream-K). A tile that lies inside one CTA's
-// range is written as bf16 at once. A tile shared by several CTAs leaves one fp32 partial per CTA
-// in the workspace; reduce_kernel, launched right behind (programmatic dependent launch), sums them
-// in CTA order, so the result does not depend on timing.
+// mechanism. A tile is 128 weight rows of one group (two warpgroups' wgmma m64n64k32, 64 token
+// columns). The work is the list of (tile, 128-deep K block) units of the active groups, tile-major,
+// and CTA c of G takes units [c U / G, (c + 1) U / G): every SM streams the same number of weight
+// bytes whatever N and K are (stream-K). A tile that lies inside one CTA's range is written as bf16
+// at once. A tile shared by several CTAs leaves one fp32 partial per CTA in the workspace;
+// reduce_kernel, launched right behind (programmatic dependent launch), sums them in CTA order, so
+// the result does not depend on timing.
 //
-// CTA: 160 threads. Warps 0-3 (one warpgroup) issue the wgmma of each unit and promote it into the
-// fp32 tile (fin += acc * a_scale[token] * b_scale); warp 4 fills a ring of kStages stages: lane 0
-// TMA-loads the weight block (64 x 128 B) and the token block (8-64 rows x 128 B), and the lanes
-// cp.async the 64 activation scales (any stride, zero past the group's tokens) and the weight scale,
-// each stage's full barrier completing on the TMA bytes plus the lanes' cp.async arrivals. Every
-// operand of a unit is in shared memory when the math warpgroup starts it.
+// CTA: 288 threads. Warpgroups 0-1 take rows [0, 64) and [64, 128) of each unit: 4 wgmma, wait,
+// promote into the fp32 tile (fin += acc * a_scale[token] * b_scale). Warp 8 fills a ring of kStages
+// stages: lane 0 TMA-loads the weight block (128 x 128 B) and the token block (8-64 rows x 128 B),
+// and the lanes cp.async the 64 activation scales (any stride, zero past the group's tokens) and the
+// weight scale, each stage's full barrier completing on the TMA bytes plus the lanes' cp.async
+// arrivals. Every operand of a unit is in shared memory when the math warpgroups start it.
+// Why 128 rows: with 64-row units (the first version) each SM streamed ~17 GB/s, one unit per
+// ~870 cycles, most likely the math warpgroup's wait-promote chain, which now moves 16 KB.
 // Both kernels call griddepcontrol.wait before their first global-memory access, so launching them
 // as programmatic dependents is safe after any kernel.
 #pragma once
@@ -35,14 +37,14 @@
 
 namespace flashseek::skinny {
 
-constexpr int kRows = 64;     // weight rows per tile: the MMA's M
+constexpr int kRows = 128;    // weight rows per tile: two warpgroups' m64
 constexpr int kTokens = 64;   // token columns per tile: the MMA's N
 constexpr int kBlockK = 128;
-constexpr int kStages = 12;   // 12 x 8 KB of weights in flight per SM; the copy needs ~45 KB
-constexpr int kMathThreads = 128;
+constexpr int kStages = 8;    // 8 x 16 KB of weights in flight per SM; the copy needs ~45 KB
+constexpr int kMathThreads = 256;
 constexpr int kThreads = kMathThreads + 32;
 constexpr int kMaxGroups = 1024;
-constexpr int kAcc = kRows * kTokens / kMathThreads;  // 32 fp32 per thread
+constexpr int kAcc = kRows * kTokens / kMathThreads;  // 32 fp32 per thread (64 x 64 per warpgroup)
 constexpr int kSlotFloats = kAcc * kMathThreads;      // one fp32 partial tile in the workspace
 
 struct Params {
@@ -59,7 +61,7 @@ struct Params {
 };
 
 struct Smem {
-  static constexpr int kWBytes = kRows * kBlockK;    // 8 KB
+  static constexpr int kWBytes = kRows * kBlockK;    // 16 KB
   static constexpr int kXBytes = kTokens * kBlockK;  // 8 KB
   static constexpr int kSaBytes = kTokens * 4 + 16;  // 64 activation scales, then the weight scale
   static constexpr int kW = 0;
@@ -230,7 +232,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
   const int tiles_per_group = (p.n + kRows - 1) / kRows;
   // K-major 128-byte rows, 8-row swizzle atoms 1024 B apart; the descriptors of stage 0 plus the stage
   // and K-step offsets (16-byte units).
-  const uint64_t w_desc0 = wgmma_desc_sw128(base + Smem::kW, 16, 1024);
+  const uint64_t w_desc0 = wgmma_desc_sw128(base + Smem::kW + (tid / 128) * 64 * kBlockK, 16, 1024);
   const uint64_t x_desc0 = wgmma_desc_sw128(base + Smem::kX, 16, 1024);
   int stage = 0;
   uint32_t phase = 0;

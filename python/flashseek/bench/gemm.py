@@ -114,8 +114,8 @@ def _gemm_path(m, n, k, ctx) -> str:
     """The kernel fp8_gemm_dispatch.cu picks (docs/gemm-design.md), without the env overrides."""
     sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if ctx.cuda else 132
     if m <= 64:
-        units = (n + 63) // 64 * (k // 128)
-        return f"skinny 64x64x128 stream-k over {min(sms, units)} CTAs"
+        units = (n + 127) // 128 * (k // 128)
+        return f"skinny 128x64x128 stream-k over {min(sms, units)} CTAs"
     if m <= 128:
         tiles = (n + 127) // 128 * ((m + 63) // 64)
         split = max([d for d in range(1, min(16, k // 128) + 1) if (k // 128) % d == 0 and tiles * d <= sms] or [1])
@@ -220,7 +220,7 @@ def _masked_rows(ctx, tokens, weights) -> list[Row]:
                         backend=_backend("grouped_fp8_gemm_masked"),
                         extra={"roofline_us": roof_us, "x_roofline": (us / roof_us) if roof_us else None,
                                "target_x_roofline": 1.25,
-                               "path": "skinny 64x64x128 stream-k" if m_max <= 64 else "128x128x128 coop 1x2",
+                               "path": "skinny 128x64x128 stream-k" if m_max <= 64 else "128x128x128 coop 1x2",
                                **alt}))
         del a, sa, out
     return rows
