@@ -48,6 +48,7 @@ void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Pa
   cfg.numAttrs = 1;
   FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny::skinny_kernel, tmap_w, tmap_x, kp));
   if (!reduce) return;
+  cfg.gridDim = dim3(unsigned(ctas), skinny::kTokens / 8);
   cfg.blockDim = dim3(skinny::kMathThreads);
   cfg.dynamicSmemBytes = 0;
   FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny::reduce_kernel, kp));
