@@ -290,13 +290,11 @@ def gemm_impl(request, monkeypatch):
 
 
 # Decode problems (dense M <= 64, masked M_max <= 64) have two kernel families too: the hand-written
-# stream-K kernel (the default) and CUTLASS's swapped kernels (FLASHSEEK_GEMM_SKINNY=0).
+# stream-K kernel and CUTLASS's swapped kernels (the dispatch picks by shape); FLASHSEEK_GEMM_SKINNY=1
+# / 0 forces one of them for every decode problem, so each test checks both on every shape.
 @pytest.fixture(params=["skinny", "cutlass"])
 def decode_impl(request, monkeypatch):
-    if request.param == "cutlass":
-        monkeypatch.setenv("FLASHSEEK_GEMM_SKINNY", "0")
-    else:
-        monkeypatch.delenv("FLASHSEEK_GEMM_SKINNY", raising=False)
+    monkeypatch.setenv("FLASHSEEK_GEMM_SKINNY", "1" if request.param == "skinny" else "0")
     return request.param
 
 

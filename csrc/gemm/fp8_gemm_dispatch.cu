@@ -72,11 +72,23 @@ bool use_sm90() {
 }
 
 // Decode problems (dense M <= 64, masked M_max <= 64): the hand-written stream-K kernel
-// (fp8_gemm_skinny.cuh) by default; FLASHSEEK_GEMM_SKINNY=0 selects the CUTLASS swapped kernels
-// instead. Read on every call, so that one test process can check both paths.
-bool use_skinny() {
+// (fp8_gemm_skinny.cuh) or CUTLASS's swapped kernels. Measured on the H100 (graph replay, same run,
+// docs/gemm-design.md): the stream-K kernel wins every masked shape (8 of 256 experts: gate_up 92.9 vs
+// 100.7 us, down 53.4 vs 57.6) and the largest dense weight streams (36864x7168: 95.7 vs 105.7 us), but
+// carries ~3 us more fixed cost per call (its reduction kernel), so the dense problems with less than
+// kSkinnyMinWeight weight elements stay on CUTLASS (2112x7168: 14.3 vs 11.6 us; 7168x18432: 52.3 vs
+// 50.8). FLASHSEEK_GEMM_SKINNY=0 / 1 forces CUTLASS / the stream-K kernel for every decode problem;
+// read on every call, so that one test process can check both paths.
+constexpr int64_t kSkinnyMinWeight = int64_t(1) << 27;
+
+int skinny_override() {
   const char* s = std::getenv("FLASHSEEK_GEMM_SKINNY");
-  return !(s != nullptr && s[0] == '0');
+  return s != nullptr && (s[0] == '0' || s[0] == '1') ? s[0] - '0' : -1;
+}
+
+bool use_skinny_dense(const Fp8GemmParams& p) {
+  const int forced = skinny_override();
+  return forced >= 0 ? forced == 1 : int64_t(p.n) * p.k >= kSkinnyMinWeight;
 }
 
 __global__ void reduce_split_k_kernel(const float4* __restrict__ partials, int split_k, int64_t mn4,
@@ -110,7 +122,7 @@ void launch_reduce_split_k(const float* partials, int split_k, int64_t mn, void*
 Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p) {
   Fp8GemmPlan plan{false, 1, 0};
   if (p.m == 0) return plan;
-  if (p.m <= kSkinnyMaxM && use_skinny()) {
+  if (p.m <= kSkinnyMaxM && use_skinny_dense(p)) {
     plan.skinny = true;
     plan.workspace_bytes = fp8_gemm_skinny_workspace(1, p.sm_count);
   } else if (p.m <= kSwapMaxM) {
@@ -165,7 +177,7 @@ bool grouped_swap(const GroupedFp8GemmParams& p) {
   return p.masked_m != nullptr && p.m_rows <= kGroupedSwapMaxM;
 }
 bool grouped_skinny(const GroupedFp8GemmParams& p) {
-  return use_skinny() && grouped_fp8_gemm_skinny_supported(p);
+  return skinny_override() != 0 && grouped_fp8_gemm_skinny_supported(p);
 }
 bool grouped_sm90(const GroupedFp8GemmParams& p) {
   return !grouped_swap(p) && use_sm90() && grouped_fp8_gemm_sm90_supported(p);

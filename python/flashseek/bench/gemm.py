@@ -113,7 +113,7 @@ GEMM_CASES_CPU = [(16, 256, 512), (64, 576, 1024)]
 def _gemm_path(m, n, k, ctx) -> str:
     """The kernel fp8_gemm_dispatch.cu picks (docs/gemm-design.md), without the env overrides."""
     sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if ctx.cuda else 132
-    if m <= 64:
+    if m <= 64 and n * k >= 1 << 27:
         units = (n + 127) // 128 * (k // 128)
         return f"skinny 128x64x128 stream-k over {min(sms, units)} CTAs"
     if m <= 128:
@@ -148,10 +148,11 @@ def run_gemm(ctx: BenchContext) -> list[Row]:
             # Decode-sized calls are host-bound when timed one by one; an engine replays them in a
             # CUDA graph, which is the device time alone (the weight-bandwidth target is about this).
             extra["graph_us"] = ctx.time(lambda i: ops.fp8_gemm(*inputs[i], out=out), n_inputs, graph=True)
-            if m <= 64:  # the CUTLASS swapped split-K path, same inputs, same run
-                with _env("FLASHSEEK_GEMM_SKINNY", "0"):
-                    extra["cutlass_graph_us"] = ctx.time(lambda i: ops.fp8_gemm(*inputs[i], out=out), n_inputs,
-                                                         graph=True)
+            if m <= 64:  # both decode kernels, same inputs, same run (the dispatch picks one by shape)
+                for name, flag in (("skinny", "1"), ("cutlass", "0")):
+                    with _env("FLASHSEEK_GEMM_SKINNY", flag):
+                        extra[f"{name}_graph_us"] = ctx.time(lambda i: ops.fp8_gemm(*inputs[i], out=out), n_inputs,
+                                                             graph=True)
             if peer:
                 try:
                     extra["peer_graph_us"] = ctx.time(lambda i: peer(), 1, graph=True)
