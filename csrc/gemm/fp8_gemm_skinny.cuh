@@ -68,7 +68,8 @@ struct Smem {
   static constexpr int kX = kW + kStages * kWBytes;
   static constexpr int kSa = kX + kStages * kXBytes;
   static constexpr int kActive = kSa + kStages * kSaBytes;  // [0] count, [1..] group ids
-  static constexpr int kBar = (kActive + (kMaxGroups + 1) * 4 + 7) / 8 * 8;
+  static constexpr int kGroupTokens = kActive + (kMaxGroups + 1) * 4;  // tokens of every group
+  static constexpr int kBar = (kGroupTokens + kMaxGroups * 4 + 7) / 8 * 8;
   static constexpr int kTotal = kBar + 2 * kStages * 8;
   static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 (128B-swizzle atoms)
   __device__ static uint32_t full(uint32_t base, int s) { return base + kBar + 8 * s; }
@@ -129,12 +130,14 @@ __device__ __forceinline__ void store_columns(const Params& p, const float (&v)[
 }
 
 // The groups with at least one token, in order, into active[1..]; active[0] = their count. Warp 0
-// (lanes own contiguous runs of groups).
-__device__ __forceinline__ void list_active_groups(const Params& p, int* active, int lane) {
+// (lanes own contiguous runs of groups), from the token counts already staged in shared memory: the
+// first version read masked_m here, a chain of up to 8 L2 round trips per lane at E = 256 before any
+// CTA could start.
+__device__ __forceinline__ void list_active_groups(const Params& p, const int* tokens, int* active, int lane) {
   const int per = (p.num_groups + 31) / 32;
   const int lo = lane * per, hi = min(lo + per, p.num_groups);
   int mine = 0;
-  for (int g = lo; g < hi; ++g) mine += group_tokens(p, g) > 0;
+  for (int g = lo; g < hi; ++g) mine += tokens[g] > 0;
   int incl = mine;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -143,7 +146,7 @@ __device__ __forceinline__ void list_active_groups(const Params& p, int* active,
   }
   int at = incl - mine;
   for (int g = lo; g < hi; ++g) {
-    if (group_tokens(p, g) > 0) active[1 + at++] = g;
+    if (tokens[g] > 0) active[1 + at++] = g;
   }
   if (lane == 31) active[0] = incl;
 }
@@ -179,7 +182,8 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   int gi = int(t0 / tiles_per_group);
   int n0 = int(t0 - int64_t(gi) * tiles_per_group) * kRows;
   int g = active[1 + gi];
-  int tokens = group_tokens(p, g);
+  const int* tokens_of = reinterpret_cast<const int*>(smem + Smem::kGroupTokens);
+  int tokens = tokens_of[g];
   const int nsb = (p.n + 127) / 128;
   for (; u < end; ++u) {
     const int box = token_box(tokens);
@@ -217,7 +221,7 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
       if (n0 >= p.n && u + 1 < end) {
         n0 = 0;
         g = active[1 + ++gi];
-        tokens = group_tokens(p, g);
+        tokens = tokens_of[g];
       }
     }
   }
@@ -284,7 +288,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
       }
     }
     // Columns past the group's tokens are neither stored nor kept as partials (M = 1: 1/8 of them).
-    const int tokens = group_tokens(p, g);
+    const int tokens = reinterpret_cast<const int*>(smem + Smem::kGroupTokens)[g];
     const bool whole = kb0 == 0 && kb_end == sp.num_kb;
     float* slot = p.partials + int64_t(sp.slot(c, t)) * kSlotFloats + tid;
 #pragma unroll
@@ -332,7 +336,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 4; ++i) cute::prefetch_tma_descriptor(&tmap_x.rows[i]);
   }
   grid_dependency_wait();
-  if (warp == 0) list_active_groups(p, active, lane);
+  int* tokens = reinterpret_cast<int*>(smem + Smem::kGroupTokens);
+  for (int g = tid; g < p.num_groups; g += kThreads) tokens[g] = group_tokens(p, g);
+  __syncthreads();
+  if (warp == 0) list_active_groups(p, tokens, active, lane);
   __syncthreads();
   const Split sp = make_split(p, active[0]);
   if (blockIdx.x == 0) {
