@@ -17,8 +17,10 @@ TORCH_LIBRARY(flashseek, m) {
   // ---- FP8 1x128 activation quantization (csrc/quant) ----
   // x [M, K] bf16/fp16, K % 128 == 0 -> out e4m3 [M, K], scale fp32 [M, K/128] (column-major, see ops.py).
   m.def("quant_fp8_1x128(Tensor x, Tensor(a!) out, Tensor(b!) scale, bool ue8m0=False) -> ()");
-  // gate_up [M, 2N] -> silu(gate) * up quantized: out e4m3 [M, N], scale fp32 [M, N/128].
-  m.def("silu_mul_quant_fp8(Tensor gate_up, Tensor(a!) out, Tensor(b!) scale, bool ue8m0=False) -> ()");
+  // gate_up [M, 2N] -> silu(gate) * up quantized: out e4m3 [M, N], scale fp32 [M, N/128]. With
+  // masked_m int32 [E] (E divides M): rows [e * M/E + masked_m[e], (e + 1) * M/E) are left untouched.
+  m.def("silu_mul_quant_fp8(Tensor gate_up, Tensor(a!) out, Tensor(b!) scale, bool ue8m0=False, "
+        "Tensor? masked_m=None) -> ()");
 
   // ---- FP8 block-scaled GEMM (csrc/gemm) ----
   // out[M, N] = (a [M, K] * a_scale [M, K/128]) @ (b [N, K] * b_scale [ceil(N/128), K/128])^T

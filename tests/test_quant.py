@@ -95,6 +95,32 @@ def test_silu_mul_bad_inputs():
     gu = torch.randn(4, 384).bfloat16()
     with pytest.raises((ValueError, RuntimeError), match="2\\*N"):
         ops.silu_mul_quant_fp8(gu)
+    gu = torch.randn(6, 256).bfloat16()
+    with pytest.raises((ValueError, RuntimeError), match="divides"):
+        ops.silu_mul_quant_fp8(gu, masked_m=torch.ones(4, dtype=torch.int32))
+    with pytest.raises((ValueError, RuntimeError), match="int32"):
+        ops.silu_mul_quant_fp8(gu, masked_m=torch.ones(3, dtype=torch.int64))
+
+
+def _check_masked_silu_mul(gu, counts, device):
+    """Rows of group g past counts[g] (clamped to [0, rows per group]) keep their poison; the others
+    equal the unmasked result bit for bit."""
+    m, n = gu.shape[0], gu.shape[1] // 2
+    per = m // len(counts)
+    out = poison_(torch.empty(m, n, dtype=FP8, device=device))
+    scale = poison_(ops.empty_act_scale(m, n // 128, device))
+    ops.silu_mul_quant_fp8(gu, out=out, scale=scale,
+                           masked_m=torch.tensor(counts, dtype=torch.int32, device=device))
+    q, s = ops.silu_mul_quant_fp8(gu)
+    for g, c in enumerate(counts):
+        c = min(max(c, 0), per)
+        lo, mid, hi = g * per, g * per + c, (g + 1) * per
+        assert torch.equal(_bytes(out[lo:mid]), _bytes(q[lo:mid])) and torch.equal(scale[lo:mid], s[lo:mid])
+        assert out[mid:hi].float().isnan().all() and scale[mid:hi].isnan().all()
+
+
+def test_silu_mul_quant_masked_reference():
+    _check_masked_silu_mul(_rand(15, 512), [2, 0, 9], "cpu")
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
@@ -105,6 +131,9 @@ def test_quant_opcheck_cpu(ue8m0):
     gu = _rand(5, 512)
     opcheck(torch.ops.flashseek.silu_mul_quant_fp8.default,
             (gu, torch.empty(5, 256, dtype=FP8), ops.empty_act_scale(5, 2, "cpu"), ue8m0))
+    opcheck(torch.ops.flashseek.silu_mul_quant_fp8.default,
+            (gu[:4], torch.empty(4, 256, dtype=FP8), ops.empty_act_scale(4, 2, "cpu"), ue8m0,
+             torch.tensor([1, 2], dtype=torch.int32)))
 
 
 # ----------------------------------------------------------------------------------------- CUDA
@@ -158,6 +187,16 @@ def test_silu_mul_quant_cuda_bit_exact(m, n, dtype, ue8m0):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("e,per,n", [(8, 33, 2048), (256, 1, 2048), (3, 64, 128)])
+def test_silu_mul_quant_cuda_masked(e, per, n):
+    counts = torch.randint(0, per + 1, (e,)).tolist()
+    counts[0], counts[-1] = 0, per + 5  # empty, and past the group (clamped)
+    if e > 2:
+        counts[1] = -3
+    _check_masked_silu_mul(_rand(e * per, 2 * n, device="cuda") * 4, counts, "cuda")
+
+
+@pytest.mark.cuda
 def test_quant_cuda_bad_inputs():
     x = torch.randn(4, 256, device="cuda").bfloat16()
     with pytest.raises((ValueError, RuntimeError), match="column-major"):
@@ -173,3 +212,6 @@ def test_quant_opcheck_cuda():
     gu = _rand(6, 512, device="cuda")
     opcheck(torch.ops.flashseek.silu_mul_quant_fp8.default,
             (gu, torch.empty(6, 256, dtype=FP8, device="cuda"), ops.empty_act_scale(6, 2, "cuda"), False))
+    opcheck(torch.ops.flashseek.silu_mul_quant_fp8.default,
+            (gu, torch.empty(6, 256, dtype=FP8, device="cuda"), ops.empty_act_scale(6, 2, "cuda"), False,
+             torch.tensor([3, 0, 1], dtype=torch.int32, device="cuda")))

@@ -15,6 +15,10 @@ struct QuantFp8Params {
   int64_t n;             // output columns, a multiple of 128
   bool fp16;             // input dtype: fp16 when true, else bf16
   bool ue8m0;            // round each scale up to a power of two
+  // Masked rows (silu_mul in the masked MoE layout): rows come in groups of rows_per_group and only
+  // the first masked_m[group] rows of each are computed. Null: every row.
+  const int32_t* masked_m = nullptr;
+  int64_t rows_per_group = 0;
 };
 
 void launch_quant_fp8_1x128(const QuantFp8Params& p, cudaStream_t stream);

@@ -53,6 +53,10 @@ __global__ void __launch_bounds__(kThreads) quant_fp8_1x128_kernel(QuantFp8Param
   const int64_t row = g / kb_count;
   const int64_t kb = g - row * kb_count;
   const int64_t col = kb * 128 + lane * 8;
+  if (p.masked_m != nullptr) {  // uniform over the half-warp: it shares the row
+    const int64_t group = row / p.rows_per_group;
+    if (row - group * p.rows_per_group >= __ldg(p.masked_m + group)) return;
+  }
 
   const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride + col;
   float v[8];

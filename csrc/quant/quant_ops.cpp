@@ -59,15 +59,29 @@ void quant_fp8_1x128(const at::Tensor& x, const at::Tensor& out, const at::Tenso
   launch_quant_fp8_1x128(make_params(x, out, scale, k, ue8m0), current_stream(x));
 }
 
-void silu_mul_quant_fp8(const at::Tensor& gate_up, const at::Tensor& out, const at::Tensor& scale, bool ue8m0) {
+void silu_mul_quant_fp8(const at::Tensor& gate_up, const at::Tensor& out, const at::Tensor& scale, bool ue8m0,
+                        const c10::optional<at::Tensor>& masked_m) {
   check_common(gate_up, "gate_up", out, scale);
   const int64_t m = gate_up.size(0), n2 = gate_up.size(1);
   FS_CHECK(n2 % 256 == 0, "gate_up's last dimension must be 2*N with N a multiple of 128, got ", n2);
   FS_CHECK_SHAPE(out, m, n2 / 2);
   check_act_scale(scale, m, n2 / 256);
+  if (masked_m.has_value()) {
+    const at::Tensor& mm = *masked_m;
+    FS_CHECK_SAME_DEVICE(gate_up, mm);
+    FS_CHECK(mm.scalar_type() == at::kInt, "masked_m must have dtype int32, got ", mm.scalar_type());
+    FS_CHECK(mm.dim() == 1 && mm.size(0) > 0 && m % mm.size(0) == 0,
+             "masked_m must be 1-D with a length E that divides gate_up's rows (", m, "), got shape ", mm.sizes());
+    FS_CHECK_CONTIGUOUS(mm);
+  }
   if (m == 0) return;
   c10::cuda::CUDAGuard guard(gate_up.device());
-  launch_silu_mul_quant_fp8(make_params(gate_up, out, scale, n2 / 2, ue8m0), current_stream(gate_up));
+  QuantFp8Params p = make_params(gate_up, out, scale, n2 / 2, ue8m0);
+  if (masked_m.has_value()) {
+    p.masked_m = masked_m->data_ptr<int32_t>();
+    p.rows_per_group = m / masked_m->size(0);
+  }
+  launch_silu_mul_quant_fp8(p, current_stream(gate_up));
 }
 
 }  // namespace

@@ -156,7 +156,7 @@ def quant_fp8_1x128(x: torch.Tensor, ue8m0: bool = False, out: Optional[torch.Te
     return out, scale
 
 
-def _check_silu_mul_quant_fp8(gate_up, out, scale, ue8m0=False):
+def _check_silu_mul_quant_fp8(gate_up, out, scale, ue8m0=False, masked_m=None):
     _expect_dtype(gate_up, "gate_up", (torch.bfloat16, torch.float16))
     _expect_dim(gate_up, "gate_up", 2)
     m, n2 = gate_up.shape
@@ -168,28 +168,44 @@ def _check_silu_mul_quant_fp8(gate_up, out, scale, ue8m0=False):
     _expect_contiguous(out, "out")
     _check_act_scale(scale, "scale", m, n2 // 256)
     _expect_same_device(gate_up, "gate_up", out=out, scale=scale)
+    if masked_m is not None:
+        _expect_dtype(masked_m, "masked_m", torch.int32)
+        _expect(masked_m.dim() == 1 and masked_m.numel() > 0 and m % masked_m.numel() == 0,
+                f"masked_m must be 1-D with a length E that divides gate_up's rows ({m}), got shape "
+                f"{tuple(masked_m.shape)}")
+        _expect_same_device(gate_up, "gate_up", masked_m=masked_m)
 
 
-def _ref_silu_mul_quant_fp8(gate_up, out, scale, ue8m0=False):
+def _ref_silu_mul_quant_fp8(gate_up, out, scale, ue8m0=False, masked_m=None):
     q, s = ref_quant.silu_mul_quant_fp8(gate_up, ue8m0)
-    out.copy_(q)
-    scale.copy_(s)
+    if masked_m is None:
+        out.copy_(q)
+        scale.copy_(s)
+        return
+    per = gate_up.shape[0] // masked_m.numel()
+    for g, c in enumerate(masked_m.tolist()):
+        rows = slice(g * per, g * per + min(max(c, 0), per))
+        out[rows] = q[rows]
+        scale[rows] = s[rows]
 
 
 _register("silu_mul_quant_fp8", _check_silu_mul_quant_fp8, _ref_silu_mul_quant_fp8)
 
 
 def silu_mul_quant_fp8(gate_up: torch.Tensor, ue8m0: bool = False, out: Optional[torch.Tensor] = None,
-                       scale: Optional[torch.Tensor] = None):
+                       scale: Optional[torch.Tensor] = None, masked_m: Optional[torch.Tensor] = None):
     """Fused `quant_fp8_1x128(silu(gate) * up)` for gate_up [M, 2N] (gate first), N % 128 == 0.
 
     The product is formed in fp32 and never rounded to bf16 before quantization.
     Returns (out e4m3 [M, N], scale fp32 [M, N/128]) in the `empty_act_scale` layout.
+    masked_m (int32 [E], E dividing M; the masked MoE layout, read on the device): the rows come in E
+    groups of M/E and only the first masked_m[e] rows of group e are computed; the others of `out`
+    and `scale` are left as they were.
     """
     m, n2 = gate_up.shape
     out = torch.empty((m, n2 // 2), dtype=FP8, device=gate_up.device) if out is None else out
     scale = empty_act_scale(m, n2 // 256, gate_up.device) if scale is None else scale
-    torch.ops.flashseek.silu_mul_quant_fp8(gate_up, out, scale, ue8m0)
+    torch.ops.flashseek.silu_mul_quant_fp8(gate_up, out, scale, ue8m0, masked_m)
     return out, scale
 
 
@@ -871,9 +887,8 @@ def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, token_slot
     return out
 
 
-#: fused_moe's "auto" layout uses the masked (decode) path up to this many tokens. Both layouts run
-#: the same grouped GEMM; the masked one also runs silu_mul_quant over all E * T rows of its buffer
-#: (not just the routed ones), so it only pays off for small T. `flashseek bench moe` times both.
+#: fused_moe's "auto" layout uses the masked (decode) path up to this many tokens. `flashseek bench
+#: moe` times both layouts at T <= 256.
 FUSED_MOE_MASKED_MAX_T = 32
 #: Row alignment of the contiguous path. The grouped GEMM needs none, and with 1 no row is padding,
 #: so the activation buffers are exactly T * topk rows.
@@ -942,7 +957,7 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
         moe_scatter_quant(hidden, token_slots, a, a_scale)
         gate_up = grouped_fp8_gemm_masked(a, a_scale, w13, w13_scale, masked_m)
         # Rows past masked_m[e] hold stale data; they stay in their rows and are never read.
-        act, act_scale = silu_mul_quant_fp8(gate_up.view(e_local * max_m, i2))
+        act, act_scale = silu_mul_quant_fp8(gate_up.view(e_local * max_m, i2), masked_m=masked_m)
         # Per-expert views of the flat [E * max_m, I/128] column-major scales: strides (max_m, 1, ld).
         down = grouped_fp8_gemm_masked(act.view(e_local, max_m, inter), act_scale.unflatten(0, (e_local, max_m)),
                                        w2, w2_scale, masked_m)
