@@ -19,14 +19,14 @@ void bind_workspace(Params& kp, void* workspace, int groups) {
   kp.partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + header_bytes(groups));
 }
 
-// Both kernels are programmatic dependents of whatever precedes them on the stream: their launch and
-// prologue overlap its tail, and griddepcontrol.wait holds their first global access until it is done.
 skinny::TokenMaps token_maps(const void* a, int64_t rows, int64_t k) {
   skinny::TokenMaps maps;
   for (int i = 0; i < 4; ++i) maps.rows[i] = fp8_rows_map(a, rows, k, 8 << i);
   return maps;
 }
 
+// Both kernels are programmatic dependent launches (common/pdl.cuh): the reduction's launch overlaps
+// the main kernel, and the main kernel's overlaps whatever precedes it.
 void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Params& kp, int ctas, bool reduce,
             cudaStream_t stream) {
   static std::once_flag attr_once[64];
@@ -36,22 +36,11 @@ void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Pa
     FS_CUDA_CHECK(cudaFuncSetAttribute(skinny::skinny_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        skinny::Smem::kDynamic));
   });
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(ctas));
-  cfg.blockDim = dim3(skinny::kThreads);
-  cfg.dynamicSmemBytes = size_t(skinny::Smem::kDynamic);
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny::skinny_kernel, tmap_w, tmap_x, kp));
+  launch_pdl(skinny::skinny_kernel, dim3(unsigned(ctas)), dim3(skinny::kThreads), size_t(skinny::Smem::kDynamic),
+             stream, tmap_w, tmap_x, kp);
   if (!reduce) return;
-  cfg.gridDim = dim3(unsigned(ctas), skinny::kTokens / 8);
-  cfg.blockDim = dim3(skinny::kMathThreads);
-  cfg.dynamicSmemBytes = 0;
-  FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny::reduce_kernel, kp));
+  launch_pdl(skinny::reduce_kernel, dim3(unsigned(ctas), skinny::kTokens / 8), dim3(skinny::kMathThreads), 0, stream,
+             kp);
 }
 
 }  // namespace

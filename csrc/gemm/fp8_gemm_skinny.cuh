@@ -18,8 +18,7 @@
 // arrivals. Every operand of a unit is in shared memory when the math warpgroups start it.
 // Why 128 rows: with 64-row units (the first version) each SM streamed ~17 GB/s, one unit per
 // ~870 cycles, most likely the math warpgroup's wait-promote chain, which now moves 16 KB.
-// Both kernels call griddepcontrol.wait before their first global-memory access, so launching them
-// as programmatic dependents is safe after any kernel.
+// Both kernels are programmatic dependent launches (common/pdl.cuh).
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -33,6 +32,7 @@
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "common/pdl.cuh"
 #include "common/smem_sm90.cuh"
 
 namespace flashseek::skinny {
@@ -93,8 +93,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-__device__ __forceinline__ void allow_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
 __device__ __forceinline__ int group_tokens(const Params& p, int g) {
   return p.masked_m != nullptr ? min(max(__ldg(p.masked_m + g), 0), p.m_rows) : p.m_rows;
@@ -335,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 4; ++i) cute::prefetch_tma_descriptor(&tmap_x.rows[i]);
   }
-  grid_dependency_wait();
+  pdl_wait();
   int* tokens = reinterpret_cast<int*>(smem + Smem::kGroupTokens);
   for (int g = tid; g < p.num_groups; g += kThreads) tokens[g] = group_tokens(p, g);
   __syncthreads();
@@ -345,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (blockIdx.x == 0) {
     for (int i = tid; i <= active[0]; i += kThreads) p.header[i] = active[i];
   }
-  allow_dependents();
+  pdl_launch_dependents();
   if (tid < kMathThreads) {
     math_warpgroup(p, smem, sp, blockIdx.x);
   } else {
@@ -363,8 +361,8 @@ __global__ void __launch_bounds__(kMathThreads)
     reduce_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kBatch = 8;
-  grid_dependency_wait();
-  allow_dependents();
+  pdl_wait();
+  pdl_launch_dependents();
   const int c = blockIdx.x, j = blockIdx.y, tid = threadIdx.x;
   const Split sp = make_split(p, p.header[0]);
   const int64_t begin = sp.begin(c), end = sp.begin(c + 1);

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/cuda_check.h"
+#include "common/pdl.cuh"
 #include "moe/moe.h"
 
 namespace flashseek {
@@ -27,6 +28,8 @@ __device__ __forceinline__ void add_row(float (&acc)[8], const uint4 raw, float 
 }
 
 __global__ void __launch_bounds__(kThreads) moe_combine_kernel(const MoeCombineParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t t = blockIdx.x;
   const int64_t col = (int64_t(blockIdx.y) * kThreads + threadIdx.x) * 8;
   if (col >= p.H) return;
@@ -77,8 +80,7 @@ __global__ void __launch_bounds__(kThreads) moe_combine_kernel(const MoeCombineP
 void launch_moe_combine(const MoeCombineParams& p, cudaStream_t stream) {
   if (p.T == 0 || p.H == 0) return;
   const dim3 grid(unsigned(p.T), unsigned((p.H / 8 + kThreads - 1) / kThreads));
-  moe_combine_kernel<<<grid, kThreads, 0, stream>>>(p);
-  FS_CHECK_LAUNCH();
+  launch_pdl(moe_combine_kernel, grid, dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace flashseek

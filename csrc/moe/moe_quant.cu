@@ -13,6 +13,7 @@
 
 #include "common/cuda_check.h"
 #include "common/fp8_block_quant.cuh"
+#include "common/pdl.cuh"
 #include "moe/moe.h"
 
 namespace flashseek {
@@ -63,6 +64,8 @@ __device__ __forceinline__ uint4 load_chunk(const MoeQuantParams& p, int64_t tok
 }
 
 __global__ void __launch_bounds__(kThreads) moe_gather_quant_kernel(const MoeQuantParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const int kb = blockIdx.y * kBlocksPerCta + (threadIdx.x >> 4);
   const int hl = threadIdx.x & 15;
@@ -74,6 +77,8 @@ __global__ void __launch_bounds__(kThreads) moe_gather_quant_kernel(const MoeQua
 }
 
 __global__ void __launch_bounds__(kThreads) moe_scatter_quant_kernel(const MoeQuantParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t token = blockIdx.x;
   const int kb = blockIdx.y * kBlocksPerCta + (threadIdx.x >> 4);
   const int hl = threadIdx.x & 15;
@@ -91,15 +96,13 @@ __global__ void __launch_bounds__(kThreads) moe_scatter_quant_kernel(const MoeQu
 void launch_moe_gather_quant(const MoeQuantParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.H == 0) return;
   const dim3 grid(unsigned(p.rows), unsigned((p.H / 128 + kBlocksPerCta - 1) / kBlocksPerCta));
-  moe_gather_quant_kernel<<<grid, kThreads, 0, stream>>>(p);
-  FS_CHECK_LAUNCH();
+  launch_pdl(moe_gather_quant_kernel, grid, dim3(kThreads), 0, stream, p);
 }
 
 void launch_moe_scatter_quant(const MoeQuantParams& p, cudaStream_t stream) {
   if (p.T == 0 || p.H == 0 || p.rows == 0) return;
   const dim3 grid(unsigned(p.T), unsigned((p.H / 128 + kBlocksPerCta - 1) / kBlocksPerCta));
-  moe_scatter_quant_kernel<<<grid, kThreads, 0, stream>>>(p);
-  FS_CHECK_LAUNCH();
+  launch_pdl(moe_scatter_quant_kernel, grid, dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace flashseek

@@ -10,6 +10,7 @@
 
 #include "common/cuda_check.h"
 #include "common/fp8_block_quant.cuh"
+#include "common/pdl.cuh"
 #include "quant/quant.h"
 
 namespace flashseek {
@@ -43,6 +44,8 @@ __device__ __forceinline__ void load8(const __half* p, float (&v)[8]) {
 
 template <typename T, bool kSiluMul>
 __global__ void __launch_bounds__(kThreads) quant_fp8_1x128_kernel(QuantFp8Params p) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t kb_count = p.n / 128;
   const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   // m * kb_count * 16 threads are needed; a half-warp is either entirely in range or entirely out,
@@ -90,12 +93,13 @@ void launch(const QuantFp8Params& p, cudaStream_t stream) {
   const int64_t threads = p.m * (p.n / 128) * kLanesPerBlock;
   if (threads == 0) return;
   const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  // A programmatic dependent launch: the decode GEMMs around it (the MoE's silu_mul step sits between
+  // two) overlap their launches with each other's tails.
   if (p.fp16) {
-    quant_fp8_1x128_kernel<__half, kSiluMul><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p);
+    launch_pdl(quant_fp8_1x128_kernel<__half, kSiluMul>, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, p);
   } else {
-    quant_fp8_1x128_kernel<__nv_bfloat16, kSiluMul><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p);
+    launch_pdl(quant_fp8_1x128_kernel<__nv_bfloat16, kSiluMul>, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, p);
   }
-  FS_CHECK_LAUNCH();
 }
 
 }  // namespace

@@ -90,7 +90,8 @@ def _stage_fns(hidden, logits, bias, w13, w13_s, w2, w2_s, c, layout):
         down = torch.empty((e, t, h), dtype=torch.bfloat16, device=dev)
         st["scatter_quant"] = lambda i: ops.moe_scatter_quant(hidden, slots, a, a_s)
         st["gemm1"] = lambda i: ops.grouped_fp8_gemm_masked(a, a_s, w13, w13_s, masked_m, out=gu)
-        st["silu_mul_quant"] = lambda i: ops.silu_mul_quant_fp8(gu.view(e * t, i2), out=act, scale=act_s)
+        st["silu_mul_quant"] = lambda i: ops.silu_mul_quant_fp8(gu.view(e * t, i2), out=act, scale=act_s,
+                                                                masked_m=masked_m)
         st["gemm2"] = lambda i: ops.grouped_fp8_gemm_masked(act.view(e, t, inter), act_s.unflatten(0, (e, t)), w2,
                                                             w2_s, masked_m, out=down)
     else:

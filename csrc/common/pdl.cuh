@@ -1,0 +1,45 @@
+// Programmatic dependent launch (sm_90): a kernel launched with launch_pdl may start while the
+// previous kernel on its stream is still running, as soon as that kernel has executed
+// pdl_launch_dependents() (or finished); its launch latency and prologue then overlap that tail.
+// The contract, for every kernel launched this way: call pdl_wait() before the first access to
+// global memory (it returns once the previous kernel has completed and its writes are visible), so
+// the launch is safe after any kernel, including ones that know nothing of PDL.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <utility>
+
+#include "common/cuda_check.h"
+
+namespace flashseek {
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Lets the next kernel on the stream (if launched with launch_pdl) start its launch now.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+template <typename... KernelArgs, typename... Args>
+void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                Args&&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+}  // namespace flashseek
