@@ -293,7 +293,9 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         out: optional bf16 [M, N] output.
     Returns:
         out bf16 [M, N].
-    CUDA kernels (CUTLASS sm90 block-wise FP8): M <= 128 swaps the operands (tokens in the MMA's N,
+    CUDA kernels: M <= 64 with at least 2^27 weight elements runs the hand-written stream-K decode
+    kernel (see grouped_fp8_gemm_masked; FLASHSEEK_GEMM_SKINNY=1 / 0 forces it / CUTLASS for every
+    M <= 64). Otherwise CUTLASS sm90 block-wise FP8: M <= 128 swaps the operands (tokens in the MMA's N,
     128x64 tiles, split-K over K when the tiles alone cannot fill the SMs, else for 64 < M 1x2 clusters
     that multicast each weight tile to both token tiles); larger M uses 128x128x128
     cooperative tiles in 2x1 clusters with a persistent scheduler, or a stream-K scheduler where the
@@ -399,9 +401,12 @@ def grouped_fp8_gemm_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Ten
         out: optional bf16 [E, M_max, N]; rows >= masked_m[e] keep their contents.
     The counts are read on the device (no host sync, CUDA-graph capturable). The reference path
     raises on masked_m outside [0, M_max]; the CUDA kernel clamps each count to that range.
-    CUDA kernels: M_max <= 64 swaps the operands (tokens in the MMA's N, 128x64 tiles); larger
-    M_max uses 128x128x128 tiles like the contiguous layout. Both are CUTLASS pointer-array kernels
-    whose per-expert arguments a tiny prepare kernel writes from masked_m.
+    CUDA kernels: M_max <= 64 runs the hand-written decode kernel (weights in the MMA's M, 128-row
+    tiles, up to 64 tokens in its N; the (tile, 128-deep K block) units of the experts that have
+    tokens are split evenly over the SMs, shared tiles reduced in a fixed order, so the result is
+    deterministic); larger M_max uses CUTLASS 128x128x128 pointer-array tiles like the contiguous
+    layout, whose per-expert arguments a tiny prepare kernel writes from masked_m.
+    FLASHSEEK_GEMM_SKINNY=0 runs CUTLASS's swapped 128x64 kernel for M_max <= 64 instead.
     """
     if out is None:
         out = torch.empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.bfloat16, device=a.device)
