@@ -39,8 +39,10 @@ void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Pa
   launch_pdl(skinny::skinny_kernel, dim3(unsigned(ctas)), dim3(skinny::kThreads), size_t(skinny::Smem::kDynamic),
              stream, tmap_w, tmap_x, kp);
   if (!reduce) return;
-  launch_pdl(skinny::reduce_kernel, dim3(unsigned(ctas), skinny::kTokens / 8), dim3(skinny::kMathThreads), 0, stream,
-             kp);
+  // One reduction CTA per main CTA and 8-token column group that can hold tokens (M_max = 1: one).
+  const int column_groups = std::min(skinny::kTokens, kp.m_rows + 7) / 8;
+  launch_pdl(skinny::reduce_kernel, dim3(unsigned(ctas), unsigned(column_groups)), dim3(skinny::kMathThreads), 0,
+             stream, kp);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <stdexcept>
 
 #include "common/cuda_check.h"
+#include "common/pdl.cuh"
 #include "moe/moe.h"
 
 namespace flashseek {
@@ -209,6 +210,8 @@ __device__ void scatter_block(const MoeAlignParams& p, const WarpChunks& c, Alig
 // Up to kMoeAlignBlockSlots slots: count, scan and scatter in one block, one launch.
 __global__ void __launch_bounds__(kThreads, 1) moe_align_kernel(const MoeAlignParams p) {
   __shared__ AlignSmem sm;
+  pdl_wait();
+  pdl_launch_dependents();
   const WarpChunks c = warp_chunks(0, p.n, threadIdx.x >> 5);
   count_block(p, c, sm);
   const int total = scan_warps(p, c.nw, 0, sm);
@@ -235,6 +238,8 @@ __device__ __forceinline__ int* block_count(const MoeAlignParams& p) {
 
 __global__ void __launch_bounds__(kThreads, 1) moe_align_count_kernel(const MoeAlignParams p) {
   __shared__ AlignSmem sm;
+  pdl_wait();
+  pdl_launch_dependents();
   const WarpChunks c = block_warp_chunks(p);
   count_block(p, c, sm);
   const int total = scan_warps(p, c.nw, 0, sm);
@@ -243,6 +248,8 @@ __global__ void __launch_bounds__(kThreads, 1) moe_align_count_kernel(const MoeA
 
 __global__ void __launch_bounds__(kThreads, 1) moe_align_scan_kernel(const MoeAlignParams p, int blocks) {
   __shared__ AlignSmem sm;
+  pdl_wait();
+  pdl_launch_dependents();
   const int e = threadIdx.x;
   int run = 0;
   if (e < p.num_local) {
@@ -268,6 +275,8 @@ __global__ void __launch_bounds__(kThreads, 1) moe_align_scan_kernel(const MoeAl
 
 __global__ void __launch_bounds__(kThreads, 1) moe_align_scatter_kernel(const MoeAlignParams p) {
   __shared__ AlignSmem sm;
+  pdl_wait();
+  pdl_launch_dependents();
   const WarpChunks c = block_warp_chunks(p);
   count_block(p, c, sm);
   const int base = threadIdx.x < p.num_local ? *block_count(p) : 0;
@@ -292,17 +301,13 @@ int64_t moe_align_workspace_ints(int64_t n, int num_local) {
 void launch_moe_align(const MoeAlignParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.n + kMoeAlignBlockSlots - 1) / kMoeAlignBlockSlots;
   if (blocks <= 1) {
-    moe_align_kernel<<<1, kThreads, 0, stream>>>(p);
-    FS_CHECK_LAUNCH();
+    launch_pdl(moe_align_kernel, dim3(1), dim3(kThreads), 0, stream, p);
     return;
   }
   if (p.workspace == nullptr) throw std::invalid_argument("flashseek: moe_align needs a workspace for this many slots");
-  moe_align_count_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(p);
-  FS_CHECK_LAUNCH();
-  moe_align_scan_kernel<<<1, kThreads, 0, stream>>>(p, int(blocks));
-  FS_CHECK_LAUNCH();
-  moe_align_scatter_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(p);
-  FS_CHECK_LAUNCH();
+  launch_pdl(moe_align_count_kernel, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, p);
+  launch_pdl(moe_align_scan_kernel, dim3(1), dim3(kThreads), 0, stream, p, int(blocks));
+  launch_pdl(moe_align_scatter_kernel, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace flashseek

@@ -43,6 +43,7 @@
 #include <utility>
 
 #include "common/cuda_check.h"
+#include "common/pdl.cuh"
 #include "routing/routing.h"
 #include "routing/routing_device.cuh"
 
@@ -205,6 +206,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   constexpr int kVal = (32 * VPL < kMaxExperts) ? 32 * VPL : kMaxExperts;
   __shared__ WarpSmem<VPL> smem[kWarpsPerBlock];
   __shared__ __align__(16) float sbias[kVal];
+  pdl_wait();
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   WarpSmem<VPL>& sm = smem[warp];
@@ -287,6 +290,8 @@ template <int VPL, typename In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_softmax_topk_kernel(const RouteParams p, const Layout l) {
   __shared__ WarpSmem<VPL> smem[kWarpsPerBlock];
+  pdl_wait();
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   WarpSmem<VPL>& sm = smem[warp];
@@ -346,6 +351,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 12) route_noaux_tc_r1_ker
   __shared__ r1::WarpSmem smem[kWarpsPerBlock];
   __shared__ __align__(16) float sbias[r1::kE];
   __shared__ uint32_t ktable[256];
+  pdl_wait();
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   r1::WarpSmem& sm = smem[warp];
@@ -397,8 +404,7 @@ bool launch_r1(const RouteParams& p, cudaStream_t stream) {
   static int occ = 0;
   const int64_t blocks = (p.T + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const dim3 grid(unsigned(std::min(blocks, max_grid(route_noaux_tc_r1_kernel<In>, occ))));
-  route_noaux_tc_r1_kernel<In><<<grid, dim3(kWarpsPerBlock * 32), 0, stream>>>(p);
-  FS_CHECK_LAUNCH();
+  launch_pdl(route_noaux_tc_r1_kernel<In>, grid, dim3(kWarpsPerBlock * 32), 0, stream, p);
   return true;
 }
 
@@ -415,7 +421,7 @@ void launch_typed(const RouteParams& p, Layout l, cudaStream_t stream) {
     static int occ = 0;                                                                          \
     auto kernel = kSoftmax ? route_softmax_topk_kernel<V, In> : route_noaux_tc_kernel<V, In>;    \
     const dim3 grid(unsigned(std::min(blocks, max_grid(kernel, occ))));                          \
-    kernel<<<grid, block, 0, stream>>>(p, l);                                                    \
+    launch_pdl(kernel, grid, block, 0, stream, p, l);                                            \
     break;                                                                                       \
   }
   switch (vpl_t) {
