@@ -128,9 +128,8 @@ __device__ __forceinline__ void store_columns(const Params& p, const float (&v)[
 }
 
 // The groups with at least one token, in order, into active[1..]; active[0] = their count. Warp 0
-// (lanes own contiguous runs of groups), from the token counts already staged in shared memory: the
-// first version read masked_m here, a chain of up to 8 L2 round trips per lane at E = 256 before any
-// CTA could start.
+// (lanes own contiguous runs of groups), from the token counts that every thread staged in shared
+// memory (one load each, all in flight together; the producer and the epilogue read them there too).
 __device__ __forceinline__ void list_active_groups(const Params& p, const int* tokens, int* active, int lane) {
   const int per = (p.num_groups + 31) / 32;
   const int lo = lane * per, hi = min(lo + per, p.num_groups);
