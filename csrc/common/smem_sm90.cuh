@@ -1,4 +1,4 @@
-// Shared-memory addressing shared by the sm_90a kernels (MLA decode, FP8 GEMM).
+// Shared-memory addressing and mbarrier helpers shared by the sm_90a kernels (MLA decode, FP8 GEMMs).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -17,6 +17,18 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
          (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+// mbarrier wait on a phase parity (the try_wait loop, with the suspend-time hint CUTLASS uses) and a
+// plain arrive, on 32-bit shared-window addresses.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1, 0x989680;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
 }  // namespace flashseek

@@ -28,12 +28,11 @@
 #include <utility>
 
 #include <cute/arch/copy_sm90_tma.hpp>
-#include <cute/arch/mma_sm90_desc.hpp>
-#include <cute/arch/mma_sm90_gmma.hpp>
 #include <cutlass/arch/barrier.h>
 
 #include "common/pdl.cuh"
 #include "common/smem_sm90.cuh"
+#include "common/wgmma_sm90.cuh"
 
 namespace flashseek::skinny {
 
@@ -78,21 +77,6 @@ struct Smem {
 
 using MmaOp = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;
 
-template <size_t... I>
-__device__ __forceinline__ void wgmma_step(uint64_t dw, uint64_t dx, float (&d)[kAcc], bool accumulate,
-                                           std::index_sequence<I...>) {
-  MmaOp::fma(dw, dx, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
-}
-
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1, 0x989680;\n"
-      "@!p bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
 
 __device__ __forceinline__ int group_tokens(const Params& p, int g) {
   return p.masked_m != nullptr ? min(max(__ldg(p.masked_m + g), 0), p.m_rows) : p.m_rows;
@@ -253,7 +237,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
       cute::warpgroup_arrive();
 #pragma unroll
       for (int ks = 0; ks < kBlockK / 32; ++ks) {
-        wgmma_step(w_desc + ks * 2, x_desc + ks * 2, acc, ks > 0, std::make_index_sequence<kAcc>{});
+        wgmma_ss<MmaOp>(w_desc + ks * 2, x_desc + ks * 2, acc, ks > 0, std::make_index_sequence<kAcc>{});
       }
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();

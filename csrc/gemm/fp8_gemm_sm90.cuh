@@ -40,6 +40,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "common/smem_sm90.cuh"
+#include "common/wgmma_sm90.cuh"
 
 namespace flashseek::sm90gemm {
 
@@ -70,20 +71,8 @@ struct KernelParams {
 using MmaOp = cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>;
 constexpr int kAcc = 64;  // fp32 accumulators per thread of a 64 x 128 warpgroup tile
 
-template <size_t... I>
-__device__ __forceinline__ void wgmma_step(uint64_t da, uint64_t db, float (&d)[kAcc], bool accumulate,
-                                           std::index_sequence<I...>) {
-  MmaOp::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
-}
-
-
-// Shared-memory helpers on 32-bit shared-window addresses (one register each).
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1, 0x989680;\n"
-      "@!p bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
-}
+// Shared-memory helpers on 32-bit shared-window addresses (one register each); mbar_wait and
+// mbar_arrive come from common/smem_sm90.cuh.
 // Non-blocking probe: true once the phase with this parity has completed.
 __device__ __forceinline__ bool mbar_test(uint32_t bar, uint32_t parity) {
   uint32_t done;
@@ -96,9 +85,6 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) 
   asm volatile(
       "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
       "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar), "r"(cta) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
   float v;
@@ -233,8 +219,8 @@ struct MathWarpgroup {
     cute::warpgroup_arrive();
 #pragma unroll
     for (int ks = 0; ks < kBlockK / 32; ++ks) {
-      wgmma_step(a_desc0 + stage_off + ks * 2, b_desc0 + stage_off + ks * 2, acc, ks > 0,
-                 std::make_index_sequence<kAcc>{});
+      wgmma_ss<MmaOp>(a_desc0 + stage_off + ks * 2, b_desc0 + stage_off + ks * 2, acc, ks > 0,
+                      std::make_index_sequence<kAcc>{});
     }
     cute::warpgroup_commit_batch();
     if (++stage == STAGES) {
