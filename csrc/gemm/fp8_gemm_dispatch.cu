@@ -75,9 +75,9 @@ bool use_sm90() {
 // (fp8_gemm_skinny.cuh) or CUTLASS's swapped kernels. Measured on the H100 (graph replay, same run,
 // docs/gemm-design.md): the stream-K kernel wins every masked shape (8 of 256 experts: gate_up 92.9 vs
 // 100.7 us, down 53.4 vs 57.6) and the largest dense weight streams (36864x7168: 95.7 vs 105.7 us), but
-// carries ~3 us more fixed cost per call (its reduction kernel), so the dense problems with less than
-// kSkinnyMinWeight weight elements stay on CUTLASS (2112x7168: 14.3 vs 11.6 us; 7168x18432: 52.3 vs
-// 50.8). FLASHSEEK_GEMM_SKINNY=0 / 1 forces CUTLASS / the stream-K kernel for every decode problem;
+// carries 1-3 us more fixed cost per call (not yet split between its main kernel and its reduction),
+// so the dense problems with less than kSkinnyMinWeight weight elements stay on CUTLASS (2112x7168:
+// 14.3 vs 11.6 us; 7168x18432: 52.3 vs 50.8). FLASHSEEK_GEMM_SKINNY=0 / 1 forces CUTLASS / the stream-K kernel for every decode problem;
 // read on every call, so that one test process can check both paths.
 constexpr int64_t kSkinnyMinWeight = int64_t(1) << 27;
 
