@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include "common/cuda_check.h"
+#include "common/pdl.cuh"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
@@ -39,7 +40,7 @@ template <typename QT, int kVec, int kRows, int kGroup>
 __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kRowThreads = kCols / kVec;
   // Wait for the decode grid (a no-op when not launched as a programmatic dependent).
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  pdl_wait();
   const int bi = blockIdx.y, R = blockIdx.x * kRows + threadIdx.x / kRowThreads;
   const int t = threadIdx.x % kRowThreads;
   const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
@@ -105,17 +106,8 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
 
 template <typename QT, int kVec, int kRows, int kGroup>
 void launch_combine_shape(const DecodeParams& p, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((p.rows + kRows - 1) / kRows, p.batch);
-  cfg.blockDim = dim3(kRows * kCols / kVec);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, mla_combine_kernel<QT, kVec, kRows, kGroup>, p));
+  launch_pdl(mla_combine_kernel<QT, kVec, kRows, kGroup>, dim3((p.rows + kRows - 1) / kRows, p.batch),
+             dim3(kRows * kCols / kVec), 0, stream, p);
 }
 
 template <typename QT>

@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "common/cuda_check.h"
+#include "common/pdl.cuh"
 #include "common/smem_sm90.cuh"
 #include "mla/mla_params.h"
 
@@ -341,7 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 
   // Lets the combine kernel (a programmatic dependent, see mla_combine.cu) be scheduled as soon as SMs
   // free up; it waits for this whole grid to finish before reading any partial.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  pdl_launch_dependents();
   extern __shared__ __align__(128) char smem[];
   const uint32_t s_base = smem_u32(smem);
   const uint32_t sQ = s_base + S::kQ;

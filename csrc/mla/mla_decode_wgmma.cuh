@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
   using S = Smem<kFp8>;
   // The combine kernel (programmatic dependent) may be scheduled as SMs free up; it waits for this
   // whole grid before reading any partial.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  pdl_launch_dependents();
   // wgmma's 128B swizzle is a function of address bits 4-9: tiles must start 1,024-byte aligned.
   // A kernel without static shared memory gets its dynamic window at that alignment (CUTLASS's
   // sm90 kernels rely on the same); the FP8 layout leaves no slack to realign, so check instead.
