@@ -489,10 +489,24 @@ def check_against_reference(case, out, lse, causal):
     assert_lse_close(lse, ref_lse, 1e-3)
 
 
+# The bf16 cache's 64-row tiles (s_q * h_q > 32) have two wgmma kernels: the turn-taking one
+# (mla_decode_seesaw.cuh) and the two-warpgroup one (mla_decode_wgmma.cuh); FLASHSEEK_MLA_DECODE
+# picks one per call.
+MLA_IMPLS = ["wgmma", "seesaw"]
+
+
+def _use_impl(monkeypatch, impl, rows=None, fp8=False):
+    if impl != MLA_IMPLS[0] and rows is not None and (rows <= 32 or fp8):
+        pytest.skip("one kernel serves this tile and cache")
+    monkeypatch.setenv("FLASHSEEK_MLA_DECODE", impl)
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("impl", MLA_IMPLS)
 @pytest.mark.parametrize("cfg", _sweep_cases(12 if REDUCED else 64), ids=lambda c: "-".join(
     f"{k}{v}" if not isinstance(v, torch.dtype) else str(v)[6:] for k, v in c.items()))
-def test_decode_sweep_cuda(cfg):
+def test_decode_sweep_cuda(cfg, impl, monkeypatch):
+    _use_impl(monkeypatch, impl, cfg["s_q"] * cfg["h_q"], cfg["fp8"])
     rng = random.Random(str(cfg))
     b, s_k = cfg["b"], cfg["s_k"]
     if REDUCED:
@@ -520,10 +534,12 @@ def test_decode_split_paths_cuda(P, fp8):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("impl", MLA_IMPLS)
 @pytest.mark.parametrize("s_q,h_q", [(1, 16), (2, 8), (1, 17), (2, 16), (1, 32), (1, 33), (4, 16), (1, 65),
                                      (3, 43), (8, 128)])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_decode_row_tiles_cuda(s_q, h_q, fp8):
+def test_decode_row_tiles_cuda(s_q, h_q, fp8, impl, monkeypatch):
+    _use_impl(monkeypatch, impl, s_q * h_q, fp8)
     # s_q * h_q <= 16 / <= 32 / more select the 16-, 32- and 64-row CTA tiles; edges on both sides.
     lens = [1, 200, 0, 1500]
     case = make_case(len(lens), s_q, h_q, lens, 16, fp8=fp8, device="cuda", gen_seed=s_q * 1000 + h_q)
@@ -534,7 +550,27 @@ def test_decode_row_tiles_cuda(s_q, h_q, fp8):
 
 
 @pytest.mark.cuda
-def test_decode_zero_lengths_cuda():
+@pytest.mark.parametrize("impl", MLA_IMPLS)
+@pytest.mark.parametrize("page_size", ref_mla.PAGE_SIZES)
+@pytest.mark.parametrize("P", [1, 7, 132, 1000])
+@pytest.mark.parametrize("s_q,causal", [(1, False), (2, True)])
+def test_decode_block_pairs_cuda(impl, page_size, P, s_q, causal, monkeypatch):
+    # The turn-taking kernel takes key blocks in pairs and has separate code for a piece that ends
+    # with one, two or three blocks left, and for the tail block (rows past the end zeroed after
+    # they land); split counts from 1 to 1000 give pieces of every length from 1 block up.
+    _use_impl(monkeypatch, impl)
+    lens = [0, 1, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 4113, 5000]
+    case = make_case(len(lens), s_q, 128, lens, page_size, device="cuda", gen_seed=P * 7 + page_size + s_q)
+    out = poison_(torch.empty(len(lens), s_q, 128, 512, dtype=torch.bfloat16, device="cuda"))
+    lse = poison_(torch.empty(len(lens), 128, s_q, device="cuda"))
+    run_op(case, causal, num_sm_parts=P, out=out, lse=lse)
+    check_against_reference(case, out, lse, causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", MLA_IMPLS)
+def test_decode_zero_lengths_cuda(impl, monkeypatch):
+    _use_impl(monkeypatch, impl)
     case = make_case(5, 2, 64, [0] * 5, 64, device="cuda")
     out, lse = run_op(case, True, out=poison_(torch.empty(5, 2, 64, 512, dtype=torch.bfloat16, device="cuda")))
     assert torch.all(out == 0) and torch.all(lse == -math.inf)
@@ -585,21 +621,23 @@ def test_cache_append_cuda_matches_reference(fp8, dtype):
 
 
 @pytest.mark.cuda
-def test_bad_indices_are_clamped_cuda():
-    case = make_case(2, 1, 16, [100, 300], 16, device="cuda")
+@pytest.mark.parametrize("h_q,impl", [(16, "wgmma"), (128, "wgmma"), (128, "seesaw")])
+def test_bad_indices_are_clamped_cuda(h_q, impl, monkeypatch):
+    monkeypatch.setenv("FLASHSEEK_MLA_DECODE", impl)
+    case = make_case(2, 1, h_q, [100, 300], 16, device="cuda")
     bt = case["block_table"].clone()
     bt[0, 1] = 1 << 30
     bt[1, 0] = -5
     sl = torch.tensor([100, 10**6], dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match="cache_seqlens must lie in"):
-        ops.mla_decode(case["q"], case["kv_cache"], bt, sl, ops.mla_decode_plan(sl, 1, 16), SCALE, validate=True)
+        ops.mla_decode(case["q"], case["kv_cache"], bt, sl, ops.mla_decode_plan(sl, 1, h_q), SCALE, validate=True)
     with pytest.raises(ValueError, match="block_table entries in use"):
         ops.mla_decode(case["q"], case["kv_cache"], bt, case["cache_seqlens"],
-                       ops.mla_decode_plan(case["cache_seqlens"], 1, 16), SCALE, validate=True)
+                       ops.mla_decode_plan(case["cache_seqlens"], 1, h_q), SCALE, validate=True)
     # Without validate: no out-of-bounds access (compute-sanitizer clean), garbage values allowed.
-    out, lse = ops.mla_decode(case["q"], case["kv_cache"], bt, sl, ops.mla_decode_plan(sl, 1, 16), SCALE)
+    out, lse = ops.mla_decode(case["q"], case["kv_cache"], bt, sl, ops.mla_decode_plan(sl, 1, h_q), SCALE)
     torch.cuda.synchronize()
-    assert out.shape == (2, 1, 16, 512)
+    assert out.shape == (2, 1, h_q, 512)
 
 
 @pytest.mark.cuda
@@ -611,9 +649,11 @@ def test_bad_inputs_cuda(idx):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fp8", [False, True])
-def test_cuda_graph_capture(fp8):
-    b, s_q, h_q, ps = 4, 2, 16, 64
+@pytest.mark.parametrize("fp8,h_q,impl", [(False, 16, "wgmma"), (True, 16, "wgmma"), (False, 128, "wgmma"),
+                                          (False, 128, "seesaw")])
+def test_cuda_graph_capture(fp8, h_q, impl, monkeypatch):
+    monkeypatch.setenv("FLASHSEEK_MLA_DECODE", impl)
+    b, s_q, ps = 4, 2, 64
     lens = [100, 0, 2000, 60]  # two appended tokens stay within the pages held
     case = make_case(b, s_q, h_q, lens, ps, fp8=fp8, device="cuda", spare_pages=40)
     sl = case["cache_seqlens"].clone()

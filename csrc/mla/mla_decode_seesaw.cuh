@@ -1,0 +1,570 @@
+// Paged MLA latent decode, 64-row tiles, bf16 cache: the two warpgroups take turns on key blocks.
+//
+// Why: in the two-warpgroup wgmma kernel (mla_decode_wgmma.cuh) warpgroup 0 computes S and the
+// softmax of every block while warpgroup 1 waits for P, so the tensor pipe idles through every
+// softmax (~0.8x FlashMLA at h_q = 128). Here blocks go in pairs (2i in stage 0, 2i + 1 in stage 1);
+// warpgroup 0 computes S and the softmax of the even block, warpgroup 1 of the odd one, so one
+// warpgroup's softmax runs while the other's wgmma are queued. The schedule is the one FlashMLA's
+// sm90 dense decode kernel uses (docs/mla-design.md, "The schedule to build next"), written here
+// in our own terms.
+//
+// Output columns stay split as before: warpgroup 0 owns O[:, 0:256], warpgroup 1 O[:, 256:512]
+// (128 fp32 registers a thread). Per pair, with m the running row max (log2 domain):
+//   WG0: mA = max(m, rowmax S_A) -> shared, P_A = exp2(S_A - mA), O0 = O0 * 2^(m - mA) + P_A V_A[:, :256]
+//        (P from registers); then, with WG1's mB: P_A * 2^(mA - mB) -> the shared P_A tile (for WG1),
+//        O0 = O0 * 2^(mA - mB) + P_B V_B[:, :256] (P_B from shared memory), then S of block 2i + 2.
+//   WG1: mB = max(mA, rowmax S_B) -> shared, P_B = exp2(S_B - mB) -> shared (stage 1's rope panel,
+//        which S_B no longer needs), O1 = O1 * 2^(m - mB) + P_B V_B[:, 256:] (registers)
+//        + P_A V_A[:, 256:] (shared), then S of block 2i + 3.
+// Row sums stay per warpgroup and are added at the end. Named barriers: mA ready, mB ready, P_A
+// stored, P_B stored; each is used once per pair, and each warpgroup passes every one of them in
+// the same order, so a barrier is never re-armed before the previous use completed.
+//
+// Loads: TMA, one box per page (min(page_size, 64) rows x 64 dims, 128B swizzle) and one mbarrier
+// per 64-dim panel per stage, so S can start on the panels that landed first. A stage is refilled
+// in two parts, each as soon as both warpgroups are done with it: panels 0-3 and the rope panel by
+// warpgroup 0 (after its P V of that block retires; for stage 1 the rope panel holds P_B until
+// then), panels 4-7 by warpgroup 1. Page ids for the next pair are read one pair ahead by the
+// issuing warps. Rows past the sequence end are zeroed after they land (tail block only): P is 0
+// there, but 0 * NaN would poison O.
+//
+// Shared memory: Q 73,728 | stage 0 73,728 | stage 1 73,728 | P_A 8,192 | row vectors | 18 mbarriers.
+#pragma once
+#include <cuda.h>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "mla/mla_decode_wgmma.cuh"
+
+namespace flashseek::mla {
+namespace seesaw {
+
+using detail::fast_exp2;
+using detail::pack_bf16;
+using detail::q_to_bf16;
+using detail::smem_u32;
+using wg::bar_arrive;
+using wg::bar_sync;
+using wg::fence_async_smem;
+using wg::fence_regs;
+using wg::kM;
+using wg::kPanelBytes;
+using wg::kPanels;
+using wg::kThreads;
+using wg::kTileBytes;
+using wg::swz;
+using wg::tile_chunk;
+namespace gmma = wg::gmma;
+
+struct Smem {
+  static constexpr int kQ = 0;
+  static constexpr int kStage0 = kTileBytes;
+  static constexpr int kStage1 = 2 * kTileBytes;
+  static constexpr int kPA = 3 * kTileBytes;       // P of the even block, rescaled to mB
+  static constexpr int kMaxA = kPA + kPanelBytes;  // [64] row max after the even block
+  static constexpr int kMaxB = kMaxA + kM * 4;     // [64] ... after the odd block
+  static constexpr int kRowSum = kMaxB + kM * 4;   // [2][64] final row sums of the two warpgroups
+  static constexpr int kBars = kRowSum + 2 * kM * 4;
+  static constexpr int kTotal = kBars + 2 * kPanels * 8;  // mbarrier (stage, panel) at kBars + 8 (9 stage + panel)
+};
+static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
+
+constexpr int kBarMaxA = 1;
+constexpr int kBarMaxB = 2;
+constexpr int kBarPA = 3;
+constexpr int kBarPB = 4;
+constexpr int kBarWG = 5;  // + warpgroup: the warpgroup's zeroed tail rows are written
+
+constexpr uint32_t kPanelsLow = 0x10F;   // panels 0-3 and the rope panel: refilled by warpgroup 0
+constexpr uint32_t kPanelsHigh = 0x0F0;  // panels 4-7: refilled by warpgroup 1
+constexpr uint32_t kPanelsAll = 0x1FF;
+
+// First cache row of box `box` of key block `blk` (boxes of 2^box_log2 tokens, inside one page), or
+// -1 when the box starts at or past len_eff (not loaded). Page ids are clamped to [0, num_pages): a bad
+// table gives wrong values, never an out-of-bounds read (as in detail::cache_row).
+__device__ __forceinline__ int box_row(const DecodeParams& p, int bi, int blk, int box, int box_log2, int len_eff) {
+  const int t0 = blk * kBlockN + (box << box_log2);
+  if (t0 >= len_eff) return -1;
+  const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + (t0 >> p.page_size_log2))),
+                            static_cast<uint32_t>(p.num_pages - 1));
+  return static_cast<int>((page << p.page_size_log2) + (t0 & ((1 << p.page_size_log2) - 1)));
+}
+
+// One warp issues the TMA loads of the panels in kMask of a key block into a stage. Box b's cache
+// row is in lane lane0 + b of `rows` (-1: past the end, not loaded); lane 0 arms each panel's
+// mbarrier with the bytes that will land.
+template <uint32_t kMask>
+__device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage, uint64_t* bars, int rows, int lane0,
+                                            int nbox, int box_log2, int lane) {
+  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  const int row = __shfl_sync(0xffffffffu, rows, lane0 + (lane & 7));
+  const bool mine = lane < nbox && row >= 0;
+  const uint32_t bytes = static_cast<uint32_t>(__popc(__ballot_sync(0xffffffffu, mine))) << (box_log2 + 7);
+  if (lane == 0) {
+#pragma unroll
+    for (int pn = 0; pn < kPanels; ++pn) {
+      if (kMask >> pn & 1) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bars + pn, bytes);
+    }
+  }
+  __syncwarp();
+  if (mine) {
+#pragma unroll
+    for (int pn = 0; pn < kPanels; ++pn) {
+      if (kMask >> pn & 1) {
+        cute::SM90_TMA_LOAD_2D::copy(map, bars + pn, kHint, stage + pn * kPanelBytes + (lane << (box_log2 + 7)), pn * 64,
+                                     row);
+      }
+    }
+  }
+}
+
+// S += Q K^T over one 64-dim panel (4 wgmma m64n64k16), once the panel has landed. The wgmma fence
+// after the wait is explicit: otherwise ptxas inserts one behind the wait loop (a branch) and then
+// serialises every wgmma of the kernel (C7520).
+template <int kPanel, bool kFirst>
+__device__ __forceinline__ void s_panel(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32]) {
+  mbar_wait(bars + 8 * kPanel, parity);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t off = kPanel * kPanelBytes + kk * 32;
+    wg::qk_step(wgmma_desc_sw128(sQ + off, 16, 1024), wgmma_desc_sw128(sK + off, 16, 1024), sacc,
+                kFirst && kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<32>{});
+  }
+}
+
+// Rows [valid, 64) of a stage's V panels (0-7) := 0, by one warpgroup.
+__device__ __forceinline__ void zero_tail_rows(char* stage, int valid, int tw) {
+  for (int idx = tw; idx < (kBlockN - valid) * 64; idx += 128) {
+    const int row = valid + (idx >> 6), c = idx & 63;
+    *reinterpret_cast<uint4*>(stage + (c >> 3) * kPanelBytes + swz(row, c & 7)) = make_uint4(0, 0, 0, 0);
+  }
+  fence_async_smem();
+}
+
+template <typename QT>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv) {
+  // The combine kernel (programmatic dependent) waits for this whole grid before reading partials.
+  pdl_launch_dependents();
+  extern __shared__ __align__(1024) char smem[];
+  const uint32_t s_base = smem_u32(smem);
+  if (s_base & 1023u) __trap();  // wgmma's and TMA's 128B swizzle need 1,024-aligned tiles (see wg::)
+  float* s_maxA = reinterpret_cast<float*>(smem + Smem::kMaxA);
+  float* s_maxB = reinterpret_cast<float*>(smem + Smem::kMaxB);
+  float* s_rowsum = reinterpret_cast<float*>(smem + Smem::kRowSum);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Smem::kBars);  // [stage][panel]
+  char* const stage0 = smem + Smem::kStage0;
+  char* const stage1 = smem + Smem::kStage1;
+
+  const int m_tile = blockIdx.x, part = blockIdx.y;
+  const int wg = threadIdx.x >> 7, tw = threadIdx.x & 127;
+  const int warp = tw >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, q4 = lane & 3;
+  const int row0 = warp * 16 + g;  // this thread's accumulator rows: row0 and row0 + 8
+  const int box_log2 = min(p.page_size_log2, 6);
+  const int nbox = kBlockN >> box_log2;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2 * kPanels; ++i) cutlass::arch::ClusterTransactionBarrier::init(bars + i, 1);
+    cutlass::arch::fence_barrier_init();
+    cute::prefetch_tma_descriptor(&tmap_kv);
+  }
+  __syncthreads();
+
+  const uint32_t sQ = s_base + Smem::kQ;
+  const uint32_t stA = s_base + Smem::kStage0, stB = s_base + Smem::kStage1;  // even / odd blocks
+  const uint32_t barsA = s_base + Smem::kBars, barsB = barsA + 8 * kPanels;
+  // Loads into each stage before the current request: block j of a request lands in stage j % 2 as that
+  // stage's load number base[j % 2] + j / 2, whose mbarrier phase parity is that number's low bit.
+  int base0 = 0, base1 = 0;
+
+  const detail::PlanPart plan(p, part);
+  for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+    int len, len_eff, blk_begin, n;
+    plan.piece(p, bi, len, len_eff, blk_begin, n);
+    const int limit[2] = {detail::visible_keys(p, m_tile * kM + row0, len, len_eff),
+                          detail::visible_keys(p, m_tile * kM + row0 + 8, len, len_eff)};
+    auto parity = [&](int j) { return static_cast<uint32_t>(((j & 1 ? base1 : base0) + (j >> 1)) & 1); };
+    // Block j's valid rows, when it is the tail block (rows at or past len_eff): they are zeroed.
+    auto zero_if_tail = [&](int j) {
+      const int valid = len_eff - (blk_begin + j) * kBlockN;
+      if (valid < kBlockN) {
+        zero_tail_rows(j & 1 ? stage1 : stage0, max(valid, 0), tw);
+        bar_sync(kBarWG + wg, 128);
+      }
+    };
+
+    // Zeroed so that no path reaches a wgmma with sacc undefined (ptxas then inserts register moves and
+    // a warpgroup.arrive that serialise the wgmma).
+    float sacc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
+    if (n > 0) {
+      if (warp == 0 && wg < n) {  // block 0 -> stage 0 (warpgroup 0's warp 0), block 1 -> stage 1
+        const int rows = lane < nbox ? box_row(p, bi, blk_begin + wg, lane, box_log2, len_eff) : -1;
+        issue_block<kPanelsAll>(&tmap_kv, wg ? stage1 : stage0, bars + wg * kPanels, rows, 0, nbox, box_log2, lane);
+      }
+      // Q tile (rows past s_q * h_q are zeros), converted to bf16, while the first blocks land.
+      const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
+      constexpr int kQChunks = kM * kDQK / 8;
+#pragma unroll 6
+      for (int i = 0; i < kQChunks / kThreads; ++i) {
+        const int idx = threadIdx.x + i * kThreads;
+        const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
+        const int R = m_tile * kM + row;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (R < p.rows) {
+          const int s = R / p.h_q, h = R - s * p.h_q;
+          v = q_to_bf16<QT>(__ldg(reinterpret_cast<const uint4*>(qb + s * p.q_stride_s + h * p.q_stride_h + c * 8)));
+        }
+        *reinterpret_cast<uint4*>(smem + Smem::kQ + tile_chunk(row, c)) = v;
+      }
+      fence_async_smem();
+      __syncthreads();  // Q visible to the async proxy
+      if (wg < n) {     // S of block wg (warpgroup 0: block 0, warpgroup 1: block 1)
+        const uint32_t sK = wg ? stB : stA, bb = wg ? barsB : barsA, ph = parity(wg);
+        fence_regs(sacc);
+        s_panel<0, true>(sQ, sK, bb, ph, sacc);
+        s_panel<1, false>(sQ, sK, bb, ph, sacc);
+        s_panel<2, false>(sQ, sK, bb, ph, sacc);
+        s_panel<3, false>(sQ, sK, bb, ph, sacc);
+        s_panel<4, false>(sQ, sK, bb, ph, sacc);
+        s_panel<5, false>(sQ, sK, bb, ph, sacc);
+        s_panel<6, false>(sQ, sK, bb, ph, sacc);
+        s_panel<7, false>(sQ, sK, bb, ph, sacc);
+        s_panel<8, false>(sQ, sK, bb, ph, sacc);
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_regs(sacc);
+        zero_if_tail(wg);
+      }
+    }
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    int next_rows = -1;  // warp 0: cache rows of the next pair's boxes (lanes 0-7: block 2i + 2, 8-15: 2i + 3)
+
+    // Scale, mask, and the row max of S for block j, starting from m_in (rows row0, row0 + 8).
+    auto row_max = [&](int j, const float (&m_in)[2], float (&m_out)[2]) {
+      const int key0 = (blk_begin + j) * kBlockN + 2 * q4;
+      float mloc[2] = {m_in[0], m_in[1]};
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v = key0 + 8 * c + (e & 1) < limit[e >> 1] ? sacc[4 * c + e] * p.scale_log2 : -INFINITY;
+          sacc[4 * c + e] = v;
+          mloc[e >> 1] = fmaxf(mloc[e >> 1], v);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 1));
+        m_out[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
+      }
+    };
+    // sacc := exp2(sacc - m_use) (fp32 P), returns the row sums; pf := P as bf16 A fragments.
+    auto exp_rows = [&](const float (&m_use)[2], float (&sum)[2], uint32_t (&pf)[16]) {
+      sum[0] = sum[1] = 0.f;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sacc[4 * c + e] = fast_exp2(sacc[4 * c + e] - m_use[e >> 1]);
+          sum[e >> 1] += sacc[4 * c + e];
+        }
+        pf[2 * c] = pack_bf16(sacc[4 * c], sacc[4 * c + 1]);
+        pf[2 * c + 1] = pack_bf16(sacc[4 * c + 2], sacc[4 * c + 3]);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
+        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
+      }
+    };
+    auto scale_o = [&](const float (&f)[2]) {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        o[4 * j + 0] *= f[0];
+        o[4 * j + 1] *= f[0];
+        o[4 * j + 2] *= f[1];
+        o[4 * j + 3] *= f[1];
+      }
+    };
+    auto prefetch_rows = [&](int i) {
+      if (warp == 0) {
+        const int j = 2 * i + 2 + (lane >> 3), box = lane & 7;
+        next_rows = lane < 16 && box < nbox && j < n ? box_row(p, bi, blk_begin + j, box, box_log2, len_eff) : -1;
+      }
+    };
+
+    // ---- warpgroup 0: the even block of each pair ----
+    auto wg0_pair = [&]<bool kHasB, bool kNextA, bool kNextB>(int i) {
+      const int ja = 2 * i;
+      prefetch_rows(i);
+      float mA[2];
+      row_max(ja, m_run, mA);
+      if (q4 == 0) {
+        s_maxA[row0] = mA[0];
+        s_maxA[row0 + 8] = mA[1];
+      }
+      bar_arrive(kBarMaxA, kThreads);
+      float mAu[2], alpha[2], sum[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mAu[h] = mA[h] == -INFINITY ? 0.f : mA[h];  // no key seen yet: avoid (-inf) - (-inf)
+        alpha[h] = fast_exp2(m_run[h] - mAu[h]);
+      }
+      uint32_t pf[16];
+      exp_rows(mAu, sum, pf);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + sum[h];
+      scale_o(alpha);
+      // O0 += P_A V_A[:, 0:256]
+      fence_regs(o);
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
+        wg::pv_step_rs(a, wgmma_desc_sw128(stA + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
+      }
+      cute::warpgroup_commit_batch();
+      float mB[2] = {mA[0], mA[1]}, beta[2] = {1.f, 1.f};
+      if constexpr (kHasB) {
+        bar_sync(kBarMaxB, kThreads);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          mB[h] = s_maxB[row0 + 8 * h];
+          // mA = -inf: P_A, O0 and l are all 0, any finite factor will do.
+          beta[h] = mA[h] == -INFINITY ? 0.f : fast_exp2(mA[h] - mB[h]);
+        }
+      }
+      // P_A at mB -> the shared tile for warpgroup 1.
+      char* sPA = smem + Smem::kPA;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        *reinterpret_cast<uint32_t*>(sPA + swz(row0, c) + q4 * 4) = pack_bf16(sacc[4 * c] * beta[0], sacc[4 * c + 1] * beta[0]);
+        *reinterpret_cast<uint32_t*>(sPA + swz(row0 + 8, c) + q4 * 4) =
+            pack_bf16(sacc[4 * c + 2] * beta[1], sacc[4 * c + 3] * beta[1]);
+      }
+      fence_async_smem();
+      bar_arrive(kBarPA, kThreads);
+      cute::warpgroup_wait<0>();
+      fence_regs(o);
+      // Stage 0's panels 0-3 (read only by this P V) and rope panel (read only by S) are free.
+      if constexpr (kNextA) {
+        if (warp == 0) issue_block<kPanelsLow>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
+      }
+      if constexpr (kHasB) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) l_run[h] *= beta[h];
+        scale_o(beta);
+        bar_sync(kBarPB, kThreads);
+        // O0 += P_B V_B[:, 0:256], P_B from stage 1's rope panel
+        fence_regs(o);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          wg::pv_step_ss(wgmma_desc_sw128(stB + 8 * kPanelBytes + kk * 32, 16, 1024),
+                         wgmma_desc_sw128(stB + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
+        }
+        cute::warpgroup_commit_batch();
+      }
+      if constexpr (kNextA) {  // S of block 2i + 2 over the panels this warpgroup just reloaded
+        const uint32_t ph = parity(ja + 2);
+        fence_regs(sacc);
+        s_panel<8, true>(sQ, stA, barsA, ph, sacc);
+        s_panel<0, false>(sQ, stA, barsA, ph, sacc);
+        s_panel<1, false>(sQ, stA, barsA, ph, sacc);
+        s_panel<2, false>(sQ, stA, barsA, ph, sacc);
+        s_panel<3, false>(sQ, stA, barsA, ph, sacc);
+        cute::warpgroup_commit_batch();
+      }
+      if constexpr (kHasB) {
+        cute::warpgroup_wait<kNextA ? 1 : 0>();
+        fence_regs(o);
+        // Stage 1's panels 0-3 and its rope panel (P_B) are free.
+        if constexpr (kNextB) {
+          if (warp == 0) issue_block<kPanelsLow>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
+        }
+      }
+      if constexpr (kNextA) {
+        const uint32_t ph = parity(ja + 2);
+        s_panel<4, false>(sQ, stA, barsA, ph, sacc);
+        s_panel<5, false>(sQ, stA, barsA, ph, sacc);
+        s_panel<6, false>(sQ, stA, barsA, ph, sacc);
+        s_panel<7, false>(sQ, stA, barsA, ph, sacc);
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_regs(sacc);
+        zero_if_tail(ja + 2);
+      }
+      m_run[0] = mB[0];
+      m_run[1] = mB[1];
+    };
+
+    // ---- warpgroup 1: the odd block of each pair ----
+    auto wg1_pair = [&]<bool kHasB, bool kNextA, bool kNextB>(int i) {
+      const int jb = 2 * i + 1;
+      prefetch_rows(i);
+      bar_sync(kBarMaxA, kThreads);
+      float mA[2] = {s_maxA[row0], s_maxA[row0 + 8]};
+      float mB[2] = {mA[0], mA[1]};
+      if constexpr (kHasB) {
+        row_max(jb, mA, mB);
+        if (q4 == 0) {
+          s_maxB[row0] = mB[0];
+          s_maxB[row0 + 8] = mB[1];
+        }
+        bar_arrive(kBarMaxB, kThreads);
+      }
+      float mBu[2], gamma[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mBu[h] = mB[h] == -INFINITY ? 0.f : mB[h];
+        gamma[h] = fast_exp2(m_run[h] - mBu[h]);
+        l_run[h] *= gamma[h];
+      }
+      scale_o(gamma);
+      if constexpr (kHasB) {
+        float sum[2];
+        uint32_t pf[16];
+        exp_rows(mBu, sum, pf);
+        l_run[0] += sum[0];
+        l_run[1] += sum[1];
+        // P_B -> stage 1's rope panel (S_B, its only reader, has retired) for warpgroup 0.
+        char* sPB = stage1 + 8 * kPanelBytes;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          *reinterpret_cast<uint32_t*>(sPB + swz(row0, c) + q4 * 4) = pf[2 * c];
+          *reinterpret_cast<uint32_t*>(sPB + swz(row0 + 8, c) + q4 * 4) = pf[2 * c + 1];
+        }
+        fence_async_smem();
+        bar_arrive(kBarPB, kThreads);
+        // O1 += P_B V_B[:, 256:512], P_B from registers
+        fence_regs(o);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
+          wg::pv_step_rs(a, wgmma_desc_sw128(stB + 4 * kPanelBytes + kk * 2048, kPanelBytes, 1024), o,
+                         std::make_index_sequence<128>{});
+        }
+        cute::warpgroup_commit_batch();
+      }
+      bar_sync(kBarPA, kThreads);
+      // O1 += P_A V_A[:, 256:512], P_A (already at mB) from shared memory
+      fence_regs(o);
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        wg::pv_step_ss(wgmma_desc_sw128(s_base + Smem::kPA + kk * 32, 16, 1024),
+                       wgmma_desc_sw128(stA + 4 * kPanelBytes + kk * 2048, kPanelBytes, 1024), o,
+                       std::make_index_sequence<128>{});
+      }
+      cute::warpgroup_commit_batch();
+      if constexpr (kHasB) {
+        cute::warpgroup_wait<1>();
+        // Stage 1's panels 4-7 are free (warpgroup 0 never reads them after S).
+        if constexpr (kNextB) {
+          if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
+        }
+      }
+      cute::warpgroup_wait<0>();
+      fence_regs(o);
+      if constexpr (kNextA) {
+        if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
+      }
+      if constexpr (kNextB) {  // S of block 2i + 3: this warpgroup's panels first
+        const uint32_t ph = parity(jb + 2);
+        fence_regs(sacc);
+        s_panel<4, true>(sQ, stB, barsB, ph, sacc);
+        s_panel<5, false>(sQ, stB, barsB, ph, sacc);
+        s_panel<6, false>(sQ, stB, barsB, ph, sacc);
+        s_panel<7, false>(sQ, stB, barsB, ph, sacc);
+        s_panel<8, false>(sQ, stB, barsB, ph, sacc);
+        s_panel<0, false>(sQ, stB, barsB, ph, sacc);
+        s_panel<1, false>(sQ, stB, barsB, ph, sacc);
+        s_panel<2, false>(sQ, stB, barsB, ph, sacc);
+        s_panel<3, false>(sQ, stB, barsB, ph, sacc);
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_regs(sacc);
+        zero_if_tail(jb + 2);
+      }
+      m_run[0] = mB[0];
+      m_run[1] = mB[1];
+    };
+
+    // Pairs with both blocks and a full next pair, then the last one or two pairs (compile-time
+    // variants: a wgmma batch under a run-time condition makes ptxas serialise every wgmma).
+    int i = 0;
+    if (wg == 0) {
+      for (; 2 * i + 3 < n; ++i) wg0_pair.template operator()<true, true, true>(i);
+      const int r = n - 2 * i;
+      if (r == 3) {
+        wg0_pair.template operator()<true, true, false>(i);
+        wg0_pair.template operator()<false, false, false>(i + 1);
+      } else if (r == 2) {
+        wg0_pair.template operator()<true, false, false>(i);
+      } else if (r == 1) {
+        wg0_pair.template operator()<false, false, false>(i);
+      }
+    } else {
+      for (; 2 * i + 3 < n; ++i) wg1_pair.template operator()<true, true, true>(i);
+      const int r = n - 2 * i;
+      if (r == 3) {
+        wg1_pair.template operator()<true, true, false>(i);
+        wg1_pair.template operator()<false, false, false>(i + 1);
+      } else if (r == 2) {
+        wg1_pair.template operator()<true, false, false>(i);
+      } else if (r == 1) {
+        wg1_pair.template operator()<false, false, false>(i);
+      }
+    }
+    base0 += (n + 1) >> 1;
+    base1 += n >> 1;
+
+    if (q4 == 0) {
+      s_rowsum[wg * kM + row0] = l_run[0];
+      s_rowsum[wg * kM + row0 + 8] = l_run[1];
+    }
+    __syncthreads();  // both row sums visible; every read of Q and the stages done
+
+    bool direct;
+    int slot;
+    if (plan.destination(p, bi, direct, slot)) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + 8 * h;
+        const int R = m_tile * kM + r;
+        if (R >= p.rows) continue;
+        detail::write_piece_row<QT, 32>(p, bi, R, direct, slot, wg * 256 + 2 * q4, m_run[h], s_rowsum[r] + s_rowsum[kM + r],
+                                        wg == 0 && q4 == 0,
+                                        [&](int j) { return make_float2(o[4 * j + 2 * h], o[4 * j + 2 * h + 1]); });
+      }
+    }
+    __syncthreads();  // s_rowsum is rewritten by the next request
+  }
+}
+
+// TMA map of the bf16 cache as rows of 576 values: boxes of min(page_size, 64) rows x 64 values.
+// False when the cache cannot be described (row count past int32 coordinates, misaligned base).
+bool kv_tensor_map(const DecodeParams& p, CUtensorMap& map);
+
+template <typename QT>
+void launch_decode_seesaw(const DecodeParams& p, const CUtensorMap& map, cudaStream_t stream) {
+  constexpr int smem = Smem::kTotal;
+  auto kernel = mla_decode_seesaw_kernel<QT>;
+  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
+  kernel<<<grid, kThreads, smem, stream>>>(p, map);
+  FS_CHECK_LAUNCH();
+}
+
+}  // namespace seesaw
+}  // namespace flashseek::mla
