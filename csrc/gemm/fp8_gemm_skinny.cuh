@@ -34,6 +34,15 @@
 #include "common/smem_sm90.cuh"
 #include "common/wgmma_sm90.cuh"
 
+// FS_SKINNY_TL(code): code that exists only in the timeline build (fp8_gemm_skinny_timeline.cuh,
+// -DFLASHSEEK_SKINNY_TIMELINE, standalone harnesses only); the default build compiles to the same SASS.
+#ifdef FLASHSEEK_SKINNY_TIMELINE
+#include "gemm/fp8_gemm_skinny_timeline.cuh"
+#define FS_SKINNY_TL(...) __VA_ARGS__
+#else
+#define FS_SKINNY_TL(...)
+#endif
+
 namespace flashseek::skinny {
 
 constexpr int kRows = 128;    // weight rows per tile: two warpgroups' m64
@@ -156,6 +165,7 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   int64_t u = sp.begin(c);
   const int64_t end = sp.begin(c + 1);
   if (u >= end) return;
+  FS_SKINNY_TL(const int64_t tl_u0 = u; timeline::Stamp tl_first{}, tl_last{};)
   // The walk advances (group, row tile, K block) incrementally: three 64-bit divisions per unit (the
   // first version) put hundreds of dependent instructions on this one thread's path to each TMA.
   const int64_t t0 = u / sp.num_kb;
@@ -177,6 +187,7 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
       cute::SM90_TMA_LOAD_2D::copy(&tmap_x->rows[box], full_bar + stage, kHint,
                                    smem + Smem::kX + stage * Smem::kXBytes,
                                    kb * kBlockK, p.masked_m != nullptr ? g * p.m_rows : 0);
+      FS_SKINNY_TL(tl_last = timeline::now(); if (u == tl_u0) tl_first = tl_last;)
     }
     const float* sa = p.a_scale + int64_t(g) * p.a_scale_estride + int64_t(kb) * p.a_scale_ld;
     const uint32_t dst = base + Smem::kSa + stage * Smem::kSaBytes;
@@ -206,6 +217,10 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
       }
     }
   }
+  FS_SKINNY_TL(if (lane == 0 && timeline::g_cta != nullptr) {
+    timeline::put(timeline::g_cta + c, timeline::kTmaFirst, tl_first);
+    timeline::put(timeline::g_cta + c, timeline::kTmaLast, tl_last);
+  })
 }
 
 __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, const Split& sp, int c) {
@@ -222,6 +237,9 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
   float acc[kAcc], fin[kAcc];
   const int64_t end = sp.begin(c + 1);
   int64_t u = sp.begin(c);
+  FS_SKINNY_TL(timeline::Stamp tl_full_first{}, tl_full_last{}, tl_epi_start{}, tl_epi_end{};
+               uint64_t tl_epi_clk = 0; uint32_t tl_whole = 0, tl_partial = 0;
+               bool tl_first = true, tl_last_whole = false;)
   while (u < end) {
     const int64_t t = u / sp.num_kb;
     const int kb0 = int(u - t * sp.num_kb);
@@ -232,6 +250,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
     for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
     for (int kb = kb0; kb < kb_end; ++kb) {
       mbar_wait(Smem::full(base, stage), phase);
+      FS_SKINNY_TL(tl_full_last = timeline::now(); if (tl_first) tl_full_first = tl_full_last; tl_first = false;)
       const uint64_t w_desc = w_desc0 + uint64_t(stage) * (Smem::kWBytes >> 4);
       const uint64_t x_desc = x_desc0 + uint64_t(stage) * (Smem::kXBytes >> 4);
       cute::warpgroup_arrive();
@@ -268,6 +287,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
         phase ^= 1;
       }
     }
+    FS_SKINNY_TL(tl_epi_start = timeline::now();)
     // Columns past the group's tokens are neither stored nor kept as partials (M = 1: 1/8 of them).
     const int tokens = reinterpret_cast<const int*>(smem + Smem::kGroupTokens)[g];
     const bool whole = kb0 == 0 && kb_end == sp.num_kb;
@@ -283,8 +303,21 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
         for (int q = 0; q < 4; ++q) slot[(4 * j + q) * kMathThreads] = v[q];
       }
     }
+    FS_SKINNY_TL(tl_epi_end = timeline::now(); tl_epi_clk += tl_epi_end.clk - tl_epi_start.clk;
+                 (whole ? tl_whole : tl_partial) += 1; tl_last_whole = whole;)
     u = t * sp.num_kb + kb_end;
   }
+  FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) {
+    timeline::Cta* r = timeline::g_cta + c;
+    timeline::put(r, timeline::kFullFirst, tl_full_first);
+    timeline::put(r, timeline::kFullLast, tl_full_last);
+    timeline::put(r, timeline::kEpiStart, tl_epi_start);
+    timeline::put(r, timeline::kEpiEnd, tl_epi_end);
+    r->epi_clk = tl_epi_clk;
+    r->tiles_whole = tl_whole;
+    r->tiles_partial = tl_partial;
+    r->last_whole = tl_last_whole;
+  })
 }
 
 __device__ __forceinline__ Split make_split(const Params& p, int active_groups) {
@@ -299,6 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     skinny_kernel(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ TokenMaps tmap_x,
                   const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  FS_SKINNY_TL(const timeline::Stamp tl_entry = timeline::now();)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   int* active = reinterpret_cast<int*>(smem + Smem::kActive);
@@ -317,12 +351,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 4; ++i) cute::prefetch_tma_descriptor(&tmap_x.rows[i]);
   }
   pdl_wait();
+  FS_SKINNY_TL(const timeline::Stamp tl_pdl = timeline::now();)
   int* tokens = reinterpret_cast<int*>(smem + Smem::kGroupTokens);
   for (int g = tid; g < p.num_groups; g += kThreads) tokens[g] = group_tokens(p, g);
   __syncthreads();
   if (warp == 0) list_active_groups(p, tokens, active, lane);
   __syncthreads();
   const Split sp = make_split(p, active[0]);
+  FS_SKINNY_TL(const timeline::Stamp tl_setup = timeline::now();)
   if (blockIdx.x == 0) {
     for (int i = tid; i <= active[0]; i += kThreads) p.header[i] = active[i];
   }
@@ -332,6 +368,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     producer(&tmap_w, &tmap_x, p, smem, sp, blockIdx.x);
   }
+  FS_SKINNY_TL(__syncthreads(); if (tid == 0 && timeline::g_cta != nullptr) {
+    timeline::Cta* r = timeline::g_cta + blockIdx.x;
+    timeline::put(r, timeline::kEntry, tl_entry);
+    timeline::put(r, timeline::kPdl, tl_pdl);
+    timeline::put(r, timeline::kSetup, tl_setup);
+    timeline::put(r, timeline::kExit, timeline::now());
+    r->unit_begin = sp.begin(blockIdx.x);
+    r->unit_end = sp.begin(blockIdx.x + 1);
+    r->smid = timeline::smid();
+  })
 #endif
 }
 
@@ -344,7 +390,17 @@ __global__ void __launch_bounds__(kMathThreads)
     reduce_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kBatch = 8;
+  FS_SKINNY_TL(const timeline::Stamp tl_entry = timeline::now();)
   pdl_wait();
+  FS_SKINNY_TL(const timeline::Stamp tl_pdl = timeline::now();
+               timeline::Reduce* tl_r = timeline::g_reduce == nullptr ? nullptr
+                                        : timeline::g_reduce + blockIdx.y * gridDim.x + blockIdx.x;
+               if (threadIdx.x == 0 && tl_r != nullptr) {
+                 timeline::put(tl_r, timeline::kREntry, tl_entry);
+                 timeline::put(tl_r, timeline::kRPdl, tl_pdl);
+                 tl_r->smid = timeline::smid();
+                 tl_r->worked = 0;
+               })
   pdl_launch_dependents();
   const int c = blockIdx.x, j = blockIdx.y, tid = threadIdx.x;
   const Split sp = make_split(p, p.header[0]);
@@ -380,6 +436,10 @@ __global__ void __launch_bounds__(kMathThreads)
     }
   }
   store_columns(p, sum, g, int(t % tiles_per_group) * kRows, tid, j, tokens);
+  FS_SKINNY_TL(if (tid == 0 && tl_r != nullptr) {
+    timeline::put(tl_r, timeline::kRDone, timeline::now());
+    tl_r->worked = 1;
+  })
 #endif
 }
 
