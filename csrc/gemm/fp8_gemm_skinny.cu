@@ -41,8 +41,8 @@ void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Pa
   if (!reduce) return;
   // One reduction CTA per main CTA and 8-token column group that can hold tokens (M_max = 1: one).
   const int column_groups = std::min(skinny::kTokens, kp.m_rows + 7) / 8;
-  launch_pdl(skinny::reduce_kernel, dim3(unsigned(ctas), unsigned(column_groups)), dim3(skinny::kMathThreads), 0,
-             stream, kp);
+  launch_pdl(skinny::reduce_kernel, dim3(unsigned(ctas), unsigned(column_groups)), dim3(skinny::kMathThreads),
+             size_t(ctas + 1) * sizeof(int64_t), stream, kp);
 }
 
 }  // namespace

@@ -91,15 +91,23 @@ __device__ __forceinline__ int group_tokens(const Params& p, int g) {
   return p.masked_m != nullptr ? min(max(__ldg(p.masked_m + g), 0), p.m_rows) : p.m_rows;
 }
 
+// x / d for x >= 0, d > 0. A 64-bit division is a ~100-instruction software routine; the values met
+// in practice fit 32 bits, where the hardware-assisted 32-bit routine is several times shorter.
+__device__ __forceinline__ int64_t div_nonneg(int64_t x, int64_t d) {
+  return (static_cast<uint64_t>(x) | static_cast<uint64_t>(d)) <= 0xffffffffu
+             ? int64_t(static_cast<uint32_t>(x) / static_cast<uint32_t>(d))
+             : x / d;
+}
+
 // The stream-K split shared by both kernels: U units over G CTAs.
 struct Split {
   int64_t units;
   int ctas, num_kb;
-  __device__ int64_t begin(int c) const { return int64_t(c) * units / ctas; }
+  __device__ int64_t begin(int c) const { return div_nonneg(int64_t(c) * units, ctas); }
   // The CTA whose range holds unit u: the largest c with begin(c) <= u.
-  __device__ int cta_of(int64_t u) const { return int(((u + 1) * ctas + units - 1) / units) - 1; }
+  __device__ int cta_of(int64_t u) const { return int(div_nonneg((u + 1) * ctas + units - 1, units)) - 1; }
   // Workspace slot of CTA c's partial of tile t: 2c for the tile its range starts in, else 2c + 1.
-  __device__ int slot(int c, int64_t t) const { return begin(c) / num_kb == t ? 2 * c : 2 * c + 1; }
+  __device__ int slot(int c, int64_t t) const { return div_nonneg(begin(c), num_kb) == t ? 2 * c : 2 * c + 1; }
 };
 
 // Writes token columns [8 j, 8 j + 8) of a finished tile, transposed to out[token][row], masked to
@@ -168,9 +176,9 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   FS_SKINNY_TL(const int64_t tl_u0 = u; timeline::Stamp tl_first{}, tl_last{};)
   // The walk advances (group, row tile, K block) incrementally: three 64-bit divisions per unit (the
   // first version) put hundreds of dependent instructions on this one thread's path to each TMA.
-  const int64_t t0 = u / sp.num_kb;
+  const int64_t t0 = div_nonneg(u, sp.num_kb);
   int kb = int(u - t0 * sp.num_kb);
-  int gi = int(t0 / tiles_per_group);
+  int gi = int(div_nonneg(t0, tiles_per_group));
   int n0 = int(t0 - int64_t(gi) * tiles_per_group) * kRows;
   int g = active[1 + gi];
   const int* tokens_of = reinterpret_cast<const int*>(smem + Smem::kGroupTokens);
@@ -241,11 +249,11 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
                uint64_t tl_epi_clk = 0; uint32_t tl_whole = 0, tl_partial = 0;
                bool tl_first = true, tl_last_whole = false;)
   while (u < end) {
-    const int64_t t = u / sp.num_kb;
+    const int64_t t = div_nonneg(u, sp.num_kb);
     const int kb0 = int(u - t * sp.num_kb);
     const int kb_end = int(min(end, (t + 1) * sp.num_kb) - t * sp.num_kb);
-    const int g = active[1 + int(t / tiles_per_group)];
-    const int n0 = int(t % tiles_per_group) * kRows;
+    const int g = active[1 + int(div_nonneg(t, tiles_per_group))];
+    const int n0 = int(t - div_nonneg(t, tiles_per_group) * tiles_per_group) * kRows;
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
     for (int kb = kb0; kb < kb_end; ++kb) {
@@ -385,11 +393,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 // continues past its range, sums that tile's partials of columns [8 j, 8 j + 8) in CTA order and
 // writes them. The partials are loaded kBatch CTAs at a time, all in flight together: one block
 // summing them one after another waits an L2 round trip per partial, and a 2112 x 7168 tile spans
-// ~8 CTAs (that version: 21.6 us for 64x2112x7168, CUTLASS 12.2).
+// ~8 CTAs (that version: 21.6 us for 64x2112x7168, CUTLASS 12.2). The CTA ranges come from a table
+// in shared memory that the threads fill in parallel (one 64-bit division each): computing
+// Split::begin per partial put ~30 dependent 64-bit divisions on every thread's path (the timeline
+// harness measured this kernel ending ~6 us after the main kernel at 2112 x 7168).
 __global__ void __launch_bounds__(kMathThreads)
     reduce_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kBatch = 8;
+  extern __shared__ int64_t range_begin[];  // [gridDim.x + 1]: Split::begin of every main-kernel CTA
   FS_SKINNY_TL(const timeline::Stamp tl_entry = timeline::now();)
   pdl_wait();
   FS_SKINNY_TL(const timeline::Stamp tl_pdl = timeline::now();
@@ -404,28 +416,34 @@ __global__ void __launch_bounds__(kMathThreads)
   pdl_launch_dependents();
   const int c = blockIdx.x, j = blockIdx.y, tid = threadIdx.x;
   const Split sp = make_split(p, p.header[0]);
-  const int64_t begin = sp.begin(c), end = sp.begin(c + 1);
+  for (int i = tid; i <= sp.ctas; i += kMathThreads) range_begin[i] = sp.begin(i);
+  __syncthreads();
+  const int64_t begin = range_begin[c], end = range_begin[c + 1];
   if (begin >= end) return;
-  const int64_t t = (end - 1) / sp.num_kb;
-  if (begin > t * sp.num_kb || end == (t + 1) * sp.num_kb) return;
+  const int64_t t = div_nonneg(end - 1, sp.num_kb);
+  const int64_t tile_begin = t * sp.num_kb, tile_end = tile_begin + sp.num_kb;
+  if (begin > tile_begin || end == tile_end) return;
   const int tiles_per_group = (p.n + kRows - 1) / kRows;
-  const int g = p.header[1 + int(t / tiles_per_group)];
+  const int64_t gi = div_nonneg(t, tiles_per_group);
+  const int g = p.header[1 + int(gi)];
   const int tokens = group_tokens(p, g);
   if (8 * j >= tokens) return;
-  const int last = sp.cta_of((t + 1) * sp.num_kb - 1);
+  const int last = sp.cta_of(tile_end - 1);
   const int64_t col = int64_t(4 * j) * kMathThreads + tid;
   float sum[4];
-  const float* first = p.partials + int64_t(sp.slot(c, t)) * kSlotFloats + col;
+  // c's partial of tile t: its first slot if its range starts at tile t, else its second (Split::slot).
+  const float* first = p.partials + int64_t(begin == tile_begin ? 2 * c : 2 * c + 1) * kSlotFloats + col;
 #pragma unroll
   for (int q = 0; q < 4; ++q) sum[q] = first[q * kMathThreads];
   for (int o0 = c + 1; o0 <= last; o0 += kBatch) {
     float v[kBatch][4];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      const int o = o0 + b;
-      // An idle CTA (fewer units than CTAs) wrote nothing; adding 0 leaves the sum unchanged.
-      const bool wrote = o <= last && sp.begin(o) != sp.begin(o + 1);
-      const float* part = p.partials + int64_t(wrote ? sp.slot(o, t) : 0) * kSlotFloats + col;
+      const int o = min(o0 + b, last);
+      // An idle CTA (fewer units than CTAs) wrote nothing; adding 0 leaves the sum unchanged. A CTA
+      // after c starts inside tile t, so its partial of t is in its first slot (Split::slot).
+      const bool wrote = o0 + b <= last && range_begin[o] != range_begin[o + 1];
+      const float* part = p.partials + int64_t(2 * o) * kSlotFloats + col;
 #pragma unroll
       for (int q = 0; q < 4; ++q) v[b][q] = wrote ? part[q * kMathThreads] : 0.f;
     }
@@ -435,7 +453,7 @@ __global__ void __launch_bounds__(kMathThreads)
       for (int q = 0; q < 4; ++q) sum[q] += v[b][q];
     }
   }
-  store_columns(p, sum, g, int(t % tiles_per_group) * kRows, tid, j, tokens);
+  store_columns(p, sum, g, int(t - gi * tiles_per_group) * kRows, tid, j, tokens);
   FS_SKINNY_TL(if (tid == 0 && tl_r != nullptr) {
     timeline::put(tl_r, timeline::kRDone, timeline::now());
     tl_r->worked = 1;

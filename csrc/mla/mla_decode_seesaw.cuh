@@ -40,6 +40,16 @@
 namespace flashseek::mla {
 namespace seesaw {
 
+// Stall accounting for the standalone harness only (-DFLASHSEEK_MLA_TIMELINE; the library never
+// defines it): per CTA and warpgroup, clock64 cycles in the kernel, in TMA waits, in named-barrier
+// waits and in wgmma waits, written to g_mla_timeline[(cta * 2 + wg) * 4 ..] when it is set.
+#ifdef FLASHSEEK_MLA_TIMELINE
+__device__ unsigned long long* g_mla_timeline = nullptr;
+#define FS_TL(...) __VA_ARGS__
+#else
+#define FS_TL(...)
+#endif
+
 using detail::fast_exp2;
 using detail::pack_bf16;
 using detail::q_to_bf16;
@@ -123,8 +133,11 @@ __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage,
 // after the wait is explicit: otherwise ptxas inserts one behind the wait loop (a branch) and then
 // serialises every wgmma of the kernel (C7520).
 template <int kPanel, bool kFirst>
-__device__ __forceinline__ void s_panel(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32]) {
+__device__ __forceinline__ void s_panel(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32],
+                                        long long& tma_wait_cycles) {
+  FS_TL(const long long t0 = clock64());
   mbar_wait(bars + 8 * kPanel, parity);
+  FS_TL(tma_wait_cycles += clock64() - t0);
   cute::warpgroup_arrive();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -180,6 +193,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   // stage's load number base[j % 2] + j / 2, whose mbarrier phase parity is that number's low bit.
   int base0 = 0, base1 = 0;
 
+  long long tl_tma = 0;
+  FS_TL(long long tl_bar = 0; long long tl_mma = 0; const long long tl_start = clock64();)
+  auto bar_wait = [&](int id) {
+    FS_TL(const long long t0 = clock64());
+    bar_sync(id, kThreads);
+    FS_TL(tl_bar += clock64() - t0);
+  };
+  auto mma_wait_all = [&]() {
+    FS_TL(const long long t0 = clock64());
+    cute::warpgroup_wait<0>();
+    FS_TL(tl_mma += clock64() - t0);
+  };
+
   const detail::PlanPart plan(p, part);
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n;
@@ -226,15 +252,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (wg < n) {     // S of block wg (warpgroup 0: block 0, warpgroup 1: block 1)
         const uint32_t sK = wg ? stB : stA, bb = wg ? barsB : barsA, ph = parity(wg);
         fence_regs(sacc);
-        s_panel<0, true>(sQ, sK, bb, ph, sacc);
-        s_panel<1, false>(sQ, sK, bb, ph, sacc);
-        s_panel<2, false>(sQ, sK, bb, ph, sacc);
-        s_panel<3, false>(sQ, sK, bb, ph, sacc);
-        s_panel<4, false>(sQ, sK, bb, ph, sacc);
-        s_panel<5, false>(sQ, sK, bb, ph, sacc);
-        s_panel<6, false>(sQ, sK, bb, ph, sacc);
-        s_panel<7, false>(sQ, sK, bb, ph, sacc);
-        s_panel<8, false>(sQ, sK, bb, ph, sacc);
+        s_panel<0, true>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panel<1, false>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panel<2, false>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panel<3, false>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panel<4, false>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panel<5, false>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panel<6, false>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panel<7, false>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panel<8, false>(sQ, sK, bb, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_regs(sacc);
@@ -335,7 +361,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       cute::warpgroup_commit_batch();
       float mB[2] = {mA[0], mA[1]}, beta[2] = {1.f, 1.f};
       if constexpr (kHasB) {
-        bar_sync(kBarMaxB, kThreads);
+        bar_wait(kBarMaxB);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           mB[h] = s_maxB[row0 + 8 * h];
@@ -353,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       fence_async_smem();
       bar_arrive(kBarPA, kThreads);
-      cute::warpgroup_wait<0>();
+      mma_wait_all();
       fence_regs(o);
       // Stage 0's panels 0-3 (read only by this P V) and rope panel (read only by S) are free.
       if constexpr (kNextA) {
@@ -363,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) l_run[h] *= beta[h];
         scale_o(beta);
-        bar_sync(kBarPB, kThreads);
+        bar_wait(kBarPB);
         // O0 += P_B V_B[:, 0:256], P_B from stage 1's rope panel
         fence_regs(o);
         cute::warpgroup_arrive();
@@ -377,11 +403,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kNextA) {  // S of block 2i + 2 over the panels this warpgroup just reloaded
         const uint32_t ph = parity(ja + 2);
         fence_regs(sacc);
-        s_panel<8, true>(sQ, stA, barsA, ph, sacc);
-        s_panel<0, false>(sQ, stA, barsA, ph, sacc);
-        s_panel<1, false>(sQ, stA, barsA, ph, sacc);
-        s_panel<2, false>(sQ, stA, barsA, ph, sacc);
-        s_panel<3, false>(sQ, stA, barsA, ph, sacc);
+        s_panel<8, true>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panel<0, false>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panel<1, false>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panel<2, false>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panel<3, false>(sQ, stA, barsA, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
       }
       if constexpr (kHasB) {
@@ -394,12 +420,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if constexpr (kNextA) {
         const uint32_t ph = parity(ja + 2);
-        s_panel<4, false>(sQ, stA, barsA, ph, sacc);
-        s_panel<5, false>(sQ, stA, barsA, ph, sacc);
-        s_panel<6, false>(sQ, stA, barsA, ph, sacc);
-        s_panel<7, false>(sQ, stA, barsA, ph, sacc);
+        s_panel<4, false>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panel<5, false>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panel<6, false>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panel<7, false>(sQ, stA, barsA, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
-        cute::warpgroup_wait<0>();
+        mma_wait_all();
         fence_regs(sacc);
         zero_if_tail(ja + 2);
       }
@@ -411,7 +437,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto wg1_pair = [&]<bool kHasB, bool kNextA, bool kNextB>(int i) {
       const int jb = 2 * i + 1;
       prefetch_rows(i);
-      bar_sync(kBarMaxA, kThreads);
+      bar_wait(kBarMaxA);
       float mA[2] = {s_maxA[row0], s_maxA[row0 + 8]};
       float mB[2] = {mA[0], mA[1]};
       if constexpr (kHasB) {
@@ -456,7 +482,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         cute::warpgroup_commit_batch();
       }
-      bar_sync(kBarPA, kThreads);
+      bar_wait(kBarPA);
       // O1 += P_A V_A[:, 256:512], P_A (already at mB) from shared memory
       fence_regs(o);
       cute::warpgroup_arrive();
@@ -474,7 +500,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
         }
       }
-      cute::warpgroup_wait<0>();
+      mma_wait_all();
       fence_regs(o);
       if constexpr (kNextA) {
         if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
@@ -482,17 +508,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kNextB) {  // S of block 2i + 3: this warpgroup's panels first
         const uint32_t ph = parity(jb + 2);
         fence_regs(sacc);
-        s_panel<4, true>(sQ, stB, barsB, ph, sacc);
-        s_panel<5, false>(sQ, stB, barsB, ph, sacc);
-        s_panel<6, false>(sQ, stB, barsB, ph, sacc);
-        s_panel<7, false>(sQ, stB, barsB, ph, sacc);
-        s_panel<8, false>(sQ, stB, barsB, ph, sacc);
-        s_panel<0, false>(sQ, stB, barsB, ph, sacc);
-        s_panel<1, false>(sQ, stB, barsB, ph, sacc);
-        s_panel<2, false>(sQ, stB, barsB, ph, sacc);
-        s_panel<3, false>(sQ, stB, barsB, ph, sacc);
+        s_panel<4, true>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panel<5, false>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panel<6, false>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panel<7, false>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panel<8, false>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panel<0, false>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panel<1, false>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panel<2, false>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panel<3, false>(sQ, stB, barsB, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
-        cute::warpgroup_wait<0>();
+        mma_wait_all();
         fence_regs(sacc);
         zero_if_tail(jb + 2);
       }
@@ -550,6 +576,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // s_rowsum is rewritten by the next request
   }
+  FS_TL(if (tw == 0 && g_mla_timeline != nullptr) {
+    unsigned long long* r = g_mla_timeline + ((blockIdx.y * gridDim.x + blockIdx.x) * 2 + wg) * 4;
+    r[0] = clock64() - tl_start;
+    r[1] = tl_tma;
+    r[2] = tl_bar;
+    r[3] = tl_mma;
+  })
 }
 
 // TMA map of the bf16 cache as rows of 576 values: boxes of min(page_size, 64) rows x 64 values.
