@@ -22,11 +22,12 @@
 //
 // Loads: TMA, one box per page (min(page_size, 64) rows x 64 dims, 128B swizzle) and one mbarrier
 // per 64-dim panel per stage, so S can start on the panels that landed first. A stage is refilled
-// in two parts, each as soon as both warpgroups are done with it: panels 0-3 and the rope panel by
-// warpgroup 0 (after its P V of that block retires; for stage 1 the rope panel holds P_B until
-// then), panels 4-7 by warpgroup 1. Page ids for the next pair are read one pair ahead by the
-// issuing warps. Rows past the sequence end are zeroed after they land (tail block only): P is 0
-// there, but 0 * NaN would poison O.
+// in parts, each as soon as both warpgroups are done with it: by warpgroup 0 the rope panel (stage
+// 0: right after S_A; stage 1: once P_B, which it holds, is consumed) and panels 0-3 (after its P V
+// of that block retires), by warpgroup 1 panels 4-7. Warpgroup 1 queues both its P V before
+// warpgroup 0's P_B V_B (the P_B-stored barrier is passed only after), so it refills early. Page
+// ids for the next pair are read at the start of the pair by the issuing warps. Rows past the
+// sequence end are zeroed after they land (tail block only): P is 0 there, but 0 * NaN would poison O.
 //
 // Shared memory: Q 73,728 | stage 0 73,728 | stage 1 73,728 | P_A 8,192 | row vectors | 18 mbarriers.
 #pragma once
@@ -86,7 +87,8 @@ constexpr int kBarPA = 3;
 constexpr int kBarPB = 4;
 constexpr int kBarWG = 5;  // + warpgroup: the warpgroup's zeroed tail rows are written
 
-constexpr uint32_t kPanelsLow = 0x10F;   // panels 0-3 and the rope panel: refilled by warpgroup 0
+constexpr uint32_t kPanelsLow = 0x00F;   // panels 0-3: refilled by warpgroup 0
+constexpr uint32_t kPanelRope = 0x100;   // the rope panel: refilled by warpgroup 0
 constexpr uint32_t kPanelsHigh = 0x0F0;  // panels 4-7: refilled by warpgroup 1
 constexpr uint32_t kPanelsAll = 0x1FF;
 
@@ -359,6 +361,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         wg::pv_step_rs(a, wgmma_desc_sw128(stA + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
       }
       cute::warpgroup_commit_batch();
+      // Stage 0's rope panel was read only by S_A: refill it first, so that S of block 2i + 2 can start
+      // on it while panels 0-3 are in flight.
+      if constexpr (kNextA) {
+        if (warp == 0) issue_block<kPanelRope>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
+      }
       float mB[2] = {mA[0], mA[1]}, beta[2] = {1.f, 1.f};
       if constexpr (kHasB) {
         bar_wait(kBarMaxB);
@@ -381,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       bar_arrive(kBarPA, kThreads);
       mma_wait_all();
       fence_regs(o);
-      // Stage 0's panels 0-3 (read only by this P V) and rope panel (read only by S) are free.
+      // Stage 0's panels 0-3 (read only by this P V) are free.
       if constexpr (kNextA) {
         if (warp == 0) issue_block<kPanelsLow>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
       }
@@ -415,7 +422,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_regs(o);
         // Stage 1's panels 0-3 and its rope panel (P_B) are free.
         if constexpr (kNextB) {
-          if (warp == 0) issue_block<kPanelsLow>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
+          if (warp == 0) {
+            issue_block<kPanelsLow | kPanelRope>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
+          }
         }
       }
       if constexpr (kNextA) {
@@ -470,7 +479,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<uint32_t*>(sPB + swz(row0 + 8, c) + q4 * 4) = pf[2 * c + 1];
         }
         fence_async_smem();
-        bar_arrive(kBarPB, kThreads);
         // O1 += P_B V_B[:, 256:512], P_B from registers
         fence_regs(o);
         cute::warpgroup_arrive();
@@ -493,6 +501,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                        std::make_index_sequence<128>{});
       }
       cute::warpgroup_commit_batch();
+      // P_B is stored, and this warpgroup's P V are queued ahead of warpgroup 0's P_B V_B: it finishes
+      // them first and can refill its panels (FlashMLA orders its two warpgroups' P V the same way).
+      if constexpr (kHasB) bar_arrive(kBarPB, kThreads);
       if constexpr (kHasB) {
         cute::warpgroup_wait<1>();
         // Stage 1's panels 4-7 are free (warpgroup 0 never reads them after S).
