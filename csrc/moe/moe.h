@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "routing/routing.h"
+
 namespace flashseek {
 
 constexpr int kMoeAlignMaxLocalExperts = 512;
@@ -57,6 +59,31 @@ struct MoeQuantParams {
 };
 void launch_moe_gather_quant(const MoeQuantParams& p, cudaStream_t stream);
 void launch_moe_scatter_quant(const MoeQuantParams& p, cudaStream_t stream);
+
+// route_noaux_tc -> moe_align_masked -> moe_scatter_quant in one launch, for decode batches (T <=
+// kMoeRouteDispatchMaxT): the outputs are bit-identical to that chain's (moe_route_dispatch.cu runs
+// the same per-token routing code and the same block quantization). route: the logits, bias,
+// routing parameters and the weights / ids outputs ([T, topk], unit stride along topk), exactly as
+// launch_route_noaux_tc takes them. Dispatch: slot (t, j) -> row e * max_m + rank of local expert e
+// = map(ids[t, j]) (expert_map, or the identity), rank = its place among the slots of e in
+// ascending slot order; -1 if dropped (no local expert, or rank >= max_m). masked_m[e] =
+// min(count, max_m). Rows of `a` / `a_scale` that no slot points at are not written.
+constexpr int kMoeRouteDispatchMaxT = 32;
+struct MoeRouteDispatchParams {
+  RouteParams route;          // T <= kMoeRouteDispatchMaxT, dtype, E, n_group, ...; bias required
+  const int32_t* expert_map;  // [route.E] global -> local id (-1 = elsewhere), or null (identity)
+  int num_local;              // 1..kMoeAlignMaxLocalExperts
+  int max_m;                  // rows per local expert in a / a_scale (>= 0, num_local * max_m < 2^31)
+  const void* hidden;         // bf16 [T, H], unit stride along H, 16-byte aligned rows
+  int64_t hidden_stride;
+  int64_t H;                  // multiple of 128
+  int32_t* masked_m;          // [num_local]
+  int32_t* token_slots;       // [T, topk], contiguous
+  uint8_t* a;                 // e4m3 [num_local, max_m, H], contiguous, 8-byte aligned
+  float* a_scale;             // (e, m, kb) at a_scale + e * s_gstride + m + kb * s_ld
+  int64_t s_gstride, s_ld;
+};
+void launch_moe_route_dispatch(const MoeRouteDispatchParams& p, cudaStream_t stream);
 
 // out[t] = bf16( sum_j w[t,j] * expert_out[token_slots[t,j]] (j ascending, rows < 0 or >= rows
 // skipped) + shared_out[t] ), all in fp32 with separate multiply and add roundings.

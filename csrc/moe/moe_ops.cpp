@@ -2,6 +2,7 @@
 #include "common/torch_checks.h"
 #include "moe/moe.h"
 #include "registration.h"
+#include "routing/routing_checks.h"
 #include <ATen/ATen.h>
 
 namespace flashseek {
@@ -20,6 +21,22 @@ void check_i32_1d(const at::Tensor& t, const char* name, const at::Tensor& ref) 
   FS_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// The global -> local expert map (on ref's device) against the number of global and local experts.
+void check_expert_map(const std::optional<at::Tensor>& expert_map, int64_t num_experts, int64_t num_local,
+                      const at::Tensor& ref) {
+  FS_CHECK(num_experts >= 1 && num_experts < (int64_t(1) << 31), "num_experts must be >= 1, got ", num_experts);
+  FS_CHECK(num_local >= 1 && num_local <= kMoeAlignMaxLocalExperts, "the number of local experts must be in [1, ",
+           kMoeAlignMaxLocalExperts, "], got ", num_local);
+  if (expert_map.has_value()) {
+    const at::Tensor& em = *expert_map;
+    check_i32_1d(em, "expert_map", ref);
+    FS_CHECK(em.size(0) == num_experts, "expert_map must have shape [", num_experts, "], got ", em.sizes());
+  } else {
+    FS_CHECK(num_local == num_experts, "without expert_map the local experts (", num_local,
+             ", from the outputs' shapes) must equal num_experts (", num_experts, ")");
+  }
+}
+
 void check_align_common(const at::Tensor& topk_ids, int64_t num_experts, const std::optional<at::Tensor>& expert_map,
                         int64_t num_local, const at::Tensor& token_slots) {
   FS_CHECK_CUDA(topk_ids);
@@ -28,17 +45,7 @@ void check_align_common(const at::Tensor& topk_ids, int64_t num_experts, const s
   FS_CHECK_CONTIGUOUS(topk_ids);
   FS_CHECK(topk_ids.numel() <= kMoeAlignMaxSlots, "topk_ids may hold at most ", kMoeAlignMaxSlots,
            " slots (T * topk), got ", topk_ids.numel());
-  FS_CHECK(num_experts >= 1 && num_experts < (int64_t(1) << 31), "num_experts must be >= 1, got ", num_experts);
-  FS_CHECK(num_local >= 1 && num_local <= kMoeAlignMaxLocalExperts, "the number of local experts must be in [1, ",
-           kMoeAlignMaxLocalExperts, "], got ", num_local);
-  if (expert_map.has_value()) {
-    const at::Tensor& em = *expert_map;
-    check_i32_1d(em, "expert_map", topk_ids);
-    FS_CHECK(em.size(0) == num_experts, "expert_map must have shape [", num_experts, "], got ", em.sizes());
-  } else {
-    FS_CHECK(num_local == num_experts, "without expert_map the local experts (", num_local,
-             ", from the outputs' shapes) must equal num_experts (", num_experts, ")");
-  }
+  check_expert_map(expert_map, num_experts, num_local, topk_ids);
   FS_CHECK_SAME_DEVICE(topk_ids, token_slots);
   FS_CHECK_DTYPE(token_slots, at::kInt);
   FS_CHECK(token_slots.sizes() == topk_ids.sizes(), "token_slots must have shape ", topk_ids.sizes(), ", got ",
@@ -128,6 +135,33 @@ void check_hidden(const at::Tensor& hidden) {
   FS_CHECK(reinterpret_cast<uintptr_t>(hidden.data_ptr()) % 16 == 0, "hidden's data must be 16-byte aligned");
 }
 
+// The masked-layout quantized rows of hidden's tokens: out e4m3 [G, M, H] (contiguous, 8-byte aligned)
+// and scale fp32 [G, M, H/128] in the empty_grouped_act_scale layout, on hidden's device.
+void check_grouped_out(const at::Tensor& hidden, const at::Tensor& out, const at::Tensor& scale, const char* out_name,
+                       const char* scale_name) {
+  const int64_t H = hidden.size(1), kb = H / 128;
+  FS_CHECK(out.device() == hidden.device(), "hidden and ", out_name, " must be on the same device, got ",
+           hidden.device(), " and ", out.device());
+  FS_CHECK(scale.device() == hidden.device(), "hidden and ", scale_name, " must be on the same device, got ",
+           hidden.device(), " and ", scale.device());
+  FS_CHECK(out.scalar_type() == at::kFloat8_e4m3fn, out_name, " must have dtype ", at::kFloat8_e4m3fn, ", got ",
+           out.scalar_type());
+  FS_CHECK(out.dim() == 3, out_name, " must be 3-D, got shape ", out.sizes());
+  FS_CHECK(out.size(2) == H, out_name, " must have shape [G, M, ", H, "], got ", out.sizes());
+  FS_CHECK(out.is_contiguous(), out_name, " must be contiguous, got strides ", out.strides());
+  FS_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 8 == 0, out_name, "'s data must be 8-byte aligned");
+  const int64_t g = out.size(0), m = out.size(1);
+  FS_CHECK(scale.scalar_type() == at::kFloat, scale_name, " must have dtype ", at::kFloat, ", got ",
+           scale.scalar_type());
+  FS_CHECK(scale.sizes() == c10::IntArrayRef({g, m, kb}), scale_name, " must have shape [",
+           c10::IntArrayRef({g, m, kb}), "], got ", scale.sizes());
+  FS_CHECK(m <= 1 || scale.stride(1) == 1, scale_name, " must be column-major per group (stride(1) == 1, see "
+           "empty_grouped_act_scale), got strides ", scale.strides());
+  FS_CHECK(kb <= 1 || scale.stride(2) >= m, scale_name, " must have a leading dimension (stride(2)) >= ", m,
+           ", got strides ", scale.strides());
+  FS_CHECK(g * m < (int64_t(1) << 31), out_name, " must have fewer than 2^31 rows");
+}
+
 MoeQuantParams quant_params(const at::Tensor& hidden) {
   MoeQuantParams p{};
   p.hidden = hidden.data_ptr();
@@ -184,21 +218,8 @@ void moe_scatter_quant_cuda(const at::Tensor& hidden, const at::Tensor& token_sl
   FS_CHECK(token_slots.size(1) >= 1 && token_slots.size(1) <= 64, "topk (token_slots' second dimension) must be in "
            "[1, 64], got ", token_slots.size(1));
   const int64_t H = hidden.size(1), kb = H / 128;
-  FS_CHECK_SAME_DEVICE(hidden, out);
-  FS_CHECK_SAME_DEVICE(hidden, scale);
-  FS_CHECK_DTYPE(out, at::kFloat8_e4m3fn);
-  FS_CHECK_DIM(out, 3);
-  FS_CHECK(out.size(2) == H, "out must have shape [G, M, ", H, "], got ", out.sizes());
-  FS_CHECK_CONTIGUOUS(out);
-  FS_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 8 == 0, "out's data must be 8-byte aligned");
+  check_grouped_out(hidden, out, scale, "out", "scale");
   const int64_t g = out.size(0), m = out.size(1);
-  FS_CHECK_DTYPE(scale, at::kFloat);
-  FS_CHECK_SHAPE(scale, g, m, kb);
-  FS_CHECK(m <= 1 || scale.stride(1) == 1, "scale must be column-major per group (stride(1) == 1, see "
-           "empty_grouped_act_scale), got strides ", scale.strides());
-  FS_CHECK(kb <= 1 || scale.stride(2) >= m, "scale must have a leading dimension (stride(2)) >= ", m,
-           ", got strides ", scale.strides());
-  FS_CHECK(g * m < (int64_t(1) << 31), "out must have fewer than 2^31 rows");
   if (hidden.size(0) == 0 || g * m == 0) return;
   const c10::cuda::CUDAGuard guard(hidden.device());
   MoeQuantParams p = quant_params(hidden);
@@ -214,6 +235,49 @@ void moe_scatter_quant_cuda(const at::Tensor& hidden, const at::Tensor& token_sl
   p.s_gstride = scale.stride(0);
   p.s_ld = kb > 1 ? scale.stride(2) : m;
   launch_moe_scatter_quant(p, current_stream(hidden));
+}
+
+void moe_route_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& logits, const at::Tensor& bias, int64_t n_group,
+                             int64_t topk_group, int64_t topk, double routed_scaling_factor, bool renormalize,
+                             const std::optional<at::Tensor>& expert_map, at::Tensor& topk_weights,
+                             at::Tensor& topk_ids, at::Tensor& masked_m, at::Tensor& token_slots, at::Tensor& a,
+                             at::Tensor& a_scale) {
+  check_noaux_params(logits, bias, n_group, topk_group, topk);
+  check_route_outputs(logits, topk, topk_weights, topk_ids);
+  const int64_t T = logits.size(0);
+  FS_CHECK(T <= kMoeRouteDispatchMaxT, "moe_route_dispatch takes at most ", kMoeRouteDispatchMaxT, " tokens, got ", T,
+           " (fused_moe runs route_noaux_tc + moe_align_masked + moe_scatter_quant above that)");
+  check_hidden(hidden);
+  FS_CHECK_SAME_DEVICE(logits, hidden);
+  FS_CHECK(hidden.size(0) == T, "hidden must have T=", T, " rows (logits' rows), got shape ", hidden.sizes());
+  check_i32_1d(masked_m, "masked_m", logits);
+  const int64_t num_local = masked_m.size(0);
+  check_expert_map(expert_map, logits.size(1), num_local, logits);
+  FS_CHECK_SAME_DEVICE(logits, token_slots);
+  FS_CHECK_DTYPE(token_slots, at::kInt);
+  FS_CHECK_SHAPE(token_slots, T, topk);
+  FS_CHECK_CONTIGUOUS(token_slots);
+  check_grouped_out(hidden, a, a_scale, "a", "a_scale");
+  FS_CHECK(a.size(0) == num_local, "a must have shape [E_local=", num_local, " (masked_m's size), max_m, ",
+           hidden.size(1), "], got ", a.sizes());
+  const int64_t max_m = a.size(1);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  MoeRouteDispatchParams p{};
+  p.route = noaux_route_params(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
+                               topk_weights, topk_ids);
+  p.expert_map = expert_map.has_value() ? expert_map->data_ptr<int32_t>() : nullptr;
+  p.num_local = static_cast<int>(num_local);
+  p.max_m = static_cast<int>(max_m);
+  p.hidden = hidden.data_ptr();
+  p.hidden_stride = hidden.stride(0);
+  p.H = hidden.size(1);
+  p.masked_m = masked_m.data_ptr<int32_t>();
+  p.token_slots = token_slots.data_ptr<int32_t>();
+  p.a = reinterpret_cast<uint8_t*>(a.data_ptr());
+  p.a_scale = a_scale.data_ptr<float>();
+  p.s_gstride = a_scale.stride(0);
+  p.s_ld = a_scale.size(2) > 1 ? a_scale.stride(2) : max_m;
+  launch_moe_route_dispatch(p, current_stream(logits));
 }
 
 void moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights, const at::Tensor& token_slots,
@@ -277,6 +341,7 @@ void register_moe_cuda(torch::Library& m) {
   m.impl("moe_align_masked", &moe_align_masked_cuda);
   m.impl("moe_gather_quant", &moe_gather_quant_cuda);
   m.impl("moe_scatter_quant", &moe_scatter_quant_cuda);
+  m.impl("moe_route_dispatch", &moe_route_dispatch_cuda);
   m.impl("moe_combine", &moe_combine_cuda);
 }
 }  // namespace flashseek

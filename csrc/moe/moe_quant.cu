@@ -12,42 +12,17 @@
 #include <cstdint>
 
 #include "common/cuda_check.h"
-#include "common/fp8_block_quant.cuh"
 #include "common/pdl.cuh"
 #include "moe/moe.h"
+#include "moe/moe_quant_device.cuh"
 
 namespace flashseek {
 namespace {
 
 constexpr int kBlocksPerCta = 16;  // 128-column blocks per CTA (two per warp)
 constexpr int kThreads = kBlocksPerCta * 16;
-
-struct QuantizedChunk {
-  uint2 q;      // 8 e4m3 values
-  float scale;  // the block's scale (valid in every lane of the half-warp)
-};
-
-// raw: this lane's 8 bf16 of the block (zeros for a missing row).
-__device__ __forceinline__ QuantizedChunk quantize_chunk(const uint4 raw) {
-  // Only this half-warp: the other half may have left (an odd number of 128-column blocks).
-  const unsigned half = 0xffffu << (threadIdx.x & 16);
-  float v[8];
-  const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h2[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) amax = max_nan(amax, fabsf(v[i]));
-  amax = group_amax<16>(amax, half);
-  QuantizedChunk c;
-  c.scale = fp8_block_scale(amax);
-  c.q = make_uint2(quantize4_e4m3(v[0], v[1], v[2], v[3], c.scale), quantize4_e4m3(v[4], v[5], v[6], v[7], c.scale));
-  return c;
-}
+using moe_dev::QuantizedChunk;
+using moe_dev::quantize_chunk;
 
 __device__ __forceinline__ void store_row_chunk(const MoeQuantParams& p, int64_t row, int kb, int hl,
                                                 const QuantizedChunk& c) {

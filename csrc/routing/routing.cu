@@ -51,154 +51,7 @@ namespace flashseek {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kMaxTopk = 16;
-constexpr int kMaxExperts = 512;
 using namespace routing_dev;
-
-struct Layout {
-  int n_layout;  // groups in the lane layout
-  int group;     // experts per group (G)
-  int lpg;       // lanes per group, power of two
-  int lpg_log2;
-  int vpl;       // experts per lane (<= the VPL template)
-  bool vec;      // every lane's slice is full and aligned for vector loads
-};
-
-// Per-warp shared memory. `val` holds the weight numerators by expert id; `list` holds each lane's
-// sorted keys 1..VPL-1 (slot-major, so a pop is a conflict-free LDS.64) and then an all-zero
-// sentinel slot, written once per warp, on which a spent lane's pointer stays; `picks` the ids in
-// pick order and `pval` their weight numerators (zero-padded to a multiple of 4).
-template <int VPL>
-struct WarpSmem {
-  float val[(32 * VPL < kMaxExperts) ? 32 * VPL : kMaxExperts];
-  uint2 list[VPL][32];
-  uint32_t picks[kMaxTopk];
-  float pval[kMaxTopk];
-};
-
-__host__ __device__ inline Layout make_layout(int E, int n_layout) {
-  Layout l;
-  l.n_layout = n_layout;
-  l.group = E / n_layout;
-  int lpg = 1, lg = 0;
-  while (lpg * 2 * n_layout <= 32) {
-    lpg *= 2;
-    ++lg;
-  }
-  l.lpg = lpg;
-  l.lpg_log2 = lg;
-  l.vpl = (l.group + lpg - 1) / lpg;
-  l.vec = false;
-  return l;
-}
-
-// Writes this lane's sentinel slot (once per warp; the per-token keys never overwrite it).
-template <int VPL>
-__device__ __forceinline__ void init_list(WarpSmem<VPL>& sm, int lane) {
-  sm.list[VPL - 1][lane] = make_uint2(key_hi(kNoKey<VPL>), key_lo(kNoKey<VPL>));
-}
-
-// topk rounds of a warp-wide argmax over the lanes' sorted keys (v: this lane's keys, sorted
-// descending, slots relative to `start`; kept = false takes the lane out). Leaves the picked ids in
-// sm.picks[0..topk).
-// Rounds run in straight-line blocks of 4 (no per-round branch); a block's rounds past topk
-// change nothing.
-template <int VPL>
-__device__ __forceinline__ void select_topk(const uint64_t (&v)[VPL], bool kept, WarpSmem<VPL>& sm, int lane,
-                                            int start, int topk) {
-  const uint32_t id_base = uint32_t(start + VPL - 1);
-#pragma unroll
-  for (int s = 1; s < VPL; ++s) sm.list[s - 1][lane] = make_uint2(key_hi(v[s]), key_lo(v[s]));
-  uint32_t hk = kept ? key_hi(v[0]) : 0u, hl = key_lo(v[0]);
-  uint32_t next = uint32_t(__cvta_generic_to_shared(&sm.list[0][lane]));
-  const uint32_t last = uint32_t(__cvta_generic_to_shared(&sm.list[VPL - 1][lane]));
-  const uint32_t lower_lanes = (1u << lane) - 1u;
-  for (int j0 = 0; j0 < topk; j0 += 4) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int j = j0 + u;
-      const uint32_t kmax = __reduce_max_sync(kFull, hk);
-      const bool tie = hk == kmax;
-      const uint32_t tied = __ballot_sync(kFull, tie);
-      // The lowest tied lane holds the lowest id.
-      if (tie && (tied & lower_lanes) == 0u && (u == 0 || j < topk)) {
-        sm.picks[j] = id_base - hl;
-        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(hk), "=r"(hl) : "r"(next) : "memory");
-        next = min(next + 32u * uint32_t(sizeof(uint2)), last);
-      }
-    }
-  }
-}
-
-// Sum over j < topk of lane j's x, sequentially in j (the reference's order); every lane gets it.
-// Lanes publish x (zero past topk: adding +0 changes nothing) and read them back 4 at a time.
-// Lane j < topk takes pick j (its expert id and weight numerator) once select_topk has written them.
-template <int VPL>
-__device__ __forceinline__ void read_pick(const WarpSmem<VPL>& sm, int lane, int topk, int& id, float& val) {
-  __syncwarp();
-  id = 0;
-  val = 0.0f;
-  if (lane < topk) {
-    id = int(sm.picks[lane]);
-    val = sm.val[id];
-  }
-}
-
-template <int VPL>
-__device__ __forceinline__ float seq_sum(WarpSmem<VPL>& sm, float x, int lane, int topk) {
-  if (lane < kMaxTopk) sm.pval[lane] = lane < topk ? x : 0.0f;
-  __syncwarp();
-  float sum = 0.0f;
-#pragma unroll
-  for (int c = 0; c < kMaxTopk / 4; ++c) {
-    if (4 * c >= topk) break;
-    const float4 q = reinterpret_cast<const float4*>(sm.pval)[c];
-    sum = c == 0 ? q.x : __fadd_rn(sum, q.x);
-    sum = __fadd_rn(__fadd_rn(__fadd_rn(sum, q.y), q.z), q.w);
-  }
-  return sum;
-}
-
-// Per-token elementwise stage of noaux_tc: logits -> sigmoid (into sm.val, by expert id) -> keys.
-// FULL: every lane holds VPL experts, loaded with 16-byte vectors (lanes past the layout alias
-// lane 0's slice: same values, and the caller never keeps them).
-template <bool FULL, int VPL, typename In>
-__device__ __forceinline__ void noaux_prep(const In* row, int start, int cnt, const float* sbias,
-                                           WarpSmem<VPL>& sm, uint64_t (&key)[VPL]) {
-  float s[VPL], b[VPL];
-  if constexpr (FULL) {
-    load_row<VPL, In>(row, start, VPL, true, 0.0f, s);
-#pragma unroll
-    for (int c = 0; c < VPL / 4; ++c) {
-      const float4 v = reinterpret_cast<const float4*>(sbias + start)[c];
-      b[4 * c] = v.x;
-      b[4 * c + 1] = v.y;
-      b[4 * c + 2] = v.z;
-      b[4 * c + 3] = v.w;
-    }
-  } else {
-    load_row<VPL, In>(row, start, cnt, false, 0.0f, s);
-#pragma unroll
-    for (int i = 0; i < VPL; ++i) b[i] = i < cnt ? sbias[start + i] : 0.0f;
-  }
-  sigmoid_ref<VPL>(s);
-#pragma unroll
-  for (int i = 0; i < VPL; ++i) key[i] = make_key<VPL>(ordered_bits(__fadd_rn(s[i], b[i])), i);
-  if constexpr (FULL) {
-#pragma unroll
-    for (int c = 0; c < VPL / 4; ++c)
-      reinterpret_cast<float4*>(sm.val + start)[c] = make_float4(s[4 * c], s[4 * c + 1], s[4 * c + 2], s[4 * c + 3]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VPL; ++i) {
-      if (i < cnt) {
-        sm.val[start + i] = s[i];
-      } else {
-        key[i] = kNoKey<VPL>;
-      }
-    }
-  }
-}
 
 template <int VPL, typename In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
@@ -212,77 +65,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int warp = threadIdx.x >> 5;
   WarpSmem<VPL>& sm = smem[warp];
 
-  const int g = lane >> l.lpg_log2;
-  const int q = lane & (l.lpg - 1);
-  int start = 0, cnt = 0;
-  if (g < l.n_layout) {
-    start = g * l.group + q * l.vpl;
-    cnt = min(l.vpl, l.group - q * l.vpl);
-    cnt = cnt < 0 ? 0 : cnt;
-  }
+  const NoauxLane n = make_noaux_lane(l, lane);
   for (int e = threadIdx.x; e < p.E; e += kWarpsPerBlock * 32) sbias[e] = __ldg(p.bias + e);
   init_list<VPL>(sm, lane);
   __syncthreads();
   const bool grouped = p.topk_group < p.n_group;
-  // Group stage: this lane compares its group with groups q, q + lpg, ... (n_cmp of them).
-  const int n_cmp = (l.n_layout + l.lpg - 1) >> l.lpg_log2;
   const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
-
   for (int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp; t < p.T; t += stride) {
-    const In* row = static_cast<const In*>(p.logits) + t * p.logits_stride;
-    uint64_t key[VPL];
-    if constexpr (VPL * sizeof(In) >= 16 && VPL % 4 == 0) {
-      if (l.vec) {
-        noaux_prep<true, VPL, In>(row, start, cnt, sbias, sm, key);
-      } else {
-        noaux_prep<false, VPL, In>(row, start, cnt, sbias, sm, key);
-      }
-    } else {
-      noaux_prep<false, VPL, In>(row, start, cnt, sbias, sm, key);
-    }
-    sort_desc<VPL>(key);
-
-    bool kept = g < l.n_layout;
-    if (grouped) {
-      // Group score: the sum of the group's two largest biased scores (values only, so the
-      // butterfly merge of per-lane top-2 pairs is exact). The lane's top-2 are its first keys.
-      const float ninf = -__int_as_float(0x7f800000);
-      float m1 = cnt >= 1 ? unordered_bits(key_hi(key[0])) : ninf;
-      float m2 = ninf;
-      if constexpr (VPL >= 2) m2 = cnt >= 2 ? unordered_bits(key_hi(key[1])) : ninf;
-      for (int off = 1; off < l.lpg; off <<= 1) {
-        const float o1 = __shfl_xor_sync(kFull, m1, off);
-        const float o2 = __shfl_xor_sync(kFull, m2, off);
-        const float n2 = fmaxf(fminf(m1, o1), fmaxf(m2, o2));
-        m1 = fmaxf(m1, o1);
-        m2 = n2;
-      }
-      const float gs = __fadd_rn(m1, m2);  // the same in all lpg lanes of a group
-      // Rank of this lane's group: groups with a larger score, or an equal score and a lower id.
-      // The group's lanes split the other groups between them, then add up their counts.
-      int rank = 0;
-#pragma unroll 2
-      for (int c = 0; c < n_cmp; ++c) {
-        const int h = (c << l.lpg_log2) + q;
-        const float o = __shfl_sync(kFull, gs, (h << l.lpg_log2) & 31);
-        const bool better = (o > gs) | ((o == gs) & (h < g));
-        rank += int(better & (h < l.n_layout));
-      }
-      for (int off = 1; off < l.lpg; off <<= 1) rank += __shfl_xor_sync(kFull, rank, off);
-      kept = kept && rank < p.topk_group;
-    }
-
-    select_topk<VPL>(key, kept, sm, lane, start, p.topk);
-    int my_id;
-    float my_val;
-    read_pick(sm, lane, p.topk, my_id, my_val);
-    float w = my_val;
-    if (p.renormalize) w = __fdiv_rn(my_val, __fadd_rn(seq_sum(sm, my_val, lane, p.topk), 1e-20f));
-    if (lane < p.topk) {
-      p.weights[t * p.weights_stride + lane] = __fmul_rn(w, p.scale);
-      p.ids[t * p.ids_stride + lane] = my_id;
-    }
-    __syncwarp();  // every lane has read val / picks before the next token rewrites them
+    noaux_route_token<VPL, In>(static_cast<const In*>(p.logits) + t * p.logits_stride, l, n, sbias, sm, grouped,
+                               p.topk_group, p.topk, p.scale, p.renormalize, p.weights + t * p.weights_stride,
+                               p.ids + t * p.ids_stride);
   }
 }
 
@@ -372,11 +164,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 12) route_noaux_tc_r1_ker
   }
 }
 
-template <typename In>
-bool aligned16(const RouteParams& p) {
-  return (reinterpret_cast<uintptr_t>(p.logits) % 16 == 0) && ((p.logits_stride * int64_t(sizeof(In))) % 16 == 0);
-}
-
 // Resident blocks per SM of `kernel` (cached by the caller) times the SM count of the current device.
 template <typename Kernel>
 int64_t max_grid(Kernel kernel, int& blocks_per_sm) {
@@ -393,14 +180,12 @@ int64_t max_grid(Kernel kernel, int& blocks_per_sm) {
   return int64_t(blocks_per_sm) * n;
 }
 
-// One rule: the R1 shape (E 256, 8 groups, top-4 groups, top-8) with 16-byte aligned logits rows (and
-// T x stride < 2^31) runs the compile-time kernel; everything else the generic one.
+// One rule (r1::use_r1_path): the R1 shape (E 256, 8 groups, top-4 groups, top-8) with 16-byte
+// aligned logits rows (and T x stride < 2^31) runs the compile-time kernel; everything else the
+// generic one.
 template <typename In>
 bool launch_r1(const RouteParams& p, cudaStream_t stream) {
-  const int64_t max_stride = std::max({p.logits_stride, p.weights_stride, p.ids_stride, int64_t(1)});
-  if (!(r1::is_r1_shape(p.E, p.n_group, p.topk_group, p.topk) && aligned16<In>(p) &&
-        p.T * max_stride < (int64_t(1) << 31)))
-    return false;
+  if (!r1::use_r1_path(p)) return false;
   static int occ = 0;
   const int64_t blocks = (p.T + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const dim3 grid(unsigned(std::min(blocks, max_grid(route_noaux_tc_r1_kernel<In>, occ))));
@@ -410,10 +195,7 @@ bool launch_r1(const RouteParams& p, cudaStream_t stream) {
 
 template <typename In, bool kSoftmax>
 void launch_typed(const RouteParams& p, Layout l, cudaStream_t stream) {
-  int vpl_t = 1;
-  while (vpl_t < l.vpl) vpl_t *= 2;
-  l.vec = (vpl_t == l.vpl) && (l.group % l.vpl == 0) && aligned16<In>(p) &&
-          (l.vpl * int(sizeof(In))) % 16 == 0;
+  const int vpl_t = vectorize_layout(l, logits_rows_aligned16(p), int(sizeof(In)));
   const int64_t blocks = (p.T + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const dim3 block(kWarpsPerBlock * 32);
 #define FS_ROUTE_CASE(V)                                                                         \
@@ -456,9 +238,7 @@ void launch_route_noaux_tc(const RouteParams& p, cudaStream_t stream) {
     case RouteDtype::kBF16: if (launch_r1<__nv_bfloat16>(p, stream)) return; break;
     case RouteDtype::kF16: if (launch_r1<__half>(p, stream)) return; break;
   }
-  // With every group kept the group stage is a no-op; one 32-lane group then gives the best layout.
-  const Layout l = make_layout(p.E, p.topk_group < p.n_group ? p.n_group : 1);
-  launch_any<false>(p, l, stream);
+  launch_any<false>(p, noaux_layout(p.E, p.n_group, p.topk_group), stream);
 }
 
 void launch_route_softmax_topk(const RouteParams& p, cudaStream_t stream) {

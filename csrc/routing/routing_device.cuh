@@ -1,5 +1,7 @@
-// Device building blocks of the routing kernels (routing.cu), shared with other routing kernels.
-// See routing.cu's header comment for the key format, the selection rounds and the exactness rules.
+// Device building blocks of the routing kernels (routing.cu), shared with the kernels that route
+// tokens themselves (routing_gate.cu, moe/moe_route_dispatch.cu): the same per-token functions give
+// the same ids and weights. See routing.cu's header comment for the key format, the selection rounds
+// and the exactness rules.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -7,6 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
+
+#include "routing/routing.h"
 
 namespace flashseek {
 namespace routing_dev {
@@ -132,6 +136,268 @@ __device__ __forceinline__ void sort_desc(uint64_t (&v)[N]) {
   }(std::make_integer_sequence<int, net.n>{});
 }
 
+
+
+// ---- The generic noaux_tc / softmax path (any E <= 512, grouping and topk <= 16) ----
+
+constexpr int kMaxTopk = 16;
+constexpr int kMaxExperts = 512;
+
+struct Layout {
+  int n_layout;  // groups in the lane layout
+  int group;     // experts per group (G)
+  int lpg;       // lanes per group, power of two
+  int lpg_log2;
+  int vpl;       // experts per lane (<= the VPL template)
+  bool vec;      // every lane's slice is full and aligned for vector loads
+};
+
+// Per-warp shared memory. `val` holds the weight numerators by expert id; `list` holds each lane's
+// sorted keys 1..VPL-1 (slot-major, so a pop is a conflict-free LDS.64) and then an all-zero
+// sentinel slot, written once per warp, on which a spent lane's pointer stays; `picks` the ids in
+// pick order and `pval` their weight numerators (zero-padded to a multiple of 4).
+template <int VPL>
+struct WarpSmem {
+  float val[(32 * VPL < kMaxExperts) ? 32 * VPL : kMaxExperts];
+  uint2 list[VPL][32];
+  uint32_t picks[kMaxTopk];
+  float pval[kMaxTopk];
+};
+
+__host__ __device__ inline Layout make_layout(int E, int n_layout) {
+  Layout l;
+  l.n_layout = n_layout;
+  l.group = E / n_layout;
+  int lpg = 1, lg = 0;
+  while (lpg * 2 * n_layout <= 32) {
+    lpg *= 2;
+    ++lg;
+  }
+  l.lpg = lpg;
+  l.lpg_log2 = lg;
+  l.vpl = (l.group + lpg - 1) / lpg;
+  l.vec = false;
+  return l;
+}
+
+// Writes this lane's sentinel slot (once per warp; the per-token keys never overwrite it).
+template <int VPL>
+__device__ __forceinline__ void init_list(WarpSmem<VPL>& sm, int lane) {
+  sm.list[VPL - 1][lane] = make_uint2(key_hi(kNoKey<VPL>), key_lo(kNoKey<VPL>));
+}
+
+// topk rounds of a warp-wide argmax over the lanes' sorted keys (v: this lane's keys, sorted
+// descending, slots relative to `start`; kept = false takes the lane out). Leaves the picked ids in
+// sm.picks[0..topk).
+// Rounds run in straight-line blocks of 4 (no per-round branch); a block's rounds past topk
+// change nothing.
+template <int VPL>
+__device__ __forceinline__ void select_topk(const uint64_t (&v)[VPL], bool kept, WarpSmem<VPL>& sm, int lane,
+                                            int start, int topk) {
+  const uint32_t id_base = uint32_t(start + VPL - 1);
+#pragma unroll
+  for (int s = 1; s < VPL; ++s) sm.list[s - 1][lane] = make_uint2(key_hi(v[s]), key_lo(v[s]));
+  uint32_t hk = kept ? key_hi(v[0]) : 0u, hl = key_lo(v[0]);
+  uint32_t next = uint32_t(__cvta_generic_to_shared(&sm.list[0][lane]));
+  const uint32_t last = uint32_t(__cvta_generic_to_shared(&sm.list[VPL - 1][lane]));
+  const uint32_t lower_lanes = (1u << lane) - 1u;
+  for (int j0 = 0; j0 < topk; j0 += 4) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = j0 + u;
+      const uint32_t kmax = __reduce_max_sync(kFull, hk);
+      const bool tie = hk == kmax;
+      const uint32_t tied = __ballot_sync(kFull, tie);
+      // The lowest tied lane holds the lowest id.
+      if (tie && (tied & lower_lanes) == 0u && (u == 0 || j < topk)) {
+        sm.picks[j] = id_base - hl;
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(hk), "=r"(hl) : "r"(next) : "memory");
+        next = min(next + 32u * uint32_t(sizeof(uint2)), last);
+      }
+    }
+  }
+}
+
+// Sum over j < topk of lane j's x, sequentially in j (the reference's order); every lane gets it.
+// Lanes publish x (zero past topk: adding +0 changes nothing) and read them back 4 at a time.
+// Lane j < topk takes pick j (its expert id and weight numerator) once select_topk has written them.
+template <int VPL>
+__device__ __forceinline__ void read_pick(const WarpSmem<VPL>& sm, int lane, int topk, int& id, float& val) {
+  __syncwarp();
+  id = 0;
+  val = 0.0f;
+  if (lane < topk) {
+    id = int(sm.picks[lane]);
+    val = sm.val[id];
+  }
+}
+
+template <int VPL>
+__device__ __forceinline__ float seq_sum(WarpSmem<VPL>& sm, float x, int lane, int topk) {
+  if (lane < kMaxTopk) sm.pval[lane] = lane < topk ? x : 0.0f;
+  __syncwarp();
+  float sum = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kMaxTopk / 4; ++c) {
+    if (4 * c >= topk) break;
+    const float4 q = reinterpret_cast<const float4*>(sm.pval)[c];
+    sum = c == 0 ? q.x : __fadd_rn(sum, q.x);
+    sum = __fadd_rn(__fadd_rn(__fadd_rn(sum, q.y), q.z), q.w);
+  }
+  return sum;
+}
+
+// Per-token elementwise stage of noaux_tc: logits -> sigmoid (into sm.val, by expert id) -> keys.
+// FULL: every lane holds VPL experts, loaded with 16-byte vectors (lanes past the layout alias
+// lane 0's slice: same values, and the caller never keeps them).
+template <bool FULL, int VPL, typename In>
+__device__ __forceinline__ void noaux_prep(const In* row, int start, int cnt, const float* sbias,
+                                           WarpSmem<VPL>& sm, uint64_t (&key)[VPL]) {
+  float s[VPL], b[VPL];
+  if constexpr (FULL) {
+    load_row<VPL, In>(row, start, VPL, true, 0.0f, s);
+#pragma unroll
+    for (int c = 0; c < VPL / 4; ++c) {
+      const float4 v = reinterpret_cast<const float4*>(sbias + start)[c];
+      b[4 * c] = v.x;
+      b[4 * c + 1] = v.y;
+      b[4 * c + 2] = v.z;
+      b[4 * c + 3] = v.w;
+    }
+  } else {
+    load_row<VPL, In>(row, start, cnt, false, 0.0f, s);
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) b[i] = i < cnt ? sbias[start + i] : 0.0f;
+  }
+  sigmoid_ref<VPL>(s);
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) key[i] = make_key<VPL>(ordered_bits(__fadd_rn(s[i], b[i])), i);
+  if constexpr (FULL) {
+#pragma unroll
+    for (int c = 0; c < VPL / 4; ++c)
+      reinterpret_cast<float4*>(sm.val + start)[c] = make_float4(s[4 * c], s[4 * c + 1], s[4 * c + 2], s[4 * c + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      if (i < cnt) {
+        sm.val[start + i] = s[i];
+      } else {
+        key[i] = kNoKey<VPL>;
+      }
+    }
+  }
+}
+
+// Completes a layout for rows of `in_bytes`-byte logits: vec (16-byte vector loads of every lane's
+// full slice) when the slice is a power of two of 16-byte multiples, every group splits evenly and
+// the rows are 16-byte aligned. Returns the VPL template (the power of two >= vpl).
+inline int vectorize_layout(Layout& l, bool rows_aligned16, int in_bytes) {
+  int vpl_t = 1;
+  while (vpl_t < l.vpl) vpl_t *= 2;
+  l.vec = (vpl_t == l.vpl) && (l.group % l.vpl == 0) && rows_aligned16 && (l.vpl * in_bytes) % 16 == 0;
+  return vpl_t;
+}
+
+// The lane layout of route_noaux_tc's generic kernel: with every group kept the group stage is a
+// no-op, and one 32-lane group then gives the best layout.
+inline Layout noaux_layout(int E, int n_group, int topk_group) {
+  return make_layout(E, topk_group < n_group ? n_group : 1);
+}
+
+inline int route_dtype_bytes(RouteDtype d) { return d == RouteDtype::kF32 ? 4 : 2; }
+
+inline bool logits_rows_aligned16(const RouteParams& p) {
+  return (reinterpret_cast<uintptr_t>(p.logits) % 16 == 0) &&
+         ((p.logits_stride * int64_t(route_dtype_bytes(p.dtype))) % 16 == 0);
+}
+
+// Per-lane constants of the generic noaux_tc kernel (set up once per warp).
+struct NoauxLane {
+  int lane;
+  int g, q;        // this lane's group in the layout and its place inside the group
+  int start, cnt;  // its experts start .. start + cnt - 1 (cnt = 0 past the layout)
+  int n_cmp;       // group stage: this lane compares its group with groups q, q + lpg, ... (n_cmp)
+};
+
+__device__ __forceinline__ NoauxLane make_noaux_lane(const Layout& l, int lane) {
+  NoauxLane n;
+  n.lane = lane;
+  n.g = lane >> l.lpg_log2;
+  n.q = lane & (l.lpg - 1);
+  n.start = 0;
+  n.cnt = 0;
+  if (n.g < l.n_layout) {
+    n.start = n.g * l.group + n.q * l.vpl;
+    n.cnt = min(l.vpl, l.group - n.q * l.vpl);
+    n.cnt = n.cnt < 0 ? 0 : n.cnt;
+  }
+  n.n_cmp = (l.n_layout + l.lpg - 1) >> l.lpg_log2;
+  return n;
+}
+
+// One token on one warp (warp-collective): row = its E logits, sbias = the bias in shared memory
+// (16-byte aligned), sm = this warp's scratch (init_list done). grouped = topk_group < n_group.
+// Lanes < topk write w_out[lane] and id_out[lane].
+template <int VPL, typename In>
+__device__ __forceinline__ void noaux_route_token(const In* row, const Layout& l, const NoauxLane& n,
+                                                  const float* sbias, WarpSmem<VPL>& sm, bool grouped,
+                                                  int topk_group, int topk, float scale, bool renormalize,
+                                                  float* w_out, int32_t* id_out) {
+  const int lane = n.lane;
+  uint64_t key[VPL];
+  if constexpr (VPL * sizeof(In) >= 16 && VPL % 4 == 0) {
+    if (l.vec) {
+      noaux_prep<true, VPL, In>(row, n.start, n.cnt, sbias, sm, key);
+    } else {
+      noaux_prep<false, VPL, In>(row, n.start, n.cnt, sbias, sm, key);
+    }
+  } else {
+    noaux_prep<false, VPL, In>(row, n.start, n.cnt, sbias, sm, key);
+  }
+  sort_desc<VPL>(key);
+
+  bool kept = n.g < l.n_layout;
+  if (grouped) {
+    // Group score: the sum of the group's two largest biased scores (values only, so the
+    // butterfly merge of per-lane top-2 pairs is exact). The lane's top-2 are its first keys.
+    const float ninf = -__int_as_float(0x7f800000);
+    float m1 = n.cnt >= 1 ? unordered_bits(key_hi(key[0])) : ninf;
+    float m2 = ninf;
+    if constexpr (VPL >= 2) m2 = n.cnt >= 2 ? unordered_bits(key_hi(key[1])) : ninf;
+    for (int off = 1; off < l.lpg; off <<= 1) {
+      const float o1 = __shfl_xor_sync(kFull, m1, off);
+      const float o2 = __shfl_xor_sync(kFull, m2, off);
+      const float n2 = fmaxf(fminf(m1, o1), fmaxf(m2, o2));
+      m1 = fmaxf(m1, o1);
+      m2 = n2;
+    }
+    const float gs = __fadd_rn(m1, m2);  // the same in all lpg lanes of a group
+    // Rank of this lane's group: groups with a larger score, or an equal score and a lower id.
+    // The group's lanes split the other groups between them, then add up their counts.
+    int rank = 0;
+#pragma unroll 2
+    for (int c = 0; c < n.n_cmp; ++c) {
+      const int h = (c << l.lpg_log2) + n.q;
+      const float o = __shfl_sync(kFull, gs, (h << l.lpg_log2) & 31);
+      const bool better = (o > gs) | ((o == gs) & (h < n.g));
+      rank += int(better & (h < l.n_layout));
+    }
+    for (int off = 1; off < l.lpg; off <<= 1) rank += __shfl_xor_sync(kFull, rank, off);
+    kept = kept && rank < topk_group;
+  }
+
+  select_topk<VPL>(key, kept, sm, lane, n.start, topk);
+  int my_id;
+  float my_val;
+  read_pick(sm, lane, topk, my_id, my_val);
+  float w = my_val;
+  if (renormalize) w = __fdiv_rn(my_val, __fadd_rn(seq_sum(sm, my_val, lane, topk), 1e-20f));
+  if (lane < topk) {
+    w_out[lane] = __fmul_rn(w, scale);
+    id_out[lane] = my_id;
+  }
+  __syncwarp();  // every lane has read val / picks before the next token rewrites them
+}
 
 
 // ---- The DeepSeek-V3/R1 shape at compile time: E = 256, 8 groups of 32, top-4 groups, top-8 ----
@@ -328,6 +594,15 @@ __device__ __forceinline__ void route_token(const In* row, const float* sbias, c
   float s[8];
   load_row<8, In>(row, 8 * l.lane, 8, true, 0.0f, s);
   route_token_regs(s, sbias, ktable, sm, l, scale, renormalize, w_out, id_out);
+}
+// One rule for route_noaux_tc's choice of kernel: the R1 shape with 16-byte aligned logits rows and
+// T x (largest row stride) < 2^31 (the R1 kernel's 32-bit offsets) runs the compile-time path.
+inline bool use_r1_path(const RouteParams& p) {
+  int64_t max_stride = p.logits_stride > p.weights_stride ? p.logits_stride : p.weights_stride;
+  max_stride = max_stride > p.ids_stride ? max_stride : p.ids_stride;
+  max_stride = max_stride > 1 ? max_stride : 1;
+  return is_r1_shape(p.E, p.n_group, p.topk_group, p.topk) && logits_rows_aligned16(p) &&
+         p.T * max_stride < (int64_t(1) << 31);
 }
 }  // namespace r1
 

@@ -2,11 +2,11 @@
 #include "common/torch_checks.h"
 #include "registration.h"
 #include "routing/routing.h"
+#include "routing/routing_checks.h"
 
 #include <ATen/ATen.h>
 
 namespace flashseek {
-namespace {
 
 RouteDtype route_dtype(const at::Tensor& logits) {
   switch (logits.scalar_type()) {
@@ -18,7 +18,8 @@ RouteDtype route_dtype(const at::Tensor& logits) {
   return RouteDtype::kF32;
 }
 
-void check_outputs(const at::Tensor& logits, int64_t topk, const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
+void check_route_outputs(const at::Tensor& logits, int64_t topk, const at::Tensor& topk_weights,
+                         const at::Tensor& topk_ids) {
   const int64_t T = logits.size(0);
   FS_CHECK_CUDA(topk_weights);
   FS_CHECK_CUDA(topk_ids);
@@ -31,6 +32,8 @@ void check_outputs(const at::Tensor& logits, int64_t topk, const at::Tensor& top
   FS_CHECK_LAST_DIM_CONTIGUOUS(topk_weights);
   FS_CHECK_LAST_DIM_CONTIGUOUS(topk_ids);
 }
+
+namespace {
 
 RouteParams base_params(const at::Tensor& logits, int64_t topk, bool renormalize, at::Tensor& topk_weights,
                         at::Tensor& topk_ids) {
@@ -63,6 +66,8 @@ void check_logits(const at::Tensor& logits, int64_t topk) {
   FS_CHECK(topk <= E, "topk (", topk, ") must not exceed the number of experts (", E, ")");
 }
 
+}  // namespace
+
 // The grouped top-k's parameters against the logits [T, E] (and the selection bias [E]).
 void check_noaux_params(const at::Tensor& logits, const at::Tensor& bias, int64_t n_group, int64_t topk_group,
                         int64_t topk) {
@@ -83,25 +88,35 @@ void check_noaux_params(const at::Tensor& logits, const at::Tensor& bias, int64_
            topk_group, " x ", E / n_group, ")");
 }
 
-void route_noaux_tc_cuda(const at::Tensor& logits, const at::Tensor& bias, int64_t n_group, int64_t topk_group,
-                         int64_t topk, double routed_scaling_factor, bool renormalize, at::Tensor& topk_weights,
-                         at::Tensor& topk_ids) {
-  check_noaux_params(logits, bias, n_group, topk_group, topk);
-  check_outputs(logits, topk, topk_weights, topk_ids);
-  if (logits.size(0) == 0) return;
-  const c10::cuda::CUDAGuard guard(logits.device());
+RouteParams noaux_route_params(const at::Tensor& logits, const at::Tensor& bias, int64_t n_group, int64_t topk_group,
+                               int64_t topk, double routed_scaling_factor, bool renormalize, at::Tensor& topk_weights,
+                               at::Tensor& topk_ids) {
   RouteParams p = base_params(logits, topk, renormalize, topk_weights, topk_ids);
   p.bias = bias.data_ptr<float>();
   p.n_group = static_cast<int>(n_group);
   p.topk_group = static_cast<int>(topk_group);
   p.scale = static_cast<float>(routed_scaling_factor);
+  return p;
+}
+
+namespace {
+
+void route_noaux_tc_cuda(const at::Tensor& logits, const at::Tensor& bias, int64_t n_group, int64_t topk_group,
+                         int64_t topk, double routed_scaling_factor, bool renormalize, at::Tensor& topk_weights,
+                         at::Tensor& topk_ids) {
+  check_noaux_params(logits, bias, n_group, topk_group, topk);
+  check_route_outputs(logits, topk, topk_weights, topk_ids);
+  if (logits.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const RouteParams p = noaux_route_params(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
+                                           topk_weights, topk_ids);
   launch_route_noaux_tc(p, current_stream(logits));
 }
 
 void route_softmax_topk_cuda(const at::Tensor& logits, int64_t topk, bool renormalize, at::Tensor& topk_weights,
                              at::Tensor& topk_ids) {
   check_logits(logits, topk);
-  check_outputs(logits, topk, topk_weights, topk_ids);
+  check_route_outputs(logits, topk, topk_weights, topk_ids);
   if (logits.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(logits.device());
   RouteParams p = base_params(logits, topk, renormalize, topk_weights, topk_ids);
@@ -137,7 +152,7 @@ void route_noaux_tc_gate_cuda(const at::Tensor& hidden, const at::Tensor& gate_w
   FS_CHECK(reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0, "logits must be 16-byte aligned");
   // The routing checks, on the logits output (its shape is [T, E]).
   check_noaux_params(logits, bias, n_group, topk_group, topk);
-  check_outputs(logits, topk, topk_weights, topk_ids);
+  check_route_outputs(logits, topk, topk_weights, topk_ids);
   if (T == 0) return;
   const c10::cuda::CUDAGuard guard(hidden.device());
   at::Tensor partials = at::empty({H / kGateKBlock, T, E}, logits.options());

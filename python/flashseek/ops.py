@@ -801,6 +801,22 @@ def moe_gather_quant(hidden: torch.Tensor, sorted_ids: torch.Tensor, topk: int, 
     return out, scale
 
 
+def _check_grouped_rows(out, scale, h, out_name="out", scale_name="scale"):
+    """out e4m3 [G, M, H] (contiguous) with scale fp32 [G, M, H/128] in the empty_grouped_act_scale layout."""
+    _expect_dtype(out, out_name, FP8)
+    _expect_dim(out, out_name, 3)
+    g, m, hh = out.shape
+    _expect(hh == h, f"{out_name} must have shape [G, M, {h}], got {list(out.shape)}")
+    _expect_contiguous(out, out_name)
+    _expect_dtype(scale, scale_name, torch.float32)
+    _expect_shape(scale, scale_name, (g, m, h // 128))
+    _expect(m <= 1 or scale.stride(1) == 1,
+            f"{scale_name} must be column-major per group (stride(1) == 1, see empty_grouped_act_scale), got "
+            f"strides {tuple(scale.stride())}")
+    _expect(h // 128 <= 1 or scale.stride(2) >= m,
+            f"{scale_name} must have a leading dimension (stride(2)) >= {m}, got strides {tuple(scale.stride())}")
+
+
 def _check_moe_scatter_quant(hidden, token_slots, out, scale):
     h = _check_moe_hidden(hidden)
     _expect_dtype(token_slots, "token_slots", torch.int32)
@@ -808,18 +824,7 @@ def _check_moe_scatter_quant(hidden, token_slots, out, scale):
     _expect(token_slots.shape[0] == hidden.shape[0],
             f"token_slots must have shape [T={hidden.shape[0]}, topk], got {list(token_slots.shape)}")
     _expect_contiguous(token_slots, "token_slots")
-    _expect_dtype(out, "out", FP8)
-    _expect_dim(out, "out", 3)
-    g, m, hh = out.shape
-    _expect(hh == h, f"out must have shape [G, M, {h}], got {list(out.shape)}")
-    _expect_contiguous(out, "out")
-    _expect_dtype(scale, "scale", torch.float32)
-    _expect_shape(scale, "scale", (g, m, h // 128))
-    _expect(m <= 1 or scale.stride(1) == 1,
-            f"scale must be column-major per group (stride(1) == 1, see empty_grouped_act_scale), got strides "
-            f"{tuple(scale.stride())}")
-    _expect(h // 128 <= 1 or scale.stride(2) >= m,
-            f"scale must have a leading dimension (stride(2)) >= {m}, got strides {tuple(scale.stride())}")
+    _check_grouped_rows(out, scale, h)
     _expect_same_device(hidden, "hidden", token_slots=token_slots, out=out, scale=scale)
 
 
@@ -840,6 +845,84 @@ def moe_scatter_quant(hidden: torch.Tensor, token_slots: torch.Tensor, out: torc
     o, s = (out.unsqueeze(0), scale.unsqueeze(0)) if out.dim() == 2 else (out, scale)
     torch.ops.flashseek.moe_scatter_quant(hidden, token_slots, o, s)
     return out, scale
+
+
+#: moe_route_dispatch's token limit (kMoeRouteDispatchMaxT, csrc/moe/moe.h): every CTA routes all the
+#: batch's tokens, and a token set is one 32-bit word.
+MOE_ROUTE_DISPATCH_MAX_T = 32
+
+
+def _check_moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
+                              expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale):
+    _check_route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize, topk_weights,
+                          topk_ids)
+    t, e = logits.shape
+    _expect(t <= MOE_ROUTE_DISPATCH_MAX_T,
+            f"moe_route_dispatch takes at most {MOE_ROUTE_DISPATCH_MAX_T} tokens, got {t} "
+            "(fused_moe runs route_noaux_tc + moe_align_masked + moe_scatter_quant above that)")
+    h = _check_moe_hidden(hidden)
+    _expect(hidden.shape[0] == t, f"hidden must have T={t} rows (logits' rows), got shape {list(hidden.shape)}")
+    _expect_dtype(masked_m, "masked_m", torch.int32)
+    _expect_dim(masked_m, "masked_m", 1)
+    _expect_contiguous(masked_m, "masked_m")
+    num_local = masked_m.shape[0]
+    _check_expert_map(expert_map, e, topk_ids, num_local)
+    _check_token_slots(token_slots, (t, topk))
+    _check_grouped_rows(a, a_scale, h, "a", "a_scale")
+    _expect(a.shape[0] == num_local,
+            f"a must have shape [E_local={num_local} (masked_m's size), max_m, {h}], got {list(a.shape)}")
+    _expect(num_local * a.shape[1] < 2**31, f"num_local * max_m must fit in int32, got {num_local} x {a.shape[1]}")
+    _expect_same_device(logits, "logits", hidden=hidden, masked_m=masked_m, token_slots=token_slots, a=a,
+                        a_scale=a_scale)
+
+
+def _ref_moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
+                            expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale):
+    w, ids, m, slots = ref_moe.route_dispatch_(hidden, logits, bias, n_group, topk_group, topk, routed_scaling_factor,
+                                               renormalize, expert_map, a, a_scale)
+    topk_weights.copy_(w)
+    topk_ids.copy_(ids)
+    masked_m.copy_(m)
+    token_slots.copy_(slots)
+
+
+_register("moe_route_dispatch", _check_moe_route_dispatch, _ref_moe_route_dispatch)
+
+
+def moe_route_dispatch(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
+                       topk: int, routed_scaling_factor: float, renormalize: bool = True,
+                       expert_map: Optional[torch.Tensor] = None, num_local: Optional[int] = None,
+                       max_m: Optional[int] = None):
+    """route_noaux_tc -> moe_align_masked -> moe_scatter_quant in one launch, for decode batches.
+
+    The front of fused_moe's masked path for T <= MOE_ROUTE_DISPATCH_MAX_T tokens; every output is
+    bit-identical to that three-op chain (spec: flashseek.ref.moe.route_dispatch_).
+
+    Args:
+        hidden: bf16 [T, H], H % 128 == 0, unit stride along H (as moe_scatter_quant).
+        logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize: as route_noaux_tc.
+        expert_map: optional int32 [E] global -> local expert id, -1 = not on this rank.
+        num_local: local experts (default E; required with expert_map unless every expert is local).
+        max_m: rows per local expert of the masked layout (default T, which never drops a slot).
+    Returns:
+        (topk_weights fp32 [T, topk], topk_ids int32 [T, topk], masked_m int32 [num_local],
+        token_slots int32 [T, topk], a e4m3 [num_local, max_m, H], a_scale fp32 [num_local, max_m, H/128]
+        in the empty_grouped_act_scale layout). Rows of a / a_scale past masked_m[e] are not written.
+    """
+    t, h = logits.shape[0], hidden.shape[-1]
+    dev = hidden.device
+    num_local = logits.shape[1] if num_local is None else num_local
+    max_m = t if max_m is None else max_m
+    topk_weights = torch.empty((t, topk), dtype=torch.float32, device=dev)
+    topk_ids = torch.empty((t, topk), dtype=torch.int32, device=dev)
+    masked_m = torch.empty(num_local, dtype=torch.int32, device=dev)
+    token_slots = torch.empty((t, topk), dtype=torch.int32, device=dev)
+    a = torch.empty((num_local, max_m, h), dtype=FP8, device=dev)
+    a_scale = empty_grouped_act_scale(num_local, max_m, h // 128, dev)
+    torch.ops.flashseek.moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk,
+                                           float(routed_scaling_factor), renormalize, expert_map, topk_weights,
+                                           topk_ids, masked_m, token_slots, a, a_scale)
+    return topk_weights, topk_ids, masked_m, token_slots, a, a_scale
 
 
 def _check_moe_combine(expert_out, topk_weights, token_slots, shared_out, out):
@@ -921,6 +1004,9 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
         expert_map: optional int32 [E_global] global -> local expert id, -1 = not on this rank.
         layout: "masked" ([E_local, T, H] buffers, rows per expert counted on the device),
             "contiguous" (T * topk rows grouped by expert) or "auto" (masked for T <= FUSED_MOE_MASKED_MAX_T).
+            On the masked layout with scoring="sigmoid" and T <= MOE_ROUTE_DISPATCH_MAX_T, routing,
+            the slot map and the FP8 rows come from one moe_route_dispatch launch (the same bits as
+            route_noaux_tc + moe_align_masked + moe_scatter_quant, which run otherwise).
     Returns:
         bf16 [T, H]. Spec: flashseek.ref.moe.fused_moe.
     """
@@ -935,31 +1021,38 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
     e_global = router_logits.shape[1]
     _expect(expert_map is not None or e_global == e_local,
             f"router_logits has {e_global} experts but w13 holds {e_local}: pass expert_map")
+    _expect(scoring in ("sigmoid", "softmax"), f"scoring must be 'sigmoid' or 'softmax', got {scoring!r}")
     dev = hidden.device
     if t == 0:
         return torch.empty((0, h), dtype=torch.bfloat16, device=dev)
-
-    if scoring == "sigmoid":
-        if bias is None:
-            bias = torch.zeros(e_global, dtype=torch.float32, device=dev)
-        weights, ids = route_noaux_tc(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor,
-                                      renormalize)
-    elif scoring == "softmax":
-        weights, ids = route_softmax_topk(router_logits, topk, renormalize)
-        if routed_scaling_factor != 1.0:
-            weights = weights * routed_scaling_factor
-    else:
-        _fail(f"scoring must be 'sigmoid' or 'softmax', got {scoring!r}")
-
     if layout == "auto":
         layout = "masked" if t <= FUSED_MOE_MASKED_MAX_T else "contiguous"
+    if scoring == "sigmoid" and bias is None:
+        bias = torch.zeros(e_global, dtype=torch.float32, device=dev)
     kb_h = h // 128
-    if layout == "masked":
+
+    if layout == "masked" and scoring == "sigmoid" and t <= MOE_ROUTE_DISPATCH_MAX_T:
+        # Routing, the slot map and the quantized rows in one launch (bit-identical to the three ops).
         max_m = t
-        masked_m, token_slots = moe_align_masked(ids, e_global, max_m, expert_map, e_local)
-        a = torch.empty((e_local, max_m, h), dtype=FP8, device=dev)
-        a_scale = empty_grouped_act_scale(e_local, max_m, kb_h, dev)
-        moe_scatter_quant(hidden, token_slots, a, a_scale)
+        weights, _, masked_m, token_slots, a, a_scale = moe_route_dispatch(
+            hidden, router_logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize, expert_map,
+            e_local, max_m)
+    else:
+        if scoring == "sigmoid":
+            weights, ids = route_noaux_tc(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor,
+                                          renormalize)
+        else:
+            weights, ids = route_softmax_topk(router_logits, topk, renormalize)
+            if routed_scaling_factor != 1.0:
+                weights = weights * routed_scaling_factor
+        if layout == "masked":
+            max_m = t
+            masked_m, token_slots = moe_align_masked(ids, e_global, max_m, expert_map, e_local)
+            a = torch.empty((e_local, max_m, h), dtype=FP8, device=dev)
+            a_scale = empty_grouped_act_scale(e_local, max_m, kb_h, dev)
+            moe_scatter_quant(hidden, token_slots, a, a_scale)
+
+    if layout == "masked":
         gate_up = grouped_fp8_gemm_masked(a, a_scale, w13, w13_scale, masked_m)
         # Rows past masked_m[e] hold stale data; they stay in their rows and are never read.
         act, act_scale = silu_mul_quant_fp8(gate_up.view(e_local * max_m, i2), masked_m=masked_m)

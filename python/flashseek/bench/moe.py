@@ -5,7 +5,10 @@ Counting: FLOPs = T * topk * 6 * H * I (both GEMMs over the routed rows); bytes 
 bytes (with scales) of the distinct experts the batch touches: the decode roofline of
 performance-targets.md. Peer: the torch reference MoE in the same run: eager routing, then one
 dequantized bf16 GEMM chain per touched expert (weights dequantized to bf16 once, outside timing).
-Each row carries a per-stage breakdown (each stage timed alone on the same intermediates).
+Each row carries a per-stage breakdown (each stage timed alone on the same intermediates). On the
+masked layout with T <= ops.MOE_ROUTE_DISPATCH_MAX_T, fused_moe runs the one-launch front end
+"route_dispatch" in place of "route" + "align" + "scatter_quant"; those three are still timed there, for
+comparison with that chain (so the stages of such a row add up to more than the call).
 """
 from __future__ import annotations
 
@@ -89,6 +92,12 @@ def _stage_fns(hidden, logits, bias, w13, w13_s, w2, w2_s, c, layout):
         act, act_s = ops.silu_mul_quant_fp8(gu.view(e * t, i2))
         down = torch.empty((e, t, h), dtype=torch.bfloat16, device=dev)
         st["scatter_quant"] = lambda i: ops.moe_scatter_quant(hidden, slots, a, a_s)
+        if t <= ops.MOE_ROUTE_DISPATCH_MAX_T:  # what fused_moe runs instead of the three stages above
+            fw, fids = torch.empty_like(w), torch.empty_like(ids)
+            fm, fslots = torch.empty_like(masked_m), torch.empty_like(slots)
+            st["route_dispatch"] = lambda i: torch.ops.flashseek.moe_route_dispatch(
+                hidden, logits, bias, c["n_group"], c["topk_group"], k, c["scale"], True, None, fw, fids, fm, fslots,
+                a, a_s)
         st["gemm1"] = lambda i: ops.grouped_fp8_gemm_masked(a, a_s, w13, w13_s, masked_m, out=gu)
         st["silu_mul_quant"] = lambda i: ops.silu_mul_quant_fp8(gu.view(e * t, i2), out=act, scale=act_s,
                                                                 masked_m=masked_m)
@@ -127,7 +136,7 @@ def run_moe(ctx: BenchContext) -> list[Row]:
     per_expert = (w13[0].numel() + w2[0].numel()) + 4 * (w13_s[0].numel() + w2_s[0].numel())
     backend = "kernel" if all(ops.has_cuda_kernel(n) for n in (
         "route_noaux_tc", "moe_align", "moe_scatter_quant", "moe_combine", "grouped_fp8_gemm_masked",
-        "grouped_fp8_gemm_contiguous", "silu_mul_quant_fp8")) else "reference"
+        "grouped_fp8_gemm_contiguous", "silu_mul_quant_fp8", "moe_route_dispatch")) else "reference"
     rows: list[Row] = []
     for t in ts:
         hidden = torch.randn(t, h, device=dev).to(torch.bfloat16)

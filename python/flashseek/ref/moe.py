@@ -127,6 +127,19 @@ def scatter_quant_(hidden: torch.Tensor, token_slots: torch.Tensor, out: torch.T
     scale[rows // m, rows % m] = s[src]
 
 
+def route_dispatch_(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
+                    topk: int, routed_scaling_factor: float, renormalize: bool, expert_map: Optional[torch.Tensor],
+                    a: torch.Tensor, a_scale: torch.Tensor):
+    """The front of fused_moe's masked path, the specification of moe_route_dispatch: route_noaux_tc,
+    then moe_align_masked (num_local = a.shape[0], max_m = a.shape[1]), then scatter_quant_ into a /
+    a_scale [E_local, max_m, H(/128)] (rows no slot points at untouched).
+    -> (topk_weights, topk_ids, masked_m, token_slots)."""
+    w, ids = ref_routing.route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize)
+    masked_m, slots = moe_align_masked(ids, logits.shape[1], a.shape[1], expert_map, a.shape[0])
+    scatter_quant_(hidden, slots, a, a_scale)
+    return w, ids, masked_m, slots
+
+
 def combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, token_slots: torch.Tensor,
             shared_out: Optional[torch.Tensor]) -> torch.Tensor:
     """expert_out [R, H] -> out bf16 [T, H], the exact arithmetic of the CUDA kernel."""
