@@ -415,7 +415,10 @@ __global__ void __launch_bounds__(kMathThreads)
                })
   pdl_launch_dependents();
   const int c = blockIdx.x, j = blockIdx.y, tid = threadIdx.x;
-  const Split sp = make_split(p, p.header[0]);
+  // Dense: one group, always active; the header is read only for the masked layout (each read is a
+  // dependent L2 round trip on this kernel's short path).
+  const bool masked = p.masked_m != nullptr;
+  const Split sp = make_split(p, masked ? p.header[0] : 1);
   for (int i = tid; i <= sp.ctas; i += kMathThreads) range_begin[i] = sp.begin(i);
   __syncthreads();
   const int64_t begin = range_begin[c], end = range_begin[c + 1];
@@ -425,7 +428,7 @@ __global__ void __launch_bounds__(kMathThreads)
   if (begin > tile_begin || end == tile_end) return;
   const int tiles_per_group = (p.n + kRows - 1) / kRows;
   const int64_t gi = div_nonneg(t, tiles_per_group);
-  const int g = p.header[1 + int(gi)];
+  const int g = masked ? p.header[1 + int(gi)] : 0;
   const int tokens = group_tokens(p, g);
   if (8 * j >= tokens) return;
   const int last = sp.cta_of(tile_end - 1);
