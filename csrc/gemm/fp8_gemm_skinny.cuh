@@ -361,13 +361,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   pdl_wait();
   FS_SKINNY_TL(const timeline::Stamp tl_pdl = timeline::now();)
   int* tokens = reinterpret_cast<int*>(smem + Smem::kGroupTokens);
-  for (int g = tid; g < p.num_groups; g += kThreads) tokens[g] = group_tokens(p, g);
-  __syncthreads();
-  if (warp == 0) list_active_groups(p, tokens, active, lane);
+  const bool masked = p.masked_m != nullptr;
+  if (masked) {
+    for (int g = tid; g < p.num_groups; g += kThreads) tokens[g] = group_tokens(p, g);
+    __syncthreads();
+    if (warp == 0) list_active_groups(p, tokens, active, lane);
+  } else if (tid == 0) {  // dense: one group of M tokens, always active (no header for the reduction)
+    tokens[0] = p.m_rows;
+    active[0] = 1;
+    active[1] = 0;
+  }
   __syncthreads();
   const Split sp = make_split(p, active[0]);
   FS_SKINNY_TL(const timeline::Stamp tl_setup = timeline::now();)
-  if (blockIdx.x == 0) {
+  if (masked && blockIdx.x == 0) {
     for (int i = tid; i <= active[0]; i += kThreads) p.header[i] = active[i];
   }
   pdl_launch_dependents();

@@ -113,7 +113,7 @@ GEMM_CASES_CPU = [(16, 256, 512), (64, 576, 1024)]
 def _gemm_path(m, n, k, ctx) -> str:
     """The kernel fp8_gemm_dispatch.cu picks (docs/gemm-design.md), without the env overrides."""
     sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if ctx.cuda else 132
-    if m <= 64 and n * k >= 1 << 27:
+    if m <= 64 and (n * k >= 1 << 27 or (m <= 8 and k >= 4096)):
         units = (n + 127) // 128 * (k // 128)
         return f"skinny 128x64x128 stream-k over {min(sms, units)} CTAs"
     if m <= 128:
