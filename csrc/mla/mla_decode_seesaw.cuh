@@ -53,7 +53,6 @@ __device__ unsigned long long* g_mla_timeline = nullptr;
 
 using detail::fast_exp2;
 using detail::pack_bf16;
-using detail::q_to_bf16;
 using detail::smem_u32;
 using wg::bar_arrive;
 using wg::bar_sync;
@@ -65,7 +64,6 @@ using wg::kPanels;
 using wg::kThreads;
 using wg::kTileBytes;
 using wg::swz;
-using wg::tile_chunk;
 namespace gmma = wg::gmma;
 
 struct Smem {
@@ -157,6 +155,14 @@ __device__ __forceinline__ void s_panel(uint32_t sQ, uint32_t sK, uint32_t bars,
   }
 }
 
+// S over the listed panels in that order (kZero: the first one starts the accumulation).
+template <bool kZero, int kFirst, int... kRest>
+__device__ __forceinline__ void s_panels(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32],
+                                         long long& tma_wait_cycles) {
+  s_panel<kFirst, kZero>(sQ, sK, bars, parity, sacc, tma_wait_cycles);
+  (s_panel<kRest, false>(sQ, sK, bars, parity, sacc, tma_wait_cycles), ...);
+}
+
 // Rows [valid, 64) of a stage's V panels (0-7) := 0, by one warpgroup.
 __device__ __forceinline__ void zero_tail_rows(char* stage, int valid, int tw) {
   for (int idx = tw; idx < (kBlockN - valid) * 64; idx += 128) {
@@ -242,35 +248,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int rows = lane < nbox ? box_row(p, bi, blk_begin + wg, lane, box_log2, len_eff) : -1;
         issue_block<kPanelsAll>(&tmap_kv, wg ? stage1 : stage0, bars + wg * kPanels, rows, 0, nbox, box_log2, lane);
       }
-      // Q tile (rows past s_q * h_q are zeros), converted to bf16, while the first blocks land.
-      const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
-      constexpr int kQChunks = kM * kDQK / 8;
-#pragma unroll 6
-      for (int i = 0; i < kQChunks / kThreads; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
-        const int R = m_tile * kM + row;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (R < p.rows) {
-          const int s = R / p.h_q, h = R - s * p.h_q;
-          v = q_to_bf16<QT>(__ldg(reinterpret_cast<const uint4*>(qb + s * p.q_stride_s + h * p.q_stride_h + c * 8)));
-        }
-        *reinterpret_cast<uint4*>(smem + Smem::kQ + tile_chunk(row, c)) = v;
-      }
+      // Q tile, converted to bf16, while the first blocks land.
+      wg::load_q_tile<QT>(p, bi, m_tile, smem + Smem::kQ);
       fence_async_smem();
       __syncthreads();  // Q visible to the async proxy
       if (wg < n) {     // S of block wg (warpgroup 0: block 0, warpgroup 1: block 1)
         const uint32_t sK = wg ? stB : stA, bb = wg ? barsB : barsA, ph = parity(wg);
         fence_regs(sacc);
-        s_panel<0, true>(sQ, sK, bb, ph, sacc, tl_tma);
-        s_panel<1, false>(sQ, sK, bb, ph, sacc, tl_tma);
-        s_panel<2, false>(sQ, sK, bb, ph, sacc, tl_tma);
-        s_panel<3, false>(sQ, sK, bb, ph, sacc, tl_tma);
-        s_panel<4, false>(sQ, sK, bb, ph, sacc, tl_tma);
-        s_panel<5, false>(sQ, sK, bb, ph, sacc, tl_tma);
-        s_panel<6, false>(sQ, sK, bb, ph, sacc, tl_tma);
-        s_panel<7, false>(sQ, sK, bb, ph, sacc, tl_tma);
-        s_panel<8, false>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panels<true, 0, 1, 2, 3, 4, 5, 6, 7, 8>(sQ, sK, bb, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_regs(sacc);
@@ -427,11 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kNextA) {  // S of block 2i + 2 over the panels this warpgroup just reloaded
         const uint32_t ph = parity(ja + 2);
         fence_regs(sacc);
-        s_panel<8, true>(sQ, stA, barsA, ph, sacc, tl_tma);
-        s_panel<0, false>(sQ, stA, barsA, ph, sacc, tl_tma);
-        s_panel<1, false>(sQ, stA, barsA, ph, sacc, tl_tma);
-        s_panel<2, false>(sQ, stA, barsA, ph, sacc, tl_tma);
-        s_panel<3, false>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panels<true, 8, 0, 1, 2, 3>(sQ, stA, barsA, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
       }
       if constexpr (kHasB) {
@@ -446,10 +427,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if constexpr (kNextA) {
         const uint32_t ph = parity(ja + 2);
-        s_panel<4, false>(sQ, stA, barsA, ph, sacc, tl_tma);
-        s_panel<5, false>(sQ, stA, barsA, ph, sacc, tl_tma);
-        s_panel<6, false>(sQ, stA, barsA, ph, sacc, tl_tma);
-        s_panel<7, false>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panels<false, 4, 5, 6, 7>(sQ, stA, barsA, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         mma_wait_all();
         fence_regs(sacc);
@@ -537,15 +515,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kNextB) {  // S of block 2i + 3: this warpgroup's panels first
         const uint32_t ph = parity(jb + 2);
         fence_regs(sacc);
-        s_panel<4, true>(sQ, stB, barsB, ph, sacc, tl_tma);
-        s_panel<5, false>(sQ, stB, barsB, ph, sacc, tl_tma);
-        s_panel<6, false>(sQ, stB, barsB, ph, sacc, tl_tma);
-        s_panel<7, false>(sQ, stB, barsB, ph, sacc, tl_tma);
-        s_panel<8, false>(sQ, stB, barsB, ph, sacc, tl_tma);
-        s_panel<0, false>(sQ, stB, barsB, ph, sacc, tl_tma);
-        s_panel<1, false>(sQ, stB, barsB, ph, sacc, tl_tma);
-        s_panel<2, false>(sQ, stB, barsB, ph, sacc, tl_tma);
-        s_panel<3, false>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panels<true, 4, 5, 6, 7, 8, 0, 1, 2, 3>(sQ, stB, barsB, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         mma_wait_all();
         fence_regs(sacc);

@@ -196,6 +196,26 @@ __device__ __forceinline__ void dequant_lower_and_rope(const char* raw, char* ti
   }
 }
 
+// Request bi's 64 packed query rows of row tile m_tile -> the paneled bf16 Q tile, by all threads
+// (rows past s_q * h_q are zeros). Shared by the 64-row wgmma kernels.
+template <typename QT>
+__device__ __forceinline__ void load_q_tile(const DecodeParams& p, int bi, int m_tile, char* q_tile) {
+  const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
+  constexpr int kQChunks = kM * kDQK / 8;
+#pragma unroll 6
+  for (int i = 0; i < kQChunks / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
+    const int R = m_tile * kM + row;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (R < p.rows) {
+      const int s = R / p.h_q, h = R - s * p.h_q;
+      v = q_to_bf16<QT>(__ldg(reinterpret_cast<const uint4*>(qb + s * p.q_stride_s + h * p.q_stride_h + c * 8)));
+    }
+    *reinterpret_cast<uint4*>(q_tile + tile_chunk(row, c)) = v;
+  }
+}
+
 template <typename QT, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __grid_constant__ DecodeParams p) {
   using S = Smem<kFp8>;
@@ -236,20 +256,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         cp_async_commit();  // possibly empty: keeps the group count uniform
       }
       // Q tile (rows past s_q * h_q are zeros), converted to bf16, while the first blocks land.
-      const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
-      constexpr int kQChunks = kM * kDQK / 8;
-#pragma unroll 6
-      for (int i = 0; i < kQChunks / kThreads; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
-        const int R = m_tile * kM + row;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (R < p.rows) {
-          const int s = R / p.h_q, h = R - s * p.h_q;
-          v = q_to_bf16<QT>(__ldg(reinterpret_cast<const uint4*>(qb + s * p.q_stride_s + h * p.q_stride_h + c * 8)));
-        }
-        *reinterpret_cast<uint4*>(smem + S::kQ + tile_chunk(row, c)) = v;
-      }
+      load_q_tile<QT>(p, bi, m_tile, smem + S::kQ);
       if (!kFp8 && wg == 1) cp_async_wait<1>();  // block 0 landed
       fence_async_smem();
       __syncthreads();  // Q and (bf16) block 0 visible to the async proxy
