@@ -46,37 +46,33 @@ def _expert_map(case, e, device):
     raise ValueError(case)
 
 
+def _poisoned_outputs(t, cfg, num_local, max_m, dev):
+    """topk_weights, topk_ids, masked_m, token_slots, a, a_scale, all poisoned (the same poison for
+    both paths, so rows neither writes compare equal)."""
+    _, _, _, k, h = cfg
+    return (poison_(torch.empty(t, k, device=dev)), poison_(torch.empty(t, k, dtype=torch.int32, device=dev)),
+            poison_(torch.empty(num_local, dtype=torch.int32, device=dev)),
+            poison_(torch.empty(t, k, dtype=torch.int32, device=dev)),
+            poison_(torch.empty(num_local, max_m, h, dtype=FP8, device=dev)),
+            poison_(ops.empty_grouped_act_scale(num_local, max_m, h // 128, dev)))
+
+
 def _chain(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True):
     """The three ops the fused op replaces, into poisoned outputs."""
-    e, ng, tg, k, h = cfg
-    t = hidden.shape[0]
-    dev = hidden.device
-    w = poison_(torch.empty(t, k, device=dev))
-    ids = poison_(torch.empty(t, k, dtype=torch.int32, device=dev))
+    e, ng, tg, k, _ = cfg
+    w, ids, masked_m, slots, a, a_scale = _poisoned_outputs(hidden.shape[0], cfg, num_local, max_m, hidden.device)
     ops.route_noaux_tc(logits, bias, ng, tg, k, 2.5, renormalize, topk_weights=w, topk_ids=ids)
-    masked_m = poison_(torch.empty(num_local, dtype=torch.int32, device=dev))
-    slots = poison_(torch.empty(t, k, dtype=torch.int32, device=dev))
     torch.ops.flashseek.moe_align_masked(ids, e, max_m, expert_map, masked_m, slots)
-    a = poison_(torch.empty(num_local, max_m, h, dtype=FP8, device=dev))
-    a_scale = poison_(ops.empty_grouped_act_scale(num_local, max_m, h // 128, dev))
     ops.moe_scatter_quant(hidden, slots, a, a_scale)
     return w, ids, masked_m, slots, a, a_scale
 
 
 def _fused(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True):
-    """The fused op, into poisoned outputs (the same poison as _chain)."""
-    e, ng, tg, k, h = cfg
-    t = hidden.shape[0]
-    dev = hidden.device
-    w = poison_(torch.empty(t, k, device=dev))
-    ids = poison_(torch.empty(t, k, dtype=torch.int32, device=dev))
-    masked_m = poison_(torch.empty(num_local, dtype=torch.int32, device=dev))
-    slots = poison_(torch.empty(t, k, dtype=torch.int32, device=dev))
-    a = poison_(torch.empty(num_local, max_m, h, dtype=FP8, device=dev))
-    a_scale = poison_(ops.empty_grouped_act_scale(num_local, max_m, h // 128, dev))
-    torch.ops.flashseek.moe_route_dispatch(hidden, logits, bias, ng, tg, k, 2.5, renormalize, expert_map, w, ids,
-                                           masked_m, slots, a, a_scale)
-    return w, ids, masked_m, slots, a, a_scale
+    """The fused op, into poisoned outputs."""
+    _, ng, tg, k, _ = cfg
+    outs = _poisoned_outputs(hidden.shape[0], cfg, num_local, max_m, hidden.device)
+    torch.ops.flashseek.moe_route_dispatch(hidden, logits, bias, ng, tg, k, 2.5, renormalize, expert_map, *outs)
+    return outs
 
 
 def _assert_bitwise_equal(got, want):
