@@ -358,19 +358,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 4; ++i) cute::prefetch_tma_descriptor(&tmap_x.rows[i]);
   }
-  // Dense: the unit range needs no global read, and the weights are not the previous kernel's output
-  // in any sane program; either way, asking L2 for this CTA's first weight blocks before the PDL wait
-  // is safe (L2 is the point of coherence: a later write by the previous kernel replaces the line,
-  // and the TMA loads issued after the wait read it), and it overlaps the HBM latency of the first
-  // loads (~2.6 us at 2112x7168, timeline harness) with the previous kernel's tail.
-  if (p.masked_m == nullptr && warp == kMathThreads / 32) {
-    const Split first = make_split(p, 1);
-    const int64_t u = first.begin(blockIdx.x) + lane;
-    if (lane < kStages && u < first.begin(blockIdx.x + 1)) {
-      const int64_t t = div_nonneg(u, first.num_kb);
-      cute::SM90_TMA_LOAD_2D::PREFETCH::copy(&tmap_w, int(u - t * first.num_kb) * kBlockK, int(t) * kRows);
-    }
-  }
   pdl_wait();
   FS_SKINNY_TL(const timeline::Stamp tl_pdl = timeline::now();)
   int* tokens = reinterpret_cast<int*>(smem + Smem::kGroupTokens);
