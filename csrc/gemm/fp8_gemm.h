@@ -88,7 +88,7 @@ void launch_grouped_fp8_gemm_sm90(const GroupedFp8GemmParams& p, cudaStream_t st
 // The decode kernel (fp8_gemm_skinny.cu): weights in the MMA's M, up to 64 tokens in its N, the
 // (tile, K block) units of the whole problem split evenly over the SMs (stream-K, fixed-order
 // reduction of shared tiles). Dense M <= 64 and masked M_max <= 64.
-size_t fp8_gemm_skinny_workspace(int num_groups, int sm_count);
+size_t fp8_gemm_skinny_workspace(int sm_count);
 void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
 bool grouped_fp8_gemm_skinny_supported(const GroupedFp8GemmParams& p);
 void launch_grouped_fp8_gemm_skinny(const GroupedFp8GemmParams& p, void* workspace, cudaStream_t stream);

@@ -129,7 +129,7 @@ Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p) {
   if (p.m == 0) return plan;
   if (p.m <= kSkinnyMaxM && use_skinny_dense(p)) {
     plan.skinny = true;
-    plan.workspace_bytes = fp8_gemm_skinny_workspace(1, p.sm_count);
+    plan.workspace_bytes = fp8_gemm_skinny_workspace(p.sm_count);
   } else if (p.m <= kSwapMaxM) {
     plan.swap_ab = true;
     plan.split_k = choose_split_k(p);
@@ -190,7 +190,7 @@ bool grouped_sm90(const GroupedFp8GemmParams& p) {
 }  // namespace
 
 size_t grouped_fp8_gemm_workspace(const GroupedFp8GemmParams& p) {
-  if (grouped_skinny(p)) return fp8_gemm_skinny_workspace(p.num_experts, p.sm_count);
+  if (grouped_skinny(p)) return fp8_gemm_skinny_workspace(p.sm_count);
   if (grouped_sm90(p)) return 0;
   return grouped_swap(p) ? grouped_fp8_gemm_swap_workspace(p) : grouped_fp8_gemm_rows_workspace(p);
 }

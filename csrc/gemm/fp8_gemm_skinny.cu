@@ -12,11 +12,13 @@ namespace {
 
 using skinny::Params;
 
-size_t header_bytes(int groups) { return ((size_t(groups) + 1) * sizeof(int) + 255) / 256 * 256; }
+size_t records_bytes(int sm_count) { return (size_t(sm_count) * sizeof(int4) + 255) / 256 * 256; }
 
-void bind_workspace(Params& kp, void* workspace, int groups) {
-  kp.header = static_cast<int*>(workspace);
-  kp.partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + header_bytes(groups));
+// Workspace: per-CTA records (masked) | fp32 partials (fp8_gemm_skinny_workspace).
+void bind_workspace(Params& kp, void* workspace, int sm_count) {
+  char* w = static_cast<char*>(workspace);
+  kp.records = reinterpret_cast<int4*>(w);
+  kp.partials = reinterpret_cast<float*>(w + records_bytes(sm_count));
 }
 
 skinny::TokenMaps token_maps(const void* a, int64_t rows, int64_t k) {
@@ -47,8 +49,8 @@ void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Pa
 
 }  // namespace
 
-size_t fp8_gemm_skinny_workspace(int num_groups, int sm_count) {
-  return header_bytes(num_groups) + size_t(2) * sm_count * skinny::kSlotFloats * sizeof(float);
+size_t fp8_gemm_skinny_workspace(int sm_count) {
+  return records_bytes(sm_count) + size_t(2) * sm_count * skinny::kSlotFloats * sizeof(float);
 }
 
 void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_t stream) {
@@ -62,7 +64,7 @@ void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_
   kp.m_rows = p.m;
   kp.n = p.n;
   kp.k = p.k;
-  bind_workspace(kp, workspace, 1);
+  bind_workspace(kp, workspace, p.sm_count);
   const int64_t num_kb = p.k / skinny::kBlockK;
   const int64_t units = int64_t((p.n + skinny::kRows - 1) / skinny::kRows) * num_kb;
   const int ctas = int(std::min<int64_t>(p.sm_count, units));
@@ -90,7 +92,7 @@ void launch_grouped_fp8_gemm_skinny(const GroupedFp8GemmParams& p, void* workspa
   kp.m_rows = p.m_rows;
   kp.n = p.n;
   kp.k = p.k;
-  bind_workspace(kp, workspace, p.num_experts);
+  bind_workspace(kp, workspace, p.sm_count);
   // Which experts have tokens is only known on the device: every SM runs, idle ones get empty ranges.
   const int64_t e = p.num_experts;
   launch(fp8_rows_map(p.b, e * p.n, p.k, skinny::kRows), token_maps(p.a, e * p.m_rows, p.k), kp,

@@ -64,7 +64,7 @@ struct Params {
   int num_groups;
   int m_rows;  // dense: M; masked: M_max
   int n, k;
-  int* header;      // workspace: [0] active groups, [1..] their ids (written by CTA 0 for reduce_kernel)
+  int4* records;    // workspace, masked only: per CTA {active groups, tile t it must reduce or -1, group, tokens}
   float* partials;  // workspace: [2 * gridDim.x][kSlotFloats]
 };
 
@@ -366,17 +366,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int g = tid; g < p.num_groups; g += kThreads) tokens[g] = group_tokens(p, g);
     __syncthreads();
     if (warp == 0) list_active_groups(p, tokens, active, lane);
-  } else if (tid == 0) {  // dense: one group of M tokens, always active (no header for the reduction)
+  } else if (tid == 0) {  // dense: one group of M tokens, always active
     tokens[0] = p.m_rows;
     active[0] = 1;
     active[1] = 0;
   }
   __syncthreads();
   const Split sp = make_split(p, active[0]);
-  FS_SKINNY_TL(const timeline::Stamp tl_setup = timeline::now();)
-  if (masked && blockIdx.x == 0) {
-    for (int i = tid; i <= active[0]; i += kThreads) p.header[i] = active[i];
+  if (masked && tid == 0) {
+    // What this CTA's reduction CTAs need, in one 16-byte record: each value read from a list of
+    // active groups or from masked_m instead would be a dependent L2 round trip on their short path.
+    const int64_t b = sp.begin(blockIdx.x), e = sp.begin(blockIdx.x + 1);
+    int4 rec = make_int4(active[0], -1, 0, 0);
+    if (b < e) {
+      const int64_t t = div_nonneg(e - 1, sp.num_kb), tile_begin = t * sp.num_kb;
+      if (b <= tile_begin && e != tile_begin + sp.num_kb) {  // the first CTA of a tile that continues
+        const int g = active[1 + int(div_nonneg(t, (p.n + kRows - 1) / kRows))];
+        rec = make_int4(active[0], int(t), g, tokens[g]);
+      }
+    }
+    p.records[blockIdx.x] = rec;
   }
+  FS_SKINNY_TL(const timeline::Stamp tl_setup = timeline::now();)
   pdl_launch_dependents();
   if (tid < kMathThreads) {
     math_warpgroup(p, smem, sp, blockIdx.x);
@@ -422,10 +433,12 @@ __global__ void __launch_bounds__(kMathThreads)
                })
   pdl_launch_dependents();
   const int c = blockIdx.x, j = blockIdx.y, tid = threadIdx.x;
-  // Dense: one group, always active; the header is read only for the masked layout (each read is a
-  // dependent L2 round trip on this kernel's short path).
+  // Dense: one group of M tokens, always active. Masked: the main kernel left what this CTA needs in
+  // its record (one dependent load instead of three: active count, group id, masked_m).
   const bool masked = p.masked_m != nullptr;
-  const Split sp = make_split(p, masked ? p.header[0] : 1);
+  const int4 rec = masked ? p.records[c] : make_int4(1, 0, 0, p.m_rows);
+  if (masked && rec.y < 0) return;
+  const Split sp = make_split(p, rec.x);
   for (int i = tid; i <= sp.ctas; i += kMathThreads) range_begin[i] = sp.begin(i);
   __syncthreads();
   const int64_t begin = range_begin[c], end = range_begin[c + 1];
@@ -435,8 +448,7 @@ __global__ void __launch_bounds__(kMathThreads)
   if (begin > tile_begin || end == tile_end) return;
   const int tiles_per_group = (p.n + kRows - 1) / kRows;
   const int64_t gi = div_nonneg(t, tiles_per_group);
-  const int g = masked ? p.header[1 + int(gi)] : 0;
-  const int tokens = group_tokens(p, g);
+  const int g = rec.z, tokens = rec.w;
   if (8 * j >= tokens) return;
   const int last = sp.cta_of(tile_end - 1);
   const int64_t col = int64_t(4 * j) * kMathThreads + tid;
