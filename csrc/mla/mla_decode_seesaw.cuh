@@ -172,6 +172,25 @@ __device__ __forceinline__ void zero_tail_rows(char* stage, int valid, int tw) {
   fence_async_smem();
 }
 
+// Runs a warpgroup's pair body over a piece of n blocks: the pairs with both blocks and a full next
+// pair, then the last one or two (compile-time variants <has odd block, next even, next odd>: a wgmma
+// batch under a run-time condition makes ptxas serialise every wgmma). Force-inlined: as a lambda
+// it became a called function, and ptxas serialised the wgmma.
+template <typename PairBody>
+__device__ __forceinline__ void run_pairs(PairBody& pair, int n) {
+  int i = 0;
+  for (; 2 * i + 3 < n; ++i) pair.template operator()<true, true, true>(i);
+  const int r = n - 2 * i;
+  if (r == 3) {
+    pair.template operator()<true, true, false>(i);
+    pair.template operator()<false, false, false>(i + 1);
+  } else if (r == 2) {
+    pair.template operator()<true, false, false>(i);
+  } else if (r == 1) {
+    pair.template operator()<false, false, false>(i);
+  }
+}
+
 template <typename QT>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv) {
@@ -525,31 +544,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       m_run[1] = mB[1];
     };
 
-    // Pairs with both blocks and a full next pair, then the last one or two pairs (compile-time
-    // variants: a wgmma batch under a run-time condition makes ptxas serialise every wgmma).
-    int i = 0;
     if (wg == 0) {
-      for (; 2 * i + 3 < n; ++i) wg0_pair.template operator()<true, true, true>(i);
-      const int r = n - 2 * i;
-      if (r == 3) {
-        wg0_pair.template operator()<true, true, false>(i);
-        wg0_pair.template operator()<false, false, false>(i + 1);
-      } else if (r == 2) {
-        wg0_pair.template operator()<true, false, false>(i);
-      } else if (r == 1) {
-        wg0_pair.template operator()<false, false, false>(i);
-      }
+      run_pairs(wg0_pair, n);
     } else {
-      for (; 2 * i + 3 < n; ++i) wg1_pair.template operator()<true, true, true>(i);
-      const int r = n - 2 * i;
-      if (r == 3) {
-        wg1_pair.template operator()<true, true, false>(i);
-        wg1_pair.template operator()<false, false, false>(i + 1);
-      } else if (r == 2) {
-        wg1_pair.template operator()<true, false, false>(i);
-      } else if (r == 1) {
-        wg1_pair.template operator()<false, false, false>(i);
-      }
+      run_pairs(wg1_pair, n);
     }
     base0 += (n + 1) >> 1;
     base1 += n >> 1;
@@ -560,19 +558,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // both row sums visible; every read of Q and the stages done
 
-    bool direct;
-    int slot;
-    if (plan.destination(p, bi, direct, slot)) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = row0 + 8 * h;
-        const int R = m_tile * kM + r;
-        if (R >= p.rows) continue;
-        detail::write_piece_row<QT, 32>(p, bi, R, direct, slot, wg * 256 + 2 * q4, m_run[h], s_rowsum[r] + s_rowsum[kM + r],
-                                        wg == 0 && q4 == 0,
-                                        [&](int j) { return make_float2(o[4 * j + 2 * h], o[4 * j + 2 * h + 1]); });
-      }
-    }
+    wg::write_piece<QT>(p, plan, bi, m_tile, o, [&](int h, int) { return m_run[h]; },
+                        [&](int, int r) { return s_rowsum[r] + s_rowsum[kM + r]; });
     __syncthreads();  // s_rowsum is rewritten by the next request
   }
   FS_TL(if (tw == 0 && g_mla_timeline != nullptr) {

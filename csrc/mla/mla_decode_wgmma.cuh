@@ -216,6 +216,27 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, int bi, int m
   }
 }
 
+// Writes this thread's part of a finished 64-row piece (its rows row0 and row0 + 8, its warpgroup's
+// 256 columns of O; m_log2(h, r) and l(h, r) give row r = row0 + 8 h's max and sum) straight to out/lse or to its split
+// slot. Shared by the 64-row wgmma kernels.
+template <typename QT, typename MaxOf, typename SumOf>
+__device__ __forceinline__ void write_piece(const DecodeParams& p, const detail::PlanPart& plan, int bi, int m_tile,
+                                            const float (&o)[128], MaxOf m_log2, SumOf l) {
+  const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, q4 = lane & 3;
+  const int row0 = ((threadIdx.x & 127) >> 5) * 16 + (lane >> 2);
+  bool direct;
+  int slot;
+  if (!plan.destination(p, bi, direct, slot)) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + 8 * h;
+    const int R = m_tile * kM + r;
+    if (R >= p.rows) continue;
+    detail::write_piece_row<QT, 32>(p, bi, R, direct, slot, wg * 256 + 2 * q4, m_log2(h, r), l(h, r), wg == 0 && q4 == 0,
+                                    [&](int j) { return make_float2(o[4 * j + 2 * h], o[4 * j + 2 * h + 1]); });
+  }
+}
+
 template <typename QT, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __grid_constant__ DecodeParams p) {
   using S = Smem<kFp8>;
@@ -438,18 +459,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
     __syncthreads();  // final row statistics visible to WG1; every read of Q / K / P done
 
     // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
-    bool direct;
-    int slot;
-    if (plan.destination(p, bi, direct, slot)) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = row0 + 8 * h;
-        const int R = m_tile * kM + r;
-        if (R >= p.rows) continue;
-        detail::write_piece_row<QT, 32>(p, bi, R, direct, slot, wg * 256 + 2 * q4, s_mrun[r], s_lrun[r], wg == 0 && q4 == 0,
-                                        [&](int j) { return make_float2(o[4 * j + 2 * h], o[4 * j + 2 * h + 1]); });
-      }
-    }
+    write_piece<QT>(p, plan, bi, m_tile, o, [&](int, int r) { return s_mrun[r]; }, [&](int, int r) { return s_lrun[r]; });
     // s_lrun / s_mrun are rewritten by the next request (at once when it has no blocks here).
     __syncthreads();
   }
