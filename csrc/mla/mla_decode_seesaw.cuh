@@ -129,14 +129,6 @@ __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage,
   }
 }
 
-// Asks L2 for every panel of the box whose cache row this lane holds (no-op for -1): the TMA
-// loads of that block, one pair later, then wait an L2 round trip instead of an HBM one.
-__device__ __forceinline__ void prefetch_box_l2(const CUtensorMap* map, int row) {
-  if (row < 0) return;
-#pragma unroll
-  for (int pn = 0; pn < kPanels; ++pn) cute::SM90_TMA_LOAD_2D::PREFETCH::copy(map, pn * 64, row);
-}
-
 // S += Q K^T over one 64-dim panel (4 wgmma m64n64k16), once the panel has landed. The wgmma fence
 // after the wait is explicit: otherwise ptxas inserts one behind the wait loop (a branch) and then
 // serialises every wgmma of the kernel (C7520).
@@ -291,14 +283,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int jj = j + (lane >> 3), box = lane & 7;
       return lane < 16 && box < nbox && jj < n ? box_row(p, bi, blk_begin + jj, box, box_log2, len_eff) : -1;
     };
-    // The rows of pair i + 1's blocks (2i + 2, 2i + 3) while pair i runs. Warpgroup 1 reads them at
-    // the start of the pair; warpgroup 0 one pair earlier, as it also asks L2 for those blocks then.
+    // The rows of pair i + 1's blocks (2i + 2, 2i + 3), read at the start of pair i.
     int next_rows = -1;
-    int ahead_rows = -1;  // warpgroup 0: the rows of blocks 2i + 4, 2i + 5
-    if (wg == 0 && warp == 0 && n > 2) {
-      next_rows = rows_of_pair(2);
-      prefetch_box_l2(&tmap_kv, next_rows);
-    }
 
     // Scale, mask, and the row max of S for block j, starting from m_in (rows row0, row0 + 8).
     auto row_max = [&](int j, const float (&m_in)[2], float (&m_out)[2]) {
@@ -351,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- warpgroup 0: the even block of each pair ----
     auto wg0_pair = [&]<bool kHasB, bool kNextA, bool kNextB>(int i) {
       const int ja = 2 * i;
-      if (warp == 0 && kNextB) ahead_rows = rows_of_pair(ja + 4);
+      if (warp == 0 && (kNextA || kNextB)) next_rows = rows_of_pair(ja + 2);
       float mA[2];
       row_max(ja, m_run, mA);
       if (q4 == 0) {
@@ -380,12 +366,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       cute::warpgroup_commit_batch();
       // Stage 0's rope panel was read only by S_A: refill it first, so that S of block 2i + 2 can start
-      // on it while panels 0-3 are in flight. Then ask L2 for the pair after next.
+      // on it while panels 0-3 are in flight.
       if constexpr (kNextA) {
         if (warp == 0) issue_block<kPanelRope>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
-      }
-      if constexpr (kNextB) {
-        if (warp == 0) prefetch_box_l2(&tmap_kv, ahead_rows);
       }
       float mB[2] = {mA[0], mA[1]}, beta[2] = {1.f, 1.f};
       if constexpr (kHasB) {
@@ -454,7 +437,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       m_run[0] = mB[0];
       m_run[1] = mB[1];
-      next_rows = ahead_rows;
     };
 
     // ---- warpgroup 1: the odd block of each pair ----
