@@ -12,12 +12,12 @@ namespace {
 
 using skinny::Params;
 
-size_t records_bytes(int sm_count) { return (size_t(sm_count) * sizeof(int4) + 255) / 256 * 256; }
+size_t records_bytes(int sm_count) { return (size_t(sm_count) * sizeof(skinny::ReduceRecord) + 255) / 256 * 256; }
 
 // Workspace: per-CTA records (masked) | fp32 partials (fp8_gemm_skinny_workspace).
 void bind_workspace(Params& kp, void* workspace, int sm_count) {
   char* w = static_cast<char*>(workspace);
-  kp.records = reinterpret_cast<int4*>(w);
+  kp.records = reinterpret_cast<skinny::ReduceRecord*>(w);
   kp.partials = reinterpret_cast<float*>(w + records_bytes(sm_count));
 }
 

@@ -55,6 +55,14 @@ constexpr int kMaxGroups = 1024;
 constexpr int kAcc = kRows * kTokens / kMathThreads;  // 32 fp32 per thread (64 x 64 per warpgroup)
 constexpr int kSlotFloats = kAcc * kMathThreads;      // one fp32 partial tile in the workspace
 
+// What a main-kernel CTA leaves its reduction CTAs (masked layout), read with one 16-byte load.
+struct alignas(16) ReduceRecord {
+  int active_groups;
+  int tile;    // the shared tile this CTA starts and must sum, or -1 (nothing to reduce)
+  int group;   // that tile's group
+  int tokens;  // and its token count
+};
+
 struct Params {
   const float* a_scale;  // (group g, token i, kb) at g * a_scale_estride + kb * a_scale_ld + i
   int64_t a_scale_ld, a_scale_estride;
@@ -64,7 +72,7 @@ struct Params {
   int num_groups;
   int m_rows;  // dense: M; masked: M_max
   int n, k;
-  int4* records;    // workspace, masked only: per CTA {active groups, tile t it must reduce or -1, group, tokens}
+  ReduceRecord* records;  // workspace, masked only: one per CTA
   float* partials;  // workspace: [2 * gridDim.x][kSlotFloats]
 };
 
@@ -377,12 +385,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // What this CTA's reduction CTAs need, in one 16-byte record: each value read from a list of
     // active groups or from masked_m instead would be a dependent L2 round trip on their short path.
     const int64_t b = sp.begin(blockIdx.x), e = sp.begin(blockIdx.x + 1);
-    int4 rec = make_int4(active[0], -1, 0, 0);
+    ReduceRecord rec{active[0], -1, 0, 0};
     if (b < e) {
       const int64_t t = div_nonneg(e - 1, sp.num_kb), tile_begin = t * sp.num_kb;
       if (b <= tile_begin && e != tile_begin + sp.num_kb) {  // the first CTA of a tile that continues
         const int g = active[1 + int(div_nonneg(t, (p.n + kRows - 1) / kRows))];
-        rec = make_int4(active[0], int(t), g, tokens[g]);
+        rec = ReduceRecord{active[0], int(t), g, tokens[g]};
       }
     }
     p.records[blockIdx.x] = rec;
@@ -436,9 +444,9 @@ __global__ void __launch_bounds__(kMathThreads)
   // Dense: one group of M tokens, always active. Masked: the main kernel left what this CTA needs in
   // its record (one dependent load instead of three: active count, group id, masked_m).
   const bool masked = p.masked_m != nullptr;
-  const int4 rec = masked ? p.records[c] : make_int4(1, 0, 0, p.m_rows);
-  if (masked && rec.y < 0) return;
-  const Split sp = make_split(p, rec.x);
+  const ReduceRecord rec = masked ? p.records[c] : ReduceRecord{1, 0, 0, p.m_rows};
+  if (masked && rec.tile < 0) return;
+  const Split sp = make_split(p, rec.active_groups);
   for (int i = tid; i <= sp.ctas; i += kMathThreads) range_begin[i] = sp.begin(i);
   __syncthreads();
   const int64_t begin = range_begin[c], end = range_begin[c + 1];
@@ -448,7 +456,7 @@ __global__ void __launch_bounds__(kMathThreads)
   if (begin > tile_begin || end == tile_end) return;
   const int tiles_per_group = (p.n + kRows - 1) / kRows;
   const int64_t gi = div_nonneg(t, tiles_per_group);
-  const int g = rec.z, tokens = rec.w;
+  const int g = rec.group, tokens = rec.tokens;
   if (8 * j >= tokens) return;
   const int last = sp.cta_of(tile_end - 1);
   const int64_t col = int64_t(4 * j) * kMathThreads + tid;
