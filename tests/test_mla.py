@@ -454,11 +454,30 @@ def assert_bf16_budget(o, ref_out, pav, out_dtype):
     assert err.max() < 1e-3, f"max abs error beyond the bf16 roundings {err.max()}"
 
 
+def fp8_direct_kernel(case):
+    """Whether the FP8 cache's decode runs the kernel that dequantizes into the MMA fragments (tiles of
+    up to 16 rows, unless FLASHSEEK_MLA_DECODE=staged picks the bf16-tile kernel)."""
+    b, s_q, h_q, _ = case["q"].shape
+    return s_q * h_q <= 16 and os.environ.get("FLASHSEEK_MLA_DECODE") != "staged"
+
+
 def check_against_reference(case, out, lse, causal):
     """bf16 cache: assert_bf16_budget. FP8 cache: cos_diff <= 1e-3 against the reference on the
-    dequantized cache (the kernel rounds the dequantized values to bf16 for the tensor cores)."""
+    dequantized cache (the staged kernels round the dequantized values to bf16 for the tensor cores);
+    the direct kernel, which multiplies the exact e4m3 values by their scales in fp32, is held to the
+    bf16 budget against that reference."""
     q = case["q"]
     fp8 = case["kv_cache"].dtype == torch.uint8
+    if fp8 and fp8_direct_kernel(case):
+        # Its latent q is exact in f16 (a power-of-two row factor keeps it in range); the rope part
+        # meets the bf16 K rope in a bf16 MMA, so an fp16 q's rope is rounded to bf16 there.
+        q_used = torch.cat([q[..., :512].float(), q[..., 512:].bfloat16().float()], dim=-1)
+        ref_out, ref_lse = ref_mla.mla_decode(q_used, case["kv_cache"], case["block_table"], case["cache_seqlens"],
+                                              SCALE, causal)
+        assert not torch.isnan(out).any(), "an output element was never written (poisoned with NaN)"
+        assert_bf16_budget(out.float(), ref_out, softmax_abs_v(case, causal, q_used), out.dtype)
+        assert_lse_close(lse, ref_lse, 1e-3)
+        return
     # The MMAs run in bf16, so an fp16 q is rounded to bf16 first (the cache itself is bf16, so this
     # matches its precision); the budget is checked against the reference on that rounded q, and the
     # exact-q reference must still agree to cos_diff < 1e-4.
@@ -489,16 +508,22 @@ def check_against_reference(case, out, lse, causal):
     assert_lse_close(lse, ref_lse, 1e-3)
 
 
-# The bf16 cache's 64-row tiles (s_q * h_q > 32) have two wgmma kernels: the turn-taking one
-# (mla_decode_seesaw.cuh) and the two-warpgroup one (mla_decode_wgmma.cuh); FLASHSEEK_MLA_DECODE
-# picks one per call.
-MLA_IMPLS = ["wgmma", "seesaw"]
+# Tiles with two kernels, picked per call by FLASHSEEK_MLA_DECODE: the bf16 cache's 64-row tiles (the
+# two-warpgroup kernel mla_decode_wgmma.cuh by default, the turn-taking one mla_decode_seesaw.cuh with
+# =seesaw) and the FP8 cache's tiles of up to 16 rows (mla_decode_fp8_direct.cuh by default, the
+# bf16-tile mma.sync kernel with =staged). "default" runs every tile's default kernel.
+MLA_IMPLS = ["default", "seesaw", "staged"]
 
 
 def _use_impl(monkeypatch, impl, rows=None, fp8=False):
-    if impl != MLA_IMPLS[0] and rows is not None and (rows <= 32 or fp8):
+    if impl == "seesaw" and (rows is None and fp8 or rows is not None and (rows <= 32 or fp8)):
         pytest.skip("one kernel serves this tile and cache")
-    monkeypatch.setenv("FLASHSEEK_MLA_DECODE", impl)
+    if impl == "staged" and (not fp8 or rows is not None and rows > 16):
+        pytest.skip("one kernel serves this tile and cache")
+    if impl == "default":
+        monkeypatch.delenv("FLASHSEEK_MLA_DECODE", raising=False)
+    else:
+        monkeypatch.setenv("FLASHSEEK_MLA_DECODE", impl)
 
 
 @pytest.mark.cuda
@@ -569,6 +594,29 @@ def test_decode_block_pairs_cuda(impl, page_size, P, s_q, causal, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", MLA_IMPLS)
+@pytest.mark.parametrize("page_size", ref_mla.PAGE_SIZES)
+@pytest.mark.parametrize("P", [1, 7, 132, 1000])
+@pytest.mark.parametrize("s_q,h_q,causal,qdtype", [(1, 16, False, torch.bfloat16), (2, 8, True, torch.float16),
+                                                   (1, 3, True, torch.bfloat16)])
+def test_decode_fp8_narrow_cuda(impl, page_size, P, s_q, h_q, causal, qdtype, monkeypatch):
+    # FP8 cache, tiles of up to 16 rows. The direct kernel's loads run ahead across the requests of a
+    # part (P = 1: one part holds them all) and copy only the tokens before each request's end, so the
+    # rows after it keep stale bytes (NaN-filled pages, earlier blocks) that must not reach the output.
+    # q rows span 2^-14 .. 2^4 in magnitude: each row is rescaled by its own power of two for the f16 MMAs.
+    _use_impl(monkeypatch, impl, s_q * h_q, True)
+    lens = [0, 1, 63, 64, 65, 127, 128, 129, 300, 0, 4113, 5000, 17]
+    case = make_case(len(lens), s_q, h_q, lens, page_size, fp8=True, qdtype=qdtype, device="cuda",
+                     gen_seed=P * 5 + page_size + s_q)
+    row_scale = torch.logspace(-14, 4, s_q * h_q, base=2.0, device="cuda").reshape(1, s_q, h_q, 1)
+    case["q"] = (case["q"].float() * row_scale).to(qdtype)
+    out = poison_(torch.empty(len(lens), s_q, h_q, 512, dtype=qdtype, device="cuda"))
+    lse = poison_(torch.empty(len(lens), h_q, s_q, device="cuda"))
+    run_op(case, causal, num_sm_parts=P, out=out, lse=lse)
+    check_against_reference(case, out, lse, causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", MLA_IMPLS)
 def test_decode_zero_lengths_cuda(impl, monkeypatch):
     _use_impl(monkeypatch, impl)
     case = make_case(5, 2, 64, [0] * 5, 64, device="cuda")
@@ -621,10 +669,11 @@ def test_cache_append_cuda_matches_reference(fp8, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("h_q,impl", [(16, "wgmma"), (128, "wgmma"), (128, "seesaw")])
-def test_bad_indices_are_clamped_cuda(h_q, impl, monkeypatch):
+@pytest.mark.parametrize("h_q,impl,fp8", [(16, "wgmma", False), (128, "wgmma", False), (128, "seesaw", False),
+                                         (16, "wgmma", True), (16, "staged", True)])
+def test_bad_indices_are_clamped_cuda(h_q, impl, fp8, monkeypatch):
     monkeypatch.setenv("FLASHSEEK_MLA_DECODE", impl)
-    case = make_case(2, 1, h_q, [100, 300], 16, device="cuda")
+    case = make_case(2, 1, h_q, [100, 300], 16, fp8=fp8, device="cuda")
     bt = case["block_table"].clone()
     bt[0, 1] = 1 << 30
     bt[1, 0] = -5
@@ -649,8 +698,8 @@ def test_bad_inputs_cuda(idx):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fp8,h_q,impl", [(False, 16, "wgmma"), (True, 16, "wgmma"), (False, 128, "wgmma"),
-                                          (False, 128, "seesaw")])
+@pytest.mark.parametrize("fp8,h_q,impl", [(False, 16, "wgmma"), (True, 16, "wgmma"), (True, 16, "staged"),
+                                          (False, 128, "wgmma"), (False, 128, "seesaw")])
 def test_cuda_graph_capture(fp8, h_q, impl, monkeypatch):
     monkeypatch.setenv("FLASHSEEK_MLA_DECODE", impl)
     b, s_q, ps = 4, 2, 64

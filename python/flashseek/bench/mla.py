@@ -154,12 +154,18 @@ def run(ctx: BenchContext) -> list[Row]:
 
         us = ctx.time(call, n_inputs=len(sets))
         by_kernel = {}
+        # Tiles with two kernels (FLASHSEEK_MLA_DECODE, read per call): the bf16 cache's 64-row tiles
+        # and the FP8 cache's tiles of up to 16 rows. Both are timed on the same inputs, so the default
+        # can be picked from one run.
+        impls = ()
         if ctx.cuda and not fp8 and s_q * h_q > 32:
-            # The bf16 cache's 64-row tiles have two kernels (FLASHSEEK_MLA_DECODE, read per call): both
-            # are timed on the same inputs, so the default can be picked from one run.
+            impls = ("wgmma", "seesaw")
+        elif ctx.cuda and fp8 and s_q * h_q <= 16:
+            impls = ("direct", "staged")
+        if impls:
             saved = os.environ.get("FLASHSEEK_MLA_DECODE")
             try:
-                for impl in ("wgmma", "seesaw"):
+                for impl in impls:
                     os.environ["FLASHSEEK_MLA_DECODE"] = impl
                     by_kernel[impl] = ctx.time(call, n_inputs=len(sets))
             finally:

@@ -1,0 +1,530 @@
+// Paged MLA decode over the FP8 latent cache for tiles of up to 16 query rows (s_q * h_q <= 16: the
+// memory-bound TP shards), dequantizing straight into the MMA fragments.
+//
+// Why a kernel of its own: the staged kernel (mla_decode_kernel.cuh) dequantizes each 64-token block
+// into a bf16 tile by all threads, behind a barrier, and then runs the bf16 MMAs on it: ~1 us of
+// dequant plus ~2.6 us of latency-bound MMA / softmax per block, in series, so it ran at the bf16
+// kernel's speed while reading 0.57 of its bytes. Here nothing is converted into shared memory:
+// - the raw 656-byte tokens land by TMA bulk copies (one per page run of the block, one mbarrier per
+//   stage, five stages), issued by warp 0 one block ahead of need per freed stage, walking the sm
+//   part's (request, block) sequence across request boundaries;
+// - S = Q K^T runs as fp16 MMAs: e4m3 -> f16 is one exact cvt per two values, and the per-token scales
+//   are folded out of the tiles: S = sum_b s_b[key] (Q_b . K^_b) + Q_rope . K_rope with one fp32
+//   accumulator per 128-dim block b (K^ = the raw e4m3 values). Q is rescaled per row by a power of two
+//   into the upper f16 range (exact for bf16 and f16 inputs) and the factor is taken back out of S;
+// - O[:, block b] += (P * s_b[key]) V^_b: every warp owns 64 output dims, all in one block b, and reads
+//   P_b (P times that block's scales, f16) from shared memory; V^ is read as bytes and paired by key
+//   with byte permutes before the same cvt.
+// The MMA k order is permuted (both operands alike) so that each thread's K fragments are 16
+// consecutive bytes of a token (LDS.128), and the V fragments' n order so that each thread's are 8
+// consecutive bytes (LDS.64); with the tokens' 656-byte stride both are free of bank conflicts.
+//
+// Warps: 8. S: warp w takes keys 8w..8w+7 of the block over all 576 dims (the latent Q fragments of
+// its 16 rows stay in registers for the whole request). Row maxima are exchanged through shared
+// memory (barrier A); P_b goes to shared memory (barrier B); PV: warp w takes dims 64w..64w+63.
+// Row sums stay per thread and are reduced once per request.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "mla/mla_decode_kernel.cuh"
+
+namespace flashseek::mla {
+namespace direct {
+
+using detail::fast_exp2;
+using detail::PlanPart;
+using detail::p_off;
+using detail::visible_keys;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = 8;
+constexpr int kM = 16;  // query rows per CTA
+constexpr int kStages = 5;
+constexpr int kStageBytes = kBlockN * kFp8TokenBytes;  // 41984
+constexpr int kLatentBlocks = kDV / 128;               // scale blocks per token
+constexpr int kPBytes = kM * kBlockN * 2;              // one P_b tile (f16)
+
+struct Smem {
+  static constexpr int kStage = 0;
+  static constexpr int kP = kStages * kStageBytes;        // [4 blocks][16 rows][64 keys] f16, swizzled
+  static constexpr int kMax = kP + kLatentBlocks * kPBytes;  // [8 warps][16 rows] fp32
+  static constexpr int kSum = kMax + kWarps * kM * 4;     // [8 warps][16 rows] fp32
+  static constexpr int kQRope = kSum + kWarps * kM * 4;   // [k step j][lane][a0..a3]: rope A fragments
+  static constexpr int kBar = kQRope + 4 * 32 * 16;       // kStages mbarriers
+  static constexpr int kTotal = kBar + kStages * 8;
+};
+static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
+static_assert(Smem::kBar % 8 == 0 && kStageBytes % 16 == 0, "alignment");
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four e4m3 values (one word, first value lowest) -> two f16x2: values (0, 1) and (2, 3). Exact.
+__device__ __forceinline__ void e4m3x4_to_f16(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(w));
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// The part's sequence of (request, key block), walked identically by the loads and the math.
+struct Walk {
+  int bi, blk, end, len_eff;
+};
+// First block of the first request >= bi with a non-empty piece; false past the part.
+__device__ __forceinline__ bool walk_from(const DecodeParams& p, const PlanPart& plan, int bi, Walk& w) {
+  for (; bi <= plan.b1; ++bi) {
+    int len, len_eff, blk_begin, n_iter;
+    plan.piece(p, bi, len, len_eff, blk_begin, n_iter);
+    if (n_iter > 0) {
+      w = Walk{bi, blk_begin, blk_begin + n_iter, len_eff};
+      return true;
+    }
+  }
+  return false;
+}
+__device__ __forceinline__ bool walk_next(const DecodeParams& p, const PlanPart& plan, Walk& w) {
+  return ++w.blk < w.end || walk_from(p, plan, w.bi + 1, w);
+}
+
+// Warp 0's loads. A block is n_sub = 64 / min(page_size, 64) runs of consecutive tokens, each inside
+// one page: lane i < n_sub copies run i. The page ids of the next block to load are read one load
+// ahead (`row`: the run's first cache row, or -1 when it starts at or past len_eff: not loaded; the
+// rows past len_eff inside a loaded run are not copied either).
+struct Loader {
+  Walk w;
+  bool more;
+  int row;
+
+  __device__ __forceinline__ void lookup(const DecodeParams& p, int lane) {
+    const int run = min(1 << p.page_size_log2, kBlockN);
+    const int t0 = w.blk * kBlockN + lane * run;
+    row = -1;
+    if (more && lane * run < kBlockN && t0 < w.len_eff) {
+      // t0 < len_eff <= max_pages * page_size: the table index is in range. Page ids are clamped to
+      // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
+      const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + w.bi * p.bt_stride_b + (t0 >> p.page_size_log2))),
+                                static_cast<uint32_t>(p.num_pages - 1));
+      row = static_cast<int>((page << p.page_size_log2) + (t0 & ((1 << p.page_size_log2) - 1)));
+    }
+  }
+
+  // Loads the current block into `stage` (armed on `bar`), then steps to the next block.
+  __device__ __forceinline__ void issue(const DecodeParams& p, const PlanPart& plan, uint32_t stage, uint32_t bar,
+                                        int lane) {
+    const int run = min(1 << p.page_size_log2, kBlockN);
+    const int t0 = w.blk * kBlockN + lane * run;
+    const uint32_t bytes = row >= 0 ? static_cast<uint32_t>(min(run, w.len_eff - t0) * kFp8TokenBytes) : 0u;
+    const uint32_t total = __reduce_add_sync(0xffffffffu, bytes);
+    if (lane == 0) mbar_arrive_expect_tx(bar, total);
+    __syncwarp();
+    if (bytes != 0) {
+      bulk_copy(stage + lane * run * kFp8TokenBytes,
+                static_cast<const char*>(p.kv) + static_cast<int64_t>(row) * kFp8TokenBytes, bytes, bar);
+    }
+    more = walk_next(p, plan, w);
+    lookup(p, lane);
+  }
+};
+
+template <typename QT>
+__device__ __forceinline__ float2 q_pair(uint32_t w) {
+  if constexpr (std::is_same_v<QT, __half>) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  } else {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+  }
+}
+// Two q values -> bf16x2 for the rope MMA (an fp16 q is rounded to bf16 there, as the K rope is bf16).
+template <typename QT>
+__device__ __forceinline__ uint32_t q_rope_bf16(uint32_t w) {
+  if constexpr (std::is_same_v<QT, __half>) {
+    const float2 f = q_pair<QT>(w);
+    return detail::pack_bf16(f.x, f.y);
+  } else {
+    return w;
+  }
+}
+
+// 2^k for an integer k in [-126, 127], exactly.
+__device__ __forceinline__ float exp2i(int k) { return __int_as_float((k + 127) << 23); }
+
+template <typename QT>
+__global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(const __grid_constant__ DecodeParams p) {
+  // The combine kernel (a programmatic dependent) may be scheduled as SMs free up; it waits for this
+  // whole grid before reading any partial.
+  pdl_launch_dependents();
+  extern __shared__ __align__(128) char smem[];
+  const uint32_t s_base = smem_u32(smem);
+  float* s_max = reinterpret_cast<float*>(smem + Smem::kMax);  // [warp][row]
+  float* s_sum = reinterpret_cast<float*>(smem + Smem::kSum);
+  const uint32_t bars = s_base + Smem::kBar;
+
+  const int m_tile = blockIdx.x, part = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(bars + 8 * s, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const PlanPart plan(p, part);
+  Loader ld;
+  if (warp == 0) {
+    ld.more = walk_from(p, plan, plan.b0, ld.w);
+    ld.lookup(p, lane);
+    // The first kStages - 1 blocks; block n + kStages - 1 is loaded once block n - 1's stage is free.
+    for (int s = 0; s < kStages - 1 && ld.more; ++s) ld.issue(p, plan, s_base + s * kStageBytes, bars + 8 * s, lane);
+  }
+  int load_stage = kStages - 1;  // stage of the next block warp 0 loads
+  int stage = 0;                 // stage of the next block consumed, and its mbarrier phase
+  uint32_t phase = 0;
+
+  for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+    int len, len_eff, blk_begin, n_iter;
+    plan.piece(p, bi, len, len_eff, blk_begin, n_iter);
+    const int rows[2] = {m_tile * kM + g, m_tile * kM + g + 8};
+    const int limit[2] = {visible_keys(p, rows[0], len, len_eff), visible_keys(p, rows[1], len, len_eff)};
+
+    // ---- Q fragments of rows g and g + 8. Latent: dims 128 b + 32 t + [0, 32) of each block b, as
+    // f16 times 2^e (e per row: the row's max |q| lands in [2^14, 2^15)); k step (b, h, j) pairs
+    // a0 / a2 = dims 128 b + 32 t + 16 h + 4 j + (0, 1) / (2, 3) with the K fragments below.
+    // Rope: dims 16 t + [0, 16) as bf16; k step j pairs dims 16 t + 4 j + (0, 1) / (2, 3).
+    uint32_t qf[kLatentBlocks][2][4][4];  // [b][h][j][a0..a3]
+    float c_lat[2];  // scale_log2 * 2^-e: takes the row factor back out of the latent scores
+    if (n_iter > 0) {
+      // Two passes over q (the second from L1): the row maxima first, then the fragments, so the raw
+      // words never sit in registers next to the 144 fragment registers.
+      const QT* qrow[2];
+      float amax[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int R = rows[h];
+        qrow[h] = nullptr;
+        amax[h] = 0.f;
+        if (R < p.rows) {
+          const int s = R / p.h_q, hh = R - s * p.h_q;
+          qrow[h] = static_cast<const QT*>(p.q) + bi * p.q_stride_b + s * p.q_stride_s + hh * p.q_stride_h;
+#pragma unroll
+          for (int b = 0; b < kLatentBlocks; ++b)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const uint4 v = __ldg(reinterpret_cast<const uint4*>(qrow[h] + 128 * b + 32 * t + 8 * c));
+              const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const float2 f = q_pair<QT>(w[i]);
+                amax[h] = fmaxf(amax[h], fmaxf(fabsf(f.x), fabsf(f.y)));
+              }
+            }
+        }
+        amax[h] = fmaxf(amax[h], __shfl_xor_sync(0xffffffffu, amax[h], 1));
+        amax[h] = fmaxf(amax[h], __shfl_xor_sync(0xffffffffu, amax[h], 2));
+      }
+      float up[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int e = 0;
+        if (amax[h] > 0.f && amax[h] < INFINITY) {
+          int ex;
+          frexpf(amax[h], &ex);  // amax in [2^(ex - 1), 2^ex)
+          e = min(max(15 - ex, -126), 126);
+        }
+        up[h] = exp2i(e);
+        c_lat[h] = p.scale_log2 * exp2i(-e);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // h: row g / g + 8 (fragment registers a0, a2 / a1, a3)
+#pragma unroll
+        for (int b = 0; b < kLatentBlocks; ++b)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {  // dims 128 b + 32 t + 8 c .. : (hh, j) = (c / 2, 2 (c % 2) ..)
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (qrow[h] != nullptr) v = __ldg(reinterpret_cast<const uint4*>(qrow[h] + 128 * b + 32 * t + 8 * c));
+            const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              const float2 lo = q_pair<QT>(w[2 * jj]), hi = q_pair<QT>(w[2 * jj + 1]);
+              qf[b][c / 2][2 * (c % 2) + jj][h] = pack_half2(lo.x * up[h], lo.y * up[h]);
+              qf[b][c / 2][2 * (c % 2) + jj][2 + h] = pack_half2(hi.x * up[h], hi.y * up[h]);
+            }
+          }
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {  // rope dims 16 t + 8 c ..: k steps 2 c, 2 c + 1
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (qrow[h] != nullptr) v = __ldg(reinterpret_cast<const uint4*>(qrow[h] + kDV + 16 * t + 8 * c));
+          if (warp == 0) {  // one copy for all warps (same rows); registers are full
+            uint32_t* qr = reinterpret_cast<uint32_t*>(smem + Smem::kQRope);
+            qr[((2 * c) * 32 + lane) * 4 + h] = q_rope_bf16<QT>(v.x);
+            qr[((2 * c) * 32 + lane) * 4 + 2 + h] = q_rope_bf16<QT>(v.y);
+            qr[((2 * c + 1) * 32 + lane) * 4 + h] = q_rope_bf16<QT>(v.z);
+            qr[((2 * c + 1) * 32 + lane) * 4 + 2 + h] = q_rope_bf16<QT>(v.w);
+          }
+        }
+      }
+    }
+
+    __syncthreads();  // the rope fragments in shared memory (and s_sum of the previous request read)
+    float o[8][4];  // n-tile d, thread (g, t): dims 64 warp + 16 t + d (c0, c2) and + 8 + d (c1, c3)
+#pragma unroll
+    for (int d = 0; d < 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+    for (int it = 0; it < n_iter; ++it) {
+      const int blk = blk_begin + it;
+      const uint32_t sK = s_base + stage * kStageBytes;
+      mbar_wait(bars + 8 * stage, phase);
+
+      // ---- S for keys 8 warp + g (B operand column g) ----
+      float acc[kLatentBlocks + 1][4];
+#pragma unroll
+      for (int b = 0; b <= kLatentBlocks; ++b) acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = 0.f;
+      const uint32_t krow = sK + (8 * warp + g) * kFp8TokenBytes;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+        for (int b = 0; b < kLatentBlocks; ++b) {
+          const uint4 kw = lds128(krow + 128 * b + 32 * t + 16 * hh);
+          const uint32_t w[4] = {kw.x, kw.y, kw.z, kw.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            uint32_t b0, b1;
+            e4m3x4_to_f16(w[j], b0, b1);
+            mma_f16(acc[b], qf[b][hh][j], b0, b1);
+          }
+        }
+      }
+      {
+        const uint4 r0 = lds128(krow + kDV + 16 + 32 * t);
+        const uint4 r1 = lds128(krow + kDV + 16 + 32 * t + 16);
+        const uint32_t kw[4][2] = {{r0.x, r0.y}, {r0.z, r0.w}, {r1.x, r1.y}, {r1.z, r1.w}};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint4 q = lds128(s_base + Smem::kQRope + (j * 32 + lane) * 16);
+          const uint32_t a[4] = {q.x, q.y, q.z, q.w};
+          detail::mma_bf16(acc[kLatentBlocks], a, kw[j][0], kw[j][1]);
+        }
+      }
+
+      // ---- scores (log2 domain) of keys 8 warp + 2 t + (0, 1), rows g, g + 8 ----
+      const int kl = 8 * warp + 2 * t;  // key within the block
+      const int key0 = blk * kBlockN + kl;
+      float4 sc[2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const uint4 v = lds128(sK + (kl + k) * kFp8TokenBytes + kDV);
+        sc[k] = make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
+        if (key0 + k >= len_eff) sc[k] = make_float4(0.f, 0.f, 0.f, 0.f);  // never-copied rows: stale bytes
+      }
+      float sv[4], mloc[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float4 s = sc[e & 1];
+        float lat = acc[0][e] * s.x;
+        lat = fmaf(acc[1][e], s.y, lat);
+        lat = fmaf(acc[2][e], s.z, lat);
+        lat = fmaf(acc[3][e], s.w, lat);
+        const float v = fmaf(acc[kLatentBlocks][e], p.scale_log2, lat * c_lat[e >> 1]);
+        sv[e] = key0 + (e & 1) < limit[e >> 1] ? v : -INFINITY;
+        mloc[e >> 1] = fmaxf(mloc[e >> 1], sv[e]);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 1));
+        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
+      }
+      if (t == 0) {
+        s_max[warp * kM + g] = mloc[0];
+        s_max[warp * kM + g + 8] = mloc[1];
+      }
+      __syncthreads();  // A: row maxima visible; every warp is done with the previous block (its stage, P)
+      if (warp == 0 && ld.more) {
+        ld.issue(p, plan, s_base + load_stage * kStageBytes, bars + 8 * load_stage, lane);
+      }
+      if (++load_stage == kStages) load_stage = 0;
+      float alpha[2], m_use[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float m_new = m_run[h];
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) m_new = fmaxf(m_new, s_max[w * kM + g + 8 * h]);
+        m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
+        alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+        m_run[h] = m_new;
+      }
+      float pr[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pr[e] = fast_exp2(sv[e] - m_use[e >> 1]);
+      l_run[0] = l_run[0] * alpha[0] + (pr[0] + pr[1]);
+      l_run[1] = l_run[1] * alpha[1] + (pr[2] + pr[3]);
+      // P_b = P * s_b[key] for each latent block b, f16, chunk `warp` (keys 8 warp..) of rows g, g + 8.
+#pragma unroll
+      for (int b = 0; b < kLatentBlocks; ++b) {
+        const float s0 = b == 0 ? sc[0].x : b == 1 ? sc[0].y : b == 2 ? sc[0].z : sc[0].w;
+        const float s1 = b == 0 ? sc[1].x : b == 1 ? sc[1].y : b == 2 ? sc[1].z : sc[1].w;
+        char* pb = smem + Smem::kP + b * kPBytes;
+        *reinterpret_cast<uint32_t*>(pb + p_off(g, warp) + 4 * t) = pack_half2(pr[0] * s0, pr[1] * s1);
+        *reinterpret_cast<uint32_t*>(pb + p_off(g + 8, warp) + 4 * t) = pack_half2(pr[2] * s0, pr[3] * s1);
+      }
+#pragma unroll
+      for (int d = 0; d < 8; ++d) {
+        o[d][0] *= alpha[0];
+        o[d][1] *= alpha[0];
+        o[d][2] *= alpha[1];
+        o[d][3] *= alpha[1];
+      }
+      __syncthreads();  // B: every P_b visible
+
+      // ---- O[:, 64 warp ..] += P_b V^ (b = warp / 2). B fragment of n-tile d, column g = dim
+      // 64 warp + 8 g + d: keys (2t, 2t+1) and (2t+8, 2t+9) of the 16-key step.
+      {
+        const uint32_t sP = s_base + Smem::kP + (warp >> 1) * kPBytes;
+        const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int a_chunk = lane >> 4;
+        const bool tail = blk * kBlockN + kBlockN > len_eff;  // rows past len_eff hold stale bytes
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          uint32_t a[4];
+          detail::ldsm_x4(sP + p_off(a_row, 2 * kk + a_chunk), a);
+          const int k0 = 16 * kk + 2 * t;
+          const uint32_t vbase = sK + 64 * warp + 8 * g;
+          uint2 va = lds64(vbase + k0 * kFp8TokenBytes);
+          uint2 vb = lds64(vbase + (k0 + 1) * kFp8TokenBytes);
+          uint2 vc = lds64(vbase + (k0 + 8) * kFp8TokenBytes);
+          uint2 vd = lds64(vbase + (k0 + 9) * kFp8TokenBytes);
+          if (tail) {
+            const int kb = blk * kBlockN + k0;
+            if (kb >= len_eff) va = make_uint2(0u, 0u);
+            if (kb + 1 >= len_eff) vb = make_uint2(0u, 0u);
+            if (kb + 8 >= len_eff) vc = make_uint2(0u, 0u);
+            if (kb + 9 >= len_eff) vd = make_uint2(0u, 0u);
+          }
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const uint32_t wa = half ? va.y : va.x, wb = half ? vb.y : vb.x;
+            const uint32_t wc = half ? vc.y : vc.x, wd = half ? vd.y : vd.x;
+            // (key 2t, key 2t+1) byte pairs of dims 4 half + 0..3, and the same for keys 2t+8, 2t+9.
+            uint32_t lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3;
+            e4m3x4_to_f16(prmt(wa, wb, 0x5140), lo0, hi0);  // dims 0, 1
+            e4m3x4_to_f16(prmt(wa, wb, 0x7362), lo1, hi1);  // dims 2, 3
+            e4m3x4_to_f16(prmt(wc, wd, 0x5140), lo2, hi2);
+            e4m3x4_to_f16(prmt(wc, wd, 0x7362), lo3, hi3);
+            mma_f16(o[4 * half + 0], a, lo0, lo2);
+            mma_f16(o[4 * half + 1], a, hi0, hi2);
+            mma_f16(o[4 * half + 2], a, lo1, lo3);
+            mma_f16(o[4 * half + 3], a, hi1, hi3);
+          }
+        }
+      }
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+
+    // ---- write this piece: out / lse directly, or a split partial to the workspace ----
+    // Row sums: this thread's two keys per block -> the warp's eight -> all 64, in a fixed order.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+    }
+    if (t == 0) {
+      s_sum[warp * kM + g] = l_run[0];
+      s_sum[warp * kM + g + 8] = l_run[1];
+    }
+    __syncthreads();
+    float l_tot[2] = {0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      l_tot[0] += s_sum[w * kM + g];
+      l_tot[1] += s_sum[w * kM + g + 8];
+    }
+    bool direct;
+    int slot;
+    if (!plan.destination(p, bi, direct, slot)) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int R = rows[h];
+      if (R >= p.rows) continue;
+      const bool seen = l_tot[h] > 0.f;
+      const float inv = seen ? 1.f / l_tot[h] : 0.f;
+      const float lse2 = seen ? m_run[h] + __log2f(l_tot[h]) : -INFINITY;
+      float v[16];
+#pragma unroll
+      for (int d = 0; d < 8; ++d) {
+        v[d] = o[d][2 * h] * inv;
+        v[8 + d] = o[d][2 * h + 1] * inv;
+      }
+      const int col = 64 * warp + 16 * t;
+      const int s = R / p.h_q, hh = R - s * p.h_q;
+      if (direct) {
+        QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col;
+#pragma unroll
+        for (int d = 0; d < 16; d += 2) detail::store_pair<QT>(dst + d, v[d], v[d + 1]);
+        if (warp == 0 && t == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+      } else {
+        float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col;
+#pragma unroll
+        for (int d = 0; d < 16; d += 4) *reinterpret_cast<float4*>(dst + d) = make_float4(v[d], v[d + 1], v[d + 2], v[d + 3]);
+        if (warp == 0 && t == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+      }
+    }
+  }
+}
+
+template <typename QT>
+void launch(const DecodeParams& p, cudaStream_t stream) {
+  auto kernel = mla_decode_fp8_direct_kernel<QT>;
+  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kTotal));
+  const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
+  kernel<<<grid, kThreads, Smem::kTotal, stream>>>(p);
+  FS_CHECK_LAUNCH();
+}
+
+}  // namespace direct
+}  // namespace flashseek::mla
