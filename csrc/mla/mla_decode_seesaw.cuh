@@ -106,8 +106,7 @@ __device__ __forceinline__ int box_row(const DecodeParams& p, int bi, int blk, i
 // mbarrier with the bytes that will land.
 template <uint32_t kMask>
 __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage, uint64_t* bars, int rows, int lane0,
-                                            int nbox, int box_log2, int lane) {
-  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+                                            int nbox, int box_log2, int lane, uint64_t hint) {
   const int row = __shfl_sync(0xffffffffu, rows, lane0 + (lane & 7));
   const bool mine = lane < nbox && row >= 0;
   const uint32_t bytes = static_cast<uint32_t>(__popc(__ballot_sync(0xffffffffu, mine))) << (box_log2 + 7);
@@ -122,7 +121,7 @@ __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage,
 #pragma unroll
     for (int pn = 0; pn < kPanels; ++pn) {
       if (kMask >> pn & 1) {
-        cute::SM90_TMA_LOAD_2D::copy(map, bars + pn, kHint, stage + pn * kPanelBytes + (lane << (box_log2 + 7)), pn * 64,
+        cute::SM90_TMA_LOAD_2D::copy(map, bars + pn, hint, stage + pn * kPanelBytes + (lane << (box_log2 + 7)), pn * 64,
                                      row);
       }
     }
@@ -185,7 +184,8 @@ __device__ __forceinline__ void run_pairs(PairBody& pair, int n) {
 
 template <typename QT>
 __global__ void __launch_bounds__(kThreads, 1)
-    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv) {
+    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv,
+                             uint64_t kv_hint) {
   // The combine kernel (programmatic dependent) waits for this whole grid before reading partials.
   pdl_launch_dependents();
   extern __shared__ __align__(1024) char smem[];
@@ -239,6 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     plan.piece(p, bi, len, len_eff, blk_begin, n);
     const int limit[2] = {detail::visible_keys(p, m_tile * kM + row0, len, len_eff),
                           detail::visible_keys(p, m_tile * kM + row0 + 8, len, len_eff)};
+    const int min_limit = detail::visible_keys(p, m_tile * kM, len, len_eff);  // the tile's first row
     auto parity = [&](int j) { return static_cast<uint32_t>(((j & 1 ? base1 : base0) + (j >> 1)) & 1); };
     // Block j's valid rows, when it is the tail block (rows at or past len_eff): they are zeroed.
     auto zero_if_tail = [&](int j) {
@@ -257,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (n > 0) {
       if (warp == 0 && wg < n) {  // block 0 -> stage 0 (warpgroup 0's warp 0), block 1 -> stage 1
         const int rows = lane < nbox ? box_row(p, bi, blk_begin + wg, lane, box_log2, len_eff) : -1;
-        issue_block<kPanelsAll>(&tmap_kv, wg ? stage1 : stage0, bars + wg * kPanels, rows, 0, nbox, box_log2, lane);
+        issue_block<kPanelsAll>(&tmap_kv, wg ? stage1 : stage0, bars + wg * kPanels, rows, 0, nbox, box_log2, lane, kv_hint);
       }
       // Q tile, converted to bf16, while the first blocks land.
       wg::load_q_tile<QT>(p, bi, m_tile, smem + Smem::kQ);
@@ -286,42 +287,54 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The rows of pair i + 1's blocks (2i + 2, 2i + 3), read at the start of pair i.
     int next_rows = -1;
 
-    // Scale, mask, and the row max of S for block j, starting from m_in (rows row0, row0 + 8).
+    // Row max of block j's raw S (rows row0, row0 + 8), scaled to the log2 domain and combined with
+    // m_in. Blocks that every row of the tile sees in full skip the mask (the tile's first row sees
+    // the fewest keys); others get -inf past each row's visible length. sacc stays unscaled: the
+    // scale is folded into exp2's argument.
     auto row_max = [&](int j, const float (&m_in)[2], float (&m_out)[2]) {
-      const int key0 = (blk_begin + j) * kBlockN + 2 * q4;
-      float mloc[2] = {m_in[0], m_in[1]};
+      if ((blk_begin + j + 1) * kBlockN > min_limit) {
+        const int key0 = (blk_begin + j) * kBlockN + 2 * q4;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (key0 + 8 * c + (e & 1) >= limit[e >> 1]) sacc[4 * c + e] = -INFINITY;
+          }
+        }
+      }
+      float mx[2][8];  // pairwise tree: depth 4 instead of a 16-long chain
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
+        mx[0][c] = fmaxf(sacc[4 * c], sacc[4 * c + 1]);
+        mx[1][c] = fmaxf(sacc[4 * c + 2], sacc[4 * c + 3]);
+      }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float v = key0 + 8 * c + (e & 1) < limit[e >> 1] ? sacc[4 * c + e] * p.scale_log2 : -INFINITY;
-          sacc[4 * c + e] = v;
-          mloc[e >> 1] = fmaxf(mloc[e >> 1], v);
+      for (int step = 4; step >= 1; step >>= 1) {
+#pragma unroll
+        for (int c = 0; c < step; ++c) {
+          mx[0][c] = fmaxf(mx[0][c], mx[0][c + step]);
+          mx[1][c] = fmaxf(mx[1][c], mx[1][c + step]);
         }
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 1));
-        m_out[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
+        float v = fmaxf(mx[h][0], __shfl_xor_sync(0xffffffffu, mx[h][0], 1));
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+        m_out[h] = fmaxf(m_in[h], v * p.scale_log2);  // scale_log2 > 0: max commutes with it
       }
     };
-    // sacc := exp2(sacc - m_use) (fp32 P), returns the row sums; pf := P as bf16 A fragments.
+    // sacc := exp2(sacc * scale - m_use) (fp32 P); sum += this thread's part of the row sums (the
+    // quad's four parts are added once, at the end of the piece); pf := P as bf16 A fragments.
     auto exp_rows = [&](const float (&m_use)[2], float (&sum)[2], uint32_t (&pf)[16]) {
-      sum[0] = sum[1] = 0.f;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          sacc[4 * c + e] = fast_exp2(sacc[4 * c + e] - m_use[e >> 1]);
+          sacc[4 * c + e] = fast_exp2(fmaf(sacc[4 * c + e], p.scale_log2, -m_use[e >> 1]));
           sum[e >> 1] += sacc[4 * c + e];
         }
         pf[2 * c] = pack_bf16(sacc[4 * c], sacc[4 * c + 1]);
         pf[2 * c + 1] = pack_bf16(sacc[4 * c + 2], sacc[4 * c + 3]);
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
-        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
       }
     };
     auto scale_o = [&](const float (&f)[2]) {
@@ -345,16 +358,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_maxA[row0 + 8] = mA[1];
       }
       bar_arrive(kBarMaxA, kThreads);
-      float mAu[2], alpha[2], sum[2];
+      float mAu[2], alpha[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mAu[h] = mA[h] == -INFINITY ? 0.f : mA[h];  // no key seen yet: avoid (-inf) - (-inf)
         alpha[h] = fast_exp2(m_run[h] - mAu[h]);
+        l_run[h] *= alpha[h];
       }
       uint32_t pf[16];
-      exp_rows(mAu, sum, pf);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + sum[h];
+      exp_rows(mAu, l_run, pf);
       scale_o(alpha);
       // O0 += P_A V_A[:, 0:256]
       fence_regs(o);
@@ -368,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Stage 0's rope panel was read only by S_A: refill it first, so that S of block 2i + 2 can start
       // on it while panels 0-3 are in flight.
       if constexpr (kNextA) {
-        if (warp == 0) issue_block<kPanelRope>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
+        if (warp == 0) issue_block<kPanelRope>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane, kv_hint);
       }
       float mB[2] = {mA[0], mA[1]}, beta[2] = {1.f, 1.f};
       if constexpr (kHasB) {
@@ -394,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(o);
       // Stage 0's panels 0-3 (read only by this P V) are free.
       if constexpr (kNextA) {
-        if (warp == 0) issue_block<kPanelsLow>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
+        if (warp == 0) issue_block<kPanelsLow>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane, kv_hint);
       }
       if constexpr (kHasB) {
 #pragma unroll
@@ -423,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Stage 1's panels 0-3 and its rope panel (P_B) are free.
         if constexpr (kNextB) {
           if (warp == 0) {
-            issue_block<kPanelsLow | kPanelRope>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
+            issue_block<kPanelsLow | kPanelRope>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane, kv_hint);
           }
         }
       }
@@ -452,7 +464,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           s_maxB[row0] = mB[0];
           s_maxB[row0 + 8] = mB[1];
         }
-        bar_arrive(kBarMaxB, kThreads);
       }
       float mBu[2], gamma[2];
 #pragma unroll
@@ -463,11 +474,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       scale_o(gamma);
       if constexpr (kHasB) {
-        float sum[2];
         uint32_t pf[16];
-        exp_rows(mBu, sum, pf);
-        l_run[0] += sum[0];
-        l_run[1] += sum[1];
+        exp_rows(mBu, l_run, pf);
         // P_B -> stage 1's rope panel (S_B, its only reader, has retired) for warpgroup 0.
         char* sPB = stage1 + 8 * kPanelBytes;
 #pragma unroll
@@ -475,8 +483,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<uint32_t*>(sPB + swz(row0, c) + q4 * 4) = pf[2 * c];
           *reinterpret_cast<uint32_t*>(sPB + swz(row0 + 8, c) + q4 * 4) = pf[2 * c + 1];
         }
-        fence_async_smem();
-        // O1 += P_B V_B[:, 256:512], P_B from registers
+        // mB is signalled only now, after the whole softmax: warpgroup 0's P_A store and TMA issue
+        // would otherwise compete with this critical exp for the same schedulers (as FlashMLA orders it).
+        bar_arrive(kBarMaxB, kThreads);
+        // O1 += P_B V_B[:, 256:512], P_B from registers (its shared-memory copy is fenced below)
         fence_regs(o);
         cute::warpgroup_arrive();
 #pragma unroll
@@ -500,18 +510,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       cute::warpgroup_commit_batch();
       // P_B is stored, and this warpgroup's P V are queued ahead of warpgroup 0's P_B V_B: it finishes
       // them first and can refill its panels (FlashMLA orders its two warpgroups' P V the same way).
-      if constexpr (kHasB) bar_arrive(kBarPB, kThreads);
+      if constexpr (kHasB) {
+        fence_async_smem();  // the P_B stores, before warpgroup 0's wgmma reads them
+        bar_arrive(kBarPB, kThreads);
+      }
       if constexpr (kHasB) {
         cute::warpgroup_wait<1>();
         // Stage 1's panels 4-7 are free (warpgroup 0 never reads them after S).
         if constexpr (kNextB) {
-          if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
+          if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane, kv_hint);
         }
       }
       mma_wait_all();
       fence_regs(o);
       if constexpr (kNextA) {
-        if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
+        if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane, kv_hint);
       }
       if constexpr (kNextB) {  // S of block 2i + 3: this warpgroup's panels first
         const uint32_t ph = parity(jb + 2);
@@ -534,6 +547,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     base0 += (n + 1) >> 1;
     base1 += n >> 1;
 
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // the quad's parts of each row sum (see exp_rows)
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+    }
     if (q4 == 0) {
       s_rowsum[wg * kM + row0] = l_run[0];
       s_rowsum[wg * kM + row0 + 8] = l_run[1];
@@ -555,15 +573,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // TMA map of the bf16 cache as rows of 576 values: boxes of min(page_size, 64) rows x 64 values.
 // False when the cache cannot be described (row count past int32 coordinates, misaligned base).
-bool kv_tensor_map(const DecodeParams& p, CUtensorMap& map);
+bool kv_tensor_map(const DecodeParams& p, CUtensorMap& map, bool l2_promotion_128b);
 
+// kv_hint: the L2 cache hint of the KV loads (cute::TMA::CacheHintSm90).
 template <typename QT>
-void launch_decode_seesaw(const DecodeParams& p, const CUtensorMap& map, cudaStream_t stream) {
+void launch_decode_seesaw(const DecodeParams& p, const CUtensorMap& map, uint64_t kv_hint, cudaStream_t stream) {
   constexpr int smem = Smem::kTotal;
   auto kernel = mla_decode_seesaw_kernel<QT>;
   FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  kernel<<<grid, kThreads, smem, stream>>>(p, map);
+  kernel<<<grid, kThreads, smem, stream>>>(p, map, kv_hint);
   FS_CHECK_LAUNCH();
 }
 
