@@ -42,18 +42,22 @@ using detail::visible_keys;
 constexpr int kThreads = 256;
 constexpr int kWarps = 8;
 constexpr int kM = 16;  // query rows per CTA
-constexpr int kStages = 5;
+constexpr int kStages = 4;  // three blocks (126 KB) in flight per SM while one is used
 constexpr int kStageBytes = kBlockN * kFp8TokenBytes;  // 41984
 constexpr int kLatentBlocks = kDV / 128;               // scale blocks per token
 constexpr int kPBytes = kM * kBlockN * 2;              // one P_b tile (f16)
+// q tile: latent as given (bf16 / f16), rope as bf16; rows padded by 16 bytes (292 words = 4 mod 32
+// banks) so the per-block rope fragment reads are conflict-free.
+constexpr int kQStride = kDQK * 2 + 16;
 
 struct Smem {
   static constexpr int kStage = 0;
-  static constexpr int kP = kStages * kStageBytes;        // [4 blocks][16 rows][64 keys] f16, swizzled
-  static constexpr int kMax = kP + kLatentBlocks * kPBytes;  // [8 warps][16 rows] fp32
-  static constexpr int kSum = kMax + kWarps * kM * 4;     // [8 warps][16 rows] fp32
-  static constexpr int kQRope = kSum + kWarps * kM * 4;   // [k step j][lane][a0..a3]: rope A fragments
-  static constexpr int kBar = kQRope + 4 * 32 * 16;       // kStages mbarriers
+  static constexpr int kP = kStages * kStageBytes;           // [4 blocks][16 rows][64 keys] f16, swizzled
+  static constexpr int kMax = kP + kLatentBlocks * kPBytes;  // [16 rows][8 warps] fp32
+  static constexpr int kSum = kMax + kWarps * kM * 4;        // [2][8 warps][16 rows] fp32, by request parity
+  static constexpr int kQ = kSum + 2 * kWarps * kM * 4;      // [16 rows][kQStride]
+  static constexpr int kRowMax = kQ + kM * kQStride;         // [2][16] row max |q| (fp32 bits), by request parity
+  static constexpr int kBar = kRowMax + 2 * kM * 4;          // kStages mbarriers
   static constexpr int kTotal = kBar + kStages * 8;
 };
 static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
@@ -198,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   pdl_launch_dependents();
   extern __shared__ __align__(128) char smem[];
   const uint32_t s_base = smem_u32(smem);
-  float* s_max = reinterpret_cast<float*>(smem + Smem::kMax);  // [warp][row]
+  float* s_max = reinterpret_cast<float*>(smem + Smem::kMax);  // [row][warp]
   float* s_sum = reinterpret_cast<float*>(smem + Smem::kSum);
   const uint32_t bars = s_base + Smem::kBar;
 
@@ -206,6 +210,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
 
+  unsigned* row_max_bits = reinterpret_cast<unsigned*>(smem + Smem::kRowMax);
+  if (threadIdx.x < 2 * kM) row_max_bits[threadIdx.x] = 0u;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(bars + 8 * s, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -214,64 +220,80 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
 
   const PlanPart plan(p, part);
   Loader ld;
-  if (warp == 0) {
-    ld.more = walk_from(p, plan, plan.b0, ld.w);
-    ld.lookup(p, lane);
-    // The first kStages - 1 blocks; block n + kStages - 1 is loaded once block n - 1's stage is free.
-    for (int s = 0; s < kStages - 1 && ld.more; ++s) ld.issue(p, plan, s_base + s * kStageBytes, bars + 8 * s, lane);
-  }
+  ld.more = false;
+  bool loading = false;      // warp 0 has issued the first blocks
   int load_stage = kStages - 1;  // stage of the next block warp 0 loads
   int stage = 0;                 // stage of the next block consumed, and its mbarrier phase
   uint32_t phase = 0;
+  int nonempty = 0;              // requests with blocks so far (the parity picks the row-max buffer)
 
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
     plan.piece(p, bi, len, len_eff, blk_begin, n_iter);
-    const int rows[2] = {m_tile * kM + g, m_tile * kM + g + 8};
-    const int limit[2] = {visible_keys(p, rows[0], len, len_eff), visible_keys(p, rows[1], len, len_eff)};
+    const int limit[2] = {visible_keys(p, m_tile * kM + g, len, len_eff),
+                          visible_keys(p, m_tile * kM + g + 8, len, len_eff)};
 
     // ---- Q fragments of rows g and g + 8. Latent: dims 128 b + 32 t + [0, 32) of each block b, as
     // f16 times 2^e (e per row: the row's max |q| lands in [2^14, 2^15)); k step (b, h, j) pairs
     // a0 / a2 = dims 128 b + 32 t + 16 h + 4 j + (0, 1) / (2, 3) with the K fragments below.
-    // Rope: dims 16 t + [0, 16) as bf16; k step j pairs dims 16 t + 4 j + (0, 1) / (2, 3).
+    // Rope: read from the q tile each block; k step j pairs dims 16 t + 4 j + (0, 1) / (2, 3).
     uint32_t qf[kLatentBlocks][2][4][4];  // [b][h][j][a0..a3]
     float c_lat[2];  // scale_log2 * 2^-e: takes the row factor back out of the latent scores
     if (n_iter > 0) {
-      // Two passes over q (the second from L1): the row maxima first, then the fragments, so the raw
-      // words never sit in registers next to the 144 fragment registers.
-      const QT* qrow[2];
-      float amax[2];
+      // One pass over q: all threads stage the 16 x 576 tile in shared memory and raise the row
+      // maxima there; then each thread builds its fragments with the row's factor.
+      unsigned* rmax = row_max_bits + (nonempty & 1) * kM;
+      constexpr int kChunks = kM * kDQK / 8;  // 16-byte chunks of the tile
+      uint4 v[(kChunks + kThreads - 1) / kThreads];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int R = rows[h];
-        qrow[h] = nullptr;
-        amax[h] = 0.f;
-        if (R < p.rows) {
+      for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+        const int idx = threadIdx.x + i * kThreads;
+        const int row = idx / (kDQK / 8), c = idx % (kDQK / 8), R = m_tile * kM + row;
+        v[i] = make_uint4(0u, 0u, 0u, 0u);
+        if (idx < kChunks && R < p.rows) {
           const int s = R / p.h_q, hh = R - s * p.h_q;
-          qrow[h] = static_cast<const QT*>(p.q) + bi * p.q_stride_b + s * p.q_stride_s + hh * p.q_stride_h;
-#pragma unroll
-          for (int b = 0; b < kLatentBlocks; ++b)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const uint4 v = __ldg(reinterpret_cast<const uint4*>(qrow[h] + 128 * b + 32 * t + 8 * c));
-              const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                const float2 f = q_pair<QT>(w[i]);
-                amax[h] = fmaxf(amax[h], fmaxf(fabsf(f.x), fabsf(f.y)));
-              }
-            }
+          v[i] = __ldg(reinterpret_cast<const uint4*>(static_cast<const QT*>(p.q) + bi * p.q_stride_b +
+                                                      s * p.q_stride_s + hh * p.q_stride_h + 8 * c));
         }
-        amax[h] = fmaxf(amax[h], __shfl_xor_sync(0xffffffffu, amax[h], 1));
-        amax[h] = fmaxf(amax[h], __shfl_xor_sync(0xffffffffu, amax[h], 2));
       }
+      if (!loading) {  // the part's first loads, with this request's q loads already in flight
+        loading = true;
+        if (warp == 0) {
+          ld.more = walk_from(p, plan, plan.b0, ld.w);
+          ld.lookup(p, lane);
+          // The first kStages - 1 blocks; block n + kStages - 1 is loaded once block n - 1's stage is free.
+          for (int s = 0; s < kStages - 1 && ld.more; ++s) ld.issue(p, plan, s_base + s * kStageBytes, bars + 8 * s, lane);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+        const int idx = threadIdx.x + i * kThreads;
+        if (idx >= kChunks) break;
+        const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
+        uint4 w = v[i];
+        if (c < kDV / 8) {
+          const uint32_t x[4] = {w.x, w.y, w.z, w.w};
+          float amax = 0.f;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float2 f = q_pair<QT>(x[k]);
+            amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+          }
+          if (amax > 0.f) atomicMax(rmax + row, __float_as_uint(amax));  // non-negative: ordered as integers
+        } else {
+          w = make_uint4(q_rope_bf16<QT>(w.x), q_rope_bf16<QT>(w.y), q_rope_bf16<QT>(w.z), q_rope_bf16<QT>(w.w));
+        }
+        *reinterpret_cast<uint4*>(smem + Smem::kQ + row * kQStride + 16 * c) = w;
+      }
+      __syncthreads();  // the q tile and its row maxima
       float up[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        const float amax = __uint_as_float(rmax[g + 8 * h]);
         int e = 0;
-        if (amax[h] > 0.f && amax[h] < INFINITY) {
+        if (amax > 0.f && amax < INFINITY) {
           int ex;
-          frexpf(amax[h], &ex);  // amax in [2^(ex - 1), 2^ex)
+          frexpf(amax, &ex);  // amax in [2^(ex - 1), 2^ex)
           e = min(max(15 - ex, -126), 126);
         }
         up[h] = exp2i(e);
@@ -283,32 +305,22 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
         for (int b = 0; b < kLatentBlocks; ++b)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {  // dims 128 b + 32 t + 8 c .. : (hh, j) = (c / 2, 2 (c % 2) ..)
-            uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (qrow[h] != nullptr) v = __ldg(reinterpret_cast<const uint4*>(qrow[h] + 128 * b + 32 * t + 8 * c));
-            const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+            const uint4 w = lds128(s_base + Smem::kQ + (g + 8 * h) * kQStride + 2 * (128 * b + 32 * t + 8 * c));
+            const uint32_t x[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {
-              const float2 lo = q_pair<QT>(w[2 * jj]), hi = q_pair<QT>(w[2 * jj + 1]);
+              const float2 lo = q_pair<QT>(x[2 * jj]), hi = q_pair<QT>(x[2 * jj + 1]);
               qf[b][c / 2][2 * (c % 2) + jj][h] = pack_half2(lo.x * up[h], lo.y * up[h]);
               qf[b][c / 2][2 * (c % 2) + jj][2 + h] = pack_half2(hi.x * up[h], hi.y * up[h]);
             }
           }
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {  // rope dims 16 t + 8 c ..: k steps 2 c, 2 c + 1
-          uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          if (qrow[h] != nullptr) v = __ldg(reinterpret_cast<const uint4*>(qrow[h] + kDV + 16 * t + 8 * c));
-          if (warp == 0) {  // one copy for all warps (same rows); registers are full
-            uint32_t* qr = reinterpret_cast<uint32_t*>(smem + Smem::kQRope);
-            qr[((2 * c) * 32 + lane) * 4 + h] = q_rope_bf16<QT>(v.x);
-            qr[((2 * c) * 32 + lane) * 4 + 2 + h] = q_rope_bf16<QT>(v.y);
-            qr[((2 * c + 1) * 32 + lane) * 4 + h] = q_rope_bf16<QT>(v.z);
-            qr[((2 * c + 1) * 32 + lane) * 4 + 2 + h] = q_rope_bf16<QT>(v.w);
-          }
-        }
       }
+      // The other buffer was last read before this request's barrier above; it is raised again only
+      // after the barrier that ends this request.
+      if (threadIdx.x < kM) row_max_bits[((nonempty + 1) & 1) * kM + threadIdx.x] = 0u;
+      ++nonempty;
     }
 
-    __syncthreads();  // the rope fragments in shared memory (and s_sum of the previous request read)
     float o[8][4];  // n-tile d, thread (g, t): dims 64 warp + 16 t + d (c0, c2) and + 8 + d (c1, c3)
 #pragma unroll
     for (int d = 0; d < 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
@@ -342,12 +354,25 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
         const uint4 r0 = lds128(krow + kDV + 16 + 32 * t);
         const uint4 r1 = lds128(krow + kDV + 16 + 32 * t + 16);
         const uint32_t kw[4][2] = {{r0.x, r0.y}, {r0.z, r0.w}, {r1.x, r1.y}, {r1.z, r1.w}};
+        const uint32_t qrow = s_base + Smem::kQ + g * kQStride + 2 * kDV + 32 * t;
+        const uint4 qa = lds128(qrow), qb = lds128(qrow + 16);                         // row g
+        const uint4 qc = lds128(qrow + 8 * kQStride), qd = lds128(qrow + 8 * kQStride + 16);  // row g + 8
+        const uint32_t a[4][4] = {{qa.x, qc.x, qa.y, qc.y}, {qa.z, qc.z, qa.w, qc.w},
+                                  {qb.x, qd.x, qb.y, qd.y}, {qb.z, qd.z, qb.w, qd.w}};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint4 q = lds128(s_base + Smem::kQRope + (j * 32 + lane) * 16);
-          const uint32_t a[4] = {q.x, q.y, q.z, q.w};
-          detail::mma_bf16(acc[kLatentBlocks], a, kw[j][0], kw[j][1]);
+        for (int j = 0; j < 4; ++j) detail::mma_bf16(acc[kLatentBlocks], a[j], kw[j][0], kw[j][1]);
+      }
+      // Rows past len_eff hold stale bytes (never copied, or an earlier block's): a warp zeroes the
+      // latent part of its own eight rows, which only it read as K, before the PV reads them as V.
+      if (blk * kBlockN + kBlockN > len_eff) {
+        for (int r = 0; r < 8; ++r) {
+          if (blk * kBlockN + 8 * warp + r >= len_eff) {
+            *reinterpret_cast<uint4*>(smem + stage * kStageBytes + (8 * warp + r) * kFp8TokenBytes + 16 * lane) =
+                make_uint4(0u, 0u, 0u, 0u);
+          }
         }
+        // The stage is refilled by TMA (the async proxy) later: order these writes before that.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       }
 
       // ---- scores (log2 domain) of keys 8 warp + 2 t + (0, 1), rows g, g + 8 ----
@@ -358,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
       for (int k = 0; k < 2; ++k) {
         const uint4 v = lds128(sK + (kl + k) * kFp8TokenBytes + kDV);
         sc[k] = make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
-        if (key0 + k >= len_eff) sc[k] = make_float4(0.f, 0.f, 0.f, 0.f);  // never-copied rows: stale bytes
+        if (key0 + k >= len_eff) sc[k] = make_float4(0.f, 0.f, 0.f, 0.f);  // rows past len_eff: stale bytes
       }
       float sv[4], mloc[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -378,8 +403,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
         mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
       }
       if (t == 0) {
-        s_max[warp * kM + g] = mloc[0];
-        s_max[warp * kM + g + 8] = mloc[1];
+        s_max[g * kWarps + warp] = mloc[0];
+        s_max[(g + 8) * kWarps + warp] = mloc[1];
       }
       __syncthreads();  // A: row maxima visible; every warp is done with the previous block (its stage, P)
       if (warp == 0 && ld.more) {
@@ -391,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
       for (int h = 0; h < 2; ++h) {
         float m_new = m_run[h];
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) m_new = fmaxf(m_new, s_max[w * kM + g + 8 * h]);
+        for (int w = 0; w < kWarps; ++w) m_new = fmaxf(m_new, s_max[(g + 8 * h) * kWarps + w]);
         m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
         alpha[h] = fast_exp2(m_run[h] - m_use[h]);
         m_run[h] = m_new;
@@ -425,24 +450,16 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
         const uint32_t sP = s_base + Smem::kP + (warp >> 1) * kPBytes;
         const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8;
         const int a_chunk = lane >> 4;
-        const bool tail = blk * kBlockN + kBlockN > len_eff;  // rows past len_eff hold stale bytes
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
           uint32_t a[4];
           detail::ldsm_x4(sP + p_off(a_row, 2 * kk + a_chunk), a);
           const int k0 = 16 * kk + 2 * t;
           const uint32_t vbase = sK + 64 * warp + 8 * g;
-          uint2 va = lds64(vbase + k0 * kFp8TokenBytes);
-          uint2 vb = lds64(vbase + (k0 + 1) * kFp8TokenBytes);
-          uint2 vc = lds64(vbase + (k0 + 8) * kFp8TokenBytes);
-          uint2 vd = lds64(vbase + (k0 + 9) * kFp8TokenBytes);
-          if (tail) {
-            const int kb = blk * kBlockN + k0;
-            if (kb >= len_eff) va = make_uint2(0u, 0u);
-            if (kb + 1 >= len_eff) vb = make_uint2(0u, 0u);
-            if (kb + 8 >= len_eff) vc = make_uint2(0u, 0u);
-            if (kb + 9 >= len_eff) vd = make_uint2(0u, 0u);
-          }
+          const uint2 va = lds64(vbase + k0 * kFp8TokenBytes);
+          const uint2 vb = lds64(vbase + (k0 + 1) * kFp8TokenBytes);
+          const uint2 vc = lds64(vbase + (k0 + 8) * kFp8TokenBytes);
+          const uint2 vd = lds64(vbase + (k0 + 9) * kFp8TokenBytes);
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const uint32_t wa = half ? va.y : va.x, wb = half ? vb.y : vb.x;
@@ -473,23 +490,26 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
       l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
       l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
     }
+    // Double-buffered by request: a fast warp may write the next request's sums (which need not pass
+    // another barrier first) while a slow one still reads these.
+    float* sums = s_sum + (bi & 1) * kWarps * kM;
     if (t == 0) {
-      s_sum[warp * kM + g] = l_run[0];
-      s_sum[warp * kM + g + 8] = l_run[1];
+      sums[warp * kM + g] = l_run[0];
+      sums[warp * kM + g + 8] = l_run[1];
     }
     __syncthreads();
     float l_tot[2] = {0.f, 0.f};
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      l_tot[0] += s_sum[w * kM + g];
-      l_tot[1] += s_sum[w * kM + g + 8];
+      l_tot[0] += sums[w * kM + g];
+      l_tot[1] += sums[w * kM + g + 8];
     }
     bool direct;
     int slot;
     if (!plan.destination(p, bi, direct, slot)) continue;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int R = rows[h];
+      const int R = m_tile * kM + g + 8 * h;
       if (R >= p.rows) continue;
       const bool seen = l_tot[h] > 0.f;
       const float inv = seen ? 1.f / l_tot[h] : 0.f;
