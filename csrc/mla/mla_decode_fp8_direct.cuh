@@ -133,43 +133,75 @@ __device__ __forceinline__ bool walk_next(const DecodeParams& p, const PlanPart&
   return ++w.blk < w.end || walk_from(p, plan, w.bi + 1, w);
 }
 
-// Warp 0's loads. A block is n_sub = 64 / min(page_size, 64) runs of consecutive tokens, each inside
-// one page: lane i < n_sub copies run i. The page ids of the next block to load are read one load
-// ahead (`row`: the run's first cache row, or -1 when it starts at or past len_eff: not loaded; the
-// rows past len_eff inside a loaded run are not copied either).
-struct Loader {
-  Walk w;
-  bool more;
-  int row;
+// Warp 0's loads. A block is n_sub = 64 / min(page_size, 64) <= 4 runs of consecutive tokens, each
+// inside one page: lane i < n_sub copies run i. A run's first cache row comes from the block table
+// (run_row: -1 when the run starts at or past len_eff, not loaded; the rows past len_eff inside a
+// loaded run are not copied either). The table is read one block ahead of the copy.
+__device__ __forceinline__ int run_row(const DecodeParams& p, const Walk& w, int r) {
+  const int run = min(1 << p.page_size_log2, kBlockN);
+  const int t0 = w.blk * kBlockN + r * run;
+  if (r * run >= kBlockN || t0 >= w.len_eff) return -1;
+  // t0 < len_eff <= max_pages * page_size: the table index is in range. Page ids are clamped to
+  // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
+  const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + w.bi * p.bt_stride_b + (t0 >> p.page_size_log2))),
+                            static_cast<uint32_t>(p.num_pages - 1));
+  return static_cast<int>((page << p.page_size_log2) + (t0 & ((1 << p.page_size_log2) - 1)));
+}
 
-  __device__ __forceinline__ void lookup(const DecodeParams& p, int lane) {
-    const int run = min(1 << p.page_size_log2, kBlockN);
-    const int t0 = w.blk * kBlockN + lane * run;
-    row = -1;
-    if (more && lane * run < kBlockN && t0 < w.len_eff) {
-      // t0 < len_eff <= max_pages * page_size: the table index is in range. Page ids are clamped to
-      // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
-      const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + w.bi * p.bt_stride_b + (t0 >> p.page_size_log2))),
-                                static_cast<uint32_t>(p.num_pages - 1));
-      row = static_cast<int>((page << p.page_size_log2) + (t0 & ((1 << p.page_size_log2) - 1)));
+// Copies block w into `stage`, armed on `bar`; `row` is this lane's run_row (lanes >= 4: -1).
+__device__ __forceinline__ void copy_block(const DecodeParams& p, const Walk& w, int row, uint32_t stage, uint32_t bar,
+                                           int lane) {
+  const int run = min(1 << p.page_size_log2, kBlockN);
+  const int t0 = w.blk * kBlockN + lane * run;
+  const uint32_t bytes = row >= 0 ? static_cast<uint32_t>(min(run, w.len_eff - t0) * kFp8TokenBytes) : 0u;
+  const uint32_t total = __reduce_add_sync(0xffffffffu, bytes);
+  if (lane == 0) mbar_arrive_expect_tx(bar, total);
+  __syncwarp();
+  if (bytes != 0) {
+    bulk_copy(stage + lane * run * kFp8TokenBytes, static_cast<const char*>(p.kv) + static_cast<int64_t>(row) * kFp8TokenBytes,
+              bytes, bar);
+  }
+}
+
+struct Loader {
+  Walk w;     // the next block to copy
+  bool more;  // whether there is one
+  int row;    // its run_row for this lane
+
+  // The part's first kStages - 1 blocks: their table reads are issued together (lanes 4 i .. 4 i + 3
+  // read block i's runs), so the first copies do not wait on one another.
+  __device__ __forceinline__ void start(const DecodeParams& p, const PlanPart& plan, uint32_t s_base, uint32_t bars,
+                                        int lane) {
+    constexpr int kFirst = kStages - 1;
+    Walk ws[kFirst];
+    bool ok[kFirst];
+    ok[0] = walk_from(p, plan, plan.b0, ws[0]);
+#pragma unroll
+    for (int i = 1; i < kFirst; ++i) {
+      ws[i] = ws[i - 1];
+      ok[i] = ok[i - 1] && walk_next(p, plan, ws[i]);
     }
+    int mine = -1;
+#pragma unroll
+    for (int i = 0; i < kFirst; ++i) {
+      if (lane >> 2 == i && ok[i]) mine = run_row(p, ws[i], lane & 3);
+    }
+#pragma unroll
+    for (int i = 0; i < kFirst; ++i) {
+      const int r = __shfl_sync(0xffffffffu, mine, 4 * i + (lane & 3));
+      if (ok[i]) copy_block(p, ws[i], lane < 4 ? r : -1, s_base + i * kStageBytes, bars + 8 * i, lane);
+    }
+    w = ws[kFirst - 1];
+    more = ok[kFirst - 1] && walk_next(p, plan, w);
+    row = more && lane < 4 ? run_row(p, w, lane) : -1;
   }
 
-  // Loads the current block into `stage` (armed on `bar`), then steps to the next block.
+  // Copies the next block into `stage`, then steps on and reads the table for the one after.
   __device__ __forceinline__ void issue(const DecodeParams& p, const PlanPart& plan, uint32_t stage, uint32_t bar,
                                         int lane) {
-    const int run = min(1 << p.page_size_log2, kBlockN);
-    const int t0 = w.blk * kBlockN + lane * run;
-    const uint32_t bytes = row >= 0 ? static_cast<uint32_t>(min(run, w.len_eff - t0) * kFp8TokenBytes) : 0u;
-    const uint32_t total = __reduce_add_sync(0xffffffffu, bytes);
-    if (lane == 0) mbar_arrive_expect_tx(bar, total);
-    __syncwarp();
-    if (bytes != 0) {
-      bulk_copy(stage + lane * run * kFp8TokenBytes,
-                static_cast<const char*>(p.kv) + static_cast<int64_t>(row) * kFp8TokenBytes, bytes, bar);
-    }
+    copy_block(p, w, row, stage, bar, lane);
     more = walk_next(p, plan, w);
-    lookup(p, lane);
+    row = more && lane < 4 ? run_row(p, w, lane) : -1;
   }
 };
 
@@ -258,12 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
       }
       if (!loading) {  // the part's first loads, with this request's q loads already in flight
         loading = true;
-        if (warp == 0) {
-          ld.more = walk_from(p, plan, plan.b0, ld.w);
-          ld.lookup(p, lane);
-          // The first kStages - 1 blocks; block n + kStages - 1 is loaded once block n - 1's stage is free.
-          for (int s = 0; s < kStages - 1 && ld.more; ++s) ld.issue(p, plan, s_base + s * kStageBytes, bars + 8 * s, lane);
-        }
+        if (warp == 0) ld.start(p, plan, s_base, bars, lane);
       }
 #pragma unroll
       for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
