@@ -106,7 +106,8 @@ __device__ __forceinline__ int box_row(const DecodeParams& p, int bi, int blk, i
 // mbarrier with the bytes that will land.
 template <uint32_t kMask>
 __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage, uint64_t* bars, int rows, int lane0,
-                                            int nbox, int box_log2, int lane, uint64_t hint) {
+                                            int nbox, int box_log2, int lane) {
+  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
   const int row = __shfl_sync(0xffffffffu, rows, lane0 + (lane & 7));
   const bool mine = lane < nbox && row >= 0;
   const uint32_t bytes = static_cast<uint32_t>(__popc(__ballot_sync(0xffffffffu, mine))) << (box_log2 + 7);
@@ -121,7 +122,7 @@ __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage,
 #pragma unroll
     for (int pn = 0; pn < kPanels; ++pn) {
       if (kMask >> pn & 1) {
-        cute::SM90_TMA_LOAD_2D::copy(map, bars + pn, hint, stage + pn * kPanelBytes + (lane << (box_log2 + 7)), pn * 64,
+        cute::SM90_TMA_LOAD_2D::copy(map, bars + pn, kHint, stage + pn * kPanelBytes + (lane << (box_log2 + 7)), pn * 64,
                                      row);
       }
     }
@@ -184,8 +185,7 @@ __device__ __forceinline__ void run_pairs(PairBody& pair, int n) {
 
 template <typename QT>
 __global__ void __launch_bounds__(kThreads, 1)
-    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv,
-                             uint64_t kv_hint) {
+    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv) {
   // The combine kernel (programmatic dependent) waits for this whole grid before reading partials.
   pdl_launch_dependents();
   extern __shared__ __align__(1024) char smem[];
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (n > 0) {
       if (warp == 0 && wg < n) {  // block 0 -> stage 0 (warpgroup 0's warp 0), block 1 -> stage 1
         const int rows = lane < nbox ? box_row(p, bi, blk_begin + wg, lane, box_log2, len_eff) : -1;
-        issue_block<kPanelsAll>(&tmap_kv, wg ? stage1 : stage0, bars + wg * kPanels, rows, 0, nbox, box_log2, lane, kv_hint);
+        issue_block<kPanelsAll>(&tmap_kv, wg ? stage1 : stage0, bars + wg * kPanels, rows, 0, nbox, box_log2, lane);
       }
       // Q tile, converted to bf16, while the first blocks land.
       wg::load_q_tile<QT>(p, bi, m_tile, smem + Smem::kQ);
@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Stage 0's rope panel was read only by S_A: refill it first, so that S of block 2i + 2 can start
       // on it while panels 0-3 are in flight.
       if constexpr (kNextA) {
-        if (warp == 0) issue_block<kPanelRope>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane, kv_hint);
+        if (warp == 0) issue_block<kPanelRope>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
       }
       float mB[2] = {mA[0], mA[1]}, beta[2] = {1.f, 1.f};
       if constexpr (kHasB) {
@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(o);
       // Stage 0's panels 0-3 (read only by this P V) are free.
       if constexpr (kNextA) {
-        if (warp == 0) issue_block<kPanelsLow>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane, kv_hint);
+        if (warp == 0) issue_block<kPanelsLow>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
       }
       if constexpr (kHasB) {
 #pragma unroll
@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Stage 1's panels 0-3 and its rope panel (P_B) are free.
         if constexpr (kNextB) {
           if (warp == 0) {
-            issue_block<kPanelsLow | kPanelRope>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane, kv_hint);
+            issue_block<kPanelsLow | kPanelRope>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
           }
         }
       }
@@ -518,13 +518,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         cute::warpgroup_wait<1>();
         // Stage 1's panels 4-7 are free (warpgroup 0 never reads them after S).
         if constexpr (kNextB) {
-          if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane, kv_hint);
+          if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
         }
       }
       mma_wait_all();
       fence_regs(o);
       if constexpr (kNextA) {
-        if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane, kv_hint);
+        if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage0, bars, next_rows, 0, nbox, box_log2, lane);
       }
       if constexpr (kNextB) {  // S of block 2i + 3: this warpgroup's panels first
         const uint32_t ph = parity(jb + 2);
@@ -573,16 +573,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // TMA map of the bf16 cache as rows of 576 values: boxes of min(page_size, 64) rows x 64 values.
 // False when the cache cannot be described (row count past int32 coordinates, misaligned base).
-bool kv_tensor_map(const DecodeParams& p, CUtensorMap& map, bool l2_promotion_128b);
+bool kv_tensor_map(const DecodeParams& p, CUtensorMap& map);
 
-// kv_hint: the L2 cache hint of the KV loads (cute::TMA::CacheHintSm90).
 template <typename QT>
-void launch_decode_seesaw(const DecodeParams& p, const CUtensorMap& map, uint64_t kv_hint, cudaStream_t stream) {
+void launch_decode_seesaw(const DecodeParams& p, const CUtensorMap& map, cudaStream_t stream) {
   constexpr int smem = Smem::kTotal;
   auto kernel = mla_decode_seesaw_kernel<QT>;
   FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  kernel<<<grid, kThreads, smem, stream>>>(p, map, kv_hint);
+  kernel<<<grid, kThreads, smem, stream>>>(p, map);
   FS_CHECK_LAUNCH();
 }
 

@@ -1,15 +1,12 @@
 // The turn-taking decode kernel (mla_decode_seesaw.cuh) for the bf16 cache: its TMA map and
 // instantiations (q bf16 or fp16).
-#include <cstdlib>
-#include <cstring>
-
 #include "gemm/sm90_tensor_maps.h"
 #include "mla/mla_decode_seesaw.cuh"
 
 namespace flashseek::mla {
 namespace seesaw {
 
-bool kv_tensor_map(const DecodeParams& p, CUtensorMap& map, bool l2_promotion_128b) {
+bool kv_tensor_map(const DecodeParams& p, CUtensorMap& map) {
   const int64_t rows = int64_t(p.num_pages) << p.page_size_log2;
   if (rows > INT32_MAX || reinterpret_cast<uintptr_t>(p.kv) % 16 != 0) return false;
   const cuuint64_t dims[2] = {cuuint64_t(kDQK), cuuint64_t(rows)};
@@ -18,26 +15,18 @@ bool kv_tensor_map(const DecodeParams& p, CUtensorMap& map, bool l2_promotion_12
   const cuuint32_t elem[2] = {1, 1};
   return tensor_map_encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(p.kv), dims, strides, box,
                                 elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                l2_promotion_128b ? CU_TENSOR_MAP_L2_PROMOTION_L2_128B : CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+                                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 }  // namespace seesaw
 
 bool launch_decode_seesaw_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
-  // Experiment switches (branch only, for one-run A/Bs): FLASHSEEK_MLA_SEESAW_HINT=first loads KV with
-  // EVICT_FIRST (FlashMLA's hint), FLASHSEEK_MLA_SEESAW_L2PROMO=128 uses 128-byte L2 promotion.
-  const char* hint_env = std::getenv("FLASHSEEK_MLA_SEESAW_HINT");
-  const char* promo_env = std::getenv("FLASHSEEK_MLA_SEESAW_L2PROMO");
-  const uint64_t hint = static_cast<uint64_t>(hint_env != nullptr && std::strcmp(hint_env, "first") == 0
-                                                  ? cute::TMA::CacheHintSm90::EVICT_FIRST
-                                                  : cute::TMA::CacheHintSm90::EVICT_NORMAL);
   CUtensorMap map;
-  if (!seesaw::kv_tensor_map(p, map, promo_env != nullptr && std::strcmp(promo_env, "128") == 0)) return false;
+  if (!seesaw::kv_tensor_map(p, map)) return false;
   if (q_fp16) {
-    seesaw::launch_decode_seesaw<__half>(p, map, hint, stream);
+    seesaw::launch_decode_seesaw<__half>(p, map, stream);
   } else {
-    seesaw::launch_decode_seesaw<__nv_bfloat16>(p, map, hint, stream);
+    seesaw::launch_decode_seesaw<__nv_bfloat16>(p, map, stream);
   }
   return true;
 }
