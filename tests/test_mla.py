@@ -456,9 +456,9 @@ def assert_bf16_budget(o, ref_out, pav, out_dtype):
 
 def fp8_direct_kernel(case):
     """Whether the FP8 cache's decode runs the kernel that dequantizes into the MMA fragments (tiles of
-    up to 16 rows, unless FLASHSEEK_MLA_DECODE=staged picks the bf16-tile kernel)."""
+    up to 32 rows, unless FLASHSEEK_MLA_DECODE=staged picks the bf16-tile kernel)."""
     b, s_q, h_q, _ = case["q"].shape
-    return s_q * h_q <= 16 and os.environ.get("FLASHSEEK_MLA_DECODE") != "staged"
+    return s_q * h_q <= 32 and os.environ.get("FLASHSEEK_MLA_DECODE") != "staged"
 
 
 def check_against_reference(case, out, lse, causal):
@@ -510,7 +510,7 @@ def check_against_reference(case, out, lse, causal):
 
 # Tiles with two kernels, picked per call by FLASHSEEK_MLA_DECODE: the bf16 cache's 64-row tiles (the
 # two-warpgroup kernel mla_decode_wgmma.cuh by default, the turn-taking one mla_decode_seesaw.cuh with
-# =seesaw) and the FP8 cache's tiles of up to 16 rows (mla_decode_fp8_direct.cuh by default, the
+# =seesaw) and the FP8 cache's tiles of up to 32 rows (mla_decode_fp8_direct.cuh by default, the
 # bf16-tile mma.sync kernel with =staged). "default" runs every tile's default kernel.
 MLA_IMPLS = ["default", "seesaw", "staged"]
 
@@ -518,7 +518,7 @@ MLA_IMPLS = ["default", "seesaw", "staged"]
 def _use_impl(monkeypatch, impl, rows=None, fp8=False):
     if impl == "seesaw" and (rows is None and fp8 or rows is not None and (rows <= 32 or fp8)):
         pytest.skip("one kernel serves this tile and cache")
-    if impl == "staged" and (not fp8 or rows is not None and rows > 16):
+    if impl == "staged" and (not fp8 or rows is not None and rows > 32):
         pytest.skip("one kernel serves this tile and cache")
     if impl == "default":
         monkeypatch.delenv("FLASHSEEK_MLA_DECODE", raising=False)
@@ -597,9 +597,10 @@ def test_decode_block_pairs_cuda(impl, page_size, P, s_q, causal, monkeypatch):
 @pytest.mark.parametrize("page_size", ref_mla.PAGE_SIZES)
 @pytest.mark.parametrize("P", [1, 7, 132, 1000])
 @pytest.mark.parametrize("s_q,h_q,causal,qdtype", [(1, 16, False, torch.bfloat16), (2, 8, True, torch.float16),
-                                                   (1, 3, True, torch.bfloat16)])
+                                                   (1, 3, True, torch.bfloat16), (2, 16, True, torch.bfloat16),
+                                                   (3, 7, False, torch.float16)])
 def test_decode_fp8_narrow_cuda(impl, page_size, P, s_q, h_q, causal, qdtype, monkeypatch):
-    # FP8 cache, tiles of up to 16 rows. The direct kernel's loads run ahead across the requests of a
+    # FP8 cache, tiles of up to 16 and 32 rows. The direct kernel's loads run ahead across the requests of a
     # part (P = 1: one part holds them all) and copy only the tokens before each request's end, so the
     # rows after it keep stale bytes (NaN-filled pages, earlier blocks) that must not reach the output.
     # q rows span 2^-14 .. 2^4 in magnitude: each row is rescaled by its own power of two for the f16 MMAs.

@@ -1,7 +1,6 @@
 // Decode dispatch for the FP8 latent cache (656-byte tokens; q bf16 or fp16): 64-row tiles
-// (s_q * h_q > 32) run the wgmma kernel (mla_decode_wgmma_fp8.cu); tiles of up to 16 rows the kernel
-// that dequantizes into the MMA fragments (mla_decode_fp8_direct.cu); 32-row tiles the mma.sync kernel
-// that dequantizes into a bf16 tile first.
+// (s_q * h_q > 32) run the wgmma kernel (mla_decode_wgmma_fp8.cu); tiles of up to 32 rows the kernel
+// that dequantizes into the MMA fragments (mla_decode_fp8_direct.cu).
 #include <cstdlib>
 #include <cstring>
 
@@ -9,8 +8,8 @@
 
 namespace flashseek::mla {
 namespace {
-// FLASHSEEK_MLA_DECODE=staged forces the bf16-tile kernel for tiles of up to 16 rows as well (read on
-// every call, so one test process and one benchmark run can check and time both).
+// FLASHSEEK_MLA_DECODE=staged picks the mma.sync kernel that dequantizes each block into a bf16 tile
+// first (read on every call, so one test process and one benchmark run can check and time both).
 bool use_staged() {
   const char* s = std::getenv("FLASHSEEK_MLA_DECODE");
   return s != nullptr && std::strcmp(s, "staged") == 0;
@@ -20,7 +19,7 @@ bool use_staged() {
 void launch_decode_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
   if (p.rows > 32) {
     launch_decode_wgmma_fp8_cache(p, q_fp16, stream);
-  } else if (p.rows <= 16 && !use_staged()) {
+  } else if (!use_staged()) {
     launch_decode_fp8_direct(p, q_fp16, stream);
   } else if (q_fp16) {
     detail::launch_decode<__half, true>(p, stream);

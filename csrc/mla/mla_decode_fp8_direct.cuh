@@ -1,28 +1,31 @@
-// Paged MLA decode over the FP8 latent cache for tiles of up to 16 query rows (s_q * h_q <= 16: the
-// memory-bound TP shards), dequantizing straight into the MMA fragments.
+// Paged MLA decode over the FP8 latent cache for tiles of up to 32 query rows (s_q * h_q <= 32: the
+// memory-bound TP shards, and their s_q = 2 speculative steps), dequantizing straight into the MMA
+// fragments.
 //
 // Why a kernel of its own: the staged kernel (mla_decode_kernel.cuh) dequantizes each 64-token block
 // into a bf16 tile by all threads, behind a barrier, and then runs the bf16 MMAs on it: ~1 us of
 // dequant plus ~2.6 us of latency-bound MMA / softmax per block, in series, so it ran at the bf16
 // kernel's speed while reading 0.57 of its bytes. Here nothing is converted into shared memory:
 // - the raw 656-byte tokens land by TMA bulk copies (one per page run of the block, one mbarrier per
-//   stage, five stages), issued by warp 0 one block ahead of need per freed stage, walking the sm
-//   part's (request, block) sequence across request boundaries;
+//   stage, four stages), issued by warp 0 as stages free up, walking the sm part's (request, block)
+//   sequence across request boundaries;
 // - S = Q K^T runs as fp16 MMAs: e4m3 -> f16 is one exact cvt per two values, and the per-token scales
 //   are folded out of the tiles: S = sum_b s_b[key] (Q_b . K^_b) + Q_rope . K_rope with one fp32
 //   accumulator per 128-dim block b (K^ = the raw e4m3 values). Q is rescaled per row by a power of two
 //   into the upper f16 range (exact for bf16 and f16 inputs) and the factor is taken back out of S;
-// - O[:, block b] += (P * s_b[key]) V^_b: every warp owns 64 output dims, all in one block b, and reads
+// - O[:, block b] += (P * s_b[key]) V^_b: every warp's output dims lie in one block b, and it reads
 //   P_b (P times that block's scales, f16) from shared memory; V^ is read as bytes and paired by key
 //   with byte permutes before the same cvt.
 // The MMA k order is permuted (both operands alike) so that each thread's K fragments are 16
-// consecutive bytes of a token (LDS.128), and the V fragments' n order so that each thread's are 8
-// consecutive bytes (LDS.64); with the tokens' 656-byte stride both are free of bank conflicts.
+// consecutive bytes of a token (LDS.128), and the V fragments' n order so that each thread's are 8 or
+// 16 consecutive bytes; with the tokens' 656-byte stride both are free of bank conflicts.
 //
-// Warps: 8. S: warp w takes keys 8w..8w+7 of the block over all 576 dims (the latent Q fragments of
-// its 16 rows stay in registers for the whole request). Row maxima are exchanged through shared
-// memory (barrier A); P_b goes to shared memory (barrier B); PV: warp w takes dims 64w..64w+63.
-// Row sums stay per thread and are reduced once per request.
+// Warps: 8, as kRG row groups of 16 rows x kW = 8 / kRG warp columns (Tile). S: warp column wc takes
+// keys [kKeys wc, +kKeys) of the block over all 576 dims (16 rows: the latent Q fragments stay in
+// registers for the request; 32 rows: they are read per block from a per-lane fragment copy in
+// shared memory). Row maxima go through shared memory (barrier A), P_b too (barrier B); P V: warp
+// column wc takes dims [kDims wc, +kDims) of its row group. Row sums stay per thread and are reduced
+// once per request.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -41,27 +44,41 @@ using detail::visible_keys;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = 8;
-constexpr int kM = 16;  // query rows per CTA
 constexpr int kStages = 4;  // three blocks (126 KB) in flight per SM while one is used
 constexpr int kStageBytes = kBlockN * kFp8TokenBytes;  // 41984
 constexpr int kLatentBlocks = kDV / 128;               // scale blocks per token
-constexpr int kPBytes = kM * kBlockN * 2;              // one P_b tile (f16)
-// q tile: latent as given (bf16 / f16), rope as bf16; rows padded by 16 bytes (292 words = 4 mod 32
-// banks) so the per-block rope fragment reads are conflict-free.
-constexpr int kQStride = kDQK * 2 + 16;
+constexpr int kKSteps = kDQK / 16;                     // MMA k steps of S: 32 latent, 4 rope
 
-struct Smem {
+// A CTA owns kRG row groups of 16 query rows (kRG = 1: up to 16 rows, 2: up to 32). The kW = 8 / kRG
+// warps of a row group split S by keys and P V by output dims; for kRG = 2 every dims slice of P V
+// lies in one scale block, as for kRG = 1 (64 or 128 dims a warp).
+template <int kRG>
+struct Tile {
+  static constexpr int kM = 16 * kRG;          // query rows
+  static constexpr int kW = kWarps / kRG;      // warps per row group
+  static constexpr int kKeys = kBlockN / kW;   // keys of S per warp: 8 / 16
+  static constexpr int kNT = kKeys / 8;        // n-tiles of S per warp
+  static constexpr int kDims = kDV / kW;       // output dims per warp: 64 / 128
+  static constexpr int kONT = kDims / 8;       // n-tiles of O per warp
+  static constexpr int kPBytes = kM * kBlockN * 2;  // one P_b tile (f16)
+  // kRG = 1: each thread keeps its latent Q fragments (128 registers) for the request, read from a
+  // q tile whose rows are padded by 16 bytes (292 words = 4 mod 32 banks, so the per-block rope
+  // fragment reads are conflict-free). kRG = 2 has no registers for that (O alone is 64 a thread):
+  // the tile is rewritten in place as per-lane fragments ([row group][k step][lane][a0..a3], 16 bytes
+  // a lane, conflict-free) and read every block.
+  static constexpr int kQStride = kRG == 1 ? kDQK * 2 + 16 : kDQK * 2;
   static constexpr int kStage = 0;
-  static constexpr int kP = kStages * kStageBytes;           // [4 blocks][16 rows][64 keys] f16, swizzled
-  static constexpr int kMax = kP + kLatentBlocks * kPBytes;  // [16 rows][8 warps] fp32
-  static constexpr int kSum = kMax + kWarps * kM * 4;        // [2][8 warps][16 rows] fp32, by request parity
-  static constexpr int kQ = kSum + 2 * kWarps * kM * 4;      // [16 rows][kQStride]
-  static constexpr int kRowMax = kQ + kM * kQStride;         // [2][16] row max |q| (fp32 bits), by request parity
-  static constexpr int kBar = kRowMax + 2 * kM * 4;          // kStages mbarriers
+  static constexpr int kP = kStages * kStageBytes;         // [4 blocks][kM rows][64 keys] f16, swizzled
+  static constexpr int kMax = kP + kLatentBlocks * kPBytes;  // [kM rows][kW] fp32
+  static constexpr int kSum = kMax + kM * kW * 4;          // [2][kW][kM] fp32, by request parity
+  static constexpr int kQ = kSum + 2 * kW * kM * 4;        // q tile / fragments
+  static constexpr int kRowMax = kQ + kM * kQStride;       // [2][kM] row max |q| (fp32 bits), by request parity
+  static constexpr int kBar = kRowMax + 2 * kM * 4;        // kStages mbarriers
   static constexpr int kTotal = kBar + kStages * 8;
+  static_assert(kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
+  static_assert(kBar % 8 == 0 && kStageBytes % 16 == 0 && kDims % 64 == 0, "layout");
+  static_assert(kRG == 1 || kM * kQStride == kRG * kKSteps * 32 * 16, "fragments fill the tile exactly");
 };
-static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
-static_assert(Smem::kBar % 8 == 0 && kStageBytes % 16 == 0, "alignment");
 
 __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -227,22 +244,39 @@ __device__ __forceinline__ uint32_t q_rope_bf16(uint32_t w) {
 // 2^k for an integer k in [-126, 127], exactly.
 __device__ __forceinline__ float exp2i(int k) { return __int_as_float((k + 127) << 23); }
 
-template <typename QT>
+// The power of two 2^e that puts a row's max |q| (fp32 bits) into [2^14, 2^15) (1 for a zero row).
+__device__ __forceinline__ float row_factor(unsigned amax_bits) {
+  const float amax = __uint_as_float(amax_bits);
+  int e = 0;
+  if (amax > 0.f && amax < INFINITY) {
+    int ex;
+    frexpf(amax, &ex);  // amax in [2^(ex - 1), 2^ex)
+    e = min(max(15 - ex, -126), 126);
+  }
+  return exp2i(e);
+}
+
+template <typename QT, int kRG>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(const __grid_constant__ DecodeParams p) {
+  using T = Tile<kRG>;
+  constexpr int kM = T::kM, kW = T::kW, kNT = T::kNT, kONT = T::kONT;
   // The combine kernel (a programmatic dependent) may be scheduled as SMs free up; it waits for this
   // whole grid before reading any partial.
   pdl_launch_dependents();
   extern __shared__ __align__(128) char smem[];
   const uint32_t s_base = smem_u32(smem);
-  float* s_max = reinterpret_cast<float*>(smem + Smem::kMax);  // [row][warp]
-  float* s_sum = reinterpret_cast<float*>(smem + Smem::kSum);
-  const uint32_t bars = s_base + Smem::kBar;
+  float* s_max = reinterpret_cast<float*>(smem + T::kMax);  // [row][warp column]
+  float* s_sum = reinterpret_cast<float*>(smem + T::kSum);
+  const uint32_t bars = s_base + T::kBar;
 
   const int m_tile = blockIdx.x, part = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
+  const int rg = warp / kW, wc = warp % kW;  // row group (rows 16 rg ..), warp column
+  const int row0 = 16 * rg + g;              // this thread's rows: row0, row0 + 8
+  const int pv_block = wc * T::kDims / 128;  // the scale block of this warp's P V dims
 
-  unsigned* row_max_bits = reinterpret_cast<unsigned*>(smem + Smem::kRowMax);
+  unsigned* row_max_bits = reinterpret_cast<unsigned*>(smem + T::kRowMax);
   if (threadIdx.x < 2 * kM) row_max_bits[threadIdx.x] = 0u;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(bars + 8 * s, 1);
@@ -253,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   const PlanPart plan(p, part);
   Loader ld;
   ld.more = false;
-  bool loading = false;      // warp 0 has issued the first blocks
+  bool loading = false;          // warp 0 has issued the first blocks
   int load_stage = kStages - 1;  // stage of the next block warp 0 loads
   int stage = 0;                 // stage of the next block consumed, and its mbarrier phase
   uint32_t phase = 0;
@@ -262,23 +296,24 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
     plan.piece(p, bi, len, len_eff, blk_begin, n_iter);
-    const int limit[2] = {visible_keys(p, m_tile * kM + g, len, len_eff),
-                          visible_keys(p, m_tile * kM + g + 8, len, len_eff)};
+    const int limit[2] = {visible_keys(p, m_tile * kM + row0, len, len_eff),
+                          visible_keys(p, m_tile * kM + row0 + 8, len, len_eff)};
 
-    // ---- Q fragments of rows g and g + 8. Latent: dims 128 b + 32 t + [0, 32) of each block b, as
-    // f16 times 2^e (e per row: the row's max |q| lands in [2^14, 2^15)); k step (b, h, j) pairs
-    // a0 / a2 = dims 128 b + 32 t + 16 h + 4 j + (0, 1) / (2, 3) with the K fragments below.
-    // Rope: read from the q tile each block; k step j pairs dims 16 t + 4 j + (0, 1) / (2, 3).
-    uint32_t qf[kLatentBlocks][2][4][4];  // [b][h][j][a0..a3]
-    float c_lat[2];  // scale_log2 * 2^-e: takes the row factor back out of the latent scores
+    // ---- Q. The MMA k order is permuted alike for Q and K: k step (b, hh, j) of the latent part
+    // (ks = 8 b + 4 hh + j) pairs a0 / a2 = dims 128 b + 32 t + 16 hh + 4 j + (0, 1) / (2, 3) with the
+    // K fragment words read below; rope k step j (ks = 32 + j): dims 512 + 16 t + 4 j + (0, 1) / (2, 3).
+    // The latent part is f16 times 2^e (e per row: the row's max |q| lands in [2^14, 2^15)).
+    uint32_t qf[kRG == 1 ? kLatentBlocks : 1][2][4][4];  // kRG = 1: [b][hh][j][a0..a3]
+    float c_lat[2];  // scale_log2 * 2^-e of rows row0, row0 + 8: takes the factor back out of S
     if (n_iter > 0) {
-      // One pass over q: all threads stage the 16 x 576 tile in shared memory and raise the row
-      // maxima there; then each thread builds its fragments with the row's factor.
+      // One pass over q: all threads stage the kM x 576 tile in shared memory and raise the row
+      // maxima there.
       unsigned* rmax = row_max_bits + (nonempty & 1) * kM;
       constexpr int kChunks = kM * kDQK / 8;  // 16-byte chunks of the tile
-      uint4 v[(kChunks + kThreads - 1) / kThreads];
+      constexpr int kPer = (kChunks + kThreads - 1) / kThreads;
+      uint4 v[kPer];
 #pragma unroll
-      for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+      for (int i = 0; i < kPer; ++i) {
         const int idx = threadIdx.x + i * kThreads;
         const int row = idx / (kDQK / 8), c = idx % (kDQK / 8), R = m_tile * kM + row;
         v[i] = make_uint4(0u, 0u, 0u, 0u);
@@ -293,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
         if (warp == 0) ld.start(p, plan, s_base, bars, lane);
       }
 #pragma unroll
-      for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+      for (int i = 0; i < kPer; ++i) {
         const int idx = threadIdx.x + i * kThreads;
         if (idx >= kChunks) break;
         const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
@@ -310,47 +345,72 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
         } else {
           w = make_uint4(q_rope_bf16<QT>(w.x), q_rope_bf16<QT>(w.y), q_rope_bf16<QT>(w.z), q_rope_bf16<QT>(w.w));
         }
-        *reinterpret_cast<uint4*>(smem + Smem::kQ + row * kQStride + 16 * c) = w;
+        *reinterpret_cast<uint4*>(smem + T::kQ + row * T::kQStride + 16 * c) = w;
       }
       __syncthreads();  // the q tile and its row maxima
-      float up[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float amax = __uint_as_float(rmax[g + 8 * h]);
-        int e = 0;
-        if (amax > 0.f && amax < INFINITY) {
-          int ex;
-          frexpf(amax, &ex);  // amax in [2^(ex - 1), 2^ex)
-          e = min(max(15 - ex, -126), 126);
-        }
-        up[h] = exp2i(e);
-        c_lat[h] = p.scale_log2 * exp2i(-e);
-      }
+      for (int h = 0; h < 2; ++h) c_lat[h] = p.scale_log2 / row_factor(rmax[row0 + 8 * h]);
+      if constexpr (kRG == 1) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {  // h: row g / g + 8 (fragment registers a0, a2 / a1, a3)
+        for (int h = 0; h < 2; ++h) {  // h: row g / g + 8 (fragment registers a0, a2 / a1, a3)
+          const float up = row_factor(rmax[g + 8 * h]);
 #pragma unroll
-        for (int b = 0; b < kLatentBlocks; ++b)
+          for (int b = 0; b < kLatentBlocks; ++b)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {  // dims 128 b + 32 t + 8 c .. : (hh, j) = (c / 2, 2 (c % 2) ..)
-            const uint4 w = lds128(s_base + Smem::kQ + (g + 8 * h) * kQStride + 2 * (128 * b + 32 * t + 8 * c));
-            const uint32_t x[4] = {w.x, w.y, w.z, w.w};
+            for (int c = 0; c < 4; ++c) {  // dims 128 b + 32 t + 8 c .. : (hh, j) = (c / 2, 2 (c % 2) ..)
+              const uint4 w = lds128(s_base + T::kQ + (g + 8 * h) * T::kQStride + 2 * (128 * b + 32 * t + 8 * c));
+              const uint32_t x[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-            for (int jj = 0; jj < 2; ++jj) {
-              const float2 lo = q_pair<QT>(x[2 * jj]), hi = q_pair<QT>(x[2 * jj + 1]);
-              qf[b][c / 2][2 * (c % 2) + jj][h] = pack_half2(lo.x * up[h], lo.y * up[h]);
-              qf[b][c / 2][2 * (c % 2) + jj][2 + h] = pack_half2(hi.x * up[h], hi.y * up[h]);
+              for (int jj = 0; jj < 2; ++jj) {
+                const float2 lo = q_pair<QT>(x[2 * jj]), hi = q_pair<QT>(x[2 * jj + 1]);
+                qf[b][c / 2][2 * (c % 2) + jj][h] = pack_half2(lo.x * up, lo.y * up);
+                qf[b][c / 2][2 * (c % 2) + jj][2 + h] = pack_half2(hi.x * up, hi.y * up);
+              }
             }
+        }
+      } else {
+        // Rewrite the tile in place as per-lane fragments: word W = ((row group * 36 + ks) * 32 + lane)
+        // * 4 + r holds fragment register r (a0..a3) of that lane, from tile row 16 rg + g + 8 (r & 1).
+        // Thread T writes words T + 256 i: a fixed lane (T / 4 % 32) and register (T % 4), and k steps
+        // (T / 128 + 2 i) mod 36, of row group 0 for i < 18 and 1 after.
+        constexpr int kWPer = kM * kDQK / 2 / kThreads;  // 36
+        static_assert(kWPer == kKSteps, "each thread covers k steps of both row groups, half each");
+        const int r = threadIdx.x & 3, ln = (threadIdx.x >> 2) & 31, ks0 = threadIdx.x >> 7;
+        const int rrow = (ln >> 2) + 8 * (r & 1), tt = ln & 3, hi = r >> 1;
+        const float up[2] = {row_factor(rmax[rrow]), row_factor(rmax[16 + rrow])};
+        const uint32_t* tile = reinterpret_cast<const uint32_t*>(smem + T::kQ);
+        uint32_t fw[kWPer];
+#pragma unroll
+        for (int i = 0; i < kWPer; ++i) {
+          constexpr int kHalf = kKSteps / 2;
+          const int grp = i < kHalf ? 0 : 1;
+          const int ks = 2 * i - kKSteps * grp + ks0;  // latent for 2 i - 36 grp < 32
+          const bool latent = 2 * i - kKSteps * grp < 32;
+          const int dim = latent ? 128 * (ks >> 3) + 32 * tt + 16 * ((ks >> 2) & 1) + 4 * (ks & 3) + 2 * hi
+                                 : kDV + 16 * tt + 4 * (ks - 32) + 2 * hi;
+          const uint32_t x = tile[(16 * grp + rrow) * (T::kQStride / 4) + dim / 2];
+          if (latent) {
+            const float2 f = q_pair<QT>(x);
+            fw[i] = pack_half2(f.x * up[grp], f.y * up[grp]);
+          } else {
+            fw[i] = x;  // rope: already bf16
           }
+        }
+        __syncthreads();  // every tile word read
+        uint32_t* frag = reinterpret_cast<uint32_t*>(smem + T::kQ);
+#pragma unroll
+        for (int i = 0; i < kWPer; ++i) frag[threadIdx.x + i * kThreads] = fw[i];
+        __syncthreads();  // the fragments
       }
-      // The other buffer was last read before this request's barrier above; it is raised again only
-      // after the barrier that ends this request.
+      // The other row-max buffer was last read before this request's first barrier above; it is
+      // raised again only after the barrier that ends this request.
       if (threadIdx.x < kM) row_max_bits[((nonempty + 1) & 1) * kM + threadIdx.x] = 0u;
       ++nonempty;
     }
 
-    float o[8][4];  // n-tile d, thread (g, t): dims 64 warp + 16 t + d (c0, c2) and + 8 + d (c1, c3)
+    float o[kONT][4];  // n-tile d, thread (g, t): O columns 2 t, 2 t + 1 of the tile (see the P V step)
 #pragma unroll
-    for (int d = 0; d < 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    for (int d = 0; d < kONT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
     for (int it = 0; it < n_iter; ++it) {
@@ -358,71 +418,97 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
       const uint32_t sK = s_base + stage * kStageBytes;
       mbar_wait(bars + 8 * stage, phase);
 
-      // ---- S for keys 8 warp + g (B operand column g) ----
-      float acc[kLatentBlocks + 1][4];
+      // ---- S for keys kKeys wc + 8 n + g (n-tile n, B operand column g) ----
+      float acc[kNT][kLatentBlocks + 1][4];
 #pragma unroll
-      for (int b = 0; b <= kLatentBlocks; ++b) acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = 0.f;
-      const uint32_t krow = sK + (8 * warp + g) * kFp8TokenBytes;
+      for (int n = 0; n < kNT; ++n)
+#pragma unroll
+        for (int b = 0; b <= kLatentBlocks; ++b) acc[n][b][0] = acc[n][b][1] = acc[n][b][2] = acc[n][b][3] = 0.f;
+      const uint32_t krow = sK + (T::kKeys * wc + g) * kFp8TokenBytes;
+      const uint32_t qfrag = s_base + T::kQ + (rg * kKSteps * 32 + lane) * 16;  // kRG = 2: + ks * 512
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
 #pragma unroll
         for (int b = 0; b < kLatentBlocks; ++b) {
-          const uint4 kw = lds128(krow + 128 * b + 32 * t + 16 * hh);
-          const uint32_t w[4] = {kw.x, kw.y, kw.z, kw.w};
+          uint32_t a[4][4];
+          if constexpr (kRG == 1) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            uint32_t b0, b1;
-            e4m3x4_to_f16(w[j], b0, b1);
-            mma_f16(acc[b], qf[b][hh][j], b0, b1);
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) a[j][r] = qf[b][hh][j][r];
+          } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const uint4 q = lds128(qfrag + (8 * b + 4 * hh + j) * 512);
+              a[j][0] = q.x, a[j][1] = q.y, a[j][2] = q.z, a[j][3] = q.w;
+            }
+          }
+#pragma unroll
+          for (int n = 0; n < kNT; ++n) {
+            const uint4 kw = lds128(krow + 8 * n * kFp8TokenBytes + 128 * b + 32 * t + 16 * hh);
+            const uint32_t w[4] = {kw.x, kw.y, kw.z, kw.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              uint32_t b0, b1;
+              e4m3x4_to_f16(w[j], b0, b1);
+              mma_f16(acc[n][b], a[j], b0, b1);
+            }
           }
         }
       }
       {
-        const uint4 r0 = lds128(krow + kDV + 16 + 32 * t);
-        const uint4 r1 = lds128(krow + kDV + 16 + 32 * t + 16);
-        const uint32_t kw[4][2] = {{r0.x, r0.y}, {r0.z, r0.w}, {r1.x, r1.y}, {r1.z, r1.w}};
-        const uint32_t qrow = s_base + Smem::kQ + g * kQStride + 2 * kDV + 32 * t;
-        const uint4 qa = lds128(qrow), qb = lds128(qrow + 16);                         // row g
-        const uint4 qc = lds128(qrow + 8 * kQStride), qd = lds128(qrow + 8 * kQStride + 16);  // row g + 8
-        const uint32_t a[4][4] = {{qa.x, qc.x, qa.y, qc.y}, {qa.z, qc.z, qa.w, qc.w},
-                                  {qb.x, qd.x, qb.y, qd.y}, {qb.z, qd.z, qb.w, qd.w}};
+        uint32_t a[4][4];
+        if constexpr (kRG == 1) {
+          const uint32_t qrow = s_base + T::kQ + g * T::kQStride + 2 * kDV + 32 * t;
+          const uint4 qa = lds128(qrow), qb = lds128(qrow + 16);                                   // row g
+          const uint4 qc = lds128(qrow + 8 * T::kQStride), qd = lds128(qrow + 8 * T::kQStride + 16);  // row g + 8
+          const uint32_t aa[4][4] = {{qa.x, qc.x, qa.y, qc.y}, {qa.z, qc.z, qa.w, qc.w},
+                                     {qb.x, qd.x, qb.y, qd.y}, {qb.z, qd.z, qb.w, qd.w}};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) detail::mma_bf16(acc[kLatentBlocks], a[j], kw[j][0], kw[j][1]);
-      }
-      // Rows past len_eff hold stale bytes (never copied, or an earlier block's): a warp zeroes the
-      // latent part of its own eight rows, which only it read as K, before the PV reads them as V.
-      if (blk * kBlockN + kBlockN > len_eff) {
-        for (int r = 0; r < 8; ++r) {
-          if (blk * kBlockN + 8 * warp + r >= len_eff) {
-            *reinterpret_cast<uint4*>(smem + stage * kStageBytes + (8 * warp + r) * kFp8TokenBytes + 16 * lane) =
-                make_uint4(0u, 0u, 0u, 0u);
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[j][r] = aa[j][r];
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint4 q = lds128(qfrag + (32 + j) * 512);
+            a[j][0] = q.x, a[j][1] = q.y, a[j][2] = q.z, a[j][3] = q.w;
           }
         }
-        // The stage is refilled by TMA (the async proxy) later: order these writes before that.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          const uint32_t kr = krow + 8 * n * kFp8TokenBytes + kDV + 16 + 32 * t;
+          const uint4 r0 = lds128(kr), r1 = lds128(kr + 16);
+          detail::mma_bf16(acc[n][kLatentBlocks], a[0], r0.x, r0.y);
+          detail::mma_bf16(acc[n][kLatentBlocks], a[1], r0.z, r0.w);
+          detail::mma_bf16(acc[n][kLatentBlocks], a[2], r1.x, r1.y);
+          detail::mma_bf16(acc[n][kLatentBlocks], a[3], r1.z, r1.w);
+        }
       }
 
-      // ---- scores (log2 domain) of keys 8 warp + 2 t + (0, 1), rows g, g + 8 ----
-      const int kl = 8 * warp + 2 * t;  // key within the block
-      const int key0 = blk * kBlockN + kl;
-      float4 sc[2];
+      // ---- scores (log2 domain) of keys kKeys wc + 8 n + 2 t + (0, 1), rows row0, row0 + 8 ----
+      float4 sc[kNT][2];
+      float sv[kNT][4], mloc[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const uint4 v = lds128(sK + (kl + k) * kFp8TokenBytes + kDV);
-        sc[k] = make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
-        if (key0 + k >= len_eff) sc[k] = make_float4(0.f, 0.f, 0.f, 0.f);  // rows past len_eff: stale bytes
-      }
-      float sv[4], mloc[2] = {-INFINITY, -INFINITY};
+      for (int n = 0; n < kNT; ++n) {
+        const int kl = T::kKeys * wc + 8 * n + 2 * t;  // key within the block
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float4 s = sc[e & 1];
-        float lat = acc[0][e] * s.x;
-        lat = fmaf(acc[1][e], s.y, lat);
-        lat = fmaf(acc[2][e], s.z, lat);
-        lat = fmaf(acc[3][e], s.w, lat);
-        const float v = fmaf(acc[kLatentBlocks][e], p.scale_log2, lat * c_lat[e >> 1]);
-        sv[e] = key0 + (e & 1) < limit[e >> 1] ? v : -INFINITY;
-        mloc[e >> 1] = fmaxf(mloc[e >> 1], sv[e]);
+        for (int k = 0; k < 2; ++k) {
+          const uint4 v = lds128(sK + (kl + k) * kFp8TokenBytes + kDV);
+          sc[n][k] = make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
+          if (blk * kBlockN + kl + k >= len_eff) sc[n][k] = make_float4(0.f, 0.f, 0.f, 0.f);  // stale rows
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float4 s = sc[n][e & 1];
+          float lat = acc[n][0][e] * s.x;
+          lat = fmaf(acc[n][1][e], s.y, lat);
+          lat = fmaf(acc[n][2][e], s.z, lat);
+          lat = fmaf(acc[n][3][e], s.w, lat);
+          const float val = fmaf(acc[n][kLatentBlocks][e], p.scale_log2, lat * c_lat[e >> 1]);
+          sv[n][e] = blk * kBlockN + kl + (e & 1) < limit[e >> 1] ? val : -INFINITY;
+          mloc[e >> 1] = fmaxf(mloc[e >> 1], sv[n][e]);
+        }
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -430,77 +516,105 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
         mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
       }
       if (t == 0) {
-        s_max[g * kWarps + warp] = mloc[0];
-        s_max[(g + 8) * kWarps + warp] = mloc[1];
+        s_max[row0 * kW + wc] = mloc[0];
+        s_max[(row0 + 8) * kW + wc] = mloc[1];
       }
       __syncthreads();  // A: row maxima visible; every warp is done with the previous block (its stage, P)
       if (warp == 0 && ld.more) {
         ld.issue(p, plan, s_base + load_stage * kStageBytes, bars + 8 * load_stage, lane);
       }
       if (++load_stage == kStages) load_stage = 0;
+      // Rows past len_eff hold stale bytes (never copied, or an earlier block's): the first row group's
+      // warps zero the latent part of the rows they read as K (every warp has read K by now) before
+      // barrier B, after which P V reads them as V.
+      if (blk * kBlockN + kBlockN > len_eff && rg == 0) {
+        for (int r = 0; r < T::kKeys; ++r) {
+          if (blk * kBlockN + T::kKeys * wc + r >= len_eff) {
+            *reinterpret_cast<uint4*>(smem + stage * kStageBytes + (T::kKeys * wc + r) * kFp8TokenBytes + 16 * lane) =
+                make_uint4(0u, 0u, 0u, 0u);
+          }
+        }
+        // The stage is refilled by TMA (the async proxy) later: order these writes before that.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      }
       float alpha[2], m_use[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float m_new = m_run[h];
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) m_new = fmaxf(m_new, s_max[(g + 8 * h) * kWarps + w]);
+        for (int w = 0; w < kW; ++w) m_new = fmaxf(m_new, s_max[(row0 + 8 * h) * kW + w]);
         m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
         alpha[h] = fast_exp2(m_run[h] - m_use[h]);
         m_run[h] = m_new;
       }
-      float pr[4];
+      l_run[0] *= alpha[0];
+      l_run[1] *= alpha[1];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pr[e] = fast_exp2(sv[e] - m_use[e >> 1]);
-      l_run[0] = l_run[0] * alpha[0] + (pr[0] + pr[1]);
-      l_run[1] = l_run[1] * alpha[1] + (pr[2] + pr[3]);
-      // P_b = P * s_b[key] for each latent block b, f16, chunk `warp` (keys 8 warp..) of rows g, g + 8.
+      for (int n = 0; n < kNT; ++n) {
+        float pr[4];
 #pragma unroll
-      for (int b = 0; b < kLatentBlocks; ++b) {
-        const float s0 = b == 0 ? sc[0].x : b == 1 ? sc[0].y : b == 2 ? sc[0].z : sc[0].w;
-        const float s1 = b == 0 ? sc[1].x : b == 1 ? sc[1].y : b == 2 ? sc[1].z : sc[1].w;
-        char* pb = smem + Smem::kP + b * kPBytes;
-        *reinterpret_cast<uint32_t*>(pb + p_off(g, warp) + 4 * t) = pack_half2(pr[0] * s0, pr[1] * s1);
-        *reinterpret_cast<uint32_t*>(pb + p_off(g + 8, warp) + 4 * t) = pack_half2(pr[2] * s0, pr[3] * s1);
+        for (int e = 0; e < 4; ++e) pr[e] = fast_exp2(sv[n][e] - m_use[e >> 1]);
+        l_run[0] += pr[0] + pr[1];
+        l_run[1] += pr[2] + pr[3];
+        // P_b = P * s_b[key] for each latent block b, f16, chunk kNT wc + n (8 keys) of rows row0, row0 + 8.
+        const int chunk = kNT * wc + n;
+#pragma unroll
+        for (int b = 0; b < kLatentBlocks; ++b) {
+          const float s0 = b == 0 ? sc[n][0].x : b == 1 ? sc[n][0].y : b == 2 ? sc[n][0].z : sc[n][0].w;
+          const float s1 = b == 0 ? sc[n][1].x : b == 1 ? sc[n][1].y : b == 2 ? sc[n][1].z : sc[n][1].w;
+          char* pb = smem + T::kP + b * T::kPBytes;
+          *reinterpret_cast<uint32_t*>(pb + p_off(row0, chunk) + 4 * t) = pack_half2(pr[0] * s0, pr[1] * s1);
+          *reinterpret_cast<uint32_t*>(pb + p_off(row0 + 8, chunk) + 4 * t) = pack_half2(pr[2] * s0, pr[3] * s1);
+        }
       }
 #pragma unroll
-      for (int d = 0; d < 8; ++d) {
+      for (int d = 0; d < kONT; ++d) {
         o[d][0] *= alpha[0];
         o[d][1] *= alpha[0];
         o[d][2] *= alpha[1];
         o[d][3] *= alpha[1];
       }
-      __syncthreads();  // B: every P_b visible
+      __syncthreads();  // B: every P_b visible (and the zeroed rows)
 
-      // ---- O[:, 64 warp ..] += P_b V^ (b = warp / 2). B fragment of n-tile d, column g = dim
-      // 64 warp + 8 g + d: keys (2t, 2t+1) and (2t+8, 2t+9) of the 16-key step.
+      // ---- O[rows 16 rg .., dims kDims wc ..] += P_b V^ (b = pv_block). B fragment of n-tile d, column
+      // g = dim kDims wc + (kDims / 8) g + d: keys (2t, 2t+1) and (2t+8, 2t+9) of the 16-key step; each
+      // thread reads kDims / 8 consecutive bytes of those four keys.
       {
-        const uint32_t sP = s_base + Smem::kP + (warp >> 1) * kPBytes;
-        const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+        const uint32_t sP = s_base + T::kP + pv_block * T::kPBytes;
+        const int a_row = 16 * rg + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int a_chunk = lane >> 4;
+        const uint32_t vbase = sK + T::kDims * wc + (T::kDims / 8) * g;
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
           uint32_t a[4];
           detail::ldsm_x4(sP + p_off(a_row, 2 * kk + a_chunk), a);
           const int k0 = 16 * kk + 2 * t;
-          const uint32_t vbase = sK + 64 * warp + 8 * g;
-          const uint2 va = lds64(vbase + k0 * kFp8TokenBytes);
-          const uint2 vb = lds64(vbase + (k0 + 1) * kFp8TokenBytes);
-          const uint2 vc = lds64(vbase + (k0 + 8) * kFp8TokenBytes);
-          const uint2 vd = lds64(vbase + (k0 + 9) * kFp8TokenBytes);
+          constexpr int kWordsPerKey = T::kDims / 32;  // 2 or 4
+          uint32_t wa[kWordsPerKey], wb[kWordsPerKey], wcc[kWordsPerKey], wd[kWordsPerKey];
+          if constexpr (kWordsPerKey == 2) {
+            const uint2 va = lds64(vbase + k0 * kFp8TokenBytes), vb = lds64(vbase + (k0 + 1) * kFp8TokenBytes);
+            const uint2 vc = lds64(vbase + (k0 + 8) * kFp8TokenBytes), vd = lds64(vbase + (k0 + 9) * kFp8TokenBytes);
+            wa[0] = va.x, wa[1] = va.y, wb[0] = vb.x, wb[1] = vb.y, wcc[0] = vc.x, wcc[1] = vc.y, wd[0] = vd.x, wd[1] = vd.y;
+          } else {
+            const uint4 va = lds128(vbase + k0 * kFp8TokenBytes), vb = lds128(vbase + (k0 + 1) * kFp8TokenBytes);
+            const uint4 vc = lds128(vbase + (k0 + 8) * kFp8TokenBytes), vd = lds128(vbase + (k0 + 9) * kFp8TokenBytes);
+            wa[0] = va.x, wa[1] = va.y, wa[2] = va.z, wa[3] = va.w;
+            wb[0] = vb.x, wb[1] = vb.y, wb[2] = vb.z, wb[3] = vb.w;
+            wcc[0] = vc.x, wcc[1] = vc.y, wcc[2] = vc.z, wcc[3] = vc.w;
+            wd[0] = vd.x, wd[1] = vd.y, wd[2] = vd.z, wd[3] = vd.w;
+          }
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const uint32_t wa = half ? va.y : va.x, wb = half ? vb.y : vb.x;
-            const uint32_t wc = half ? vc.y : vc.x, wd = half ? vd.y : vd.x;
-            // (key 2t, key 2t+1) byte pairs of dims 4 half + 0..3, and the same for keys 2t+8, 2t+9.
+          for (int q = 0; q < kWordsPerKey; ++q) {
+            // (key 2t, key 2t+1) byte pairs of dims 4 q + 0..3, and the same for keys 2t+8, 2t+9.
             uint32_t lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3;
-            e4m3x4_to_f16(prmt(wa, wb, 0x5140), lo0, hi0);  // dims 0, 1
-            e4m3x4_to_f16(prmt(wa, wb, 0x7362), lo1, hi1);  // dims 2, 3
-            e4m3x4_to_f16(prmt(wc, wd, 0x5140), lo2, hi2);
-            e4m3x4_to_f16(prmt(wc, wd, 0x7362), lo3, hi3);
-            mma_f16(o[4 * half + 0], a, lo0, lo2);
-            mma_f16(o[4 * half + 1], a, hi0, hi2);
-            mma_f16(o[4 * half + 2], a, lo1, lo3);
-            mma_f16(o[4 * half + 3], a, hi1, hi3);
+            e4m3x4_to_f16(prmt(wa[q], wb[q], 0x5140), lo0, hi0);  // dims 4 q + 0, 1
+            e4m3x4_to_f16(prmt(wa[q], wb[q], 0x7362), lo1, hi1);  // dims 4 q + 2, 3
+            e4m3x4_to_f16(prmt(wcc[q], wd[q], 0x5140), lo2, hi2);
+            e4m3x4_to_f16(prmt(wcc[q], wd[q], 0x7362), lo3, hi3);
+            mma_f16(o[4 * q + 0], a, lo0, lo2);
+            mma_f16(o[4 * q + 1], a, hi0, hi2);
+            mma_f16(o[4 * q + 2], a, lo1, lo3);
+            mma_f16(o[4 * q + 3], a, hi1, hi3);
           }
         }
       }
@@ -511,7 +625,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
     }
 
     // ---- write this piece: out / lse directly, or a split partial to the workspace ----
-    // Row sums: this thread's two keys per block -> the warp's eight -> all 64, in a fixed order.
+    // Row sums: this thread's keys -> the warp's -> the row group's, in a fixed order.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
@@ -519,57 +633,60 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
     }
     // Double-buffered by request: a fast warp may write the next request's sums (which need not pass
     // another barrier first) while a slow one still reads these.
-    float* sums = s_sum + (bi & 1) * kWarps * kM;
+    float* sums = s_sum + (bi & 1) * kW * kM;
     if (t == 0) {
-      sums[warp * kM + g] = l_run[0];
-      sums[warp * kM + g + 8] = l_run[1];
+      sums[wc * kM + row0] = l_run[0];
+      sums[wc * kM + row0 + 8] = l_run[1];
     }
     __syncthreads();
     float l_tot[2] = {0.f, 0.f};
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      l_tot[0] += sums[w * kM + g];
-      l_tot[1] += sums[w * kM + g + 8];
+    for (int w = 0; w < kW; ++w) {
+      l_tot[0] += sums[w * kM + row0];
+      l_tot[1] += sums[w * kM + row0 + 8];
     }
     bool direct;
     int slot;
     if (!plan.destination(p, bi, direct, slot)) continue;
+    // Thread (g, t) holds, of its rows, the kDims / 4 consecutive dims kDims wc + (kDims / 4) t + i:
+    // i < kONT from o[i][0 / 2], the rest from o[i - kONT][1 / 3].
+    const int col = T::kDims * wc + (T::kDims / 4) * t;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int R = m_tile * kM + g + 8 * h;
+      const int R = m_tile * kM + row0 + 8 * h;
       if (R >= p.rows) continue;
       const bool seen = l_tot[h] > 0.f;
       const float inv = seen ? 1.f / l_tot[h] : 0.f;
       const float lse2 = seen ? m_run[h] + __log2f(l_tot[h]) : -INFINITY;
-      float v[16];
+      float v[2 * kONT];
 #pragma unroll
-      for (int d = 0; d < 8; ++d) {
+      for (int d = 0; d < kONT; ++d) {
         v[d] = o[d][2 * h] * inv;
-        v[8 + d] = o[d][2 * h + 1] * inv;
+        v[kONT + d] = o[d][2 * h + 1] * inv;
       }
-      const int col = 64 * warp + 16 * t;
       const int s = R / p.h_q, hh = R - s * p.h_q;
       if (direct) {
         QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col;
 #pragma unroll
-        for (int d = 0; d < 16; d += 2) detail::store_pair<QT>(dst + d, v[d], v[d + 1]);
-        if (warp == 0 && t == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+        for (int d = 0; d < 2 * kONT; d += 2) detail::store_pair<QT>(dst + d, v[d], v[d + 1]);
+        if (wc == 0 && t == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
       } else {
         float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col;
 #pragma unroll
-        for (int d = 0; d < 16; d += 4) *reinterpret_cast<float4*>(dst + d) = make_float4(v[d], v[d + 1], v[d + 2], v[d + 3]);
-        if (warp == 0 && t == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+        for (int d = 0; d < 2 * kONT; d += 4) *reinterpret_cast<float4*>(dst + d) = make_float4(v[d], v[d + 1], v[d + 2], v[d + 3]);
+        if (wc == 0 && t == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
       }
     }
   }
 }
 
-template <typename QT>
+template <typename QT, int kRG>
 void launch(const DecodeParams& p, cudaStream_t stream) {
-  auto kernel = mla_decode_fp8_direct_kernel<QT>;
-  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kTotal));
-  const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  kernel<<<grid, kThreads, Smem::kTotal, stream>>>(p);
+  auto kernel = mla_decode_fp8_direct_kernel<QT, kRG>;
+  constexpr int smem = Tile<kRG>::kTotal;
+  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.rows + Tile<kRG>::kM - 1) / Tile<kRG>::kM, p.num_sm_parts);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
   FS_CHECK_LAUNCH();
 }
 

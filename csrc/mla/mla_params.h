@@ -99,7 +99,7 @@ void launch_decode_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t st
 // The wgmma kernels for 64-row tiles (launch_decode_*_cache pick them for s_q * h_q > 32).
 void launch_decode_wgmma_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 void launch_decode_wgmma_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
-// FP8 cache, tiles of up to 16 rows: dequantization into the MMA fragments (mla_decode_fp8_direct.cuh).
+// FP8 cache, tiles of up to 32 rows: dequantization into the MMA fragments (mla_decode_fp8_direct.cuh).
 void launch_decode_fp8_direct(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 // The turn-taking wgmma kernel for 64-row tiles, bf16 cache (mla_decode_seesaw.cuh). False (nothing
 // launched) when the cache cannot be described by a TMA map.

@@ -44,6 +44,9 @@ ROWS = [
     # FP8 latent cache: the memory-bound rows, and the compute-bound reference point.
     (128, 1, 4096, 16, False, False, True, True),
     (128, 1, 8192, 16, False, False, True, False),
+    (128, 1, 4096, 32, False, False, False, False),  # 32-row tiles (TP-4 shards; s_q = 2 at TP-8), both caches
+    (128, 1, 4096, 32, False, False, True, False),
+    (128, 2, 4096, 16, True, True, True, False),
     (64, 1, 4096, 64, False, False, True, False),
     (128, 1, 4096, 128, False, False, True, False),
 ]
@@ -155,12 +158,12 @@ def run(ctx: BenchContext) -> list[Row]:
         us = ctx.time(call, n_inputs=len(sets))
         by_kernel = {}
         # Tiles with two kernels (FLASHSEEK_MLA_DECODE, read per call): the bf16 cache's 64-row tiles
-        # and the FP8 cache's tiles of up to 16 rows. Both are timed on the same inputs, so the default
+        # and the FP8 cache's tiles of up to 32 rows. Both are timed on the same inputs, so the default
         # can be picked from one run.
         impls = ()
         if ctx.cuda and not fp8 and s_q * h_q > 32:
             impls = ("wgmma", "seesaw")
-        elif ctx.cuda and fp8 and s_q * h_q <= 16:
+        elif ctx.cuda and fp8 and s_q * h_q <= 32:
             impls = ("direct", "staged")
         if impls:
             saved = os.environ.get("FLASHSEEK_MLA_DECODE")
