@@ -72,8 +72,8 @@ struct Tile {
   static constexpr int kMax = kP + kLatentBlocks * kPBytes;  // [kM rows][kW] fp32
   static constexpr int kSum = kMax + kM * kW * 4;          // [2][kW][kM] fp32, by request parity
   static constexpr int kQ = kSum + 2 * kW * kM * 4;        // q tile / fragments
-  static constexpr int kRowMax = kQ + kM * kQStride;       // [2][kM] row max |q| (fp32 bits), by request parity
-  static constexpr int kBar = kRowMax + 2 * kM * 4;        // kStages mbarriers
+  static constexpr int kRowMax = kQ + kM * kQStride;       // [kM] row max |q| (fp32 bits)
+  static constexpr int kBar = kRowMax + kM * 4;            // kStages mbarriers
   static constexpr int kTotal = kBar + kStages * 8;
   static_assert(kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
   static_assert(kBar % 8 == 0 && kStageBytes % 16 == 0 && kDims % 64 == 0, "layout");
@@ -244,16 +244,13 @@ __device__ __forceinline__ uint32_t q_rope_bf16(uint32_t w) {
 // 2^k for an integer k in [-126, 127], exactly.
 __device__ __forceinline__ float exp2i(int k) { return __int_as_float((k + 127) << 23); }
 
-// The power of two 2^e that puts a row's max |q| (fp32 bits) into [2^14, 2^15) (1 for a zero row).
-__device__ __forceinline__ float row_factor(unsigned amax_bits) {
-  const float amax = __uint_as_float(amax_bits);
-  int e = 0;
-  if (amax > 0.f && amax < INFINITY) {
-    int ex;
-    frexpf(amax, &ex);  // amax in [2^(ex - 1), 2^ex)
-    e = min(max(15 - ex, -126), 126);
-  }
-  return exp2i(e);
+// The exponent e for which 2^e puts a row's max |q| (fp32 bits) into [2^14, 2^15): for a normal amax
+// with biased exponent E, amax is in [2^(E - 127), 2^(E - 126)), so e = 141 - E (clamped to the normal
+// range). 0 for a zero, infinite or NaN row; 126 for a subnormal one.
+__device__ __forceinline__ int row_exponent(unsigned amax_bits) {
+  const int E = static_cast<int>((amax_bits >> 23) & 0xffu);
+  if (amax_bits == 0u || E == 0xff) return 0;
+  return E == 0 ? 126 : min(max(141 - E, -126), 126);
 }
 
 template <typename QT, int kRG>
@@ -276,8 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   const int row0 = 16 * rg + g;              // this thread's rows: row0, row0 + 8
   const int pv_block = wc * T::kDims / 128;  // the scale block of this warp's P V dims
 
-  unsigned* row_max_bits = reinterpret_cast<unsigned*>(smem + T::kRowMax);
-  if (threadIdx.x < 2 * kM) row_max_bits[threadIdx.x] = 0u;
+  const unsigned* row_max_bits = reinterpret_cast<const unsigned*>(smem + T::kRowMax);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(bars + 8 * s, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -291,7 +287,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   int load_stage = kStages - 1;  // stage of the next block warp 0 loads
   int stage = 0;                 // stage of the next block consumed, and its mbarrier phase
   uint32_t phase = 0;
-  int nonempty = 0;              // requests with blocks so far (the parity picks the row-max buffer)
 
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
@@ -306,54 +301,59 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
     uint32_t qf[kRG == 1 ? kLatentBlocks : 1][2][4][4];  // kRG = 1: [b][hh][j][a0..a3]
     float c_lat[2];  // scale_log2 * 2^-e of rows row0, row0 + 8: takes the factor back out of S
     if (n_iter > 0) {
-      // One pass over q: all threads stage the kM x 576 tile in shared memory and raise the row
-      // maxima there.
-      unsigned* rmax = row_max_bits + (nonempty & 1) * kM;
-      constexpr int kChunks = kM * kDQK / 8;  // 16-byte chunks of the tile
-      constexpr int kPer = (kChunks + kThreads - 1) / kThreads;
+      // One pass over q: kTPR = 256 / kM consecutive threads share a row, chunk (16 bytes) c of it
+      // going to thread c % kTPR; their shuffled max |q| goes to shared memory. 16 rows: the tile is
+      // staged there too; 32 rows: each thread keeps its chunks for the fragments below.
+      constexpr int kRowChunks = kDQK / 8;    // 72
+      constexpr int kTPR = kThreads / kM;     // threads per row: 16 / 8
+      constexpr int kPer = (kRowChunks + kTPR - 1) / kTPR;  // 5 / 9
+      const int qrow = threadIdx.x / kTPR, qc0 = threadIdx.x % kTPR, qR = m_tile * kM + qrow;
+      const QT* qsrc = nullptr;
+      if (qR < p.rows) {
+        const int s = qR / p.h_q, hh = qR - s * p.h_q;
+        qsrc = static_cast<const QT*>(p.q) + bi * p.q_stride_b + s * p.q_stride_s + hh * p.q_stride_h;
+      }
       uint4 v[kPer];
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        const int row = idx / (kDQK / 8), c = idx % (kDQK / 8), R = m_tile * kM + row;
+        const int c = qc0 + kTPR * i;
         v[i] = make_uint4(0u, 0u, 0u, 0u);
-        if (idx < kChunks && R < p.rows) {
-          const int s = R / p.h_q, hh = R - s * p.h_q;
-          v[i] = __ldg(reinterpret_cast<const uint4*>(static_cast<const QT*>(p.q) + bi * p.q_stride_b +
-                                                      s * p.q_stride_s + hh * p.q_stride_h + 8 * c));
-        }
+        if (c < kRowChunks && qsrc != nullptr) v[i] = __ldg(reinterpret_cast<const uint4*>(qsrc + 8 * c));
       }
       if (!loading) {  // the part's first loads, with this request's q loads already in flight
         loading = true;
         if (warp == 0) ld.start(p, plan, s_base, bars, lane);
       }
+      float amax = 0.f;
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        if (idx >= kChunks) break;
-        const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
+        const int c = qc0 + kTPR * i;
+        if (c >= kRowChunks) break;
         uint4 w = v[i];
         if (c < kDV / 8) {
           const uint32_t x[4] = {w.x, w.y, w.z, w.w};
-          float amax = 0.f;
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             const float2 f = q_pair<QT>(x[k]);
             amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
           }
-          if (amax > 0.f) atomicMax(rmax + row, __float_as_uint(amax));  // non-negative: ordered as integers
         } else {
           w = make_uint4(q_rope_bf16<QT>(w.x), q_rope_bf16<QT>(w.y), q_rope_bf16<QT>(w.z), q_rope_bf16<QT>(w.w));
         }
-        *reinterpret_cast<uint4*>(smem + T::kQ + row * T::kQStride + 16 * c) = w;
+        v[i] = w;
+        if constexpr (kRG == 1) *reinterpret_cast<uint4*>(smem + T::kQ + qrow * T::kQStride + 16 * c) = w;
       }
-      __syncthreads();  // the q tile and its row maxima
 #pragma unroll
-      for (int h = 0; h < 2; ++h) c_lat[h] = p.scale_log2 / row_factor(rmax[row0 + 8 * h]);
+      for (int o = 1; o < kTPR; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      // The previous request's reads of these were before its last barrier.
+      if (qc0 == 0) reinterpret_cast<unsigned*>(smem + T::kRowMax)[qrow] = __float_as_uint(amax);
+      __syncthreads();  // the row maxima (and the 16-row tile)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) c_lat[h] = p.scale_log2 * exp2i(-row_exponent(row_max_bits[row0 + 8 * h]));
       if constexpr (kRG == 1) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // h: row g / g + 8 (fragment registers a0, a2 / a1, a3)
-          const float up = row_factor(rmax[g + 8 * h]);
+          const float up = exp2i(row_exponent(row_max_bits[g + 8 * h]));
 #pragma unroll
           for (int b = 0; b < kLatentBlocks; ++b)
 #pragma unroll
@@ -369,43 +369,39 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
             }
         }
       } else {
-        // Rewrite the tile in place as per-lane fragments: word W = ((row group * 36 + ks) * 32 + lane)
-        // * 4 + r holds fragment register r (a0..a3) of that lane, from tile row 16 rg + g + 8 (r & 1).
-        // Thread T writes words T + 256 i: a fixed lane (T / 4 % 32) and register (T % 4), and k steps
-        // (T / 128 + 2 i) mod 36, of row group 0 for i < 18 and 1 after.
-        constexpr int kWPer = kM * kDQK / 2 / kThreads;  // 36
-        static_assert(kWPer == kKSteps, "each thread covers k steps of both row groups, half each");
-        const int r = threadIdx.x & 3, ln = (threadIdx.x >> 2) & 31, ks0 = threadIdx.x >> 7;
-        const int rrow = (ln >> 2) + 8 * (r & 1), tt = ln & 3, hi = r >> 1;
-        const float up[2] = {row_factor(rmax[rrow]), row_factor(rmax[16 + rrow])};
-        const uint32_t* tile = reinterpret_cast<const uint32_t*>(smem + T::kQ);
-        uint32_t fw[kWPer];
+        // Each thread scatters its own chunks into per-lane fragments: word ((row group * 36 + ks) * 32
+        // + lane) * 4 + r holds fragment register r (a0..a3) of that lane. Latent dim 128 b + 32 t +
+        // 16 hh + 4 j + 2 hi (+ 0, 1) is in k step 8 b + 4 hh + j, rope dim 512 + 16 t + 4 j + 2 hi in k
+        // step 32 + j; lane 4 g + t; r = 2 hi + (row / 8 % 2) for tile row 16 group + 8 (r % 2) + g.
+        // With chunk c = qc0 + 8 i, everything but the base is a compile-time offset.
+        uint32_t* frag = reinterpret_cast<uint32_t*>(smem + T::kQ);
+        const int grp = qrow >> 4, rlo = (qrow >> 3) & 1, gg = qrow & 7;
+        const float up = exp2i(row_exponent(__float_as_uint(amax)));
 #pragma unroll
-        for (int i = 0; i < kWPer; ++i) {
-          constexpr int kHalf = kKSteps / 2;
-          const int grp = i < kHalf ? 0 : 1;
-          const int ks = 2 * i - kKSteps * grp + ks0;  // latent for 2 i - 36 grp < 32
-          const bool latent = 2 * i - kKSteps * grp < 32;
-          const int dim = latent ? 128 * (ks >> 3) + 32 * tt + 16 * ((ks >> 2) & 1) + 4 * (ks & 3) + 2 * hi
-                                 : kDV + 16 * tt + 4 * (ks - 32) + 2 * hi;
-          const uint32_t x = tile[(16 * grp + rrow) * (T::kQStride / 4) + dim / 2];
-          if (latent) {
-            const float2 f = q_pair<QT>(x);
-            fw[i] = pack_half2(f.x * up[grp], f.y * up[grp]);
-          } else {
-            fw[i] = x;  // rope: already bf16
+        for (int i = 0; i < kPer; ++i) {
+          const int c = qc0 + kTPR * i;
+          const uint32_t x[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {
+            const int d = 8 * c + 2 * m;  // this word's first dim
+            int ks, tt;
+            uint32_t word;
+            if (c < kDV / 8) {
+              ks = 8 * (d >> 7) + 4 * ((d >> 4) & 1) + ((d >> 2) & 3);
+              tt = (d >> 5) & 3;
+              const float2 f = q_pair<QT>(x[m]);
+              word = pack_half2(f.x * up, f.y * up);
+            } else {
+              ks = 32 + (((d - kDV) >> 2) & 3);
+              tt = (d - kDV) >> 4;
+              word = x[m];  // rope: already bf16
+            }
+            const int r = 2 * ((d >> 1) & 1) + rlo;
+            frag[((grp * kKSteps + ks) * 32 + 4 * gg + tt) * 4 + r] = word;
           }
         }
-        __syncthreads();  // every tile word read
-        uint32_t* frag = reinterpret_cast<uint32_t*>(smem + T::kQ);
-#pragma unroll
-        for (int i = 0; i < kWPer; ++i) frag[threadIdx.x + i * kThreads] = fw[i];
         __syncthreads();  // the fragments
       }
-      // The other row-max buffer was last read before this request's first barrier above; it is
-      // raised again only after the barrier that ends this request.
-      if (threadIdx.x < kM) row_max_bits[((nonempty + 1) & 1) * kM + threadIdx.x] = 0u;
-      ++nonempty;
     }
 
     float o[kONT][4];  // n-tile d, thread (g, t): O columns 2 t, 2 t + 1 of the tile (see the P V step)
