@@ -23,9 +23,9 @@
 // Warps: 8, as kRG row groups of 16 rows x kW = 8 / kRG warp columns (Tile). S: warp column wc takes
 // keys [kKeys wc, +kKeys) of the block over all 576 dims (16 rows: the latent Q fragments stay in
 // registers for the request; 32 rows: they are read per block from a per-lane fragment copy in
-// shared memory). Row maxima go through shared memory (barrier A), P_b too (barrier B); P V: warp
-// column wc takes dims [kDims wc, +kDims) of its row group. Row sums stay per thread and are reduced
-// once per request.
+// shared memory). Row maxima go through shared memory (barrier A), P_b too (barrier B); P V: warp w
+// takes dims [64 w, 64 w + 64) of all rows (one scale block; 32 rows: two m-tiles sharing the
+// converted V fragments). Row sums stay per thread and are reduced once per request.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -49,17 +49,18 @@ constexpr int kStageBytes = kBlockN * kFp8TokenBytes;  // 41984
 constexpr int kLatentBlocks = kDV / 128;               // scale blocks per token
 constexpr int kKSteps = kDQK / 16;                     // MMA k steps of S: 32 latent, 4 rope
 
-// A CTA owns kRG row groups of 16 query rows (kRG = 1: up to 16 rows, 2: up to 32). The kW = 8 / kRG
-// warps of a row group split S by keys and P V by output dims; for kRG = 2 every dims slice of P V
-// lies in one scale block, as for kRG = 1 (64 or 128 dims a warp).
+// A CTA owns kRG row groups of 16 query rows (kRG = 1: up to 16 rows, 2: up to 32). S: the kW = 8 / kRG
+// warps of a row group split the block's keys. P V: each warp takes 64 output dims of all rows.
 template <int kRG>
 struct Tile {
   static constexpr int kM = 16 * kRG;          // query rows
   static constexpr int kW = kWarps / kRG;      // warps per row group
   static constexpr int kKeys = kBlockN / kW;   // keys of S per warp: 8 / 16
   static constexpr int kNT = kKeys / 8;        // n-tiles of S per warp
-  static constexpr int kDims = kDV / kW;       // output dims per warp: 64 / 128
-  static constexpr int kONT = kDims / 8;       // n-tiles of O per warp
+  // P V: warp w takes output dims [64 w, 64 w + 64) of all kM rows (kRG m-tiles), so the V bytes it
+  // converts serve every row group, and the dims lie in one scale block (w / 2).
+  static constexpr int kDims = kDV / kWarps;   // 64
+  static constexpr int kONT = kDims / 8;       // n-tiles of O per warp and m-tile
   static constexpr int kPBytes = kM * kBlockN * 2;  // one P_b tile (f16)
   // kRG = 1: each thread keeps its latent Q fragments (128 registers) for the request, read from a
   // q tile whose rows are padded by 16 bytes (292 words = 4 mod 32 banks, so the per-block rope
@@ -271,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   const int g = lane >> 2, t = lane & 3;
   const int rg = warp / kW, wc = warp % kW;  // row group (rows 16 rg ..), warp column
   const int row0 = 16 * rg + g;              // this thread's rows: row0, row0 + 8
-  const int pv_block = wc * T::kDims / 128;  // the scale block of this warp's P V dims
+  const int pv_block = warp / 2;             // the scale block of this warp's P V dims
 
   const unsigned* row_max_bits = reinterpret_cast<const unsigned*>(smem + T::kRowMax);
   if (threadIdx.x == 0) {
@@ -404,10 +405,16 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
       }
     }
 
-    float o[kONT][4];  // n-tile d, thread (g, t): O columns 2 t, 2 t + 1 of the tile (see the P V step)
+    // O of m-tile m (rows 16 m + g, + 8), n-tile d, thread (g, t): columns 2 t, 2 t + 1 (see the P V step).
+    float o[kRG][kONT][4];
 #pragma unroll
-    for (int d = 0; d < kONT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    for (int m = 0; m < kRG; ++m)
+#pragma unroll
+      for (int d = 0; d < kONT; ++d) o[m][d][0] = o[m][d][1] = o[m][d][2] = o[m][d][3] = 0.f;
+    // Running maxima of the P V rows 16 m + g + 8 h (every m-tile); sums of the S rows row0 + 8 h.
+    float m_run[kRG][2], l_run[2] = {0.f, 0.f};
+#pragma unroll
+    for (int m = 0; m < kRG; ++m) m_run[m][0] = m_run[m][1] = -INFINITY;
 
     for (int it = 0; it < n_iter; ++it) {
       const int blk = blk_begin + it;
@@ -533,23 +540,28 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
         // The stage is refilled by TMA (the async proxy) later: order these writes before that.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       }
-      float alpha[2], m_use[2];
+      float alpha[kRG][2], m_use[kRG][2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float m_new = m_run[h];
+      for (int m = 0; m < kRG; ++m)
 #pragma unroll
-        for (int w = 0; w < kW; ++w) m_new = fmaxf(m_new, s_max[(row0 + 8 * h) * kW + w]);
-        m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
-        alpha[h] = fast_exp2(m_run[h] - m_use[h]);
-        m_run[h] = m_new;
-      }
-      l_run[0] *= alpha[0];
-      l_run[1] *= alpha[1];
+        for (int h = 0; h < 2; ++h) {
+          float m_new = m_run[m][h];
+#pragma unroll
+          for (int w = 0; w < kW; ++w) m_new = fmaxf(m_new, s_max[(16 * m + g + 8 * h) * kW + w]);
+          m_use[m][h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
+          alpha[m][h] = fast_exp2(m_run[m][h] - m_use[m][h]);
+          m_run[m][h] = m_new;
+        }
+      // This warp's S rows are m-tile rg's.
+      const float s_use[2] = {kRG == 1 || rg == 0 ? m_use[0][0] : m_use[kRG - 1][0],
+                              kRG == 1 || rg == 0 ? m_use[0][1] : m_use[kRG - 1][1]};
+      l_run[0] *= kRG == 1 || rg == 0 ? alpha[0][0] : alpha[kRG - 1][0];
+      l_run[1] *= kRG == 1 || rg == 0 ? alpha[0][1] : alpha[kRG - 1][1];
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
         float pr[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) pr[e] = fast_exp2(sv[n][e] - m_use[e >> 1]);
+        for (int e = 0; e < 4; ++e) pr[e] = fast_exp2(sv[n][e] - s_use[e >> 1]);
         l_run[0] += pr[0] + pr[1];
         l_run[1] += pr[2] + pr[3];
         // P_b = P * s_b[key] for each latent block b, f16, chunk kNT wc + n (8 keys) of rows row0, row0 + 8.
@@ -564,53 +576,48 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
         }
       }
 #pragma unroll
-      for (int d = 0; d < kONT; ++d) {
-        o[d][0] *= alpha[0];
-        o[d][1] *= alpha[0];
-        o[d][2] *= alpha[1];
-        o[d][3] *= alpha[1];
-      }
+      for (int m = 0; m < kRG; ++m)
+#pragma unroll
+        for (int d = 0; d < kONT; ++d) {
+          o[m][d][0] *= alpha[m][0];
+          o[m][d][1] *= alpha[m][0];
+          o[m][d][2] *= alpha[m][1];
+          o[m][d][3] *= alpha[m][1];
+        }
       __syncthreads();  // B: every P_b visible (and the zeroed rows)
 
-      // ---- O[rows 16 rg .., dims kDims wc ..] += P_b V^ (b = pv_block). B fragment of n-tile d, column
-      // g = dim kDims wc + (kDims / 8) g + d: keys (2t, 2t+1) and (2t+8, 2t+9) of the 16-key step; each
-      // thread reads kDims / 8 consecutive bytes of those four keys.
+      // ---- O[:, 64 warp ..] += P_b V^ (b = warp / 2). B fragment of n-tile d, column g = dim
+      // 64 warp + 8 g + d: keys (2t, 2t+1) and (2t+8, 2t+9) of the 16-key step; each thread reads 8
+      // consecutive bytes of those four keys, converted once for all m-tiles.
       {
         const uint32_t sP = s_base + T::kP + pv_block * T::kPBytes;
-        const int a_row = 16 * rg + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8;
         const int a_chunk = lane >> 4;
-        const uint32_t vbase = sK + T::kDims * wc + (T::kDims / 8) * g;
+        const uint32_t vbase = sK + T::kDims * warp + 8 * g;
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          uint32_t a[4];
-          detail::ldsm_x4(sP + p_off(a_row, 2 * kk + a_chunk), a);
-          const int k0 = 16 * kk + 2 * t;
-          constexpr int kWordsPerKey = T::kDims / 32;  // 2 or 4
-          uint32_t wa[kWordsPerKey], wb[kWordsPerKey], wcc[kWordsPerKey], wd[kWordsPerKey];
-          if constexpr (kWordsPerKey == 2) {
-            const uint2 va = lds64(vbase + k0 * kFp8TokenBytes), vb = lds64(vbase + (k0 + 1) * kFp8TokenBytes);
-            const uint2 vc = lds64(vbase + (k0 + 8) * kFp8TokenBytes), vd = lds64(vbase + (k0 + 9) * kFp8TokenBytes);
-            wa[0] = va.x, wa[1] = va.y, wb[0] = vb.x, wb[1] = vb.y, wcc[0] = vc.x, wcc[1] = vc.y, wd[0] = vd.x, wd[1] = vd.y;
-          } else {
-            const uint4 va = lds128(vbase + k0 * kFp8TokenBytes), vb = lds128(vbase + (k0 + 1) * kFp8TokenBytes);
-            const uint4 vc = lds128(vbase + (k0 + 8) * kFp8TokenBytes), vd = lds128(vbase + (k0 + 9) * kFp8TokenBytes);
-            wa[0] = va.x, wa[1] = va.y, wa[2] = va.z, wa[3] = va.w;
-            wb[0] = vb.x, wb[1] = vb.y, wb[2] = vb.z, wb[3] = vb.w;
-            wcc[0] = vc.x, wcc[1] = vc.y, wcc[2] = vc.z, wcc[3] = vc.w;
-            wd[0] = vd.x, wd[1] = vd.y, wd[2] = vd.z, wd[3] = vd.w;
-          }
+          uint32_t a[kRG][4];
 #pragma unroll
-          for (int q = 0; q < kWordsPerKey; ++q) {
+          for (int m = 0; m < kRG; ++m) detail::ldsm_x4(sP + p_off(16 * m + a_row, 2 * kk + a_chunk), a[m]);
+          const int k0 = 16 * kk + 2 * t;
+          const uint2 va = lds64(vbase + k0 * kFp8TokenBytes), vb = lds64(vbase + (k0 + 1) * kFp8TokenBytes);
+          const uint2 vc = lds64(vbase + (k0 + 8) * kFp8TokenBytes), vd = lds64(vbase + (k0 + 9) * kFp8TokenBytes);
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const uint32_t wa = q ? va.y : va.x, wb = q ? vb.y : vb.x, wcc = q ? vc.y : vc.x, wd = q ? vd.y : vd.x;
             // (key 2t, key 2t+1) byte pairs of dims 4 q + 0..3, and the same for keys 2t+8, 2t+9.
             uint32_t lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3;
-            e4m3x4_to_f16(prmt(wa[q], wb[q], 0x5140), lo0, hi0);  // dims 4 q + 0, 1
-            e4m3x4_to_f16(prmt(wa[q], wb[q], 0x7362), lo1, hi1);  // dims 4 q + 2, 3
-            e4m3x4_to_f16(prmt(wcc[q], wd[q], 0x5140), lo2, hi2);
-            e4m3x4_to_f16(prmt(wcc[q], wd[q], 0x7362), lo3, hi3);
-            mma_f16(o[4 * q + 0], a, lo0, lo2);
-            mma_f16(o[4 * q + 1], a, hi0, hi2);
-            mma_f16(o[4 * q + 2], a, lo1, lo3);
-            mma_f16(o[4 * q + 3], a, hi1, hi3);
+            e4m3x4_to_f16(prmt(wa, wb, 0x5140), lo0, hi0);  // dims 4 q + 0, 1
+            e4m3x4_to_f16(prmt(wa, wb, 0x7362), lo1, hi1);  // dims 4 q + 2, 3
+            e4m3x4_to_f16(prmt(wcc, wd, 0x5140), lo2, hi2);
+            e4m3x4_to_f16(prmt(wcc, wd, 0x7362), lo3, hi3);
+#pragma unroll
+            for (int m = 0; m < kRG; ++m) {
+              mma_f16(o[m][4 * q + 0], a[m], lo0, lo2);
+              mma_f16(o[m][4 * q + 1], a[m], hi0, hi2);
+              mma_f16(o[m][4 * q + 2], a[m], lo1, lo3);
+              mma_f16(o[m][4 * q + 3], a[m], hi1, hi3);
+            }
           }
         }
       }
@@ -635,44 +642,43 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
       sums[wc * kM + row0 + 8] = l_run[1];
     }
     __syncthreads();
-    float l_tot[2] = {0.f, 0.f};
-#pragma unroll
-    for (int w = 0; w < kW; ++w) {
-      l_tot[0] += sums[w * kM + row0];
-      l_tot[1] += sums[w * kM + row0 + 8];
-    }
     bool direct;
     int slot;
     if (!plan.destination(p, bi, direct, slot)) continue;
-    // Thread (g, t) holds, of its rows, the kDims / 4 consecutive dims kDims wc + (kDims / 4) t + i:
-    // i < kONT from o[i][0 / 2], the rest from o[i - kONT][1 / 3].
-    const int col = T::kDims * wc + (T::kDims / 4) * t;
+    // Thread (g, t) holds, of rows 16 m + g + 8 h, the 16 consecutive dims 64 warp + 16 t + i: i < 8
+    // from o[m][i][2 h], the rest from o[m][i - 8][2 h + 1].
+    const int col = T::kDims * warp + 16 * t;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int R = m_tile * kM + row0 + 8 * h;
-      if (R >= p.rows) continue;
-      const bool seen = l_tot[h] > 0.f;
-      const float inv = seen ? 1.f / l_tot[h] : 0.f;
-      const float lse2 = seen ? m_run[h] + __log2f(l_tot[h]) : -INFINITY;
-      float v[2 * kONT];
+    for (int m = 0; m < kRG; ++m)
 #pragma unroll
-      for (int d = 0; d < kONT; ++d) {
-        v[d] = o[d][2 * h] * inv;
-        v[kONT + d] = o[d][2 * h + 1] * inv;
+      for (int h = 0; h < 2; ++h) {
+        const int row = 16 * m + g + 8 * h, R = m_tile * kM + row;
+        if (R >= p.rows) continue;
+        float l_tot = 0.f;
+#pragma unroll
+        for (int w = 0; w < kW; ++w) l_tot += sums[w * kM + row];
+        const bool seen = l_tot > 0.f;
+        const float inv = seen ? 1.f / l_tot : 0.f;
+        const float lse2 = seen ? m_run[m][h] + __log2f(l_tot) : -INFINITY;
+        float v[2 * kONT];
+#pragma unroll
+        for (int d = 0; d < kONT; ++d) {
+          v[d] = o[m][d][2 * h] * inv;
+          v[kONT + d] = o[m][d][2 * h + 1] * inv;
+        }
+        const int s = R / p.h_q, hh = R - s * p.h_q;
+        if (direct) {
+          QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col;
+#pragma unroll
+          for (int d = 0; d < 2 * kONT; d += 2) detail::store_pair<QT>(dst + d, v[d], v[d + 1]);
+          if (warp == 0 && t == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+        } else {
+          float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col;
+#pragma unroll
+          for (int d = 0; d < 2 * kONT; d += 4) *reinterpret_cast<float4*>(dst + d) = make_float4(v[d], v[d + 1], v[d + 2], v[d + 3]);
+          if (warp == 0 && t == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+        }
       }
-      const int s = R / p.h_q, hh = R - s * p.h_q;
-      if (direct) {
-        QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col;
-#pragma unroll
-        for (int d = 0; d < 2 * kONT; d += 2) detail::store_pair<QT>(dst + d, v[d], v[d + 1]);
-        if (wc == 0 && t == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
-      } else {
-        float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col;
-#pragma unroll
-        for (int d = 0; d < 2 * kONT; d += 4) *reinterpret_cast<float4*>(dst + d) = make_float4(v[d], v[d + 1], v[d + 2], v[d + 3]);
-        if (wc == 0 && t == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
-      }
-    }
   }
 }
 
