@@ -41,6 +41,8 @@ ROWS = [
     (64, 1, 4096, 64, False, False, False, False),
     (32, 1, 1024, 128, False, False, False, False),
     (1, 1, 4096, 128, False, False, False, True),
+    (1, 1, 4096, 16, False, False, False, False),  # batch 1 of a TP-8 shard, both caches
+    (1, 1, 4096, 16, False, False, True, False),
     # FP8 latent cache: the memory-bound rows, and the compute-bound reference point.
     (128, 1, 4096, 16, False, False, True, True),
     (128, 1, 8192, 16, False, False, True, False),
@@ -187,7 +189,7 @@ def run(ctx: BenchContext) -> list[Row]:
             extra["graph_us"] = ctx.time(call, n_inputs=len(sets), graph=True)
             p0 = extra["num_sm_parts"]
             by_parts = {}
-            for parts in (p0, 2 * p0, 4 * p0):
+            for parts in (max(p0 // 2, 1), p0, 2 * p0, 4 * p0):
                 plan_p = ops.mla_decode_plan(seqlens, s_q, h_q, parts)
                 by_parts[parts] = ctx.time(
                     lambda i, plan_p=plan_p: ops.mla_decode(sets[i][0], sets[i][1], table, seqlens, plan_p, SCALE,
