@@ -1,7 +1,7 @@
 // Paged MLA latent decode: parameters and launch API of the kernels (no torch headers here).
 //
 // Shapes and semantics: python/flashseek/ref/mla.py is the specification. The constants below are
-// mirrored there (BLOCK_M, BLOCK_N, FIXED_SPLIT_COST, PLAN_PART_INTS) and must stay in sync.
+// mirrored there (BLOCK_M, BLOCK_N, FIXED_SPLIT_COST, MIN_SPLIT_BLOCKS, PLAN_PART_INTS) and must stay in sync.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -15,6 +15,7 @@ constexpr int kFp8TokenBytes = 656;  // 512 e4m3 | 4 fp32 scales | 64 bf16 rope
 constexpr int kBlockM = 64;          // packed query rows (s * h_q + h) per CTA
 constexpr int kBlockN = 64;          // keys per pipeline step; also the unit of the schedule
 constexpr int kFixedSplitCost = 5;   // one split costs this many key blocks (Q load, fill, combine)
+constexpr int kMinSplitBlocks = 2;   // a part's share is at least this many key blocks (tiny totals)
 constexpr int kPlanPartInts = 8;     // per sm part: b0, blk0, b1, blk1, split0, 0, 0, 0
 
 // Plan layout (int32): [num_sm_parts][8] then [batch][2] = (ws_base, num_splits).

@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kPlanThreads) mla_plan_kernel(PlanParams p) {
   if (threadIdx.x == 0) {
     // The walk is inherently sequential (each part starts where the previous one stopped); from
     // shared memory it costs a few cycles per request and part, so one thread does it.
-    const long long payload = (s_total + P - 1) / P + kFixedSplitCost;
+    const long long payload = max((s_total + P - 1) / P, static_cast<long long>(kMinSplitBlocks)) + kFixedSplitCost;
     int i = 0, blk = 0, cur_split = 0;
     for (int part = 0; part < P; ++part) {
       // The last part takes whatever is left, so every block is covered for any rounding.
