@@ -18,6 +18,7 @@
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
 #include "mla/mla_params.h"
+#include "mla/mla_timeline.cuh"
 
 namespace flashseek::mla {
 namespace {
@@ -39,8 +40,13 @@ __device__ __forceinline__ void store4(__half* dst, float4 v) {
 template <typename QT, int kVec, int kRows, int kGroup>
 __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kRowThreads = kCols / kVec;
+  FS_MTL(const unsigned long long tl_entry = timeline::now();
+         unsigned long long* tl = timeline::g_combine == nullptr ? nullptr
+                                  : timeline::g_combine + (blockIdx.y * gridDim.x + blockIdx.x) * timeline::kCombineStamps;
+         if (threadIdx.x == 0 && tl != nullptr) tl[3] = 0;)
   // Wait for the decode grid (a no-op when not launched as a programmatic dependent).
   pdl_wait();
+  FS_MTL(if (threadIdx.x == 0 && tl != nullptr) { tl[0] = tl_entry; tl[1] = timeline::now(); })
   const int bi = blockIdx.y, R = blockIdx.x * kRows + threadIdx.x / kRowThreads;
   const int t = threadIdx.x % kRowThreads;
   const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
@@ -102,6 +108,7 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
 #pragma unroll
   for (int k = 0; k < kVec; ++k) store4(dst + k * kRowThreads * 4, acc[k]);
   if (t == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + h) * p.s_q + s] = lse2 * 0.69314718055994531f;
+  FS_MTL(if (threadIdx.x == 0 && tl != nullptr) { tl[2] = timeline::now(); tl[3] = 1; })
 }
 
 template <typename QT, int kVec, int kRows, int kGroup>

@@ -35,6 +35,7 @@
 #include <utility>
 
 #include "mla/mla_decode_kernel.cuh"
+#include "mla/mla_timeline.cuh"
 
 namespace flashseek::mla {
 namespace wg {
@@ -240,6 +241,8 @@ __device__ __forceinline__ void write_piece(const DecodeParams& p, const detail:
 template <typename QT, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __grid_constant__ DecodeParams p) {
   using S = Smem<kFp8>;
+  FS_MTL(unsigned long long* tl = timeline::decode_row(); unsigned long long tl_t[8] = {timeline::now()};
+         bool tl_first = true;)
   // The combine kernel (programmatic dependent) may be scheduled as SMs free up; it waits for this
   // whole grid before reading any partial.
   pdl_launch_dependents();
@@ -263,6 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
     plan.piece(p, bi, len, len_eff, blk_begin, n_iter);
+    FS_MTL(if (tl_first) { tl_t[1] = timeline::now(); tl_t[7] = n_iter; })
 
     if (n_iter > 0) {
       if (kFp8 && wg == 1) {  // WG1 stages the raw tokens of blocks 0 and 1
@@ -281,6 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
       if (!kFp8 && wg == 1) cp_async_wait<1>();  // block 0 landed
       fence_async_smem();
       __syncthreads();  // Q and (bf16) block 0 visible to the async proxy
+      FS_MTL(if (tl_first) tl_t[2] = timeline::now();)
     }
 
     float o[128];  // this warpgroup's 64 x 256 output slice
@@ -457,12 +462,18 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
       }
     }
     __syncthreads();  // final row statistics visible to WG1; every read of Q / K / P done
+    FS_MTL(if (tl_first) tl_t[4] = timeline::now();)
 
     // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
     write_piece<QT>(p, plan, bi, m_tile, o, [&](int, int r) { return s_mrun[r]; }, [&](int, int r) { return s_lrun[r]; });
     // s_lrun / s_mrun are rewritten by the next request (at once when it has no blocks here).
     __syncthreads();
+    FS_MTL(if (tl_first) { tl_t[5] = timeline::now(); tl_first = false; })
   }
+  FS_MTL(if (threadIdx.x == 0 && tl != nullptr) {
+    tl_t[6] = timeline::now();
+    for (int i = 0; i < timeline::kDecodeStamps; ++i) tl[i] = tl_t[i];
+  })
 }
 
 template <typename QT, bool kFp8>
