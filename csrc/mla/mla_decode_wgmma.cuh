@@ -203,10 +203,7 @@ template <typename QT>
 __device__ __forceinline__ void load_q_tile(const DecodeParams& p, int bi, int m_tile, char* q_tile) {
   const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
   constexpr int kQChunks = kM * kDQK / 8;
-  // Nine of a thread's 18 loads in flight at once (two memory round trips; six at a time, the first
-  // version, took three: the harness timeline measured ~5 us from the piece read to Q and block 0 in
-  // shared memory). All 18 at once made the kernels spill.
-#pragma unroll 9
+#pragma unroll 6
   for (int i = 0; i < kQChunks / kThreads; ++i) {
     const int idx = threadIdx.x + i * kThreads;
     const int row = idx / (kDQK / 8), c = idx % (kDQK / 8);
