@@ -513,11 +513,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
           mloc[e >> 1] = fmaxf(mloc[e >> 1], sv[n][e]);
         }
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 1));
-        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
-      }
+      detail::quad_max(mloc);
       if (t == 0) {
         s_max[row0 * kW + wc] = mloc[0];
         s_max[(row0 + 8) * kW + wc] = mloc[1];

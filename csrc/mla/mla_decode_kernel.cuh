@@ -98,6 +98,15 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// Max over a quad (the 4 lanes that hold one accumulator row's columns), for both of a thread's
+// rows; every lane of the quad gets it.
+__device__ __forceinline__ void quad_max(float (&m)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffffu, m[h], 1));
+    m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffffu, m[h], 2));
+  }
+}
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -513,11 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
           mloc[e >> 1] = fmaxf(mloc[e >> 1], v);
         }
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 1));
-        mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
-      }
+      quad_max(mloc);
       if (q4 == 0) {
         s_max[wc * kM + row0] = mloc[0];
         s_max[wc * kM + row0 + 8] = mloc[1];
