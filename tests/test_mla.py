@@ -316,6 +316,24 @@ def test_plan_balances_parts():
     assert max(costs) <= (sum(costs) + P - 1) // P + 2 * ref_mla.FIXED_SPLIT_COST
 
 
+@pytest.mark.parametrize("lens,P", [([4096], 132), ([100], 132), ([64, 64], 132), ([8192], 132)])
+def test_plan_min_split_blocks(lens, P):
+    # A tiny total is not cut into one-block pieces: every piece but a request's last holds at least
+    # MIN_SPLIT_BLOCKS blocks, and parts past the work stay empty (b1 < b0).
+    plan = ref_mla.mla_decode_plan(torch.tensor(lens, dtype=torch.int32), 1, 16, P).tolist()
+    nblk = [(n + 63) // 64 for n in lens]
+    covered = [0] * len(lens)
+    for p in range(P):
+        b0, blk0, b1, blk1, _ = plan[8 * p: 8 * p + 5]
+        for i in range(b0, b1 + 1):
+            lo = blk0 if i == b0 else 0
+            hi = blk1 if i == b1 else nblk[i]
+            covered[i] += hi - lo
+            if hi < nblk[i]:  # a piece that does not end its request
+                assert hi - lo >= 2  # one-block pieces measured slower (docs/performance.md, session 7)
+    assert covered == nblk
+
+
 def test_opcheck_cpu():
     case = make_case(3, 2, 3, [0, 20, 50], 16, nan_fill=False)
     plan = ops.mla_decode_plan(case["cache_seqlens"], 2, 3, 4)
