@@ -319,7 +319,7 @@ def test_plan_balances_parts():
 @pytest.mark.parametrize("lens,P", [([4096], 132), ([100], 132), ([64, 64], 132), ([8192], 132)])
 def test_plan_min_split_blocks(lens, P):
     # A tiny total is not cut into one-block pieces: every piece but a request's last holds at least
-    # MIN_SPLIT_BLOCKS blocks, and parts past the work stay empty (b1 < b0).
+    # two blocks (MIN_SPLIT_BLOCKS), and the pieces cover every block exactly once.
     plan = ref_mla.mla_decode_plan(torch.tensor(lens, dtype=torch.int32), 1, 16, P).tolist()
     nblk = [(n + 63) // 64 for n in lens]
     covered = [0] * len(lens)
