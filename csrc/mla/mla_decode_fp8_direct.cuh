@@ -65,8 +65,8 @@ struct Tile {
   // kRG = 1: each thread keeps its latent Q fragments (128 registers) for the request, read from a
   // q tile whose rows are padded by 16 bytes (292 words = 4 mod 32 banks, so the per-block rope
   // fragment reads are conflict-free). kRG = 2 has no registers for that (O alone is 64 a thread):
-  // the tile is rewritten in place as per-lane fragments ([row group][k step][lane][a0..a3], 16 bytes
-  // a lane, conflict-free) and read every block.
+  // the same bytes hold per-lane fragments ([row group][k step][lane][a0..a3], 16 bytes a lane,
+  // conflict-free), scattered there from the threads' q loads and read every block.
   static constexpr int kQStride = kRG == 1 ? kDQK * 2 + 16 : kDQK * 2;
   static constexpr int kStage = 0;
   static constexpr int kP = kStages * kStageBytes;         // [4 blocks][kM rows][64 keys] f16, swizzled
