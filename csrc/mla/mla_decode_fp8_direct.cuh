@@ -32,6 +32,7 @@
 
 #include <cstdint>
 
+#include "mla/mla_cache_token.cuh"
 #include "mla/mla_decode_kernel.cuh"
 
 namespace flashseek::mla {
@@ -111,11 +112,6 @@ __device__ __forceinline__ uint2 lds64(uint32_t addr) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
-}
-
-__device__ __forceinline__ uint32_t pack_half2(float a, float b) {
-  const __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
 }
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -211,6 +207,10 @@ struct Loader {
     }
     w = ws[kFirst - 1];
     more = ok[kFirst - 1] && walk_next(p, plan, w);
+    lookup(p, lane);
+  }
+
+  __device__ __forceinline__ void lookup(const DecodeParams& p, int lane) {
     row = more && lane < 4 ? run_row(p, w, lane) : -1;
   }
 
@@ -219,28 +219,9 @@ struct Loader {
                                         int lane) {
     copy_block(p, w, row, stage, bar, lane);
     more = walk_next(p, plan, w);
-    row = more && lane < 4 ? run_row(p, w, lane) : -1;
+    lookup(p, lane);
   }
 };
-
-template <typename QT>
-__device__ __forceinline__ float2 q_pair(uint32_t w) {
-  if constexpr (std::is_same_v<QT, __half>) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&w));
-  } else {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
-  }
-}
-// Two q values -> bf16x2 for the rope MMA (an fp16 q is rounded to bf16 there, as the K rope is bf16).
-template <typename QT>
-__device__ __forceinline__ uint32_t q_rope_bf16(uint32_t w) {
-  if constexpr (std::is_same_v<QT, __half>) {
-    const float2 f = q_pair<QT>(w);
-    return detail::pack_bf16(f.x, f.y);
-  } else {
-    return w;
-  }
-}
 
 // 2^k for an integer k in [-126, 127], exactly.
 __device__ __forceinline__ float exp2i(int k) { return __int_as_float((k + 127) << 23); }
@@ -335,11 +316,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
           const uint32_t x[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            const float2 f = q_pair<QT>(x[k]);
+            const float2 f = to_float2<QT>(x[k]);
             amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
           }
         } else {
-          w = make_uint4(q_rope_bf16<QT>(w.x), q_rope_bf16<QT>(w.y), q_rope_bf16<QT>(w.z), q_rope_bf16<QT>(w.w));
+          w = detail::q_to_bf16<QT>(w);  // rope: it meets the bf16 K rope (an fp16 q is rounded here)
         }
         v[i] = w;
         if constexpr (kRG == 1) *reinterpret_cast<uint4*>(smem + T::kQ + qrow * T::kQStride + 16 * c) = w;
@@ -363,9 +344,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
               const uint32_t x[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
               for (int jj = 0; jj < 2; ++jj) {
-                const float2 lo = q_pair<QT>(x[2 * jj]), hi = q_pair<QT>(x[2 * jj + 1]);
-                qf[b][c / 2][2 * (c % 2) + jj][h] = pack_half2(lo.x * up, lo.y * up);
-                qf[b][c / 2][2 * (c % 2) + jj][2 + h] = pack_half2(hi.x * up, hi.y * up);
+                const float2 lo = to_float2<QT>(x[2 * jj]), hi = to_float2<QT>(x[2 * jj + 1]);
+                qf[b][c / 2][2 * (c % 2) + jj][h] = pack2<__half>(lo.x * up, lo.y * up);
+                qf[b][c / 2][2 * (c % 2) + jj][2 + h] = pack2<__half>(hi.x * up, hi.y * up);
               }
             }
         }
@@ -390,8 +371,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
             if (c < kDV / 8) {
               ks = 8 * (d >> 7) + 4 * ((d >> 4) & 1) + ((d >> 2) & 3);
               tt = (d >> 5) & 3;
-              const float2 f = q_pair<QT>(x[m]);
-              word = pack_half2(f.x * up, f.y * up);
+              const float2 f = to_float2<QT>(x[m]);
+              word = pack2<__half>(f.x * up, f.y * up);
             } else {
               ks = 32 + (((d - kDV) >> 2) & 3);
               tt = (d - kDV) >> 4;
@@ -567,8 +548,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
           const float s0 = b == 0 ? sc[n][0].x : b == 1 ? sc[n][0].y : b == 2 ? sc[n][0].z : sc[n][0].w;
           const float s1 = b == 0 ? sc[n][1].x : b == 1 ? sc[n][1].y : b == 2 ? sc[n][1].z : sc[n][1].w;
           char* pb = smem + T::kP + b * T::kPBytes;
-          *reinterpret_cast<uint32_t*>(pb + p_off(row0, chunk) + 4 * t) = pack_half2(pr[0] * s0, pr[1] * s1);
-          *reinterpret_cast<uint32_t*>(pb + p_off(row0 + 8, chunk) + 4 * t) = pack_half2(pr[2] * s0, pr[3] * s1);
+          *reinterpret_cast<uint32_t*>(pb + p_off(row0, chunk) + 4 * t) = pack2<__half>(pr[0] * s0, pr[1] * s1);
+          *reinterpret_cast<uint32_t*>(pb + p_off(row0 + 8, chunk) + 4 * t) = pack2<__half>(pr[2] * s0, pr[3] * s1);
         }
       }
 #pragma unroll
