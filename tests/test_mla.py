@@ -643,13 +643,19 @@ def test_decode_zero_lengths_cuda(impl, monkeypatch):
     assert torch.all(out == 0) and torch.all(lse == -math.inf)
 
 
+# q and out as views: "heads" strides heads and rows (no single row stride: the 64-row kernels load q
+# per thread), "rows" pads each row (one row stride: q by TMA).
 @pytest.mark.cuda
-def test_decode_strided_q_out_cuda():
-    case = make_case(3, 2, 16, [100, 0, 3000], 64, device="cuda")
-    big = torch.randn(3, 2, 32, 640, device="cuda").bfloat16()
-    q = big[:, :, ::2, :576]  # strided heads and rows, unit last stride
+@pytest.mark.parametrize("layout", ["heads", "rows"])
+@pytest.mark.parametrize("h_q", [16, 64])
+def test_decode_strided_q_out_cuda(layout, h_q):
+    case = make_case(3, 2, h_q, [100, 0, 3000], 64, device="cuda")
+    if layout == "heads":
+        q = torch.randn(3, 2, 2 * h_q, 640, device="cuda").bfloat16()[:, :, ::2, :576]
+    else:
+        q = torch.randn(3, 2, h_q, 640, device="cuda").bfloat16()[..., 64:640]
     q.copy_(case["q"])
-    obig = poison_(torch.empty(3, 2, 16, 1024, dtype=torch.bfloat16, device="cuda"))
+    obig = poison_(torch.empty(3, 2, h_q, 1024, dtype=torch.bfloat16, device="cuda"))
     out = obig[..., 256:768]
     o, lse = run_op({**case, "q": q}, True, out=out)
     check_against_reference(case, o, lse, True)
