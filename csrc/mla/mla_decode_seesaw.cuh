@@ -75,9 +75,11 @@ struct Smem {
   static constexpr int kMaxB = kMaxA + kM * 4;     // [64] ... after the odd block
   static constexpr int kRowSum = kMaxB + kM * 4;   // [2][64] final row sums of the two warpgroups
   static constexpr int kBars = kRowSum + 2 * kM * 4;
-  static constexpr int kTotal = kBars + 2 * kPanels * 8;  // mbarrier (stage, panel) at kBars + 8 (9 stage + panel)
+  static constexpr int kBarQ = kBars + 2 * kPanels * 8;  // mbarrier (stage, panel) at kBars + 8 (9 stage + panel)
+  static constexpr int kTotal = kBarQ + 8;                // then the Q tile's mbarrier
 };
 static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
+static_assert(kM * (kDV * 4 + 32) <= Smem::kPA, "wg::write_piece_staged's rows must stay over Q and the stages");
 
 constexpr int kBarMaxA = 1;
 constexpr int kBarMaxB = 2;
@@ -185,7 +187,8 @@ __device__ __forceinline__ void run_pairs(PairBody& pair, int n) {
 
 template <typename QT>
 __global__ void __launch_bounds__(kThreads, 1)
-    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv) {
+    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv,
+                             const __grid_constant__ wg::TileMaps maps) {
   // The combine kernel (programmatic dependent) waits for this whole grid before reading partials.
   pdl_launch_dependents();
   extern __shared__ __align__(1024) char smem[];
@@ -195,6 +198,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_maxB = reinterpret_cast<float*>(smem + Smem::kMaxB);
   float* s_rowsum = reinterpret_cast<float*>(smem + Smem::kRowSum);
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Smem::kBars);  // [stage][panel]
+  uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Smem::kBarQ);
+  uint32_t q_parity = 0;  // of the Q tile loads so far
   char* const stage0 = smem + Smem::kStage0;
   char* const stage1 = smem + Smem::kStage1;
 
@@ -207,9 +212,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int nbox = kBlockN >> box_log2;
 
   if (threadIdx.x == 0) {
-    for (int i = 0; i < 2 * kPanels; ++i) cutlass::arch::ClusterTransactionBarrier::init(bars + i, 1);
+    for (int i = 0; i < 2 * kPanels + 1; ++i) cutlass::arch::ClusterTransactionBarrier::init(bars + i, 1);
     cutlass::arch::fence_barrier_init();
     cute::prefetch_tma_descriptor(&tmap_kv);
+    if (maps.q_tma) cute::prefetch_tma_descriptor(&maps.q);
   }
   __syncthreads();
 
@@ -256,13 +262,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
     if (n > 0) {
+      if (maps.q_tma && threadIdx.x == 0) wg::issue_q_tile(maps, p, bi, m_tile, smem + Smem::kQ, bar_q);
       if (warp == 0 && wg < n) {  // block 0 -> stage 0 (warpgroup 0's warp 0), block 1 -> stage 1
         const int rows = lane < nbox ? box_row(p, bi, blk_begin + wg, lane, box_log2, len_eff) : -1;
         issue_block<kPanelsAll>(&tmap_kv, wg ? stage1 : stage0, bars + wg * kPanels, rows, 0, nbox, box_log2, lane);
       }
       // Q tile, converted to bf16, while the first blocks land.
-      wg::load_q_tile<QT>(p, bi, m_tile, smem + Smem::kQ);
-      fence_async_smem();
+      if (maps.q_tma) {
+        mbar_wait(smem_u32(bar_q), q_parity);
+        q_parity ^= 1;
+        wg::q_tile_to_bf16<QT>(smem + Smem::kQ);
+      } else {
+        wg::load_q_tile<QT>(p, bi, m_tile, smem + Smem::kQ);
+        fence_async_smem();
+      }
       __syncthreads();  // Q visible to the async proxy
       if (wg < n) {     // S of block wg (warpgroup 0: block 0, warpgroup 1: block 1)
         const uint32_t sK = wg ? stB : stA, bb = wg ? barsB : barsA, ph = parity(wg);
@@ -558,8 +571,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // both row sums visible; every read of Q and the stages done
 
-    wg::write_piece<QT>(p, plan, bi, m_tile, o, [&](int h, int) { return m_run[h]; },
-                        [&](int, int r) { return s_rowsum[r] + s_rowsum[kM + r]; });
+    wg::write_piece_staged<QT>(p, maps, plan, bi, m_tile, o, [&](int h, int) { return m_run[h]; },
+                               [&](int, int r) { return s_rowsum[r] + s_rowsum[kM + r]; }, smem + Smem::kQ);
     __syncthreads();  // s_rowsum is rewritten by the next request
   }
   FS_TL(if (tw == 0 && g_mla_timeline != nullptr) {
@@ -580,8 +593,10 @@ void launch_decode_seesaw(const DecodeParams& p, const CUtensorMap& map, cudaStr
   constexpr int smem = Smem::kTotal;
   auto kernel = mla_decode_seesaw_kernel<QT>;
   FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  wg::TileMaps maps;
+  wg::make_tile_maps(p, std::is_same_v<QT, __half>, maps);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  kernel<<<grid, kThreads, smem, stream>>>(p, map);
+  kernel<<<grid, kThreads, smem, stream>>>(p, map, maps);
   FS_CHECK_LAUNCH();
 }
 
