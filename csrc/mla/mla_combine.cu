@@ -5,9 +5,10 @@
 //     owning four float4 columns (16 dims), splits walked 4 at a time;
 //   wide (small batches, many splits): 128 threads per row, 2 rows per CTA, one float4 column each,
 //     splits walked 16 at a time.
-// Either way every load of a group of splits is issued before any is used, so a request with n
-// splits costs about n / group memory round trips (v1 walked them one by one: 32 dependent round
-// trips at b = 1), and a CTA reads each 2 KB partial row fully coalesced. The wide shape alone was
+// Either way every load of a group of splits is issued before any is used, and the first group's
+// before the lse pass, so a request with n splits costs about n / group memory round trips (v1
+// walked them one by one: 32 dependent round trips at b = 1), and a CTA reads each 2 KB partial row
+// fully coalesced. The wide shape alone was
 // measured slower at b = 32..128 (more threads and lse passes per byte), hence the two.
 // Launched as a programmatic dependent of the decode kernel: its CTAs are scheduled as decode CTAs
 // retire and wait (griddepcontrol.wait) until the whole decode grid's writes are visible, which
@@ -56,6 +57,26 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
   if (R >= p.rows) return;  // whole warps: kRowThreads is a multiple of 32
   const int lane = threadIdx.x & 31;
   const float* lse_in = p.ws_lse + static_cast<int64_t>(base) * p.rows + R;
+  const int64_t split_stride = static_cast<int64_t>(p.rows) * kDV;
+  const float* src = p.ws_o + (static_cast<int64_t>(base) * p.rows + R) * kDV + t * 4;
+
+  // The first group's partial rows and lse values do not depend on the row's lse: they are loaded
+  // before the lse pass, so that a row with at most kGroup splits costs one memory round trip.
+  float4 v[kGroup][kVec];
+  float l[kGroup];
+  auto load_group = [&](int i0) {
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const bool ok = i0 + j < n;
+      l[j] = ok ? lse_in[static_cast<int64_t>(i0 + j) * p.rows] : -INFINITY;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        v[j][k] = ok ? *reinterpret_cast<const float4*>(src + (i0 + j) * split_stride + k * kRowThreads * 4)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+  };
+  load_group(0);
 
   // Every warp reduces the n split lse values itself (n is small; the reads hit L1): no barrier.
   float m = -INFINITY;
@@ -74,21 +95,7 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
 #pragma unroll
   for (int k = 0; k < kVec; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (lse2 != -INFINITY) {
-    const int64_t split_stride = static_cast<int64_t>(p.rows) * kDV;
-    const float* src = p.ws_o + (static_cast<int64_t>(base) * p.rows + R) * kDV + t * 4;
-    for (int i0 = 0; i0 < n; i0 += kGroup) {
-      float4 v[kGroup][kVec];
-      float l[kGroup];
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        const bool ok = i0 + j < n;
-        l[j] = ok ? lse_in[static_cast<int64_t>(i0 + j) * p.rows] : -INFINITY;
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          v[j][k] = ok ? *reinterpret_cast<const float4*>(src + (i0 + j) * split_stride + k * kRowThreads * 4)
-                       : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-      }
+    for (int i0 = 0;; i0 += kGroup) {
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
         if (i0 + j >= n) break;
@@ -101,6 +108,8 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
           acc[k].w += w * v[j][k].w;
         }
       }
+      if (i0 + kGroup >= n) break;
+      load_group(i0 + kGroup);
     }
   }
   const int s = R / p.h_q, h = R - s * p.h_q;

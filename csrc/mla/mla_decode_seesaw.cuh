@@ -79,7 +79,7 @@ struct Smem {
   static constexpr int kTotal = kBarQ + 8;                // then the Q tile's mbarrier
 };
 static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
-static_assert(kM * (kDV * 4 + 32) <= Smem::kPA, "wg::write_piece_staged's rows must stay over Q and the stages");
+static_assert(Smem::kStage0 + kM * (kDV * 4 + 32) <= Smem::kPA, "wg::write_piece_staged's rows must stay in the stages");
 
 constexpr int kBarMaxA = 1;
 constexpr int kBarMaxB = 2;
@@ -571,8 +571,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // both row sums visible; every read of Q and the stages done
 
-    wg::write_piece_staged<QT>(p, maps, plan, bi, m_tile, o, [&](int h, int) { return m_run[h]; },
-                               [&](int, int r) { return s_rowsum[r] + s_rowsum[kM + r]; }, smem + Smem::kQ);
+    wg::write_piece_staged<QT>(p, plan, bi, m_tile, o, [&](int h, int) { return m_run[h]; },
+                               [&](int, int r) { return s_rowsum[r] + s_rowsum[kM + r]; }, smem + Smem::kStage0);
     __syncthreads();  // s_rowsum is rewritten by the next request
   }
   FS_TL(if (tw == 0 && g_mla_timeline != nullptr) {

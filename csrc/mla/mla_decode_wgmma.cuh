@@ -78,6 +78,10 @@ struct Smem {
 };
 static_assert(Smem<false>::kTotal <= 232448 && Smem<true>::kTotal <= 232448,
               "shared memory exceeds the sm_90 per-block limit");
+// write_piece_staged puts a finished piece's rows (64 x 2,080 B at most) over the KV stages.
+static_assert(Smem<false>::kK0 + kM * (kDV * 4 + 32) <= Smem<false>::kAlpha &&
+                  Smem<true>::kK0 + kM * (kDV * 4 + 32) <= Smem<true>::kAlpha,
+              "the staged rows must stay in the KV stages");
 
 // Named barriers (0 is __syncthreads).
 constexpr int kBarPFull = 1;
@@ -223,17 +227,15 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, int bi, int m
   }
 }
 
-// What the host could describe for the 64-row kernels' bulk copies (built per call by
-// make_tile_maps, mla_tile_maps.cu). Where a flag is 0 the kernel takes the per-thread path: q whose
-// rows have no single stride (e.g. every other head of a larger tensor), or pointers that are not
-// 16-byte aligned (the torch op rejects those; other callers of the launcher may not).
+// The Q tile's TMA map for the 64-row kernels (built per call by make_tile_maps, mla_tile_maps.cu).
+// q_tma = 0 where q's packed rows have no single stride (e.g. every other head of a larger tensor) or
+// are not 16-byte aligned (the torch op rejects those; other callers of the launcher may not): the
+// tile is then loaded per thread.
 struct TileMaps {
   CUtensorMap q;   // packed query rows [batch * rows, 576] (16-bit), boxes of 64 x 64, 128B swizzle
-  int q_tma;       // q's packed rows are evenly strided and 16-byte aligned: Q tiles come by TMA
-  int out_bulk;    // every out row starts 16-byte aligned: finished rows leave by bulk copies
-  int ws_bulk;     // the same for the split workspace
+  int q_tma;
 };
-// False flags everywhere when nothing can be described (never throws: the per-thread paths remain).
+// q_tma = 0 when the map cannot be built (never throws: the per-thread path remains).
 void make_tile_maps(const DecodeParams& p, bool q_fp16, TileMaps& maps);
 
 // The Q tile of request bi, row tile m_tile by TMA: nine 64-column boxes of the packed rows, armed on
@@ -263,49 +265,24 @@ __device__ __forceinline__ void q_tile_to_bf16(char* q_tile) {
   }
 }
 
-// Writes this thread's part of a finished 64-row piece (its rows row0 and row0 + 8, its warpgroup's
-// 256 columns of O; m_log2(h, r) and l(h, r) give row r = row0 + 8 h's max and sum) straight to out/lse or to its split
-// slot. Shared by the 64-row wgmma kernels.
-template <typename QT, typename MaxOf, typename SumOf>
-__device__ __forceinline__ void write_piece(const DecodeParams& p, const detail::PlanPart& plan, int bi, int m_tile,
-                                            const float (&o)[128], MaxOf m_log2, SumOf l) {
-  const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, q4 = lane & 3;
-  const int row0 = ((threadIdx.x & 127) >> 5) * 16 + (lane >> 2);
-  bool direct;
-  int slot;
-  if (!plan.destination(p, bi, direct, slot)) return;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = row0 + 8 * h;
-    const int R = m_tile * kM + r;
-    if (R >= p.rows) continue;
-    detail::write_piece_row<QT, 32>(p, bi, R, direct, slot, wg * 256 + 2 * q4, m_log2(h, r), l(h, r), wg == 0 && q4 == 0,
-                                    [&](int j) { return make_float2(o[4 * j + 2 * h], o[4 * j + 2 * h + 1]); });
-  }
-}
-
 // A finished 64-row piece through shared memory: every thread puts its normalised values into a
-// row-padded tile (q's dtype for out, fp32 for a split partial) over the Q / KV region, free after the
-// piece's last block, and warp 0 sends each valid row with one bulk copy (1 or 2 KB), then waits for
-// the copies' reads before the region is reused. The harness timeline measured 2.9-3.6 µs for a
-// 128 KB fp32 partial and 4.6-5.0 µs for a 64 KB bf16 output written with 4- and 8-byte stores from
-// one SM (b=1). Row strides 1,040 / 2,080 B (260 / 520 words = 4 / 8 mod 32 banks): a warp's 4-byte
-// and a half-warp's 8-byte stores hit distinct banks. Falls back to write_piece where the host found
-// the destination misaligned. Called by every thread (a __syncthreads inside).
+// row-padded tile (q's dtype for out, fp32 for a split partial) over the KV stages, free after the
+// piece's last block, and then copies 16-byte chunks of whole rows to global memory, so that each
+// warp store covers 512 contiguous bytes. Writing the accumulator fragments straight out (4- and
+// 8-byte stores, 16 or 32 bytes contiguous) took 2.9-3.6 µs for a 128 KB fp32 partial and 4.6-5.0 µs
+// for a 64 KB bf16 output from one SM (session-7 timeline, b=1); one bulk copy per row took ~4.8 /
+// ~3.8 µs (run 1 of session 8), and a microbenchmark measured 55 GB/s out of one SM for bulk copies of
+// any size against 66 GB/s for coalesced 16-byte stores, which also leave the shared memory free as
+// soon as they issue. Row strides 1,040 / 2,080 B (260 / 520 words = 4 / 8 mod 32 banks): a warp's
+// 4-byte and a half-warp's 8-byte stores hit distinct banks. Called by every thread (two barriers).
 template <typename QT, typename MaxOf, typename SumOf>
-__device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const TileMaps& maps,
-                                                   const detail::PlanPart& plan, int bi, int m_tile, const float (&o)[128],
-                                                   MaxOf m_log2, SumOf l, char* tile) {
+__device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const detail::PlanPart& plan, int bi,
+                                                   int m_tile, const float (&o)[128], MaxOf m_log2, SumOf l,
+                                                   char* tile) {
   bool direct;
   int slot;
   if (!plan.destination(p, bi, direct, slot)) return;
-  if (!(direct ? maps.out_bulk : maps.ws_bulk)) {
-    write_piece<QT>(p, plan, bi, m_tile, o, m_log2, l);
-    return;
-  }
   constexpr int kOutStride = kDV * 2 + 16, kWsStride = kDV * 4 + 32;
-  static_assert(kM * kWsStride <= Smem<false>::kAlpha && kM * kWsStride <= Smem<true>::kAlpha,
-                "the staged rows must not reach the row statistics");
   const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, q4 = lane & 3;
   const int row0 = ((threadIdx.x & 127) >> 5) * 16 + (lane >> 2);
   const int col0 = wg * 256 + 2 * q4;
@@ -333,30 +310,23 @@ __device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const 
       if (wg == 0 && q4 == 0 && R < p.rows) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
     }
   }
-  fence_async_smem();  // the tile's generic-proxy writes, before the bulk copies read them
   __syncthreads();
-  if (threadIdx.x < 32) {
-    for (int r = lane; r < kM; r += 32) {
-      const int R = m_tile * kM + r;
-      if (R >= p.rows) break;
-      const void* dst;
-      uint32_t src, bytes;
-      if (direct) {
-        const int s = R / p.h_q, hh = R - s * p.h_q;
-        dst = static_cast<const QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h;
-        src = smem_u32(tile + r * kOutStride);
-        bytes = kDV * 2;
-      } else {
-        dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV;
-        src = smem_u32(tile + r * kWsStride);
-        bytes = kDV * 4;
-      }
-      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes)
-                   : "memory");
+  const int valid = min(kM, p.rows - m_tile * kM);
+  if (direct) {  // 64 chunks a row: a warp stores half a row
+    for (int i = threadIdx.x; i < valid * 64; i += kThreads) {
+      const int r = i >> 6, c = i & 63, R = m_tile * kM + r;
+      const int s = R / p.h_q, hh = R - s * p.h_q;
+      QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + c * 8;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tile + r * kOutStride + c * 16);
     }
-    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the tile may be overwritten after this
+  } else {  // 128 chunks a row; the tile's rows are consecutive in the workspace
+    float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + m_tile * kM) * kDV;
+    for (int i = threadIdx.x; i < valid * 128; i += kThreads) {
+      const int r = i >> 7, c = i & 127;
+      *reinterpret_cast<uint4*>(dst + r * kDV + c * 4) = *reinterpret_cast<const uint4*>(tile + r * kWsStride + c * 16);
+    }
   }
+  __syncthreads();  // the tile's reads done: the stages may be refilled
 }
 
 template <typename QT, bool kFp8>
@@ -603,8 +573,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     FS_MTL(if (tl_first) tl_t[4] = timeline::now();)
 
     // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
-    write_piece_staged<QT>(p, maps, plan, bi, m_tile, o, [&](int, int r) { return s_mrun[r]; },
-                           [&](int, int r) { return s_lrun[r]; }, smem + S::kQ);
+    write_piece_staged<QT>(p, plan, bi, m_tile, o, [&](int, int r) { return s_mrun[r]; },
+                           [&](int, int r) { return s_lrun[r]; }, smem + S::kK0);
     // s_lrun / s_mrun are rewritten by the next request (at once when it has no blocks here).
     __syncthreads();
     FS_MTL(if (tl_first) { tl_t[5] = timeline::now(); tl_first = false; })

@@ -1,5 +1,4 @@
-// Host side of the 64-row decode kernels' bulk copies: the Q tile's TMA map and the alignment checks
-// that let finished rows leave by cp.async.bulk (mla_decode_wgmma.cuh, TileMaps).
+// Host side of the 64-row decode kernels' Q tile loads: its TMA map (mla_decode_wgmma.cuh, TileMaps).
 #include <cstring>
 
 #include "gemm/sm90_tensor_maps.h"
@@ -33,9 +32,6 @@ bool q_tensor_map(const DecodeParams& p, bool q_fp16, CUtensorMap& map) {
 void make_tile_maps(const DecodeParams& p, bool q_fp16, TileMaps& maps) {
   std::memset(&maps, 0, sizeof(maps));
   maps.q_tma = q_tensor_map(p, q_fp16, maps.q) ? 1 : 0;
-  maps.out_bulk = aligned16(p.out) && (p.o_stride_b * 2) % 16 == 0 && (p.o_stride_s * 2) % 16 == 0 &&
-                  (p.o_stride_h * 2) % 16 == 0;
-  maps.ws_bulk = p.ws_o != nullptr && aligned16(p.ws_o);
 }
 
 }  // namespace flashseek::mla::wg
