@@ -43,7 +43,8 @@ namespace seesaw {
 
 // Stall accounting for the standalone harness only (-DFLASHSEEK_MLA_TIMELINE; the library never
 // defines it): per CTA and warpgroup, clock64 cycles in the kernel, in TMA waits, in named-barrier
-// waits and in wgmma waits, written to g_mla_timeline[(cta * 2 + wg) * 4 ..] when it is set.
+// waits and in wgmma waits, then the TMA waits per panel (9), written to
+// g_mla_timeline[(cta * 2 + wg) * 16 ..] when it is set.
 #ifdef FLASHSEEK_MLA_TIMELINE
 __device__ unsigned long long* g_mla_timeline = nullptr;
 #define FS_TL(...) __VA_ARGS__
@@ -136,10 +137,10 @@ __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage,
 // serialises every wgmma of the kernel (C7520).
 template <int kPanel, bool kFirst>
 __device__ __forceinline__ void s_panel(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32],
-                                        long long& tma_wait_cycles) {
+                                        long long (&tma_wait_cycles)[kPanels]) {
   FS_TL(const long long t0 = clock64());
   mbar_wait(bars + 8 * kPanel, parity);
-  FS_TL(tma_wait_cycles += clock64() - t0);
+  FS_TL(tma_wait_cycles[kPanel] += clock64() - t0);
   cute::warpgroup_arrive();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -152,7 +153,7 @@ __device__ __forceinline__ void s_panel(uint32_t sQ, uint32_t sK, uint32_t bars,
 // S over the listed panels in that order (kZero: the first one starts the accumulation).
 template <bool kZero, int kFirst, int... kRest>
 __device__ __forceinline__ void s_panels(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32],
-                                         long long& tma_wait_cycles) {
+                                         long long (&tma_wait_cycles)[kPanels]) {
   s_panel<kFirst, kZero>(sQ, sK, bars, parity, sacc, tma_wait_cycles);
   (s_panel<kRest, false>(sQ, sK, bars, parity, sacc, tma_wait_cycles), ...);
 }
@@ -226,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // stage's load number base[j % 2] + j / 2, whose mbarrier phase parity is that number's low bit.
   int base0 = 0, base1 = 0;
 
-  long long tl_tma = 0;
+  long long tl_tma[kPanels] = {};
   FS_TL(long long tl_bar = 0; long long tl_mma = 0; const long long tl_start = clock64();)
   auto bar_wait = [&](int id) {
     FS_TL(const long long t0 = clock64());
@@ -576,9 +577,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // s_rowsum is rewritten by the next request
   }
   FS_TL(if (tw == 0 && g_mla_timeline != nullptr) {
-    unsigned long long* r = g_mla_timeline + ((blockIdx.y * gridDim.x + blockIdx.x) * 2 + wg) * 4;
+    unsigned long long* r = g_mla_timeline + ((blockIdx.y * gridDim.x + blockIdx.x) * 2 + wg) * 16;
     r[0] = clock64() - tl_start;
-    r[1] = tl_tma;
+    r[1] = 0;
+    for (int pn = 0; pn < kPanels; ++pn) {
+      r[1] += tl_tma[pn];
+      r[4 + pn] = tl_tma[pn];
+    }
     r[2] = tl_bar;
     r[3] = tl_mma;
   })
