@@ -395,11 +395,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto wg0_pair = [&]<bool kHasB, bool kNextA, bool kNextB>(int i) {
       const int ja = 2 * i;
       if (warp == 0 && (kNextA || kNextB)) next_rows = rows_of_pair(ja + 2);
-      if (maps.prefetch > 0) {  // the pair maps.prefetch pairs after the next one, into L2
-        const int j0 = ja + 2 + 2 * maps.prefetch;
-        if (j0 < n) wg::prefetch_kv_block_l2(p, bi, blk_begin + j0, len_eff, tw, 128);
-        if (j0 + 1 < n) wg::prefetch_kv_block_l2(p, bi, blk_begin + j0 + 1, len_eff, tw, 128);
-      }
       float mA[2];
       row_max(ja, m_run, mA);
       if (q4 == 0) {

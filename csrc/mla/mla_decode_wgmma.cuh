@@ -234,23 +234,9 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, int bi, int m
 struct TileMaps {
   CUtensorMap q;   // packed query rows [batch * rows, 576] (16-bit), boxes of 64 x 64, 128B swizzle
   int q_tma;
-  int prefetch;    // L2 prefetch distance in key blocks ahead of the shared-memory loads (0: none)
 };
 // q_tma = 0 when the map cannot be built (never throws: the per-thread path remains).
 void make_tile_maps(const DecodeParams& p, bool q_fp16, TileMaps& maps);
-
-// Key block blk of request bi into L2 ahead of its shared-memory copy (bf16 cache): the pipelines
-// hold at most two blocks in shared memory, too few bytes in flight to stream HBM at its rate, and
-// L2 holds many more. Lines of 128 B, prefetch.global.L2 from the n threads with index t (the LSU
-// path: TMA prefetches queue in front of the loads that are due). Tokens past len_eff are skipped.
-__device__ __forceinline__ void prefetch_kv_block_l2(const DecodeParams& p, int bi, int blk, int len_eff, int t, int n) {
-  constexpr int kLines = kBlockN * kDQK * 2 / 128;  // 576: 9 a token
-  for (int line = t; line < kLines; line += n) {
-    const int token = blk * kBlockN + line / 9;
-    const char* row = detail::cache_row<false>(p, bi, token, len_eff);
-    if (row != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + (line % 9) * 128));
-  }
-}
 
 // The Q tile of request bi, row tile m_tile by TMA: nine 64-column boxes of the packed rows, armed on
 // bar_q by thread 0. Rows past the request's s_q * h_q hold the next request's rows (or zeros past the
@@ -580,9 +566,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (!kFp8 && it + 2 < n_iter) {
           issue_kv_block(p, sK, bi, blk_begin + it + 2, len_eff, tw);
           cp_async_commit();
-        }
-        if (!kFp8 && maps.prefetch > 0 && it + 2 + maps.prefetch < n_iter) {
-          prefetch_kv_block_l2(p, bi, blk_begin + it + 2 + maps.prefetch, len_eff, tw, 128);
         }
       }
     }

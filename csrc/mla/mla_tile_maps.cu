@@ -1,5 +1,4 @@
 // Host side of the 64-row decode kernels' Q tile loads: its TMA map (mla_decode_wgmma.cuh, TileMaps).
-#include <cstdlib>
 #include <cstring>
 
 #include "gemm/sm90_tensor_maps.h"
@@ -33,8 +32,6 @@ bool q_tensor_map(const DecodeParams& p, bool q_fp16, CUtensorMap& map) {
 void make_tile_maps(const DecodeParams& p, bool q_fp16, TileMaps& maps) {
   std::memset(&maps, 0, sizeof(maps));
   maps.q_tma = q_tensor_map(p, q_fp16, maps.q) ? 1 : 0;
-  const char* pf = std::getenv("FLASHSEEK_MLA_L2_PREFETCH");  // experiment knob (session 8)
-  maps.prefetch = pf != nullptr ? std::atoi(pf) : 0;
 }
 
 }  // namespace flashseek::mla::wg
