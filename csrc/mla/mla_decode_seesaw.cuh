@@ -13,8 +13,8 @@
 //   WG0: mA = max(m, rowmax S_A) -> shared, P_A = exp2(S_A - mA), O0 = O0 * 2^(m - mA) + P_A V_A[:, :256]
 //        (P from registers); then, with WG1's mB: P_A * 2^(mA - mB) -> the shared P_A tile (for WG1),
 //        O0 = O0 * 2^(mA - mB) + P_B V_B[:, :256] (P_B from shared memory), then S of block 2i + 2.
-//   WG1: mB = max(mA, rowmax S_B) -> shared, P_B = exp2(S_B - mB) -> shared (Q's rope panel: every
-//        S takes Q's rope columns from registers), O1 = O1 * 2^(m - mB) + P_B V_B[:, 256:] (registers)
+//   WG1: mB = max(mA, rowmax S_B) -> shared, P_B = exp2(S_B - mB) -> shared (stage 1's rope panel,
+//        which S_B no longer needs), O1 = O1 * 2^(m - mB) + P_B V_B[:, 256:] (registers)
 //        + P_A V_A[:, 256:] (shared), then S of block 2i + 3.
 // Row sums stay per warpgroup and are added at the end. Named barriers: mA ready, mB ready, P_A
 // stored, P_B stored; each is used once per pair, and each warpgroup passes every one of them in
@@ -22,18 +22,14 @@
 //
 // Loads: TMA, one box per page (min(page_size, 64) rows x 64 dims, 128B swizzle) and one mbarrier
 // per 64-dim panel per stage, so S can start on the panels that landed first. A stage is refilled
-// in parts, each as soon as both warpgroups are done with it: by warpgroup 0 stage 0's rope panel
-// (right after S_A) and panels 0-3 (after its P V of that block retires), by warpgroup 1 panels 4-7
-// and stage 1's rope panel. P_B used to live in stage 1's rope panel, which then came back only
-// after warpgroup 0's P_B V_B: that wait was 18.6% of warpgroup 1's time from HBM (12.6% with the
-// KV in L2; per-panel TMA wait accounting, session 8), so Q's rope columns moved to registers
-// (16 a thread, as FlashMLA keeps them) and P_B to Q's rope panel. Warpgroup 1 queues both its P V before
+// in parts, each as soon as both warpgroups are done with it: by warpgroup 0 the rope panel (stage
+// 0: right after S_A; stage 1: once P_B, which it holds, is consumed) and panels 0-3 (after its P V
+// of that block retires), by warpgroup 1 panels 4-7. Warpgroup 1 queues both its P V before
 // warpgroup 0's P_B V_B (the P_B-stored barrier is passed only after), so it refills early. Page
 // ids for the next pair are read at the start of the pair by the issuing warps. Rows past the
 // sequence end are zeroed after they land (tail block only): P is 0 there, but 0 * NaN would poison O.
 //
-// Shared memory: Q 73,728 (its rope panel holds P_B) | stage 0 73,728 | stage 1 73,728 | P_A 8,192 | row vectors |
-// 19 mbarriers.
+// Shared memory: Q 73,728 | stage 0 73,728 | stage 1 73,728 | P_A 8,192 | row vectors | 18 mbarriers.
 #pragma once
 #include <cuda.h>
 
@@ -136,21 +132,12 @@ __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage,
   }
 }
 
-using MmaQKrs = gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>;
-template <size_t... I>
-__device__ __forceinline__ void qk_step_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[32], gmma::ScaleOut sc,
-                                           std::index_sequence<I...>) {
-  MmaQKrs::fma(a[0], a[1], a[2], a[3], db, d[I]..., sc);
-}
-
 // S += Q K^T over one 64-dim panel (4 wgmma m64n64k16), once the panel has landed. The wgmma fence
 // after the wait is explicit: otherwise ptxas inserts one behind the wait loop (a branch) and then
 // serialises every wgmma of the kernel (C7520).
-// The rope panel (8) takes Q from registers (rq, the A fragments of Q's rope columns): its shared
-// copy holds P_B once the piece's first S has run.
 template <int kPanel, bool kFirst>
-__device__ __forceinline__ void s_panel(uint32_t sQ, const uint32_t (&rq)[16], uint32_t sK, uint32_t bars,
-                                        uint32_t parity, float (&sacc)[32], long long (&tma_wait_cycles)[kPanels]) {
+__device__ __forceinline__ void s_panel(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32],
+                                        long long (&tma_wait_cycles)[kPanels]) {
   FS_TL(const long long t0 = clock64());
   mbar_wait(bars + 8 * kPanel, parity);
   FS_TL(tma_wait_cycles[kPanel] += clock64() - t0);
@@ -158,23 +145,17 @@ __device__ __forceinline__ void s_panel(uint32_t sQ, const uint32_t (&rq)[16], u
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t off = kPanel * kPanelBytes + kk * 32;
-    const gmma::ScaleOut sc = kFirst && kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One;
-    if constexpr (kPanel == kPanels - 1) {
-      const uint32_t a[4] = {rq[4 * kk], rq[4 * kk + 1], rq[4 * kk + 2], rq[4 * kk + 3]};
-      qk_step_rs(a, wgmma_desc_sw128(sK + off, 16, 1024), sacc, sc, std::make_index_sequence<32>{});
-    } else {
-      wg::qk_step(wgmma_desc_sw128(sQ + off, 16, 1024), wgmma_desc_sw128(sK + off, 16, 1024), sacc, sc,
-                  std::make_index_sequence<32>{});
-    }
+    wg::qk_step(wgmma_desc_sw128(sQ + off, 16, 1024), wgmma_desc_sw128(sK + off, 16, 1024), sacc,
+                kFirst && kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<32>{});
   }
 }
 
 // S over the listed panels in that order (kZero: the first one starts the accumulation).
 template <bool kZero, int kFirst, int... kRest>
-__device__ __forceinline__ void s_panels(uint32_t sQ, const uint32_t (&rq)[16], uint32_t sK, uint32_t bars,
-                                         uint32_t parity, float (&sacc)[32], long long (&tma_wait_cycles)[kPanels]) {
-  s_panel<kFirst, kZero>(sQ, rq, sK, bars, parity, sacc, tma_wait_cycles);
-  (s_panel<kRest, false>(sQ, rq, sK, bars, parity, sacc, tma_wait_cycles), ...);
+__device__ __forceinline__ void s_panels(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32],
+                                         long long (&tma_wait_cycles)[kPanels]) {
+  s_panel<kFirst, kZero>(sQ, sK, bars, parity, sacc, tma_wait_cycles);
+  (s_panel<kRest, false>(sQ, sK, bars, parity, sacc, tma_wait_cycles), ...);
 }
 
 // Rows [valid, 64) of a stage's V panels (0-7) := 0, by one warpgroup.
@@ -281,9 +262,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     float sacc[32];
 #pragma unroll
     for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
-    uint32_t rq[16];  // Q's rope columns as A fragments (rows row0, row0 + 8), for every S of the piece
-#pragma unroll
-    for (int i = 0; i < 16; ++i) rq[i] = 0u;
     if (n > 0) {
       if (maps.q_tma && threadIdx.x == 0) wg::issue_q_tile(maps, p, bi, m_tile, smem + Smem::kQ, bar_q);
       if (warp == 0 && wg < n) {  // block 0 -> stage 0 (warpgroup 0's warp 0), block 1 -> stage 1
@@ -300,18 +278,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_async_smem();
       }
       __syncthreads();  // Q visible to the async proxy
-      {
-        const char* q8 = smem + Smem::kQ + 8 * kPanelBytes;
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          rq[2 * c] = *reinterpret_cast<const uint32_t*>(q8 + swz(row0, c) + q4 * 4);
-          rq[2 * c + 1] = *reinterpret_cast<const uint32_t*>(q8 + swz(row0 + 8, c) + q4 * 4);
-        }
-      }
       if (wg < n) {     // S of block wg (warpgroup 0: block 0, warpgroup 1: block 1)
         const uint32_t sK = wg ? stB : stA, bb = wg ? barsB : barsA, ph = parity(wg);
         fence_regs(sacc);
-        s_panels<true, 0, 1, 2, 3, 4, 5, 6, 7, 8>(sQ, rq, sK, bb, ph, sacc, tl_tma);
+        s_panels<true, 0, 1, 2, 3, 4, 5, 6, 7, 8>(sQ, sK, bb, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_regs(sacc);
@@ -457,12 +427,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int h = 0; h < 2; ++h) l_run[h] *= beta[h];
         scale_o(beta);
         bar_wait(kBarPB);
-        // O0 += P_B V_B[:, 0:256], P_B from Q's rope panel
+        // O0 += P_B V_B[:, 0:256], P_B from stage 1's rope panel
         fence_regs(o);
         cute::warpgroup_arrive();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          wg::pv_step_ss(wgmma_desc_sw128(sQ + 8 * kPanelBytes + kk * 32, 16, 1024),
+          wg::pv_step_ss(wgmma_desc_sw128(stB + 8 * kPanelBytes + kk * 32, 16, 1024),
                          wgmma_desc_sw128(stB + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
         }
         cute::warpgroup_commit_batch();
@@ -470,20 +440,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kNextA) {  // S of block 2i + 2 over the panels this warpgroup just reloaded
         const uint32_t ph = parity(ja + 2);
         fence_regs(sacc);
-        s_panels<true, 8, 0, 1, 2, 3>(sQ, rq, stA, barsA, ph, sacc, tl_tma);
+        s_panels<true, 8, 0, 1, 2, 3>(sQ, stA, barsA, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
       }
       if constexpr (kHasB) {
         cute::warpgroup_wait<kNextA ? 1 : 0>();
         fence_regs(o);
-        // Stage 1's panels 0-3 are free.
+        // Stage 1's panels 0-3 and its rope panel (P_B) are free.
         if constexpr (kNextB) {
-          if (warp == 0) issue_block<kPanelsLow>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
+          if (warp == 0) {
+            issue_block<kPanelsLow | kPanelRope>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
+          }
         }
       }
       if constexpr (kNextA) {
         const uint32_t ph = parity(ja + 2);
-        s_panels<false, 4, 5, 6, 7>(sQ, rq, stA, barsA, ph, sacc, tl_tma);
+        s_panels<false, 4, 5, 6, 7>(sQ, stA, barsA, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         mma_wait_all();
         fence_regs(sacc);
@@ -518,8 +490,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kHasB) {
         uint32_t pf[16];
         exp_rows(mBu, l_run, pf);
-        // P_B -> Q's rope panel (every S takes those columns from registers) for warpgroup 0.
-        char* sPB = smem + Smem::kQ + 8 * kPanelBytes;
+        // P_B -> stage 1's rope panel (S_B, its only reader, has retired) for warpgroup 0.
+        char* sPB = stage1 + 8 * kPanelBytes;
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
           *reinterpret_cast<uint32_t*>(sPB + swz(row0, c) + q4 * 4) = pf[2 * c];
@@ -558,12 +530,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if constexpr (kHasB) {
         cute::warpgroup_wait<1>();
-        // Stage 1's panels 4-7 (warpgroup 0 never reads them after S) and its rope panel (read by
-        // S_B only) are free.
+        // Stage 1's panels 4-7 are free (warpgroup 0 never reads them after S).
         if constexpr (kNextB) {
-          if (warp == 0) {
-            issue_block<kPanelsHigh | kPanelRope>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
-          }
+          if (warp == 0) issue_block<kPanelsHigh>(&tmap_kv, stage1, bars + kPanels, next_rows, 8, nbox, box_log2, lane);
         }
       }
       mma_wait_all();
@@ -574,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kNextB) {  // S of block 2i + 3: this warpgroup's panels first
         const uint32_t ph = parity(jb + 2);
         fence_regs(sacc);
-        s_panels<true, 4, 5, 6, 7, 8, 0, 1, 2, 3>(sQ, rq, stB, barsB, ph, sacc, tl_tma);
+        s_panels<true, 4, 5, 6, 7, 8, 0, 1, 2, 3>(sQ, stB, barsB, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         mma_wait_all();
         fence_regs(sacc);
