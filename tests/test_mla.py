@@ -526,15 +526,16 @@ def check_against_reference(case, out, lse, causal):
     assert_lse_close(lse, ref_lse, 1e-3)
 
 
-# Tiles with two kernels, picked per call by FLASHSEEK_MLA_DECODE: the bf16 cache's 64-row tiles (the
-# two-warpgroup kernel mla_decode_wgmma.cuh by default, the turn-taking one mla_decode_seesaw.cuh with
-# =seesaw) and the FP8 cache's tiles of up to 32 rows (mla_decode_fp8_direct.cuh by default, the
-# bf16-tile mma.sync kernel with =staged). "default" runs every tile's default kernel.
-MLA_IMPLS = ["default", "seesaw", "staged"]
+# Tiles with two kernels, forced per call by FLASHSEEK_MLA_DECODE: the bf16 cache's 64-row tiles (by
+# default the two-warpgroup kernel mla_decode_wgmma.cuh for s_q = 1 and the turn-taking one
+# mla_decode_seesaw.cuh for s_q >= 2; =wgmma / =seesaw force one) and the FP8 cache's tiles of up to
+# 32 rows (mla_decode_fp8_direct.cuh by default, the bf16-tile mma.sync kernel with =staged).
+# "default" runs every tile's default kernel.
+MLA_IMPLS = ["default", "wgmma", "seesaw", "staged"]
 
 
 def _use_impl(monkeypatch, impl, rows=None, fp8=False):
-    if impl == "seesaw" and (rows is None and fp8 or rows is not None and (rows <= 32 or fp8)):
+    if impl in ("wgmma", "seesaw") and (rows is None and fp8 or rows is not None and (rows <= 32 or fp8)):
         pytest.skip("one kernel serves this tile and cache")
     if impl == "staged" and (not fp8 or rows is not None and rows > 32):
         pytest.skip("one kernel serves this tile and cache")

@@ -7,17 +7,22 @@
 
 namespace flashseek::mla {
 namespace {
-// FLASHSEEK_MLA_DECODE=wgmma forces the two-warpgroup kernel; read on every call so that one test
-// process can check both kernels. The turn-taking kernel is opt-in (=seesaw) until measured.
-bool use_seesaw() {
+// The turn-taking kernel for s_q >= 2, the two-warpgroup one for s_q = 1: the turn-taking kernel was
+// 2-9% faster at s_q = 2 (causal, varlen) in three bench runs of sessions 7-8 (s_k = 16384: 2231 vs
+// 2422 us; 4096: 656 vs 671) and slower at s_q = 1 (varlen h_q = 128 390 vs 368, b = 32 56 vs 48,
+// b = 64 h_q = 64 134 vs 130). FLASHSEEK_MLA_DECODE=seesaw / =wgmma, read on every call, force one
+// of them (tests and A/Bs).
+bool use_seesaw(const DecodeParams& p) {
   const char* s = std::getenv("FLASHSEEK_MLA_DECODE");
-  return s != nullptr && std::strcmp(s, "seesaw") == 0;
+  if (s != nullptr && std::strcmp(s, "seesaw") == 0) return true;
+  if (s != nullptr && std::strcmp(s, "wgmma") == 0) return false;
+  return p.s_q >= 2;
 }
 }  // namespace
 
 void launch_decode_wgmma_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return;
-  if (use_seesaw() && launch_decode_seesaw_bf16_cache(p, q_fp16, stream)) return;
+  if (use_seesaw(p) && launch_decode_seesaw_bf16_cache(p, q_fp16, stream)) return;
   if (q_fp16) {
     wg::launch_decode_wgmma<__half, false>(p, stream);
   } else {
