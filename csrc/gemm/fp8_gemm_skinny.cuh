@@ -168,33 +168,8 @@ __device__ __forceinline__ int token_box(int tokens) {
   return tokens <= 8 ? 0 : tokens <= 16 ? 1 : tokens <= 32 ? 2 : 3;
 }
 
-// The weight tiles of this CTA's first `count` units into stages 0.. (dense layout: the unit walk is
-// then known without reading anything another kernel writes). Issued before the PDL wait: the
-// weights are not written by the previous kernel, so their HBM latency overlaps its tail. Their
-// bytes are expected on the stage's full barrier here; the arrival comes with the token tile.
-__device__ __forceinline__ int producer_weight_prologue(const CUtensorMap* tmap_w, const Params& p, uint8_t* smem,
-                                                        const Split& sp, int c) {
-  const int64_t u0 = sp.begin(c);
-  const int count = int(min(int64_t(kStages), max(sp.begin(c + 1) - u0, int64_t(0))));
-  if (threadIdx.x % 32 != 0 || count == 0) return count;
-  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Smem::kBar);
-  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-  const int64_t t0 = div_nonneg(u0, sp.num_kb);
-  int kb = int(u0 - t0 * sp.num_kb);
-  int n0 = int(t0) * kRows;  // one group: tiles are row tiles of the weight
-  for (int s = 0; s < count; ++s) {
-    cutlass::arch::ClusterTransactionBarrier::expect_transaction(full_bar + s, Smem::kWBytes);
-    cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + s, kHint, smem + Smem::kW + s * Smem::kWBytes, kb * kBlockK, n0);
-    if (++kb == sp.num_kb) {
-      kb = 0;
-      n0 += kRows;
-    }
-  }
-  return count;
-}
-
 __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenMaps* tmap_x, const Params& p,
-                                         uint8_t* smem, const Split& sp, int c, int w_pre) {
+                                         uint8_t* smem, const Split& sp, int c) {
   const uint32_t base = smem_u32(smem);
   const int lane = threadIdx.x % 32;
   const int* active = reinterpret_cast<const int*>(smem + Smem::kActive);
@@ -217,17 +192,14 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   const int* tokens_of = reinterpret_cast<const int*>(smem + Smem::kGroupTokens);
   int tokens = tokens_of[g];
   const int nsb = (p.n + 127) / 128;
-  for (int i = 0; u < end; ++u, ++i) {
+  for (; u < end; ++u) {
     const int box = token_box(tokens);
     mbar_wait(Smem::empty(base, stage), phase ^ 1);
     if (lane == 0) {
-      const bool w_done = i < w_pre;  // issued by producer_weight_prologue
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-          full_bar + stage, (w_done ? 0 : Smem::kWBytes) + (8 << box) * kBlockK);
-      if (!w_done) {
-        cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + stage, kHint, smem + Smem::kW + stage * Smem::kWBytes,
-                                     kb * kBlockK, g * p.n + n0);
-      }
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage,
+                                                                     Smem::kWBytes + (8 << box) * kBlockK);
+      cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + stage, kHint, smem + Smem::kW + stage * Smem::kWBytes,
+                                   kb * kBlockK, g * p.n + n0);
       cute::SM90_TMA_LOAD_2D::copy(&tmap_x->rows[box], full_bar + stage, kHint,
                                    smem + Smem::kX + stage * Smem::kXBytes,
                                    kb * kBlockK, p.masked_m != nullptr ? g * p.m_rows : 0);
@@ -394,13 +366,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 4; ++i) cute::prefetch_tma_descriptor(&tmap_x.rows[i]);
   }
-  // Dense layout: the split is known from the parameters alone, so the producer issues its first
-  // weight tiles before the PDL wait (the barriers are initialised: a barrier before the issue).
-  int w_pre = 0;
-  if (p.masked_m == nullptr) {
-    __syncthreads();
-    if (tid == kMathThreads) w_pre = producer_weight_prologue(&tmap_w, p, smem, make_split(p, 1), blockIdx.x);
-  }
   pdl_wait();
   FS_SKINNY_TL(const timeline::Stamp tl_pdl = timeline::now();)
   int* tokens = reinterpret_cast<int*>(smem + Smem::kGroupTokens);
@@ -435,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid < kMathThreads) {
     math_warpgroup(p, smem, sp, blockIdx.x);
   } else {
-    producer(&tmap_w, &tmap_x, p, smem, sp, blockIdx.x, w_pre);
+    producer(&tmap_w, &tmap_x, p, smem, sp, blockIdx.x);
   }
   FS_SKINNY_TL(__syncthreads(); if (tid == 0 && timeline::g_cta != nullptr) {
     timeline::Cta* r = timeline::g_cta + blockIdx.x;
