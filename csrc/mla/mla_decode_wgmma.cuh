@@ -19,6 +19,10 @@
 // rendezvous at the end of the block (both warpgroups done reading the stage; block n+1 landed).
 // The rendezvous is what makes phase reuse of kBarPFull safe: WG0 arrives for block n+1 only after
 // WG1 has passed block n's wait.
+// Per piece (a request's share of the part): Q comes by TMA when q's packed rows have one stride
+// (TileMaps, else per-thread loads), and the finished rows leave through a padded tile over the KV
+// stages with coalesced 16-byte stores (write_piece_staged): both were ~5 µs a piece from one SM
+// with per-thread loads and fragment-order stores (docs/mla-design.md, v5).
 //
 // Shared memory, each tile in 64-column panels of [rows][128 B] with the 128B swizzle (16-byte
 // chunk c of row r at r * 128 + ((c ^ r % 8) << 4)), the layout wgmma descriptors describe:
