@@ -46,6 +46,9 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
          unsigned long long* tl = timeline::g_combine == nullptr ? nullptr
                                   : timeline::g_combine + (blockIdx.y * gridDim.x + blockIdx.x) * timeline::kCombineStamps;
          if (threadIdx.x == 0 && tl != nullptr) tl[3] = 0;)
+  // The next kernel (the next layer's decode, also launched with launch_pdl) may be scheduled once
+  // every CTA of this grid has started; it waits for this whole grid before touching memory.
+  pdl_launch_dependents();
   // Wait for the decode grid (a no-op when not launched as a programmatic dependent).
   pdl_wait();
   FS_MTL(if (threadIdx.x == 0 && tl != nullptr) { tl[0] = tl_entry; tl[1] = timeline::now(); })

@@ -262,6 +262,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   }
   __syncthreads();
 
+  // Launched as a programmatic dependent (launch_pdl): nothing written by an earlier kernel (the plan,
+  // q, the cache, the workspace the previous combine may still read) is touched before this.
+  pdl_wait();
   const PlanPart plan(p, part);
   Loader ld;
   ld.more = false;
@@ -665,7 +668,7 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   constexpr int smem = Tile<kRG>::kTotal;
   FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.rows + Tile<kRG>::kM - 1) / Tile<kRG>::kM, p.num_sm_parts);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p);
   FS_CHECK_LAUNCH();
 }
 

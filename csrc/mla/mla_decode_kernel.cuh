@@ -364,6 +364,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   const int g = lane >> 2, q4 = lane & 3;
   const int row0 = rg * 16 + g;                // this thread's rows: row0 and row0 + 8
 
+  // Launched as a programmatic dependent (launch_pdl): nothing written by an earlier kernel (the plan,
+  // q, the cache, the workspace the previous combine may still read) is touched before this.
+  pdl_wait();
   const PlanPart plan(p, part);
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
@@ -627,7 +630,7 @@ void launch_decode_rg(const DecodeParams& p, cudaStream_t stream) {
   FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   constexpr int kM = Smem<kFp8, kRG>::kM;
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p);
   FS_CHECK_LAUNCH();
 }
 

@@ -240,6 +240,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     FS_TL(tl_mma += clock64() - t0);
   };
 
+  // Launched as a programmatic dependent (launch_pdl): nothing written by an earlier kernel (the plan,
+  // q, the cache, the workspace the previous combine may still read) is touched before this.
+  pdl_wait();
   const detail::PlanPart plan(p, part);
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n;
@@ -601,7 +604,7 @@ void launch_decode_seesaw(const DecodeParams& p, const CUtensorMap& map, cudaStr
   wg::TileMaps maps;
   wg::make_tile_maps(p, std::is_same_v<QT, __half>, maps);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  kernel<<<grid, kThreads, smem, stream>>>(p, map, maps);
+  launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p, map, maps);
   FS_CHECK_LAUNCH();
 }
 

@@ -366,6 +366,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g = lane >> 2, q4 = lane & 3;
   const int row0 = warp * 16 + g;  // this thread's accumulator rows: row0 and row0 + 8
 
+  // Launched as a programmatic dependent (launch_pdl): nothing written by an earlier kernel (the plan,
+  // q, the cache, the workspace the previous combine may still read) is touched before this.
+  pdl_wait();
   const detail::PlanPart plan(p, part);
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
@@ -597,7 +600,7 @@ void launch_decode_wgmma(const DecodeParams& p, cudaStream_t stream) {
   TileMaps maps;
   make_tile_maps(p, std::is_same_v<QT, __half>, maps);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  kernel<<<grid, kThreads, smem, stream>>>(p, maps);
+  launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p, maps);
   FS_CHECK_LAUNCH();
 }
 
