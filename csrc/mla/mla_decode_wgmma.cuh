@@ -330,7 +330,10 @@ __device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const 
       *reinterpret_cast<uint4*>(dst + r * kDV + c * 4) = *reinterpret_cast<const uint4*>(tile + r * kWsStride + c * 16);
     }
   }
-  __syncthreads();  // the tile's reads done: the stages may be refilled
+  // The tile's reads are done and its generic-proxy writes ordered before the next piece's TMA
+  // writes (async proxy) into the same stages.
+  fence_async_smem();
+  __syncthreads();
 }
 
 template <typename QT, bool kFp8>
