@@ -247,6 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n;
     plan.piece(p, bi, len, len_eff, blk_begin, n);
+    const wg::PieceDest dest = wg::piece_dest(p, plan, bi);
     const int limit[2] = {detail::visible_keys(p, m_tile * kM + row0, len, len_eff),
                           detail::visible_keys(p, m_tile * kM + row0 + 8, len, len_eff)};
     const int min_limit = detail::visible_keys(p, m_tile * kM, len, len_eff);  // the tile's first row
@@ -575,7 +576,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // both row sums visible; every read of Q and the stages done
 
-    wg::write_piece_staged<QT>(p, plan, bi, m_tile, o, [&](int h, int) { return m_run[h]; },
+    wg::write_piece_staged<QT>(p, dest, bi, m_tile, o, [&](int h, int) { return m_run[h]; },
                                [&](int, int r) { return s_rowsum[r] + s_rowsum[kM + r]; }, smem + Smem::kStage0);
     __syncthreads();  // s_rowsum is rewritten by the next request
   }

@@ -269,6 +269,19 @@ __device__ __forceinline__ void q_tile_to_bf16(char* q_tile) {
   }
 }
 
+// Where a finished piece goes (direct to out / lse, or split slot), looked up when the piece starts:
+// plan.destination is a dependent read of the plan in global memory, whose latency then hides under
+// the piece's blocks instead of opening the write.
+struct PieceDest {
+  bool ok, direct;
+  int slot;
+};
+__device__ __forceinline__ PieceDest piece_dest(const DecodeParams& p, const detail::PlanPart& plan, int bi) {
+  PieceDest d;
+  d.ok = plan.destination(p, bi, d.direct, d.slot);
+  return d;
+}
+
 // A finished 64-row piece through shared memory: every thread puts its normalised values into a
 // row-padded tile (q's dtype for out, fp32 for a split partial) over the KV stages, free after the
 // piece's last block, and then copies 16-byte chunks of whole rows to global memory, so that each
@@ -280,12 +293,11 @@ __device__ __forceinline__ void q_tile_to_bf16(char* q_tile) {
 // soon as they issue. Row strides 1,040 / 2,080 B (260 / 520 words = 4 / 8 mod 32 banks): a warp's
 // 4-byte and a half-warp's 8-byte stores hit distinct banks. Called by every thread (two barriers).
 template <typename QT, typename MaxOf, typename SumOf>
-__device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const detail::PlanPart& plan, int bi,
-                                                   int m_tile, const float (&o)[128], MaxOf m_log2, SumOf l,
-                                                   char* tile) {
-  bool direct;
-  int slot;
-  if (!plan.destination(p, bi, direct, slot)) return;
+__device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
+                                                   const float (&o)[128], MaxOf m_log2, SumOf l, char* tile) {
+  if (!dest.ok) return;
+  const bool direct = dest.direct;
+  const int slot = dest.slot;
   constexpr int kOutStride = kDV * 2 + 16, kWsStride = kDV * 4 + 32;
   const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, q4 = lane & 3;
   const int row0 = ((threadIdx.x & 127) >> 5) * 16 + (lane >> 2);
@@ -376,6 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
     plan.piece(p, bi, len, len_eff, blk_begin, n_iter);
+    const PieceDest dest = piece_dest(p, plan, bi);
     FS_MTL(if (tl_first) { tl_t[1] = timeline::now(); tl_t[7] = n_iter; })
 
     if (n_iter > 0) {
@@ -583,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     FS_MTL(if (tl_first) tl_t[4] = timeline::now();)
 
     // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
-    write_piece_staged<QT>(p, plan, bi, m_tile, o, [&](int, int r) { return s_mrun[r]; },
+    write_piece_staged<QT>(p, dest, bi, m_tile, o, [&](int, int r) { return s_mrun[r]; },
                            [&](int, int r) { return s_lrun[r]; }, smem + S::kK0);
     // s_lrun / s_mrun are rewritten by the next request (at once when it has no blocks here).
     __syncthreads();
