@@ -526,16 +526,16 @@ def check_against_reference(case, out, lse, causal):
     assert_lse_close(lse, ref_lse, 1e-3)
 
 
-# Tiles with two kernels, forced per call by FLASHSEEK_MLA_DECODE: the bf16 cache's 64-row tiles (by
-# default the two-warpgroup kernel mla_decode_wgmma.cuh for s_q = 1 and the turn-taking one
-# mla_decode_seesaw.cuh for s_q >= 2; =wgmma / =seesaw force one) and the FP8 cache's tiles of up to
-# 32 rows (mla_decode_fp8_direct.cuh by default, the bf16-tile mma.sync kernel with =staged).
+# Tiles with two kernels, forced per call by FLASHSEEK_MLA_DECODE: the bf16 cache's tiles, all 64 rows
+# (by default the two-warpgroup kernel mla_decode_wgmma.cuh, the turn-taking one mla_decode_seesaw.cuh
+# for s_q >= 2 with four or more row tiles; =wgmma / =seesaw force one) and the FP8 cache's tiles of up
+# to 32 rows (mla_decode_fp8_direct.cuh by default, the bf16-tile mma.sync kernel with =staged).
 # "default" runs every tile's default kernel.
 MLA_IMPLS = ["default", "wgmma", "seesaw", "staged"]
 
 
 def _use_impl(monkeypatch, impl, rows=None, fp8=False):
-    if impl in ("wgmma", "seesaw") and (rows is None and fp8 or rows is not None and (rows <= 32 or fp8)):
+    if impl in ("wgmma", "seesaw") and fp8:
         pytest.skip("one kernel serves this tile and cache")
     if impl == "staged" and (not fp8 or rows is not None and rows > 32):
         pytest.skip("one kernel serves this tile and cache")
@@ -584,7 +584,8 @@ def test_decode_split_paths_cuda(P, fp8):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_decode_row_tiles_cuda(s_q, h_q, fp8, impl, monkeypatch):
     _use_impl(monkeypatch, impl, s_q * h_q, fp8)
-    # s_q * h_q <= 16 / <= 32 / more select the 16-, 32- and 64-row CTA tiles; edges on both sides.
+    # FP8: s_q * h_q <= 16 / <= 32 / more select the 16-, 32- and 64-row CTA tiles; edges on both sides
+    # (the bf16 cache runs 64-row tiles for all of them).
     lens = [1, 200, 0, 1500]
     case = make_case(len(lens), s_q, h_q, lens, 16, fp8=fp8, device="cuda", gen_seed=s_q * 1000 + h_q)
     out = poison_(torch.empty(len(lens), s_q, h_q, 512, dtype=torch.bfloat16, device="cuda"))

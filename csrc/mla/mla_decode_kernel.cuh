@@ -1,4 +1,7 @@
 // Paged MLA latent decode kernel (sm_90a, v1: mma.sync m16n8k16 bf16 + ldmatrix + cp.async).
+// Since session 8 it serves the FP8 cache only (=staged, tiles of up to 32 rows, and the plan and
+// write helpers shared with the other kernels): the bf16 cache runs 64-row wgmma tiles for every shape
+// (mla_decode_bf16_cache.cu has the measurements).
 //
 // Grid (row tiles, sm parts); 256 threads = 8 warps; one CTA per SM (up to 225 KB of shared memory).
 // A CTA owns kM = 16 * kRG packed query rows (row = s * h_q + h of one request; kRG = 4, 2 or 1 row

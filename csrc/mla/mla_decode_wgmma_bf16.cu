@@ -7,16 +7,17 @@
 
 namespace flashseek::mla {
 namespace {
-// The turn-taking kernel for s_q >= 2, the two-warpgroup one for s_q = 1: the turn-taking kernel was
-// 2-9% faster at s_q = 2 (causal, varlen) in three bench runs of sessions 7-8 (s_k = 16384: 2231 vs
-// 2422 us; 4096: 656 vs 671) and slower at s_q = 1 (varlen h_q = 128 390 vs 368, b = 32 56 vs 48,
-// b = 64 h_q = 64 134 vs 130). FLASHSEEK_MLA_DECODE=seesaw / =wgmma, read on every call, force one
-// of them (tests and A/Bs).
+// The turn-taking kernel for s_q >= 2 with at least four row tiles (h_q = 128 and up), the
+// two-warpgroup one otherwise. Bench runs of sessions 7-8 had the turn-taking kernel 1-9% faster at
+// s_q = 2 h_q = 128 (causal, varlen; s_k = 16384: 2207-2231 vs 2358-2422 us) and slower at s_q = 1 and
+// at every smaller s_q >= 2 tile count measured (harness, run 22: s_q = 2 h_q = 64 352-356 vs 316-325
+// us, s_q = 4 h_q = 16 281 vs 256, s_q = 2 h_q = 32 277-278 vs 253). FLASHSEEK_MLA_DECODE=seesaw /
+// =wgmma, read on every call, force one of them (tests and A/Bs).
 bool use_seesaw(const DecodeParams& p) {
   const char* s = std::getenv("FLASHSEEK_MLA_DECODE");
   if (s != nullptr && std::strcmp(s, "seesaw") == 0) return true;
   if (s != nullptr && std::strcmp(s, "wgmma") == 0) return false;
-  return p.s_q >= 2;
+  return p.s_q >= 2 && p.rows >= 4 * wg::kM;
 }
 }  // namespace
 

@@ -1240,9 +1240,9 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         (out [b, s_q, h_q, 512] in q's dtype, lse [b, h_q, s_q] fp32, natural log; an empty
         sequence gives out 0 and lse -inf).
 
-    Kernels (CUDA): bf16 cache: mma.sync for s_q * h_q <= 32, wgmma above (two warpgroups
-    splitting the output columns for s_q = 1; warpgroups taking turns on key blocks for s_q >= 2,
-    measured 2-9% faster there). FP8 cache: up to 32 rows, a kernel that multiplies the exact e4m3
+    Kernels (CUDA): bf16 cache: wgmma kernels on 64-row tiles for every shape (two warpgroups
+    splitting the output columns; warpgroups taking turns on key blocks for s_q >= 2 with four or
+    more row tiles, measured 1-9% faster there). FP8 cache: up to 32 rows, a kernel that multiplies the exact e4m3
     values by their scales in fp32 (scores and output within the bf16 budget of the reference on
     the dequantized cache); above, a wgmma kernel that rounds the dequantized values to bf16
     (cos-diff <= 1e-3). FLASHSEEK_MLA_DECODE, read per call, forces alternatives for tests and A/Bs:
