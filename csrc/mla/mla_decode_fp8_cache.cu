@@ -22,9 +22,9 @@ void launch_decode_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t st
   } else if (!use_staged()) {
     launch_decode_fp8_direct(p, q_fp16, stream);
   } else if (q_fp16) {
-    detail::launch_decode<__half, true>(p, stream);
+    detail::launch_decode<__half>(p, stream);
   } else {
-    detail::launch_decode<__nv_bfloat16, true>(p, stream);
+    detail::launch_decode<__nv_bfloat16>(p, stream);
   }
 }
 }  // namespace flashseek::mla

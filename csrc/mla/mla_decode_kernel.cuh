@@ -1,7 +1,7 @@
-// Paged MLA latent decode kernel (sm_90a, v1: mma.sync m16n8k16 bf16 + ldmatrix + cp.async).
-// Since session 8 it serves the FP8 cache only (=staged, tiles of up to 32 rows, and the plan and
-// write helpers shared with the other kernels): the bf16 cache runs 64-row wgmma tiles for every shape
-// (mla_decode_bf16_cache.cu has the measurements).
+// Paged MLA latent decode kernel (sm_90a, v1: mma.sync m16n8k16 bf16 + ldmatrix + cp.async), FP8 cache
+// only: FLASHSEEK_MLA_DECODE=staged, tiles of up to 32 rows. Its bf16-cache path was removed when the
+// bf16 cache moved to 64-row wgmma tiles for every shape (session 8; mla_decode_bf16_cache.cu has the
+// measurements). The plan and write helpers below are shared with the other kernels.
 //
 // Grid (row tiles, sm parts); 256 threads = 8 warps; one CTA per SM (up to 225 KB of shared memory).
 // A CTA owns kM = 16 * kRG packed query rows (row = s * h_q + h of one request; kRG = 4, 2 or 1 row
@@ -14,12 +14,11 @@
 // P goes through shared memory (each warp needs every key). Tiles of 576 bf16 per row use a
 // 16-byte-chunk XOR swizzle (chunk ^ row % 8) so ldmatrix and cp.async are bank-conflict-free.
 // 16-row tiles hold each warp's latent Q fragments in registers for the whole request (see kQReg).
-// bf16 cache: two KV stages (cp.async double buffer). FP8 cache: raw 656-byte tokens are staged by
-// cp.async (three / two / one blocks ahead for 16 / 32 / 64-row tiles, as shared memory allows) and
-// dequantized by all threads to one bf16 tile before the MMAs (V = the same dequantized values).
-// Block-table reads are issued one iteration ahead of the copies they address (not for the bf16
-// 64-row tile, see kPrefetchPage). docs/mla-design.md has the measurements behind these choices.
-// Shared memory (bytes): bf16 64/32/16-row tiles 230400 / 189440 / 168960; FP8 198656 / 199680 / 221184.
+// Raw 656-byte tokens are staged by cp.async (three / two / one blocks ahead for 16 / 32 / 64-row
+// tiles, as shared memory allows) and dequantized by all threads to one bf16 tile before the MMAs
+// (V = the same dequantized values). Block-table reads are issued one iteration ahead of the copies
+// they address. docs/mla-design.md has the measurements behind these choices.
+// Shared memory (bytes): 64/32/16-row tiles 198656 / 199680 / 221184.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -42,24 +41,21 @@ constexpr int kTileBytes = kBlockN * kDQK * 2;     // 73728: one bf16 KV tile
 constexpr int kFp8StageBytes = kBlockN * kFp8TokenBytes;  // 41984
 constexpr int kFp8TokenChunks = kFp8TokenBytes / 16;      // 41
 
-template <bool kFp8, int kRG>
+template <int kRG>
 struct Smem {
   static constexpr int kM = 16 * kRG;              // query rows per CTA
   static constexpr int kW = kWarps / kRG;          // warps per row group
   static constexpr int kQ = 0;
   static constexpr int kK0 = kM * kDQK * 2;
-  // fp8: raw token staging buffers, as many as shared memory allows (3 / 2 / 1 for 16 / 32 / 64
-  // rows): the copies of the next kFp8Stages blocks are in flight while a block is dequantized.
+  // Raw token staging buffers, as many as shared memory allows (3 / 2 / 1 for 16 / 32 / 64 rows):
+  // the copies of the next kFp8Stages blocks are in flight while a block is dequantized.
   static constexpr int kFp8Stages = kRG == 4 ? 1 : (kRG == 2 ? 2 : 3);
-  // bf16: second KV stage; fp8: the staging buffers.
-  static constexpr int kK1 = kK0 + kTileBytes;
-  static constexpr int kP = kK1 + (kFp8 ? kFp8Stages * kFp8StageBytes : kTileBytes);
+  static constexpr int kK1 = kK0 + kTileBytes;  // the staging buffers, after the dequantized tile
+  static constexpr int kP = kK1 + kFp8Stages * kFp8StageBytes;
   static constexpr int kStats = kP + kM * kBlockN * 2;   // P in bf16
   static constexpr int kTotal = kStats + 2 * kW * kM * 4;  // row max and row sum per warp column
 };
-static_assert(Smem<false, 4>::kTotal <= 232448 && Smem<true, 4>::kTotal <= 232448 &&
-                  Smem<true, 2>::kTotal <= 232448 && Smem<true, 1>::kTotal <= 232448 &&
-                  Smem<false, 2>::kTotal <= 232448 && Smem<false, 1>::kTotal <= 232448,
+static_assert(Smem<4>::kTotal <= 232448 && Smem<2>::kTotal <= 232448 && Smem<1>::kTotal <= 232448,
               "shared memory exceeds the sm_90 per-block limit");
 
 // Byte offset of 16-byte chunk c of row r in a swizzled 576-wide bf16 tile.
@@ -150,9 +146,6 @@ __device__ __forceinline__ uint4 q_to_bf16<__half>(uint4 v) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Source of this thread's KV row of key block `blk` of request `bi`, or nullptr past the visible
-// length (the row is then zero-filled). Thread t handles token t / 4. Split from the copy so the
-// block-table read (a dependent global load) can be issued an iteration ahead of its use.
 // Cache row of `token` of request bi, or nullptr at or past len_eff (the row is then zero-filled).
 // len_eff <= max_pages * page_size, so the table index is in range. Page ids are clamped to
 // [0, num_pages): a bad table gives wrong values, never an out-of-bounds read.
@@ -164,31 +157,23 @@ __device__ __forceinline__ const char* cache_row(const DecodeParams& p, int bi, 
   const int64_t slot = (static_cast<int64_t>(page) << p.page_size_log2) + (token & ((1 << p.page_size_log2) - 1));
   return static_cast<const char*>(p.kv) + slot * (kFp8 ? kFp8TokenBytes : kDQK * 2);
 }
-template <bool kFp8>
+// Source of this thread's raw FP8 token of key block `blk` (thread t: token t / 4), or nullptr past
+// len_eff. Split from the copy so the block-table read can be issued an iteration ahead of its use.
 __device__ __forceinline__ const char* kv_row_src(const DecodeParams& p, int bi, int blk, int len_eff) {
-  return cache_row<kFp8>(p, bi, blk * kBlockN + (threadIdx.x >> 2), len_eff);
+  return cache_row<true>(p, bi, blk * kBlockN + (threadIdx.x >> 2), len_eff);
 }
 
-// Copies (zero-fills) the KV rows of one key block: bf16 into a swizzled tile, or raw FP8 tokens
-// into a staging buffer. Thread t handles token t / 4, chunks t % 4 + 4 j; src from kv_row_src.
-template <bool kFp8>
-__device__ __forceinline__ void issue_kv_block(uint32_t dst, const char* src, const void* kv_base) {
+// Copies (zero-fills) the raw FP8 tokens of one key block into a staging buffer. Thread t handles
+// token t / 4, chunks t % 4 + 4 j; src from kv_row_src.
+__device__ __forceinline__ void issue_raw_tokens(uint32_t dst, const char* src, const void* kv_base) {
   const int row = threadIdx.x >> 2, sub = threadIdx.x & 3;
   const bool valid = src != nullptr;
   const int bytes = valid ? 16 : 0;
   if (!valid) src = static_cast<const char*>(kv_base);  // never read (src-size 0), but a valid address
-  if constexpr (kFp8) {
 #pragma unroll
-    for (int j = 0; j < (kFp8TokenChunks + 3) / 4; ++j) {
-      const int c = sub + 4 * j;
-      if (c < kFp8TokenChunks) cp_async_16(dst + row * kFp8TokenBytes + c * 16, src + (valid ? c * 16 : 0), bytes);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kRowChunks / 4; ++j) {
-      const int c = sub + 4 * j;
-      cp_async_16(dst + tile_off(row, c), src + (valid ? c * 16 : 0), bytes);
-    }
+  for (int j = 0; j < (kFp8TokenChunks + 3) / 4; ++j) {
+    const int c = sub + 4 * j;
+    if (c < kFp8TokenChunks) cp_async_16(dst + row * kFp8TokenBytes + c * 16, src + (valid ? c * 16 : 0), bytes);
   }
 }
 
@@ -330,9 +315,9 @@ __device__ __forceinline__ void write_piece_row(const DecodeParams& p, int bi, i
   }
 }
 
-template <typename QT, bool kFp8, int kRG>
+template <typename QT, int kRG>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_constant__ DecodeParams p) {
-  using S = Smem<kFp8, kRG>;
+  using S = Smem<kRG>;
   constexpr int kM = S::kM, kW = S::kW;
   constexpr int kKeys = kBlockN / kW;  // keys of S per warp: 32, 16, 8
   constexpr int kNT = kKeys / 8;       // n-tiles of S per warp
@@ -346,9 +331,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   constexpr int kQRegSteps = kQReg ? kDV / 16 : 0;
   // Independent accumulator chains for S: a single n-tile would be one chain of 36 dependent MMAs.
   constexpr int kChains = kNT == 1 ? 4 : (kNT == 2 ? 2 : 1);
-  // Block-table reads one iteration ahead (kv_row_src). Not for the bf16 64-row tile: there the two
-  // live pointer registers cost more (measured 682 -> 695 us at b=128, h_q=128) than the hidden latency.
-  constexpr bool kPrefetchPage = kFp8 || kRG < 4;
   static_assert((kDQK / 16) % kChains == 0, "k steps per chain");
   static_assert(kRG == 1 || kRG == 2 || kRG == 4, "row groups");
 
@@ -378,21 +360,15 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
     // Source row of the next block to copy, looked up one iteration ahead (see kv_row_src).
     const char* next_src = nullptr;
     if (n_iter > 0) {
-      if constexpr (kFp8) {
 #pragma unroll
-        for (int st = 0; st < S::kFp8Stages; ++st) {
-          if (st < n_iter) {
-            issue_kv_block<true>(s_base + S::kK1 + st * kFp8StageBytes, kv_row_src<true>(p, bi, blk_begin + st, len_eff),
-                                 p.kv);
-            cp_async_commit();
-          }
+      for (int st = 0; st < S::kFp8Stages; ++st) {
+        if (st < n_iter) {
+          issue_raw_tokens(s_base + S::kK1 + st * kFp8StageBytes, kv_row_src(p, bi, blk_begin + st, len_eff),
+                               p.kv);
+          cp_async_commit();
         }
-        next_src = kv_row_src<true>(p, bi, blk_begin + S::kFp8Stages, len_eff);
-      } else {
-        issue_kv_block<false>(s_base + S::kK0, kv_row_src<false>(p, bi, blk_begin, len_eff), p.kv);
-        cp_async_commit();
-        if constexpr (kPrefetchPage) next_src = kv_row_src<false>(p, bi, blk_begin + 1, len_eff);
       }
+      next_src = kv_row_src(p, bi, blk_begin + S::kFp8Stages, len_eff);
       // Q tile (rows past s_q * h_q are zeros), converted to bf16, while the first block lands.
       const QT* qb = static_cast<const QT*>(p.q) + bi * p.q_stride_b;
       constexpr int kQChunks = kM * kRowChunks;
@@ -422,40 +398,19 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 
     for (int it = 0; it < n_iter; ++it) {
       const int blk = blk_begin + it;
-      uint32_t sK;
-      if constexpr (kFp8) {
-        // Groups committed so far: blocks 0 .. min(n_iter, it + stages) - 1, one group each; block
-        // `it` must be done, so min(n_iter - 1 - it, stages - 1) may stay in flight.
-        cp_async_wait_upto<S::kFp8Stages - 1>(min(n_iter - 1 - it, S::kFp8Stages - 1));
-        __syncthreads();  // staged tokens visible; the previous block's MMAs are done with sK
-        const int st = it % S::kFp8Stages;
-        dequant_fp8_block(smem + S::kK1 + st * kFp8StageBytes, smem + S::kK0);
-        __syncthreads();  // sK complete; staging buffer st free
-        if (it + S::kFp8Stages < n_iter) {
-          issue_kv_block<true>(s_base + S::kK1 + st * kFp8StageBytes, next_src, p.kv);
-          cp_async_commit();
-          next_src = kv_row_src<true>(p, bi, blk + S::kFp8Stages + 1, len_eff);
-        }
-        sK = s_base + S::kK0;
-      } else {
-        const int st = it & 1;
-        if (it + 1 < n_iter) {
-          // Stage st ^ 1 was last read in iteration it - 1, which ended with a barrier.
-          if constexpr (kPrefetchPage) {
-            issue_kv_block<false>(s_base + (st ? S::kK0 : S::kK1), next_src, p.kv);
-            cp_async_commit();
-            next_src = kv_row_src<false>(p, bi, blk + 2, len_eff);
-          } else {
-            issue_kv_block<false>(s_base + (st ? S::kK0 : S::kK1), kv_row_src<false>(p, bi, blk + 1, len_eff), p.kv);
-            cp_async_commit();
-          }
-          cp_async_wait<1>();
-        } else {
-          cp_async_wait<0>();
-        }
-        __syncthreads();  // block `blk` (and the Q tile) visible to every warp
-        sK = s_base + (st ? S::kK1 : S::kK0);
+      // Groups committed so far: blocks 0 .. min(n_iter, it + stages) - 1, one group each; block
+      // `it` must be done, so min(n_iter - 1 - it, stages - 1) may stay in flight.
+      cp_async_wait_upto<S::kFp8Stages - 1>(min(n_iter - 1 - it, S::kFp8Stages - 1));
+      __syncthreads();  // staged tokens visible; the previous block's MMAs are done with sK
+      const int st = it % S::kFp8Stages;
+      dequant_fp8_block(smem + S::kK1 + st * kFp8StageBytes, smem + S::kK0);
+      __syncthreads();  // sK complete; staging buffer st free
+      if (it + S::kFp8Stages < n_iter) {
+        issue_raw_tokens(s_base + S::kK1 + st * kFp8StageBytes, next_src, p.kv);
+        cp_async_commit();
+        next_src = kv_row_src(p, bi, blk + S::kFp8Stages + 1, len_eff);
       }
+      const uint32_t sK = s_base + S::kK0;
 
       // ---- S = Q K^T for rows rg*16.., keys wc*kKeys.. ----
       float sacc[kNT][4];
@@ -624,14 +579,14 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   }
 }
 
-template <typename QT, bool kFp8, int kRG>
+template <typename QT, int kRG>
 void launch_decode_rg(const DecodeParams& p, cudaStream_t stream) {
-  constexpr int smem = Smem<kFp8, kRG>::kTotal;
-  auto kernel = mla_decode_kernel<QT, kFp8, kRG>;
+  constexpr int smem = Smem<kRG>::kTotal;
+  auto kernel = mla_decode_kernel<QT, kRG>;
   // Set on every launch: the attribute belongs to the current device's context (cheap, no stream op,
   // allowed while capturing a graph).
   FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  constexpr int kM = Smem<kFp8, kRG>::kM;
+  constexpr int kM = Smem<kRG>::kM;
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
   launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p);
   FS_CHECK_LAUNCH();
@@ -640,15 +595,15 @@ void launch_decode_rg(const DecodeParams& p, cudaStream_t stream) {
 // Row tiles of 16 or 32 rows for s_q * h_q <= 32 (e.g. 16 heads of a TP-8 shard), else 64. For
 // s_q * h_q <= 64 there is one row tile either way, so the plan's default part count
 // (SMs / ceil(s_q * h_q / 64), flashseek.ops.default_num_sm_parts) fills the GPU in every case.
-template <typename QT, bool kFp8>
+template <typename QT>
 void launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return;
   if (p.rows <= 16) {
-    launch_decode_rg<QT, kFp8, 1>(p, stream);
+    launch_decode_rg<QT, 1>(p, stream);
   } else if (p.rows <= 32) {
-    launch_decode_rg<QT, kFp8, 2>(p, stream);
+    launch_decode_rg<QT, 2>(p, stream);
   } else {
-    launch_decode_rg<QT, kFp8, 4>(p, stream);
+    launch_decode_rg<QT, 4>(p, stream);
   }
 }
 

@@ -97,7 +97,8 @@ void launch_plan(const PlanParams& p, cudaStream_t stream);
 // Decode of every (row tile, sm part); requests with one split are written to out/lse directly.
 void launch_decode_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 void launch_decode_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
-// The wgmma kernels for 64-row tiles (launch_decode_*_cache pick them for s_q * h_q > 32).
+// The wgmma kernels for 64-row tiles (the bf16 cache uses them for every shape, the FP8 cache for
+// s_q * h_q > 32).
 void launch_decode_wgmma_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 void launch_decode_wgmma_fp8_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 // FP8 cache, tiles of up to 32 rows: dequantization into the MMA fragments (mla_decode_fp8_direct.cuh).
