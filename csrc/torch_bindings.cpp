@@ -67,12 +67,14 @@ TORCH_LIBRARY(flashseek, m) {
       "moe_scatter_quant(Tensor hidden, Tensor token_slots, Tensor(a!) out, Tensor(b!) scale) -> ()");
   // route_noaux_tc + moe_align_masked + moe_scatter_quant in one launch for T <= 32 (fused_moe's masked
   // front end), bit-identical to that chain: E = logits.size(1) global experts, E_local =
-  // masked_m.size(0), max_m = a.size(1); a e4m3 [E_local, max_m, H], a_scale fp32 [E_local, max_m,
-  // H/128] (empty_grouped_act_scale); rows no slot points at are left untouched.
+  // masked_m.size(0) - num_shared, max_m = a.size(1); a e4m3 [E_local + num_shared, max_m, H], a_scale
+  // fp32 [E_local + num_shared, max_m, H/128] (empty_grouped_act_scale); rows no slot points at are left
+  // untouched. The num_shared experts after the routed ones take every token t at row t (masked_m = T).
   m.def(
       "moe_route_dispatch(Tensor hidden, Tensor logits, Tensor bias, int n_group, int topk_group, int topk, "
       "float routed_scaling_factor, bool renormalize, Tensor? expert_map, Tensor(a!) topk_weights, "
-      "Tensor(b!) topk_ids, Tensor(c!) masked_m, Tensor(d!) token_slots, Tensor(e!) a, Tensor(f!) a_scale) -> ()");
+      "Tensor(b!) topk_ids, Tensor(c!) masked_m, Tensor(d!) token_slots, Tensor(e!) a, Tensor(f!) a_scale, "
+      "int num_shared=0) -> ()");
   m.def(
       "moe_combine(Tensor expert_out, Tensor topk_weights, Tensor token_slots, "
       "Tensor? shared_out, Tensor(a!) out) -> ()");

@@ -73,6 +73,18 @@ def test_fp8_path_agrees_with_reference(ref_model, fp8_model):
     assert rel_err(b, a) < 0.3   # random weights: FP8 noise compounds over 4 layers, see checkpoint.py
 
 
+def test_fp8_moe_layers_stack_the_shared_expert(fp8_model):
+    """FP8 mode puts the shared expert last in fused_moe's stacks (one grouped GEMM per step instead of
+    two more GEMMs); test_fp8_path_agrees_with_reference checks the numbers through that path."""
+    from flashseek.models.deepseek.layers import MoE
+    moes = [layer.mlp for layer in fp8_model.layers if isinstance(layer.mlp, MoE)]
+    assert moes
+    cfg = fp8_model.cfg
+    for moe in moes:
+        assert moe.n_stacked_shared == 1 and moe.shared is None
+        assert moe.w13.shape[0] == cfg.n_routed_experts + 1 and moe.w2.shape[0] == cfg.n_routed_experts + 1
+
+
 def test_fp8_kv_cache_runs(fp8_model):
     prompt = ids(70, 4)
     a = Session(fp8_model, max_len=128).greedy(prompt, 4)[1]

@@ -53,6 +53,22 @@ def _moe_inputs(t, h, inter, e, device="cpu", one_expert=None, dead_experts=0):
     return hidden, logits, bias, w13, w13_s, w2, w2_s
 
 
+def _with_stacked_shared(w13, w13_s, w2, w2_s, device="cpu"):
+    """The stacks with one more expert at the end: fused_moe's n_shared_experts=1 layout."""
+    inter, h = w2.shape[2], w2.shape[1]
+    s13, s13_s = _fp8_weights(1, 2 * inter, h, device)
+    s2, s2_s = _fp8_weights(1, h, inter, device)
+    return torch.cat([w13, s13]), torch.cat([w13_s, s13_s]), torch.cat([w2, s2]), torch.cat([w2_s, s2_s])
+
+
+def _shared_expert_ref(hidden, w13, w13_s, w2, w2_s):
+    """The last expert of the stacks on every token, as a routed expert computes it."""
+    if hidden.shape[0] == 0:
+        return None
+    x_q, x_s = ref_quant.quant_fp8_1x128(hidden.cpu())
+    return ref_moe.expert_mlp(x_q, x_s, w13[-1].cpu(), w13_s[-1].cpu(), w2[-1].cpu(), w2_s[-1].cpu()).to(hidden.device)
+
+
 def _cfg_kwargs(cfg, **extra):
     kw = dict(n_group=cfg["n_group"], topk_group=cfg["topk_group"], topk=cfg["topk"], routed_scaling_factor=2.5)
     kw.update(extra)
@@ -264,7 +280,8 @@ def _gemm_refs_registered():
 @pytest.mark.skipif(not _gemm_refs_registered(), reason="grouped FP8 GEMM ops not registered")
 @pytest.mark.parametrize("t", [0, 1, 7, 33])
 @pytest.mark.parametrize("layout", ["masked", "contiguous"])
-@pytest.mark.parametrize("case", ["plain", "one_expert", "dead_experts", "shared_map", "softmax"])
+@pytest.mark.parametrize("case", ["plain", "one_expert", "dead_experts", "shared_map", "softmax", "stacked_shared",
+                                  "stacked_shared_map"])
 def test_fused_moe_cpu(t, layout, case):
     cfg = SMALL
     hidden, logits, bias, w13, w13_s, w2, w2_s = _moe_inputs(
@@ -272,17 +289,27 @@ def test_fused_moe_cpu(t, layout, case):
         dead_experts=8 if case == "dead_experts" else 0)
     kw = _cfg_kwargs(cfg)
     shared, emap = None, None
-    if case == "shared_map":
-        shared = torch.randn(t, cfg["h"]).to(torch.bfloat16)
+    if case in ("shared_map", "stacked_shared_map"):
         # 16 global experts, the 8 even ones local (w13 holds only those).
         emap = torch.full((16,), -1, dtype=torch.int32)
         emap[0::2] = torch.arange(8, dtype=torch.int32)
         w13, w13_s, w2, w2_s = w13[:8], w13_s[:8], w2[:8], w2_s[:8]
+    if case == "shared_map":
+        shared = torch.randn(t, cfg["h"]).to(torch.bfloat16)
     if case == "softmax":
         kw.update(scoring="softmax", routed_scaling_factor=1.0)
-    out = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared, expert_map=emap,
-                        layout=layout)
-    ref = ref_moe.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared, expert_map=emap)
+    if case.startswith("stacked_shared"):
+        # The shared expert last in the stacks: the same result as its MLP passed as shared_out.
+        stacks = _with_stacked_shared(w13, w13_s, w2, w2_s)
+        out = ops.fused_moe(hidden, logits, bias, *stacks, **kw, expert_map=emap, layout=layout, n_shared_experts=1)
+        ref = ref_moe.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, expert_map=emap,
+                                shared_out=_shared_expert_ref(hidden, *stacks))
+        assert torch.equal(ref, ref_moe.fused_moe(hidden, logits, bias, *stacks, **kw, expert_map=emap,
+                                                  n_shared_experts=1))
+    else:
+        out = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared, expert_map=emap,
+                            layout=layout)
+        ref = ref_moe.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared, expert_map=emap)
     assert out.shape == (t, cfg["h"]) and out.dtype == torch.bfloat16
     assert rel_err(out, ref) < 1e-2
 
@@ -303,6 +330,17 @@ def test_fused_moe_bad_inputs():
         ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **dict(kw, scoring="relu"))
     with pytest.raises(ValueError, match="divisible by n_group"):
         ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **dict(kw, n_group=3))
+    with pytest.raises(ValueError, match="n_shared_experts must be 0 or 1"):
+        ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, n_shared_experts=2)
+    with pytest.raises(ValueError, match="either shared_out or n_shared_experts"):
+        ops.fused_moe(hidden, logits, bias, *_with_stacked_shared(w13, w13_s, w2, w2_s), **kw, n_shared_experts=1,
+                      shared_out=hidden)
+    with pytest.raises(ValueError, match="none left to route"):
+        ops.fused_moe(hidden, logits, bias, w13[:1], w13_s[:1], w2[:1], w2_s[:1], **kw, n_shared_experts=1,
+                      expert_map=torch.zeros(16, dtype=torch.int32))
+    # 16 routed + 1 shared: without n_shared_experts the stack does not match the router's 16 experts.
+    with pytest.raises(ValueError, match="pass expert_map"):
+        ops.fused_moe(hidden, logits, bias, *_with_stacked_shared(w13, w13_s, w2, w2_s), **kw)
 
 
 def _opcheck_all(device):
@@ -440,7 +478,8 @@ def _fused_ops_have_kernels():
 @pytest.mark.cuda
 @pytest.mark.parametrize("t", [0, 1, 7, 128, 4096])
 @pytest.mark.parametrize("layout", ["masked", "contiguous"])
-@pytest.mark.parametrize("case", ["plain", "one_expert", "dead_experts", "shared_map"])
+@pytest.mark.parametrize("case", ["plain", "one_expert", "dead_experts", "shared_map", "stacked_shared",
+                                  "stacked_shared_map"])
 def test_fused_moe_cuda(t, layout, case):
     if layout == "masked" and t == 4096 and case != "plain":
         pytest.skip("one masked 4096-token case is enough")
@@ -450,14 +489,25 @@ def test_fused_moe_cuda(t, layout, case):
         dead_experts=16 if case == "dead_experts" else 0)
     kw = _cfg_kwargs(cfg)
     shared, emap = None, None
-    if case == "shared_map":
-        shared = torch.randn(t, cfg["h"], device="cuda").to(torch.bfloat16)
+    if case in ("shared_map", "stacked_shared_map"):
         emap = torch.full((32,), -1, dtype=torch.int32, device="cuda")
         emap[1::2] = torch.arange(16, dtype=torch.int32, device="cuda")
         w13, w13_s, w2, w2_s = w13[:16], w13_s[:16], w2[:16], w2_s[:16]
-    out = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared, expert_map=emap,
-                        layout=layout)
-    ref = ref_moe.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared, expert_map=emap)
+    if case == "shared_map":
+        shared = torch.randn(t, cfg["h"], device="cuda").to(torch.bfloat16)
+    if case.startswith("stacked_shared"):
+        stacks = _with_stacked_shared(w13, w13_s, w2, w2_s, "cuda")
+        out = ops.fused_moe(hidden, logits, bias, *stacks, **kw, expert_map=emap, layout=layout, n_shared_experts=1)
+        ref = ref_moe.fused_moe(hidden, logits, bias, *stacks, **kw, expert_map=emap, n_shared_experts=1)
+        # The shared expert's share alone (the routed part is checked by the other cases): out minus the
+        # routed-only kernel output against the reference shared MLP.
+        routed = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, expert_map=emap, layout=layout)
+        if t:
+            assert rel_err(out.float() - routed.float(), _shared_expert_ref(hidden, *stacks).float()) < 2e-2
+    else:
+        out = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared, expert_map=emap,
+                            layout=layout)
+        ref = ref_moe.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared, expert_map=emap)
     assert out.shape == (t, cfg["h"])
     assert rel_err(out, ref) < 1e-2
 
@@ -472,20 +522,29 @@ def test_fused_moe_cuda_deepseek_size():
     w13, w13_s = _fp8_weights(e, 2 * inter, h, "cuda", gen)
     w2, w2_s = _fp8_weights(e, h, inter, "cuda", gen)
     shared = torch.randn(t, h, device="cuda", generator=gen).to(torch.bfloat16)
-    kw = dict(n_group=8, topk_group=4, topk=8, routed_scaling_factor=2.5, shared_out=shared)
-    ref = ref_moe.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw)
+    kw = dict(n_group=8, topk_group=4, topk=8, routed_scaling_factor=2.5)
+    ref = ref_moe.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared)
     for layout in ("masked", "contiguous"):
-        out = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, layout=layout)
+        out = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, layout=layout, shared_out=shared)
+        assert rel_err(out, ref) < 1e-2, layout
+    # R1's layer: 256 routed experts and the shared expert stacked last.
+    stacks = _with_stacked_shared(w13, w13_s, w2, w2_s, "cuda")
+    ref = ref_moe.fused_moe(hidden, logits, bias, *stacks, **kw, n_shared_experts=1)
+    for layout in ("masked", "contiguous"):
+        out = ops.fused_moe(hidden, logits, bias, *stacks, **kw, layout=layout, n_shared_experts=1)
         assert rel_err(out, ref) < 1e-2, layout
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not _fused_ops_have_kernels(), reason="a stage of fused_moe has no CUDA kernel in this build")
 @pytest.mark.parametrize("layout", ["masked", "contiguous"])
-def test_fused_moe_cuda_graph(layout):
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_fused_moe_cuda_graph(layout, n_shared):
     t, h, inter, e = 16, 512, 256, 32
     hidden, logits, bias, w13, w13_s, w2, w2_s = _moe_inputs(t, h, inter, e, device="cuda")
-    kw = dict(n_group=4, topk_group=2, topk=6, routed_scaling_factor=2.5, layout=layout)
+    if n_shared:
+        w13, w13_s, w2, w2_s = _with_stacked_shared(w13, w13_s, w2, w2_s, "cuda")
+    kw = dict(n_group=4, topk_group=2, topk=6, routed_scaling_factor=2.5, layout=layout, n_shared_experts=n_shared)
     ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw)  # warm-up outside capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()

@@ -46,32 +46,42 @@ def _expert_map(case, e, device):
     raise ValueError(case)
 
 
-def _poisoned_outputs(t, cfg, num_local, max_m, dev):
+def _poisoned_outputs(t, cfg, num_local, max_m, dev, num_shared=0):
     """topk_weights, topk_ids, masked_m, token_slots, a, a_scale, all poisoned (the same poison for
     both paths, so rows neither writes compare equal)."""
     _, _, _, k, h = cfg
+    g = num_local + num_shared
     return (poison_(torch.empty(t, k, device=dev)), poison_(torch.empty(t, k, dtype=torch.int32, device=dev)),
-            poison_(torch.empty(num_local, dtype=torch.int32, device=dev)),
+            poison_(torch.empty(g, dtype=torch.int32, device=dev)),
             poison_(torch.empty(t, k, dtype=torch.int32, device=dev)),
-            poison_(torch.empty(num_local, max_m, h, dtype=FP8, device=dev)),
-            poison_(ops.empty_grouped_act_scale(num_local, max_m, h // 128, dev)))
+            poison_(torch.empty(g, max_m, h, dtype=FP8, device=dev)),
+            poison_(ops.empty_grouped_act_scale(g, max_m, h // 128, dev)))
 
 
-def _chain(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True):
-    """The three ops the fused op replaces, into poisoned outputs."""
+def _chain(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True, num_shared=0):
+    """The three ops the fused op replaces, into poisoned outputs; shared experts are one more scatter
+    slot per token (row t of each shared group) and masked_m = T."""
     e, ng, tg, k, _ = cfg
-    w, ids, masked_m, slots, a, a_scale = _poisoned_outputs(hidden.shape[0], cfg, num_local, max_m, hidden.device)
+    t = hidden.shape[0]
+    w, ids, masked_m, slots, a, a_scale = _poisoned_outputs(t, cfg, num_local, max_m, hidden.device, num_shared)
     ops.route_noaux_tc(logits, bias, ng, tg, k, 2.5, renormalize, topk_weights=w, topk_ids=ids)
-    torch.ops.flashseek.moe_align_masked(ids, e, max_m, expert_map, masked_m, slots)
-    ops.moe_scatter_quant(hidden, slots, a, a_scale)
+    torch.ops.flashseek.moe_align_masked(ids, e, max_m, expert_map, masked_m[:num_local], slots)
+    scatter_slots = slots
+    if num_shared:
+        masked_m[num_local:] = t
+        rows = (torch.arange(num_shared, device=slots.device)[None, :] + num_local) * max_m + \
+            torch.arange(t, device=slots.device)[:, None]
+        scatter_slots = torch.cat([slots, rows.to(torch.int32)], 1)
+    ops.moe_scatter_quant(hidden, scatter_slots, a, a_scale)
     return w, ids, masked_m, slots, a, a_scale
 
 
-def _fused(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True):
+def _fused(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True, num_shared=0):
     """The fused op, into poisoned outputs."""
     _, ng, tg, k, _ = cfg
-    outs = _poisoned_outputs(hidden.shape[0], cfg, num_local, max_m, hidden.device)
-    torch.ops.flashseek.moe_route_dispatch(hidden, logits, bias, ng, tg, k, 2.5, renormalize, expert_map, *outs)
+    outs = _poisoned_outputs(hidden.shape[0], cfg, num_local, max_m, hidden.device, num_shared)
+    torch.ops.flashseek.moe_route_dispatch(hidden, logits, bias, ng, tg, k, 2.5, renormalize, expert_map, *outs,
+                                           num_shared)
     return outs
 
 
@@ -102,6 +112,27 @@ def test_reference_is_the_chain(t, cfg, map_case, logits_dtype):
     if t:
         masked_m, slots = got[2], got[3]
         assert int(masked_m.sum()) == int((slots >= 0).sum())
+
+
+@pytest.mark.parametrize("t", [0, 1, 7, 32])
+@pytest.mark.parametrize("num_shared", [1, 4])
+@pytest.mark.parametrize("map_case", ["none", "half"])
+def test_reference_shared_experts(t, num_shared, map_case):
+    cfg = CONFIGS[1]
+    hidden, logits, bias = _inputs(t, cfg, "cpu")
+    em, num_local = _expert_map(map_case, cfg[0], "cpu")
+    max_m = t + 3  # rows past T in the shared groups stay poisoned
+    got = _fused(hidden, logits, bias, cfg, em, num_local, max_m, num_shared=num_shared)
+    want = _chain(hidden, logits, bias, cfg, em, num_local, max_m, num_shared=num_shared)
+    _assert_bitwise_equal(got, want)
+    masked_m, a, a_scale = got[2], got[4], got[5]
+    assert masked_m[num_local:].tolist() == [t] * num_shared
+    if t:
+        q, s = ref_quant.quant_fp8_1x128(hidden)
+        for j in range(num_shared):
+            assert torch.equal(a[num_local + j, :t].view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(a_scale[num_local + j, :t], s)
+        assert torch.isnan(a_scale[num_local:, t:]).all()  # never written
 
 
 def test_wrapper_defaults_and_rows():
@@ -157,6 +188,9 @@ def _opcheck_all(device):
     opcheck(torch.ops.flashseek.moe_route_dispatch.default, (*head, None, *out))
     em = torch.arange(16, dtype=torch.int32, device=device).flip(0)
     opcheck(torch.ops.flashseek.moe_route_dispatch.default, (*head, em, *out))
+    # One shared expert after 15 routed ones (masked_m / a / a_scale keep their 16 groups).
+    em15 = torch.arange(16, dtype=torch.int32, device=device) % 15
+    opcheck(torch.ops.flashseek.moe_route_dispatch.default, (*head, em15, *out, 1))
 
 
 def test_opcheck_cpu():
@@ -209,6 +243,14 @@ def test_bad_inputs():
         call(masked_m=masked_m.long())
     with pytest.raises(ValueError, match="topk_weights must have shape"):
         call(w=w[:, :3])
+    with pytest.raises(ValueError, match="num_shared must be in"):
+        op(*head, None, w, ids, masked_m, slots, a, a_scale, 5)
+    with pytest.raises(ValueError, match="num_shared must be in"):
+        op(*head, None, w, ids, masked_m[:1], slots, a[:1], a_scale[:1], 1)
+    with pytest.raises(ValueError, match="every token needs a row"):
+        em15 = torch.arange(e, dtype=torch.int32) % 15
+        op(*head, em15, w, ids, masked_m, slots, a[:, :5].contiguous(),
+           ops.empty_grouped_act_scale(e, 5, hidden6.shape[1] // 128, "cpu"), 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,6 +290,21 @@ def test_cuda_matches_chain_edge_cases(t, cfg, case):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("t", [1, 7, 32])
+@pytest.mark.parametrize("cfg", [R1, CONFIGS[1]], ids=["r1", "small"])
+@pytest.mark.parametrize("num_shared", [1, 4])
+@pytest.mark.parametrize("map_case", ["none", "half", "pairs"])
+def test_cuda_shared_experts(t, cfg, num_shared, map_case):
+    hidden, logits, bias = _inputs(t, cfg, "cuda")
+    em, num_local = _expert_map(map_case, cfg[0], "cuda")
+    max_m = t + 1
+    got = _fused(hidden, logits, bias, cfg, em, num_local, max_m, num_shared=num_shared)
+    want = _chain(hidden, logits, bias, cfg, em, num_local, max_m, num_shared=num_shared)
+    _assert_bitwise_equal(got, want)
+    assert got[2][num_local:].tolist() == [t] * num_shared
+
+
+@pytest.mark.cuda
 def test_cuda_no_tokens_and_limits():
     e, ng, tg, k, h = R1
     hidden, logits, bias = _inputs(0, R1, "cuda")
@@ -260,15 +317,20 @@ def test_cuda_no_tokens_and_limits():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("t", [1, 8, 32])
-def test_cuda_fused_moe_front_end_bitwise(t, monkeypatch):
+@pytest.mark.parametrize("shared_case", ["shared_out", "stacked"])
+def test_cuda_fused_moe_front_end_bitwise(t, shared_case, monkeypatch):
     e, ng, tg, k, h = CONFIGS[1]
     hidden, logits, bias = _inputs(t, CONFIGS[1], "cuda")
-    w13 = (torch.randn(e, 512, h, device="cuda") * 2).clamp(-448, 448).to(FP8)
-    w13_s = torch.rand(e, 4, h // 128, device="cuda") * 0.01 + 0.005
-    w2 = (torch.randn(e, h, 256, device="cuda") * 2).clamp(-448, 448).to(FP8)
-    w2_s = torch.rand(e, h // 128, 2, device="cuda") * 0.01 + 0.005
-    shared = torch.randn(t, h, device="cuda").to(torch.bfloat16)
-    kw = dict(n_group=ng, topk_group=tg, topk=k, routed_scaling_factor=2.5, layout="masked", shared_out=shared)
+    e_all = e + (shared_case == "stacked")
+    w13 = (torch.randn(e_all, 512, h, device="cuda") * 2).clamp(-448, 448).to(FP8)
+    w13_s = torch.rand(e_all, 4, h // 128, device="cuda") * 0.01 + 0.005
+    w2 = (torch.randn(e_all, h, 256, device="cuda") * 2).clamp(-448, 448).to(FP8)
+    w2_s = torch.rand(e_all, h // 128, 2, device="cuda") * 0.01 + 0.005
+    kw = dict(n_group=ng, topk_group=tg, topk=k, routed_scaling_factor=2.5, layout="masked")
+    if shared_case == "stacked":
+        kw["n_shared_experts"] = 1
+    else:
+        kw["shared_out"] = torch.randn(t, h, device="cuda").to(torch.bfloat16)
     fused = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw)
     monkeypatch.setattr(ops, "MOE_ROUTE_DISPATCH_MAX_T", 0)  # the three-op front end
     assert torch.equal(fused, ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw))

@@ -68,18 +68,24 @@ void launch_moe_scatter_quant(const MoeQuantParams& p, cudaStream_t stream);
 // = map(ids[t, j]) (expert_map, or the identity), rank = its place among the slots of e in
 // ascending slot order; -1 if dropped (no local expert, or rank >= max_m). masked_m[e] =
 // min(count, max_m). Rows of `a` / `a_scale` that no slot points at are not written.
+// Shared experts: local experts num_local .. num_local + num_shared - 1 follow the routed ones in
+// masked_m / a / a_scale and take every token: token t's row in shared expert num_local + j is
+// (num_local + j) * max_m + t (max_m >= T), masked_m = T. They have no slot in token_slots (the
+// caller adds their output: moe_combine's shared_out is that expert's [T, H] slab).
 constexpr int kMoeRouteDispatchMaxT = 32;
+constexpr int kMoeRouteDispatchMaxShared = 4;
 struct MoeRouteDispatchParams {
   RouteParams route;          // T <= kMoeRouteDispatchMaxT, dtype, E, n_group, ...; bias required
   const int32_t* expert_map;  // [route.E] global -> local id (-1 = elsewhere), or null (identity)
-  int num_local;              // 1..kMoeAlignMaxLocalExperts
-  int max_m;                  // rows per local expert in a / a_scale (>= 0, num_local * max_m < 2^31)
+  int num_local;              // routed local experts, 1..kMoeAlignMaxLocalExperts
+  int num_shared;             // shared experts after them, 0..kMoeRouteDispatchMaxShared (max_m >= T if > 0)
+  int max_m;                  // rows per expert in a / a_scale (>= 0, (num_local + num_shared) * max_m < 2^31)
   const void* hidden;         // bf16 [T, H], unit stride along H, 16-byte aligned rows
   int64_t hidden_stride;
   int64_t H;                  // multiple of 128
-  int32_t* masked_m;          // [num_local]
+  int32_t* masked_m;          // [num_local + num_shared]
   int32_t* token_slots;       // [T, topk], contiguous
-  uint8_t* a;                 // e4m3 [num_local, max_m, H], contiguous, 8-byte aligned
+  uint8_t* a;                 // e4m3 [num_local + num_shared, max_m, H], contiguous, 8-byte aligned
   float* a_scale;             // (e, m, kb) at a_scale + e * s_gstride + m + kb * s_ld
   int64_t s_gstride, s_ld;
 };

@@ -241,7 +241,7 @@ void moe_route_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& logits,
                              int64_t topk_group, int64_t topk, double routed_scaling_factor, bool renormalize,
                              const std::optional<at::Tensor>& expert_map, at::Tensor& topk_weights,
                              at::Tensor& topk_ids, at::Tensor& masked_m, at::Tensor& token_slots, at::Tensor& a,
-                             at::Tensor& a_scale) {
+                             at::Tensor& a_scale, int64_t num_shared) {
   check_noaux_params(logits, bias, n_group, topk_group, topk);
   check_route_outputs(logits, topk, topk_weights, topk_ids);
   const int64_t T = logits.size(0);
@@ -251,22 +251,30 @@ void moe_route_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& logits,
   FS_CHECK_SAME_DEVICE(logits, hidden);
   FS_CHECK(hidden.size(0) == T, "hidden must have T=", T, " rows (logits' rows), got shape ", hidden.sizes());
   check_i32_1d(masked_m, "masked_m", logits);
-  const int64_t num_local = masked_m.size(0);
+  FS_CHECK(num_shared >= 0 && num_shared <= kMoeRouteDispatchMaxShared && num_shared < masked_m.size(0),
+           "num_shared must be in [0, ", kMoeRouteDispatchMaxShared, "] and leave at least one routed expert in "
+           "masked_m (size ", masked_m.size(0), "), got ", num_shared);
+  const int64_t num_local = masked_m.size(0) - num_shared;
   check_expert_map(expert_map, logits.size(1), num_local, logits);
   FS_CHECK_SAME_DEVICE(logits, token_slots);
   FS_CHECK_DTYPE(token_slots, at::kInt);
   FS_CHECK_SHAPE(token_slots, T, topk);
   FS_CHECK_CONTIGUOUS(token_slots);
   check_grouped_out(hidden, a, a_scale, "a", "a_scale");
-  FS_CHECK(a.size(0) == num_local, "a must have shape [E_local=", num_local, " (masked_m's size), max_m, ",
-           hidden.size(1), "], got ", a.sizes());
+  FS_CHECK(a.size(0) == masked_m.size(0), "a must have shape [E_local + num_shared=", masked_m.size(0),
+           " (masked_m's size), max_m, ", hidden.size(1), "], got ", a.sizes());
   const int64_t max_m = a.size(1);
+  FS_CHECK(num_shared == 0 || max_m >= T, "with shared experts every token needs a row: max_m (a.size(1) = ", max_m,
+           ") must be >= T=", T);
+  FS_CHECK(a.size(0) * max_m < (int64_t(1) << 31), "(E_local + num_shared) * max_m must fit in int32, got ",
+           a.size(0), " x ", max_m);
   const c10::cuda::CUDAGuard guard(logits.device());
   MoeRouteDispatchParams p{};
   p.route = noaux_route_params(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
                                topk_weights, topk_ids);
   p.expert_map = expert_map.has_value() ? expert_map->data_ptr<int32_t>() : nullptr;
   p.num_local = static_cast<int>(num_local);
+  p.num_shared = static_cast<int>(num_shared);
   p.max_m = static_cast<int>(max_m);
   p.hidden = hidden.data_ptr();
   p.hidden_stride = hidden.stride(0);

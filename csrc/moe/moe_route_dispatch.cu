@@ -20,7 +20,8 @@
 //
 // Quantization: moe_dev::quantize_chunk, the half-warp block quantization of moe_scatter_quant (one
 // 16-byte load a lane, amax over the half-warp, 8 e4m3 bytes a lane), stored to the token's rows.
-// Rows nobody points at keep their contents, as with moe_scatter_quant.
+// Rows nobody points at keep their contents, as with moe_scatter_quant. Shared experts (after the
+// routed ones) get every token's row t, from the same quantized chunk.
 //
 // Grid: units = T x H/128, at least kMinUnitsPerCta a CTA and at most kMaxCtas CTAs (R1, H 7168:
 // T = 1 -> 4 CTAs of 14 units, T = 8 -> 28 of 16, T = 32 -> 64 of 28); a CTA has max(T, units / 2)
@@ -227,6 +228,7 @@ __global__ void __launch_bounds__(Cfg<kR1, VPL>::kMaxWarps * 32)
       const int count = dup ? scount[e] : __popc(tokmask[e]);
       p.masked_m[e] = count < max_m ? count : max_m;
     }
+    for (int j = tid; j < p.num_shared; j += blockDim.x) p.masked_m[num_local + j] = T;  // max_m >= T
   }
 
   // Quantize each unit once and store it to the token's rows (lane hl < topk holds slot (t, hl)'s
@@ -242,6 +244,7 @@ __global__ void __launch_bounds__(Cfg<kR1, VPL>::kMaxWarps * 32)
       const int row = __shfl_sync(half, my_row, j, 16);
       if (row >= 0) store_chunk(p, row, kb, hl, c);
     }
+    for (int j = 0; j < p.num_shared; ++j) store_chunk(p, (num_local + j) * max_m + t, kb, hl, c);
   }
 }
 
@@ -300,7 +303,8 @@ void launch_moe_route_dispatch(const MoeRouteDispatchParams& p, cudaStream_t str
   if (p.route.T < 0 || p.route.T > kMoeRouteDispatchMaxT)
     throw std::invalid_argument("flashseek: moe_route_dispatch takes at most 32 tokens");
   if (p.route.topk < 1 || p.route.topk > kMaxTopk || p.num_local < 1 || p.num_local > kMoeAlignMaxLocalExperts ||
-      p.route.E < 1 || p.route.E > kMaxExperts || p.H % 128 != 0 || p.max_m < 0)
+      p.route.E < 1 || p.route.E > kMaxExperts || p.H % 128 != 0 || p.max_m < 0 || p.num_shared < 0 ||
+      p.num_shared > kMoeRouteDispatchMaxShared || (p.num_shared > 0 && p.max_m < p.route.T))
     throw std::invalid_argument("flashseek: moe_route_dispatch parameters out of range");
   switch (p.route.dtype) {
     case RouteDtype::kF32: launch_in<float>(p, stream); break;

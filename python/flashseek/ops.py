@@ -852,8 +852,12 @@ def moe_scatter_quant(hidden: torch.Tensor, token_slots: torch.Tensor, out: torc
 MOE_ROUTE_DISPATCH_MAX_T = 32
 
 
+#: moe_route_dispatch's largest num_shared (kMoeRouteDispatchMaxShared, csrc/moe/moe.h).
+MOE_ROUTE_DISPATCH_MAX_SHARED = 4
+
+
 def _check_moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
-                              expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale):
+                              expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale, num_shared=0):
     _check_route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize, topk_weights,
                           topk_ids)
     t, e = logits.shape
@@ -865,21 +869,28 @@ def _check_moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk, r
     _expect_dtype(masked_m, "masked_m", torch.int32)
     _expect_dim(masked_m, "masked_m", 1)
     _expect_contiguous(masked_m, "masked_m")
-    num_local = masked_m.shape[0]
+    _expect(0 <= num_shared <= MOE_ROUTE_DISPATCH_MAX_SHARED and num_shared < masked_m.shape[0],
+            f"num_shared must be in [0, {MOE_ROUTE_DISPATCH_MAX_SHARED}] and leave at least one routed expert in "
+            f"masked_m (size {masked_m.shape[0]}), got {num_shared}")
+    num_local = masked_m.shape[0] - num_shared
     _check_expert_map(expert_map, e, topk_ids, num_local)
     _check_token_slots(token_slots, (t, topk))
     _check_grouped_rows(a, a_scale, h, "a", "a_scale")
-    _expect(a.shape[0] == num_local,
-            f"a must have shape [E_local={num_local} (masked_m's size), max_m, {h}], got {list(a.shape)}")
-    _expect(num_local * a.shape[1] < 2**31, f"num_local * max_m must fit in int32, got {num_local} x {a.shape[1]}")
+    _expect(a.shape[0] == masked_m.shape[0],
+            f"a must have shape [E_local + num_shared={masked_m.shape[0]} (masked_m's size), max_m, {h}], "
+            f"got {list(a.shape)}")
+    _expect(num_shared == 0 or a.shape[1] >= t,
+            f"with shared experts every token needs a row: max_m (a.shape[1] = {a.shape[1]}) must be >= T={t}")
+    _expect(a.shape[0] * a.shape[1] < 2**31,
+            f"(E_local + num_shared) * max_m must fit in int32, got {a.shape[0]} x {a.shape[1]}")
     _expect_same_device(logits, "logits", hidden=hidden, masked_m=masked_m, token_slots=token_slots, a=a,
                         a_scale=a_scale)
 
 
 def _ref_moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
-                            expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale):
+                            expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale, num_shared=0):
     w, ids, m, slots = ref_moe.route_dispatch_(hidden, logits, bias, n_group, topk_group, topk, routed_scaling_factor,
-                                               renormalize, expert_map, a, a_scale)
+                                               renormalize, expert_map, a, a_scale, num_shared)
     topk_weights.copy_(w)
     topk_ids.copy_(ids)
     masked_m.copy_(m)
@@ -892,7 +903,7 @@ _register("moe_route_dispatch", _check_moe_route_dispatch, _ref_moe_route_dispat
 def moe_route_dispatch(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
                        topk: int, routed_scaling_factor: float, renormalize: bool = True,
                        expert_map: Optional[torch.Tensor] = None, num_local: Optional[int] = None,
-                       max_m: Optional[int] = None):
+                       max_m: Optional[int] = None, num_shared: int = 0):
     """route_noaux_tc -> moe_align_masked -> moe_scatter_quant in one launch, for decode batches.
 
     The front of fused_moe's masked path for T <= MOE_ROUTE_DISPATCH_MAX_T tokens; every output is
@@ -902,26 +913,31 @@ def moe_route_dispatch(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.T
         hidden: bf16 [T, H], H % 128 == 0, unit stride along H (as moe_scatter_quant).
         logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize: as route_noaux_tc.
         expert_map: optional int32 [E] global -> local expert id, -1 = not on this rank.
-        num_local: local experts (default E; required with expert_map unless every expert is local).
+        num_local: routed local experts (default E; required with expert_map unless every expert is local).
         max_m: rows per local expert of the masked layout (default T, which never drops a slot).
+        num_shared: shared experts (0..MOE_ROUTE_DISPATCH_MAX_SHARED) placed after the routed ones:
+            each takes every token, token t at its row t (max_m >= T), masked_m = T; no token_slots
+            entry points at them (fused_moe adds their [T, H] output slab as moe_combine's shared_out).
     Returns:
-        (topk_weights fp32 [T, topk], topk_ids int32 [T, topk], masked_m int32 [num_local],
-        token_slots int32 [T, topk], a e4m3 [num_local, max_m, H], a_scale fp32 [num_local, max_m, H/128]
-        in the empty_grouped_act_scale layout). Rows of a / a_scale past masked_m[e] are not written.
+        (topk_weights fp32 [T, topk], topk_ids int32 [T, topk], masked_m int32 [num_local + num_shared],
+        token_slots int32 [T, topk], a e4m3 [num_local + num_shared, max_m, H], a_scale fp32
+        [num_local + num_shared, max_m, H/128] in the empty_grouped_act_scale layout). Rows of a / a_scale
+        past masked_m[e] are not written.
     """
     t, h = logits.shape[0], hidden.shape[-1]
     dev = hidden.device
     num_local = logits.shape[1] if num_local is None else num_local
     max_m = t if max_m is None else max_m
+    groups = num_local + num_shared
     topk_weights = torch.empty((t, topk), dtype=torch.float32, device=dev)
     topk_ids = torch.empty((t, topk), dtype=torch.int32, device=dev)
-    masked_m = torch.empty(num_local, dtype=torch.int32, device=dev)
+    masked_m = torch.empty(groups, dtype=torch.int32, device=dev)
     token_slots = torch.empty((t, topk), dtype=torch.int32, device=dev)
-    a = torch.empty((num_local, max_m, h), dtype=FP8, device=dev)
-    a_scale = empty_grouped_act_scale(num_local, max_m, h // 128, dev)
+    a = torch.empty((groups, max_m, h), dtype=FP8, device=dev)
+    a_scale = empty_grouped_act_scale(groups, max_m, h // 128, dev)
     torch.ops.flashseek.moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk,
                                            float(routed_scaling_factor), renormalize, expert_map, topk_weights,
-                                           topk_ids, masked_m, token_slots, a, a_scale)
+                                           topk_ids, masked_m, token_slots, a, a_scale, num_shared)
     return topk_weights, topk_ids, masked_m, token_slots, a, a_scale
 
 
@@ -987,7 +1003,7 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
               w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, *, n_group: int, topk_group: int,
               topk: int, routed_scaling_factor: float, renormalize: bool = True, scoring: str = "sigmoid",
               shared_out: Optional[torch.Tensor] = None, expert_map: Optional[torch.Tensor] = None,
-              layout: str = "auto") -> torch.Tensor:
+              layout: str = "auto", n_shared_experts: int = 0) -> torch.Tensor:
     """The routed-expert MoE layer with FP8 experts: route, dispatch + quantize, grouped GEMM 1,
     silu_mul_quant, grouped GEMM 2, combine (+ shared_out). No host syncs on either layout, so the
     whole call is CUDA-graph capturable.
@@ -996,8 +1012,9 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
         hidden: bf16 [T, H], H % 128 == 0.
         router_logits: [T, E_global] (fp32/bf16/fp16).
         bias: fp32 [E_global] selection bias for scoring="sigmoid" (None = zeros); ignored for softmax.
-        w13: e4m3 [E_local, 2I, H], gate rows first then up; w13_scale fp32 [E_local, 2I/128, H/128].
-        w2: e4m3 [E_local, H, I]; w2_scale fp32 [E_local, H/128, I/128].
+        w13: e4m3 [E_local + n_shared_experts, 2I, H], gate rows first then up; w13_scale fp32
+            [E_local + n_shared_experts, 2I/128, H/128].
+        w2: e4m3 [E_local + n_shared_experts, H, I]; w2_scale fp32 [E_local + n_shared_experts, H/128, I/128].
         n_group, topk_group, topk, routed_scaling_factor, renormalize: the router (route_noaux_tc);
             for scoring="softmax" (route_softmax_topk) the weights are multiplied by the factor.
         shared_out: optional bf16 [T, H] added in the combine (the shared expert's output).
@@ -1007,15 +1024,24 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
             On the masked layout with scoring="sigmoid" and T <= MOE_ROUTE_DISPATCH_MAX_T, routing,
             the slot map and the FP8 rows come from one moe_route_dispatch launch (the same bits as
             route_noaux_tc + moe_align_masked + moe_scatter_quant, which run otherwise).
+        n_shared_experts: 0 or 1. With 1, the last entry of w13 / w2 is the shared expert (DeepSeek's,
+            whose intermediate size equals the routed experts'), applied to every token with weight 1
+            and added like shared_out (which must then be None). On the masked layout it is one more
+            group of T rows in both grouped GEMMs, so a decode step streams every expert's weights in
+            one launch per GEMM; on the contiguous layout it runs as dense fp8_gemm calls.
     Returns:
         bf16 [T, H]. Spec: flashseek.ref.moe.fused_moe.
     """
     t, h = hidden.shape
-    e_local, i2, hh = w13.shape
+    e_all, i2, hh = w13.shape
     _expect(hh == h, f"w13 must have shape [E, 2I, H={h}], got {list(w13.shape)}")
     _expect(i2 % 256 == 0, f"w13's second dimension must be 2I with I a multiple of 128, got {i2}")
     inter = i2 // 2
-    _expect_shape(w2, "w2", (e_local, h, inter))
+    _expect_shape(w2, "w2", (e_all, h, inter))
+    _expect(n_shared_experts in (0, 1), f"n_shared_experts must be 0 or 1, got {n_shared_experts}")
+    _expect(e_all > n_shared_experts, f"w13 holds {e_all} experts: none left to route after {n_shared_experts} shared")
+    _expect(not (n_shared_experts and shared_out is not None), "pass either shared_out or n_shared_experts, not both")
+    e_local = e_all - n_shared_experts
     _expect(layout in ("auto", "masked", "contiguous"),
             f"layout must be 'auto', 'masked' or 'contiguous', got {layout!r}")
     e_global = router_logits.shape[1]
@@ -1032,11 +1058,12 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
     kb_h = h // 128
 
     if layout == "masked" and scoring == "sigmoid" and t <= MOE_ROUTE_DISPATCH_MAX_T:
-        # Routing, the slot map and the quantized rows in one launch (bit-identical to the three ops).
+        # Routing, the slot map and the quantized rows (the shared expert's too) in one launch
+        # (bit-identical to the three ops).
         max_m = t
         weights, _, masked_m, token_slots, a, a_scale = moe_route_dispatch(
             hidden, router_logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize, expert_map,
-            e_local, max_m)
+            e_local, max_m, n_shared_experts)
     else:
         if scoring == "sigmoid":
             weights, ids = route_noaux_tc(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor,
@@ -1048,26 +1075,37 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
         if layout == "masked":
             max_m = t
             masked_m, token_slots = moe_align_masked(ids, e_global, max_m, expert_map, e_local)
-            a = torch.empty((e_local, max_m, h), dtype=FP8, device=dev)
-            a_scale = empty_grouped_act_scale(e_local, max_m, kb_h, dev)
-            moe_scatter_quant(hidden, token_slots, a, a_scale)
+            a = torch.empty((e_all, max_m, h), dtype=FP8, device=dev)
+            a_scale = empty_grouped_act_scale(e_all, max_m, kb_h, dev)
+            scatter_slots = token_slots
+            if n_shared_experts:  # the shared expert's group: token t at row t
+                shared_rows = torch.arange(e_local * max_m, e_all * max_m, dtype=torch.int32, device=dev)
+                scatter_slots = torch.cat([token_slots, shared_rows.view(t, 1)], 1)
+                masked_m = torch.cat([masked_m, masked_m.new_full((1,), t)])
+            moe_scatter_quant(hidden, scatter_slots, a, a_scale)
 
     if layout == "masked":
         gate_up = grouped_fp8_gemm_masked(a, a_scale, w13, w13_scale, masked_m)
         # Rows past masked_m[e] hold stale data; they stay in their rows and are never read.
-        act, act_scale = silu_mul_quant_fp8(gate_up.view(e_local * max_m, i2), masked_m=masked_m)
+        act, act_scale = silu_mul_quant_fp8(gate_up.view(e_all * max_m, i2), masked_m=masked_m)
         # Per-expert views of the flat [E * max_m, I/128] column-major scales: strides (max_m, 1, ld).
-        down = grouped_fp8_gemm_masked(act.view(e_local, max_m, inter), act_scale.unflatten(0, (e_local, max_m)),
+        down = grouped_fp8_gemm_masked(act.view(e_all, max_m, inter), act_scale.unflatten(0, (e_all, max_m)),
                                        w2, w2_scale, masked_m)
+        if n_shared_experts:
+            shared_out = down[e_local]  # [T, H], contiguous: max_m = T
     else:
         rows = moe_align_max_rows(ids.numel(), e_local, FUSED_MOE_BLOCK_M)
         _, _, offsets, token_slots = moe_align(ids, e_global, FUSED_MOE_BLOCK_M, expert_map, e_local, rows)
         a = torch.empty((rows, h), dtype=FP8, device=dev)
         a_scale = empty_act_scale(rows, kb_h, dev)
         moe_scatter_quant(hidden, token_slots, a, a_scale)
-        gate_up = grouped_fp8_gemm_contiguous(a, a_scale, w13, w13_scale, offsets)
+        gate_up = grouped_fp8_gemm_contiguous(a, a_scale, w13[:e_local], w13_scale[:e_local], offsets)
         act, act_scale = silu_mul_quant_fp8(gate_up)
-        down = grouped_fp8_gemm_contiguous(act, act_scale, w2, w2_scale, offsets)
+        down = grouped_fp8_gemm_contiguous(act, act_scale, w2[:e_local], w2_scale[:e_local], offsets)
+        if n_shared_experts:  # T rows: the dense GEMMs at full efficiency
+            x_q, x_s = quant_fp8_1x128(hidden)
+            s_act, s_act_scale = silu_mul_quant_fp8(fp8_gemm(x_q, x_s, w13[e_local], w13_scale[e_local]))
+            shared_out = fp8_gemm(s_act, s_act_scale, w2[e_local], w2_scale[e_local])
     return moe_combine(down, weights, token_slots, shared_out)
 
 

@@ -49,7 +49,10 @@ def mlp_weight_bytes(mlp: MLP) -> int:
 def moe_weight_bytes(moe: MoE, experts_touched: int) -> int:
     fixed = _nbytes(moe.gate_weight, moe.bias) + (mlp_weight_bytes(moe.shared) if moe.shared is not None else 0)
     if moe.w13 is not None:
-        per_expert = _nbytes(moe.w13, moe.w13_scale, moe.w2, moe.w2_scale) // moe.cfg.n_routed_experts
+        # The stacks may end with the shared expert (MoE.n_stacked_shared), of a routed expert's size.
+        stacked = moe.cfg.n_routed_experts + moe.n_stacked_shared
+        per_expert = _nbytes(moe.w13, moe.w13_scale, moe.w2, moe.w2_scale) // stacked
+        fixed += moe.n_stacked_shared * per_expert
     else:
         per_expert = mlp_weight_bytes(moe.experts[0])
     return fixed + experts_touched * per_expert

@@ -129,14 +129,22 @@ def scatter_quant_(hidden: torch.Tensor, token_slots: torch.Tensor, out: torch.T
 
 def route_dispatch_(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
                     topk: int, routed_scaling_factor: float, renormalize: bool, expert_map: Optional[torch.Tensor],
-                    a: torch.Tensor, a_scale: torch.Tensor):
+                    a: torch.Tensor, a_scale: torch.Tensor, num_shared: int = 0):
     """The front of fused_moe's masked path, the specification of moe_route_dispatch: route_noaux_tc,
-    then moe_align_masked (num_local = a.shape[0], max_m = a.shape[1]), then scatter_quant_ into a /
-    a_scale [E_local, max_m, H(/128)] (rows no slot points at untouched).
+    then moe_align_masked (num_local = a.shape[0] - num_shared, max_m = a.shape[1]), then scatter_quant_
+    into a / a_scale [E_local + num_shared, max_m, H(/128)] (rows no slot points at untouched). The
+    num_shared experts after the routed ones take every token t at row t (max_m >= T): masked_m = T.
     -> (topk_weights, topk_ids, masked_m, token_slots)."""
+    t = hidden.shape[0]
+    num_local, max_m = a.shape[0] - num_shared, a.shape[1]
     w, ids = ref_routing.route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize)
-    masked_m, slots = moe_align_masked(ids, logits.shape[1], a.shape[1], expert_map, a.shape[0])
-    scatter_quant_(hidden, slots, a, a_scale)
+    masked_m, slots = moe_align_masked(ids, logits.shape[1], max_m, expert_map, num_local)
+    # One scatter over the routed slots plus a slot per (token, shared expert): every row comes from
+    # the token's one quantization, as in the kernel.
+    shared = (torch.arange(num_shared, device=slots.device)[None, :] + num_local) * max_m + \
+        torch.arange(t, device=slots.device)[:, None]
+    scatter_quant_(hidden, torch.cat([slots, shared.to(slots.dtype)], 1), a, a_scale)
+    masked_m = torch.cat([masked_m, masked_m.new_full((num_shared,), t)])
     return w, ids, masked_m, slots
 
 
@@ -213,7 +221,16 @@ def route(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor,
 
 
 def fused_moe(hidden, router_logits, bias, w13, w13_scale, w2, w2_scale, *, n_group, topk_group, topk,
-              routed_scaling_factor, renormalize=True, scoring="sigmoid", shared_out=None, expert_map=None):
-    """The specification of flashseek.ops.fused_moe: route, then moe_experts."""
+              routed_scaling_factor, renormalize=True, scoring="sigmoid", shared_out=None, expert_map=None,
+              n_shared_experts=0):
+    """The specification of flashseek.ops.fused_moe: route, then moe_experts. With n_shared_experts = 1
+    the last expert of the stacks is the shared expert: its MLP on every token (the same 1x128
+    quantization of hidden and the same rounding points as a routed expert) is shared_out."""
+    if n_shared_experts:
+        e = w13.shape[0] - 1
+        if hidden.shape[0]:
+            x_q, x_s = ref_quant.quant_fp8_1x128(hidden)
+            shared_out = expert_mlp(x_q, x_s, w13[e], w13_scale[e], w2[e], w2_scale[e])
+        w13, w13_scale, w2, w2_scale = w13[:e], w13_scale[:e], w2[:e], w2_scale[:e]
     w, ids = route(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize, scoring)
     return moe_experts(hidden, w, ids, w13, w13_scale, w2, w2_scale, expert_map, shared_out)

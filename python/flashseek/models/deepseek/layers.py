@@ -222,23 +222,34 @@ class MoE:
         self.gate_weight: Optional[torch.Tensor] = None
         self.bias: Optional[torch.Tensor] = None
         self.w13 = self.w13_scale = self.w2 = self.w2_scale = None
+        self.n_stacked_shared = 0   # 1: the shared expert is the last entry of w13 / w2 (fused_moe runs it)
 
     def finalize(self) -> None:
-        if self.shared is not None:
-            self.shared.finalize()
         # fp8 mode: the router GEMM in bf16 (as DeepSeek's inference code), scores and routing in fp32.
         self.gate_weight = self.gate_weight.to(torch.float32 if self.mode == REFERENCE else torch.bfloat16)
         self.bias = self.bias.float()
         if self.mode == FP8_MODE and all(e.gate.quantized for e in self.experts):
-            # fused_moe's layout: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
-            self.w13 = torch.stack([torch.cat([e.gate.weight, e.up.weight]) for e in self.experts])
-            self.w13_scale = torch.stack([torch.cat([e.gate.scale, e.up.scale]) for e in self.experts])
-            self.w2 = torch.stack([e.down.weight for e in self.experts])
-            self.w2_scale = torch.stack([e.down.scale for e in self.experts])
+            # fused_moe's layout: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]. A shared expert
+            # of the routed experts' shape (DeepSeek-V3/R1: n_shared_experts = 1) goes last in the stacks,
+            # so that a decode step streams it inside the grouped GEMMs instead of two more GEMM launches.
+            stacked = list(self.experts)
+            sh = self.shared
+            if sh is not None and sh.gate.quantized and sh.up.quantized and sh.down.quantized and \
+                    sh.gate.weight.shape == self.experts[0].gate.weight.shape and \
+                    sh.down.weight.shape == self.experts[0].down.weight.shape:
+                stacked.append(sh)
+                self.n_stacked_shared = 1
+                self.shared = None
+            self.w13 = torch.stack([torch.cat([e.gate.weight, e.up.weight]) for e in stacked])
+            self.w13_scale = torch.stack([torch.cat([e.gate.scale, e.up.scale]) for e in stacked])
+            self.w2 = torch.stack([e.down.weight for e in stacked])
+            self.w2_scale = torch.stack([e.down.scale for e in stacked])
             self.experts = None
         else:
             for e in self.experts:
                 e.finalize()
+        if self.shared is not None:
+            self.shared.finalize()
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         return (x.to(self.gate_weight.dtype) @ self.gate_weight.t()).float()
@@ -262,7 +273,7 @@ class MoE:
                 return fused(x, logits, self.bias, self.w13, self.w13_scale, self.w2, self.w2_scale,
                              n_group=c.n_group, topk_group=c.topk_group, topk=c.num_experts_per_tok,
                              routed_scaling_factor=c.routed_scaling_factor, renormalize=c.norm_topk_prob,
-                             shared_out=shared)
+                             shared_out=shared, n_shared_experts=self.n_stacked_shared)
             return self._experts_fp8_fallback(x, logits, shared)
         weights, ids = self.route(logits)
         out = torch.zeros(x.shape[0], c.hidden_size, dtype=torch.float32, device=x.device)
@@ -275,16 +286,20 @@ class MoE:
             out += shared.float()
         return out.to(x.dtype)
 
+    def _stacked_expert(self, e, x):
+        gu = fp8_ops.fp8_linear(x, self.w13[e], self.w13_scale[e], self.ue8m0)
+        q, s = fp8_ops.silu_mul_quant(gu, self.ue8m0)
+        return fp8_ops.fp8_gemm(q, s, self.w2[e], self.w2_scale[e])
+
     def _experts_fp8_fallback(self, x, logits, shared):
         weights, ids = self.route(logits)
         ids = ids.long()
         out = torch.zeros(x.shape[0], self.cfg.hidden_size, dtype=torch.float32, device=x.device)
         for e in torch.unique(ids).tolist():
             tok, k = torch.where(ids == e)
-            gu = fp8_ops.fp8_linear(x[tok], self.w13[e], self.w13_scale[e], self.ue8m0)
-            q, s = fp8_ops.silu_mul_quant(gu, self.ue8m0)
-            y = fp8_ops.fp8_gemm(q, s, self.w2[e], self.w2_scale[e]).float()
-            out[tok] += y * weights[tok, k, None]
+            out[tok] += self._stacked_expert(e, x[tok]).float() * weights[tok, k, None]
+        if self.n_stacked_shared:
+            shared = self._stacked_expert(self.w13.shape[0] - 1, x)
         if shared is not None:
             out += shared.float()
         return out.to(x.dtype)
