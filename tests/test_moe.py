@@ -510,7 +510,15 @@ def test_fused_moe_cuda(t, layout, case):
                             layout=layout)
         ref = ref_moe.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, shared_out=shared, expert_map=emap)
     assert out.shape == (t, cfg["h"])
-    assert rel_err(out, ref) < 1e-2
+    # FP8 wgmma accumulates each 128-deep K block at reduced precision (~1e-4 relative), which flips
+    # the bf16 rounding of 5-6% of gate_up against the fp32 reference and, through them, an occasional
+    # e4m3 rounding of the quantized intermediate (one e4m3 step is 6-12% of an element): a single
+    # expert's output is off by 0.1-0.6% typically, ~2% at worst (H100, session 9). One token of this
+    # small config (256 intermediate values) with the unit-weight shared expert dominating its row
+    # measured 1.5-1.7%; averaging over tokens and routed experts brings every other case under 1e-2,
+    # and so does the R1 shape at T=1 (test_fused_moe_cuda_deepseek_size).
+    tol = 2.5e-2 if case.startswith("stacked_shared") and t == 1 else 1e-2
+    assert rel_err(out, ref) < tol
 
 
 @pytest.mark.cuda
@@ -528,12 +536,14 @@ def test_fused_moe_cuda_deepseek_size():
     for layout in ("masked", "contiguous"):
         out = ops.fused_moe(hidden, logits, bias, w13, w13_s, w2, w2_s, **kw, layout=layout, shared_out=shared)
         assert rel_err(out, ref) < 1e-2, layout
-    # R1's layer: 256 routed experts and the shared expert stacked last.
+    # R1's layer: 256 routed experts and the shared expert stacked last, at 8 tokens and at 1.
     stacks = _with_stacked_shared(w13, w13_s, w2, w2_s, "cuda")
-    ref = ref_moe.fused_moe(hidden, logits, bias, *stacks, **kw, n_shared_experts=1)
-    for layout in ("masked", "contiguous"):
-        out = ops.fused_moe(hidden, logits, bias, *stacks, **kw, layout=layout, n_shared_experts=1)
-        assert rel_err(out, ref) < 1e-2, layout
+    del w13, w2
+    for n in (t, 1):
+        ref = ref_moe.fused_moe(hidden[:n], logits[:n], bias, *stacks, **kw, n_shared_experts=1)
+        for layout in ("masked", "contiguous"):
+            out = ops.fused_moe(hidden[:n], logits[:n], bias, *stacks, **kw, layout=layout, n_shared_experts=1)
+            assert rel_err(out, ref) < 1e-2, (n, layout)
 
 
 @pytest.mark.cuda
