@@ -12,14 +12,23 @@
 //
 // Paths: 16-byte accesses (kVec = 16 / sizeof(T)) when n, the row strides and the pointers allow it;
 // otherwise one element per access (odd hidden sizes, misaligned views), with more of them per thread.
+//
+// Launch: a programmatic dependent (launch_pdl), letting its own dependents launch at once. A decode
+// step's norm is one row: its cost is latency (launch, two dependent memory reads, a block-wide
+// reduction), so the vector path reads its weight slice before griddepcontrol.wait, overlapping the
+// previous kernel's tail. That read is the one exception to pdl.cuh's wait-first contract, and it
+// is safe because the weight is not written by any kernel that triggers its dependents early
+// (flashseek's); a torch kernel writing it would still complete before this one starts.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 #include "common/cuda_check.h"
+#include "common/pdl.cuh"
 #include "norm/norm.h"
 
 namespace flashseek {
@@ -59,6 +68,38 @@ __device__ __forceinline__ void load_vec(const U* p, float (&f)[kN]) {
     for (int i = 0; i < kN; ++i) f[i] = to_float(p[i]);
   }
 }
+
+// kN consecutive U elements held as loaded (16-byte words where they fill them), converted later.
+template <typename U, int kN>
+struct RawVec {
+  static constexpr bool kWords = (int(sizeof(U)) * kN) % 16 == 0;
+  static constexpr int kCount = kWords ? int(sizeof(U)) * kN / 16 : kN;
+  std::conditional_t<kWords, uint4, U> d[kCount];
+  __device__ __forceinline__ void load(const U* p) {
+#pragma unroll
+    for (int c = 0; c < kCount; ++c) {
+      if constexpr (kWords) {
+        d[c] = reinterpret_cast<const uint4*>(p)[c];
+      } else {
+        d[c] = p[c];
+      }
+    }
+  }
+  __device__ __forceinline__ void to_float(float (&f)[kN]) const {
+    if constexpr (kWords) {
+      constexpr int kPerWord = 16 / int(sizeof(U));
+#pragma unroll
+      for (int c = 0; c < kCount; ++c) {
+        const U* e = reinterpret_cast<const U*>(&d[c]);
+#pragma unroll
+        for (int i = 0; i < kPerWord; ++i) f[c * kPerWord + i] = ::flashseek::to_float(e[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kN; ++i) f[i] = ::flashseek::to_float(d[i]);
+    }
+  }
+};
 
 // Stores kN values rounded to U (already rounded when they came from a T value).
 template <typename U, int kN>
@@ -101,10 +142,27 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
 template <typename T, typename W, int kVec, int kMaxIters, bool kFused>
 __global__ void __launch_bounds__(1024) rms_norm_kernel(RmsNormParams p) {
   __shared__ float smem[33];
+  pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const int nacc = int(p.n / kVec);
   const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
   T* res = kFused ? static_cast<T*>(p.residual) + row * p.residual_row_stride : nullptr;
+
+  // One access a thread (rows up to 1024 accesses, e.g. R1's 7168 bf16 hidden): this thread's weight
+  // slice is read before the wait (see the header), kept as raw words until it is used. With four
+  // accesses a thread it would not fit the 64 registers of a 1024-thread CTA next to the row: there
+  // the weight is read after the reduction.
+  const W* w = static_cast<const W*>(p.weight);
+  constexpr bool kEarlyWeight = kMaxIters == 1;
+  RawVec<W, kVec> wraw[kEarlyWeight ? kMaxIters : 1];
+  if constexpr (kEarlyWeight) {
+#pragma unroll
+    for (int it = 0; it < kMaxIters; ++it) {
+      const int j = threadIdx.x + it * blockDim.x;
+      if (j < nacc) wraw[it].load(w + j * kVec);
+    }
+  }
+  pdl_wait();
 
   float v[kMaxIters][kVec];
   float ss = 0.0f;
@@ -130,14 +188,17 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(RmsNormParams p) {
   // mean = sum / n, then 1 / sqrt with IEEE-rounded division and square root (torch's CPU rsqrt).
   const float inv = 1.0f / sqrtf(ss / float(p.n) + p.eps);
 
-  const W* w = static_cast<const W*>(p.weight);
   T* y = kFused ? static_cast<T*>(p.x) + row * p.x_row_stride : static_cast<T*>(p.out) + row * p.out_row_stride;
 #pragma unroll
   for (int it = 0; it < kMaxIters; ++it) {
     const int j = threadIdx.x + it * blockDim.x;
     if (j < nacc) {
       float wf[kVec];
-      load_vec<W, kVec>(w + j * kVec, wf);
+      if constexpr (kEarlyWeight) {
+        wraw[it].to_float(wf);
+      } else {
+        load_vec<W, kVec>(w + j * kVec, wf);
+      }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) v[it][i] = (v[it][i] * inv) * wf[i];
       store_vec<T, kVec>(y + j * kVec, v[it]);
@@ -151,6 +212,8 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(RmsNormParams p) {
 template <typename T, typename W, bool kFused>
 __global__ void __launch_bounds__(1024) rms_norm_scalar_kernel(RmsNormParams p) {
   __shared__ float smem[33];
+  pdl_launch_dependents();
+  pdl_wait();
   const int64_t row = blockIdx.x;
   const int n = int(p.n);
   T* x = static_cast<T*>(p.x) + row * p.x_row_stride;
@@ -192,15 +255,21 @@ void launch_typed(const RmsNormParams& p, cudaStream_t stream) {
   }
   const dim3 grid(unsigned(p.m));
   if (vec) {
-    // Up to 4 accesses per thread: n = 16384 needs 512 (16-bit) or 1024 (fp32) threads.
-    constexpr int kIters = 4;
+    // One access per thread up to 1024 accesses (the weight then read before the PDL wait), else up
+    // to 4: n = 16384 needs 512 (16-bit) or 1024 (fp32) threads.
     const int64_t nacc = p.n / kVec;
-    const int threads = int(std::min<int64_t>(1024, std::max<int64_t>(32, (nacc + kIters - 1) / kIters + 31) / 32 * 32));
-    rms_norm_kernel<T, W, kVec, kIters, kFused><<<grid, threads, 0, stream>>>(p);
+    auto threads_for = [&](int iters) {
+      return int(std::min<int64_t>(1024, std::max<int64_t>(32, (nacc + iters - 1) / iters + 31) / 32 * 32));
+    };
+    if (nacc <= 1024) {
+      launch_pdl(rms_norm_kernel<T, W, kVec, 1, kFused>, grid, dim3(unsigned(threads_for(1))), 0, stream, p);
+    } else {
+      launch_pdl(rms_norm_kernel<T, W, kVec, 4, kFused>, grid, dim3(unsigned(threads_for(4))), 0, stream, p);
+    }
   } else {
     // About 8 elements per thread, as the vector path's typical load.
     const int threads = int(std::min<int64_t>(1024, std::max<int64_t>(32, (p.n + 7) / 8 + 31) / 32 * 32));
-    rms_norm_scalar_kernel<T, W, kFused><<<grid, threads, 0, stream>>>(p);
+    launch_pdl(rms_norm_scalar_kernel<T, W, kFused>, grid, dim3(unsigned(threads)), 0, stream, p);
   }
   FS_CHECK_LAUNCH();
 }
