@@ -118,7 +118,12 @@ def _layer_rows(ctx, timer, model, cache, layer, batch, ctx_len, x, meta, label)
     kv_cache = cache.layers[layer.idx]
     h = cfg.num_attention_heads
     rope = model.rope
-    run_layer = lambda: layer(x, meta, kv_cache, rope)  # noqa: E731
+    # The layer as a decode step runs it (DecoderLayer.forward with the residual stream: the residual
+    # add fused into the input norm, no copy of x, no trailing add), on scratch copies it may
+    # overwrite in place. Until session 9 this timed layer(x), which adds a copy of x and a separate
+    # residual add (~3 us at b=1) that the step does not run.
+    xs, rs = x.clone(), x.clone()
+    run_layer = lambda: layer.forward(xs, rs, meta, kv_cache, rope)  # noqa: E731
     us, graphed = timer.graph(run_layer)
     eager_us = timer.eager(run_layer)
     xn = norm(x, layer.input_norm, layer.eps, layer.mode)
