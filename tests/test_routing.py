@@ -480,3 +480,89 @@ def test_gate_cuda_graph_and_fallback():
     weights, ids, logits = ops.route_noaux_tc_gate(xl, w, bias, 8, 4, 8, 2.5, True)
     w2, ids2 = ops.route_noaux_tc((xl @ w.t()).float(), bias, 8, 4, 8, 2.5, True)
     assert torch.equal(ids, ids2)
+
+
+# ------------------------------------------------------------------------------------------------
+# router_logits: the router GEMM with fp32 output (one kernel launch for T <= 32)
+# ------------------------------------------------------------------------------------------------
+def _router_inputs(t, e, h, device, gen_seed=0):
+    g = torch.Generator(device="cpu").manual_seed(gen_seed)
+    x = torch.randn(t, h, generator=g).to(device, torch.bfloat16)
+    w = (torch.randn(e, h, generator=g) * 0.02).to(device, torch.bfloat16)
+    return x, w
+
+
+def _router_bound(x, w):
+    """fp32 accumulation of h bf16 products: within h * 2^-24 of the sum of |x w| terms (a loose,
+    order-independent bound: each of at most h additions rounds by half an ulp of a partial sum)."""
+    mag = x.double().abs() @ w.double().abs().t()
+    return mag * (x.shape[1] * 2.0 ** -24) + 1e-30
+
+
+@pytest.mark.parametrize("t,e,h", [(0, 8, 64), (1, 8, 64), (3, 16, 264), (32, 5, 512)])
+def test_router_logits_cpu_is_the_fp32_matmul(t, e, h):
+    x, w = _router_inputs(t, e, h, "cpu")
+    out = ops.router_logits(x, w)
+    assert out.dtype == torch.float32 and out.shape == (t, e)
+    assert torch.equal(out, x.float() @ w.float().t())
+    # Above the kernel's token limit the wrapper takes the GEMM path, same values on CPU.
+    x2, _ = _router_inputs(40, e, h, "cpu")
+    assert torch.equal(ops.router_logits(x2, w), x2.float() @ w.float().t())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, w, o: (x.float(), w, o), "hidden must have dtype"),
+    (lambda x, w, o: (x, w.half(), o), "weight must have dtype"),
+    (lambda x, w, o: (x, w[:, :56], o), r"weight must have shape \[E, H=64\]"),
+    (lambda x, w, o: (x[:, :60], w[:, :60], o), "multiple of 8"),
+    (lambda x, w, o: (x, w, o.double()), "out must have dtype"),
+    (lambda x, w, o: (x, w, o[:, :4]), "out must have shape"),
+    (lambda x, w, o: (torch.zeros(33, 64, dtype=torch.bfloat16), w, torch.zeros(33, 8)), "at most 32 tokens"),
+    (lambda x, w, o: (torch.zeros(2, 128, dtype=torch.bfloat16)[:, ::2], w, o[:2]), "unit stride along H"),
+])
+def test_router_logits_bad_inputs(bad, match):
+    x, w = _router_inputs(3, 8, 64, "cpu")
+    o = torch.empty(3, 8)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.flashseek.router_logits(*bad(x, w, o))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_router_logits_opcheck(device):
+    x, w = _router_inputs(5, 16, 256, device)
+    opcheck(torch.ops.flashseek.router_logits.default, (x, w, torch.empty(5, 16, device=device)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [1, 2, 3, 8, 9, 16, 31, 32, 33, 64])
+@pytest.mark.parametrize("e,h", [(256, 7168), (256, 2048), (7, 264), (160, 5120), (512, 16384), (3, 8)])
+def test_router_logits_cuda(t, e, h):
+    x, w = _router_inputs(t, e, h, "cuda", gen_seed=t * 1000 + e)
+    out = torch.full((t, e), float("nan"), device="cuda")
+    ops.router_logits(x, w, out=out)
+    exact = x.double() @ w.double().t()
+    assert not out.isnan().any()
+    assert ((out.double() - exact).abs() <= _router_bound(x, w)).all()
+    if t <= ops.ROUTER_LOGITS_MAX_T:  # the kernel: deterministic
+        assert torch.equal(out, ops.router_logits(x, w))
+
+
+@pytest.mark.cuda
+def test_router_logits_cuda_strided_rows_and_graph():
+    e, h = 256, 7168
+    xbig, w = _router_inputs(4, e, h + 64, "cuda")
+    x = xbig[:, 64:]  # row stride h + 64, 16-byte aligned start
+    out = ops.router_logits(x, w[:, 64:].contiguous())
+    exact = x.double() @ w[:, 64:].double().t()
+    assert ((out.double() - exact).abs() <= _router_bound(x, w[:, 64:])).all()
+    xs, ws = _router_inputs(1, e, h, "cuda")
+    res = torch.empty(1, e, device="cuda")
+    ops.router_logits(xs, ws, out=res)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.router_logits(xs, ws, out=res)
+    xs.copy_(torch.randn_like(xs, dtype=torch.float32).to(torch.bfloat16))
+    res.fill_(float("nan"))
+    g.replay()
+    assert torch.equal(res, ops.router_logits(xs, ws))

@@ -44,4 +44,19 @@ struct GateRouteParams {
 void launch_route_noaux_tc_gate(GateRouteParams p, cudaStream_t stream);
 void launch_route_softmax_topk(const RouteParams& p, cudaStream_t stream);
 
+// The MoE router's fp32 logits for decode-sized T (router_logits.cu): out[t, e] = sum_k x[t, k] *
+// w[e, k], bf16 products accumulated in fp32 (one launch; above kRouterLogitsMaxT the torch wrapper
+// runs a GEMM with fp32 output).
+constexpr int kRouterLogitsMaxT = 32;
+struct RouterLogitsParams {
+  const void* hidden;   // bf16 [T, H], unit stride along H, 16-byte aligned rows
+  int64_t x_stride;
+  const void* weight;   // bf16 [E, H], unit stride along H, 16-byte aligned rows
+  int64_t w_stride;
+  float* out;           // fp32 [T, E], unit stride along E
+  int64_t out_stride;
+  int T, E, H;          // T <= kRouterLogitsMaxT, H % 8 == 0
+};
+void launch_router_logits(const RouterLogitsParams& p, cudaStream_t stream);
+
 }  // namespace flashseek

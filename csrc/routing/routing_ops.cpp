@@ -170,9 +170,52 @@ void route_noaux_tc_gate_cuda(const at::Tensor& hidden, const at::Tensor& gate_w
   launch_route_noaux_tc_gate(p, current_stream(hidden));
 }
 
+void router_logits_cuda(const at::Tensor& hidden, const at::Tensor& weight, at::Tensor& out) {
+  FS_CHECK_CUDA(hidden);
+  FS_CHECK_CUDA(weight);
+  FS_CHECK_CUDA(out);
+  FS_CHECK_SAME_DEVICE(hidden, weight);
+  FS_CHECK_SAME_DEVICE(hidden, out);
+  FS_CHECK_DTYPE(hidden, at::kBFloat16);
+  FS_CHECK_DTYPE(weight, at::kBFloat16);
+  FS_CHECK_DTYPE(out, at::kFloat);
+  FS_CHECK_DIM(hidden, 2);
+  FS_CHECK_DIM(weight, 2);
+  const int64_t T = hidden.size(0), H = hidden.size(1), E = weight.size(0);
+  FS_CHECK(weight.size(1) == H, "weight must have shape [E, H=", H, "], got ", weight.sizes());
+  FS_CHECK(H % 8 == 0, "the hidden size must be a multiple of 8, got ", H);
+  FS_CHECK(T <= kRouterLogitsMaxT, "router_logits takes at most ", kRouterLogitsMaxT, " tokens, got ", T,
+           " (flashseek.ops.router_logits runs a GEMM above that)");
+  FS_CHECK(E <= (int64_t(1) << 20), "router_logits: too many experts (", E, ")");
+  auto rows_ok = [](const at::Tensor& t) {
+    return t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) % 8 == 0) &&
+           reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  FS_CHECK(rows_ok(hidden), "hidden must have a unit stride along H, a row stride multiple of 8 and 16-byte "
+           "alignment, got strides ", hidden.strides());
+  FS_CHECK(rows_ok(weight), "weight must have a unit stride along H, a row stride multiple of 8 and 16-byte "
+           "alignment, got strides ", weight.strides());
+  FS_CHECK_SHAPE(out, T, E);
+  FS_CHECK(out.stride(1) == 1 || E <= 1, "out must have a unit stride along E, got strides ", out.strides());
+  if (T == 0 || E == 0) return;
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  RouterLogitsParams p{};
+  p.hidden = hidden.data_ptr();
+  p.x_stride = hidden.stride(0);
+  p.weight = weight.data_ptr();
+  p.w_stride = weight.stride(0);
+  p.out = out.data_ptr<float>();
+  p.out_stride = out.stride(0);
+  p.T = static_cast<int>(T);
+  p.E = static_cast<int>(E);
+  p.H = static_cast<int>(H);
+  launch_router_logits(p, current_stream(hidden));
+}
+
 }  // namespace
 
 void register_routing_cuda(torch::Library& m) {
+  m.impl("router_logits", &router_logits_cuda);
   m.impl("route_noaux_tc", &route_noaux_tc_cuda);
   m.impl("route_softmax_topk", &route_softmax_topk_cuda);
   m.impl("route_noaux_tc_gate", &route_noaux_tc_gate_cuda);

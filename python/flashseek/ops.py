@@ -522,6 +522,60 @@ def route_softmax_topk(logits: torch.Tensor, topk: int, renormalize: bool = True
     return topk_weights, topk_ids
 
 
+#: router_logits' token limit for the one-launch kernel (kRouterLogitsMaxT, csrc/routing/routing.h).
+ROUTER_LOGITS_MAX_T = 32
+
+
+def _check_router_logits(hidden, weight, out):
+    _expect_dtype(hidden, "hidden", torch.bfloat16)
+    _expect_dtype(weight, "weight", torch.bfloat16)
+    _expect_dim(hidden, "hidden", 2)
+    _expect_dim(weight, "weight", 2)
+    t, h = hidden.shape
+    e = weight.shape[0]
+    _expect(weight.shape[1] == h, f"weight must have shape [E, H={h}], got {list(weight.shape)}")
+    _expect(h % 8 == 0, f"the hidden size must be a multiple of 8, got {h}")
+    _expect(t <= ROUTER_LOGITS_MAX_T,
+            f"router_logits takes at most {ROUTER_LOGITS_MAX_T} tokens, got {t} "
+            "(flashseek.ops.router_logits runs a GEMM above that)")
+    for name, x in (("hidden", hidden), ("weight", weight)):  # (16-byte alignment: checked by the kernel's op)
+        _expect(x.stride(1) == 1 and (x.shape[0] <= 1 or x.stride(0) % 8 == 0),
+                f"{name} must have a unit stride along H and a row stride multiple of 8, "
+                f"got strides {tuple(x.stride())}")
+    _expect_dtype(out, "out", torch.float32)
+    _expect_shape(out, "out", (t, e))
+    _expect(out.stride(1) == 1 or e <= 1, f"out must have a unit stride along E, got strides {tuple(out.stride())}")
+    _expect_same_device(hidden, "hidden", weight=weight, out=out)
+
+
+def _ref_router_logits(hidden, weight, out):
+    out.copy_(ref_routing.router_logits(hidden, weight))
+
+
+_register("router_logits", _check_router_logits, _ref_router_logits)
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The MoE router's logits, fp32 [T, E] = hidden @ weight^T, bf16 products accumulated in fp32 and
+    never rounded to bf16 (as Hugging Face's DeepSeek-V3 router computes them in fp32).
+
+    Args:
+        hidden: bf16 [T, H], H % 8 == 0; weight: bf16 [E, H] (the gate); out: optional fp32 [T, E].
+    For T <= ROUTER_LOGITS_MAX_T one kernel launch (every SM streams a slice of the weight); above it
+    a GEMM with fp32 output (cuBLAS on CUDA). Spec: flashseek.ref.routing.router_logits.
+    """
+    t = hidden.shape[0]
+    if out is None:
+        out = torch.empty((t, weight.shape[0]), dtype=torch.float32, device=hidden.device)
+    if t <= ROUTER_LOGITS_MAX_T:
+        torch.ops.flashseek.router_logits(hidden, weight, out)
+    elif hidden.is_cuda and hidden.dtype == weight.dtype == torch.bfloat16:
+        out.copy_(torch.mm(hidden, weight.t(), out_dtype=torch.float32))  # bf16 GEMM, fp32 out (torch >= 2.8)
+    else:
+        out.copy_(ref_routing.router_logits(hidden, weight))
+    return out
+
+
 #: route_noaux_tc_gate's token limit (the kernel's, csrc/routing/routing.h): the wrapper runs the
 #: bf16 GEMM + route_noaux_tc above it. `flashseek bench routing` times both paths.
 ROUTE_GATE_MAX_T = ref_routing.GATE_MAX_T

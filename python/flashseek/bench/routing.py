@@ -65,6 +65,30 @@ def run_routing(ctx: BenchContext) -> list[Row]:
                         backend="kernel" if ops.has_cuda_kernel("route_softmax_topk") else "reference",
                         extra=dict(timing="cuda-graph replay", eager_call_us=eager_us)))
     rows += _gate_rows(ctx)
+    rows += _router_logits_rows(ctx)
+    return rows
+
+
+def _router_logits_rows(ctx: BenchContext) -> list[Row]:
+    """router_logits (the model's router GEMM since session 9) against the bf16 matmul + .float() it
+    replaced, R1 gate (256 x 7168), CUDA-graph replays in the same run, weights rotated out of L2."""
+    dev = ctx.device
+    h, e = 7168, R1["e"]
+    ts = [1, 8, 32, 64] if ctx.cuda else [1, 4]
+    n_in = 24 if ctx.cuda else 1
+    ws = [(torch.randn(e, h, device=dev) * 0.02).to(torch.bfloat16) for _ in range(n_in)]
+    rows: list[Row] = []
+    for t in ts:
+        xs = [torch.randn(t, h, device=dev).to(torch.bfloat16) for _ in range(n_in)]
+        out = torch.empty(t, e, device=dev)
+        us = ctx.time(lambda i: ops.router_logits(xs[i], ws[i], out=out), n_in, graph=ctx.cuda)
+        peer_us = ctx.time(lambda i: (xs[i] @ ws[i].t()).float(), n_in, graph=ctx.cuda)
+        path = "kernel" if t <= ops.ROUTER_LOGITS_MAX_T else "GEMM, fp32 out"
+        rows.append(Row("routing", f"router_logits T={t} H={h} E={e} ({path})",
+                        dict(op="router_logits", T=t, H=h, E=e), us, 2.0 * t * e * h, e * h * 2 + t * h * 2 + t * e * 4,
+                        peer="bf16 matmul + .float() (graph)", peer_us=peer_us,
+                        backend="kernel" if ops.has_cuda_kernel("router_logits") else "reference",
+                        extra=dict(peak="bf16_tflops", timing="cuda-graph replay, both" if ctx.cuda else "eager")))
     return rows
 
 

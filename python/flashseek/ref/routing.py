@@ -120,3 +120,10 @@ def route_noaux_tc_gate(hidden: torch.Tensor, gate_weight: torch.Tensor, bias: t
     logits = gate_logits_fp32(hidden, gate_weight)
     w, ids = route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize)
     return w, ids, logits
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The MoE router's logits, fp32 [T, E] = hidden [T, H] @ weight [E, H]^T with the bf16 inputs'
+    products accumulated in fp32 (the kernel's order differs from this matmul's: the two agree to
+    fp32 rounding of the sum, which the tests bound by the sum of |x w| terms)."""
+    return hidden.float() @ weight.float().t()

@@ -252,6 +252,10 @@ class MoE:
             self.shared.finalize()
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits. FP8 mode: bf16 gate and activations, products accumulated in fp32 and not
+        rounded to bf16 (flashseek.ops.router_logits: one kernel launch at decode sizes)."""
+        if self.mode == FP8_MODE and self.gate_weight.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0:
+            return ops.router_logits(x.to(torch.bfloat16).contiguous(), self.gate_weight)
         return (x.to(self.gate_weight.dtype) @ self.gate_weight.t()).float()
 
     def route(self, logits):
