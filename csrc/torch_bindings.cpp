@@ -42,8 +42,8 @@ TORCH_LIBRARY(flashseek, m) {
   m.def(
       "route_softmax_topk(Tensor logits, int topk, bool renormalize, Tensor(a!) topk_weights, "
       "Tensor(b!) topk_ids) -> ()");
-  // The router's fp32 logits for T <= 32: out [T, E] = hidden [T, H] bf16 @ weight [E, H] bf16 ^T,
-  // accumulated in fp32 (the wrapper, flashseek.ops.router_logits, runs a GEMM above 32 tokens).
+  // The router's fp32 logits for T <= 4: out [T, E] = hidden [T, H] bf16 @ weight [E, H] bf16 ^T,
+  // accumulated in fp32 (the wrapper, flashseek.ops.router_logits, runs a GEMM above 4 tokens).
   m.def("router_logits(Tensor hidden, Tensor weight, Tensor(a!) out) -> ()");
   // Gate GEMM + route_noaux_tc for T <= 64: hidden [T, H] bf16, gate_weight [E, H] bf16, H % 512 == 0;
   // logits [T, E] fp32 out (accumulation order: flashseek/ref/routing.py gate_logits_fp32).

@@ -483,7 +483,7 @@ def test_gate_cuda_graph_and_fallback():
 
 
 # ------------------------------------------------------------------------------------------------
-# router_logits: the router GEMM with fp32 output (one kernel launch for T <= 32)
+# router_logits: the router GEMM with fp32 output (one kernel launch for T <= 4)
 # ------------------------------------------------------------------------------------------------
 def _router_inputs(t, e, h, device, gen_seed=0):
     g = torch.Generator(device="cpu").manual_seed(gen_seed)
@@ -499,7 +499,7 @@ def _router_bound(x, w):
     return mag * (x.shape[1] * 2.0 ** -24) + 1e-30
 
 
-@pytest.mark.parametrize("t,e,h", [(0, 8, 64), (1, 8, 64), (3, 16, 264), (32, 5, 512)])
+@pytest.mark.parametrize("t,e,h", [(0, 8, 64), (1, 8, 64), (3, 16, 264), (4, 5, 512)])
 def test_router_logits_cpu_is_the_fp32_matmul(t, e, h):
     x, w = _router_inputs(t, e, h, "cpu")
     out = ops.router_logits(x, w)
@@ -517,7 +517,7 @@ def test_router_logits_cpu_is_the_fp32_matmul(t, e, h):
     (lambda x, w, o: (x[:, :60], w[:, :60], o), "multiple of 8"),
     (lambda x, w, o: (x, w, o.double()), "out must have dtype"),
     (lambda x, w, o: (x, w, o[:, :4]), "out must have shape"),
-    (lambda x, w, o: (torch.zeros(33, 64, dtype=torch.bfloat16), w, torch.zeros(33, 8)), "at most 32 tokens"),
+    (lambda x, w, o: (torch.zeros(5, 64, dtype=torch.bfloat16), w, torch.zeros(5, 8)), "at most 4 tokens"),
     (lambda x, w, o: (torch.zeros(2, 128, dtype=torch.bfloat16)[:, ::2], w, o[:2]), "unit stride along H"),
 ])
 def test_router_logits_bad_inputs(bad, match):
@@ -529,12 +529,12 @@ def test_router_logits_bad_inputs(bad, match):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_router_logits_opcheck(device):
-    x, w = _router_inputs(5, 16, 256, device)
-    opcheck(torch.ops.flashseek.router_logits.default, (x, w, torch.empty(5, 16, device=device)))
+    x, w = _router_inputs(3, 16, 256, device)
+    opcheck(torch.ops.flashseek.router_logits.default, (x, w, torch.empty(3, 16, device=device)))
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("t", [1, 2, 3, 8, 9, 16, 31, 32, 33, 64])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 33])
 @pytest.mark.parametrize("e,h", [(256, 7168), (256, 2048), (7, 264), (160, 5120), (512, 16384), (3, 8)])
 def test_router_logits_cuda(t, e, h):
     x, w = _router_inputs(t, e, h, "cuda", gen_seed=t * 1000 + e)

@@ -3,7 +3,8 @@
 //
 // Why a kernel: at T = 1 the model's bf16 matmul took three launches (cuBLAS split-K GEMV, its
 // reduction, the fp32 conversion: 8.2 us in the b=1 MoE layer timeline, session 9) for a 1.2 us
-// weight read. Here: one launch, every SM streaming a slice of the weight.
+// weight read. Here: one launch, every SM streaming a slice of the weight. Only for T <= 4
+// (routing.h): each CTA re-reads every token row, which loses to a GEMM from T = 8 on.
 //
 // Grid: one CTA per kRows expert rows (R1: 128 CTAs), 8 warps splitting H in units of 256 columns
 // (32 lanes x 8); the warp's first kUnitsAhead units of weight are requested before
@@ -121,14 +122,8 @@ void launch_router_logits(const RouterLogitsParams& p, cudaStream_t stream) {
     launch_pdl(router_logits_kernel<1>, grid, block, 0, stream, p);
   } else if (p.T <= 2) {
     launch_pdl(router_logits_kernel<2>, grid, block, 0, stream, p);
-  } else if (p.T <= 4) {
-    launch_pdl(router_logits_kernel<4>, grid, block, 0, stream, p);
-  } else if (p.T <= 8) {
-    launch_pdl(router_logits_kernel<8>, grid, block, 0, stream, p);
-  } else if (p.T <= 16) {
-    launch_pdl(router_logits_kernel<16>, grid, block, 0, stream, p);
   } else {
-    launch_pdl(router_logits_kernel<32>, grid, block, 0, stream, p);
+    launch_pdl(router_logits_kernel<4>, grid, block, 0, stream, p);
   }
   FS_CHECK_LAUNCH();
 }

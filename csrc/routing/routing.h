@@ -46,8 +46,10 @@ void launch_route_softmax_topk(const RouteParams& p, cudaStream_t stream);
 
 // The MoE router's fp32 logits for decode-sized T (router_logits.cu): out[t, e] = sum_k x[t, k] *
 // w[e, k], bf16 products accumulated in fp32 (one launch; above kRouterLogitsMaxT the torch wrapper
-// runs a GEMM with fp32 output).
-constexpr int kRouterLogitsMaxT = 32;
+// runs a GEMM with fp32 output). Every CTA reads every token row once per weight unit, so the kernel
+// pays T times the x traffic: on an H100 it took 3.5 us at T = 1 against the GEMM path's 9.0, but
+// 15.1 at T = 8 (9.9) and 55.3 at T = 32 (10.6) (session 9, run 6).
+constexpr int kRouterLogitsMaxT = 4;
 struct RouterLogitsParams {
   const void* hidden;   // bf16 [T, H], unit stride along H, 16-byte aligned rows
   int64_t x_stride;
