@@ -1,6 +1,5 @@
 // Launchers of the decode GEMM (fp8_gemm_skinny.cuh): dense M <= 64 and masked-grouped M_max <= 64.
 #include <algorithm>
-#include <cstdlib>
 #include <mutex>
 
 #include "common/cuda_check.h"
@@ -56,9 +55,6 @@ void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_
   kp.b_scale = p.b_scale;
   kp.out = static_cast<__nv_bfloat16*>(p.out);
   kp.num_groups = 1;
-  // A/B switch for device runs, read on every call (a getenv, as FLASHSEEK_GEMM_SKINNY).
-  const char* pro = std::getenv("FLASHSEEK_SKINNY_PROLOGUE");
-  kp.weight_prologue = !(pro != nullptr && pro[0] == '0');
   kp.m_rows = p.m;
   kp.n = p.n;
   kp.k = p.k;

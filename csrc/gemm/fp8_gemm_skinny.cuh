@@ -73,7 +73,6 @@ struct Params {
   int num_groups;
   int m_rows;  // dense: M; masked: M_max
   int n, k;
-  int weight_prologue;     // dense: issue the first weight tiles before the PDL wait (FLASHSEEK_SKINNY_PROLOGUE=0: no)
   ReduceRecord* records;  // workspace, masked only: one per CTA
   float* partials;  // workspace: [2 * gridDim.x][kSlotFloats]
 };
@@ -402,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Dense layout: the split is known from the parameters alone, so the producer issues its first
   // weight tiles before the PDL wait (the barriers are initialised: a barrier before the issue).
   int w_pre = 0;
-  if (p.masked_m == nullptr && p.weight_prologue) {
+  if (p.masked_m == nullptr) {
     __syncthreads();
     if (tid == kMathThreads) w_pre = producer_weight_prologue(&tmap_w, p, smem, make_split(p, 1), blockIdx.x);
   }
