@@ -21,9 +21,16 @@ void bind_workspace(Params& kp, void* workspace, int sm_count) {
   kp.partials = reinterpret_cast<float*>(w + records_bytes(sm_count));
 }
 
+skinny::TokenMaps token_maps(const void* a, int64_t rows, int64_t k) {
+  skinny::TokenMaps maps;
+  for (int i = 0; i < 4; ++i) maps.rows[i] = fp8_rows_map(a, rows, k, 8 << i);
+  return maps;
+}
+
 // Both kernels are programmatic dependent launches (common/pdl.cuh): the reduction's launch overlaps
 // the main kernel, and the main kernel's overlaps whatever precedes it.
-void launch(const CUtensorMap& tmap_w, const Params& kp, int ctas, bool reduce, cudaStream_t stream) {
+void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Params& kp, int ctas, bool reduce,
+            cudaStream_t stream) {
   static std::once_flag attr_once[64];
   int device = 0;
   FS_CUDA_CHECK(cudaGetDevice(&device));
@@ -32,7 +39,7 @@ void launch(const CUtensorMap& tmap_w, const Params& kp, int ctas, bool reduce, 
                                        skinny::Smem::kDynamic));
   });
   launch_pdl(skinny::skinny_kernel, dim3(unsigned(ctas)), dim3(skinny::kThreads), size_t(skinny::Smem::kDynamic),
-             stream, tmap_w, kp);
+             stream, tmap_w, tmap_x, kp);
   if (!reduce) return;
   // One reduction CTA per main CTA and 8-token column group that can hold tokens (M_max = 1: one).
   const int column_groups = std::min(skinny::kTokens, kp.m_rows + 7) / 8;
@@ -49,7 +56,6 @@ size_t fp8_gemm_skinny_workspace(int sm_count) {
 void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return;
   Params kp{};
-  kp.a = static_cast<const uint8_t*>(p.a);
   kp.a_scale = p.a_scale;
   kp.a_scale_ld = p.a_scale_ld;
   kp.b_scale = p.b_scale;
@@ -65,7 +71,8 @@ void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_
   // The reduction runs only if some CTA boundary falls inside a tile.
   bool reduce = false;
   for (int c = 1; c < ctas && !reduce; ++c) reduce = (int64_t(c) * units / ctas) % num_kb != 0;
-  launch(fp8_rows_map(p.b, p.n, p.k, skinny::kRows), kp, ctas, reduce, stream);
+  launch(fp8_rows_map(p.b, p.n, p.k, skinny::kRows), token_maps(p.a, p.m, p.k), kp, ctas, reduce,
+         stream);
 }
 
 bool grouped_fp8_gemm_skinny_supported(const GroupedFp8GemmParams& p) {
@@ -75,7 +82,6 @@ bool grouped_fp8_gemm_skinny_supported(const GroupedFp8GemmParams& p) {
 void launch_grouped_fp8_gemm_skinny(const GroupedFp8GemmParams& p, void* workspace, cudaStream_t stream) {
   if (p.m_rows == 0 || p.n == 0 || p.num_experts == 0) return;
   Params kp{};
-  kp.a = static_cast<const uint8_t*>(p.a);
   kp.a_scale = p.a_scale;
   kp.a_scale_ld = p.a_scale_ld;
   kp.a_scale_estride = p.a_scale_estride;
@@ -89,7 +95,8 @@ void launch_grouped_fp8_gemm_skinny(const GroupedFp8GemmParams& p, void* workspa
   bind_workspace(kp, workspace, p.sm_count);
   // Which experts have tokens is only known on the device: every SM runs, idle ones get empty ranges.
   const int64_t e = p.num_experts;
-  launch(fp8_rows_map(p.b, e * p.n, p.k, skinny::kRows), kp, p.sm_count, true, stream);
+  launch(fp8_rows_map(p.b, e * p.n, p.k, skinny::kRows), token_maps(p.a, e * p.m_rows, p.k), kp,
+         p.sm_count, true, stream);
 }
 
 }  // namespace flashseek

@@ -64,7 +64,6 @@ struct alignas(16) ReduceRecord {
 };
 
 struct Params {
-  const uint8_t* a;      // e4m3 [groups * m_rows, k], contiguous rows, 16-byte aligned
   const float* a_scale;  // (group g, token i, kb) at g * a_scale_estride + kb * a_scale_ld + i
   int64_t a_scale_ld, a_scale_estride;
   const float* b_scale;  // [groups, ceil(n / 128), k / 128]
@@ -158,42 +157,19 @@ __device__ __forceinline__ void list_active_groups(const Params& p, const int* t
   if (lane == 31) active[0] = incl;
 }
 
-// Token blocks: the smallest of 8, 16, 32 or 64 rows that holds the group's tokens (rows past the
-// tokens zero-filled), so masked experts with a few tokens do not pull 64 rows. The MMA still reads
-// 64 columns; the ones past the block hold a previous stage's data and are never stored.
-__device__ __forceinline__ int token_rows(int tokens) {
-  return tokens <= 8 ? 8 : tokens <= 16 ? 16 : tokens <= 32 ? 32 : 64;
+// Token blocks come in boxes of 8, 16, 32 or 64 rows: a group's block is the smallest box that holds
+// its tokens, so masked experts with a few tokens do not pull 64 rows of other experts' activations.
+// The MMA still reads 64 columns; the ones past the box hold a previous stage's data and are never
+// stored.
+struct TokenMaps {
+  CUtensorMap rows[4];  // boxes of 8 << i rows
+};
+__device__ __forceinline__ int token_box(int tokens) {
+  return tokens <= 8 ? 0 : tokens <= 16 ? 1 : tokens <= 32 ? 2 : 3;
 }
 
-// The weight tiles of this CTA's first `count` units into stages 0.. (dense layout: the unit walk is
-// then known without reading anything another kernel writes), issued before the PDL wait: the
-// weights are not written by the previous kernel, so their HBM latency overlaps its tail. Their
-// bytes are expected on the stage's full barrier here; the arrival comes with the unit's token
-// block. (Session 8 tried this with the token block still by TMA: it queued behind these weight
-// tiles and every shape lost 1-1.5 us; the token block now comes by cp.async.)
-__device__ __forceinline__ int producer_weight_prologue(const CUtensorMap* tmap_w, const Params& p, uint8_t* smem,
-                                                        const Split& sp, int c) {
-  const int64_t u0 = sp.begin(c);
-  const int count = int(min(int64_t(kStages), max(sp.begin(c + 1) - u0, int64_t(0))));
-  if (threadIdx.x % 32 != 0 || count == 0) return count;
-  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Smem::kBar);
-  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-  const int64_t t0 = div_nonneg(u0, sp.num_kb);
-  int kb = int(u0 - t0 * sp.num_kb);
-  int n0 = int(t0) * kRows;  // one group: tiles are row tiles of the weight
-  for (int s = 0; s < count; ++s) {
-    cutlass::arch::ClusterTransactionBarrier::expect_transaction(full_bar + s, Smem::kWBytes);
-    cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + s, kHint, smem + Smem::kW + s * Smem::kWBytes, kb * kBlockK, n0);
-    if (++kb == sp.num_kb) {
-      kb = 0;
-      n0 += kRows;
-    }
-  }
-  return count;
-}
-
-__device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const Params& p, uint8_t* smem, const Split& sp,
-                                         int c, int w_pre) {
+__device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenMaps* tmap_x, const Params& p,
+                                         uint8_t* smem, const Split& sp, int c) {
   const uint32_t base = smem_u32(smem);
   const int lane = threadIdx.x % 32;
   const int* active = reinterpret_cast<const int*>(smem + Smem::kActive);
@@ -216,29 +192,18 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const Params
   const int* tokens_of = reinterpret_cast<const int*>(smem + Smem::kGroupTokens);
   int tokens = tokens_of[g];
   const int nsb = (p.n + 127) / 128;
-  for (int i = 0; u < end; ++u, ++i) {
+  for (; u < end; ++u) {
+    const int box = token_box(tokens);
     mbar_wait(Smem::empty(base, stage), phase ^ 1);
     if (lane == 0) {
-      const bool w_done = i < w_pre;  // issued by producer_weight_prologue
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage, w_done ? 0 : Smem::kWBytes);
-      if (!w_done) {
-        cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + stage, kHint, smem + Smem::kW + stage * Smem::kWBytes,
-                                     kb * kBlockK, g * p.n + n0);
-      }
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage,
+                                                                     Smem::kWBytes + (8 << box) * kBlockK);
+      cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + stage, kHint, smem + Smem::kW + stage * Smem::kWBytes,
+                                   kb * kBlockK, g * p.n + n0);
+      cute::SM90_TMA_LOAD_2D::copy(&tmap_x->rows[box], full_bar + stage, kHint,
+                                   smem + Smem::kX + stage * Smem::kXBytes,
+                                   kb * kBlockK, p.masked_m != nullptr ? g * p.m_rows : 0);
       FS_SKINNY_TL(tl_last = timeline::now(); if (u == tl_u0) tl_first = tl_last;)
-    }
-    {
-      // The token block by cp.async, 16-byte chunks into the 128B-swizzled layout the TMA would write
-      // (chunk j of row r at r * 128 + ((j ^ r % 8) << 4)); rows past the tokens zero-filled.
-      const int rows = token_rows(tokens);
-      const uint8_t* src_block = p.a + (int64_t(p.masked_m != nullptr ? g * p.m_rows : 0)) * p.k + kb * kBlockK;
-      const uint32_t xdst = base + Smem::kX + stage * Smem::kXBytes;
-      for (int q = lane; q < rows * 8; q += 32) {
-        const int r = q >> 3, j = q & 7;
-        const bool in = r < tokens;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(xdst + r * 128 + ((j ^ (r & 7)) << 4)),
-                     "l"(in ? src_block + int64_t(r) * p.k + j * 16 : p.a), "r"(in ? 16 : 0) : "memory");
-      }
     }
     const float* sa = p.a_scale + int64_t(g) * p.a_scale_estride + int64_t(kb) * p.a_scale_ld;
     const uint32_t dst = base + Smem::kSa + stage * Smem::kSaBytes;
@@ -301,8 +266,6 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
     for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
     for (int kb = kb0; kb < kb_end; ++kb) {
       mbar_wait(Smem::full(base, stage), phase);
-      // The token block came by cp.async (generic proxy): visible to wgmma's async-proxy reads.
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       FS_SKINNY_TL(tl_full_last = timeline::now(); if (tl_first) tl_full_first = tl_full_last; tl_first = false;)
       const uint64_t w_desc = w_desc0 + uint64_t(stage) * (Smem::kWBytes >> 4);
       const uint64_t x_desc = x_desc0 + uint64_t(stage) * (Smem::kXBytes >> 4);
@@ -382,7 +345,8 @@ __device__ __forceinline__ Split make_split(const Params& p, int active_groups) 
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
-    skinny_kernel(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ Params p) {
+    skinny_kernel(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ TokenMaps tmap_x,
+                  const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   FS_SKINNY_TL(const timeline::Stamp tl_entry = timeline::now();)
   extern __shared__ uint8_t smem_raw[];
@@ -397,13 +361,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     cutlass::arch::fence_barrier_init();
   }
-  if (tid == kMathThreads) cute::prefetch_tma_descriptor(&tmap_w);
-  // Dense layout: the split is known from the parameters alone, so the producer issues its first
-  // weight tiles before the PDL wait (the barriers are initialised: a barrier before the issue).
-  int w_pre = 0;
-  if (p.masked_m == nullptr) {
-    __syncthreads();
-    if (tid == kMathThreads) w_pre = producer_weight_prologue(&tmap_w, p, smem, make_split(p, 1), blockIdx.x);
+  if (tid == kMathThreads) {
+    cute::prefetch_tma_descriptor(&tmap_w);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cute::prefetch_tma_descriptor(&tmap_x.rows[i]);
   }
   pdl_wait();
   FS_SKINNY_TL(const timeline::Stamp tl_pdl = timeline::now();)
@@ -439,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid < kMathThreads) {
     math_warpgroup(p, smem, sp, blockIdx.x);
   } else {
-    producer(&tmap_w, p, smem, sp, blockIdx.x, w_pre);
+    producer(&tmap_w, &tmap_x, p, smem, sp, blockIdx.x);
   }
   FS_SKINNY_TL(__syncthreads(); if (tid == 0 && timeline::g_cta != nullptr) {
     timeline::Cta* r = timeline::g_cta + blockIdx.x;
