@@ -98,6 +98,11 @@ TORCH_LIBRARY(flashseek, m) {
       "mla_rope_norm_append(Tensor kv, Tensor q_pe, Tensor positions, Tensor cos, Tensor sin, "
       "Tensor norm_weight, float eps, Tensor slot_mapping, Tensor(a!) kv_cache, Tensor(b!) q_out) -> ()");
 
+  // The absorbed MLA's per-head projections for T <= 8: out [H, T, N] = a [H, T, K] @ w [H, K, N]
+  // (bf16, fp32 accumulation; q_nope @ W_UK and o_lat @ W_UV^T). flashseek.ops.mla_head_gemv runs
+  // torch.bmm above 8 tokens.
+  m.def("mla_head_gemv(Tensor a, Tensor w, Tensor(a!) out) -> ()");
+
   // ---- RMSNorm (csrc/norm) ----
   // x [M, N] bf16/fp16/fp32, weight [N] bf16/fp16/fp32 -> out [M, N] in x's dtype:
   // out = T(float(x) * rsqrt(mean(float(x)^2) + eps) * float(weight)). Rows may be strided.

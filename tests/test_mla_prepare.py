@@ -395,3 +395,80 @@ def test_fused_glue_equals_unfused_cuda(model_dir, prefill_mode):
         plain = run_steps(model, prompt, chunk=40)
     for a, b in zip(fused, plain):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# mla_head_gemv: the absorption's per-head projections (q_nope @ W_UK, o_lat @ W_UV^T)
+# ------------------------------------------------------------------------------------------------
+def _head_gemv_inputs(h, t, k, n, device, layout="views"):
+    g = torch.Generator().manual_seed(h * 1000 + t * 10 + k + n)
+    w = (torch.randn(h, k, n, generator=g) * 0.05).to(device, torch.bfloat16)
+    if layout == "views":  # a and out as the model passes them: head-major views of token-major tensors
+        a = torch.randn(t, h, k + 64, generator=g).to(device, torch.bfloat16)[..., :k].transpose(0, 1)
+        big = torch.full((t, h, n + 64), float("nan"), device=device, dtype=torch.bfloat16)
+        out = big[..., :n].transpose(0, 1)
+    else:
+        a = torch.randn(h, t, k, generator=g).to(device, torch.bfloat16)
+        big = torch.full((h, t, n), float("nan"), device=device, dtype=torch.bfloat16)
+        out = big
+    return a, w, out, big
+
+
+def _head_gemv_check(a, w, out):
+    exact = torch.bmm(a.double(), w.double())
+    bound = torch.bmm(a.double().abs(), w.double().abs()) * (a.shape[2] * 2.0 ** -24)
+    # One bf16 rounding of an fp32 sum that is within `bound` of the exact one.
+    tol = bound + exact.abs() * 2.0 ** -8 + 1e-30
+    assert not out.isnan().any()
+    assert ((out.double() - exact).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("h,t,k,n", [(4, 1, 128, 512), (3, 5, 512, 128), (2, 0, 64, 64)])
+def test_mla_head_gemv_cpu(h, t, k, n):
+    a, w, out, _ = _head_gemv_inputs(h, t, k, n, "cpu")
+    torch.ops.flashseek.mla_head_gemv(a, w, out)
+    if t:
+        _head_gemv_check(a, w, out)
+    # The wrapper: torch.bmm on CPU, the same values to bf16 rounding.
+    ref = ops.mla_head_gemv(a, w)
+    assert ref.shape == (h, t, n)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda a, w, o: (a.float(), w, o), "a must have dtype"),
+    (lambda a, w, o: (a, w[:, :96], o), r"w must have shape \[H=2, K=128, N\]"),
+    (lambda a, w, o: (a, w, o[:, :, :64]), "out must have shape"),
+    (lambda a, w, o: (torch.zeros(2, 9, 128, dtype=torch.bfloat16), w, torch.zeros(2, 9, 128, dtype=torch.bfloat16)),
+     "at most 8 tokens"),
+    (lambda a, w, o: (a[:, :, :80], w[:, :80], o), "multiple of 32"),
+    (lambda a, w, o: (a, w[:, :, :96], o[:, :, :96]), "multiple of 64"),
+    (lambda a, w, o: (a, w.transpose(1, 2).contiguous().transpose(1, 2), o), "contiguous rows"),
+])
+def test_mla_head_gemv_bad_inputs(bad, match):
+    a = torch.randn(2, 3, 128).to(torch.bfloat16)
+    w = torch.randn(2, 128, 128).to(torch.bfloat16)
+    o = torch.empty(2, 3, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.flashseek.mla_head_gemv(*bad(a, w, o))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_mla_head_gemv_opcheck(device):
+    a, w, out, _ = _head_gemv_inputs(4, 3, 128, 128, device, layout="plain")
+    opcheck(torch.ops.flashseek.mla_head_gemv.default, (a, w, out))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("h,k,n", [(128, 128, 512), (128, 512, 128), (16, 128, 512), (3, 64, 64), (1, 1024, 192)])
+@pytest.mark.parametrize("layout", ["views", "plain"])
+def test_mla_head_gemv_cuda(t, h, k, n, layout):
+    a, w, out, big = _head_gemv_inputs(h, t, k, n, "cuda", layout)
+    ops.mla_head_gemv(a, w, out=out)
+    _head_gemv_check(a, w, out)
+    if layout == "views":  # the 64 columns past each row's N stay untouched
+        assert big[..., n:].isnan().all()
+    if t <= ops.MLA_HEAD_GEMV_MAX_T:  # the kernel: deterministic, and a graph replays it
+        again = torch.empty_like(out)
+        torch.ops.flashseek.mla_head_gemv(a, w, again)
+        assert torch.equal(again, out)

@@ -319,9 +319,55 @@ void mla_rope_norm_append(const at::Tensor& kv, const at::Tensor& q_pe, const at
   launch_rope_norm_append(p, fp8, current_stream(kv));
 }
 
+void mla_head_gemv(const at::Tensor& a, const at::Tensor& w, at::Tensor& out) {
+  FS_CHECK_CUDA(a);
+  FS_CHECK_CUDA(w);
+  FS_CHECK_CUDA(out);
+  FS_CHECK_SAME_DEVICE(a, w);
+  FS_CHECK_SAME_DEVICE(a, out);
+  FS_CHECK_DTYPE(a, at::kBFloat16);
+  FS_CHECK_DTYPE(w, at::kBFloat16);
+  FS_CHECK_DTYPE(out, at::kBFloat16);
+  FS_CHECK_DIM(a, 3);
+  FS_CHECK_DIM(w, 3);
+  FS_CHECK_DIM(out, 3);
+  const int64_t H = a.size(0), T = a.size(1), K = a.size(2), N = w.size(2);
+  FS_CHECK(w.size(0) == H && w.size(1) == K, "w must have shape [H=", H, ", K=", K, ", N], got ", w.sizes());
+  FS_CHECK_SHAPE(out, H, T, N);
+  FS_CHECK(T <= kHeadGemvMaxT, "mla_head_gemv takes at most ", kHeadGemvMaxT, " tokens, got ", T,
+           " (flashseek.ops.mla_head_gemv runs torch.bmm above that)");
+  FS_CHECK(K > 0 && K % 32 == 0 && K <= kHeadGemvMaxK, "K must be a positive multiple of 32 up to ", kHeadGemvMaxK,
+           ", got ", K);
+  FS_CHECK(N > 0 && N % 64 == 0, "N must be a positive multiple of 64, got ", N);
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  FS_CHECK(a.stride(2) == 1 && a.stride(0) % 8 == 0 && (T <= 1 || a.stride(1) % 8 == 0) && aligned(a),
+           "a must have a unit last stride, other strides multiples of 8 and 16-byte alignment, got strides ",
+           a.strides());
+  FS_CHECK(w.stride(2) == 1 && w.stride(1) == N && w.stride(0) % 8 == 0 && aligned(w),
+           "w must have contiguous rows [K, N] per head and 16-byte alignment, got strides ", w.strides());
+  FS_CHECK(out.stride(2) == 1, "out must have a unit last stride, got strides ", out.strides());
+  if (H == 0 || T == 0) return;
+  const c10::cuda::CUDAGuard guard(a.device());
+  HeadGemvParams p{};
+  p.a = a.data_ptr();
+  p.a_hstride = a.stride(0);
+  p.a_tstride = a.stride(1);
+  p.w = w.data_ptr();
+  p.w_hstride = w.stride(0);
+  p.out = out.data_ptr();
+  p.o_hstride = out.stride(0);
+  p.o_tstride = out.stride(1);
+  p.H = static_cast<int>(H);
+  p.T = static_cast<int>(T);
+  p.K = static_cast<int>(K);
+  p.N = static_cast<int>(N);
+  launch_head_gemv(p, current_stream(a));
+}
+
 }  // namespace
 
 void register_mla_cuda(torch::Library& m) {
+  m.impl("mla_head_gemv", &mla_head_gemv);
   m.impl("mla_decode_plan", &mla_decode_plan);
   m.impl("mla_decode", &mla_decode);
   m.impl("mla_cache_append", &mla_cache_append);

@@ -93,6 +93,21 @@ struct RopeNormAppendParams {
   int fp16_input;
 };
 
+// The absorbed MLA's per-head projections for decode-sized T (mla_head_gemv.cu): out[h, t, :] =
+// a[h, t, :] @ w[h], bf16 in/out, fp32 accumulation (q_nope @ W_UK, o_lat @ W_UV^T).
+constexpr int kHeadGemvMaxT = 8;
+constexpr int kHeadGemvMaxK = 1024;  // the token rows are staged in shared memory: T x K bf16
+struct HeadGemvParams {
+  const void* a;        // bf16 [H, T, K], unit stride along K, 16-byte aligned rows
+  int64_t a_hstride, a_tstride;
+  const void* w;        // bf16 [H, K, N], rows contiguous (stride N), 16-byte aligned
+  int64_t w_hstride;
+  void* out;            // bf16 [H, T, N], unit stride along N
+  int64_t o_hstride, o_tstride;
+  int H, T, K, N;       // T <= kHeadGemvMaxT, K % 32 == 0, K <= kHeadGemvMaxK, N % 64 == 0
+};
+void launch_head_gemv(const HeadGemvParams& p, cudaStream_t stream);
+
 void launch_plan(const PlanParams& p, cudaStream_t stream);
 // Decode of every (row tile, sm part); requests with one split are written to out/lse directly.
 void launch_decode_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);

@@ -1414,6 +1414,59 @@ def _ref_mla_rope_norm_append(kv, q_pe, positions, cos, sin, norm_weight, eps, s
 _register("mla_rope_norm_append", _check_mla_rope_norm_append, _ref_mla_rope_norm_append)
 
 
+#: mla_head_gemv's token limit (kHeadGemvMaxT, csrc/mla/mla_params.h); the wrapper runs torch.bmm above it.
+MLA_HEAD_GEMV_MAX_T = 8
+
+
+def _check_mla_head_gemv(a, w, out):
+    for name, x in (("a", a), ("w", w), ("out", out)):
+        _expect_dtype(x, name, torch.bfloat16)
+        _expect_dim(x, name, 3)
+    h, t, k = a.shape
+    n = w.shape[2]
+    _expect(tuple(w.shape[:2]) == (h, k), f"w must have shape [H={h}, K={k}, N], got {list(w.shape)}")
+    _expect_shape(out, "out", (h, t, n))
+    _expect(t <= MLA_HEAD_GEMV_MAX_T,
+            f"mla_head_gemv takes at most {MLA_HEAD_GEMV_MAX_T} tokens, got {t} "
+            "(flashseek.ops.mla_head_gemv runs torch.bmm above that)")
+    _expect(k > 0 and k % 32 == 0 and k <= 1024, f"K must be a positive multiple of 32 up to 1024, got {k}")
+    _expect(n > 0 and n % 64 == 0, f"N must be a positive multiple of 64, got {n}")
+    _expect(a.stride(2) == 1 and a.stride(0) % 8 == 0 and (t <= 1 or a.stride(1) % 8 == 0),
+            f"a must have a unit last stride and other strides multiples of 8, got strides {tuple(a.stride())}")
+    _expect(w.stride(2) == 1 and w.stride(1) == n and w.stride(0) % 8 == 0,
+            f"w must have contiguous rows [K, N] per head, got strides {tuple(w.stride())}")
+    _expect(out.stride(2) == 1, f"out must have a unit last stride, got strides {tuple(out.stride())}")
+    _expect_same_device(a, "a", w=w, out=out)
+
+
+def _ref_mla_head_gemv(a, w, out):
+    out.copy_(torch.bmm(a.float(), w.float()).to(torch.bfloat16))
+
+
+_register("mla_head_gemv", _check_mla_head_gemv, _ref_mla_head_gemv)
+
+
+def mla_head_gemv(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The absorbed MLA's per-head projections: out[h, t] = a[h, t] @ w[h] (bf16, fp32 accumulation,
+    one bf16 rounding), e.g. q_nope @ W_UK and o_lat @ W_UV^T.
+
+    Args:
+        a: bf16 [H, T, K] (any strides with a unit last one, e.g. a head-major view of [T, H, K]).
+        w: bf16 [H, K, N] with contiguous [K, N] rows per head; K % 32 == 0 (<= 1024), N % 64 == 0.
+        out: optional bf16 [H, T, N] with a unit last stride (e.g. a view into a larger tensor).
+    For T <= MLA_HEAD_GEMV_MAX_T one launch (every SM streams a column slice of one head's weight, as a
+    programmatic dependent); above it torch.bmm (cuBLAS), which wins once the tokens fill an MMA.
+    """
+    h, t, _ = a.shape
+    if out is None:
+        out = torch.empty((h, t, w.shape[2]), dtype=torch.bfloat16, device=a.device)
+    if t <= MLA_HEAD_GEMV_MAX_T and a.dtype == w.dtype == torch.bfloat16 and a.is_cuda:
+        torch.ops.flashseek.mla_head_gemv(a, w, out)
+    else:
+        torch.bmm(a, w, out=out) if out.dtype == a.dtype == w.dtype else out.copy_(torch.bmm(a, w))
+    return out
+
+
 def mla_rope_norm_append(kv: torch.Tensor, q_pe: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, norm_weight: torch.Tensor, eps: float, slot_mapping: torch.Tensor,
                          kv_cache: torch.Tensor, q_out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -449,7 +449,7 @@ class MLAAttention:
             q_lat = torch.empty(q_nope.shape[0], q_nope.shape[1], lora + q_rope.shape[-1], dtype=dt,
                                 device=q_nope.device)
             q_lat[..., lora:] = q_rope
-        torch.bmm(q_nope.to(dt).transpose(0, 1), self.w_uk, out=q_lat[..., :lora].transpose(0, 1))
+        _head_bmm(q_nope.to(dt).transpose(0, 1), self.w_uk, q_lat[..., :lora].transpose(0, 1))
         return q_lat
 
     def _unabsorb(self, o_lat, out=None):
@@ -457,11 +457,11 @@ class MLAAttention:
         into out (rows of the o_proj input) when given."""
         a = o_lat.to(self.w_uv_t.dtype).transpose(0, 1)
         if out is None:
-            return torch.bmm(a, self.w_uv_t).transpose(0, 1)
+            return _head_bmm(a, self.w_uv_t).transpose(0, 1)
         if out.dtype == self.w_uv_t.dtype:
-            torch.bmm(a, self.w_uv_t, out=out.transpose(0, 1))
+            _head_bmm(a, self.w_uv_t, out.transpose(0, 1))
         else:
-            out.copy_(torch.bmm(a, self.w_uv_t).transpose(0, 1))
+            out.copy_(_head_bmm(a, self.w_uv_t).transpose(0, 1))
         return out
 
     def _prefill_decompressed(self, q_nope, q_rope, kv_cache, block_row, ctx_len):
@@ -485,6 +485,16 @@ class MLAAttention:
             mask = torch.arange(ctx_len, device=q.device)[None, :] < visible[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.softmax_scale)
         return out.transpose(0, 1).to(q_nope.dtype if self.mode == FP8_MODE else torch.float32)
+
+
+def _head_bmm(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-head a[h] @ w[h] for the absorption: bf16 (FP8 mode) through flashseek.ops.mla_head_gemv (one
+    launch at decode sizes), fp32 (reference precision) through torch.bmm."""
+    if w.dtype == torch.bfloat16 and a.dtype == torch.bfloat16:
+        return ops.mla_head_gemv(a, w, out)
+    if out is None:
+        return torch.bmm(a, w)
+    return torch.bmm(a, w, out=out)
 
 
 # ---- paged latent cache access ----------------------------------------------------------------

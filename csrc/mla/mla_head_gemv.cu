@@ -1,0 +1,139 @@
+// The absorbed MLA's per-head projections at decode sizes: out[h, t, :] = a[h, t, :] @ w[h] for every
+// head h, T <= kHeadGemvMaxT tokens, bf16 in and out, fp32 accumulation. With W_UK (q_nope [.., 128]
+// -> q_lat [.., 512]) and W_UV^T (o_lat [.., 512] -> o [.., 128]), 16.8 MB of bf16 weights each at
+// R1's 128 heads.
+//
+// Why a kernel: cuBLAS's batched GEMM took 8.2-8.4 us for each (2.0 TB/s) in the b=1 layer timeline
+// (session 9) and, not being a programmatic dependent, let nothing overlap its launch. Here every CTA
+// streams a 64-column slice of one head's weight (rows read before griddepcontrol.wait: the weights
+// are static, see rms_norm.cu), the head's token rows are staged in shared memory after the wait.
+//
+// CTA (column block of 64, head): 256 threads = 32 row groups x 8 column chunks of 8; thread (rg, c)
+// accumulates rows k = rg + 32 i of its chunk for every token, in ascending k; the 4 row groups of a
+// warp are summed with two xor shuffles (8, then 16) and the 8 warps' partials in warp order: a
+// fixed order, so the result is deterministic (and equals torch.bmm's to fp32 rounding before the
+// one bf16 rounding; the tests bound the difference).
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "common/cuda_check.h"
+#include "common/pdl.cuh"
+#include "mla/mla_params.h"
+
+namespace flashseek::mla {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kCols = 64;      // output columns per CTA
+constexpr int kRowGroups = 32;
+constexpr int kChunk = 4;      // weight rows a thread has in flight
+
+template <int kT>
+__global__ void __launch_bounds__(kThreads) head_gemv_kernel(const HeadGemvParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(smem);                 // [T][K]
+  float* red = reinterpret_cast<float*>(smem + kT * p.K * 2);                  // [8 warps][kT][64]
+  pdl_launch_dependents();
+  const int tid = threadIdx.x, c = tid & 7, rg = tid >> 3, warp = tid >> 5, lane = tid & 31;
+  const int h = blockIdx.y, n0 = blockIdx.x * kCols;
+  const int rows = p.K / kRowGroups;  // per thread
+  const __nv_bfloat16* wh = static_cast<const __nv_bfloat16*>(p.w) + int64_t(h) * p.w_hstride + n0 + 8 * c;
+  auto load_w = [&](int i) {
+    return __ldg(reinterpret_cast<const uint4*>(wh + int64_t(rg + kRowGroups * i) * p.N));
+  };
+  uint4 wv[kChunk];
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) wv[i] = i < rows ? load_w(i) : make_uint4(0u, 0u, 0u, 0u);
+  pdl_wait();
+  // The head's token rows into shared memory (16-byte chunks).
+  const __nv_bfloat16* ah = static_cast<const __nv_bfloat16*>(p.a) + int64_t(h) * p.a_hstride;
+  const int kc = p.K / 8;
+  for (int idx = tid; idx < p.T * kc; idx += kThreads) {
+    const int t = idx / kc, j = idx - t * kc;
+    *reinterpret_cast<uint4*>(sa + t * p.K + 8 * j) =
+        *reinterpret_cast<const uint4*>(ah + int64_t(t) * p.a_tstride + 8 * j);
+  }
+  __syncthreads();
+
+  float acc[kT][8];
+#pragma unroll
+  for (int t = 0; t < kT; ++t)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[t][j] = 0.f;
+  for (int i0 = 0; i0 < rows; i0 += kChunk) {
+    if (i0 > 0) {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) wv[i] = i0 + i < rows ? load_w(i0 + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      if (i0 + i >= rows) break;
+      const int k = rg + kRowGroups * (i0 + i);
+      float wf[8];
+      const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv[i]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(w2[j]);
+        wf[2 * j] = f.x;
+        wf[2 * j + 1] = f.y;
+      }
+#pragma unroll
+      for (int t = 0; t < kT; ++t) {
+        if (t < p.T) {
+          const float av = __bfloat162float(sa[t * p.K + k]);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[t][j] = fmaf(av, wf[j], acc[t][j]);
+        }
+      }
+    }
+  }
+  // lane = 8 * (rg % 4) + c: the warp's four row groups of chunk c are lanes c, c + 8, c + 16, c + 24.
+#pragma unroll
+  for (int t = 0; t < kT; ++t) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float v = acc[t][j];
+      v += __shfl_xor_sync(0xffffffffu, v, 8);
+      v += __shfl_xor_sync(0xffffffffu, v, 16);
+      if (lane < 8 && t < p.T) red[(warp * kT + t) * kCols + 8 * c + j] = v;
+    }
+  }
+  __syncthreads();
+  __nv_bfloat16* oh = static_cast<__nv_bfloat16*>(p.out) + int64_t(h) * p.o_hstride + n0;
+  for (int o = tid; o < p.T * kCols; o += kThreads) {
+    const int t = o / kCols, col = o - t * kCols;
+    float s = 0.f;
+#pragma unroll
+    for (int w8 = 0; w8 < kThreads / 32; ++w8) s += red[(w8 * kT + t) * kCols + col];
+    oh[int64_t(t) * p.o_tstride + col] = __float2bfloat16_rn(s);
+  }
+}
+
+template <int kT>
+void launch_t(const HeadGemvParams& p, cudaStream_t stream) {
+  const size_t smem = size_t(kT) * p.K * 2 + size_t(kThreads / 32) * kT * kCols * 4;
+  launch_pdl(head_gemv_kernel<kT>, dim3(unsigned(p.N / kCols), unsigned(p.H)), dim3(kThreads), smem, stream, p);
+}
+
+}  // namespace
+
+void launch_head_gemv(const HeadGemvParams& p, cudaStream_t stream) {
+  if (p.T < 0 || p.T > kHeadGemvMaxT || p.K <= 0 || p.K % kRowGroups != 0 || p.K > kHeadGemvMaxK || p.N <= 0 ||
+      p.N % kCols != 0 || p.H < 0)
+    throw std::invalid_argument("flashseek: mla_head_gemv parameters out of range");
+  if (p.T == 0 || p.H == 0) return;
+  if (p.T == 1) {
+    launch_t<1>(p, stream);
+  } else if (p.T <= 2) {
+    launch_t<2>(p, stream);
+  } else if (p.T <= 4) {
+    launch_t<4>(p, stream);
+  } else {
+    launch_t<8>(p, stream);
+  }
+  FS_CHECK_LAUNCH();
+}
+
+}  // namespace flashseek::mla
