@@ -255,13 +255,16 @@ void launch_typed(const RmsNormParams& p, cudaStream_t stream) {
   }
   const dim3 grid(unsigned(p.m));
   if (vec) {
-    // One access per thread up to 1024 accesses (the weight then read before the PDL wait), else up
-    // to 4: n = 16384 needs 512 (16-bit) or 1024 (fp32) threads.
+    // One access per thread for rows of 128 to 1024 accesses (the weight then read before the PDL
+    // wait), else up to 4 (n = 16384 needs 512 (16-bit) or 1024 (fp32) threads). Rows under 128
+    // accesses keep the 4-access path: a 512-wide 16-bit row then runs on one warp, lane l summing
+    // 8l..8l+7 and 256+8l..256+8l+7, the order mla_rope_norm_append's kv_a norm reproduces bit for
+    // bit (its tests compare the two).
     const int64_t nacc = p.n / kVec;
     auto threads_for = [&](int iters) {
       return int(std::min<int64_t>(1024, std::max<int64_t>(32, (nacc + iters - 1) / iters + 31) / 32 * 32));
     };
-    if (nacc <= 1024) {
+    if (nacc >= 128 && nacc <= 1024) {
       launch_pdl(rms_norm_kernel<T, W, kVec, 1, kFused>, grid, dim3(unsigned(threads_for(1))), 0, stream, p);
     } else {
       launch_pdl(rms_norm_kernel<T, W, kVec, 4, kFused>, grid, dim3(unsigned(threads_for(4))), 0, stream, p);
