@@ -225,7 +225,8 @@ class MoE:
         self.n_stacked_shared = 0   # 1: the shared expert is the last entry of w13 / w2 (fused_moe runs it)
 
     def finalize(self) -> None:
-        # fp8 mode: the router GEMM in bf16 (as DeepSeek's inference code), scores and routing in fp32.
+        # fp8 mode: the router weight in bf16 (as DeepSeek's inference code); its logits are accumulated
+        # and kept in fp32 (router_logits), scores and routing in fp32.
         self.gate_weight = self.gate_weight.to(torch.float32 if self.mode == REFERENCE else torch.bfloat16)
         self.bias = self.bias.float()
         if self.mode == FP8_MODE and all(e.gate.quantized for e in self.experts):
