@@ -25,4 +25,6 @@ namespace flashseek {
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
+// The data pointer's 16-byte alignment (16-byte vector accesses, TMA).
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 }  // namespace flashseek

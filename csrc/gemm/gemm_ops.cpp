@@ -9,8 +9,6 @@
 namespace flashseek {
 namespace {
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 int sm_count(const at::Tensor& t) {
   return at::cuda::getDeviceProperties(t.device().index())->multiProcessorCount;
 }

@@ -20,8 +20,6 @@ namespace {
 
 using namespace flashseek::mla;
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 int page_size_log2(int64_t page_size) {
   switch (page_size) {
     case 16: return 4;
@@ -339,11 +337,10 @@ void mla_head_gemv(const at::Tensor& a, const at::Tensor& w, at::Tensor& out) {
   FS_CHECK(K > 0 && K % 32 == 0 && K <= kHeadGemvMaxK, "K must be a positive multiple of 32 up to ", kHeadGemvMaxK,
            ", got ", K);
   FS_CHECK(N > 0 && N % 64 == 0, "N must be a positive multiple of 64, got ", N);
-  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  FS_CHECK(a.stride(2) == 1 && a.stride(0) % 8 == 0 && (T <= 1 || a.stride(1) % 8 == 0) && aligned(a),
+  FS_CHECK(a.stride(2) == 1 && a.stride(0) % 8 == 0 && (T <= 1 || a.stride(1) % 8 == 0) && aligned16(a),
            "a must have a unit last stride, other strides multiples of 8 and 16-byte alignment, got strides ",
            a.strides());
-  FS_CHECK(w.stride(2) == 1 && w.stride(1) == N && w.stride(0) % 8 == 0 && aligned(w),
+  FS_CHECK(w.stride(2) == 1 && w.stride(1) == N && w.stride(0) % 8 == 0 && aligned16(w),
            "w must have contiguous rows [K, N] per head and 16-byte alignment, got strides ", w.strides());
   FS_CHECK(out.stride(2) == 1, "out must have a unit last stride, got strides ", out.strides());
   if (H == 0 || T == 0) return;

@@ -132,7 +132,7 @@ void check_hidden(const at::Tensor& hidden) {
   FS_CHECK(hidden.stride(1) == 1 && (hidden.size(0) <= 1 || hidden.stride(0) % 8 == 0),
            "hidden must have a unit stride along H and a row stride that is a multiple of 8, got strides ",
            hidden.strides());
-  FS_CHECK(reinterpret_cast<uintptr_t>(hidden.data_ptr()) % 16 == 0, "hidden's data must be 16-byte aligned");
+  FS_CHECK(aligned16(hidden), "hidden's data must be 16-byte aligned");
 }
 
 // The masked-layout quantized rows of hidden's tokens: out e4m3 [G, M, H] (contiguous, 8-byte aligned)
@@ -298,7 +298,7 @@ void moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weigh
   FS_CHECK(expert_out.stride(1) == 1 && (expert_out.size(0) <= 1 || expert_out.stride(0) % 8 == 0),
            "expert_out must have a unit stride along H and a row stride multiple of 8, got strides ",
            expert_out.strides());
-  FS_CHECK(reinterpret_cast<uintptr_t>(expert_out.data_ptr()) % 16 == 0, "expert_out's data must be 16-byte aligned");
+  FS_CHECK(aligned16(expert_out), "expert_out's data must be 16-byte aligned");
   FS_CHECK_SAME_DEVICE(expert_out, token_slots);
   FS_CHECK_DTYPE(token_slots, at::kInt);
   FS_CHECK_DIM(token_slots, 2);
@@ -315,13 +315,13 @@ void moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weigh
     FS_CHECK_DTYPE(sh, at::kBFloat16);
     FS_CHECK_SHAPE(sh, T, H);
     FS_CHECK_CONTIGUOUS(sh);
-    FS_CHECK(reinterpret_cast<uintptr_t>(sh.data_ptr()) % 16 == 0, "shared_out's data must be 16-byte aligned");
+    FS_CHECK(aligned16(sh), "shared_out's data must be 16-byte aligned");
   }
   FS_CHECK_SAME_DEVICE(expert_out, out);
   FS_CHECK_DTYPE(out, at::kBFloat16);
   FS_CHECK_SHAPE(out, T, H);
   FS_CHECK_CONTIGUOUS(out);
-  FS_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "out's data must be 16-byte aligned");
+  FS_CHECK(aligned16(out), "out's data must be 16-byte aligned");
   if (T == 0 || H == 0) return;
   const c10::cuda::CUDAGuard guard(expert_out.device());
   MoeCombineParams p{};

@@ -43,7 +43,7 @@ void check_common(const at::Tensor& x, const char* x_name, const at::Tensor& out
   // The kernel reads 16 bytes per lane.
   FS_CHECK(x.size(0) <= 1 || x.stride(0) % 8 == 0, x_name, "'s row stride must be a multiple of 8 elements, got ",
            x.stride(0));
-  FS_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, x_name, " must be 16-byte aligned");
+  FS_CHECK(aligned16(x), x_name, " must be 16-byte aligned");
   FS_CHECK_DTYPE(out, at::kFloat8_e4m3fn);
   FS_CHECK_CONTIGUOUS(out);
 }

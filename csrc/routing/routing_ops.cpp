@@ -141,15 +141,14 @@ void route_noaux_tc_gate_cuda(const at::Tensor& hidden, const at::Tensor& gate_w
            H);
   FS_CHECK(T <= kGateMaxT, "route_noaux_tc_gate takes at most ", kGateMaxT, " tokens, got ", T,
            " (flashseek.ops.route_noaux_tc_gate falls back to a GEMM + route_noaux_tc above that)");
-  FS_CHECK(reinterpret_cast<uintptr_t>(hidden.data_ptr()) % 16 == 0 &&
-               reinterpret_cast<uintptr_t>(gate_weight.data_ptr()) % 16 == 0,
+  FS_CHECK(aligned16(hidden) && aligned16(gate_weight),
            "hidden and gate_weight must be 16-byte aligned");
   FS_CHECK_CUDA(logits);
   FS_CHECK_SAME_DEVICE(hidden, logits);
   FS_CHECK_DTYPE(logits, at::kFloat);
   FS_CHECK_SHAPE(logits, T, E);
   FS_CHECK_CONTIGUOUS(logits);
-  FS_CHECK(reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0, "logits must be 16-byte aligned");
+  FS_CHECK(aligned16(logits), "logits must be 16-byte aligned");
   // The routing checks, on the logits output (its shape is [T, E]).
   check_noaux_params(logits, bias, n_group, topk_group, topk);
   check_route_outputs(logits, topk, topk_weights, topk_ids);
@@ -188,8 +187,7 @@ void router_logits_cuda(const at::Tensor& hidden, const at::Tensor& weight, at::
            " (flashseek.ops.router_logits runs a GEMM above that)");
   FS_CHECK(E <= (int64_t(1) << 20), "router_logits: too many experts (", E, ")");
   auto rows_ok = [](const at::Tensor& t) {
-    return t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) % 8 == 0) &&
-           reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    return t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) % 8 == 0) && aligned16(t);
   };
   FS_CHECK(rows_ok(hidden), "hidden must have a unit stride along H, a row stride multiple of 8 and 16-byte "
            "alignment, got strides ", hidden.strides());
