@@ -15,10 +15,11 @@
 //
 // Launch: a programmatic dependent (launch_pdl), letting its own dependents launch at once. A decode
 // step's norm is one row: its cost is latency (launch, two dependent memory reads, a block-wide
-// reduction), so the vector path reads its weight slice before griddepcontrol.wait, overlapping the
-// previous kernel's tail. That read is the one exception to pdl.cuh's wait-first contract, and it
-// is safe because the weight is not written by any kernel that triggers its dependents early
-// (flashseek's); a torch kernel writing it would still complete before this one starts.
+// reduction), so the one-access path (rows of 128 to 1024 accesses, e.g. R1's 1536 and 7168) reads
+// its weight slice before griddepcontrol.wait, overlapping the previous kernel's tail. That read is
+// the one exception to pdl.cuh's wait-first contract, and it is safe because the weight is not
+// written by any kernel that triggers its dependents early (flashseek's); a torch kernel writing it
+// would still complete before this one starts.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -48,28 +49,8 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ float from_float<float>(float v) { return v; }
 
-// Loads kN consecutive elements as fp32: whole 16-byte words where kN elements fill them (the
-// caller guarantees the alignment), else element by element (a weight narrower than the row's
-// access, or the scalar path).
-template <typename U, int kN>
-__device__ __forceinline__ void load_vec(const U* p, float (&f)[kN]) {
-  constexpr int kBytes = int(sizeof(U)) * kN;
-  if constexpr (kBytes % 16 == 0) {
-    constexpr int kPerWord = 16 / int(sizeof(U));
-#pragma unroll
-    for (int c = 0; c < kBytes / 16; ++c) {
-      uint4 raw = reinterpret_cast<const uint4*>(p)[c];
-      const U* e = reinterpret_cast<const U*>(&raw);
-#pragma unroll
-      for (int i = 0; i < kPerWord; ++i) f[c * kPerWord + i] = to_float(e[i]);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kN; ++i) f[i] = to_float(p[i]);
-  }
-}
-
-// kN consecutive U elements held as loaded (16-byte words where they fill them), converted later.
+// kN consecutive U elements held as loaded (16-byte words where they fill them), converted when used:
+// load_vec below, or a load issued early whose registers should stay packed until then.
 template <typename U, int kN>
 struct RawVec {
   static constexpr bool kWords = (int(sizeof(U)) * kN) % 16 == 0;
@@ -100,6 +81,16 @@ struct RawVec {
     }
   }
 };
+
+// Loads kN consecutive elements as fp32: whole 16-byte words where kN elements fill them (the
+// caller guarantees the alignment), else element by element (a weight narrower than the row's
+// access, or the scalar path).
+template <typename U, int kN>
+__device__ __forceinline__ void load_vec(const U* p, float (&f)[kN]) {
+  RawVec<U, kN> raw;
+  raw.load(p);
+  raw.to_float(f);
+}
 
 // Stores kN values rounded to U (already rounded when they came from a T value).
 template <typename U, int kN>
