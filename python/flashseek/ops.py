@@ -1134,8 +1134,7 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
             a_scale = empty_grouped_act_scale(e_all, max_m, kb_h, dev)
             scatter_slots = token_slots
             if n_shared_experts:  # the shared expert's group: token t at row t
-                shared_rows = torch.arange(e_local * max_m, e_all * max_m, dtype=torch.int32, device=dev)
-                scatter_slots = torch.cat([token_slots, shared_rows.view(t, 1)], 1)
+                scatter_slots = torch.cat([token_slots, ref_moe.shared_expert_rows(t, e_local, 1, max_m, dev)], 1)
                 masked_m = torch.cat([masked_m, masked_m.new_full((1,), t)])
             moe_scatter_quant(hidden, scatter_slots, a, a_scale)
 

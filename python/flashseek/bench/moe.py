@@ -19,6 +19,7 @@ import torch
 
 from flashseek import ops
 from flashseek.bench.common import BenchContext, Row
+from flashseek.ref import moe as ref_moe
 from flashseek.ref import routing as ref_routing
 
 FP8 = torch.float8_e4m3fn
@@ -96,8 +97,7 @@ def _stage_fns(hidden, logits, bias, w13, w13_s, w2, w2_s, c, layout):
         st["align"] = lambda i: torch.ops.flashseek.moe_align_masked(ids, e, t, None, masked_m[:e], slots)
         st["align"](0)
         # The routed slots plus the shared expert's row t for token t, as fused_moe scatters them.
-        scatter_slots = torch.cat([slots, torch.arange(e * t, e_all * t, dtype=torch.int32, device=dev).view(t, 1)],
-                                  1)
+        scatter_slots = torch.cat([slots, ref_moe.shared_expert_rows(t, e, 1, t, dev)], 1)
         a = torch.empty((e_all, t, h), dtype=FP8, device=dev)
         a_s = ops.empty_grouped_act_scale(e_all, t, h // 128, dev)
         gu = torch.empty((e_all, t, i2), dtype=torch.bfloat16, device=dev)

@@ -127,6 +127,13 @@ def scatter_quant_(hidden: torch.Tensor, token_slots: torch.Tensor, out: torch.T
     scale[rows // m, rows % m] = s[src]
 
 
+def shared_expert_rows(t: int, num_local: int, num_shared: int, max_m: int, device) -> torch.Tensor:
+    """int32 [T, num_shared]: the masked layout's row of token t in shared expert j, which follows the
+    num_local routed experts and takes every token at its own row: (num_local + j) * max_m + t."""
+    return ((torch.arange(num_shared, device=device)[None, :] + num_local) * max_m +
+            torch.arange(t, device=device)[:, None]).to(torch.int32)
+
+
 def route_dispatch_(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
                     topk: int, routed_scaling_factor: float, renormalize: bool, expert_map: Optional[torch.Tensor],
                     a: torch.Tensor, a_scale: torch.Tensor, num_shared: int = 0):
@@ -141,9 +148,8 @@ def route_dispatch_(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.Tens
     masked_m, slots = moe_align_masked(ids, logits.shape[1], max_m, expert_map, num_local)
     # One scatter over the routed slots plus a slot per (token, shared expert): every row comes from
     # the token's one quantization, as in the kernel.
-    shared = (torch.arange(num_shared, device=slots.device)[None, :] + num_local) * max_m + \
-        torch.arange(t, device=slots.device)[:, None]
-    scatter_quant_(hidden, torch.cat([slots, shared.to(slots.dtype)], 1), a, a_scale)
+    shared = shared_expert_rows(t, num_local, num_shared, max_m, slots.device)
+    scatter_quant_(hidden, torch.cat([slots, shared], 1), a, a_scale)
     masked_m = torch.cat([masked_m, masked_m.new_full((num_shared,), t)])
     return w, ids, masked_m, slots
 
