@@ -1456,15 +1456,17 @@ def mla_head_gemv(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] 
     For T <= MLA_HEAD_GEMV_MAX_T one launch (every SM streams a column slice of one head's weight, as a
     programmatic dependent); above it torch.bmm (cuBLAS), which wins once the tokens fill an MMA.
     """
-    h, t, k = a.shape
-    n = w.shape[2]
+    h, t, _ = a.shape
     if out is None:
-        out = torch.empty((h, t, n), dtype=torch.bfloat16, device=a.device)
-    # The kernel's shape and stride rules (see _check_mla_head_gemv); other shapes go to torch.bmm.
-    fits = (k % 32 == 0 and 0 < k <= 1024 and n % 64 == 0 and a.stride(2) == 1 and a.stride(0) % 8 == 0
-            and (t <= 1 or a.stride(1) % 8 == 0) and w.is_contiguous() and out.stride(2) == 1
-            and a.storage_offset() % 8 == 0 and w.storage_offset() % 8 == 0 and out.storage_offset() % 8 == 0)
-    if t <= MLA_HEAD_GEMV_MAX_T and a.dtype == w.dtype == out.dtype == torch.bfloat16 and a.is_cuda and fits:
+        out = torch.empty((h, t, w.shape[2]), dtype=torch.bfloat16, device=a.device)
+    # The kernel takes what the op's checks accept (tokens, dtypes, shapes, strides) on 16-byte-aligned
+    # views; anything else goes to torch.bmm.
+    try:
+        _check_mla_head_gemv(a, w, out)
+        fits = a.is_cuda and all(x.storage_offset() % 8 == 0 for x in (a, w, out))
+    except ValueError:
+        fits = False
+    if fits:
         torch.ops.flashseek.mla_head_gemv(a, w, out)
     else:
         torch.bmm(a, w, out=out) if out.dtype == a.dtype == w.dtype else out.copy_(torch.bmm(a, w))
