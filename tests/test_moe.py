@@ -65,8 +65,8 @@ def _shared_expert_ref(hidden, w13, w13_s, w2, w2_s):
     """The last expert of the stacks on every token, as a routed expert computes it."""
     if hidden.shape[0] == 0:
         return None
-    x_q, x_s = ref_quant.quant_fp8_1x128(hidden.cpu())
-    return ref_moe.expert_mlp(x_q, x_s, w13[-1].cpu(), w13_s[-1].cpu(), w2[-1].cpu(), w2_s[-1].cpu()).to(hidden.device)
+    x_q, x_s = ref_quant.quant_fp8_1x128(hidden)
+    return ref_moe.expert_mlp(x_q, x_s, w13[-1], w13_s[-1], w2[-1], w2_s[-1])
 
 
 def _cfg_kwargs(cfg, **extra):
