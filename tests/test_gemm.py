@@ -398,8 +398,8 @@ def test_fp8_gemm_decode_deterministic(m, n, k, decode_impl):
 
 @pytest.mark.cuda
 def test_fp8_gemm_small_m_cuda_graph(decode_impl):
-    """The split decode path (workspace partials + reduction kernel) replays from a CUDA graph with
-    new inputs."""
+    """The split decode path (workspace partials, summed by the last CTA of each shared tile) replays
+    from a CUDA graph with new inputs."""
     m, n, k = 12, 2112, 7168
     _, q, s = make_act(m, k, "cuda")
     _, wq, ws = make_weight(n, k, "cuda")
@@ -416,6 +416,67 @@ def test_fp8_gemm_small_m_cuda_graph(decode_impl):
     g.replay()
     torch.cuda.synchronize()
     assert_accurate(out, q, s, wq, ws)
+
+
+# The decode kernel sums a tile shared by several CTAs in the CTA that arrives last, counted on
+# per-(stream, capture) counters that every call leaves at zero. Calls on two streams at once, and
+# graphs captured on one stream but replayed on two, must not share counters: with one array per
+# device these tests see tiles never written (NaN) or summed before all partials landed.
+_CONCURRENT = [(1, 2112, 7168), (16, 576, 16384), (64, 2112, 1536)]
+
+
+def _decode_problems(count):
+    problems = []
+    for i in range(count):
+        m, n, k = _CONCURRENT[i % len(_CONCURRENT)]
+        _, q, s = make_act(m, k, "cuda")
+        _, wq, ws = make_weight(n, k, "cuda")
+        problems.append((q, s, wq, ws, ops.fp8_gemm(q, s, wq, ws)))
+    return problems
+
+
+@pytest.mark.cuda
+def test_fp8_gemm_decode_concurrent_streams(decode_impl):
+    problems = _decode_problems(6)
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = [[poison_(torch.empty_like(p[4])) for p in problems] for _ in range(4)]
+    torch.cuda.synchronize()
+    for rep in range(4):
+        for i, (q, s, wq, ws, _) in enumerate(problems):
+            with torch.cuda.stream(streams[i % 2]):
+                ops.fp8_gemm(q, s, wq, ws, out=outs[rep][i])
+    torch.cuda.synchronize()
+    for rep in range(4):
+        for i, p in enumerate(problems):
+            assert torch.equal(outs[rep][i], p[4]), (rep, i)
+
+
+@pytest.mark.cuda
+def test_fp8_gemm_decode_graphs_replayed_on_two_streams(decode_impl):
+    problems = _decode_problems(2)
+    outs = [torch.empty_like(p[4]) for p in problems]
+    graphs = [torch.cuda.CUDAGraph() for _ in problems]
+    capture_stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    for g, (q, s, wq, ws, _), out in zip(graphs, problems, outs):
+        with torch.cuda.graph(g, stream=capture_stream):
+            for _ in range(3):
+                ops.fp8_gemm(q, s, wq, ws, out=out)
+    streams = [torch.cuda.Stream() for _ in problems]
+    for _ in range(3):
+        for out in outs:
+            poison_(out)
+        torch.cuda.synchronize()
+        for g, st in zip(graphs, streams):
+            with torch.cuda.stream(st):
+                g.replay()
+        torch.cuda.synchronize()
+        for out, p in zip(outs, problems):
+            assert torch.equal(out, p[4])
+    # Eager calls on the capture stream after the replays still find their counters at zero.
+    with torch.cuda.stream(capture_stream):
+        q, s, wq, ws, expected = problems[0]
+        assert torch.equal(ops.fp8_gemm(q, s, wq, ws), expected)
 
 
 @pytest.mark.cuda

@@ -1,6 +1,9 @@
 // Launchers of the decode GEMM (fp8_gemm_skinny.cuh): dense M <= 64 and masked-grouped M_max <= 64.
 #include <algorithm>
+#include <map>
 #include <mutex>
+#include <stdexcept>
+#include <tuple>
 
 #include "common/cuda_check.h"
 #include "gemm/fp8_gemm.h"
@@ -12,13 +15,45 @@ namespace {
 
 using skinny::Params;
 
-size_t records_bytes(int sm_count) { return (size_t(sm_count) * sizeof(skinny::ReduceRecord) + 255) / 256 * 256; }
+// The shared-tile counters (fp8_gemm_skinny.cuh, "Shared tiles"): zero-initialised once per
+// (device, stream, capture) and left at zero by every call, so they cannot come from the per-call
+// workspace. A stream being captured gets its own array per capture: the graph keeps the pointer, and
+// two graphs captured on one stream may later be replayed on two streams at once. The arrays are
+// never freed (4 KB each; one per stream an engine uses, plus one per captured graph).
+int* tile_counters(cudaStream_t stream) {
+  int device = 0;
+  FS_CUDA_CHECK(cudaGetDevice(&device));
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long capture_id = 0;
+  FS_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &capture_id));
+  const auto key = std::make_tuple(device, reinterpret_cast<uintptr_t>(stream),
+                                   status == cudaStreamCaptureStatusActive ? capture_id : 0ull);
+  static std::mutex mutex;
+  static std::map<std::tuple<int, uintptr_t, unsigned long long>, int*> arrays;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = arrays.find(key);
+  if (it != arrays.end()) return it->second;
+  // Allocating and zeroing are not stream work of the caller: under a capture (whose default mode
+  // forbids cudaMalloc) switch this thread to relaxed mode, and zero on a private stream.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  FS_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  int* counters = nullptr;
+  cudaError_t err = cudaMalloc(&counters, skinny::kMaxCtas * sizeof(int));
+  cudaStream_t side = nullptr;
+  if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
+  if (err == cudaSuccess) err = cudaMemsetAsync(counters, 0, skinny::kMaxCtas * sizeof(int), side);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(side);
+  if (side != nullptr) cudaStreamDestroy(side);
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  FS_CUDA_CHECK(err);
+  arrays.emplace(key, counters);
+  return counters;
+}
 
-// Workspace: per-CTA records (masked) | fp32 partials (fp8_gemm_skinny_workspace).
-void bind_workspace(Params& kp, void* workspace, int sm_count) {
-  char* w = static_cast<char*>(workspace);
-  kp.records = reinterpret_cast<skinny::ReduceRecord*>(w);
-  kp.partials = reinterpret_cast<float*>(w + records_bytes(sm_count));
+// Workspace: the fp32 partials of shared tiles (fp8_gemm_skinny_workspace).
+void bind_workspace(Params& kp, void* workspace, cudaStream_t stream) {
+  kp.partials = static_cast<float4*>(workspace);
+  kp.tile_counters = tile_counters(stream);
 }
 
 skinny::TokenMaps token_maps(const void* a, int64_t rows, int64_t k) {
@@ -27,9 +62,8 @@ skinny::TokenMaps token_maps(const void* a, int64_t rows, int64_t k) {
   return maps;
 }
 
-// Both kernels are programmatic dependent launches (common/pdl.cuh): the reduction's launch overlaps
-// the main kernel, and the main kernel's overlaps whatever precedes it.
-void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Params& kp, int ctas, bool reduce,
+// A programmatic dependent launch (common/pdl.cuh): it overlaps whatever precedes it.
+void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Params& kp, int ctas,
             cudaStream_t stream) {
   static std::once_flag attr_once[64];
   int device = 0;
@@ -38,19 +72,15 @@ void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Pa
     FS_CUDA_CHECK(cudaFuncSetAttribute(skinny::skinny_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        skinny::Smem::kDynamic));
   });
+  if (ctas > skinny::kMaxCtas) throw std::runtime_error("flashseek: the decode GEMM runs at most 1024 CTAs (one per SM)");
   launch_pdl(skinny::skinny_kernel, dim3(unsigned(ctas)), dim3(skinny::kThreads), size_t(skinny::Smem::kDynamic),
              stream, tmap_w, tmap_x, kp);
-  if (!reduce) return;
-  // One reduction CTA per main CTA and 8-token column group that can hold tokens (M_max = 1: one).
-  const int column_groups = std::min(skinny::kTokens, kp.m_rows + 7) / 8;
-  launch_pdl(skinny::reduce_kernel, dim3(unsigned(ctas), unsigned(column_groups)), dim3(skinny::kMathThreads),
-             size_t(ctas + 1) * sizeof(int64_t), stream, kp);
 }
 
 }  // namespace
 
 size_t fp8_gemm_skinny_workspace(int sm_count) {
-  return records_bytes(sm_count) + size_t(2) * sm_count * skinny::kSlotFloats * sizeof(float);
+  return size_t(2) * sm_count * skinny::kSlotFloats * sizeof(float);
 }
 
 void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_t stream) {
@@ -64,15 +94,11 @@ void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_
   kp.m_rows = p.m;
   kp.n = p.n;
   kp.k = p.k;
-  bind_workspace(kp, workspace, p.sm_count);
+  bind_workspace(kp, workspace, stream);
   const int64_t num_kb = p.k / skinny::kBlockK;
   const int64_t units = int64_t((p.n + skinny::kRows - 1) / skinny::kRows) * num_kb;
   const int ctas = int(std::min<int64_t>(p.sm_count, units));
-  // The reduction runs only if some CTA boundary falls inside a tile.
-  bool reduce = false;
-  for (int c = 1; c < ctas && !reduce; ++c) reduce = (int64_t(c) * units / ctas) % num_kb != 0;
-  launch(fp8_rows_map(p.b, p.n, p.k, skinny::kRows), token_maps(p.a, p.m, p.k), kp, ctas, reduce,
-         stream);
+  launch(fp8_rows_map(p.b, p.n, p.k, skinny::kRows), token_maps(p.a, p.m, p.k), kp, ctas, stream);
 }
 
 bool grouped_fp8_gemm_skinny_supported(const GroupedFp8GemmParams& p) {
@@ -92,11 +118,11 @@ void launch_grouped_fp8_gemm_skinny(const GroupedFp8GemmParams& p, void* workspa
   kp.m_rows = p.m_rows;
   kp.n = p.n;
   kp.k = p.k;
-  bind_workspace(kp, workspace, p.sm_count);
+  bind_workspace(kp, workspace, stream);
   // Which experts have tokens is only known on the device: every SM runs, idle ones get empty ranges.
   const int64_t e = p.num_experts;
   launch(fp8_rows_map(p.b, e * p.n, p.k, skinny::kRows), token_maps(p.a, e * p.m_rows, p.k), kp,
-         p.sm_count, true, stream);
+         p.sm_count, stream);
 }
 
 }  // namespace flashseek

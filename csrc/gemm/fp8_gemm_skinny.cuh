@@ -6,9 +6,9 @@
 // columns). The work is the list of (tile, 128-deep K block) units of the active groups, tile-major,
 // and CTA c of G takes units [c U / G, (c + 1) U / G): every SM streams the same number of weight
 // bytes whatever N and K are (stream-K). A tile that lies inside one CTA's range is written as bf16
-// at once. A tile shared by several CTAs leaves one fp32 partial per CTA in the workspace;
-// reduce_kernel, launched right behind (programmatic dependent launch), sums them in CTA order, so
-// the result does not depend on timing.
+// at once. A tile shared by several CTAs leaves one fp32 partial per CTA in the workspace and counts
+// its arrival on the tile's counter; the CTA that arrives last sums the partials in CTA order, so the
+// result does not depend on timing, and sets the counter back to zero (section "Shared tiles").
 //
 // CTA: 288 threads. Warpgroups 0-1 take rows [0, 64) and [64, 128) of each unit: 4 wgmma, wait,
 // promote into the fp32 tile (fin += acc * a_scale[token] * b_scale). Warp 8 fills a ring of kStages
@@ -18,7 +18,19 @@
 // arrivals. Every operand of a unit is in shared memory when the math warpgroups start it.
 // Why 128 rows: with 64-row units (the first version) each SM streamed ~17 GB/s, one unit per
 // ~870 cycles, most likely the math warpgroup's wait-promote chain, which now moves 16 KB.
-// Both kernels are programmatic dependent launches (common/pdl.cuh).
+// The kernel is a programmatic dependent launch (common/pdl.cuh).
+//
+// Shared tiles. Until session 10 a second kernel summed the partials; it ended ~3 us after the main
+// grid (its launch waits for the grid's completion and memory flush). Now the partials are summed
+// inside the grid: each contributor stores its partial, then (one thread, after the math threads'
+// barrier) adds 1 to the counter of the tile's first CTA with release semantics; the one that sees
+// the tile's last arrival sums every partial in CTA order (the same order, hence the same bits, as
+// the old reduction) and writes the tile. The counters live outside the per-call workspace: they must
+// be zero when a call starts and the caller's allocator gives uninitialised memory, so the launcher
+// keeps one zero-initialised array per (device, stream, graph capture) and every call leaves it at
+// zero (the last arrival resets its counter). Two calls can only meet on one array if they run on one
+// stream, i.e. one after the other; the next call's CTAs touch it only after griddepcontrol.wait,
+// i.e. after the previous grid has completed.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -55,13 +67,7 @@ constexpr int kMaxGroups = 1024;
 constexpr int kAcc = kRows * kTokens / kMathThreads;  // 32 fp32 per thread (64 x 64 per warpgroup)
 constexpr int kSlotFloats = kAcc * kMathThreads;      // one fp32 partial tile in the workspace
 
-// What a main-kernel CTA leaves its reduction CTAs (masked layout), read with one 16-byte load.
-struct alignas(16) ReduceRecord {
-  int active_groups;
-  int tile;    // the shared tile this CTA starts and must sum, or -1 (nothing to reduce)
-  int group;   // that tile's group
-  int tokens;  // and its token count
-};
+constexpr int kMaxCtas = 1024;  // grid size bound: the tile counters and the fixup table hold one entry a CTA
 
 struct Params {
   const float* a_scale;  // (group g, token i, kb) at g * a_scale_estride + kb * a_scale_ld + i
@@ -72,8 +78,8 @@ struct Params {
   int num_groups;
   int m_rows;  // dense: M; masked: M_max
   int n, k;
-  ReduceRecord* records;  // workspace, masked only: one per CTA
-  float* partials;  // workspace: [2 * gridDim.x][kSlotFloats]
+  float4* partials;     // workspace: [2 * gridDim.x][kSlotFloats / 4], float4 (j, thread) at j * kMathThreads + thread
+  int* tile_counters;   // [kMaxCtas], zero at the start and the end of every call (see "Shared tiles")
 };
 
 struct Smem {
@@ -85,7 +91,8 @@ struct Smem {
   static constexpr int kSa = kX + kStages * kXBytes;
   static constexpr int kActive = kSa + kStages * kSaBytes;  // [0] count, [1..] group ids
   static constexpr int kGroupTokens = kActive + (kMaxGroups + 1) * 4;  // tokens of every group
-  static constexpr int kBar = (kGroupTokens + kMaxGroups * 4 + 7) / 8 * 8;
+  static constexpr int kFix = kGroupTokens + kMaxGroups * 4;  // [2] tiles this CTA sums, then [kMaxCtas] slots
+  static constexpr int kBar = (kFix + (2 + kMaxCtas) * 4 + 7) / 8 * 8;
   static constexpr int kTotal = kBar + 2 * kStages * 8;
   static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 (128B-swizzle atoms)
   __device__ static uint32_t full(uint32_t base, int s) { return base + kBar + 8 * s; }
@@ -116,7 +123,24 @@ struct Split {
   __device__ int cta_of(int64_t u) const { return int(div_nonneg((u + 1) * ctas + units - 1, units)) - 1; }
   // Workspace slot of CTA c's partial of tile t: 2c for the tile its range starts in, else 2c + 1.
   __device__ int slot(int c, int64_t t) const { return div_nonneg(begin(c), num_kb) == t ? 2 * c : 2 * c + 1; }
+  // How many CTAs hold units of tile t, the first of them being cta_of(t * num_kb). With at least as
+  // many units as CTAs every range is non-empty; with fewer, every non-empty range is one unit.
+  __device__ int contributors(int64_t t) const {
+    const int64_t tb = t * num_kb;
+    return units >= ctas ? cta_of(tb + num_kb - 1) - cta_of(tb) + 1 : num_kb;
+  }
 };
+
+// The math threads' own barrier (named barrier 1; the producer warp never waits on it).
+__device__ __forceinline__ void math_barrier() { asm volatile("bar.sync 1, %0;\n" ::"n"(kMathThreads) : "memory"); }
+
+// One arrival on a shared tile's counter, ordered after the partial stores of every math thread
+// (math_barrier before it, release semantics here). Returns the count before this arrival.
+__device__ __forceinline__ int arrive(int* counter) {
+  int old;
+  asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], 1;\n" : "=r"(old) : "l"(counter) : "memory");
+  return old;
+}
 
 // Writes token columns [8 j, 8 j + 8) of a finished tile, transposed to out[token][row], masked to
 // the group's tokens and to N. Thread (warp w, lane l) holds rows 16 w + l / 4 (+ 8) and, in
@@ -239,6 +263,102 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   })
 }
 
+// Columns [8 j0, 8 (j0 + kJ)) of a shared tile: the partials of the `count` CTAs listed in `slots`
+// (-1: an empty range, nothing written), summed in list (= CTA) order, kB partials loaded together.
+template <int kJ, int kB>
+__device__ __forceinline__ void sum_partials(const Params& p, const int* slots, int count, int j0, int tokens,
+                                             int tid, float4 (&sum)[kJ]) {
+  for (int i0 = 0; i0 < count; i0 += kB) {
+    float4 v[kB][kJ];
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      const int s = i0 + b < count ? slots[i0 + b] : -1;
+      const float4* part = p.partials + int64_t(max(s, 0)) * (kSlotFloats / 4) + tid;
+#pragma unroll
+      for (int j = 0; j < kJ; ++j) {
+        // .cg: the partials were written by other SMs during this grid; L1 is not coherent with them.
+        v[b][j] = s >= 0 && 8 * (j0 + j) < tokens ? __ldcg(part + (j0 + j) * kMathThreads) : float4{};
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+#pragma unroll
+      for (int j = 0; j < kJ; ++j) {
+        if (i0 + b == 0) {  // the tile's first CTA, never empty: the sum starts from its partial
+          sum[j] = v[b][j];
+        } else {
+          sum[j].x += v[b][j].x;
+          sum[j].y += v[b][j].y;
+          sum[j].z += v[b][j].z;
+          sum[j].w += v[b][j].w;
+        }
+      }
+    }
+  }
+}
+
+// Sums shared tile t's partials and stores the tile: kJ column groups at a time, so that the loads
+// in flight per thread stay at 32 float4 whatever the token count.
+template <int kJ>
+__device__ __forceinline__ void sum_and_store(const Params& p, const int* slots, int count, int g, int n0,
+                                              int tokens, int tid) {
+  constexpr int kB = 16 / kJ;
+  for (int j0 = 0; 8 * j0 < tokens; j0 += kJ) {
+    float4 sum[kJ];
+    sum_partials<kJ, kB>(p, slots, count, j0, tokens, tid, sum);
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      if (8 * (j0 + j) >= tokens) break;
+      const float v[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
+      store_columns(p, v, g, n0, tid, j0 + j, tokens);
+    }
+  }
+}
+
+// After the CTA's last unit: every shared tile this CTA arrived last at is summed and stored here
+// (all 256 math threads), and its counter is set back to zero for the next call. Thread 0 passes the
+// tiles (or -1); the others' arguments are ignored.
+__device__ __forceinline__ void finish_shared_tiles(const Params& p, uint8_t* smem, const Split& sp, int64_t tile0,
+                                                    int64_t tile1) {
+  const int tid = threadIdx.x;
+  int* fix = reinterpret_cast<int*>(smem + Smem::kFix);
+  int* slots = fix + 2;
+  if (tid == 0) {
+    fix[0] = int(tile0);
+    fix[1] = int(tile1);
+  }
+  math_barrier();
+  const int tiles_per_group = (p.n + kRows - 1) / kRows;
+  const int* active = reinterpret_cast<const int*>(smem + Smem::kActive);
+  const int* tokens_of = reinterpret_cast<const int*>(smem + Smem::kGroupTokens);
+  for (int i = 0; i < 2; ++i) {
+    const int t = fix[i];
+    if (t < 0) continue;
+    const int64_t tb = int64_t(t) * sp.num_kb;
+    const int first = sp.cta_of(tb), count = sp.cta_of(tb + sp.num_kb - 1) - first + 1;
+    if (tid == 0) p.tile_counters[first] = 0;  // every contributor has arrived: nobody else touches it
+    // The slot of each CTA of the tile, in CTA order: the first one's per Split::slot, the later ones
+    // start inside the tile (their first slot), empty ranges hold nothing.
+    for (int o = first + tid; o < first + count; o += kMathThreads) {
+      const int64_t b = sp.begin(o);
+      slots[o - first] = b == sp.begin(o + 1) ? -1 : o == first && b < tb ? 2 * o + 1 : 2 * o;
+    }
+    math_barrier();
+    const int gi = int(div_nonneg(t, tiles_per_group));
+    const int g = active[1 + gi], n0 = (t - gi * tiles_per_group) * kRows, tokens = tokens_of[g];
+    if (tokens <= 8) {
+      sum_and_store<1>(p, slots, count, g, n0, tokens, tid);
+    } else if (tokens <= 16) {
+      sum_and_store<2>(p, slots, count, g, n0, tokens, tid);
+    } else if (tokens <= 32) {
+      sum_and_store<4>(p, slots, count, g, n0, tokens, tid);
+    } else {
+      sum_and_store<8>(p, slots, count, g, n0, tokens, tid);
+    }
+    math_barrier();  // the slot table is rewritten for the next tile
+  }
+}
+
 __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, const Split& sp, int c) {
   const uint32_t base = smem_u32(smem);
   const int tid = threadIdx.x, lane = tid % 32;
@@ -251,6 +371,8 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
   int stage = 0;
   uint32_t phase = 0;
   float acc[kAcc], fin[kAcc];
+  int n_shared = 0, arrivals0 = 1, arrivals1 = 1;
+  int64_t shared_tile0 = -1, shared_tile1 = -1;
   const int64_t end = sp.begin(c + 1);
   int64_t u = sp.begin(c);
   FS_SKINNY_TL(timeline::Stamp tl_full_first{}, tl_full_last{}, tl_epi_start{}, tl_epi_end{};
@@ -307,21 +429,42 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
     // Columns past the group's tokens are neither stored nor kept as partials (M = 1: 1/8 of them).
     const int tokens = reinterpret_cast<const int*>(smem + Smem::kGroupTokens)[g];
     const bool whole = kb0 == 0 && kb_end == sp.num_kb;
-    float* slot = p.partials + int64_t(sp.slot(c, t)) * kSlotFloats + tid;
+    float4* slot = p.partials + int64_t(sp.slot(c, t)) * (kSlotFloats / 4) + tid;
 #pragma unroll
     for (int j = 0; j < kAcc / 4; ++j) {
       if (8 * j >= tokens) break;
-      const float v[4] = {fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]};
       if (whole) {
+        const float v[4] = {fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]};
         store_columns(p, v, g, n0, tid, j, tokens);
       } else {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) slot[(4 * j + q) * kMathThreads] = v[q];
+        slot[j * kMathThreads] = make_float4(fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]);
       }
+    }
+    if (!whole) {
+      // A range holds at most two shared tiles: the one it starts in and the one it ends in. Thread 0
+      // keeps the counts its arrivals returned and looks at them only after the last tile, so the
+      // atomic's round trip is not waited for in the middle of the stream.
+      math_barrier();
+      if (tid == 0) {
+        const int n_arrivals = sp.contributors(t);
+        const int left = arrive(p.tile_counters + sp.cta_of(t * sp.num_kb)) + 1 - n_arrivals;  // 0: arrived last
+        // Named registers, not an array indexed by n_shared (which would live in local memory).
+        if (n_shared == 0) {
+          arrivals0 = left;
+          shared_tile0 = t;
+        } else {
+          arrivals1 = left;
+          shared_tile1 = t;
+        }
+      }
+      ++n_shared;
     }
     FS_SKINNY_TL(tl_epi_end = timeline::now(); tl_epi_clk += tl_epi_end.clk - tl_epi_start.clk;
                  (whole ? tl_whole : tl_partial) += 1; tl_last_whole = whole;)
     u = t * sp.num_kb + kb_end;
+  }
+  if (n_shared > 0) {
+    finish_shared_tiles(p, smem, sp, arrivals0 == 0 ? shared_tile0 : -1, arrivals1 == 0 ? shared_tile1 : -1);
   }
   FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) {
     timeline::Cta* r = timeline::g_cta + c;
@@ -381,20 +524,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   const Split sp = make_split(p, active[0]);
-  if (masked && tid == 0) {
-    // What this CTA's reduction CTAs need, in one 16-byte record: each value read from a list of
-    // active groups or from masked_m instead would be a dependent L2 round trip on their short path.
-    const int64_t b = sp.begin(blockIdx.x), e = sp.begin(blockIdx.x + 1);
-    ReduceRecord rec{active[0], -1, 0, 0};
-    if (b < e) {
-      const int64_t t = div_nonneg(e - 1, sp.num_kb), tile_begin = t * sp.num_kb;
-      if (b <= tile_begin && e != tile_begin + sp.num_kb) {  // the first CTA of a tile that continues
-        const int g = active[1 + int(div_nonneg(t, (p.n + kRows - 1) / kRows))];
-        rec = ReduceRecord{active[0], int(t), g, tokens[g]};
-      }
-    }
-    p.records[blockIdx.x] = rec;
-  }
   FS_SKINNY_TL(const timeline::Stamp tl_setup = timeline::now();)
   pdl_launch_dependents();
   if (tid < kMathThreads) {
@@ -411,82 +540,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     r->unit_begin = sp.begin(blockIdx.x);
     r->unit_end = sp.begin(blockIdx.x + 1);
     r->smid = timeline::smid();
-  })
-#endif
-}
-
-// CTA (c, j) per main-kernel CTA c and 8-token column group j: if c is the first CTA of a tile that
-// continues past its range, sums that tile's partials of columns [8 j, 8 j + 8) in CTA order and
-// writes them. The partials are loaded kBatch CTAs at a time, all in flight together: one block
-// summing them one after another waits an L2 round trip per partial, and a 2112 x 7168 tile spans
-// ~8 CTAs (that version: 21.6 us for 64x2112x7168, CUTLASS 12.2). The CTA ranges come from a table
-// in shared memory that the threads fill in parallel (one 64-bit division each): computing
-// Split::begin per partial put ~30 dependent 64-bit divisions on every thread's path (the timeline
-// harness measured this kernel ending ~6 us after the main kernel at 2112 x 7168).
-__global__ void __launch_bounds__(kMathThreads)
-    reduce_kernel(const __grid_constant__ Params p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int kBatch = 8;
-  extern __shared__ int64_t range_begin[];  // [gridDim.x + 1]: Split::begin of every main-kernel CTA
-  FS_SKINNY_TL(const timeline::Stamp tl_entry = timeline::now();)
-  pdl_wait();
-  FS_SKINNY_TL(const timeline::Stamp tl_pdl = timeline::now();
-               timeline::Reduce* tl_r = timeline::g_reduce == nullptr ? nullptr
-                                        : timeline::g_reduce + blockIdx.y * gridDim.x + blockIdx.x;
-               if (threadIdx.x == 0 && tl_r != nullptr) {
-                 timeline::put(tl_r, timeline::kREntry, tl_entry);
-                 timeline::put(tl_r, timeline::kRPdl, tl_pdl);
-                 tl_r->smid = timeline::smid();
-                 tl_r->worked = 0;
-               })
-  pdl_launch_dependents();
-  const int c = blockIdx.x, j = blockIdx.y, tid = threadIdx.x;
-  // Dense: one group of M tokens, always active. Masked: the main kernel left what this CTA needs in
-  // its record (one dependent load instead of three: active count, group id, masked_m).
-  const bool masked = p.masked_m != nullptr;
-  const ReduceRecord rec = masked ? p.records[c] : ReduceRecord{1, 0, 0, p.m_rows};
-  if (masked && rec.tile < 0) return;
-  const Split sp = make_split(p, rec.active_groups);
-  for (int i = tid; i <= sp.ctas; i += kMathThreads) range_begin[i] = sp.begin(i);
-  __syncthreads();
-  const int64_t begin = range_begin[c], end = range_begin[c + 1];
-  if (begin >= end) return;
-  const int64_t t = div_nonneg(end - 1, sp.num_kb);
-  const int64_t tile_begin = t * sp.num_kb, tile_end = tile_begin + sp.num_kb;
-  if (begin > tile_begin || end == tile_end) return;
-  const int tiles_per_group = (p.n + kRows - 1) / kRows;
-  const int64_t gi = div_nonneg(t, tiles_per_group);
-  const int g = rec.group, tokens = rec.tokens;
-  if (8 * j >= tokens) return;
-  const int last = sp.cta_of(tile_end - 1);
-  const int64_t col = int64_t(4 * j) * kMathThreads + tid;
-  float sum[4];
-  // c's partial of tile t: its first slot if its range starts at tile t, else its second (Split::slot).
-  const float* first = p.partials + int64_t(begin == tile_begin ? 2 * c : 2 * c + 1) * kSlotFloats + col;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) sum[q] = first[q * kMathThreads];
-  for (int o0 = c + 1; o0 <= last; o0 += kBatch) {
-    float v[kBatch][4];
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int o = min(o0 + b, last);
-      // An idle CTA (fewer units than CTAs) wrote nothing; adding 0 leaves the sum unchanged. A CTA
-      // after c starts inside tile t, so its partial of t is in its first slot (Split::slot).
-      const bool wrote = o0 + b <= last && range_begin[o] != range_begin[o + 1];
-      const float* part = p.partials + int64_t(2 * o) * kSlotFloats + col;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) v[b][q] = wrote ? part[q * kMathThreads] : 0.f;
-    }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) sum[q] += v[b][q];
-    }
-  }
-  store_columns(p, sum, g, int(t - gi * tiles_per_group) * kRows, tid, j, tokens);
-  FS_SKINNY_TL(if (tid == 0 && tl_r != nullptr) {
-    timeline::put(tl_r, timeline::kRDone, timeline::now());
-    tl_r->worked = 1;
   })
 #endif
 }

@@ -2,8 +2,7 @@
 // -DFLASHSEEK_SKINNY_TIMELINE (a standalone harness defines it; the library never does, so its kernels
 // are the same instructions with or without this file). Each CTA stamps %globaltimer (ns, common to
 // all SMs, coarse on some parts) and %clock64 (its SM's cycles, fine but per-SM) at the points below
-// into g_cta[blockIdx.x]; each reduce_kernel CTA into g_reduce[blockIdx.y * gridDim.x + blockIdx.x].
-// Nothing is recorded while the pointers are null. The host sets them with cudaMemcpyToSymbol, in
+// into g_cta[blockIdx.x]. Nothing is recorded while the pointer is null. The host sets them with cudaMemcpyToSymbol, in
 // the translation unit that includes the kernels (the variables have internal linkage).
 #pragma once
 #include <cstdint>
@@ -34,17 +33,7 @@ struct Cta {
   uint32_t last_whole;                  // the last epilogue stored bf16
 };
 
-enum ReducePoint : int { kREntry, kRPdl, kRDone, kRPoints };
-
-struct Reduce {
-  uint64_t ns[kRPoints];
-  uint64_t clk[kRPoints];
-  uint32_t smid;
-  uint32_t worked;  // 1: summed a tile's partials and stored them (kRDone valid)
-};
-
 static __device__ Cta* g_cta = nullptr;
-static __device__ Reduce* g_reduce = nullptr;
 
 struct Stamp {
   uint64_t ns, clk;
