@@ -6,11 +6,12 @@
 // columns). The work is the list of (tile, 128-deep K block) units of the active groups, tile-major,
 // and CTA c of G takes units [c U / G, (c + 1) U / G): every SM streams the same number of weight
 // bytes whatever N and K are (stream-K). A tile that lies inside one CTA's range is written as bf16
-// at once. A tile shared by several CTAs leaves one fp32 partial per CTA in the workspace and counts
-// its arrival on the tile's counter; the CTA that arrives last sums the partials in CTA order, so the
-// result does not depend on timing, and sets the counter back to zero (section "Shared tiles").
+// at once. A tile shared by several CTAs is finished by the CTA that began it (its reducer): each
+// later CTA leaves an fp32 partial in the workspace and counts it on the reducer's counter, and the
+// reducer adds them to its own values in CTA order, so the result does not depend on timing
+// (section "Shared tiles").
 //
-// CTA: 288 threads. Warpgroups 0-1 take rows [0, 64) and [64, 128) of each unit: 4 wgmma, wait,
+// CTA: 320 threads. Warpgroups 0-1 take rows [0, 64) and [64, 128) of each unit: 4 wgmma, wait,
 // promote into the fp32 tile (fin += acc * a_scale[token] * b_scale). Warp 8 fills a ring of kStages
 // stages: lane 0 TMA-loads the weight block (128 x 128 B) and the token block (8-64 rows x 128 B),
 // and the lanes cp.async the 64 activation scales (any stride, zero past the group's tokens) and the
@@ -20,17 +21,22 @@
 // ~870 cycles, most likely the math warpgroup's wait-promote chain, which now moves 16 KB.
 // The kernel is a programmatic dependent launch (common/pdl.cuh).
 //
+// Warp 9 handles the shared tiles' signalling (signal_warp).
+//
 // Shared tiles. Until session 10 a second kernel summed the partials; it ended ~3 us after the main
-// grid (its launch waits for the grid's completion and memory flush). Now the partials are summed
-// inside the grid: each contributor stores its partial, then (one thread, after the math threads'
-// barrier) adds 1 to the counter of the tile's first CTA with release semantics; the one that sees
-// the tile's last arrival sums every partial in CTA order (the same order, hence the same bits, as
-// the old reduction) and writes the tile. The counters live outside the per-call workspace: they must
-// be zero when a call starts and the caller's allocator gives uninitialised memory, so the launcher
-// keeps one zero-initialised array per (device, stream, graph capture) and every call leaves it at
-// zero (the last arrival resets its counter). Two calls can only meet on one array if they run on one
-// stream, i.e. one after the other; the next call's CTAs touch it only after griddepcontrol.wait,
-// i.e. after the previous grid has completed.
+// grid (its launch waits for the grid's completion and memory flush). Now the reducer sums them in
+// this grid. A later CTA's math threads store its partial and arrive on a named barrier; the signal
+// warp then adds 1 to the reducer's counter with release semantics. The reducer's signal warp waits
+// (acquire) until the counter shows every other CTA of the tile, resets it to zero and lets its math
+// threads, which kept their own values in registers, load and add the partials. The counters live
+// outside the per-call workspace, since they must be zero when a call starts: the launcher keeps one
+// zero-initialised array per (device, stream, graph capture) and every call leaves it at zero. Two
+// calls can only meet on one array if they run on one stream, i.e. one after the other; the next
+// call's CTAs touch it only after griddepcontrol.wait, i.e. after the previous grid has completed.
+// A first version counted arrivals with a returning atomic in the math threads and let the last CTA
+// to arrive sum the tile: the fence and the atomic stalled the weight stream, and the last arrival's
+// chain (store, fence, atomic, loads) was longer than the second kernel (1x2112x7168: 11.9-12.2 us
+// against 10.2-10.3, H100, session 10).
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -62,7 +68,7 @@ constexpr int kTokens = 64;   // token columns per tile: the MMA's N
 constexpr int kBlockK = 128;
 constexpr int kStages = 8;    // 8 x 16 KB of weights in flight per SM; the copy needs ~45 KB
 constexpr int kMathThreads = 256;
-constexpr int kThreads = kMathThreads + 32;
+constexpr int kThreads = kMathThreads + 64;  // + the producer warp (8) + the signal warp (9)
 constexpr int kMaxGroups = 1024;
 constexpr int kAcc = kRows * kTokens / kMathThreads;  // 32 fp32 per thread (64 x 64 per warpgroup)
 constexpr int kSlotFloats = kAcc * kMathThreads;      // one fp32 partial tile in the workspace
@@ -78,7 +84,7 @@ struct Params {
   int num_groups;
   int m_rows;  // dense: M; masked: M_max
   int n, k;
-  float4* partials;     // workspace: [2 * gridDim.x][kSlotFloats / 4], float4 (j, thread) at j * kMathThreads + thread
+  float4* partials;     // workspace: [gridDim.x][kSlotFloats / 4], float4 (j, thread) at j * kMathThreads + thread
   int* tile_counters;   // [kMaxCtas], zero at the start and the end of every call (see "Shared tiles")
 };
 
@@ -91,8 +97,8 @@ struct Smem {
   static constexpr int kSa = kX + kStages * kXBytes;
   static constexpr int kActive = kSa + kStages * kSaBytes;  // [0] count, [1..] group ids
   static constexpr int kGroupTokens = kActive + (kMaxGroups + 1) * 4;  // tokens of every group
-  static constexpr int kFix = kGroupTokens + kMaxGroups * 4;  // [2] tiles this CTA sums, then [kMaxCtas] slots
-  static constexpr int kBar = (kFix + (2 + kMaxCtas) * 4 + 7) / 8 * 8;
+  static constexpr int kFix = kGroupTokens + kMaxGroups * 4;  // [kMaxCtas] slots the reducer sums
+  static constexpr int kBar = (kFix + kMaxCtas * 4 + 7) / 8 * 8;
   static constexpr int kTotal = kBar + 2 * kStages * 8;
   static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 (128B-swizzle atoms)
   __device__ static uint32_t full(uint32_t base, int s) { return base + kBar + 8 * s; }
@@ -121,8 +127,6 @@ struct Split {
   __device__ int64_t begin(int c) const { return div_nonneg(int64_t(c) * units, ctas); }
   // The CTA whose range holds unit u: the largest c with begin(c) <= u.
   __device__ int cta_of(int64_t u) const { return int(div_nonneg((u + 1) * ctas + units - 1, units)) - 1; }
-  // Workspace slot of CTA c's partial of tile t: 2c for the tile its range starts in, else 2c + 1.
-  __device__ int slot(int c, int64_t t) const { return div_nonneg(begin(c), num_kb) == t ? 2 * c : 2 * c + 1; }
   // How many CTAs hold units of tile t, the first of them being cta_of(t * num_kb). With at least as
   // many units as CTAs every range is non-empty; with fewer, every non-empty range is one unit.
   __device__ int contributors(int64_t t) const {
@@ -131,15 +135,31 @@ struct Split {
   }
 };
 
-// The math threads' own barrier (named barrier 1; the producer warp never waits on it).
-__device__ __forceinline__ void math_barrier() { asm volatile("bar.sync 1, %0;\n" ::"n"(kMathThreads) : "memory"); }
+// What CTA c does about shared tiles. Its range [b, e) can start inside a tile that an earlier CTA
+// began: it then leaves a partial of that tile (arrive_tile). It can end inside a tile that it
+// began: it is then that tile's reducer (reduce_tile), which waits for the other CTAs' partials.
+// Every other tile of the range is whole.
+struct SharedTiles {
+  int64_t arrive_tile = -1, reduce_tile = -1;
+  __device__ SharedTiles(const Split& sp, int c) {
+    const int64_t b = sp.begin(c), e = sp.begin(c + 1);
+    if (b >= e) return;
+    const int64_t ts = div_nonneg(b, sp.num_kb), te = div_nonneg(e - 1, sp.num_kb);
+    if (b > ts * sp.num_kb) arrive_tile = ts;
+    if (b <= te * sp.num_kb && e < (te + 1) * sp.num_kb) reduce_tile = te;
+  }
+};
 
-// One arrival on a shared tile's counter, ordered after the partial stores of every math thread
-// (math_barrier before it, release semantics here). Returns the count before this arrival.
-__device__ __forceinline__ int arrive(int* counter) {
-  int old;
-  asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], 1;\n" : "=r"(old) : "l"(counter) : "memory");
-  return old;
+// Named barriers between the math threads and the signal warp (barrier 0 is __syncthreads):
+// kBarPartial: the math threads have stored the CTA's partial (they arrive, the signal warp waits);
+// kBarReady: every other partial of the CTA's reduce tile is visible (the signal warp arrives, the
+// math threads wait).
+constexpr int kBarPartial = 1, kBarReady = 2, kBarSignalCount = kMathThreads + 32;
+__device__ __forceinline__ void named_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kBarSignalCount) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kBarSignalCount) : "memory");
 }
 
 // Writes token columns [8 j, 8 j + 8) of a finished tile, transposed to out[token][row], masked to
@@ -263,11 +283,18 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   })
 }
 
-// Columns [8 j0, 8 (j0 + kJ)) of a shared tile: the partials of the `count` CTAs listed in `slots`
-// (-1: an empty range, nothing written), summed in list (= CTA) order, kB partials loaded together.
+// The reducer's sum of its shared tile, columns [8 j0, 8 (j0 + kJ)): its own fp32 values (fin), then
+// the partials of the `count` later CTAs listed in `slots` (-1: an empty range, nothing written) in
+// CTA order, kB partials loaded together. Fixed order: the result does not depend on timing.
 template <int kJ, int kB>
-__device__ __forceinline__ void sum_partials(const Params& p, const int* slots, int count, int j0, int tokens,
-                                             int tid, float4 (&sum)[kJ]) {
+__device__ __forceinline__ void reduce_columns(const Params& p, const float (&fin)[kAcc], const int* slots,
+                                               int count, int j0, int g, int n0, int tokens, int tid) {
+  float4 sum[kJ];
+#pragma unroll
+  for (int j = 0; j < kJ; ++j) {
+    const int f = 4 * min(j0 + j, kAcc / 4 - 1);
+    sum[j] = make_float4(fin[f], fin[f + 1], fin[f + 2], fin[f + 3]);
+  }
   for (int i0 = 0; i0 < count; i0 += kB) {
     float4 v[kB][kJ];
 #pragma unroll
@@ -276,7 +303,7 @@ __device__ __forceinline__ void sum_partials(const Params& p, const int* slots, 
       const float4* part = p.partials + int64_t(max(s, 0)) * (kSlotFloats / 4) + tid;
 #pragma unroll
       for (int j = 0; j < kJ; ++j) {
-        // .cg: the partials were written by other SMs during this grid; L1 is not coherent with them.
+        // .cg: written by other SMs during this grid, and L1 is not coherent with them.
         v[b][j] = s >= 0 && 8 * (j0 + j) < tokens ? __ldcg(part + (j0 + j) * kMathThreads) : float4{};
       }
     }
@@ -284,78 +311,72 @@ __device__ __forceinline__ void sum_partials(const Params& p, const int* slots, 
     for (int b = 0; b < kB; ++b) {
 #pragma unroll
       for (int j = 0; j < kJ; ++j) {
-        if (i0 + b == 0) {  // the tile's first CTA, never empty: the sum starts from its partial
-          sum[j] = v[b][j];
-        } else {
-          sum[j].x += v[b][j].x;
-          sum[j].y += v[b][j].y;
-          sum[j].z += v[b][j].z;
-          sum[j].w += v[b][j].w;
-        }
+        sum[j].x += v[b][j].x;
+        sum[j].y += v[b][j].y;
+        sum[j].z += v[b][j].z;
+        sum[j].w += v[b][j].w;
       }
     }
   }
-}
-
-// Sums shared tile t's partials and stores the tile: kJ column groups at a time, so that the loads
-// in flight per thread stay at 32 float4 whatever the token count.
-template <int kJ>
-__device__ __forceinline__ void sum_and_store(const Params& p, const int* slots, int count, int g, int n0,
-                                              int tokens, int tid) {
-  constexpr int kB = 16 / kJ;
-  for (int j0 = 0; 8 * j0 < tokens; j0 += kJ) {
-    float4 sum[kJ];
-    sum_partials<kJ, kB>(p, slots, count, j0, tokens, tid, sum);
 #pragma unroll
-    for (int j = 0; j < kJ; ++j) {
-      if (8 * (j0 + j) >= tokens) break;
-      const float v[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
-      store_columns(p, v, g, n0, tid, j0 + j, tokens);
-    }
+  for (int j = 0; j < kJ; ++j) {
+    if (8 * (j0 + j) >= tokens) break;
+    const float v[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
+    store_columns(p, v, g, n0, tid, j0 + j, tokens);
   }
 }
 
-// After the CTA's last unit: every shared tile this CTA arrived last at is summed and stored here
-// (all 256 math threads), and its counter is set back to zero for the next call. Thread 0 passes the
-// tiles (or -1); the others' arguments are ignored.
-__device__ __forceinline__ void finish_shared_tiles(const Params& p, uint8_t* smem, const Split& sp, int64_t tile0,
-                                                    int64_t tile1) {
-  const int tid = threadIdx.x;
-  int* fix = reinterpret_cast<int*>(smem + Smem::kFix);
-  int* slots = fix + 2;
-  if (tid == 0) {
-    fix[0] = int(tile0);
-    fix[1] = int(tile1);
+// kJ column groups at a time, so that the loads in flight per thread stay at 16 float4 whatever the
+// token count (M = 1: one group, 16 partials a round trip).
+template <int kJ>
+__device__ __forceinline__ void reduce_tile(const Params& p, const float (&fin)[kAcc], const int* slots, int count,
+                                            int g, int n0, int tokens, int tid) {
+#pragma unroll
+  for (int j0 = 0; j0 < kAcc / 4; j0 += kJ) {
+    if (8 * j0 >= tokens) break;
+    reduce_columns<kJ, 16 / kJ>(p, fin, slots, count, j0, g, n0, tokens, tid);
   }
-  math_barrier();
-  const int tiles_per_group = (p.n + kRows - 1) / kRows;
-  const int* active = reinterpret_cast<const int*>(smem + Smem::kActive);
-  const int* tokens_of = reinterpret_cast<const int*>(smem + Smem::kGroupTokens);
-  for (int i = 0; i < 2; ++i) {
-    const int t = fix[i];
-    if (t < 0) continue;
-    const int64_t tb = int64_t(t) * sp.num_kb;
-    const int first = sp.cta_of(tb), count = sp.cta_of(tb + sp.num_kb - 1) - first + 1;
-    if (tid == 0) p.tile_counters[first] = 0;  // every contributor has arrived: nobody else touches it
-    // The slot of each CTA of the tile, in CTA order: the first one's per Split::slot, the later ones
-    // start inside the tile (their first slot), empty ranges hold nothing.
-    for (int o = first + tid; o < first + count; o += kMathThreads) {
-      const int64_t b = sp.begin(o);
-      slots[o - first] = b == sp.begin(o + 1) ? -1 : o == first && b < tb ? 2 * o + 1 : 2 * o;
+}
+
+// The signal warp: it alone touches the tile counters, so the math warpgroups never wait on a fence
+// or an atomic in the middle of the weight stream. It publishes the CTA's partial (after the math
+// threads have stored it) with one release add on the counter of the tile's reducer, and, for the
+// CTA's own reduce tile, lists the later CTAs' slots, waits until they have all arrived (acquire),
+// sets the counter back to zero and releases the math threads.
+// Progress: a reducer waits only for later CTAs of its own tile, and only the tile that straddles the
+// last resident CTA can have a waiting reducer whose partners are not resident yet, so with CTAs
+// dispatched in index order (what the hardware does) at most one reducer per grid is stuck at a time
+// and every other CTA finishes and frees its SM. A programmatic dependent launch starts the next
+// kernel only once every CTA of this one has started (griddepcontrol.launch_dependents), so a
+// following kernel cannot take the SMs the remaining CTAs need.
+__device__ __forceinline__ void signal_warp(const Params& p, uint8_t* smem, const Split& sp, int c,
+                                            const SharedTiles& st) {
+  const int lane = threadIdx.x % 32;
+  if (st.arrive_tile >= 0) {
+    named_sync(kBarPartial);
+    if (lane == 0) {
+      int* counter = p.tile_counters + sp.cta_of(st.arrive_tile * sp.num_kb);
+      asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
     }
-    math_barrier();
-    const int gi = int(div_nonneg(t, tiles_per_group));
-    const int g = active[1 + gi], n0 = (t - gi * tiles_per_group) * kRows, tokens = tokens_of[g];
-    if (tokens <= 8) {
-      sum_and_store<1>(p, slots, count, g, n0, tokens, tid);
-    } else if (tokens <= 16) {
-      sum_and_store<2>(p, slots, count, g, n0, tokens, tid);
-    } else if (tokens <= 32) {
-      sum_and_store<4>(p, slots, count, g, n0, tokens, tid);
-    } else {
-      sum_and_store<8>(p, slots, count, g, n0, tokens, tid);
+  }
+  if (st.reduce_tile >= 0) {
+    const int64_t tb = st.reduce_tile * sp.num_kb;
+    const int last = sp.cta_of(tb + sp.num_kb - 1);
+    int* slots = reinterpret_cast<int*>(smem + Smem::kFix);
+    for (int o = c + 1 + lane; o <= last; o += 32) slots[o - c - 1] = sp.begin(o) == sp.begin(o + 1) ? -1 : o;
+    if (lane == 0) {
+      const int expected = sp.contributors(st.reduce_tile) - 1;
+      int* counter = p.tile_counters + c;
+      for (;;) {
+        int arrived;
+        asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(arrived) : "l"(counter) : "memory");
+        if (arrived >= expected) break;
+        __nanosleep(64);
+      }
+      *counter = 0;  // every other CTA of the tile has arrived: nobody touches it again in this call
     }
-    math_barrier();  // the slot table is rewritten for the next tile
+    __syncwarp();
+    named_arrive(kBarReady);
   }
 }
 
@@ -371,8 +392,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
   int stage = 0;
   uint32_t phase = 0;
   float acc[kAcc], fin[kAcc];
-  int n_shared = 0, arrivals0 = 1, arrivals1 = 1;
-  int64_t shared_tile0 = -1, shared_tile1 = -1;
+  const SharedTiles st(sp, c);
   const int64_t end = sp.begin(c + 1);
   int64_t u = sp.begin(c);
   FS_SKINNY_TL(timeline::Stamp tl_full_first{}, tl_full_last{}, tl_epi_start{}, tl_epi_end{};
@@ -429,42 +449,34 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
     // Columns past the group's tokens are neither stored nor kept as partials (M = 1: 1/8 of them).
     const int tokens = reinterpret_cast<const int*>(smem + Smem::kGroupTokens)[g];
     const bool whole = kb0 == 0 && kb_end == sp.num_kb;
-    float4* slot = p.partials + int64_t(sp.slot(c, t)) * (kSlotFloats / 4) + tid;
-#pragma unroll
-    for (int j = 0; j < kAcc / 4; ++j) {
-      if (8 * j >= tokens) break;
-      if (whole) {
-        const float v[4] = {fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]};
-        store_columns(p, v, g, n0, tid, j, tokens);
+    if (!whole && t == st.reduce_tile) {
+      named_sync(kBarReady);
+      const int* slots = reinterpret_cast<const int*>(smem + Smem::kFix);
+      const int count = sp.cta_of(t * sp.num_kb + sp.num_kb - 1) - c;
+      if (tokens <= 8) {
+        reduce_tile<1>(p, fin, slots, count, g, n0, tokens, tid);
+      } else if (tokens <= 16) {
+        reduce_tile<2>(p, fin, slots, count, g, n0, tokens, tid);
       } else {
-        slot[j * kMathThreads] = make_float4(fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]);
+        reduce_tile<4>(p, fin, slots, count, g, n0, tokens, tid);
       }
-    }
-    if (!whole) {
-      // A range holds at most two shared tiles: the one it starts in and the one it ends in. Thread 0
-      // keeps the counts its arrivals returned and looks at them only after the last tile, so the
-      // atomic's round trip is not waited for in the middle of the stream.
-      math_barrier();
-      if (tid == 0) {
-        const int n_arrivals = sp.contributors(t);
-        const int left = arrive(p.tile_counters + sp.cta_of(t * sp.num_kb)) + 1 - n_arrivals;  // 0: arrived last
-        // Named registers, not an array indexed by n_shared (which would live in local memory).
-        if (n_shared == 0) {
-          arrivals0 = left;
-          shared_tile0 = t;
+    } else {
+      float4* slot = p.partials + int64_t(c) * (kSlotFloats / 4) + tid;
+#pragma unroll
+      for (int j = 0; j < kAcc / 4; ++j) {
+        if (8 * j >= tokens) break;
+        if (whole) {
+          const float v[4] = {fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]};
+          store_columns(p, v, g, n0, tid, j, tokens);
         } else {
-          arrivals1 = left;
-          shared_tile1 = t;
+          slot[j * kMathThreads] = make_float4(fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]);
         }
       }
-      ++n_shared;
+      if (!whole) named_arrive(kBarPartial);  // the signal warp publishes it
     }
     FS_SKINNY_TL(tl_epi_end = timeline::now(); tl_epi_clk += tl_epi_end.clk - tl_epi_start.clk;
                  (whole ? tl_whole : tl_partial) += 1; tl_last_whole = whole;)
     u = t * sp.num_kb + kb_end;
-  }
-  if (n_shared > 0) {
-    finish_shared_tiles(p, smem, sp, arrivals0 == 0 ? shared_tile0 : -1, arrivals1 == 0 ? shared_tile1 : -1);
   }
   FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) {
     timeline::Cta* r = timeline::g_cta + c;
@@ -504,7 +516,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     cutlass::arch::fence_barrier_init();
   }
-  if (tid == kMathThreads) {
+  if (tid == kMathThreads) {  // the producer warp's lane 0
     cute::prefetch_tma_descriptor(&tmap_w);
 #pragma unroll
     for (int i = 0; i < 4; ++i) cute::prefetch_tma_descriptor(&tmap_x.rows[i]);
@@ -528,8 +540,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   pdl_launch_dependents();
   if (tid < kMathThreads) {
     math_warpgroup(p, smem, sp, blockIdx.x);
-  } else {
+  } else if (warp == kMathThreads / 32) {
     producer(&tmap_w, &tmap_x, p, smem, sp, blockIdx.x);
+  } else {
+    signal_warp(p, smem, sp, blockIdx.x, SharedTiles(sp, blockIdx.x));
   }
   FS_SKINNY_TL(__syncthreads(); if (tid == 0 && timeline::g_cta != nullptr) {
     timeline::Cta* r = timeline::g_cta + blockIdx.x;
