@@ -20,6 +20,9 @@
 // the one exception to pdl.cuh's wait-first contract, and it is safe because the weight is not
 // written by any kernel that triggers its dependents early (flashseek's); a torch kernel writing it
 // would still complete before this one starts.
+//
+// The vector path's row code and launch shape live in rms_norm_device.cuh, shared with
+// rms_norm_quant.cu, whose output must be this kernel's output quantized, bit for bit.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -31,170 +34,27 @@
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
 #include "norm/norm.h"
+#include "norm/rms_norm_device.cuh"
 
 namespace flashseek {
 namespace {
 
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(float v) { return v; }
-
-// Round to nearest even, as torch's .to(dtype) does.
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-
-// kN consecutive U elements held as loaded (16-byte words where they fill them), converted when used:
-// load_vec below, or a load issued early whose registers should stay packed until then.
-template <typename U, int kN>
-struct RawVec {
-  static constexpr bool kWords = (int(sizeof(U)) * kN) % 16 == 0;
-  static constexpr int kCount = kWords ? int(sizeof(U)) * kN / 16 : kN;
-  std::conditional_t<kWords, uint4, U> d[kCount];
-  __device__ __forceinline__ void load(const U* p) {
-#pragma unroll
-    for (int c = 0; c < kCount; ++c) {
-      if constexpr (kWords) {
-        d[c] = reinterpret_cast<const uint4*>(p)[c];
-      } else {
-        d[c] = p[c];
-      }
-    }
-  }
-  __device__ __forceinline__ void to_float(float (&f)[kN]) const {
-    if constexpr (kWords) {
-      constexpr int kPerWord = 16 / int(sizeof(U));
-#pragma unroll
-      for (int c = 0; c < kCount; ++c) {
-        const U* e = reinterpret_cast<const U*>(&d[c]);
-#pragma unroll
-        for (int i = 0; i < kPerWord; ++i) f[c * kPerWord + i] = ::flashseek::to_float(e[i]);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kN; ++i) f[i] = ::flashseek::to_float(d[i]);
-    }
-  }
-};
-
-// Loads kN consecutive elements as fp32: whole 16-byte words where kN elements fill them (the
-// caller guarantees the alignment), else element by element (a weight narrower than the row's
-// access, or the scalar path).
-template <typename U, int kN>
-__device__ __forceinline__ void load_vec(const U* p, float (&f)[kN]) {
-  RawVec<U, kN> raw;
-  raw.load(p);
-  raw.to_float(f);
-}
-
-// Stores kN values rounded to U (already rounded when they came from a T value).
-template <typename U, int kN>
-__device__ __forceinline__ void store_vec(U* p, const float (&f)[kN]) {
-  constexpr int kBytes = int(sizeof(U)) * kN;
-  if constexpr (kBytes % 16 == 0) {
-    constexpr int kPerWord = 16 / int(sizeof(U));
-#pragma unroll
-    for (int c = 0; c < kBytes / 16; ++c) {
-      uint4 raw;
-      U* e = reinterpret_cast<U*>(&raw);
-#pragma unroll
-      for (int i = 0; i < kPerWord; ++i) e[i] = from_float<U>(f[c * kPerWord + i]);
-      reinterpret_cast<uint4*>(p)[c] = raw;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kN; ++i) p[i] = from_float<U>(f[i]);
-  }
-}
-
-// Sum over the CTA in a fixed order; every thread gets the same value.
-__device__ __forceinline__ float block_sum(float v, float* smem) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int nwarps = blockDim.x / 32;
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    float s = lane < nwarps ? smem[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) smem[32] = s;
-  }
-  __syncthreads();
-  return smem[32];
-}
+using namespace norm_detail;
 
 template <typename T, typename W, int kVec, int kMaxIters, bool kFused>
 __global__ void __launch_bounds__(1024) rms_norm_kernel(RmsNormParams p) {
   __shared__ float smem[33];
   pdl_launch_dependents();
   const int64_t row = blockIdx.x;
-  const int nacc = int(p.n / kVec);
   const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
   T* res = kFused ? static_cast<T*>(p.residual) + row * p.residual_row_stride : nullptr;
-
-  // One access a thread (rows up to 1024 accesses, e.g. R1's 7168 bf16 hidden): this thread's weight
-  // slice is read before the wait (see the header), kept as raw words until it is used. With four
-  // accesses a thread it would not fit the 64 registers of a 1024-thread CTA next to the row: there
-  // the weight is read after the reduction.
-  const W* w = static_cast<const W*>(p.weight);
-  constexpr bool kEarlyWeight = kMaxIters == 1;
-  RawVec<W, kVec> wraw[kEarlyWeight ? kMaxIters : 1];
-  if constexpr (kEarlyWeight) {
-#pragma unroll
-    for (int it = 0; it < kMaxIters; ++it) {
-      const int j = threadIdx.x + it * blockDim.x;
-      if (j < nacc) wraw[it].load(w + j * kVec);
-    }
-  }
-  pdl_wait();
-
-  float v[kMaxIters][kVec];
-  float ss = 0.0f;
-#pragma unroll
-  for (int it = 0; it < kMaxIters; ++it) {
-    const int j = threadIdx.x + it * blockDim.x;
-    if (j < nacc) {
-      load_vec<T, kVec>(x + j * kVec, v[it]);
-      if constexpr (kFused) {
-        float r[kVec];
-        load_vec<T, kVec>(res + j * kVec, r);
-        // The sum is rounded to T before it is stored *and* before the norm reads it, as the
-        // unfused `h = x + a; rms_norm(h)` does.
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) v[it][i] = to_float(from_float<T>(v[it][i] + r[i]));
-        store_vec<T, kVec>(res + j * kVec, v[it]);
-      }
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) ss = fmaf(v[it][i], v[it][i], ss);
-    }
-  }
-  ss = block_sum(ss, smem);
-  // mean = sum / n, then 1 / sqrt with IEEE-rounded division and square root (torch's CPU rsqrt).
-  const float inv = 1.0f / sqrtf(ss / float(p.n) + p.eps);
-
-  T* y = kFused ? static_cast<T*>(p.x) + row * p.x_row_stride : static_cast<T*>(p.out) + row * p.out_row_stride;
-#pragma unroll
-  for (int it = 0; it < kMaxIters; ++it) {
-    const int j = threadIdx.x + it * blockDim.x;
-    if (j < nacc) {
-      float wf[kVec];
-      if constexpr (kEarlyWeight) {
-        wraw[it].to_float(wf);
-      } else {
-        load_vec<W, kVec>(w + j * kVec, wf);
-      }
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) v[it][i] = (v[it][i] * inv) * wf[i];
-      store_vec<T, kVec>(y + j * kVec, v[it]);
-    }
-  }
+  rms_norm_row<T, W, kVec, kMaxIters, kFused>(
+      x, res, static_cast<const W*>(p.weight), int(p.n / kVec), p.n, p.eps, smem, [&](int j, const float (&v)[kVec]) {
+        // Fused: the normalized sum goes back to x, in place. (Formed here, after the reduction, as
+        // before the row code moved to rms_norm_device.cuh: formed up front, it changed the SASS.)
+        T* y = kFused ? static_cast<T*>(p.x) + row * p.x_row_stride : static_cast<T*>(p.out) + row * p.out_row_stride;
+        store_vec<T, kVec>(y + j * kVec, v);
+      });
 }
 
 // The fallback for rows that cannot take 16-byte accesses: one element per access and two passes
@@ -246,19 +106,14 @@ void launch_typed(const RmsNormParams& p, cudaStream_t stream) {
   }
   const dim3 grid(unsigned(p.m));
   if (vec) {
-    // One access per thread for rows of 128 to 1024 accesses (the weight then read before the PDL
-    // wait), else up to 4 (n = 16384 needs 512 (16-bit) or 1024 (fp32) threads). Rows under 128
-    // accesses keep the 4-access path: a 512-wide 16-bit row then runs on one warp, lane l summing
-    // 8l..8l+7 and 256+8l..256+8l+7, the order mla_rope_norm_append's kv_a norm reproduces bit for
-    // bit (its tests compare the two).
+    // The launch shape (accesses per thread, threads) is rms_norm_device.cuh's, which
+    // rms_norm_quant.cu shares so that its sums of squares are this kernel's.
     const int64_t nacc = p.n / kVec;
-    auto threads_for = [&](int iters) {
-      return int(std::min<int64_t>(1024, std::max<int64_t>(32, (nacc + iters - 1) / iters + 31) / 32 * 32));
-    };
-    if (nacc >= 128 && nacc <= 1024) {
-      launch_pdl(rms_norm_kernel<T, W, kVec, 1, kFused>, grid, dim3(unsigned(threads_for(1))), 0, stream, p);
+    const int threads = rms_norm_vec_threads(nacc, rms_norm_vec_iters(nacc));
+    if (rms_norm_vec_iters(nacc) == 1) {
+      launch_pdl(rms_norm_kernel<T, W, kVec, 1, kFused>, grid, dim3(unsigned(threads)), 0, stream, p);
     } else {
-      launch_pdl(rms_norm_kernel<T, W, kVec, 4, kFused>, grid, dim3(unsigned(threads_for(4))), 0, stream, p);
+      launch_pdl(rms_norm_kernel<T, W, kVec, 4, kFused>, grid, dim3(unsigned(threads)), 0, stream, p);
     }
   } else {
     // About 8 elements per thread, as the vector path's typical load.
