@@ -109,6 +109,18 @@ TORCH_LIBRARY(flashseek, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
   // In place: residual = T(float(x) + float(residual)), then x = rms_norm(residual) (the rounded sum).
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  // RMSNorm + FP8 1x128 quantization of its output, for a norm that feeds an FP8 GEMM: x [M, N]
+  // bf16/fp16 with N % 128 == 0, weight [N] bf16/fp16/fp32 -> out e4m3 [M, N], scale fp32 [M, N/128]
+  // (column-major, as quant_fp8_1x128's), bit-identical to quant_fp8_1x128(rms_norm(x, weight, eps),
+  // ue8m0): the normalized value is rounded to x's dtype before it is quantized. Rows of x (and
+  // residual) may be strided but must be 16-byte aligned.
+  m.def("rms_norm_quant_fp8(Tensor x, Tensor weight, float eps, Tensor(a!) out, Tensor(b!) scale, "
+        "bool ue8m0=False) -> ()");
+  // residual = T(float(x) + float(residual)) in place, as fused_add_rms_norm; out/scale = the
+  // quantization of rms_norm(residual) as above. x is left untouched (fused_add_rms_norm would
+  // overwrite it with the normalized sum; here that row exists only as out).
+  m.def("fused_add_rms_norm_quant_fp8(Tensor x, Tensor(a!) residual, Tensor weight, float eps, Tensor(b!) out, "
+        "Tensor(c!) scale, bool ue8m0=False) -> ()");
 }
 
 #if FLASHSEEK_WITH_CUDA

@@ -1,5 +1,5 @@
-// Host glue for the RMSNorm kernels: validates inputs (the same rules as flashseek/ops.py's
-// checks) and calls the launchers.
+// Host glue for the RMSNorm kernels (plain, and fused with the FP8 1x128 quantization): validates
+// inputs (the same rules as flashseek/ops.py's checks) and calls the launchers.
 #include "common/torch_checks.h"
 #include "norm/norm.h"
 #include "registration.h"
@@ -74,10 +74,86 @@ void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const a
   launch_fused_add_rms_norm(p, current_stream(x));
 }
 
+// ---- RMSNorm + FP8 1x128 quantization (rms_norm_quant.cu) ----
+
+// x's extra rules for the fused quantization: a 16-bit dtype, whole 128-channel blocks, and the
+// 16-byte rows of rms_norm's vector path (the kernel implements that path only).
+void check_quant_rows(const at::Tensor& t, const char* name) {
+  FS_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, name,
+           " must have dtype bfloat16 or float16, got ", t.scalar_type());
+  FS_CHECK(t.size(0) <= 1 || t.stride(0) % 8 == 0, name, "'s row stride must be a multiple of 8 elements, got ",
+           t.stride(0));
+  FS_CHECK(aligned16(t), name, " must be 16-byte aligned");
+}
+
+// Activation scales [m, kb] column-major (see flashseek.ops.empty_act_scale): stride(0) == 1.
+void check_act_scale(const at::Tensor& scale, int64_t m, int64_t kb) {
+  FS_CHECK_DTYPE(scale, at::kFloat);
+  FS_CHECK_SHAPE(scale, m, kb);
+  FS_CHECK(m <= 1 || scale.stride(0) == 1,
+           "scale must be column-major (stride(0) == 1, see empty_act_scale), got strides ", scale.strides());
+  FS_CHECK(kb <= 1 || scale.stride(1) >= m, "scale must have a leading dimension >= ", m, ", got strides ",
+           scale.strides());
+}
+
+RmsNormQuantParams check_quant(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& out,
+                               const at::Tensor& scale, bool ue8m0) {
+  const RmsNormParams c = check_common(x, weight, eps);
+  const int64_t m = x.size(0), n = x.size(1);
+  FS_CHECK(n % 128 == 0, "x's last dimension must be a multiple of 128, got ", n);
+  check_quant_rows(x, "x");
+  FS_CHECK(aligned16(weight), "weight must be 16-byte aligned");
+  FS_CHECK_DTYPE(out, at::kFloat8_e4m3fn);
+  FS_CHECK_SHAPE(out, m, n);
+  FS_CHECK_CONTIGUOUS(out);
+  FS_CHECK(aligned16(out), "out must be 16-byte aligned");
+  FS_CHECK_SAME_DEVICE(x, out);
+  check_act_scale(scale, m, n / 128);
+  FS_CHECK_SAME_DEVICE(x, scale);
+  RmsNormQuantParams p{};
+  p.x = c.x;
+  p.x_row_stride = c.x_row_stride;
+  p.weight = c.weight;
+  p.out = out.data_ptr();
+  p.scale = scale.data_ptr<float>();
+  // A single column of scales never steps to a next column: any leading dimension will do.
+  p.scale_ld = (n / 128 > 1) ? scale.stride(1) : std::max<int64_t>(m, 1);
+  p.m = m;
+  p.n = n;
+  p.eps = c.eps;
+  p.dtype = c.dtype;
+  p.weight_dtype = c.weight_dtype;
+  p.ue8m0 = ue8m0;
+  return p;
+}
+
+void rms_norm_quant_fp8(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& out,
+                        const at::Tensor& scale, bool ue8m0) {
+  RmsNormQuantParams p = check_quant(x, weight, eps, out, scale, ue8m0);
+  if (p.m == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  launch_rms_norm_quant_fp8(p, current_stream(x));
+}
+
+void fused_add_rms_norm_quant_fp8(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                  double eps, const at::Tensor& out, const at::Tensor& scale, bool ue8m0) {
+  RmsNormQuantParams p = check_quant(x, weight, eps, out, scale, ue8m0);
+  check_rows(residual, "residual", x);
+  check_quant_rows(residual, "residual");
+  if (p.m == 0) return;
+  FS_CHECK(!x.is_same(residual) && x.data_ptr() != residual.data_ptr(), "x and residual must not alias");
+  p.residual = residual.data_ptr();
+  p.residual_row_stride = residual.stride(0);
+  c10::cuda::CUDAGuard guard(x.device());
+  launch_fused_add_rms_norm_quant_fp8(p, current_stream(x));
+}
+
 }  // namespace
 
 void register_norm_cuda(torch::Library& m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+  m.impl("rms_norm_quant_fp8", &rms_norm_quant_fp8);
+  m.impl("fused_add_rms_norm_quant_fp8", &fused_add_rms_norm_quant_fp8);
 }
 }  // namespace flashseek

@@ -1603,3 +1603,104 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """
     torch.ops.flashseek.fused_add_rms_norm(x, residual, weight, float(eps))
     return x, residual
+
+
+# RMSNorm fused with the FP8 1x128 quantization of its output, for a norm whose output feeds only an
+# FP8 GEMM: one pass writes the e4m3 row and its scales. The kernel runs rms_norm's vector path and
+# quantizes as quant_fp8_1x128 does, so it takes the inputs both of those take that way: 16-bit x
+# with whole 128-channel blocks and 16-byte rows.
+def _check_norm_quant_rows(t, name):
+    _expect_dtype(t, name, (torch.bfloat16, torch.float16))
+    # 16-byte rows; the C++ glue also checks the data pointer's alignment, which fake tensors lack.
+    _expect(t.shape[0] <= 1 or t.stride(0) % 8 == 0,
+            f"{name}'s row stride must be a multiple of 8 elements, got {t.stride(0)}")
+
+
+def _check_rms_norm_quant_fp8(x, weight, eps, out, scale, ue8m0=False):
+    _check_norm_common(x, weight, eps)
+    m, n = x.shape
+    _expect(n % 128 == 0, f"x's last dimension must be a multiple of 128, got {n}")
+    _check_norm_quant_rows(x, "x")
+    _expect_dtype(out, "out", FP8)
+    _expect_shape(out, "out", (m, n))
+    _expect_contiguous(out, "out")
+    _check_act_scale(scale, "scale", m, n // 128)
+    _expect_same_device(x, "x", weight=weight, out=out, scale=scale)
+
+
+def _ref_rms_norm_quant_fp8(x, weight, eps, out, scale, ue8m0=False):
+    q, s = ref_norm.rms_norm_quant_fp8(x, weight, eps, ue8m0)
+    out.copy_(q)
+    scale.copy_(s)
+
+
+_register("rms_norm_quant_fp8", _check_rms_norm_quant_fp8, _ref_rms_norm_quant_fp8)
+
+
+def _check_fused_add_rms_norm_quant_fp8(x, residual, weight, eps, out, scale, ue8m0=False):
+    _check_rms_norm_quant_fp8(x, weight, eps, out, scale, ue8m0)
+    _check_norm_rows(residual, "residual", tuple(x.shape), x.dtype)
+    _check_norm_quant_rows(residual, "residual")
+    _expect_same_device(x, "x", residual=residual)
+
+
+def _ref_fused_add_rms_norm_quant_fp8(x, residual, weight, eps, out, scale, ue8m0=False):
+    q, s, r = ref_norm.fused_add_rms_norm_quant_fp8(x, residual, weight, eps, ue8m0)
+    residual.copy_(r)
+    out.copy_(q)
+    scale.copy_(s)
+
+
+_register("fused_add_rms_norm_quant_fp8", _check_fused_add_rms_norm_quant_fp8, _ref_fused_add_rms_norm_quant_fp8)
+
+
+def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, ue8m0: bool = False,
+                       out: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None):
+    """RMSNorm fused with the FP8 1x128 quantization of its output: one kernel instead of
+    `quant_fp8_1x128(rms_norm(x, weight, eps), ue8m0)`, whose result it equals bit for bit (the
+    normalized value is rounded to x's dtype, as rms_norm stores it, before it is quantized).
+
+    Args:
+        x: [M, N] bf16 or fp16, N a multiple of 128 (at most 16384), unit stride in N; rows may be
+            strided (e.g. the q_a columns of the fused qkv_a projection's output) but must be 16-byte
+            aligned: data pointer and row stride (a multiple of 8 elements). M may be 0.
+        weight: [N] bf16/fp16/fp32, contiguous and 16-byte aligned.
+        eps: added to the mean of squares.
+        ue8m0: round each scale up to a power of two, as quant_fp8_1x128.
+        out: optional e4m3 [M, N] output, contiguous.
+        scale: optional fp32 [M, N/128] output in the `empty_act_scale` layout.
+    Returns:
+        (out e4m3 [M, N], scale fp32 [M, N/128]) in exactly quant_fp8_1x128's layout (column-major,
+        leading dimension padded to 4 rows), what the FP8 GEMMs read.
+    """
+    m, n = x.shape
+    out = torch.empty((m, n), dtype=FP8, device=x.device) if out is None else out
+    scale = empty_act_scale(m, n // 128, x.device) if scale is None else scale
+    torch.ops.flashseek.rms_norm_quant_fp8(x, weight, float(eps), out, scale, ue8m0)
+    return out, scale
+
+
+def fused_add_rms_norm_quant_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                 ue8m0: bool = False, out: Optional[torch.Tensor] = None,
+                                 scale: Optional[torch.Tensor] = None):
+    """fused_add_rms_norm fused with the FP8 1x128 quantization of the normalized sum.
+
+    In place: residual <- residual + x (rounded to its dtype), exactly as fused_add_rms_norm. x is
+    left untouched (fused_add_rms_norm overwrites it with the normalized sum; here that row exists
+    only as the FP8 output, which saves writing it). (out, scale) equal, bit for bit,
+    `quant_fp8_1x128(x_after)` where `x_after, _ = fused_add_rms_norm(x, residual, weight, eps)`.
+
+    Args:
+        x: [M, N] bf16 or fp16, N a multiple of 128 (at most 16384); read only.
+        residual: [M, N] in x's dtype, overwritten with the sum; must not overlap x.
+            Both unit stride in N, rows 16-byte aligned (pointer and row stride) as in
+            rms_norm_quant_fp8.
+        weight, eps, ue8m0, out, scale: as rms_norm_quant_fp8.
+    Returns:
+        (out e4m3 [M, N], scale fp32 [M, N/128] in the `empty_act_scale` layout).
+    """
+    m, n = x.shape
+    out = torch.empty((m, n), dtype=FP8, device=x.device) if out is None else out
+    scale = empty_act_scale(m, n // 128, x.device) if scale is None else scale
+    torch.ops.flashseek.fused_add_rms_norm_quant_fp8(x, residual, weight, float(eps), out, scale, ue8m0)
+    return out, scale
