@@ -1,6 +1,7 @@
 """The MLA layer's pre-attention glue: flashseek.ops.mla_rope_norm_append (reference on CPU, kernel on
-GPU), the fused q_a/kv_a projection and the copy-free absorption in the model, and the number of ops
-a decode attention step issues.
+GPU), the fused q_a/kv_a projection and the copy-free absorption in the model, the norms fused with
+the FP8 quantization of the linears after them (rms_norm_quant_fp8 and its fused add), and the number
+of ops a decode attention step issues.
 
 Tolerances of the CUDA kernel against the reference on the same cos/sin tables: q_out and the
 cache's rope values bit-exact (fp32 products and sums, no FMA, then one rounding); the latent equal
@@ -18,7 +19,7 @@ from flashseek.engine.session import Session
 from flashseek.models.deepseek.checkpoint import ensure_default_model
 from flashseek.models.deepseek.config import tiny_r1_config
 from flashseek.models.deepseek.layers import MLAAttention, YarnRope
-from flashseek.models.deepseek.model import DeepseekV3ForCausalLM
+from flashseek.models.deepseek.model import DecoderLayer, DeepseekV3ForCausalLM
 from flashseek.ref import mla as ref_mla
 from flashseek.ref import norm as ref_norm
 from tests.utils import opcheck, poison_
@@ -157,14 +158,16 @@ def model_dir(tmp_path_factory):
 
 @contextmanager
 def switches(**kw):
-    old = {k: getattr(MLAAttention, k) for k in kw}
-    for k, v in kw.items():
-        setattr(MLAAttention, k, v)
+    """Sets the class switches named (on MLAAttention and DecoderLayer, whichever has each) for the block."""
+    old = [(cls, k, vars(cls)[k]) for k in kw for cls in (MLAAttention, DecoderLayer) if k in vars(cls)]
+    assert {k for _, k, _ in old} == set(kw), f"unknown switches {set(kw)}"
+    for cls, k, _ in old:
+        setattr(cls, k, kw[k])
     try:
         yield
     finally:
-        for k, v in old.items():
-            setattr(MLAAttention, k, v)
+        for cls, k, v in old:
+            setattr(cls, k, v)
 
 
 def load(model_dir, device="cpu", **kw):
@@ -272,14 +275,59 @@ def decode_attention_ops(model, batch=1):
 
 def test_decode_attention_op_count(fp8_model, model_dir):
     unfused_model = load(model_dir, fuse_qkv_a=False)
-    with switches(fuse_glue=False):
+    with switches(fuse_glue=False, fuse_norm_quant=False):
         before = decode_attention_ops(unfused_model)
     after = decode_attention_ops(fp8_model)
     print(f"\ndecode attention ops per layer, before ({len(before)}): {before}"
           f"\nafter ({len(after)}): {after}")
-    assert after == ["quant_fp8_1x128", "fp8_gemm", "rms_norm", "quant_fp8_1x128", "fp8_gemm",
+    # The input arrives quantized (the decoder layer's fused add + norm + quant), the q_a norm quantizes
+    # for q_b in the same op.
+    assert after == ["fp8_gemm", "rms_norm_quant_fp8", "fp8_gemm",
                      "mla_rope_norm_append", "bmm.out", "mla_decode", "bmm.out", "quant_fp8_1x128", "fp8_gemm"]
     assert len(before) >= 2 * len(after)
+
+
+def decode_step_ops(model):
+    """Every op one decode step of the whole model issues (batch 1)."""
+    s = Session(model, max_len=64)
+    s.prefill(ids(9, 5))
+    log = OpLog()
+    with log:
+        s.decode([7])
+    return log.names
+
+
+@pytest.mark.parametrize("prefill_mode", ["decompressed", "absorbed"])
+def test_norm_quant_fusion_equals_unfused(fp8_model, prefill_mode):
+    """The norms fused with their linears' quantization: the same logits as rms_norm /
+    fused_add_rms_norm then quant_fp8_1x128 (prefill in chunks, then decode)."""
+    prompt = ids(70, 4)
+    fp8_model.set_prefill_mode(prefill_mode)
+    try:
+        fused = run_steps(fp8_model, prompt, chunk=40)
+        with switches(fuse_norm_quant=False):
+            plain = run_steps(fp8_model, prompt, chunk=40)
+    finally:
+        fp8_model.set_prefill_mode("decompressed")
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
+
+
+def test_norm_quant_fusion_call_sites(fp8_model):
+    """Where the fused norms run in a decode step of the tiny R1 (layers 0-1 dense, 2-3 MoE): per layer
+    the q_a norm (rms_norm_quant_fp8), the input norm (layer 0 without a residual yet: rms_norm_quant_fp8;
+    then the fused add), and the post-attention norm of the dense layers only (the MoE's router reads
+    the bf16 hidden state); the final norm stays plain."""
+    names = decode_step_ops(fp8_model)
+    count = lambda op: sum(n == op for n in names)  # noqa: E731
+    assert count("rms_norm_quant_fp8") == 1 + 4
+    assert count("fused_add_rms_norm_quant_fp8") == 2 + 3
+    assert count("fused_add_rms_norm") == 2
+    assert count("rms_norm") == 1
+    with switches(fuse_norm_quant=False):
+        names = decode_step_ops(fp8_model)
+    assert count("rms_norm_quant_fp8") == count("fused_add_rms_norm_quant_fp8") == 0
+    assert count("rms_norm") == 1 + 1 + 4 and count("fused_add_rms_norm") == 2 + 3 + 2
 
 
 # ----------------------------------------------------------------------------------- CUDA
@@ -392,6 +440,21 @@ def test_fused_glue_equals_unfused_cuda(model_dir, prefill_mode):
     model.set_prefill_mode(prefill_mode)
     fused = run_steps(model, prompt, chunk=40)
     with switches(fuse_glue=False):
+        plain = run_steps(model, prompt, chunk=40)
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefill_mode", ["decompressed", "absorbed"])
+def test_norm_quant_fusion_equals_unfused_cuda(model_dir, prefill_mode):
+    """On the GPU the fused kernels equal rms_norm / fused_add_rms_norm + quant_fp8_1x128 bit for bit,
+    so the logits are identical too."""
+    model = load(model_dir, device="cuda")
+    prompt = ids(70, 5)
+    model.set_prefill_mode(prefill_mode)
+    fused = run_steps(model, prompt, chunk=40)
+    with switches(fuse_norm_quant=False):
         plain = run_steps(model, prompt, chunk=40)
     for a, b in zip(fused, plain):
         assert torch.equal(a, b)

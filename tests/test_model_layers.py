@@ -128,3 +128,37 @@ def test_router_matches_op_and_breaks_ties_like_it():
     _, ia = route_noaux_tc_torch(flat, torch.zeros(256), 8, 4, 8, 2.5)
     _, ib = ops.route_noaux_tc(flat, torch.zeros(256), 8, 4, 8, 2.5)
     assert torch.equal(ia.sort(-1).values, ib.sort(-1).values)
+
+
+def test_linear_takes_a_prequantized_activation():
+    """An FP8 linear given a QuantAct (the fused norm's output) computes what it computes from the
+    activation; other linears, and a QuantAct of the other scale format, are refused."""
+    from flashseek.models.deepseek import fp8 as fp8_ops
+    from flashseek.models.deepseek.layers import FP8_MODE, REFERENCE, Linear, norm_quant, norm_quant_fits
+    w = torch.randn(256, 384) * 0.05
+    wq, ws = fp8_ops.quantize_weight_128x128(w)
+    x = torch.randn(5, 384).bfloat16()
+    norm_w = (1 + 0.1 * torch.randn(384)).bfloat16()
+    for ue8m0 in (False, True):
+        lin = Linear(FP8_MODE, ue8m0)
+        lin.set(wq, ws)
+        assert norm_quant_fits(x, norm_w, [lin])
+        qa = norm_quant(x, norm_w, 1e-6, ue8m0)
+        assert qa.shape == x.shape and qa.dtype == x.dtype and qa.device == x.device
+        assert torch.equal(lin(qa), lin(ops.rms_norm(x, norm_w, 1e-6)))
+        other = Linear(FP8_MODE, not ue8m0)
+        other.set(wq, ws)
+        with pytest.raises(ValueError, match="ue8m0"):
+            other(qa)
+    plain, ref = Linear(FP8_MODE), Linear(REFERENCE)
+    plain.set(w.bfloat16(), None)
+    ref.set(wq, ws)
+    for lin in (plain, ref):
+        assert not norm_quant_fits(x, norm_w, [lin])
+        with pytest.raises(ValueError, match="QuantAct"):
+            lin(qa)
+    # Rows the fused op does not take: the unfused norm runs instead.
+    lin = Linear(FP8_MODE)
+    lin.set(wq, ws)
+    assert not norm_quant_fits(torch.randn(5, 392).bfloat16()[:, 4:388], norm_w, [lin])   # misaligned rows
+    assert not norm_quant_fits(x.float(), norm_w, [lin])

@@ -6,6 +6,8 @@ so the FP8 path of the model always runs.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 import flashseek.ops as ops
@@ -52,14 +54,44 @@ def dequantize_weight_128x128(q: torch.Tensor, s: torch.Tensor, dtype=torch.floa
 
 
 # ---- activations and GEMMs -------------------------------------------------------------------
+class QuantAct(NamedTuple):
+    """An activation already quantized for FP8 linears, e.g. by the RMSNorm before them
+    (flashseek.ops.rms_norm_quant_fp8): exactly what quant_act would return for the activation it
+    stands for, so a linear given it computes what it computes from that activation.
+
+    q: e4m3 [T, K]; scale: fp32 [T, K/128] in the flashseek.ops.empty_act_scale layout; ue8m0: whether
+    the scales are powers of two (must match the linear's); dtype: the dtype of the activation (what
+    its other users, e.g. the attention allocating its output, would have read). `shape` and `device`
+    are q's, so code that reads only an activation's rows, dtype and device takes either.
+    """
+    q: torch.Tensor
+    scale: torch.Tensor
+    ue8m0: bool
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
 def quant_act(x: torch.Tensor, ue8m0: bool = False):
     return ops.quant_fp8_1x128(x, ue8m0)
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, ue8m0: bool = False,
+def fp8_linear(x, w: torch.Tensor, w_scale: torch.Tensor, ue8m0: bool = False,
                out_dtype=torch.bfloat16) -> torch.Tensor:
-    """y = x @ W^T with x quantized per token per 128 channels and W in 128x128 blocks."""
-    xq, xs = quant_act(x, ue8m0)
+    """y = x @ W^T with x quantized per token per 128 channels and W in 128x128 blocks. x is a tensor
+    (quantized here) or a QuantAct (quantized already, with the same ue8m0)."""
+    if isinstance(x, QuantAct):
+        if x.ue8m0 != ue8m0:
+            raise ValueError(f"a QuantAct with ue8m0={x.ue8m0} given to an FP8 linear with ue8m0={ue8m0}")
+        xq, xs = x.q, x.scale
+    else:
+        xq, xs = quant_act(x, ue8m0)
     return fp8_gemm(xq, xs, w, w_scale, out_dtype)
 
 

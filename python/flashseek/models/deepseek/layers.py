@@ -75,6 +75,48 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps:
     return ops.fused_add_rms_norm(x, residual, weight, eps)
 
 
+def norm_quant_fits(x: torch.Tensor, weight: torch.Tensor, linears, residual: Optional[torch.Tensor] = None) -> bool:
+    """Whether RMSNorm(x) (of residual + x with residual given) can run fused with the FP8 1x128
+    quantization of its output (norm_quant / add_norm_quant) for `linears`, the output's only
+    readers: each is an FP8-mode linear with a quantized weight, all with one ue8m0, and x, residual
+    and weight are what flashseek.ops.rms_norm_quant_fp8 takes (16-bit rows of whole 128-channel
+    blocks, 16-byte aligned). Elsewhere the unfused norm runs, then each linear quantizes for itself."""
+    if not linears or any(lin is None or lin.mode != FP8_MODE or not lin.quantized for lin in linears):
+        return False
+    if len({lin.ue8m0 for lin in linears}) != 1:
+        return False
+
+    # 16-byte alignment from the storage offset (allocations are aligned), as mla_head_gemv's wrapper.
+    def aligned(t):
+        return t.storage_offset() * t.element_size() % 16 == 0
+
+    def rows_ok(t):
+        return (t.dim() == 2 and t.dtype in (torch.bfloat16, torch.float16) and t.shape[1] % 128 == 0
+                and 0 < t.shape[1] <= ops.NORM_MAX_N and t.stride(1) == 1
+                and (t.shape[0] <= 1 or t.stride(0) % 8 == 0) and aligned(t))
+
+    n = x.shape[-1]
+    return (rows_ok(x) and (residual is None or (rows_ok(residual) and residual.shape == x.shape
+                                                  and residual.dtype == x.dtype))
+            and weight.dtype in ops.NORM_DTYPES and tuple(weight.shape) == (n,) and weight.is_contiguous()
+            and aligned(weight) and weight.device == x.device)
+
+
+def norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, ue8m0: bool) -> fp8_ops.QuantAct:
+    """The FP8 mode's norm of an activation that feeds only FP8 linears (see norm_quant_fits): one
+    kernel (flashseek.ops.rms_norm_quant_fp8) writes quant_act(norm(x)) bit for bit."""
+    q, s = ops.rms_norm_quant_fp8(x, weight, eps, ue8m0)
+    return fp8_ops.QuantAct(q, s, ue8m0, x.dtype)
+
+
+def add_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, ue8m0: bool):
+    """add_norm whose normalized output feeds only FP8 linears: (QuantAct of rms_norm(residual + x),
+    residual), through flashseek.ops.fused_add_rms_norm_quant_fp8, which updates residual in place
+    as add_norm does in FP8 mode and leaves x untouched (add_norm would overwrite it)."""
+    q, s = ops.fused_add_rms_norm_quant_fp8(x, residual, weight, eps, ue8m0)
+    return fp8_ops.QuantAct(q, s, ue8m0, x.dtype), residual
+
+
 class YarnRope:
     """Rotary embedding of DeepSeek-V3: YaRN-corrected frequencies, rotation of adjacent pairs
     (x[2i], x[2i+1]) by angle pos * inv_freq[i], cos/sin scaled by YaRN's attention factor."""
@@ -145,7 +187,11 @@ class Linear:
     def quantized(self) -> bool:
         return self.scale is not None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x) -> torch.Tensor:
+        """x @ W^T for x a tensor [T, K], or (FP8 mode, quantized weight only) an fp8_ops.QuantAct of
+        it, e.g. from norm_quant."""
+        if isinstance(x, fp8_ops.QuantAct) and (self.mode != FP8_MODE or self.scale is None):
+            raise ValueError("a pre-quantized activation (QuantAct) needs an FP8-mode linear with an FP8 weight")
         if self.mode == REFERENCE:
             return x.float() @ self.weight.t()
         if self.scale is not None:
@@ -179,7 +225,13 @@ class MLP:
             self.gate_up = concat_linears(self.mode, self.ue8m0, [self.gate, self.up])
             self.gate = self.up = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def input_linears(self) -> list:
+        """The linears that read the MLP's input, its only readers (FP8 mode: the gate_up GEMM), so
+        it may be given as a QuantAct for them (norm_quant_fits)."""
+        return [self.gate_up] if self.mode == FP8_MODE else [self.gate, self.up]
+
+    def __call__(self, x) -> torch.Tensor:
+        """x: [T, hidden], or in FP8 mode with a quantized gate_up an fp8_ops.QuantAct of it."""
         if self.mode == REFERENCE:
             return self.down(F.silu(self.gate(x)) * self.up(x))
         gu = self.gate_up(x)
@@ -318,13 +370,16 @@ class MLAAttention:
     FP8 mode, per layer call: q_a_proj and kv_a_proj are one GEMM (they read the same x; one
     activation quantization), the glue between the projections and attention is one op
     (flashseek.ops.mla_rope_norm_append: kv_a RMSNorm, rope of k_pe and q_pe, cache append), and the
-    absorption bmms write straight into the kernel's q and the o_proj input. The reference
-    precision runs the unfused torch sequence (the op's specification). The class switches below
-    turn each fusion off, for tests comparing with the unfused sequence; fuse_qkv_a applies at
-    finalize().
+    absorption bmms write straight into the kernel's q and the o_proj input. The q_a RMSNorm runs
+    fused with q_b_proj's activation quantization (flashseek.ops.rms_norm_quant_fp8), and the layer
+    input x may come quantized already (an fp8_ops.QuantAct for input_linears(), from the decoder
+    layer's input norm). The reference precision runs the unfused torch sequence (the op's
+    specification). The class switches below turn each fusion off, for tests comparing with the
+    unfused sequence; fuse_qkv_a applies at finalize().
     """
     fuse_qkv_a = True
     fuse_glue = True
+    fuse_norm_quant = True
 
     def __init__(self, cfg: DeepseekConfig, mode: str, ue8m0: bool, prefill_mode: str = "decompressed"):
         self.cfg, self.mode, self.ue8m0 = cfg, mode, ue8m0
@@ -356,19 +411,29 @@ class MLAAttention:
                 self.qkv_a_proj = concat_linears(self.mode, self.ue8m0, [qa, kva])
                 self.q_a_proj = self.kv_a_proj = None
 
+    def input_linears(self) -> list:
+        """The linears that read the layer input x. They are its only readers (beyond its row count,
+        dtype and device), so x may be given as a QuantAct for them (norm_quant_fits)."""
+        if self.qkv_a_proj is not None:
+            return [self.qkv_a_proj]
+        return [lin for lin in (self.q_proj, self.q_a_proj, self.kv_a_proj) if lin is not None]
+
+    def _q_b(self, q_a):
+        """q_b_proj(rms_norm(q_a)); the norm fused with q_b's activation quantization where it fits."""
+        c = self.cfg
+        if self.fuse_norm_quant and norm_quant_fits(q_a, self.q_a_norm, [self.q_b_proj]):
+            return self.q_b_proj(norm_quant(q_a, self.q_a_norm, c.rms_norm_eps, self.q_b_proj.ue8m0))
+        return self.q_b_proj(norm(q_a, self.q_a_norm, c.rms_norm_eps, self.mode))
+
     def _project(self, x):
         """(q [T, h, qk_head_dim], kv [T, kv_lora_rank + rope]): the input projections, q_a's RMSNorm and q_b."""
         c = self.cfg
         if self.qkv_a_proj is not None:
             a = self.qkv_a_proj(x)
-            r = c.q_lora_rank
-            q = self.q_b_proj(norm(a[:, :r], self.q_a_norm, c.rms_norm_eps, self.mode))
-            kv = a[:, r:]
+            q = self._q_b(a[:, : c.q_lora_rank])
+            kv = a[:, c.q_lora_rank:]
         else:
-            if self.q_proj is not None:
-                q = self.q_proj(x)
-            else:
-                q = self.q_b_proj(norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps, self.mode))
+            q = self.q_proj(x) if self.q_proj is not None else self._q_b(self.q_a_proj(x))
             kv = self.kv_a_proj(x)
         return q.view(x.shape[0], c.num_attention_heads, c.qk_head_dim), kv
 
@@ -379,6 +444,8 @@ class MLAAttention:
                 and c.kv_lora_rank == ref_mla.D_V and c.qk_rope_head_dim == ref_mla.D_ROPE)
 
     def __call__(self, x, meta: AttnMetadata, kv_cache: torch.Tensor, rope: YarnRope) -> torch.Tensor:
+        """x: the normalized layer input [T, hidden], or an fp8_ops.QuantAct of it for input_linears()
+        (only the projections read its values; T, dtype and device are read from either)."""
         c = self.cfg
         T, h = x.shape[0], c.num_attention_heads
         q, kv = self._project(x)

@@ -9,11 +9,20 @@ import torch
 from flashseek.models.deepseek.checkpoint import DEFAULT_SEED, iter_random_tensors
 from flashseek.models.deepseek.config import DeepseekConfig
 from flashseek.models.deepseek.layers import (FP8_MODE, REFERENCE, MLAAttention, AttnMetadata, MLP, MoE,
-                                              YarnRope, add_norm, norm)
+                                              YarnRope, add_norm, add_norm_quant, norm, norm_quant,
+                                              norm_quant_fits)
 from flashseek.models.deepseek.loader import CheckpointReader, load_config
 
 
 class DecoderLayer:
+    """FP8 mode: a norm whose output only FP8 linears read runs fused with their activation
+    quantization (norm_quant / add_norm_quant): the input norm before the attention's input
+    projections and the post-attention norm before a dense MLP's gate_up. Not before an MoE: its
+    router reads the bf16 hidden state and fused_moe quantizes inside its dispatch. The switch turns
+    this off, for tests comparing with the unfused sequence (MLAAttention.fuse_norm_quant does the
+    same for the q_a norm)."""
+    fuse_norm_quant = True
+
     def __init__(self, cfg: DeepseekConfig, idx: int, mode: str, ue8m0: bool, prefill_mode: str):
         self.idx = idx
         self.mode = mode
@@ -30,13 +39,25 @@ class DecoderLayer:
         """One layer with the residual stream kept apart (vLLM-style), so each residual add fuses
         with the RMSNorm after it: returns (out, residual) whose sum residual + out is the layer's
         output hidden state. Pass residual=None for the first layer (x is then the hidden state).
-        In FP8 mode x and residual are updated in place: pass tensors this call may overwrite."""
-        if residual is None:
+        In FP8 mode x and residual may be updated in place: pass tensors this call may overwrite."""
+        lins = self.attn.input_linears()
+        if self.fuse_norm_quant and norm_quant_fits(x, self.input_norm, lins, residual):
+            # x, the attention's input, as a QuantAct that its projections read as it is.
+            ue8m0 = lins[0].ue8m0
+            if residual is None:
+                residual, x = x, norm_quant(x, self.input_norm, self.eps, ue8m0)
+            else:
+                x, residual = add_norm_quant(x, residual, self.input_norm, self.eps, ue8m0)
+        elif residual is None:
             residual, x = x, norm(x, self.input_norm, self.eps, self.mode)
         else:
             x, residual = add_norm(x, residual, self.input_norm, self.eps, self.mode)
         a = self.attn(x, meta, kv_cache, rope).to(residual.dtype)
-        a, residual = add_norm(a, residual, self.post_attn_norm, self.eps, self.mode)
+        lins = self.mlp.input_linears() if isinstance(self.mlp, MLP) else None
+        if lins and self.fuse_norm_quant and norm_quant_fits(a, self.post_attn_norm, lins, residual):
+            a, residual = add_norm_quant(a, residual, self.post_attn_norm, self.eps, lins[0].ue8m0)
+        else:
+            a, residual = add_norm(a, residual, self.post_attn_norm, self.eps, self.mode)
         return self.mlp(a).to(residual.dtype), residual
 
     def __call__(self, x, meta, kv_cache, rope):
