@@ -72,18 +72,20 @@ bool use_sm90() {
 }
 
 // Decode problems (dense M <= 64, masked M_max <= 64): the hand-written stream-K kernel
-// (fp8_gemm_skinny.cuh) or CUTLASS's swapped kernels. Measured on the H100 (graph replay, same run,
-// docs/gemm-design.md): the stream-K kernel wins every masked shape (8 of 256 experts: gate_up 92.9 vs
-// 100.7 us, down 53.4 vs 57.6) and the largest dense weight streams (36864x7168: 94.8 vs 106.7 us).
-// Since its reduction stopped recomputing 64-bit divisions per partial (session 6) it also wins the
-// single-token dense shapes with long K (1x2112x7168 11.1 vs 11.6, 1x7168x16384 45.7 vs 46.2,
-// 1x7168x18432 50.7 vs 51.5) but not short K (1x24576x1536: 19.6 vs 18.3, many tile boundaries) nor
-// 64 tokens on a small matrix (64x2112x7168: 13.5 vs 12.2, eight column groups to reduce).
+// (fp8_gemm_skinny.cuh) or CUTLASS's swapped kernels. Measured on the H100 (graph replays of 20 calls,
+// same process, session 10, since shared tiles are reduced inside the kernel): the stream-K kernel wins
+// every masked shape and the large weight streams (36864x7168: 93.0 vs 107-110 us at 1 and 16 tokens),
+// the single-token shapes (1x2112x7168 9.9 vs 11.5, 1x24576x1536 17.9 vs 18.4, 1x7168x16384 45.3 vs
+// 46.4, 1x7168x18432 50.0 vs 51.3) and 16x2112x7168 (10.3 vs 11.7), but not 64 tokens on the smaller
+// matrices (64x2112x7168 13.9 vs 12.4, 64x24576x1536 23.2 vs 18.7, 64x7168x16384 50.3 vs 49.3: the
+// reducer adds 8 column groups of partials).
 // FLASHSEEK_GEMM_SKINNY=0 / 1 forces CUTLASS / the stream-K kernel for every decode problem; read on
 // every call, so that one test process can check both paths.
 constexpr int64_t kSkinnyMinWeight = int64_t(1) << 27;
 constexpr int kSkinnyFewTokens = 8;
-constexpr int kSkinnyMinK = 4096;
+constexpr int kSkinnyFewTokensMinK = 1536;
+constexpr int kSkinnySomeTokens = 16;
+constexpr int kSkinnySomeTokensMinK = 4096;
 
 int skinny_override() {
   const char* s = std::getenv("FLASHSEEK_GEMM_SKINNY");
@@ -93,7 +95,8 @@ int skinny_override() {
 bool use_skinny_dense(const Fp8GemmParams& p) {
   const int forced = skinny_override();
   if (forced >= 0) return forced == 1;
-  return int64_t(p.n) * p.k >= kSkinnyMinWeight || (p.m <= kSkinnyFewTokens && p.k >= kSkinnyMinK);
+  return int64_t(p.n) * p.k >= kSkinnyMinWeight || (p.m <= kSkinnyFewTokens && p.k >= kSkinnyFewTokensMinK) ||
+         (p.m <= kSkinnySomeTokens && p.k >= kSkinnySomeTokensMinK);
 }
 
 __global__ void reduce_split_k_kernel(const float4* __restrict__ partials, int split_k, int64_t mn4,
