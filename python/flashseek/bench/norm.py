@@ -5,6 +5,10 @@ Counting: no FLOPs; bytes = what the op must move: fused: read x + residual + we
 residual; plain: read x + weight, write out. Peer: the eager torch reference (flashseek.ref.norm) on
 the same inputs, in the same run; the reference replayed in a CUDA graph is recorded in `extra`
 (what the unfused model paid under the engine's graphs).
+
+The norms fused with the FP8 1x128 quantization (rms_norm_quant_fp8, fused_add_rms_norm_quant_fp8)
+write e4m3 rows and fp32 scales instead of the 16-bit row; their peer is the unfused pair of kernels
+(the norm, then quant_fp8_1x128), both timed as graph replays in the same run.
 """
 from __future__ import annotations
 
@@ -28,6 +32,15 @@ def _row(ctx: BenchContext, op: str, kernel, reference, n_in: int, t: int, h: in
                peer="torch eager ref", peer_us=peer_us,
                backend="kernel" if ops.has_cuda_kernel(op) else "reference",
                extra=dict(timing="cuda-graph replay", eager_call_us=eager_us, peer_graph_us=peer_graph_us))
+
+
+def _quant_row(ctx: BenchContext, op: str, kernel, unfused, n_in: int, t: int, h: int, nbytes: int) -> Row:
+    us = ctx.time(kernel, n_in, graph=True)
+    peer_us = ctx.time(unfused, n_in, graph=True)
+    return Row("norm", f"{op} T={t} H={h} bf16", dict(op=op, T=t, H=h), us, 0.0, float(nbytes),
+               peer="unfused kernels (graph)", peer_us=peer_us,
+               backend="kernel" if ops.has_cuda_kernel(op) else "reference",
+               extra=dict(timing="cuda-graph replay"))
 
 
 def run_norm(ctx: BenchContext) -> list[Row]:
@@ -55,6 +68,21 @@ def run_norm(ctx: BenchContext) -> list[Row]:
                          lambda i: torch.ops.flashseek.rms_norm(xs[i], w, EPS, out),
                          lambda i: ref_norm.rms_norm(xs[i], w, EPS),
                          n_in, t, h, 2 * act_bytes + w_bytes))
+        if ctx.cuda and ops.has_cuda_kernel("rms_norm_quant_fp8"):
+            q = torch.empty(t, h, device=dev, dtype=torch.float8_e4m3fn)
+            sc = ops.empty_act_scale(t, h // 128, dev)
+            q_bytes = t * h + t * (h // 128) * 4  # e4m3 row + fp32 scales
+            rows.append(_quant_row(
+                ctx, "fused_add_rms_norm_quant_fp8",
+                lambda i: ops.fused_add_rms_norm_quant_fp8(xs[i], rs[i], w, EPS, out=q, scale=sc),
+                lambda i: (torch.ops.flashseek.fused_add_rms_norm(xs[i], rs[i], w, EPS),
+                           ops.quant_fp8_1x128(xs[i], out=q, scale=sc)),
+                n_in, t, h, 3 * act_bytes + w_bytes + q_bytes))
+            rows.append(_quant_row(
+                ctx, "rms_norm_quant_fp8",
+                lambda i: ops.rms_norm_quant_fp8(xs[i], w, EPS, out=q, scale=sc),
+                lambda i: (torch.ops.flashseek.rms_norm(xs[i], w, EPS, out), ops.quant_fp8_1x128(out, out=q, scale=sc)),
+                n_in, t, h, act_bytes + w_bytes + q_bytes))
     return rows
 
 
