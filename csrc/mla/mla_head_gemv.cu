@@ -5,8 +5,9 @@
 //
 // Why a kernel: cuBLAS's batched GEMM took 8.2-8.4 us for each (2.0 TB/s) in the b=1 layer timeline
 // (session 9) and, not being a programmatic dependent, let nothing overlap its launch. Here every CTA
-// streams a 64-column slice of one head's weight (rows read before griddepcontrol.wait: the weights
-// are static, see rms_norm.cu), the head's token rows are staged in shared memory after the wait.
+// streams a 64-column slice of one head's weight (the first 16 rows a thread, i.e. all of it for
+// K <= 512, read before griddepcontrol.wait: the weights are static, see rms_norm.cu), the head's
+// token rows are staged in shared memory after the wait.
 //
 // CTA (column block of 64, head): 256 threads = 32 row groups x 8 column chunks of 8; thread (rg, c)
 // accumulates rows k = rg + 32 i of its chunk for every token, in ascending k; the 4 row groups of a
@@ -28,10 +29,12 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kCols = 64;      // output columns per CTA
 constexpr int kRowGroups = 32;
-constexpr int kChunk = 4;      // weight rows a thread has in flight
+constexpr int kChunk = 4;      // weight rows a thread has in flight after the first batch
 
-template <int kT>
-__global__ void __launch_bounds__(kThreads) head_gemv_kernel(const HeadGemvParams p) {
+// kPrefetch: weight rows a thread loads before griddepcontrol.wait (all of them for K <= 32 kPrefetch).
+// Two CTAs an SM (at most 128 registers): W_UV^T's 256 CTAs then fit in one wave.
+template <int kT, int kPrefetch>
+__global__ void __launch_bounds__(kThreads, 2) head_gemv_kernel(const HeadGemvParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(smem);                 // [T][K]
   float* red = reinterpret_cast<float*>(smem + kT * p.K * 2);                  // [8 warps][kT][64]
@@ -43,9 +46,14 @@ __global__ void __launch_bounds__(kThreads) head_gemv_kernel(const HeadGemvParam
   auto load_w = [&](int i) {
     return __ldg(reinterpret_cast<const uint4*>(wh + int64_t(rg + kRowGroups * i) * p.N));
   };
-  uint4 wv[kChunk];
+  // The whole slice (K <= 512) is requested before the wait: in the decode step this kernel is
+  // launched while the attention (W_UV^T: the MLA decode and its combine) still runs, which reads
+  // little next to the bandwidth, so the 16.8 MB of weights arrive in its shadow. With only the first
+  // 4 of W_UV^T's 16 rows a thread early, it ended ~10 us after the combine (b=1 layer timeline,
+  // session 10), the remaining rows coming in three dependent round trips.
+  uint4 wv[kPrefetch];
 #pragma unroll
-  for (int i = 0; i < kChunk; ++i) wv[i] = i < rows ? load_w(i) : make_uint4(0u, 0u, 0u, 0u);
+  for (int i = 0; i < kPrefetch; ++i) wv[i] = i < rows ? load_w(i) : make_uint4(0u, 0u, 0u, 0u);
   pdl_wait();
   // The head's token rows into shared memory (16-byte chunks).
   const __nv_bfloat16* ah = static_cast<const __nv_bfloat16*>(p.a) + int64_t(h) * p.a_hstride;
@@ -62,31 +70,38 @@ __global__ void __launch_bounds__(kThreads) head_gemv_kernel(const HeadGemvParam
   for (int t = 0; t < kT; ++t)
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[t][j] = 0.f;
-  for (int i0 = 0; i0 < rows; i0 += kChunk) {
-    if (i0 > 0) {
+  // One weight row (8 columns) into every token's accumulators, rows in ascending k.
+  auto fma_row = [&](const uint4& w, int i) {
+    const int k = rg + kRowGroups * i;
+    float wf[8];
+    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) wv[i] = i0 + i < rows ? load_w(i0 + i) : make_uint4(0u, 0u, 0u, 0u);
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(w2[j]);
+      wf[2 * j] = f.x;
+      wf[2 * j + 1] = f.y;
     }
 #pragma unroll
+    for (int t = 0; t < kT; ++t) {
+      if (t < p.T) {
+        const float av = __bfloat162float(sa[t * p.K + k]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[t][j] = fmaf(av, wf[j], acc[t][j]);
+      }
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kPrefetch; ++i) {
+    if (i < rows) fma_row(wv[i], i);
+  }
+  // Rows past the early ones (K > kPrefetch * 32), kChunk loads in flight at a time.
+  for (int i0 = kPrefetch; i0 < rows; i0 += kChunk) {
+    uint4 wc[kChunk];
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) wc[i] = i0 + i < rows ? load_w(i0 + i) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
     for (int i = 0; i < kChunk; ++i) {
-      if (i0 + i >= rows) break;
-      const int k = rg + kRowGroups * (i0 + i);
-      float wf[8];
-      const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv[i]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __bfloat1622float2(w2[j]);
-        wf[2 * j] = f.x;
-        wf[2 * j + 1] = f.y;
-      }
-#pragma unroll
-      for (int t = 0; t < kT; ++t) {
-        if (t < p.T) {
-          const float av = __bfloat162float(sa[t * p.K + k]);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc[t][j] = fmaf(av, wf[j], acc[t][j]);
-        }
-      }
+      if (i0 + i < rows) fma_row(wc[i], i0 + i);
     }
   }
   // lane = 8 * (rg % 4) + c: the warp's four row groups of chunk c are lanes c, c + 8, c + 16, c + 24.
@@ -114,7 +129,14 @@ __global__ void __launch_bounds__(kThreads) head_gemv_kernel(const HeadGemvParam
 template <int kT>
 void launch_t(const HeadGemvParams& p, cudaStream_t stream) {
   const size_t smem = size_t(kT) * p.K * 2 + size_t(kThreads / 32) * kT * kCols * 4;
-  launch_pdl(head_gemv_kernel<kT>, dim3(unsigned(p.N / kCols), unsigned(p.H)), dim3(kThreads), smem, stream, p);
+  const dim3 grid(unsigned(p.N / kCols), unsigned(p.H));
+  // The early rows live in registers beside kT x 8 accumulators: 16 rows for one or two tokens.
+  constexpr int kDeep = kT <= 2 ? 16 : 32 / kT;
+  if (p.K <= 4 * kRowGroups) {
+    launch_pdl(head_gemv_kernel<kT, 4>, grid, dim3(kThreads), smem, stream, p);
+  } else {
+    launch_pdl(head_gemv_kernel<kT, kDeep>, grid, dim3(kThreads), smem, stream, p);
+  }
 }
 
 }  // namespace

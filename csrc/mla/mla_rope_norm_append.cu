@@ -15,6 +15,7 @@
 // a xor butterfly; inv = 1 / sqrtf(sum / 512 + eps)), so it equals flashseek.ops.rms_norm on the GPU
 // bit for bit and the torch reference to within one rounding of the input dtype (sum order).
 #include "common/cuda_check.h"
+#include "common/pdl.cuh"
 #include "mla/mla_cache_token.cuh"
 #include "mla/mla_params.h"
 
@@ -137,6 +138,10 @@ __device__ __forceinline__ void q_rope(const RopeNormAppendParams& p, int tok, i
 
 template <typename T, typename W, bool kFp8>
 __global__ void __launch_bounds__(kThreads) mla_rope_norm_append_kernel(const __grid_constant__ RopeNormAppendParams p) {
+  // A programmatic dependent launch (common/pdl.cuh): it starts during q_b's GEMM, and lets the W_UK
+  // projection after it start (and read its weights) during its own run.
+  pdl_launch_dependents();
+  pdl_wait();
   const int kv_ctas = (p.tokens + kTokensPerKvCta - 1) / kTokensPerKvCta;
   if (int(blockIdx.x) < kv_ctas) {
     const int tok = blockIdx.x * kTokensPerKvCta + threadIdx.x / 32;
@@ -156,9 +161,9 @@ void launch_typed(const RopeNormAppendParams& p, bool fp8_cache, cudaStream_t st
   const int64_t q_ctas = int64_t(p.tokens) * ((p.heads + kHeadsPerQCta - 1) / kHeadsPerQCta);
   const dim3 grid(unsigned(kv_ctas + q_ctas));  // < 2^31: checked by the host glue
   if (fp8_cache) {
-    mla_rope_norm_append_kernel<T, W, true><<<grid, kThreads, 0, stream>>>(p);
+    launch_pdl(mla_rope_norm_append_kernel<T, W, true>, grid, dim3(kThreads), 0, stream, p);
   } else {
-    mla_rope_norm_append_kernel<T, W, false><<<grid, kThreads, 0, stream>>>(p);
+    launch_pdl(mla_rope_norm_append_kernel<T, W, false>, grid, dim3(kThreads), 0, stream, p);
   }
   FS_CHECK_LAUNCH();
 }
