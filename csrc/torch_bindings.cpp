@@ -103,11 +103,6 @@ TORCH_LIBRARY(flashseek, m) {
   // torch.bmm above 8 tokens.
   m.def("mla_head_gemv(Tensor a, Tensor w, Tensor(a!) out) -> ()");
 
-  // A hint: prefetches t's bytes into L2 for a kernel that reads them soon (the decode step issues it
-  // for W_UV^T before the MLA decode, whose small-batch runs leave the bandwidth idle). Reads nothing
-  // into any output, changes nothing.
-  m.def("l2_prefetch(Tensor t) -> ()");
-
   // ---- RMSNorm (csrc/norm) ----
   // x [M, N] bf16/fp16/fp32, weight [N] bf16/fp16/fp32 -> out [M, N] in x's dtype:
   // out = T(float(x) * rsqrt(mean(float(x)^2) + eps) * float(weight)). Rows may be strided.

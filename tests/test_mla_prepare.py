@@ -521,29 +521,6 @@ def test_mla_head_gemv_opcheck(device):
     opcheck(torch.ops.flashseek.mla_head_gemv.default, (a, w, out))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_l2_prefetch(device):
-    """A hint: whatever it is given (R1's W_UV^T, a 17-byte tail, views the wrapper skips), no tensor
-    changes; the op itself rejects a strided tensor (and, on CUDA, an unaligned one)."""
-    w = torch.randn(128, 512, 128, device=device).to(torch.bfloat16)
-    tail = torch.randint(0, 255, (17,), dtype=torch.uint8, device=device)
-    before, tail_before = w.clone(), tail.clone()
-    ops.l2_prefetch(w)
-    ops.l2_prefetch(tail)
-    ops.l2_prefetch(w[:, :, :64])      # strided: skipped by the wrapper
-    ops.l2_prefetch(w.view(-1)[1:])    # 2-byte offset: skipped by the wrapper
-    torch.ops.flashseek.l2_prefetch(w)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    assert torch.equal(w, before) and torch.equal(tail, tail_before)
-    with pytest.raises((ValueError, RuntimeError), match="contiguous"):
-        torch.ops.flashseek.l2_prefetch(w[:, :, :64])
-    if device == "cuda":
-        with pytest.raises(RuntimeError, match="aligned"):
-            torch.ops.flashseek.l2_prefetch(w.view(-1)[1:])
-    opcheck(torch.ops.flashseek.l2_prefetch.default, (w,))
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("h,k,n", [(128, 128, 512), (128, 512, 128), (16, 128, 512), (3, 64, 64), (1, 1024, 192)])

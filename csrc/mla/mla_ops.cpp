@@ -12,7 +12,6 @@
 #include <cmath>
 
 #include "common/torch_checks.h"
-#include "common/l2_prefetch.h"
 #include "mla/mla_params.h"
 #include "registration.h"
 
@@ -362,17 +361,9 @@ void mla_head_gemv(const at::Tensor& a, const at::Tensor& w, at::Tensor& out) {
   launch_head_gemv(p, current_stream(a));
 }
 
-void l2_prefetch(const at::Tensor& t) {
-  FS_CHECK_CUDA(t);
-  FS_CHECK(t.is_contiguous(), "l2_prefetch takes a contiguous tensor, got strides ", t.strides());
-  FS_CHECK(aligned16(t), "l2_prefetch takes a 16-byte-aligned tensor");
-  launch_l2_prefetch(t.data_ptr(), int64_t(t.numel()) * t.element_size(), current_stream(t));
-}
-
 }  // namespace
 
 void register_mla_cuda(torch::Library& m) {
-  m.impl("l2_prefetch", &l2_prefetch);
   m.impl("mla_head_gemv", &mla_head_gemv);
   m.impl("mla_decode_plan", &mla_decode_plan);
   m.impl("mla_decode", &mla_decode);

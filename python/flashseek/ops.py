@@ -1445,30 +1445,6 @@ def _ref_mla_head_gemv(a, w, out):
 _register("mla_head_gemv", _check_mla_head_gemv, _ref_mla_head_gemv)
 
 
-def _check_l2_prefetch(t):
-    _expect_contiguous(t, "t")
-
-
-def _ref_l2_prefetch(t):
-    pass  # a hint with no result: nothing to compute off the GPU
-
-
-_register("l2_prefetch", _check_l2_prefetch, _ref_l2_prefetch)
-
-
-def l2_prefetch(t: torch.Tensor) -> None:
-    """Asks the GPU to pull t's bytes into L2 for a kernel that will read them soon, without waiting.
-
-    A hint: it changes no tensor. On CUDA one small launch (a programmatic dependent that issues its
-    prefetches once the previous kernel has finished, so it takes none of that kernel's bandwidth);
-    elsewhere, or for a tensor that is not contiguous and 16-byte aligned, nothing. The model's decode
-    step issues it for W_UV^T before the MLA decode, which at small batch leaves most of the
-    bandwidth idle while W_UV^T's projection after it would otherwise read 16.8 MB from HBM.
-    """
-    if t.is_cuda and t.is_contiguous() and t.numel() > 0 and t.data_ptr() % 16 == 0 and has_cuda_kernel("l2_prefetch"):
-        torch.ops.flashseek.l2_prefetch(t)
-
-
 def mla_head_gemv(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The absorbed MLA's per-head projections: out[h, t] = a[h, t] @ w[h] (bf16, fp32 accumulation,
     one bf16 rounding), e.g. q_nope @ W_UK and o_lat @ W_UV^T.

@@ -476,10 +476,6 @@ class MLAAttention:
             if meta.decode_plan is None:
                 meta.decode_plan = make_plan(kv_cache, meta.cache_seqlens[:nd], 1, h)
             ql = self._absorb_q(q_nope[:nd], q_rope[:nd], rows(slice(0, nd)))     # [nd, h, 576]
-            if self.mode == FP8_MODE and nd <= ops.MLA_HEAD_GEMV_MAX_T:
-                # W_UV^T's GEMV after the decode streams its 16.8 MB (R1) from HBM once the decode's
-                # CTAs have left the SMs; the decode itself leaves the bandwidth idle at this batch.
-                ops.l2_prefetch(self.w_uv_t)
             o_lat, _ = mla_decode(ql.unsqueeze(1), kv_cache, meta.block_tables[:nd],
                                   meta.cache_seqlens[:nd], meta.decode_plan, c.softmax_scale, causal=False)
             self._unabsorb(o_lat[:, 0], out=o[:nd])
