@@ -27,4 +27,14 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
 }
 // The data pointer's 16-byte alignment (16-byte vector accesses, TMA).
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+// Activation scales [m, kb] written by the quantization kernels: column-major (stride(0) == 1, see
+// flashseek.ops.empty_act_scale), leading dimension >= m.
+inline void check_act_scale(const at::Tensor& scale, int64_t m, int64_t kb) {
+  FS_CHECK_DTYPE(scale, at::kFloat);
+  FS_CHECK_SHAPE(scale, m, kb);
+  FS_CHECK(m <= 1 || scale.stride(0) == 1,
+           "scale must be column-major (stride(0) == 1, see empty_act_scale), got strides ", scale.strides());
+  FS_CHECK(kb <= 1 || scale.stride(1) >= m, "scale must have a leading dimension >= ", m, ", got strides ",
+           scale.strides());
+}
 }  // namespace flashseek

@@ -86,16 +86,6 @@ void check_quant_rows(const at::Tensor& t, const char* name) {
   FS_CHECK(aligned16(t), name, " must be 16-byte aligned");
 }
 
-// Activation scales [m, kb] column-major (see flashseek.ops.empty_act_scale): stride(0) == 1.
-void check_act_scale(const at::Tensor& scale, int64_t m, int64_t kb) {
-  FS_CHECK_DTYPE(scale, at::kFloat);
-  FS_CHECK_SHAPE(scale, m, kb);
-  FS_CHECK(m <= 1 || scale.stride(0) == 1,
-           "scale must be column-major (stride(0) == 1, see empty_act_scale), got strides ", scale.strides());
-  FS_CHECK(kb <= 1 || scale.stride(1) >= m, "scale must have a leading dimension >= ", m, ", got strides ",
-           scale.strides());
-}
-
 RmsNormQuantParams check_quant(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& out,
                                const at::Tensor& scale, bool ue8m0) {
   const RmsNormParams c = check_common(x, weight, eps);

@@ -6,16 +6,6 @@
 namespace flashseek {
 namespace {
 
-// Activation scales [m, kb] column-major (see flashseek.ops.empty_act_scale): stride(0) == 1.
-void check_act_scale(const at::Tensor& scale, int64_t m, int64_t kb) {
-  FS_CHECK_DTYPE(scale, at::kFloat);
-  FS_CHECK_SHAPE(scale, m, kb);
-  FS_CHECK(m <= 1 || scale.stride(0) == 1,
-           "scale must be column-major (stride(0) == 1, see empty_act_scale), got strides ", scale.strides());
-  FS_CHECK(kb <= 1 || scale.stride(1) >= m, "scale must have a leading dimension >= ", m, ", got strides ",
-           scale.strides());
-}
-
 QuantFp8Params make_params(const at::Tensor& x, const at::Tensor& out, const at::Tensor& scale, int64_t n,
                            bool ue8m0) {
   QuantFp8Params p;
