@@ -16,7 +16,7 @@ import torch
 from flashseek.bench.common import BenchContext, Row, time_graph_us
 from flashseek.engine.kv_cache import PagedKVCache, BlockTable, SCRATCH_PAGE
 from flashseek.models.deepseek.config import r1_config
-from flashseek.models.deepseek.layers import AttnMetadata, MLP, MoE, PrefillSeq, add_norm, make_plan, norm
+from flashseek.models.deepseek.layers import AttnMetadata, MLP, MoE, PrefillSeq, make_plan, norm
 from flashseek.models.deepseek.model import DeepseekV3ForCausalLM
 
 FAMILY = "model"
@@ -127,13 +127,16 @@ def _layer_rows(ctx, timer, model, cache, layer, batch, ctx_len, x, meta, label)
     us, graphed = timer.graph(run_layer)
     eager_us = timer.eager(run_layer)
     xn = norm(x, layer.input_norm, layer.eps, layer.mode)
-    # The layer's two norms as it runs them: a plain one and the residual add fused with the second
-    # (in place in FP8 mode, so on scratch copies; replays keep adding, harmless for timing).
+    # The layer's two norms as forward runs them (DecoderLayer.norm_input / norm_post_attn: fused with
+    # the FP8 quantization where only FP8 linears read them; the second one adds the residual in place
+    # in FP8 mode, so on scratch copies; replays keep adding, harmless for timing). The attention and
+    # the MLP get the inputs those norms give them (a QuantAct where fused).
     xa, xr = x.clone(), x.clone()
+    attn_in, _ = layer.norm_input(x, None)
+    mlp_in, _ = layer.norm_post_attn(x.clone(), x.clone())
     stages = {
-        "norms": timer.graph(lambda: (norm(x, layer.input_norm, layer.eps, layer.mode),
-                                      add_norm(xa, xr, layer.post_attn_norm, layer.eps, layer.mode)))[0],
-        "attention": timer.graph(lambda: layer.attn(xn, meta, kv_cache, rope))[0],
+        "norms": timer.graph(lambda: (layer.norm_input(x, None), layer.norm_post_attn(xa, xr)))[0],
+        "attention": timer.graph(lambda: layer.attn(attn_in, meta, kv_cache, rope))[0],
     }
     attn = layer.attn
     # Inputs come from the CPU generator: a capture attempt that failed above (the timer falls back to
@@ -167,7 +170,7 @@ def _layer_rows(ctx, timer, model, cache, layer, batch, ctx_len, x, meta, label)
         del logits
     else:
         wbytes += mlp_weight_bytes(layer.mlp)
-        stages["dense_mlp"] = timer.graph(lambda: layer.mlp(xn))[0]
+        stages["dense_mlp"] = timer.graph(lambda: layer.mlp(mlp_in))[0]
         flops += 2 * batch * 3 * cfg.hidden_size * cfg.intermediate_size
         extra_params = {}
     kv_bytes = batch * ctx_len * cfg.latent_dim * kv_cache.element_size() if kv_cache.dtype != torch.uint8 else \

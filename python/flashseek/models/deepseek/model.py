@@ -40,25 +40,32 @@ class DecoderLayer:
         with the RMSNorm after it: returns (out, residual) whose sum residual + out is the layer's
         output hidden state. Pass residual=None for the first layer (x is then the hidden state).
         In FP8 mode x and residual may be updated in place: pass tensors this call may overwrite."""
+        x, residual = self.norm_input(x, residual)
+        a = self.attn(x, meta, kv_cache, rope).to(residual.dtype)
+        a, residual = self.norm_post_attn(a, residual)
+        return self.mlp(a).to(residual.dtype), residual
+
+    def norm_input(self, x, residual):
+        """The input RMSNorm as forward runs it: (the attention's input, residual). With residual None,
+        x is the hidden state and becomes the residual; otherwise the residual add fuses with the norm.
+        Where only FP8 linears read the output, it comes as a QuantAct from the norm's own kernel."""
         lins = self.attn.input_linears()
         if self.fuse_norm_quant and norm_quant_fits(x, self.input_norm, lins, residual):
-            # x, the attention's input, as a QuantAct that its projections read as it is.
             ue8m0 = lins[0].ue8m0
             if residual is None:
-                residual, x = x, norm_quant(x, self.input_norm, self.eps, ue8m0)
-            else:
-                x, residual = add_norm_quant(x, residual, self.input_norm, self.eps, ue8m0)
-        elif residual is None:
-            residual, x = x, norm(x, self.input_norm, self.eps, self.mode)
-        else:
-            x, residual = add_norm(x, residual, self.input_norm, self.eps, self.mode)
-        a = self.attn(x, meta, kv_cache, rope).to(residual.dtype)
+                return norm_quant(x, self.input_norm, self.eps, ue8m0), x
+            return add_norm_quant(x, residual, self.input_norm, self.eps, ue8m0)
+        if residual is None:
+            return norm(x, self.input_norm, self.eps, self.mode), x
+        return add_norm(x, residual, self.input_norm, self.eps, self.mode)
+
+    def norm_post_attn(self, a, residual):
+        """The post-attention residual add + RMSNorm as forward runs it: (the MLP's input, residual), a
+        QuantAct for a dense MLP's FP8 gate_up where that fits (an MoE reads the bf16 hidden state)."""
         lins = self.mlp.input_linears() if isinstance(self.mlp, MLP) else None
         if lins and self.fuse_norm_quant and norm_quant_fits(a, self.post_attn_norm, lins, residual):
-            a, residual = add_norm_quant(a, residual, self.post_attn_norm, self.eps, lins[0].ue8m0)
-        else:
-            a, residual = add_norm(a, residual, self.post_attn_norm, self.eps, self.mode)
-        return self.mlp(a).to(residual.dtype), residual
+            return add_norm_quant(a, residual, self.post_attn_norm, self.eps, lins[0].ue8m0)
+        return add_norm(a, residual, self.post_attn_norm, self.eps, self.mode)
 
     def __call__(self, x, meta, kv_cache, rope):
         """The layer's output hidden state; x is left untouched."""
