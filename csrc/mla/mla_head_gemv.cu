@@ -46,11 +46,10 @@ __global__ void __launch_bounds__(kThreads, 2) head_gemv_kernel(const HeadGemvPa
   auto load_w = [&](int i) {
     return __ldg(reinterpret_cast<const uint4*>(wh + int64_t(rg + kRowGroups * i) * p.N));
   };
-  // The whole slice (K <= 512) is requested before the wait: in the decode step this kernel is
-  // launched while the attention (W_UV^T: the MLA decode and its combine) still runs, which reads
-  // little next to the bandwidth, so the 16.8 MB of weights arrive in its shadow. With only the first
-  // 4 of W_UV^T's 16 rows a thread early, it ended ~10 us after the combine (b=1 layer timeline,
-  // session 10), the remaining rows coming in three dependent round trips.
+  // The whole slice (K <= 512) is requested before the wait, so that none of it waits on a dependent
+  // round trip after the previous kernel. With only the first 4 of W_UV^T's 16 rows a thread early it
+  // ended 10.0 us after the MLA combine in the b=1 layer, now 8.7 (session 10 timelines): the CTAs
+  // become resident only when the decode's CTAs, which hold every register of an SM, have left.
   uint4 wv[kPrefetch];
 #pragma unroll
   for (int i = 0; i < kPrefetch; ++i) wv[i] = i < rows ? load_w(i) : make_uint4(0u, 0u, 0u, 0u);
