@@ -88,6 +88,13 @@ def _expect_same_device(ref: torch.Tensor, ref_name: str, **others) -> None:
                     f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
 
 
+def _storage_aligned16(t: torch.Tensor) -> bool:
+    """16-byte alignment of t's data pointer, read from its storage offset (allocations are aligned):
+    what a wrapper must know before it hands a view to a kernel that loads 16 bytes at a time, and
+    what the op's checks cannot test on fake tensors."""
+    return t.storage_offset() * t.element_size() % 16 == 0
+
+
 def _expect_contiguous(t: torch.Tensor, name: str) -> None:
     _expect(t.is_contiguous(), f"{name} must be contiguous, got strides {tuple(t.stride())}")
 
@@ -1463,7 +1470,7 @@ def mla_head_gemv(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] 
     # views; anything else goes to torch.bmm.
     try:
         _check_mla_head_gemv(a, w, out)
-        fits = a.is_cuda and all(x.storage_offset() % 8 == 0 for x in (a, w, out))
+        fits = a.is_cuda and all(_storage_aligned16(x) for x in (a, w, out))
     except ValueError:
         fits = False
     if fits:
@@ -1652,6 +1659,22 @@ def _ref_fused_add_rms_norm_quant_fp8(x, residual, weight, eps, out, scale, ue8m
 
 
 _register("fused_add_rms_norm_quant_fp8", _check_fused_add_rms_norm_quant_fp8, _ref_fused_add_rms_norm_quant_fp8)
+
+
+def rms_norm_quant_fp8_fits(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
+    """Whether rms_norm_quant_fp8 (fused_add_rms_norm_quant_fp8 with residual given) takes x, weight
+    and residual: the ops' own checks on them, plus the 16-byte alignment their C++ glue also checks."""
+    try:
+        _check_norm_common(x, weight, 0.0)
+        _expect(x.shape[1] % 128 == 0, "whole 128-channel blocks")
+        _check_norm_quant_rows(x, "x")
+        if residual is not None:
+            _check_norm_rows(residual, "residual", tuple(x.shape), x.dtype)
+            _check_norm_quant_rows(residual, "residual")
+        _expect_same_device(x, "x", weight=weight, residual=residual)
+    except ValueError:
+        return False
+    return all(_storage_aligned16(t) for t in (x, weight, residual) if t is not None)
 
 
 def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, ue8m0: bool = False,

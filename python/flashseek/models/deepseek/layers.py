@@ -79,27 +79,14 @@ def norm_quant_fits(x: torch.Tensor, weight: torch.Tensor, linears, residual: Op
     """Whether RMSNorm(x) (of residual + x with residual given) can run fused with the FP8 1x128
     quantization of its output (norm_quant / add_norm_quant) for `linears`, the output's only
     readers: each is an FP8-mode linear with a quantized weight, all with one ue8m0, and x, residual
-    and weight are what flashseek.ops.rms_norm_quant_fp8 takes (16-bit rows of whole 128-channel
-    blocks, 16-byte aligned). Elsewhere the unfused norm runs, then each linear quantizes for itself."""
+    and weight are what flashseek.ops.rms_norm_quant_fp8 takes (ops.rms_norm_quant_fp8_fits: 16-bit
+    rows of whole 128-channel blocks, 16-byte aligned). Elsewhere the unfused norm runs, then each
+    linear quantizes for itself."""
     if not linears or any(lin is None or lin.mode != FP8_MODE or not lin.quantized for lin in linears):
         return False
     if len({lin.ue8m0 for lin in linears}) != 1:
         return False
-
-    # 16-byte alignment from the storage offset (allocations are aligned), as mla_head_gemv's wrapper.
-    def aligned(t):
-        return t.storage_offset() * t.element_size() % 16 == 0
-
-    def rows_ok(t):
-        return (t.dim() == 2 and t.dtype in (torch.bfloat16, torch.float16) and t.shape[1] % 128 == 0
-                and 0 < t.shape[1] <= ops.NORM_MAX_N and t.stride(1) == 1
-                and (t.shape[0] <= 1 or t.stride(0) % 8 == 0) and aligned(t))
-
-    n = x.shape[-1]
-    return (rows_ok(x) and (residual is None or (rows_ok(residual) and residual.shape == x.shape
-                                                  and residual.dtype == x.dtype))
-            and weight.dtype in ops.NORM_DTYPES and tuple(weight.shape) == (n,) and weight.is_contiguous()
-            and aligned(weight) and weight.device == x.device)
+    return ops.rms_norm_quant_fp8_fits(x, weight, residual)
 
 
 def norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, ue8m0: bool) -> fp8_ops.QuantAct:
