@@ -102,6 +102,10 @@ TORCH_LIBRARY(flashseek, m) {
   // (bf16, fp32 accumulation; q_nope @ W_UK and o_lat @ W_UV^T). flashseek.ops.mla_head_gemv runs
   // torch.bmm above 8 tokens.
   m.def("mla_head_gemv(Tensor a, Tensor w, Tensor(a!) out) -> ()");
+  // The same product for N = 128 (W_UV^T: each head's output is one 1x128 block of the o_proj input),
+  // written as FP8: out [T, H * 128] e4m3 and scale [T, H] fp32 (flashseek.ops.empty_act_scale layout),
+  // equal to quant_fp8_1x128 of mla_head_gemv's bf16 output laid out as [T, H * 128].
+  m.def("mla_head_gemv_quant_fp8(Tensor a, Tensor w, Tensor(a!) out, Tensor(b!) scale, bool ue8m0=False) -> ()");
 
   // ---- RMSNorm (csrc/norm) ----
   // x [M, N] bf16/fp16/fp32, weight [N] bf16/fp16/fp32 -> out [M, N] in x's dtype:

@@ -521,11 +521,23 @@ def test_mla_head_gemv_opcheck(device):
     opcheck(torch.ops.flashseek.mla_head_gemv.default, (a, w, out))
 
 
+# Two kernels: every CTA's weight slice in shared memory by TMA (the default wherever a slice fits:
+# all of these shapes) and the register-streaming one (FLASHSEEK_HEAD_GEMV=regs, read on every call).
+@pytest.fixture(params=["smem", "regs"])
+def head_gemv_impl(request, monkeypatch):
+    if request.param == "regs":
+        monkeypatch.setenv("FLASHSEEK_HEAD_GEMV", "regs")
+    else:
+        monkeypatch.delenv("FLASHSEEK_HEAD_GEMV", raising=False)
+    return request.param
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9, 16])
-@pytest.mark.parametrize("h,k,n", [(128, 128, 512), (128, 512, 128), (16, 128, 512), (3, 64, 64), (1, 1024, 192)])
+@pytest.mark.parametrize("h,k,n", [(128, 128, 512), (128, 512, 128), (16, 128, 512), (3, 64, 64), (1, 1024, 192),
+                                   (2, 1024, 256)])
 @pytest.mark.parametrize("layout", ["views", "plain"])
-def test_mla_head_gemv_cuda(t, h, k, n, layout):
+def test_mla_head_gemv_cuda(t, h, k, n, layout, head_gemv_impl):
     a, w, out, big = _head_gemv_inputs(h, t, k, n, "cuda", layout)
     ops.mla_head_gemv(a, w, out=out)
     _head_gemv_check(a, w, out)
@@ -535,3 +547,62 @@ def test_mla_head_gemv_cuda(t, h, k, n, layout):
         again = torch.empty_like(out)
         torch.ops.flashseek.mla_head_gemv(a, w, again)
         assert torch.equal(again, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# mla_head_gemv_quant_fp8: W_UV^T's projection written as the o_proj input's FP8 blocks
+# ------------------------------------------------------------------------------------------------
+def _quant_reference(a, w, ue8m0):
+    """quant_fp8_1x128 of mla_head_gemv's bf16 output laid out [T, H * 128]."""
+    o = ops.mla_head_gemv(a, w)
+    return ops.quant_fp8_1x128(o.transpose(0, 1).reshape(a.shape[1], a.shape[0] * 128), ue8m0)
+
+
+@pytest.mark.parametrize("h,t,k", [(4, 1, 512), (3, 5, 128), (2, 0, 512)])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_mla_head_gemv_quant_fp8_cpu(h, t, k, ue8m0):
+    a, w, _, _ = _head_gemv_inputs(h, t, k, 128, "cpu")
+    q, s = ops.mla_head_gemv_quant_fp8(a, w, ue8m0)
+    assert q.shape == (t, h * 128) and q.dtype == torch.float8_e4m3fn and s.shape == (t, h)
+    rq, rs = _quant_reference(a, w, ue8m0)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda a, w, q, s: (a, w[:, :, :64].contiguous(), q, s), r"w must have shape \[H=2, K=128, 128\]"),
+    (lambda a, w, q, s: (a, w, q.view(torch.uint8), s), "out must have dtype"),
+    (lambda a, w, q, s: (a, w, q[:, :128], s), "out must have shape"),
+    (lambda a, w, q, s: (a, w, q, s.contiguous() if s.shape[0] > 1 else s), "column-major"),
+    (lambda a, w, q, s: (a, w, q, s[:, :1]), "scale must have shape"),
+])
+def test_mla_head_gemv_quant_fp8_bad_inputs(bad, match):
+    a = torch.randn(2, 3, 128).to(torch.bfloat16)
+    w = torch.randn(2, 128, 128).to(torch.bfloat16)
+    q = torch.empty(3, 256, dtype=torch.float8_e4m3fn)
+    s = ops.empty_act_scale(3, 2, "cpu")
+    with pytest.raises(ValueError, match=match):
+        torch.ops.flashseek.mla_head_gemv_quant_fp8(*bad(a, w, q, s))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_mla_head_gemv_quant_fp8_opcheck(device):
+    a, w, _, _ = _head_gemv_inputs(4, 3, 512, 128, device, layout="plain")
+    q = torch.empty(3, 512, dtype=torch.float8_e4m3fn, device=device)
+    s = ops.empty_act_scale(3, 4, device)
+    opcheck(torch.ops.flashseek.mla_head_gemv_quant_fp8.default, (a, w, q, s, False))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("h,k", [(128, 512), (16, 512), (3, 128), (1, 1024)])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_mla_head_gemv_quant_fp8_cuda(t, h, k, ue8m0):
+    """Bit-identical to quantizing the (default, shared-memory) kernel's bf16 output; outputs poisoned."""
+    a, w, _, _ = _head_gemv_inputs(h, t, k, 128, "cuda", layout="views")
+    q = poison_(torch.empty(t, h * 128, dtype=torch.float8_e4m3fn, device="cuda"))
+    s = poison_(ops.empty_act_scale(t, h, "cuda"))
+    torch.ops.flashseek.mla_head_gemv_quant_fp8(a, w, q, s, ue8m0)
+    rq, rs = _quant_reference(a, w, ue8m0)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    assert torch.equal(s, rs)
+    _head_gemv_check(a, w, ops.mla_head_gemv(a, w))  # and that output is the product

@@ -17,7 +17,9 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
@@ -140,7 +142,19 @@ void launch_t(const HeadGemvParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+// FLASHSEEK_HEAD_GEMV=regs forces the register kernel below for every shape; by default a weight slice
+// that fits in shared memory goes to mla_head_gemv_smem.cu (read on every call, so that one test process
+// checks both).
+static bool use_smem_kernel(const HeadGemvParams& p) {
+  const char* s = std::getenv("FLASHSEEK_HEAD_GEMV");
+  return !(s != nullptr && std::string(s) == "regs") && head_gemv_smem_cols(p.K, p.N) > 0;
+}
+
 void launch_head_gemv(const HeadGemvParams& p, cudaStream_t stream) {
+  if (p.q != nullptr || use_smem_kernel(p)) {
+    launch_head_gemv_smem(p, stream);
+    return;
+  }
   if (p.T < 0 || p.T > kHeadGemvMaxT || p.K <= 0 || p.K % kRowGroups != 0 || p.K > kHeadGemvMaxK || p.N <= 0 ||
       p.N % kCols != 0 || p.H < 0)
     throw std::invalid_argument("flashseek: mla_head_gemv parameters out of range");

@@ -317,21 +317,17 @@ void mla_rope_norm_append(const at::Tensor& kv, const at::Tensor& q_pe, const at
   launch_rope_norm_append(p, fp8, current_stream(kv));
 }
 
-void mla_head_gemv(const at::Tensor& a, const at::Tensor& w, at::Tensor& out) {
+// a [H, T, K] and w [H, K, N] as both head-GEMV ops take them (the same rules as flashseek/ops.py).
+HeadGemvParams check_head_gemv_inputs(const at::Tensor& a, const at::Tensor& w) {
   FS_CHECK_CUDA(a);
   FS_CHECK_CUDA(w);
-  FS_CHECK_CUDA(out);
   FS_CHECK_SAME_DEVICE(a, w);
-  FS_CHECK_SAME_DEVICE(a, out);
   FS_CHECK_DTYPE(a, at::kBFloat16);
   FS_CHECK_DTYPE(w, at::kBFloat16);
-  FS_CHECK_DTYPE(out, at::kBFloat16);
   FS_CHECK_DIM(a, 3);
   FS_CHECK_DIM(w, 3);
-  FS_CHECK_DIM(out, 3);
   const int64_t H = a.size(0), T = a.size(1), K = a.size(2), N = w.size(2);
   FS_CHECK(w.size(0) == H && w.size(1) == K, "w must have shape [H=", H, ", K=", K, ", N], got ", w.sizes());
-  FS_CHECK_SHAPE(out, H, T, N);
   FS_CHECK(T <= kHeadGemvMaxT, "mla_head_gemv takes at most ", kHeadGemvMaxT, " tokens, got ", T,
            " (flashseek.ops.mla_head_gemv runs torch.bmm above that)");
   FS_CHECK(K > 0 && K % 32 == 0 && K <= kHeadGemvMaxK, "K must be a positive multiple of 32 up to ", kHeadGemvMaxK,
@@ -342,22 +338,61 @@ void mla_head_gemv(const at::Tensor& a, const at::Tensor& w, at::Tensor& out) {
            a.strides());
   FS_CHECK(w.stride(2) == 1 && w.stride(1) == N && w.stride(0) % 8 == 0 && aligned16(w),
            "w must have contiguous rows [K, N] per head and 16-byte alignment, got strides ", w.strides());
-  FS_CHECK(out.stride(2) == 1, "out must have a unit last stride, got strides ", out.strides());
-  if (H == 0 || T == 0) return;
-  const c10::cuda::CUDAGuard guard(a.device());
   HeadGemvParams p{};
   p.a = a.data_ptr();
   p.a_hstride = a.stride(0);
   p.a_tstride = a.stride(1);
   p.w = w.data_ptr();
   p.w_hstride = w.stride(0);
-  p.out = out.data_ptr();
-  p.o_hstride = out.stride(0);
-  p.o_tstride = out.stride(1);
   p.H = static_cast<int>(H);
   p.T = static_cast<int>(T);
   p.K = static_cast<int>(K);
   p.N = static_cast<int>(N);
+  return p;
+}
+
+void mla_head_gemv(const at::Tensor& a, const at::Tensor& w, at::Tensor& out) {
+  HeadGemvParams p = check_head_gemv_inputs(a, w);
+  FS_CHECK_CUDA(out);
+  FS_CHECK_SAME_DEVICE(a, out);
+  FS_CHECK_DTYPE(out, at::kBFloat16);
+  FS_CHECK_DIM(out, 3);
+  FS_CHECK_SHAPE(out, p.H, p.T, p.N);
+  FS_CHECK(out.stride(2) == 1, "out must have a unit last stride, got strides ", out.strides());
+  if (p.H == 0 || p.T == 0) return;
+  const c10::cuda::CUDAGuard guard(a.device());
+  p.out = out.data_ptr();
+  p.o_hstride = out.stride(0);
+  p.o_tstride = out.stride(1);
+  launch_head_gemv(p, current_stream(a));
+}
+
+void mla_head_gemv_quant_fp8(const at::Tensor& a, const at::Tensor& w, at::Tensor& out, at::Tensor& scale,
+                             bool ue8m0) {
+  HeadGemvParams p = check_head_gemv_inputs(a, w);
+  FS_CHECK(p.N == 128, "mla_head_gemv_quant_fp8 needs N = 128 (one 1x128 block per head), got ", p.N);
+  FS_CHECK_CUDA(out);
+  FS_CHECK_CUDA(scale);
+  FS_CHECK_SAME_DEVICE(a, out);
+  FS_CHECK_SAME_DEVICE(a, scale);
+  FS_CHECK_DTYPE(out, at::kFloat8_e4m3fn);
+  FS_CHECK_DTYPE(scale, at::kFloat);
+  FS_CHECK_DIM(out, 2);
+  FS_CHECK_DIM(scale, 2);
+  FS_CHECK_SHAPE(out, p.T, int64_t(p.H) * 128);
+  FS_CHECK_SHAPE(scale, p.T, p.H);
+  FS_CHECK(out.stride(1) == 1 && out.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0,
+           "out must have rows of unit stride, 4-byte aligned, got strides ", out.strides());
+  FS_CHECK(scale.stride(0) == 1 && (p.H <= 1 || scale.stride(1) >= p.T),
+           "scale must be column-major ([T, H] with stride (1, ld >= T)) as flashseek.ops.empty_act_scale makes it, "
+           "got strides ", scale.strides());
+  if (p.H == 0 || p.T == 0) return;
+  const c10::cuda::CUDAGuard guard(a.device());
+  p.q = static_cast<uint8_t*>(out.data_ptr());
+  p.q_tstride = out.stride(0);
+  p.scale = scale.data_ptr<float>();
+  p.scale_ld = p.H <= 1 ? p.T : scale.stride(1);
+  p.ue8m0 = ue8m0;
   launch_head_gemv(p, current_stream(a));
 }
 
@@ -365,6 +400,7 @@ void mla_head_gemv(const at::Tensor& a, const at::Tensor& w, at::Tensor& out) {
 
 void register_mla_cuda(torch::Library& m) {
   m.impl("mla_head_gemv", &mla_head_gemv);
+  m.impl("mla_head_gemv_quant_fp8", &mla_head_gemv_quant_fp8);
   m.impl("mla_decode_plan", &mla_decode_plan);
   m.impl("mla_decode", &mla_decode);
   m.impl("mla_cache_append", &mla_cache_append);

@@ -105,8 +105,20 @@ struct HeadGemvParams {
   void* out;            // bf16 [H, T, N], unit stride along N
   int64_t o_hstride, o_tstride;
   int H, T, K, N;       // T <= kHeadGemvMaxT, K % 32 == 0, K <= kHeadGemvMaxK, N % 64 == 0
+  // FP8 output instead of out (mla_head_gemv_quant_fp8; N == 128, one 1x128 block per head):
+  // q [T, H * 128] e4m3 (row stride q_tstride), scale (t, h) at scale[h * scale_ld + t], the bf16-rounded
+  // product quantized exactly as quant_fp8_1x128 quantizes it.
+  uint8_t* q = nullptr;
+  int64_t q_tstride = 0;
+  float* scale = nullptr;
+  int64_t scale_ld = 0;
+  bool ue8m0 = false;
 };
 void launch_head_gemv(const HeadGemvParams& p, cudaStream_t stream);
+// The shared-memory kernel (mla_head_gemv_smem.cu): a CTA's whole weight slice lands by TMA bulk copies
+// issued before the PDL wait. Columns per CTA for a [K, N] head weight, 0 if no slice fits.
+int head_gemv_smem_cols(int K, int N);
+void launch_head_gemv_smem(const HeadGemvParams& p, cudaStream_t stream);
 
 void launch_plan(const PlanParams& p, cudaStream_t stream);
 // Decode of every (row tile, sm part); requests with one split are written to out/lse directly.

@@ -1480,6 +1480,59 @@ def mla_head_gemv(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] 
     return out
 
 
+def _check_mla_head_gemv_quant_fp8(a, w, out, scale, ue8m0=False):
+    for name, x in (("a", a), ("w", w)):
+        _expect_dtype(x, name, torch.bfloat16)
+        _expect_dim(x, name, 3)
+    h, t, k = a.shape
+    _expect(tuple(w.shape) == (h, k, 128),
+            f"w must have shape [H={h}, K={k}, 128] (one 1x128 block per head), got {list(w.shape)}")
+    _expect(t <= MLA_HEAD_GEMV_MAX_T, f"mla_head_gemv_quant_fp8 takes at most {MLA_HEAD_GEMV_MAX_T} tokens, got {t}")
+    _expect(k > 0 and k % 32 == 0 and k <= 1024, f"K must be a positive multiple of 32 up to 1024, got {k}")
+    _expect(a.stride(2) == 1 and a.stride(0) % 8 == 0 and (t <= 1 or a.stride(1) % 8 == 0),
+            f"a must have a unit last stride and other strides multiples of 8, got strides {tuple(a.stride())}")
+    _expect(w.stride(2) == 1 and w.stride(1) == 128 and w.stride(0) % 8 == 0,
+            f"w must have contiguous rows [K, N] per head, got strides {tuple(w.stride())}")
+    _expect_dtype(out, "out", FP8)
+    _expect_shape(out, "out", (t, h * 128))
+    _expect(out.stride(1) == 1 and out.stride(0) % 4 == 0,
+            f"out must have rows of unit stride, got strides {tuple(out.stride())}")
+    _expect_dtype(scale, "scale", torch.float32)
+    _expect_shape(scale, "scale", (t, h))
+    _expect(scale.stride(0) == 1 and (h <= 1 or scale.stride(1) >= t),
+            f"scale must be column-major [T, H] (flashseek.ops.empty_act_scale), got strides {tuple(scale.stride())}")
+    _expect_same_device(a, "a", w=w, out=out, scale=scale)
+
+
+def _ref_mla_head_gemv_quant_fp8(a, w, out, scale, ue8m0=False):
+    o = torch.bmm(a.float(), w.float()).to(torch.bfloat16)          # [H, T, 128]
+    q, s = ref_quant.quant_fp8_1x128(o.transpose(0, 1).reshape(a.shape[1], a.shape[0] * 128), ue8m0)
+    out.copy_(q)
+    scale.copy_(s)
+
+
+_register("mla_head_gemv_quant_fp8", _check_mla_head_gemv_quant_fp8, _ref_mla_head_gemv_quant_fp8)
+
+
+def mla_head_gemv_quant_fp8(a: torch.Tensor, w: torch.Tensor, ue8m0: bool = False):
+    """W_UV^T's projection straight into the o_proj input as FP8: (q e4m3 [T, H * 128], scale fp32
+    [T, H] in the empty_act_scale layout) equal to quant_fp8_1x128 of mla_head_gemv(a, w)'s bf16 output
+    laid out as [T, H * 128] (each head's 128 columns are one 1x128 block), for T <= MLA_HEAD_GEMV_MAX_T.
+
+    Args:
+        a: bf16 [H, T, K] as mla_head_gemv takes it (e.g. o_lat [T, H, 512] viewed head-major).
+        w: bf16 [H, K, 128] with contiguous [K, 128] rows per head.
+        ue8m0: round the scales up to powers of two (DeepSeek V3.1's scale_fmt).
+    On CUDA one launch (each CTA's head slice lands in shared memory by TMA while the previous kernel
+    runs); elsewhere torch.bmm followed by the quantization's reference.
+    """
+    h, t, _ = a.shape
+    out = torch.empty((t, h * 128), dtype=FP8, device=a.device)
+    scale = empty_act_scale(t, h, a.device)
+    torch.ops.flashseek.mla_head_gemv_quant_fp8(a, w, out, scale, ue8m0)
+    return out, scale
+
+
 def mla_rope_norm_append(kv: torch.Tensor, q_pe: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, norm_weight: torch.Tensor, eps: float, slot_mapping: torch.Tensor,
                          kv_cache: torch.Tensor, q_out: Optional[torch.Tensor] = None) -> torch.Tensor:

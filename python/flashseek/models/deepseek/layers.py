@@ -465,6 +465,10 @@ class MLAAttention:
             ql = self._absorb_q(q_nope[:nd], q_rope[:nd], rows(slice(0, nd)))     # [nd, h, 576]
             o_lat, _ = mla_decode(ql.unsqueeze(1), kv_cache, meta.block_tables[:nd],
                                   meta.cache_seqlens[:nd], meta.decode_plan, c.softmax_scale, causal=False)
+            if not meta.prefills and self._unabsorb_quant_fits(o_lat):
+                # Every row is a decode row: W_UV^T's projection writes o_proj's FP8 input itself.
+                oq, os_ = ops.mla_head_gemv_quant_fp8(o_lat[:, 0].transpose(0, 1), self.w_uv_t, self.o_proj.ue8m0)
+                return self.o_proj(fp8_ops.QuantAct(oq, os_, self.o_proj.ue8m0, x.dtype))
             self._unabsorb(o_lat[:, 0], out=o[:nd])
         for p in meta.prefills:
             sl = slice(p.start, p.start + p.q_len)
@@ -506,6 +510,15 @@ class MLAAttention:
             q_lat[..., lora:] = q_rope
         _head_bmm(q_nope.to(dt).transpose(0, 1), self.w_uk, q_lat[..., :lora].transpose(0, 1))
         return q_lat
+
+    def _unabsorb_quant_fits(self, o_lat) -> bool:
+        """Whether W_UV^T's projection may write o_proj's FP8 input (flashseek.ops.mla_head_gemv_quant_fp8):
+        FP8 mode with an FP8 o_proj, bf16 absorption weights with 128-wide heads, at most
+        MLA_HEAD_GEMV_MAX_T rows, on the GPU kernel."""
+        return (self.fuse_norm_quant and self.mode == FP8_MODE and self.o_proj.quantized and o_lat.is_cuda
+                and o_lat.dtype == self.w_uv_t.dtype == torch.bfloat16 and self.w_uv_t.shape[2] == 128
+                and o_lat.shape[0] <= ops.MLA_HEAD_GEMV_MAX_T and o_lat.shape[-1] % 32 == 0
+                and ops.has_cuda_kernel("mla_head_gemv_quant_fp8"))
 
     def _unabsorb(self, o_lat, out=None):
         """o [n, h, v] = o_lat [n, h, 512] @ W_UV^T per head, one bmm over heads, written straight
