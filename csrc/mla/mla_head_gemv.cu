@@ -23,6 +23,7 @@
 
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
+#include "mla/mla_cache_token.cuh"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
@@ -75,13 +76,7 @@ __global__ void __launch_bounds__(kThreads, 2) head_gemv_kernel(const HeadGemvPa
   auto fma_row = [&](const uint4& w, int i) {
     const int k = rg + kRowGroups * i;
     float wf[8];
-    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(w2[j]);
-      wf[2 * j] = f.x;
-      wf[2 * j + 1] = f.y;
-    }
+    to_float8<__nv_bfloat16>(w, wf);
 #pragma unroll
     for (int t = 0; t < kT; ++t) {
       if (t < p.T) {

@@ -25,6 +25,7 @@
 #include "common/fp8_block_quant.cuh"
 #include "common/pdl.cuh"
 #include "common/smem_sm90.cuh"
+#include "mla/mla_cache_token.cuh"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
@@ -86,14 +87,8 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
     for (int j = 0; j < 8; ++j) acc[t][j] = 0.f;
   for (int k = g; k < p.K; k += groups) {
     const uint4 wv = *reinterpret_cast<const uint4*>(sw + k * cols + 8 * ch);
-    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
     float wf[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(w2[j]);
-      wf[2 * j] = f.x;
-      wf[2 * j + 1] = f.y;
-    }
+    to_float8<__nv_bfloat16>(wv, wf);
 #pragma unroll
     for (int t = 0; t < kT; ++t) {
       if (t < p.T) {
