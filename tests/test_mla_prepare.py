@@ -585,6 +585,18 @@ def test_mla_head_gemv_quant_fp8_bad_inputs(bad, match):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_mla_head_gemv_quant_fp8_rejects_wide_k(device):
+    """K past MLA_HEAD_GEMV_QUANT_MAX_K (the bf16 op still takes it) is a clear error on both paths."""
+    k = ops.MLA_HEAD_GEMV_QUANT_MAX_K + 32
+    a, w, _, _ = _head_gemv_inputs(2, 1, k, 128, device, layout="plain")
+    q = torch.empty(1, 256, dtype=torch.float8_e4m3fn, device=device)
+    s = ops.empty_act_scale(1, 2, device)
+    with pytest.raises(ValueError, match=f"K a positive multiple of 32 up to {ops.MLA_HEAD_GEMV_QUANT_MAX_K}"
+                       if device == "cpu" else f"takes K <= {ops.MLA_HEAD_GEMV_QUANT_MAX_K}"):
+        torch.ops.flashseek.mla_head_gemv_quant_fp8(a, w, q, s, False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_mla_head_gemv_quant_fp8_opcheck(device):
     a, w, _, _ = _head_gemv_inputs(4, 3, 512, 128, device, layout="plain")
     q = torch.empty(3, 512, dtype=torch.float8_e4m3fn, device=device)
@@ -594,7 +606,7 @@ def test_mla_head_gemv_quant_fp8_opcheck(device):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("t", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("h,k", [(128, 512), (16, 512), (3, 128), (1, 1024)])
+@pytest.mark.parametrize("h,k", [(128, 512), (16, 512), (3, 128), (1, 576)])
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_mla_head_gemv_quant_fp8_cuda(t, h, k, ue8m0):
     """Bit-identical to quantizing the (default, shared-memory) kernel's bf16 output; outputs poisoned."""

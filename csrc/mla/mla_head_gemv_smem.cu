@@ -34,6 +34,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxWeightBytes = 144 << 10;  // the slice; with T x K activations under 227 KB
 constexpr int kMaxCols = 2048;                  // C / 8 column chunks must divide the 256 threads
+static_assert(int64_t(kHeadGemvQuantMaxK) * 128 * 2 <= kMaxWeightBytes, "the FP8-output kernel takes whole heads");
 
 // The weight area, reused for the row groups' partials: groups x T x C fp32 = 2048 T floats.
 __host__ __device__ inline int64_t region_bytes(int K, int cols, int T) {

@@ -371,6 +371,8 @@ void mla_head_gemv_quant_fp8(const at::Tensor& a, const at::Tensor& w, at::Tenso
                              bool ue8m0) {
   HeadGemvParams p = check_head_gemv_inputs(a, w);
   FS_CHECK(p.N == 128, "mla_head_gemv_quant_fp8 needs N = 128 (one 1x128 block per head), got ", p.N);
+  FS_CHECK(p.K <= kHeadGemvQuantMaxK, "mla_head_gemv_quant_fp8 takes K <= ", kHeadGemvQuantMaxK,
+           " (a head's [K, 128] weights must fit one CTA's shared memory), got ", p.K);
   FS_CHECK_CUDA(out);
   FS_CHECK_CUDA(scale);
   FS_CHECK_SAME_DEVICE(a, out);

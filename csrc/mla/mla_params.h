@@ -97,6 +97,9 @@ struct RopeNormAppendParams {
 // a[h, t, :] @ w[h], bf16 in/out, fp32 accumulation (q_nope @ W_UK, o_lat @ W_UV^T).
 constexpr int kHeadGemvMaxT = 8;
 constexpr int kHeadGemvMaxK = 1024;  // the token rows are staged in shared memory: T x K bf16
+// mla_head_gemv_quant_fp8: one CTA holds a head's whole [K, 128] bf16 slice (144 KB of shared memory), so
+// its 128 outputs per token are one 1x128 block it can quantize alone.
+constexpr int kHeadGemvQuantMaxK = 576;
 struct HeadGemvParams {
   const void* a;        // bf16 [H, T, K], unit stride along K, 16-byte aligned rows
   int64_t a_hstride, a_tstride;

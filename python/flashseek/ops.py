@@ -1422,6 +1422,8 @@ _register("mla_rope_norm_append", _check_mla_rope_norm_append, _ref_mla_rope_nor
 
 #: mla_head_gemv's token limit (kHeadGemvMaxT, csrc/mla/mla_params.h); the wrapper runs torch.bmm above it.
 MLA_HEAD_GEMV_MAX_T = 8
+# mla_head_gemv_quant_fp8: a head's [K, 128] bf16 weights sit in one CTA's shared memory.
+MLA_HEAD_GEMV_QUANT_MAX_K = 576
 
 
 def _check_mla_head_gemv(a, w, out):
@@ -1488,7 +1490,9 @@ def _check_mla_head_gemv_quant_fp8(a, w, out, scale, ue8m0=False):
     _expect(tuple(w.shape) == (h, k, 128),
             f"w must have shape [H={h}, K={k}, 128] (one 1x128 block per head), got {list(w.shape)}")
     _expect(t <= MLA_HEAD_GEMV_MAX_T, f"mla_head_gemv_quant_fp8 takes at most {MLA_HEAD_GEMV_MAX_T} tokens, got {t}")
-    _expect(k > 0 and k % 32 == 0 and k <= 1024, f"K must be a positive multiple of 32 up to 1024, got {k}")
+    _expect(k > 0 and k % 32 == 0 and k <= MLA_HEAD_GEMV_QUANT_MAX_K,
+            f"mla_head_gemv_quant_fp8 takes K a positive multiple of 32 up to {MLA_HEAD_GEMV_QUANT_MAX_K} (a head's "
+            f"[K, 128] weights must fit one CTA's shared memory), got {k}")
     _expect(a.stride(2) == 1 and a.stride(0) % 8 == 0 and (t <= 1 or a.stride(1) % 8 == 0),
             f"a must have a unit last stride and other strides multiples of 8, got strides {tuple(a.stride())}")
     _expect(w.stride(2) == 1 and w.stride(1) == 128 and w.stride(0) % 8 == 0,
@@ -1517,7 +1521,8 @@ _register("mla_head_gemv_quant_fp8", _check_mla_head_gemv_quant_fp8, _ref_mla_he
 def mla_head_gemv_quant_fp8(a: torch.Tensor, w: torch.Tensor, ue8m0: bool = False):
     """W_UV^T's projection straight into the o_proj input as FP8: (q e4m3 [T, H * 128], scale fp32
     [T, H] in the empty_act_scale layout) equal to quant_fp8_1x128 of mla_head_gemv(a, w)'s bf16 output
-    laid out as [T, H * 128] (each head's 128 columns are one 1x128 block), for T <= MLA_HEAD_GEMV_MAX_T.
+    laid out as [T, H * 128] (each head's 128 columns are one 1x128 block), for T <= MLA_HEAD_GEMV_MAX_T
+    and K <= MLA_HEAD_GEMV_QUANT_MAX_K.
 
     Args:
         a: bf16 [H, T, K] as mla_head_gemv takes it (e.g. o_lat [T, H, 512] viewed head-major).
