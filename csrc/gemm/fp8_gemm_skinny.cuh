@@ -222,10 +222,11 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
   int stage = 0;
   uint32_t phase = 0;
-  int64_t u = sp.begin(c);
-  const int64_t end = sp.begin(c + 1);
+  const int64_t begin = sp.begin(c), end = sp.begin(c + 1);
+  int64_t u = begin;
   if (u >= end) return;
-  FS_SKINNY_TL(const int64_t tl_u0 = u; timeline::Stamp tl_first{}, tl_last{};)
+  FS_SKINNY_TL(const int64_t tl_u0 = u; timeline::Stamp tl_first{}, tl_last{};
+               if (lane == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kProducer, timeline::now());)
   // The walk advances (group, row tile, K block) incrementally: three 64-bit divisions per unit (the
   // first version) put hundreds of dependent instructions on this one thread's path to each TMA.
   const int64_t t0 = div_nonneg(u, sp.num_kb);
@@ -239,7 +240,10 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   for (; u < end; ++u) {
     const int box = token_box(tokens);
     mbar_wait(Smem::empty(base, stage), phase ^ 1);
+    const bool first = u == begin;
+    if (first) pdl_wait();  // the token block and the scales are the previous kernel's output
     if (lane == 0) {
+      FS_SKINNY_TL(if (u == tl_u0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kTmaPre, timeline::now());)
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage,
                                                                      Smem::kWBytes + (8 << box) * kBlockK);
       cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + stage, kHint, smem + Smem::kW + stage * Smem::kWBytes,
@@ -263,6 +267,7 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
       asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst + 4 * kTokens), "l"(sb) : "memory");
     }
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(Smem::full(base, stage)) : "memory");
+    if (first) pdl_launch_dependents();
     if (++stage == kStages) {
       stage = 0;
       phase ^= 1;
@@ -508,6 +513,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   int* active = reinterpret_cast<int*>(smem + Smem::kActive);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  int* tokens = reinterpret_cast<int*>(smem + Smem::kGroupTokens);
+  const bool masked = p.masked_m != nullptr;
   if (tid == 0) {
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Smem::kBar);
     for (int s = 0; s < kStages; ++s) {
@@ -515,34 +522,42 @@ __global__ void __launch_bounds__(kThreads, 1)
       cutlass::arch::ClusterBarrier::init(bars + kStages + s, kMathThreads / 32);
     }
     cutlass::arch::fence_barrier_init();
+    if (!masked) {  // dense: one group of M tokens, always active
+      tokens[0] = p.m_rows;
+      active[0] = 1;
+      active[1] = 0;
+    }
   }
   if (tid == kMathThreads) {  // the producer warp's lane 0
     cute::prefetch_tma_descriptor(&tmap_w);
 #pragma unroll
     for (int i = 0; i < 4; ++i) cute::prefetch_tma_descriptor(&tmap_x.rows[i]);
   }
-  pdl_wait();
-  FS_SKINNY_TL(const timeline::Stamp tl_pdl = timeline::now();)
-  int* tokens = reinterpret_cast<int*>(smem + Smem::kGroupTokens);
-  const bool masked = p.masked_m != nullptr;
+  // A masked problem's groups come from masked_m, the previous kernel's output. A dense problem's unit
+  // walk comes from the shapes alone: its CTA sets up while the previous grid finishes, and each role
+  // waits for that grid (griddepcontrol.wait) just before its first dependent access. The producer's
+  // wait sits in its loop, right before the first copies: once the dependency resolves, the first TMA
+  // goes out in ~0.1 us instead of ~1.1 us behind the setup, launch_dependents and a cold instruction
+  // path (H100, session 11, timeline harness).
   if (masked) {
+    pdl_wait();
     for (int g = tid; g < p.num_groups; g += kThreads) tokens[g] = group_tokens(p, g);
     __syncthreads();
     if (warp == 0) list_active_groups(p, tokens, active, lane);
-  } else if (tid == 0) {  // dense: one group of M tokens, always active
-    tokens[0] = p.m_rows;
-    active[0] = 1;
-    active[1] = 0;
   }
   __syncthreads();
   const Split sp = make_split(p, active[0]);
-  FS_SKINNY_TL(const timeline::Stamp tl_setup = timeline::now();)
-  pdl_launch_dependents();
+  FS_SKINNY_TL(const timeline::Stamp tl_setup = timeline::now(); timeline::Stamp tl_pdl{};)
   if (tid < kMathThreads) {
+    pdl_wait();  // before the first store: the previous grid may still read this call's output buffer
+    FS_SKINNY_TL(tl_pdl = timeline::now();)
+    pdl_launch_dependents();
     math_warpgroup(p, smem, sp, blockIdx.x);
   } else if (warp == kMathThreads / 32) {
-    producer(&tmap_w, &tmap_x, p, smem, sp, blockIdx.x);
+    producer(&tmap_w, &tmap_x, p, smem, sp, blockIdx.x);  // waits and launches dependents in its loop
   } else {
+    pdl_wait();  // the tile counters: the previous call on this stream leaves them at zero when it completes
+    pdl_launch_dependents();
     signal_warp(p, smem, sp, blockIdx.x, SharedTiles(sp, blockIdx.x));
   }
   FS_SKINNY_TL(__syncthreads(); if (tid == 0 && timeline::g_cta != nullptr) {

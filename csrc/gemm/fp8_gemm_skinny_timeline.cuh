@@ -20,6 +20,8 @@ enum Point : int {
   kEpiStart,   // math thread 0, last tile's epilogue begins (its wgmma chain is done)
   kEpiEnd,     // math thread 0, last tile's stores (bf16 or fp32 partial) issued
   kExit,       // thread 0, after a __syncthreads() at the end of the kernel
+  kProducer,   // producer lane 0, entering the producer (past griddepcontrol.launch_dependents)
+  kTmaPre,     // producer lane 0, first unit: its empty barrier passed, before the TMA instructions
   kPoints
 };
 
