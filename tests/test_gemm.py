@@ -556,11 +556,14 @@ def test_grouped_masked_cuda_graph(m_max, gemm_impl, decode_impl):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("e,m_max,n,k,active", [(256, 1, 512, 7168, 8), (256, 3, 1040, 2048, 20),
-                                                (64, 64, 576, 512, 64), (1024, 2, 16, 128, 5)])
+                                                (64, 64, 576, 512, 64), (1024, 2, 16, 128, 5),
+                                                (8, 4, 256, 2048, 3), (4, 64, 128, 1024, 2)])
 def test_grouped_masked_decode_shapes(e, m_max, n, k, active, decode_impl):
     """MoE decode: a few active experts among many (the stream-K split over the active ones only), one
     expert with a count past M_max (clamped), and activation scales in the flat [E * M_max, K/128]
-    layout of a single quantization (per-expert stride M_max, not a multiple of 4)."""
+    layout of a single quantization (per-expert stride M_max, not a multiple of 4). The last two have
+    fewer (tile, K block) units than the grid's CTAs (one per SM), with tiles of 16 and 8 K blocks:
+    every non-empty range is one unit, empty ranges lie between a tile's contributors."""
     w, wq, ws = make_weight(n, k, "cuda", e=e)
     x = torch.randn(e * m_max, k, device="cuda").bfloat16()
     q, s = ops.quant_fp8_1x128(x)
