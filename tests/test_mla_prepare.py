@@ -434,27 +434,15 @@ def test_fused_qkv_a_gemm_equals_separate_cuda():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("prefill_mode", ["decompressed", "absorbed"])
-def test_fused_glue_equals_unfused_cuda(model_dir, prefill_mode):
+@pytest.mark.parametrize("switch,seed", [("fuse_glue", 3), ("fuse_norm_quant", 5)])
+def test_fusion_equals_unfused_cuda(model_dir, prefill_mode, switch, seed):
+    """On the GPU each fusion equals the kernels it replaces bit for bit (the MLA glue kernels; the
+    norms fused with quant_fp8_1x128), so the logits with the switch off are identical too."""
     model = load(model_dir, device="cuda")
-    prompt = ids(70, 3)
+    prompt = ids(70, seed)
     model.set_prefill_mode(prefill_mode)
     fused = run_steps(model, prompt, chunk=40)
-    with switches(fuse_glue=False):
-        plain = run_steps(model, prompt, chunk=40)
-    for a, b in zip(fused, plain):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("prefill_mode", ["decompressed", "absorbed"])
-def test_norm_quant_fusion_equals_unfused_cuda(model_dir, prefill_mode):
-    """On the GPU the fused kernels equal rms_norm / fused_add_rms_norm + quant_fp8_1x128 bit for bit,
-    so the logits are identical too."""
-    model = load(model_dir, device="cuda")
-    prompt = ids(70, 5)
-    model.set_prefill_mode(prefill_mode)
-    fused = run_steps(model, prompt, chunk=40)
-    with switches(fuse_norm_quant=False):
+    with switches(**{switch: False}):
         plain = run_steps(model, prompt, chunk=40)
     for a, b in zip(fused, plain):
         assert torch.equal(a, b)
