@@ -74,7 +74,7 @@ constexpr int kMaxGroups = 1024;
 constexpr int kAcc = kRows * kTokens / kMathThreads;  // 32 fp32 per thread (64 x 64 per warpgroup)
 constexpr int kSlotFloats = kAcc * kMathThreads;      // one fp32 partial tile in the workspace
 
-constexpr int kMaxCtas = 1024;  // grid size bound: the tile counters and the fixup table hold one entry a CTA
+constexpr int kMaxCtas = 1024;  // grid size bound: the tile counters and the slot tables hold one entry a CTA
 
 struct Params {
   const float* a_scale;  // (group g, token i, kb) at g * a_scale_estride + kb * a_scale_ld + i
@@ -135,10 +135,10 @@ struct Split {
   __device__ int cta_of(int64_t u) const { return int(div_nonneg((u + 1) * ctas + units - 1, units)) - 1; }
 };
 
-// What CTA c does about shared tiles. Its range [b, e) can start inside a tile that an earlier CTA
-// began: it then leaves a partial of that tile (arrive_tile). It can end inside a tile that it
-// began: it is then that tile's reducer (reduce_tile), which waits for the other CTAs' partials.
-// Every other tile of the range is whole.
+// Which shared tiles CTA c contributes to. Its range [b, e) can start inside a tile that an earlier CTA
+// began (arrive_tile, its partial in slot 2c) and end inside a tile that it begins and a later CTA
+// finishes (reduce_tile, slot 2c + 1). Every other tile of the range is whole. It reduces a slice of
+// each of its shared tiles once all their contributors' partials are in.
 struct SharedTiles {
   int64_t arrive_tile = -1, reduce_tile = -1;
   __device__ SharedTiles(const Split& sp, int c) {
@@ -381,6 +381,7 @@ __device__ __forceinline__ void signal_warp(const Params& p, uint8_t* smem, cons
     publish(tiles[0]);
   }
   if (tiles[1] >= 0) {
+    __syncwarp();  // the warp meets bar.sync converged after publish's lane-0 branch
     named_sync(kBarPartialR);
     publish(tiles[1]);
   }
