@@ -385,6 +385,7 @@ __device__ __forceinline__ void signal_warp(const Params& p, uint8_t* smem, cons
     named_sync(kBarPartialR);
     publish(tiles[1]);
   }
+  FS_SKINNY_TL(if (lane == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kPublished, timeline::now());)
   if (lane == 0) {
     for (int i = 0; i < 2; ++i) {
       if (tiles[i] < 0) continue;
@@ -397,6 +398,7 @@ __device__ __forceinline__ void signal_warp(const Params& p, uint8_t* smem, cons
       }
     }
   }
+  FS_SKINNY_TL(if (lane == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kObserved, timeline::now());)
   __syncwarp();
   named_arrive(kBarReady);
   if (lane == 0) {
@@ -506,6 +508,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
   // Every partial of the CTA's shared tiles is visible: its slices of their reductions.
   if (st.arrive_tile >= 0 || st.reduce_tile >= 0) {
     named_sync(kBarReady);
+    FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kReady, timeline::now());)
     const int* table = reinterpret_cast<const int*>(smem + Smem::kSlots);
     const int* info = reinterpret_cast<const int*>(smem + Smem::kSlotInfo);
     const int* tokens_of = reinterpret_cast<const int*>(smem + Smem::kGroupTokens);
@@ -517,6 +520,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
       const int n0 = int(tiles[i] - int64_t(gi) * tiles_per_group) * kRows;
       reduce_slice(p, table + i * kMaxCtas, info[2 * i], info[2 * i + 1], g, n0, tokens_of[g], tid);
     }
+    FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kReduced, timeline::now());)
   }
   FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) {
     timeline::Cta* r = timeline::g_cta + c;
