@@ -155,6 +155,7 @@ struct SharedTiles {
 // tile (they arrive, the signal warp waits); kBarReady: every partial of both tiles is visible (the signal
 // warp arrives, the math threads wait). One barrier per partial: the two arrivals can never meet on one.
 constexpr int kBarPartialA = 1, kBarReady = 2, kBarPartialR = 3, kBarSignalCount = kMathThreads + 32;
+constexpr int kBarStaged = 4;  // the math threads alone: the reduction's loads are staged
 __device__ __forceinline__ void named_arrive(int id) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kBarSignalCount) : "memory");
 }
@@ -288,36 +289,78 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   })
 }
 
-// This CTA's share of a shared tile's reduction: the tile's fp32 partials are [jcount][256] float4
+// This CTA's share of its shared tiles' reductions. A tile's fp32 partials are [jcount][256] float4
 // elements (jcount column groups of 8 tokens), split evenly over its n contributors in order; the
-// contributor at place k sums elements [k E / n, (k + 1) E / n) over the n workspace slots in
-// contributor order (8 loads in flight), so the result does not depend on timing, and stores them as
-// bf16. Each element is one math thread's 2 rows x 2 tokens of the tile (store_columns).
-__device__ __forceinline__ void reduce_slice(const Params& p, const int* slots, int n, int k, int g, int n0,
-                                             int tokens, int tid) {
+// contributor at place k owns elements [k E / n, (k + 1) E / n). Each element is one math thread's
+// 2 rows x 2 tokens of the tile (store_columns).
+// The reduction sits on the grid's critical path and is pure latency (a few KB from L2), so every
+// load of both tiles goes out in one round: the (slot, element) pairs are spread over the 256 math
+// threads (slot-major, so a warp reads consecutive float4) and staged in the weight ring, idle now.
+// Then each thread sums its elements' slots in contributor order from shared memory, so the result
+// does not depend on timing. (Two tiles one after the other, with a thread's slots 8 at a time, made
+// the CTAs at tile boundaries end the grid ~2.7 us after the others: H100, session 12.)
+struct SliceJob {
+  const int* slots;  // the tile's contributors' workspace slots, in order
+  int n;             // their count
+  int e0, len;       // this CTA's elements [e0, e0 + len)
+  int g, n0, tokens;
+};
+
+__device__ __forceinline__ SliceJob make_slice_job(const int* slots, int n, int k, int g, int n0, int tokens) {
   const int jcount = min(kAcc / 4, (tokens + 7) / 8);
   const int E = jcount * kMathThreads;
-  const int e1 = int(int64_t(k + 1) * E / n);
-  for (int e = int(int64_t(k) * E / n) + tid; e < e1; e += kMathThreads) {
-    const int j = e / kMathThreads, tt = e % kMathThreads;
-    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int i0 = 0; i0 < n; i0 += 8) {
-      float4 v[8];
+  const int e0 = k * E / n;  // E <= 2048, n <= kMaxCtas: no overflow
+  return SliceJob{slots, n, e0, (k + 1) * E / n - e0, g, n0, tokens};
+}
+
+constexpr int kReduceBatch = 8;  // loads per thread in flight
+// The staging area holds every (slot, element) pair: per tile len * n <= E + n <= 2048 + kMaxCtas.
+static_assert(2 * (kSlotFloats / 4 + kMaxCtas) * 16 <= kStages * Smem::kWBytes, "reduction staging exceeds the weight ring");
+
+// The job of tile i (0 or 1) by selects, not an indexed array: that would live in local memory.
+__device__ __forceinline__ SliceJob pick(const SliceJob& a, const SliceJob& b, bool second) {
+  return SliceJob{second ? b.slots : a.slots, second ? b.n : a.n,   second ? b.e0 : a.e0, second ? b.len : a.len,
+                  second ? b.g : a.g,         second ? b.n0 : a.n0, second ? b.tokens : a.tokens};
+}
+
+__device__ __forceinline__ void reduce_slices(const Params& p, const SliceJob& a, const SliceJob& b, float4* stage,
+                                              int tid) {
+  const int wa = a.len * a.n, w = wa + b.len * b.n;
+  for (int q0 = tid; q0 < w; q0 += kReduceBatch * kMathThreads) {
+    float4 v[kReduceBatch];
 #pragma unroll
-      for (int b = 0; b < 8; ++b) {
+    for (int i = 0; i < kReduceBatch; ++i) {
+      const int q = q0 + i * kMathThreads;
+      if (q < w) {
+        const SliceJob j = pick(a, b, q >= wa);
+        const int r = q - (q >= wa ? wa : 0);
+        const int s = r / j.len, el = r - s * j.len;
         // .cg: written by other SMs during this grid, and L1 is not coherent with them.
-        v[b] = i0 + b < n ? __ldcg(p.partials + int64_t(slots[i0 + b]) * (kSlotFloats / 4) + e) : float4{};
-      }
-#pragma unroll
-      for (int b = 0; b < 8; ++b) {
-        sum.x += v[b].x;
-        sum.y += v[b].y;
-        sum.z += v[b].z;
-        sum.w += v[b].w;
+        v[i] = __ldcg(p.partials + int64_t(j.slots[s]) * (kSlotFloats / 4) + j.e0 + el);
       }
     }
+#pragma unroll
+    for (int i = 0; i < kReduceBatch; ++i) {
+      const int q = q0 + i * kMathThreads;
+      if (q < w) stage[q] = v[i];
+    }
+  }
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kBarStaged), "n"(kMathThreads) : "memory");
+  for (int x = tid; x < a.len + b.len; x += kMathThreads) {
+    const SliceJob j = pick(a, b, x >= a.len);
+    const int el = x - (x >= a.len ? a.len : 0);
+    const float4* src = stage + (x >= a.len ? wa : 0) + el;
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < j.n; ++s) {
+      const float4 v = src[s * j.len];
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
+    }
+    const int e = j.e0 + el;
     const float out[4] = {sum.x, sum.y, sum.z, sum.w};
-    store_columns(p, out, g, n0, tt, j, tokens);
+    store_columns(p, out, j.g, j.n0, e % kMathThreads, e / kMathThreads, j.tokens);
   }
 }
 
@@ -513,13 +556,17 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
     const int* info = reinterpret_cast<const int*>(smem + Smem::kSlotInfo);
     const int* tokens_of = reinterpret_cast<const int*>(smem + Smem::kGroupTokens);
     const int64_t tiles[2] = {st.arrive_tile, st.reduce_tile};
+    SliceJob job[2];  // fully unrolled below: registers
+#pragma unroll
     for (int i = 0; i < 2; ++i) {
+      job[i] = SliceJob{table, 1, 0, 0, 0, 0, 0};  // no tile: no elements
       if (tiles[i] < 0) continue;
       const int gi = int(div_nonneg(tiles[i], tiles_per_group));
       const int g = active[1 + gi];
       const int n0 = int(tiles[i] - int64_t(gi) * tiles_per_group) * kRows;
-      reduce_slice(p, table + i * kMaxCtas, info[2 * i], info[2 * i + 1], g, n0, tokens_of[g], tid);
+      job[i] = make_slice_job(table + i * kMaxCtas, info[2 * i], info[2 * i + 1], g, n0, tokens_of[g]);
     }
+    reduce_slices(p, job[0], job[1], reinterpret_cast<float4*>(smem + Smem::kW), tid);
     FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kReduced, timeline::now());)
   }
   FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) {
