@@ -313,11 +313,50 @@ __device__ __forceinline__ SliceJob make_slice_job(const int* slots, int n, int 
   return SliceJob{slots, n, e0, (k + 1) * E / n - e0, g, n0, tokens};
 }
 
-constexpr int kReduceBatch = 8;  // loads per thread in flight
-// The staging area holds every (slot, element) pair: per tile len * n <= E + n <= 2048 + kMaxCtas.
+// A tile's (slot, element) pairs: len * n <= E + n <= 2048 + n. Each thread takes every kMathThreads-th
+// pair, at most kPairsPerThread of them while n <= 256 (a grid has one CTA per SM); larger n loops.
+constexpr int kPairsPerThread = 9;
 static_assert(2 * (kSlotFloats / 4 + kMaxCtas) * 16 <= kStages * Smem::kWBytes, "reduction staging exceeds the weight ring");
 
-// The job of tile i (0 or 1) by selects, not an indexed array: that would live in local memory.
+// The pairs of one tile that a thread loads: pair q is slot q / len, element q % len. The thread's pairs
+// are kMathThreads apart, so it steps by a precomputed quotient and remainder (a division per pair
+// cost ~50 instructions: H100, session 12).
+struct PairWalk {
+  int s, el, ds, del, count;
+  __device__ PairWalk(const SliceJob& j, int tid) {
+    const int l = max(j.len, 1), w = j.len * j.n;
+    s = tid / l;
+    el = tid - s * l;
+    ds = kMathThreads / l;
+    del = kMathThreads - ds * l;
+    count = tid < w ? (w - 1 - tid) / kMathThreads + 1 : 0;
+  }
+  template <int kN>
+  __device__ __forceinline__ void load(const Params& p, const SliceJob& j, int i0, float4 (&v)[kN]) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      if (i0 + i < count) {
+        // .cg: written by other SMs during this grid, and L1 is not coherent with them.
+        v[i] = __ldcg(p.partials + (j.slots[s] * (kSlotFloats / 4) + j.e0 + el));  // < 2 kMaxCtas * 2048: int
+        s += ds;
+        el += del;
+        if (el >= j.len) {
+          el -= j.len;
+          ++s;
+        }
+      }
+    }
+  }
+  template <int kN>
+  __device__ __forceinline__ void stage(float4* dst, int tid, int i0, const float4 (&v)[kN]) const {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      if (i0 + i < count) dst[tid + kMathThreads * (i0 + i)] = v[i];
+    }
+  }
+};
+
+// The job of tile a or b by selects, not an indexed array: that would live in local memory.
 __device__ __forceinline__ SliceJob pick(const SliceJob& a, const SliceJob& b, bool second) {
   return SliceJob{second ? b.slots : a.slots, second ? b.n : a.n,   second ? b.e0 : a.e0, second ? b.len : a.len,
                   second ? b.g : a.g,         second ? b.n0 : a.n0, second ? b.tokens : a.tokens};
@@ -325,25 +364,15 @@ __device__ __forceinline__ SliceJob pick(const SliceJob& a, const SliceJob& b, b
 
 __device__ __forceinline__ void reduce_slices(const Params& p, const SliceJob& a, const SliceJob& b, float4* stage,
                                               int tid) {
-  const int wa = a.len * a.n, w = wa + b.len * b.n;
-  for (int q0 = tid; q0 < w; q0 += kReduceBatch * kMathThreads) {
-    float4 v[kReduceBatch];
-#pragma unroll
-    for (int i = 0; i < kReduceBatch; ++i) {
-      const int q = q0 + i * kMathThreads;
-      if (q < w) {
-        const SliceJob j = pick(a, b, q >= wa);
-        const int r = q - (q >= wa ? wa : 0);
-        const int s = r / j.len, el = r - s * j.len;
-        // .cg: written by other SMs during this grid, and L1 is not coherent with them.
-        v[i] = __ldcg(p.partials + int64_t(j.slots[s]) * (kSlotFloats / 4) + j.e0 + el);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kReduceBatch; ++i) {
-      const int q = q0 + i * kMathThreads;
-      if (q < w) stage[q] = v[i];
-    }
+  const int wa = a.len * a.n;
+  PairWalk pa(a, tid), pb(b, tid);
+  // Both tiles' loads are in flight before any of them lands in shared memory.
+  for (int i0 = 0; i0 < max(pa.count, pb.count); i0 += kPairsPerThread) {
+    float4 va[kPairsPerThread], vb[kPairsPerThread];
+    pa.load(p, a, i0, va);
+    pb.load(p, b, i0, vb);
+    pa.stage(stage, tid, i0, va);
+    pb.stage(stage + wa, tid, i0, vb);
   }
   asm volatile("bar.sync %0, %1;\n" ::"n"(kBarStaged), "n"(kMathThreads) : "memory");
   for (int x = tid; x < a.len + b.len; x += kMathThreads) {
