@@ -26,6 +26,7 @@
 #include "common/pdl.cuh"
 #include "common/smem_sm90.cuh"
 #include "mla/mla_cache_token.cuh"
+#include "mla/mla_head_gemv_row.cuh"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
@@ -87,17 +88,7 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[t][j] = 0.f;
   for (int k = g; k < p.K; k += groups) {
-    const uint4 wv = *reinterpret_cast<const uint4*>(sw + k * cols + 8 * ch);
-    float wf[8];
-    to_float8<__nv_bfloat16>(wv, wf);
-#pragma unroll
-    for (int t = 0; t < kT; ++t) {
-      if (t < p.T) {
-        const float av = __bfloat162float(sa[t * p.K + k]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[t][j] = fmaf(av, wf[j], acc[t][j]);
-      }
-    }
+    fma_weight_row<kT>(acc, *reinterpret_cast<const uint4*>(sw + k * cols + 8 * ch), sa, p.K, p.T, k);
   }
   __syncthreads();  // every weight read is done: the area takes the partials [groups][kT][cols]
   float* red = reinterpret_cast<float*>(smem);
