@@ -19,8 +19,7 @@ using skinny::Params;
 // (device, stream, capture) and left at zero by every call, so they cannot come from the per-call
 // workspace. A stream being captured gets its own array per capture: the graph keeps the pointer, and
 // two graphs captured on one stream may later be replayed on two streams at once. The arrays are
-// never freed (8 KB each; one per stream an engine uses, plus one per captured graph). Two counters a
-// CTA: arrivals and retirements (fp8_gemm_skinny.cuh, signal_warp).
+// never freed (4 KB each; one per stream an engine uses, plus one per captured graph).
 int* tile_counters(cudaStream_t stream) {
   int device = 0;
   FS_CUDA_CHECK(cudaGetDevice(&device));
@@ -39,10 +38,10 @@ int* tile_counters(cudaStream_t stream) {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   FS_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
   int* counters = nullptr;
-  cudaError_t err = cudaMalloc(&counters, 2 * skinny::kMaxCtas * sizeof(int));
+  cudaError_t err = cudaMalloc(&counters, skinny::kMaxCtas * sizeof(int));
   cudaStream_t side = nullptr;
   if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
-  if (err == cudaSuccess) err = cudaMemsetAsync(counters, 0, 2 * skinny::kMaxCtas * sizeof(int), side);
+  if (err == cudaSuccess) err = cudaMemsetAsync(counters, 0, skinny::kMaxCtas * sizeof(int), side);
   if (err == cudaSuccess) err = cudaStreamSynchronize(side);
   if (side != nullptr) cudaStreamDestroy(side);
   cudaThreadExchangeStreamCaptureMode(&mode);
@@ -81,7 +80,7 @@ void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Pa
 }  // namespace
 
 size_t fp8_gemm_skinny_workspace(int sm_count) {
-  return 2 * size_t(sm_count) * skinny::kSlotFloats * sizeof(float);  // two partials a CTA
+  return size_t(sm_count) * skinny::kSlotFloats * sizeof(float);  // one partial a CTA
 }
 
 void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_t stream) {

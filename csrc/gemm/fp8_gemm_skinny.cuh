@@ -6,10 +6,10 @@
 // columns). The work is the list of (tile, 128-deep K block) units of the active groups, tile-major,
 // and CTA c of G takes units [c U / G, (c + 1) U / G): every SM streams the same number of weight
 // bytes whatever N and K are (stream-K). A tile that lies inside one CTA's range is written as bf16
-// at once. A tile shared by several CTAs (its contributors) is reduced by all of them: each leaves an
-// fp32 partial in the workspace and, once every contributor's partial is there, sums its own slice of
-// the tile over all of them in contributor order, so the result does not depend on timing (section
-// "Shared tiles").
+// at once. A tile shared by several CTAs is finished by the CTA that began it (its reducer): each
+// later CTA leaves an fp32 partial in the workspace and counts it on the reducer's counter, and the
+// reducer adds them to its own values in CTA order, so the result does not depend on timing
+// (section "Shared tiles").
 //
 // CTA: 320 threads. Warpgroups 0-1 take rows [0, 64) and [64, 128) of each unit: 4 wgmma, wait,
 // promote into the fp32 tile (fin += acc * a_scale[token] * b_scale). Warp 8 fills a ring of kStages
@@ -23,21 +23,20 @@
 //
 // Warp 9 handles the shared tiles' signalling (signal_warp).
 //
-// Shared tiles. Until session 10 a second kernel summed the partials; session 10 had the CTA that
-// begins a tile (its reducer) sum the tile alone. At M = 64 a tile of a K = 7168 GEMM has ~8
-// contributors, and the reducer read ~224 KB of partials while the others had finished: its CTA ended
-// up to ~6 us after the rest (timeline harness, session 11). Now every contributor reduces 1/n of the
-// tile: ~32 KB read per CTA, one round of loads. The math threads store each partial and arrive on a
-// named barrier; the signal warp publishes it with a release add on the tile's counter, waits (acquire)
-// until the counter shows every contributor, and releases the math threads, which kept their loop
-// going meanwhile. The counters live outside the per-call workspace, since they must be zero when a
-// call starts: the launcher keeps one zero-initialised array per (device, stream, graph capture), and
-// the last contributor to see a tile complete sets its counters back to zero. Two calls can only meet
-// on one array if they run on one stream, i.e. one after the other; the next call's CTAs touch it only
-// after griddepcontrol.wait, i.e. after the previous grid has completed.
-// Earlier designs, measured: the last CTA to arrive summing the tile (a returning atomic in the math
-// threads) stalled the weight stream, and its chain (store, fence, atomic, loads) was longer than the
-// second kernel (1x2112x7168: 11.9-12.2 us against 10.2-10.3, H100, session 10).
+// Shared tiles. Until session 10 a second kernel summed the partials; it ended ~3 us after the main
+// grid (its launch waits for the grid's completion and memory flush). Now the reducer sums them in
+// this grid. A later CTA's math threads store its partial and arrive on a named barrier; the signal
+// warp then adds 1 to the reducer's counter with release semantics. The reducer's signal warp waits
+// (acquire) until the counter shows every other CTA of the tile, resets it to zero and lets its math
+// threads, which kept their own values in registers, load and add the partials. The counters live
+// outside the per-call workspace, since they must be zero when a call starts: the launcher keeps one
+// zero-initialised array per (device, stream, graph capture) and every call leaves it at zero. Two
+// calls can only meet on one array if they run on one stream, i.e. one after the other; the next
+// call's CTAs touch it only after griddepcontrol.wait, i.e. after the previous grid has completed.
+// A first version counted arrivals with a returning atomic in the math threads and let the last CTA
+// to arrive sum the tile: the fence and the atomic stalled the weight stream, and the last arrival's
+// chain (store, fence, atomic, loads) was longer than the second kernel (1x2112x7168: 11.9-12.2 us
+// against 10.2-10.3, H100, session 10).
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -74,7 +73,7 @@ constexpr int kMaxGroups = 1024;
 constexpr int kAcc = kRows * kTokens / kMathThreads;  // 32 fp32 per thread (64 x 64 per warpgroup)
 constexpr int kSlotFloats = kAcc * kMathThreads;      // one fp32 partial tile in the workspace
 
-constexpr int kMaxCtas = 1024;  // grid size bound: the tile counters and the slot tables hold one entry a CTA
+constexpr int kMaxCtas = 1024;  // grid size bound: the tile counters and the fixup table hold one entry a CTA
 
 struct Params {
   const float* a_scale;  // (group g, token i, kb) at g * a_scale_estride + kb * a_scale_ld + i
@@ -85,10 +84,8 @@ struct Params {
   int num_groups;
   int m_rows;  // dense: M; masked: M_max
   int n, k;
-  float4* partials;     // workspace: [2 gridDim.x][kSlotFloats / 4], float4 (j, thread) at j * kMathThreads + thread;
-                        // CTA c's partial of its first shared tile in slot 2c, of its last in slot 2c + 1
-  int* tile_counters;   // [2 kMaxCtas] (arrivals, then retirements), zero at the start and the end of every
-                        // call (see "Shared tiles")
+  float4* partials;     // workspace: [gridDim.x][kSlotFloats / 4], float4 (j, thread) at j * kMathThreads + thread
+  int* tile_counters;   // [kMaxCtas], zero at the start and the end of every call (see "Shared tiles")
 };
 
 struct Smem {
@@ -100,11 +97,8 @@ struct Smem {
   static constexpr int kSa = kX + kStages * kXBytes;
   static constexpr int kActive = kSa + kStages * kSaBytes;  // [0] count, [1..] group ids
   static constexpr int kGroupTokens = kActive + (kMaxGroups + 1) * 4;  // tokens of every group
-  // The workspace slots of each shared tile's contributors in order (first shared tile, last shared
-  // tile), then (count, this CTA's place) of each.
-  static constexpr int kSlots = kGroupTokens + kMaxGroups * 4;
-  static constexpr int kSlotInfo = kSlots + 2 * kMaxCtas * 4;
-  static constexpr int kBar = (kSlotInfo + 4 * 4 + 7) / 8 * 8;
+  static constexpr int kFix = kGroupTokens + kMaxGroups * 4;  // [kMaxCtas] slots the reducer sums
+  static constexpr int kBar = (kFix + kMaxCtas * 4 + 7) / 8 * 8;
   static constexpr int kTotal = kBar + 2 * kStages * 8;
   static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 (128B-swizzle atoms)
   __device__ static uint32_t full(uint32_t base, int s) { return base + kBar + 8 * s; }
@@ -133,12 +127,18 @@ struct Split {
   __device__ int64_t begin(int c) const { return div_nonneg(int64_t(c) * units, ctas); }
   // The CTA whose range holds unit u: the largest c with begin(c) <= u.
   __device__ int cta_of(int64_t u) const { return int(div_nonneg((u + 1) * ctas + units - 1, units)) - 1; }
+  // How many CTAs hold units of tile t, the first of them being cta_of(t * num_kb). With at least as
+  // many units as CTAs every range is non-empty; with fewer, every non-empty range is one unit.
+  __device__ int contributors(int64_t t) const {
+    const int64_t tb = t * num_kb;
+    return units >= ctas ? cta_of(tb + num_kb - 1) - cta_of(tb) + 1 : num_kb;
+  }
 };
 
-// Which shared tiles CTA c contributes to. Its range [b, e) can start inside a tile that an earlier CTA
-// began (arrive_tile, its partial in slot 2c) and end inside a tile that it begins and a later CTA
-// finishes (reduce_tile, slot 2c + 1). Every other tile of the range is whole. It reduces a slice of
-// each of its shared tiles once all their contributors' partials are in.
+// What CTA c does about shared tiles. Its range [b, e) can start inside a tile that an earlier CTA
+// began: it then leaves a partial of that tile (arrive_tile). It can end inside a tile that it
+// began: it is then that tile's reducer (reduce_tile), which waits for the other CTAs' partials.
+// Every other tile of the range is whole.
 struct SharedTiles {
   int64_t arrive_tile = -1, reduce_tile = -1;
   __device__ SharedTiles(const Split& sp, int c) {
@@ -151,11 +151,10 @@ struct SharedTiles {
 };
 
 // Named barriers between the math threads and the signal warp (barrier 0 is __syncthreads):
-// kBarPartialA / kBarPartialR: the math threads have stored the partial of the CTA's first / last shared
-// tile (they arrive, the signal warp waits); kBarReady: every partial of both tiles is visible (the signal
-// warp arrives, the math threads wait). One barrier per partial: the two arrivals can never meet on one.
-constexpr int kBarPartialA = 1, kBarReady = 2, kBarPartialR = 3, kBarSignalCount = kMathThreads + 32;
-constexpr int kBarStaged = 4;  // the math threads alone: the reduction's loads are staged
+// kBarPartial: the math threads have stored the CTA's partial (they arrive, the signal warp waits);
+// kBarReady: every other partial of the CTA's reduce tile is visible (the signal warp arrives, the
+// math threads wait).
+constexpr int kBarPartial = 1, kBarReady = 2, kBarSignalCount = kMathThreads + 32;
 __device__ __forceinline__ void named_arrive(int id) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kBarSignalCount) : "memory");
 }
@@ -289,199 +288,100 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
   })
 }
 
-// This CTA's share of its shared tiles' reductions. A tile's fp32 partials are [jcount][256] float4
-// elements (jcount column groups of 8 tokens), split evenly over its n contributors in order; the
-// contributor at place k owns elements [k E / n, (k + 1) E / n). Each element is one math thread's
-// 2 rows x 2 tokens of the tile (store_columns).
-// The reduction sits on the grid's critical path and is pure latency (a few KB from L2), so every
-// load of both tiles goes out in one round: the (slot, element) pairs are spread over the 256 math
-// threads (slot-major, so a warp reads consecutive float4) and staged in the weight ring, idle now.
-// Then each thread sums its elements' slots in contributor order from shared memory, so the result
-// does not depend on timing. (Two tiles one after the other, with a thread's slots 8 at a time, made
-// the CTAs at tile boundaries end the grid ~2.7 us after the others: H100, session 12.)
-struct SliceJob {
-  const int* slots;  // the tile's contributors' workspace slots, in order
-  int n;             // their count
-  int e0, len;       // this CTA's elements [e0, e0 + len)
-  int g, n0, tokens;
-};
-
-__device__ __forceinline__ SliceJob make_slice_job(const int* slots, int n, int k, int g, int n0, int tokens) {
-  const int jcount = min(kAcc / 4, (tokens + 7) / 8);
-  const int E = jcount * kMathThreads;
-  const int e0 = k * E / n;  // E <= 2048, n <= kMaxCtas: no overflow
-  return SliceJob{slots, n, e0, (k + 1) * E / n - e0, g, n0, tokens};
-}
-
-// A tile's (slot, element) pairs: len * n <= E + n <= 2048 + n. Each thread takes every kMathThreads-th
-// pair, at most kPairsPerThread of them while n <= 256 (a grid has one CTA per SM); larger n loops.
-constexpr int kPairsPerThread = 9;
-static_assert(2 * (kSlotFloats / 4 + kMaxCtas) * 16 <= kStages * Smem::kWBytes, "reduction staging exceeds the weight ring");
-
-// The pairs of one tile that a thread loads: pair q is slot q / len, element q % len. The thread's pairs
-// are kMathThreads apart, so it steps by a precomputed quotient and remainder (a division per pair
-// cost ~50 instructions: H100, session 12).
-struct PairWalk {
-  int s, el, ds, del, count;
-  __device__ PairWalk(const SliceJob& j, int tid) {
-    const int l = max(j.len, 1), w = j.len * j.n;
-    s = tid / l;
-    el = tid - s * l;
-    ds = kMathThreads / l;
-    del = kMathThreads - ds * l;
-    count = tid < w ? (w - 1 - tid) / kMathThreads + 1 : 0;
-  }
-  template <int kN>
-  __device__ __forceinline__ void load(const Params& p, const SliceJob& j, int i0, float4 (&v)[kN]) {
+// The reducer's sum of its shared tile, columns [8 j0, 8 (j0 + kJ)): its own fp32 values (fin), then
+// the partials of the `count` later CTAs listed in `slots` (-1: an empty range, nothing written) in
+// CTA order, kB partials loaded together. Fixed order: the result does not depend on timing.
+template <int kJ, int kB>
+__device__ __forceinline__ void reduce_columns(const Params& p, const float (&fin)[kAcc], const int* slots,
+                                               int count, int j0, int g, int n0, int tokens, int tid) {
+  float4 sum[kJ];
 #pragma unroll
-    for (int i = 0; i < kN; ++i) {
-      if (i0 + i < count) {
+  for (int j = 0; j < kJ; ++j) {
+    const int f = 4 * min(j0 + j, kAcc / 4 - 1);
+    sum[j] = make_float4(fin[f], fin[f + 1], fin[f + 2], fin[f + 3]);
+  }
+  for (int i0 = 0; i0 < count; i0 += kB) {
+    float4 v[kB][kJ];
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      const int s = i0 + b < count ? slots[i0 + b] : -1;
+      const float4* part = p.partials + int64_t(max(s, 0)) * (kSlotFloats / 4) + tid;
+#pragma unroll
+      for (int j = 0; j < kJ; ++j) {
         // .cg: written by other SMs during this grid, and L1 is not coherent with them.
-        v[i] = __ldcg(p.partials + (j.slots[s] * (kSlotFloats / 4) + j.e0 + el));  // < 2 kMaxCtas * 2048: int
-        s += ds;
-        el += del;
-        if (el >= j.len) {
-          el -= j.len;
-          ++s;
-        }
+        v[b][j] = s >= 0 && 8 * (j0 + j) < tokens ? __ldcg(part + (j0 + j) * kMathThreads) : float4{};
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+#pragma unroll
+      for (int j = 0; j < kJ; ++j) {
+        sum[j].x += v[b][j].x;
+        sum[j].y += v[b][j].y;
+        sum[j].z += v[b][j].z;
+        sum[j].w += v[b][j].w;
       }
     }
   }
-  template <int kN>
-  __device__ __forceinline__ void stage(float4* dst, int tid, int i0, const float4 (&v)[kN]) const {
 #pragma unroll
-    for (int i = 0; i < kN; ++i) {
-      if (i0 + i < count) dst[tid + kMathThreads * (i0 + i)] = v[i];
-    }
-  }
-};
-
-// The job of tile a or b by selects, not an indexed array: that would live in local memory.
-__device__ __forceinline__ SliceJob pick(const SliceJob& a, const SliceJob& b, bool second) {
-  return SliceJob{second ? b.slots : a.slots, second ? b.n : a.n,   second ? b.e0 : a.e0, second ? b.len : a.len,
-                  second ? b.g : a.g,         second ? b.n0 : a.n0, second ? b.tokens : a.tokens};
-}
-
-__device__ __forceinline__ void reduce_slices(const Params& p, const SliceJob& a, const SliceJob& b, float4* stage,
-                                              int tid) {
-  const int wa = a.len * a.n;
-  PairWalk pa(a, tid), pb(b, tid);
-  // Both tiles' loads are in flight before any of them lands in shared memory.
-  for (int i0 = 0; i0 < max(pa.count, pb.count); i0 += kPairsPerThread) {
-    float4 va[kPairsPerThread], vb[kPairsPerThread];
-    pa.load(p, a, i0, va);
-    pb.load(p, b, i0, vb);
-    pa.stage(stage, tid, i0, va);
-    pb.stage(stage + wa, tid, i0, vb);
-  }
-  asm volatile("bar.sync %0, %1;\n" ::"n"(kBarStaged), "n"(kMathThreads) : "memory");
-  for (int x = tid; x < a.len + b.len; x += kMathThreads) {
-    const SliceJob j = pick(a, b, x >= a.len);
-    const int el = x - (x >= a.len ? a.len : 0);
-    const float4* src = stage + (x >= a.len ? wa : 0) + el;
-    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s = 0; s < j.n; ++s) {
-      const float4 v = src[s * j.len];
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
-    }
-    const int e = j.e0 + el;
-    const float out[4] = {sum.x, sum.y, sum.z, sum.w};
-    store_columns(p, out, j.g, j.n0, e % kMathThreads, e / kMathThreads, j.tokens);
+  for (int j = 0; j < kJ; ++j) {
+    if (8 * (j0 + j) >= tokens) break;
+    const float v[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
+    store_columns(p, v, g, n0, tid, j0 + j, tokens);
   }
 }
 
-// The contributors of shared tile t in order, as workspace slots into table (the tile's first CTA, which
-// begins it, left its partial in its last-tile slot; every later one in its first-tile slot), their
-// count and CTA c's place among them, by the signal warp. CTAs with empty ranges (fewer units than
-// CTAs) hold nothing.
-__device__ __forceinline__ void list_contributors(const Split& sp, int64_t t, int c, int* table, int* info,
-                                                  int lane) {
-  const int64_t tb = t * sp.num_kb;
-  const int c0 = sp.cta_of(tb), c1 = sp.cta_of(tb + sp.num_kb - 1);
-  int count = 0, place = -1;
-  for (int o0 = c0; o0 <= c1; o0 += 32) {
-    const int o = o0 + lane;
-    const bool held = o <= c1 && sp.begin(o) < sp.begin(o + 1);
-    const unsigned m = __ballot_sync(0xffffffffu, held);
-    const int pos = count + __popc(m & ((1u << lane) - 1u));
-    if (held) table[pos] = o == c0 ? 2 * o + 1 : 2 * o;
-    if (held && o == c) place = pos;
-    count += __popc(m);
-  }
+// kJ column groups at a time, so that the loads in flight per thread stay at 16 float4 whatever the
+// token count (M = 1: one group, 16 partials a round trip).
+template <int kJ>
+__device__ __forceinline__ void reduce_tile(const Params& p, const float (&fin)[kAcc], const int* slots, int count,
+                                            int g, int n0, int tokens, int tid) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) place = max(place, __shfl_xor_sync(0xffffffffu, place, off));
-  if (lane == 0) {
-    info[0] = count;
-    info[1] = place;
+  for (int j0 = 0; j0 < kAcc / 4; j0 += kJ) {
+    if (8 * j0 >= tokens) break;
+    reduce_columns<kJ, 16 / kJ>(p, fin, slots, count, j0, g, n0, tokens, tid);
   }
 }
 
 // The signal warp: it alone touches the tile counters, so the math warpgroups never wait on a fence
-// or an atomic in the middle of the weight stream. For each shared tile of the CTA (at most two: the
-// first tile of its range, which an earlier CTA began, and the last, which it begins and a later CTA
-// finishes) it lists the contributors' slots, publishes the CTA's partial once the math threads have
-// stored it (one release add on the tile's counter, indexed by the tile's first CTA), and waits
-// (acquire) until every contributor has published; then it releases the math threads to reduce their
-// slices of both tiles. Each observer then adds one to the tile's retirement counter; the last one
-// sets both counters back to zero, since nobody reads them again in this call.
-// Progress: a CTA waits only after publishing everything it contributes, and publishing waits for
-// nothing, so every wait ends once every CTA of the grid has run; the grid has at most one CTA per SM
-// and a programmatic dependent launch starts the next kernel only once every CTA of this one has
-// started (griddepcontrol.launch_dependents), so the next kernel cannot hold the SMs they need.
+// or an atomic in the middle of the weight stream. It publishes the CTA's partial (after the math
+// threads have stored it) with one release add on the counter of the tile's reducer, and, for the
+// CTA's own reduce tile, lists the later CTAs' slots, waits until they have all arrived (acquire),
+// sets the counter back to zero and releases the math threads.
+// Progress: a reducer waits only for later CTAs of its own tile, and only the tile that straddles the
+// last resident CTA can have a waiting reducer whose partners are not resident yet, so with CTAs
+// dispatched in index order (what the hardware does) at most one reducer per grid is stuck at a time
+// and every other CTA finishes and frees its SM. A programmatic dependent launch starts the next
+// kernel only once every CTA of this one has started (griddepcontrol.launch_dependents), so a
+// following kernel cannot take the SMs the remaining CTAs need.
 __device__ __forceinline__ void signal_warp(const Params& p, uint8_t* smem, const Split& sp, int c,
                                             const SharedTiles& st) {
   const int lane = threadIdx.x % 32;
-  int* table = reinterpret_cast<int*>(smem + Smem::kSlots);
-  int* info = reinterpret_cast<int*>(smem + Smem::kSlotInfo);
-  const int64_t tiles[2] = {st.arrive_tile, st.reduce_tile};
-  if (tiles[0] < 0 && tiles[1] < 0) return;
-  for (int i = 0; i < 2; ++i) {
-    if (tiles[i] >= 0) list_contributors(sp, tiles[i], c, table + i * kMaxCtas, info + 2 * i, lane);
-  }
-  __syncwarp();
-  auto publish = [&](int64_t t) {
+  if (st.arrive_tile >= 0) {
+    named_sync(kBarPartial);
     if (lane == 0) {
-      int* counter = p.tile_counters + sp.cta_of(t * sp.num_kb);
+      int* counter = p.tile_counters + sp.cta_of(st.arrive_tile * sp.num_kb);
       asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
     }
-  };
-  if (tiles[0] >= 0) {
-    named_sync(kBarPartialA);
-    publish(tiles[0]);
   }
-  if (tiles[1] >= 0) {
-    __syncwarp();  // the warp meets bar.sync converged after publish's lane-0 branch
-    named_sync(kBarPartialR);
-    publish(tiles[1]);
-  }
-  FS_SKINNY_TL(if (lane == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kPublished, timeline::now());)
-  if (lane == 0) {
-    for (int i = 0; i < 2; ++i) {
-      if (tiles[i] < 0) continue;
-      int* counter = p.tile_counters + sp.cta_of(tiles[i] * sp.num_kb);
+  if (st.reduce_tile >= 0) {
+    const int64_t tb = st.reduce_tile * sp.num_kb;
+    const int last = sp.cta_of(tb + sp.num_kb - 1);
+    int* slots = reinterpret_cast<int*>(smem + Smem::kFix);
+    for (int o = c + 1 + lane; o <= last; o += 32) slots[o - c - 1] = sp.begin(o) == sp.begin(o + 1) ? -1 : o;
+    if (lane == 0) {
+      const int expected = sp.contributors(st.reduce_tile) - 1;
+      int* counter = p.tile_counters + c;
       for (;;) {
         int arrived;
         asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(arrived) : "l"(counter) : "memory");
-        if (arrived >= info[2 * i]) break;
+        if (arrived >= expected) break;
         __nanosleep(64);
       }
+      *counter = 0;  // every other CTA of the tile has arrived: nobody touches it again in this call
     }
-  }
-  FS_SKINNY_TL(if (lane == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kObserved, timeline::now());)
-  __syncwarp();
-  named_arrive(kBarReady);
-  if (lane == 0) {
-    for (int i = 0; i < 2; ++i) {
-      if (tiles[i] < 0) continue;
-      const int first = sp.cta_of(tiles[i] * sp.num_kb);
-      if (atomicAdd(p.tile_counters + kMaxCtas + first, 1) == info[2 * i] - 1) {
-        p.tile_counters[first] = 0;  // every contributor has seen the tile complete
-        p.tile_counters[kMaxCtas + first] = 0;
-      }
-    }
+    __syncwarp();
+    named_arrive(kBarReady);
   }
 }
 
@@ -554,49 +454,34 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
     // Columns past the group's tokens are neither stored nor kept as partials (M = 1: 1/8 of them).
     const int tokens = reinterpret_cast<const int*>(smem + Smem::kGroupTokens)[g];
     const bool whole = kb0 == 0 && kb_end == sp.num_kb;
-    const bool last = t == st.reduce_tile;  // else, if shared, the CTA's first tile
-    float4* slot = p.partials + int64_t(2 * c + (last ? 1 : 0)) * (kSlotFloats / 4) + tid;
+    if (!whole && t == st.reduce_tile) {
+      named_sync(kBarReady);
+      const int* slots = reinterpret_cast<const int*>(smem + Smem::kFix);
+      const int count = sp.cta_of(t * sp.num_kb + sp.num_kb - 1) - c;
+      if (tokens <= 8) {
+        reduce_tile<1>(p, fin, slots, count, g, n0, tokens, tid);
+      } else if (tokens <= 16) {
+        reduce_tile<2>(p, fin, slots, count, g, n0, tokens, tid);
+      } else {
+        reduce_tile<4>(p, fin, slots, count, g, n0, tokens, tid);
+      }
+    } else {
+      float4* slot = p.partials + int64_t(c) * (kSlotFloats / 4) + tid;
 #pragma unroll
-    for (int j = 0; j < kAcc / 4; ++j) {
-      if (8 * j >= tokens) break;
-      if (whole) {
-        const float v[4] = {fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]};
-        store_columns(p, v, g, n0, tid, j, tokens);
-      } else {
-        slot[j * kMathThreads] = make_float4(fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]);
+      for (int j = 0; j < kAcc / 4; ++j) {
+        if (8 * j >= tokens) break;
+        if (whole) {
+          const float v[4] = {fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]};
+          store_columns(p, v, g, n0, tid, j, tokens);
+        } else {
+          slot[j * kMathThreads] = make_float4(fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]);
+        }
       }
-    }
-    if (!whole) {  // the signal warp publishes it
-      if (last) {
-        named_arrive(kBarPartialR);
-      } else {
-        named_arrive(kBarPartialA);
-      }
+      if (!whole) named_arrive(kBarPartial);  // the signal warp publishes it
     }
     FS_SKINNY_TL(tl_epi_end = timeline::now(); tl_epi_clk += tl_epi_end.clk - tl_epi_start.clk;
                  (whole ? tl_whole : tl_partial) += 1; tl_last_whole = whole;)
     u = t * sp.num_kb + kb_end;
-  }
-  // Every partial of the CTA's shared tiles is visible: its slices of their reductions.
-  if (st.arrive_tile >= 0 || st.reduce_tile >= 0) {
-    named_sync(kBarReady);
-    FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kReady, timeline::now());)
-    const int* table = reinterpret_cast<const int*>(smem + Smem::kSlots);
-    const int* info = reinterpret_cast<const int*>(smem + Smem::kSlotInfo);
-    const int* tokens_of = reinterpret_cast<const int*>(smem + Smem::kGroupTokens);
-    const int64_t tiles[2] = {st.arrive_tile, st.reduce_tile};
-    SliceJob job[2];  // fully unrolled below: registers
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      job[i] = SliceJob{table, 1, 0, 0, 0, 0, 0};  // no tile: no elements
-      if (tiles[i] < 0) continue;
-      const int gi = int(div_nonneg(tiles[i], tiles_per_group));
-      const int g = active[1 + gi];
-      const int n0 = int(tiles[i] - int64_t(gi) * tiles_per_group) * kRows;
-      job[i] = make_slice_job(table + i * kMaxCtas, info[2 * i], info[2 * i + 1], g, n0, tokens_of[g]);
-    }
-    reduce_slices(p, job[0], job[1], reinterpret_cast<float4*>(smem + Smem::kW), tid);
-    FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kReduced, timeline::now());)
   }
   FS_SKINNY_TL(if (tid == 0 && timeline::g_cta != nullptr) {
     timeline::Cta* r = timeline::g_cta + c;

@@ -22,10 +22,6 @@ enum Point : int {
   kExit,       // thread 0, after a __syncthreads() at the end of the kernel
   kProducer,   // producer lane 0, entering the producer (past griddepcontrol.launch_dependents)
   kTmaPre,     // producer lane 0, first unit: its empty barrier passed, before the TMA instructions
-  kPublished,  // signal lane 0, its last partial published (release add issued)
-  kObserved,   // signal lane 0, every contributor of its shared tiles seen (acquire spin done)
-  kReady,      // math thread 0, past the ready barrier (about to reduce its slices)
-  kReduced,    // math thread 0, its slices reduced and stored
   kPoints
 };
 
