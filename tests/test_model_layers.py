@@ -162,3 +162,46 @@ def test_linear_takes_a_prequantized_activation():
     lin.set(wq, ws)
     assert not norm_quant_fits(torch.randn(5, 392).bfloat16()[:, 4:388], norm_w, [lin])   # misaligned rows
     assert not norm_quant_fits(x.float(), norm_w, [lin])
+
+
+def _explicit_causal(q, k, v, scale):
+    """The specification: query i sees the first L - s_q + i + 1 keys (bottom-right aligned)."""
+    s_q, L = q.shape[1], k.shape[1]
+    visible = L - s_q + torch.arange(s_q, device=q.device) + 1
+    mask = torch.arange(L, device=q.device)[None, :] < visible[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("s_q,L", [(9, 9), (5, 13), (1, 7), (12, 40)])
+def test_fused_causal_attention_semantics(s_q, L):
+    # float64 on CPU: the helper's padding, slicing and causal alignment alone (exact up to rounding).
+    from flashseek.models.deepseek.layers import _fused_causal_attention
+
+    g = torch.Generator().manual_seed(s_q * 100 + L)
+    q, k = (torch.randn(3, n, 24, generator=g, dtype=torch.float64) for n in (s_q, L))
+    v = torch.randn(3, L, 16, generator=g, dtype=torch.float64)
+    out = _fused_causal_attention(q, k, v, 0.2)
+    assert out.shape == (3, s_q, 16)
+    torch.testing.assert_close(out, _explicit_causal(q, k, v, 0.2), rtol=0, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("s_q,L", [(256, 256), (128, 384), (1, 200), (77, 77)])
+def test_fused_causal_attention_cuda(s_q, L):
+    # R1's head dims (q, k 192; v 128) in bf16 through torch's fused kernels, against the explicit mask
+    # in fp32 on the same bf16 inputs. Tolerance: bf16 probabilities and output (2^-8 relative) over a
+    # softmax-weighted mean of unit-variance values: rel_err < 1e-2.
+    from flashseek.models.deepseek.layers import _fused_causal_attention
+
+    g = torch.Generator().manual_seed(s_q + 7 * L)
+    # [len, h, d] transposed to [h, len, d], as the model lays them out (head stride d, row stride h * d).
+    q, k = (torch.randn(n, 16, 192, generator=g).bfloat16().cuda().transpose(0, 1) for n in (s_q, L))
+    v = torch.randn(L, 16, 128, generator=g).bfloat16().cuda().transpose(0, 1)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Math (the materialised-scores fallback) is not allowed: the helper exists to stay off it.
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = _fused_causal_attention(q, k, v, 192 ** -0.5)
+    assert out.shape == (16, s_q, 128) and out.dtype == torch.bfloat16
+    ref = _explicit_causal(q.float(), k.float(), v.float(), 192 ** -0.5)
+    assert rel_err(out, ref) < 1e-2
