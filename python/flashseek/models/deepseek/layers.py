@@ -562,21 +562,22 @@ class MLAAttention:
 def _fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of q [h, s_q, d] over k [h, L, d], v [h, L, dv] (dv <= d), bottom-right aligned
     (query i sees the first L - s_q + i + 1 keys), through torch's fused SDPA kernels.
-    They need one head dim for q, k and v: with R1's 192 / 128 SDPA fell back to its math backend, which
-    materialises the [h, s_q, L] scores (4.3 GB at 4096 tokens) and took ~70 ms a layer on H100
-    (bench model, session 12). Zero columns on v change nothing in the output and cost 1/5 more PV
-    work. An explicit bottom-right mask also rules the flash kernel out; CausalBias keeps it (s_q = L)
-    or the memory-efficient kernel (s_q < L, chunked prefill)."""
+    They take 4-D [batch, h, len, d] inputs only (3-D ones fell back to SDPA's math backend, which
+    materialises the [h, s_q, L] scores: 4.3 GB at 4096 tokens, ~70 ms a layer on H100, bench model,
+    session 12), and flash needs one head dim for q, k and v: zero columns on v (R1: 128 -> 192) change
+    nothing in the output and cost 1/5 more PV work. An explicit boolean mask would rule flash out;
+    CausalBias keeps it (flash aligns causal masks bottom-right)."""
     from torch.nn.attention.bias import causal_lower_right
 
     s_q, L, dv = q.shape[1], k.shape[1], v.shape[-1]
     if dv < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
+    q, k, v = q[None], k[None], v[None]  # the fused kernels take [batch, h, len, d] only
     if s_q == L:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(s_q, L), scale=scale)
-    return out[..., :dv]
+    return out[0, ..., :dv]
 
 
 def _head_bmm(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
