@@ -489,8 +489,8 @@ def test_mla_head_gemv_cpu(h, t, k, n):
     (lambda a, w, o: (a.float(), w, o), "a must have dtype"),
     (lambda a, w, o: (a, w[:, :96], o), r"w must have shape \[H=2, K=128, N\]"),
     (lambda a, w, o: (a, w, o[:, :, :64]), "out must have shape"),
-    (lambda a, w, o: (torch.zeros(2, 9, 128, dtype=torch.bfloat16), w, torch.zeros(2, 9, 128, dtype=torch.bfloat16)),
-     "at most 8 tokens"),
+    (lambda a, w, o: (torch.zeros(2, 17, 128, dtype=torch.bfloat16), w, torch.zeros(2, 17, 128, dtype=torch.bfloat16)),
+     "at most 16 tokens"),
     (lambda a, w, o: (a[:, :, :80], w[:, :80], o), "multiple of 32"),
     (lambda a, w, o: (a, w[:, :, :96], o[:, :, :96]), "multiple of 64"),
     (lambda a, w, o: (a, w.transpose(1, 2).contiguous().transpose(1, 2), o), "contiguous rows"),
@@ -521,7 +521,7 @@ def head_gemv_impl(request, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9, 12, 16, 17])
 @pytest.mark.parametrize("h,k,n", [(128, 128, 512), (128, 512, 128), (16, 128, 512), (3, 64, 64), (1, 1024, 192),
                                    (2, 1024, 256)])
 @pytest.mark.parametrize("layout", ["views", "plain"])
@@ -593,7 +593,7 @@ def test_mla_head_gemv_quant_fp8_opcheck(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("t", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 12, 16])
 @pytest.mark.parametrize("h,k", [(128, 512), (16, 512), (3, 128), (1, 576)])
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_mla_head_gemv_quant_fp8_cuda(t, h, k, ue8m0):

@@ -143,14 +143,23 @@ void launch_head_gemv(const HeadGemvParams& p, cudaStream_t stream) {
       p.N % kCols != 0 || p.H < 0)
     throw std::invalid_argument("flashseek: mla_head_gemv parameters out of range");
   if (p.T == 0 || p.H == 0) return;
-  if (p.T == 1) {
-    launch_t<1>(p, stream);
-  } else if (p.T <= 2) {
-    launch_t<2>(p, stream);
-  } else if (p.T <= 4) {
-    launch_t<4>(p, stream);
-  } else {
-    launch_t<8>(p, stream);
+  // 16 tokens' accumulators next to the early rows spill (~1 KB a thread): above 8 tokens this kernel
+  // runs in launches of 8, each reading the weights again (shapes that reach it have no room for a
+  // slice in shared memory, so they are not R1's).
+  for (int t0 = 0; t0 < p.T; t0 += 8) {
+    HeadGemvParams c = p;
+    c.T = p.T - t0 < 8 ? p.T - t0 : 8;
+    c.a = static_cast<const __nv_bfloat16*>(p.a) + int64_t(t0) * p.a_tstride;
+    c.out = static_cast<__nv_bfloat16*>(p.out) + int64_t(t0) * p.o_tstride;
+    if (c.T == 1) {
+      launch_t<1>(c, stream);
+    } else if (c.T <= 2) {
+      launch_t<2>(c, stream);
+    } else if (c.T <= 4) {
+      launch_t<4>(c, stream);
+    } else {
+      launch_t<8>(c, stream);
+    }
   }
   FS_CHECK_LAUNCH();
 }

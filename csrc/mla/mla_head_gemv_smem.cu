@@ -153,8 +153,10 @@ void launch_q(const HeadGemvParams& p, int cols, cudaStream_t stream) {
     launch_t<2, kQuant>(p, cols, stream);
   } else if (p.T <= 4) {
     launch_t<4, kQuant>(p, cols, stream);
-  } else {
+  } else if (p.T <= 8) {
     launch_t<8, kQuant>(p, cols, stream);
+  } else {
+    launch_t<16, kQuant>(p, cols, stream);
   }
 }
 
