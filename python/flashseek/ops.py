@@ -1426,23 +1426,29 @@ MLA_HEAD_GEMV_MAX_T = 16
 MLA_HEAD_GEMV_QUANT_MAX_K = 576
 
 
-def _check_mla_head_gemv(a, w, out):
-    for name, x in (("a", a), ("w", w), ("out", out)):
+def _check_head_gemv_inputs(a, w, op: str, past_max_t: str = "") -> None:
+    """a [H, T, K] and w [H, K, N] as both head-GEMV ops take them (check_head_gemv_inputs in
+    csrc/mla/mla_ops.cpp)."""
+    for name, x in (("a", a), ("w", w)):
         _expect_dtype(x, name, torch.bfloat16)
         _expect_dim(x, name, 3)
     h, t, k = a.shape
     n = w.shape[2]
     _expect(tuple(w.shape[:2]) == (h, k), f"w must have shape [H={h}, K={k}, N], got {list(w.shape)}")
-    _expect_shape(out, "out", (h, t, n))
-    _expect(t <= MLA_HEAD_GEMV_MAX_T,
-            f"mla_head_gemv takes at most {MLA_HEAD_GEMV_MAX_T} tokens, got {t} "
-            "(flashseek.ops.mla_head_gemv runs torch.bmm above that)")
+    _expect(t <= MLA_HEAD_GEMV_MAX_T, f"{op} takes at most {MLA_HEAD_GEMV_MAX_T} tokens, got {t}{past_max_t}")
     _expect(k > 0 and k % 32 == 0 and k <= 1024, f"K must be a positive multiple of 32 up to 1024, got {k}")
     _expect(n > 0 and n % 64 == 0, f"N must be a positive multiple of 64, got {n}")
     _expect(a.stride(2) == 1 and a.stride(0) % 8 == 0 and (t <= 1 or a.stride(1) % 8 == 0),
             f"a must have a unit last stride and other strides multiples of 8, got strides {tuple(a.stride())}")
     _expect(w.stride(2) == 1 and w.stride(1) == n and w.stride(0) % 8 == 0,
             f"w must have contiguous rows [K, N] per head, got strides {tuple(w.stride())}")
+
+
+def _check_mla_head_gemv(a, w, out):
+    _check_head_gemv_inputs(a, w, "mla_head_gemv", " (flashseek.ops.mla_head_gemv runs torch.bmm above that)")
+    _expect_dtype(out, "out", torch.bfloat16)
+    _expect_dim(out, "out", 3)
+    _expect_shape(out, "out", (a.shape[0], a.shape[1], w.shape[2]))
     _expect(out.stride(2) == 1, f"out must have a unit last stride, got strides {tuple(out.stride())}")
     _expect_same_device(a, "a", w=w, out=out)
 
@@ -1484,20 +1490,13 @@ def mla_head_gemv(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] 
 
 
 def _check_mla_head_gemv_quant_fp8(a, w, out, scale, ue8m0=False):
-    for name, x in (("a", a), ("w", w)):
-        _expect_dtype(x, name, torch.bfloat16)
-        _expect_dim(x, name, 3)
+    _check_head_gemv_inputs(a, w, "mla_head_gemv_quant_fp8")
     h, t, k = a.shape
-    _expect(tuple(w.shape) == (h, k, 128),
+    _expect(w.shape[2] == 128,
             f"w must have shape [H={h}, K={k}, 128] (one 1x128 block per head), got {list(w.shape)}")
-    _expect(t <= MLA_HEAD_GEMV_MAX_T, f"mla_head_gemv_quant_fp8 takes at most {MLA_HEAD_GEMV_MAX_T} tokens, got {t}")
-    _expect(k > 0 and k % 32 == 0 and k <= MLA_HEAD_GEMV_QUANT_MAX_K,
+    _expect(k <= MLA_HEAD_GEMV_QUANT_MAX_K,
             f"mla_head_gemv_quant_fp8 takes K a positive multiple of 32 up to {MLA_HEAD_GEMV_QUANT_MAX_K} (a head's "
             f"[K, 128] weights must fit one CTA's shared memory), got {k}")
-    _expect(a.stride(2) == 1 and a.stride(0) % 8 == 0 and (t <= 1 or a.stride(1) % 8 == 0),
-            f"a must have a unit last stride and other strides multiples of 8, got strides {tuple(a.stride())}")
-    _expect(w.stride(2) == 1 and w.stride(1) == 128 and w.stride(0) % 8 == 0,
-            f"w must have contiguous rows [K, N] per head, got strides {tuple(w.stride())}")
     _expect_dtype(out, "out", FP8)
     _expect_shape(out, "out", (t, h * 128))
     _expect(out.stride(1) == 1 and out.stride(0) % 4 == 0,

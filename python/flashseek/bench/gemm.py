@@ -105,7 +105,10 @@ GEMM_CASES = [(64, 2112, 7168), (128, 7168, 16384), (4096, 2112, 7168), (4096, 7
               # DeepSeek-R1 decode projections at batch 1 and 16: fused q_a/kv_a, q_b, o_proj, dense
               # gate+up and down (weight streams: the copy bandwidth is their ceiling).
               (1, 2112, 7168), (1, 24576, 1536), (1, 7168, 16384), (1, 36864, 7168), (1, 7168, 18432),
-              (16, 36864, 7168)]
+              (16, 36864, 7168),
+              # q_b at batch 16: the dispatch picks the CUTLASS path here (19.2 us in the b=16 layer with
+              # no PDL overlap, session 12); the row records both decode kernels' graph times.
+              (16, 24576, 1536)]
 GEMM_CASES_QUICK = [(64, 2112, 7168), (4096, 7168, 16384)]
 GEMM_CASES_CPU = [(16, 256, 512), (64, 576, 1024)]
 
