@@ -1,0 +1,77 @@
+"""Same-process A/B of one full-dimension DeepSeek-R1 decode layer (dense, then MoE) under host-side
+variants: Python knobs of flashseek.ops or the FLASHSEEK_* environment switches that the C++ dispatch
+reads on every call. Each variant's layer is captured in its own CUDA graph; the graphs are replayed in
+alternating rounds so that clock and thermal drift fall on every variant alike.
+Usage (a GPU, flashseek built):
+  B=16 AB='ops.MLA_HEAD_GEMV_MAX_T = 8|ops.MLA_HEAD_GEMV_MAX_T = 16' python bench/probes/layer_ab.py
+AB: variants separated by '|', each Python statements run with `ops` and `os` in scope after the
+environment and the ops knobs are restored to what they were at start. B: decode batch (default 1);
+context 4096, random FP8 weights at R1's sizes, the layer as a decode step runs it (bench model's rows).
+Session 13 used it for the head GEMV's token limit and q_b's kernel at b = 16."""
+import os
+import statistics
+
+import torch
+
+from flashseek import ops
+from flashseek.bench.model import _decode_setup
+from flashseek.engine.kv_cache import PagedKVCache
+from flashseek.models.deepseek.config import r1_config
+from flashseek.models.deepseek.layers import MoE
+from flashseek.models.deepseek.model import DeepseekV3ForCausalLM
+
+batch = int(os.environ.get("B", "1"))
+variants = [v.strip() for v in os.environ.get("AB", "pass").split("|")]
+rounds = int(os.environ.get("ROUNDS", "5"))
+replays = int(os.environ.get("REPLAYS", "100"))
+env0 = dict(os.environ)
+knobs0 = {k: getattr(ops, k) for k in dir(ops) if k.isupper() and isinstance(getattr(ops, k), (int, float))}
+
+
+def apply(variant: str) -> None:
+    os.environ.clear()
+    os.environ.update(env0)
+    for k, v in knobs0.items():
+        setattr(ops, k, v)
+    exec(variant, {"ops": ops, "os": os})
+
+
+cfg = r1_config(2).replace(first_k_dense_replace=1)
+model = DeepseekV3ForCausalLM.from_random(cfg, "cuda", "fp8")
+gen = torch.Generator().manual_seed(0)
+cache = PagedKVCache(cfg.num_hidden_layers, batch * 64 + 4, 64, model.cache_dtype, "cuda")
+for t in cache.layers:
+    t.normal_()
+with torch.inference_mode():
+    tables, meta, x, ids = _decode_setup(model, cache, batch, 4096, gen)
+    for layer in model.layers:
+        kind = "MoE" if isinstance(layer.mlp, MoE) else "dense"
+        kv = cache.layers[layer.idx]
+        xs, rs = x.clone(), x.clone()
+        fn = lambda: layer.forward(xs, rs, meta, kv, model.rope)  # noqa: E731
+        graphs = []
+        for v in variants:
+            apply(v)
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graphs.append(g)
+        apply("pass")
+        times = [[] for _ in variants]
+        for _ in range(rounds):
+            for i, g in enumerate(graphs):
+                for _ in range(20):
+                    g.replay()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                for _ in range(replays):
+                    g.replay()
+                e1.record()
+                torch.cuda.synchronize()
+                times[i].append(e0.elapsed_time(e1) / replays * 1000)
+        for v, ts in zip(variants, times):
+            print(f"== {kind} layer b={batch}: median {statistics.median(ts):7.1f} us "
+                  f"(rounds {' '.join(f'{t:.1f}' for t in ts)})  [{v}]")
