@@ -110,23 +110,23 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
       oh[int64_t(t) * p.o_tstride + c] = __float2bfloat16_rn(s);
     }
   } else {
-    // cols == 128: warp t quantizes token t's block, lane l its columns 4l..4l+3.
-    if (warp < p.T) {
+    // cols == 128: warp w quantizes the blocks of tokens w, w + 8, ..., lane l its columns 4l..4l+3.
+    for (int t = warp; t < p.T; t += kThreads / 32) {
       float v[4];
       float amax = 0.f;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int c = 4 * lane + i;
         float s = 0.f;
-        for (int gg = 0; gg < groups; ++gg) s += red[(int64_t(gg) * kT + warp) * cols + c];
+        for (int gg = 0; gg < groups; ++gg) s += red[(int64_t(gg) * kT + t) * cols + c];
         v[i] = __bfloat162float(__float2bfloat16_rn(s));  // the bf16 output quant_fp8_1x128 would read
         amax = max_nan(amax, fabsf(v[i]));
       }
       amax = group_amax<32>(amax, 0xffffffffu);
       const float sc = fp8_block_scale(amax, p.ue8m0);
-      *reinterpret_cast<uint32_t*>(p.q + int64_t(warp) * p.q_tstride + int64_t(h) * 128 + 4 * lane) =
+      *reinterpret_cast<uint32_t*>(p.q + int64_t(t) * p.q_tstride + int64_t(h) * 128 + 4 * lane) =
           quantize4_e4m3(v[0], v[1], v[2], v[3], sc);
-      if (lane == 0) p.scale[int64_t(h) * p.scale_ld + warp] = sc;
+      if (lane == 0) p.scale[int64_t(h) * p.scale_ld + t] = sc;
     }
   }
 }
