@@ -1,20 +1,28 @@
 // The absorbed MLA's per-head projections (mla_head_gemv.cu states the op) with each CTA's whole weight
-// slice in shared memory: one CTA per (head, column slice), the slice [K, C] (R1: W_UK 128 x 512,
-// W_UV^T 512 x 128, 128 KB) requested by TMA bulk copies before griddepcontrol.wait, so its HBM reads
-// start the moment the CTA is resident, whatever the previous kernel still does.
+// slice in shared memory and the products on tensor cores: one CTA per (head, column slice), the slice
+// [K, C] (R1: W_UK 128 x 512, W_UV^T 512 x 128, ~136 KB) requested by TMA bulk copies before
+// griddepcontrol.wait, so its HBM reads start the moment the CTA is resident, whatever the previous
+// kernel still does.
 //
-// Why: in the b=1 decode layer the register kernel's CTAs could only start loading once the MLA
-// decode's CTAs (every register of an SM) had left, then streamed W_UV^T in ~64 KB pieces per CTA over
-// two CTAs an SM, and ended ~8.7 us after the combine (session 10 timeline). One 128 KB request per SM
-// issued at residency is the shortest path to the bytes; the math is ~16 FMAs per weight row per token.
+// Why a CTA per slice: in the b=1 decode layer the register kernel's CTAs could only start loading once
+// the MLA decode's CTAs (every register of an SM) had left, then streamed W_UV^T in ~64 KB pieces per CTA
+// over two CTAs an SM, and ended ~8.7 us after the combine (session 10 timeline). One request per SM issued
+// at residency is the shortest path to the bytes.
+// Why tensor cores: the first version of this kernel multiplied on the FP32 pipe (one FMA per weight
+// element and token) and was compute-bound past one token: W_UK 5.4 / 12.0 / 19.9 / 36.7 us at T = 1 / 4
+// / 8 / 16 against cuBLAS's 4.7 at every T (graph replays, H100, session 13). mma.sync m16n8k16 takes 16
+// tokens (zero rows past T) per instruction: the weight stream is the cost up to 64 tokens.
 //
 // The FP8 variant (N = 128: each head's output is one 1x128 block of the o_proj input) writes the e4m3
 // row and its scale directly, bit-identical to quant_fp8_1x128 of the bf16 output: the bf16-rounded
 // values, their amax over the block, fp8_block_quant.cuh's scale and conversion.
 //
-// CTA: 256 threads = `groups` row groups x C / 8 column chunks of 8; thread (g, ch) accumulates rows
-// k = g + groups * i in ascending k for every token; the row groups' partials are summed in group order
-// through shared memory (the weight area, reused): a fixed order, deterministic.
+// Shared memory: the slice as [K][C] rows padded by 16 bytes (the 8 rows an ldmatrix reads then start in
+// 8 different bank groups), landing in four K quarters on four mbarriers so that the first k steps
+// start before the last rows arrive; the tokens as [16 kMT][K] rows padded likewise, staged after the
+// PDL wait, 16 kMT tokens at a time. CTA: 8 warps, warp w owns columns [w C/8, (w+1) C/8) (for C = 64, 4
+// warps own 16 each) of every token: kNT16 x 16 columns, kMT x 16 tokens, every k in ascending 16-steps,
+// so each output's sum has one fixed order (deterministic; both variants equal).
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -25,148 +33,226 @@
 #include "common/fp8_block_quant.cuh"
 #include "common/pdl.cuh"
 #include "common/smem_sm90.cuh"
-#include "mla/mla_cache_token.cuh"
-#include "mla/mla_head_gemv_row.cuh"
+#include "mla/mla_decode_kernel.cuh"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxWeightBytes = 144 << 10;  // the slice; with T x K activations under 227 KB
-constexpr int kMaxCols = 2048;                  // C / 8 column chunks must divide the 256 threads
-static_assert(int64_t(kHeadGemvQuantMaxK) * 128 * 2 <= kMaxWeightBytes, "the FP8-output kernel takes whole heads");
+using detail::ldsm_x4;
+using detail::ldsm_x4_t;
+using detail::mma_bf16;
 
-// The weight area, reused for the row groups' partials: groups x T x C fp32 = 2048 T floats.
-__host__ __device__ inline int64_t region_bytes(int K, int cols, int T) {
-  const int64_t w = int64_t(K) * cols * 2, red = int64_t(kThreads) * 8 * T * 4;
-  return w > red ? w : red;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxCols = 512;                   // 4 x 16 columns a warp: 64 fp32 accumulators per token tile
+constexpr int64_t kMaxWeightBytes = 160 << 10;  // the padded slice
+constexpr int kSmemLimit = 227 << 10;
+constexpr int kQuarters = 4;
+static_assert(int64_t(kHeadGemvQuantMaxK) * (128 * 2 + 16) <= kMaxWeightBytes, "the FP8-output kernel takes whole heads");
+
+__host__ __device__ inline int w_pitch(int cols) { return cols * 2 + 16; }  // bytes
+__host__ __device__ inline int a_pitch(int K) { return K * 2 + 16; }
+// Layout: weights | token rows (16 kMT) | per-(token, warp) amax (FP8 variant) | kQuarters mbarriers.
+__host__ __device__ inline int64_t a_offset(int K, int cols) { return int64_t(K) * w_pitch(cols); }
+__host__ __device__ inline int64_t amax_offset(int K, int cols, int mt) {
+  return a_offset(K, cols) + int64_t(16 * mt) * a_pitch(K);
+}
+__host__ __device__ inline int64_t bar_offset(int K, int cols, int mt) {
+  return amax_offset(K, cols, mt) + 16 * mt * kWarps * 4;
+}
+__host__ __device__ inline int64_t smem_bytes(int K, int cols, int mt) { return bar_offset(K, cols, mt) + kQuarters * 8; }
+
+// k16 steps [quarter_begin(q), quarter_begin(q + 1)) land on mbarrier q (some quarters are empty for K < 64).
+__host__ __device__ inline int quarter_begin(int steps, int q) { return steps * q / kQuarters; }
+
+__device__ __forceinline__ uint32_t quantize2_e4m3(float a, float b, float s) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)), __NV_SATFINITE, __NV_E4M3);
 }
 
-template <int kT, bool kQuant>
+template <int kMT, int kNT16, bool kQuant>
 __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemvParams p, int cols) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int h = blockIdx.y, n0 = blockIdx.x * cols;
-  const int64_t region = region_bytes(p.K, cols, kT);
-  const uint32_t w_bytes = uint32_t(p.K) * cols * 2;
-  __nv_bfloat16* sw = reinterpret_cast<__nv_bfloat16*>(smem);            // [K][cols]
-  __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(smem + region);   // [T][K]
-  const uint32_t bar = smem_u32(smem + region + int64_t(kT) * p.K * 2);
+  const int steps = p.K / 16, wp = w_pitch(cols), ap = a_pitch(p.K);
+  const uint32_t sw = smem_u32(smem), sa = smem_u32(smem + a_offset(p.K, cols));
+  float* s_amax = reinterpret_cast<float*>(smem + amax_offset(p.K, cols, kMT));
+  const uint32_t bars = smem_u32(smem + bar_offset(p.K, cols, kMT));
   pdl_launch_dependents();
-  // The weights are static (as in rms_norm.cu): their copies go out before the PDL wait.
+  // The weights are static (as in rms_norm.cu): their copies go out before the PDL wait, one a row.
   if (warp == 0) {
-    if (lane == 0) {
-      mbar_init(bar, 1);
+    if (lane < kQuarters) {
+      mbar_init(bars + 8 * lane, 1);
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-      mbar_arrive_expect_tx(bar, w_bytes);
+      const int rows = 16 * (quarter_begin(steps, lane + 1) - quarter_begin(steps, lane));
+      mbar_arrive_expect_tx(bars + 8 * lane, uint32_t(rows) * cols * 2);
     }
     __syncwarp();
     const __nv_bfloat16* wh = static_cast<const __nv_bfloat16*>(p.w) + int64_t(h) * p.w_hstride + n0;
-    if (cols == p.N) {  // the head's rows are contiguous: one copy
-      if (lane == 0) bulk_copy(smem_u32(sw), wh, w_bytes, bar);
-    } else {
-      for (int k = lane; k < p.K; k += 32) bulk_copy(smem_u32(sw + k * cols), wh + int64_t(k) * p.N, cols * 2, bar);
+    for (int q = 0; q < kQuarters; ++q) {
+      for (int k = 16 * quarter_begin(steps, q) + lane; k < 16 * quarter_begin(steps, q + 1); k += 32)
+        bulk_copy(sw + k * wp, wh + int64_t(k) * p.N, cols * 2, bars + 8 * q);
     }
   }
   pdl_wait();
+
+  // Warp w's columns; with C = 64 only warps 0-3 have any.
+  const int wcols = 16 * kNT16, wc0 = warp * wcols;
+  const bool has_cols = wc0 < cols;
   const __nv_bfloat16* ah = static_cast<const __nv_bfloat16*>(p.a) + int64_t(h) * p.a_hstride;
   const int kc = p.K / 8;
-  for (int idx = tid; idx < p.T * kc; idx += kThreads) {
-    const int t = idx / kc, j = idx - t * kc;
-    *reinterpret_cast<uint4*>(sa + t * p.K + 8 * j) =
-        *reinterpret_cast<const uint4*>(ah + int64_t(t) * p.a_tstride + 8 * j);
-  }
-  __syncthreads();  // also publishes the mbarrier's initialisation to every warp
-  mbar_wait(bar, 0);
+  for (int t0 = 0; t0 < p.T; t0 += 16 * kMT) {
+    if (t0 > 0) __syncthreads();  // every read of the previous token rows (and amax) is done
+    for (int idx = tid; idx < 16 * kMT * kc; idx += kThreads) {
+      const int r = idx / kc, j = idx - r * kc, t = t0 + r;
+      uint4 v = make_uint4(0, 0, 0, 0);  // rows past T are zeros: their outputs are never stored
+      if (t < p.T) v = *reinterpret_cast<const uint4*>(ah + int64_t(t) * p.a_tstride + 8 * j);
+      *reinterpret_cast<uint4*>(smem + a_offset(p.K, cols) + int64_t(r) * ap + 16 * j) = v;
+    }
+    __syncthreads();
 
-  const int chunks = cols / 8, groups = kThreads / chunks;
-  const int ch = tid % chunks, g = tid / chunks;
-  float acc[kT][8];
+    float acc[kMT][kNT16][2][4];
 #pragma unroll
-  for (int t = 0; t < kT; ++t)
+    for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[t][j] = 0.f;
-  for (int k = g; k < p.K; k += groups) {
-    fma_weight_row<kT>(acc, *reinterpret_cast<const uint4*>(sw + k * cols + 8 * ch), sa, p.K, p.T, k);
-  }
-  __syncthreads();  // every weight read is done: the area takes the partials [groups][kT][cols]
-  float* red = reinterpret_cast<float*>(smem);
+      for (int j = 0; j < kNT16; ++j)
 #pragma unroll
-  for (int t = 0; t < kT; ++t) {
-    if (t < p.T) {
-      float4* dst = reinterpret_cast<float4*>(red + (int64_t(g) * kT + t) * cols + 8 * ch);
-      dst[0] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
-      dst[1] = make_float4(acc[t][4], acc[t][5], acc[t][6], acc[t][7]);
-    }
-  }
-  __syncthreads();
-  if constexpr (!kQuant) {
-    __nv_bfloat16* oh = static_cast<__nv_bfloat16*>(p.out) + int64_t(h) * p.o_hstride + n0;
-    for (int o = tid; o < p.T * cols; o += kThreads) {
-      const int t = o / cols, c = o - t * cols;
-      float s = 0.f;
-      for (int gg = 0; gg < groups; ++gg) s += red[(int64_t(gg) * kT + t) * cols + c];
-      oh[int64_t(t) * p.o_tstride + c] = __float2bfloat16_rn(s);
-    }
-  } else {
-    // cols == 128: warp w quantizes the blocks of tokens w, w + 8, ..., lane l its columns 4l..4l+3.
-    for (int t = warp; t < p.T; t += kThreads / 32) {
-      float v[4];
-      float amax = 0.f;
+        for (int e = 0; e < 8; ++e) acc[mi][j][e / 4][e % 4] = 0.f;
+    if (has_cols) {
+      // ldmatrix row addresses: lane l feeds row l % 8 of matrix l / 8.
+      const int q = lane / 8, r8 = lane % 8;
+      const uint32_t a_lane = sa + ((q & 1) * 8 + r8) * ap + (q >> 1) * 16;                 // tokens x k
+      const uint32_t w_lane = sw + ((q & 1) * 8 + r8) * wp + (wc0 + (q >> 1) * 8) * 2;       // k x columns
+      for (int qt = 0; qt < kQuarters; ++qt) {
+        if (t0 == 0) mbar_wait(bars + 8 * qt, 0);
+        for (int s = quarter_begin(steps, qt); s < quarter_begin(steps, qt + 1); ++s) {
+          uint32_t b[kNT16][4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = 4 * lane + i;
-        float s = 0.f;
-        for (int gg = 0; gg < groups; ++gg) s += red[(int64_t(gg) * kT + t) * cols + c];
-        v[i] = __bfloat162float(__float2bfloat16_rn(s));  // the bf16 output quant_fp8_1x128 would read
-        amax = max_nan(amax, fabsf(v[i]));
+          for (int j = 0; j < kNT16; ++j) ldsm_x4_t(w_lane + s * 16 * wp + j * 32, b[j]);
+#pragma unroll
+          for (int mi = 0; mi < kMT; ++mi) {
+            uint32_t a[4];
+            ldsm_x4(a_lane + mi * 16 * ap + s * 32, a);
+#pragma unroll
+            for (int j = 0; j < kNT16; ++j) {
+              mma_bf16(acc[mi][j][0], a, b[j][0], b[j][1]);
+              mma_bf16(acc[mi][j][1], a, b[j][2], b[j][3]);
+            }
+          }
+        }
       }
-      amax = group_amax<32>(amax, 0xffffffffu);
-      const float sc = fp8_block_scale(amax, p.ue8m0);
-      *reinterpret_cast<uint32_t*>(p.q + int64_t(t) * p.q_tstride + int64_t(h) * 128 + 4 * lane) =
-          quantize4_e4m3(v[0], v[1], v[2], v[3], sc);
-      if (lane == 0) p.scale[int64_t(h) * p.scale_ld + t] = sc;
+    }
+    // Accumulator (mi, j, nt): rows t0 + 16 mi + lane / 4 (+ 8 for elements 2, 3), columns
+    // wc0 + 16 j + 8 nt + 2 (lane % 4) (+ 1).
+    if constexpr (!kQuant) {
+      if (has_cols) {
+        __nv_bfloat16* oh = static_cast<__nv_bfloat16*>(p.out) + int64_t(h) * p.o_hstride + n0 + wc0 + 2 * (lane % 4);
+        // out needs only a unit last stride: pairs of columns are 4-byte aligned when the base and both
+        // strides are even.
+        const bool pairs = ((reinterpret_cast<uintptr_t>(p.out) | uint64_t(p.o_hstride | p.o_tstride) * 2) & 3) == 0;
+#pragma unroll
+        for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int t = t0 + 16 * mi + lane / 4 + 8 * half;
+            if (t < p.T) {
+#pragma unroll
+              for (int j = 0; j < kNT16; ++j)
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                  __nv_bfloat16* o = oh + int64_t(t) * p.o_tstride + 16 * j + 8 * nt;
+                  const __nv_bfloat162 v = __floats2bfloat162_rn(acc[mi][j][nt][2 * half], acc[mi][j][nt][2 * half + 1]);
+                  if (pairs) {
+                    *reinterpret_cast<__nv_bfloat162*>(o) = v;
+                  } else {
+                    o[0] = v.x;
+                    o[1] = v.y;
+                  }
+                }
+            }
+          }
+      }
+    } else {
+      // C = N = 128, kNT16 = 1: a token's block spans the 8 warps. Round to bf16 (the output
+      // quant_fp8_1x128 would read), take each warp's amax over its 16 columns (a quad holds a row),
+      // then every block's amax over the warps.
+      static_assert(!kQuant || kNT16 == 1, "the FP8 variant runs C = 128");
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float m = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& v = acc[mi][0][nt][2 * half + e];
+              v = __bfloat162float(__float2bfloat16_rn(v));
+              m = max_nan(m, fabsf(v));
+            }
+          m = group_amax<4>(m, 0xffffffffu);
+          if (lane % 4 == 0) s_amax[(16 * mi + lane / 4 + 8 * half) * kWarps + warp] = m;
+        }
+      __syncthreads();
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = 16 * mi + lane / 4 + 8 * half, t = t0 + r;
+          if (t >= p.T) continue;
+          float m = 0.f;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) m = max_nan(m, s_amax[r * kWarps + w]);
+          const float sc = fp8_block_scale(m, p.ue8m0);
+          uint8_t* qrow = p.q + int64_t(t) * p.q_tstride + int64_t(h) * 128 + wc0 + 2 * (lane % 4);
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+            *reinterpret_cast<uint16_t*>(qrow + 8 * nt) =
+                uint16_t(quantize2_e4m3(acc[mi][0][nt][2 * half], acc[mi][0][nt][2 * half + 1], sc));
+          if (warp == 0 && lane % 4 == 0) p.scale[int64_t(h) * p.scale_ld + t] = sc;
+        }
     }
   }
 }
 
-template <int kT, bool kQuant>
+template <int kMT, int kNT16, bool kQuant>
 void launch_t(const HeadGemvParams& p, int cols, cudaStream_t stream) {
-  const size_t smem = size_t(region_bytes(p.K, cols, kT)) + size_t(kT) * p.K * 2 + 16;
   static std::once_flag attr_once[64];
   int device = 0;
   FS_CUDA_CHECK(cudaGetDevice(&device));
   std::call_once(attr_once[device % 64], [] {
-    FS_CUDA_CHECK(cudaFuncSetAttribute(head_gemv_smem_kernel<kT, kQuant>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, 227 << 10));
+    FS_CUDA_CHECK(cudaFuncSetAttribute(head_gemv_smem_kernel<kMT, kNT16, kQuant>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemLimit));
   });
-  launch_pdl(head_gemv_smem_kernel<kT, kQuant>, dim3(unsigned(p.N / cols), unsigned(p.H)), dim3(kThreads), smem,
-             stream, p, cols);
+  launch_pdl(head_gemv_smem_kernel<kMT, kNT16, kQuant>, dim3(unsigned(p.N / cols), unsigned(p.H)), dim3(kThreads),
+             size_t(smem_bytes(p.K, cols, kMT)), stream, p, cols);
 }
 
-template <bool kQuant>
-void launch_q(const HeadGemvParams& p, int cols, cudaStream_t stream) {
-  if (p.T == 1) {
-    launch_t<1, kQuant>(p, cols, stream);
-  } else if (p.T <= 2) {
-    launch_t<2, kQuant>(p, cols, stream);
-  } else if (p.T <= 4) {
-    launch_t<4, kQuant>(p, cols, stream);
-  } else if (p.T <= 8) {
-    launch_t<8, kQuant>(p, cols, stream);
-  } else {
-    launch_t<16, kQuant>(p, cols, stream);
+// Token tiles per pass: enough for T (up to 4), fewer where the token rows would not fit beside the slice.
+int token_tiles(int T, int K, int cols) {
+  int mt = T <= 16 ? 1 : T <= 32 ? 2 : 4;
+  while (mt > 1 && smem_bytes(K, cols, mt) > kSmemLimit) mt /= 2;
+  return mt;
+}
+
+template <int kNT16, bool kQuant>
+void launch_nt(const HeadGemvParams& p, int cols, cudaStream_t stream) {
+  switch (token_tiles(p.T, p.K, cols)) {
+    case 1: return launch_t<1, kNT16, kQuant>(p, cols, stream);
+    case 2: return launch_t<2, kNT16, kQuant>(p, cols, stream);
+    default: return launch_t<4, kNT16, kQuant>(p, cols, stream);
   }
 }
 
 }  // namespace
 
 int head_gemv_smem_cols(int K, int N) {
-  // The widest power-of-two multiple of 64 that divides N and whose [K, C] slice fits.
+  // The widest power-of-two multiple of 64 (up to 512) that divides N and whose padded [K, C] slice fits
+  // beside one tile of 16 token rows.
   int best = 0;
   for (int c = 64; c <= kMaxCols && c <= N; c *= 2) {
-    if (N % c == 0 && int64_t(K) * c * 2 <= kMaxWeightBytes) best = c;
+    if (N % c == 0 && int64_t(K) * w_pitch(c) <= kMaxWeightBytes && smem_bytes(K, c, 1) <= kSmemLimit) best = c;
   }
   return best;
 }
@@ -178,9 +264,13 @@ void launch_head_gemv_smem(const HeadGemvParams& p, cudaStream_t stream) {
     throw std::invalid_argument("flashseek: mla_head_gemv (shared-memory kernel) parameters out of range");
   if (p.T == 0 || p.H == 0) return;
   if (p.q != nullptr) {
-    launch_q<true>(p, cols, stream);
+    launch_nt<1, true>(p, cols, stream);
+  } else if (cols == 512) {
+    launch_nt<4, false>(p, cols, stream);
+  } else if (cols == 256) {
+    launch_nt<2, false>(p, cols, stream);
   } else {
-    launch_q<false>(p, cols, stream);
+    launch_nt<1, false>(p, cols, stream);  // C = 128: a warp each; C = 64: warps 0-3
   }
   FS_CHECK_LAUNCH();
 }

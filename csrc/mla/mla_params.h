@@ -95,8 +95,8 @@ struct RopeNormAppendParams {
 
 // The absorbed MLA's per-head projections for decode-sized T (mla_head_gemv.cu): out[h, t, :] =
 // a[h, t, :] @ w[h], bf16 in/out, fp32 accumulation (q_nope @ W_UK, o_lat @ W_UV^T).
-constexpr int kHeadGemvMaxT = 16;
-constexpr int kHeadGemvMaxK = 1024;  // the token rows are staged in shared memory: T x K bf16
+constexpr int kHeadGemvMaxT = 64;
+constexpr int kHeadGemvMaxK = 1024;  // the token rows are staged in shared memory (per 8 or 16 kMT tokens)
 // mla_head_gemv_quant_fp8: one CTA holds a head's whole [K, 128] bf16 slice (144 KB of shared memory), so
 // its 128 outputs per token are one 1x128 block it can quantize alone.
 constexpr int kHeadGemvQuantMaxK = 576;

@@ -1421,7 +1421,7 @@ _register("mla_rope_norm_append", _check_mla_rope_norm_append, _ref_mla_rope_nor
 
 
 #: mla_head_gemv's token limit (kHeadGemvMaxT, csrc/mla/mla_params.h); the wrapper runs torch.bmm above it.
-MLA_HEAD_GEMV_MAX_T = 16
+MLA_HEAD_GEMV_MAX_T = 64
 # mla_head_gemv_quant_fp8: a head's [K, 128] bf16 weights sit in one CTA's shared memory.
 MLA_HEAD_GEMV_QUANT_MAX_K = 576
 
@@ -1468,9 +1468,10 @@ def mla_head_gemv(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] 
         a: bf16 [H, T, K] (any strides with a unit last one, e.g. a head-major view of [T, H, K]).
         w: bf16 [H, K, N] with contiguous [K, N] rows per head; K % 32 == 0 (<= 1024), N % 64 == 0.
         out: optional bf16 [H, T, N] with a unit last stride (e.g. a view into a larger tensor).
-    For T <= MLA_HEAD_GEMV_MAX_T the flashseek kernel (every SM streams a column slice of one head's
-    weight, as a programmatic dependent; one launch where a slice fits in shared memory, as for R1's
-    W_UK and W_UV^T, else launches of 8 tokens); above it torch.bmm (cuBLAS).
+    For T <= MLA_HEAD_GEMV_MAX_T the flashseek kernel: every CTA requests a column slice of one head's
+    weight into shared memory as a programmatic dependent and multiplies on tensor cores (one launch where
+    a slice fits, as for R1's W_UK and W_UV^T; else a register-streaming kernel in launches of 8 tokens);
+    above it torch.bmm (cuBLAS).
     """
     h, t, _ = a.shape
     if out is None:
