@@ -1,6 +1,6 @@
 // The absorbed MLA's per-head projections (mla_head_gemv.cu states the op) with each CTA's whole weight
 // slice in shared memory and the products on tensor cores: one CTA per (head, column slice), the slice
-// [K, C] (R1: W_UK 128 x 512, W_UV^T 512 x 128, ~136 KB) requested by TMA bulk copies before
+// [K, C] (R1: W_UK 128 x 512, W_UV^T 512 x 128, 128 KB) requested by cp.async before
 // griddepcontrol.wait, so its HBM reads start the moment the CTA is resident, whatever the previous
 // kernel still does.
 //
@@ -17,10 +17,12 @@
 // row and its scale directly, bit-identical to quant_fp8_1x128 of the bf16 output: the bf16-rounded
 // values, their amax over the block, fp8_block_quant.cuh's scale and conversion.
 //
-// Shared memory: the slice as [K][C] rows padded by 16 bytes (the 8 rows an ldmatrix reads then start in
-// 8 different bank groups), landing in four K quarters on four mbarriers so that the first k steps
-// start before the last rows arrive; the tokens as [16 kMT][K] rows padded likewise, staged after the
-// PDL wait, 16 kMT tokens at a time. CTA: 8 warps, warp w owns columns [w C/8, (w+1) C/8) (for C = 64, 4
+// Shared memory: the slice as [K][C] rows with 16-byte chunk c of row k at chunk c ^ (k % 8) (the 8 rows
+// an ldmatrix reads then sit in 8 different bank groups), landing in four K quarters on four mbarriers
+// so that the first k steps start before the last rows arrive. Copied by every thread's cp.async, not
+// by TMA: bulk copies of one padded row each took 17.8 us for W_UV^T's 512 rows of 256 bytes (H100,
+// session 13), and one bulk copy of the whole slice cannot swizzle. The tokens as [16 kMT][K] rows
+// padded by 16 bytes, staged after the PDL wait, 16 kMT tokens at a time. CTA: 8 warps, warp w owns columns [w C/8, (w+1) C/8) (for C = 64, 4
 // warps own 16 each) of every token: kNT16 x 16 columns, kMT x 16 tokens, every k in ascending 16-steps,
 // so each output's sum has one fixed order (deterministic; both variants equal).
 #include <cuda_bf16.h>
@@ -46,12 +48,12 @@ using detail::mma_bf16;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxCols = 512;                   // 4 x 16 columns a warp: 64 fp32 accumulators per token tile
-constexpr int64_t kMaxWeightBytes = 160 << 10;  // the padded slice
+constexpr int64_t kMaxWeightBytes = 160 << 10;
 constexpr int kSmemLimit = 227 << 10;
 constexpr int kQuarters = 4;
-static_assert(int64_t(kHeadGemvQuantMaxK) * (128 * 2 + 16) <= kMaxWeightBytes, "the FP8-output kernel takes whole heads");
+static_assert(int64_t(kHeadGemvQuantMaxK) * 128 * 2 <= kMaxWeightBytes, "the FP8-output kernel takes whole heads");
 
-__host__ __device__ inline int w_pitch(int cols) { return cols * 2 + 16; }  // bytes
+__host__ __device__ inline int w_pitch(int cols) { return cols * 2; }  // bytes
 __host__ __device__ inline int a_pitch(int K) { return K * 2 + 16; }
 // Layout: weights | token rows (16 kMT) | per-(token, warp) amax (FP8 variant) | kQuarters mbarriers.
 __host__ __device__ inline int64_t a_offset(int K, int cols) { return int64_t(K) * w_pitch(cols); }
@@ -80,19 +82,24 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
   float* s_amax = reinterpret_cast<float*>(smem + amax_offset(p.K, cols, kMT));
   const uint32_t bars = smem_u32(smem + bar_offset(p.K, cols, kMT));
   pdl_launch_dependents();
-  // The weights are static (as in rms_norm.cu): their copies go out before the PDL wait, one a row.
-  if (warp == 0) {
-    if (lane < kQuarters) {
-      mbar_init(bars + 8 * lane, 1);
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-      const int rows = 16 * (quarter_begin(steps, lane + 1) - quarter_begin(steps, lane));
-      mbar_arrive_expect_tx(bars + 8 * lane, uint32_t(rows) * cols * 2);
-    }
-    __syncwarp();
+  if (tid < kQuarters) {
+    mbar_init(bars + 8 * tid, kThreads);  // every thread's cp.async arrival
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  // The weights are static (as in rms_norm.cu): their copies go out before the PDL wait.
+  {
     const __nv_bfloat16* wh = static_cast<const __nv_bfloat16*>(p.w) + int64_t(h) * p.w_hstride + n0;
+    const int row_chunks = cols / 8, shift = __ffs(row_chunks) - 1;  // cols is a power of two
     for (int q = 0; q < kQuarters; ++q) {
-      for (int k = 16 * quarter_begin(steps, q) + lane; k < 16 * quarter_begin(steps, q + 1); k += 32)
-        bulk_copy(sw + k * wp, wh + int64_t(k) * p.N, cols * 2, bars + 8 * q);
+      const int c_end = 16 * quarter_begin(steps, q + 1) * row_chunks;
+      for (int idx = 16 * quarter_begin(steps, q) * row_chunks + tid; idx < c_end; idx += kThreads) {
+        const int k = idx >> shift, c = idx & (row_chunks - 1);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sw + k * wp + ((c ^ (k & 7)) << 4)),
+                     "l"(wh + int64_t(k) * p.N + 8 * c)
+                     : "memory");
+      }
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bars + 8 * q) : "memory");
     }
   }
   pdl_wait();
@@ -120,16 +127,20 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[mi][j][e / 4][e % 4] = 0.f;
     if (has_cols) {
-      // ldmatrix row addresses: lane l feeds row l % 8 of matrix l / 8.
+      // ldmatrix row addresses: lane l feeds row l % 8 of matrix l / 8. A k step moves 16 rows, which
+      // keeps every row's swizzle (k % 8).
       const int q = lane / 8, r8 = lane % 8;
-      const uint32_t a_lane = sa + ((q & 1) * 8 + r8) * ap + (q >> 1) * 16;                 // tokens x k
-      const uint32_t w_lane = sw + ((q & 1) * 8 + r8) * wp + (wc0 + (q >> 1) * 8) * 2;       // k x columns
+      const uint32_t a_lane = sa + ((q & 1) * 8 + r8) * ap + (q >> 1) * 16;  // tokens x k
+      uint32_t w_lane[kNT16];                                                // k x columns
+#pragma unroll
+      for (int j = 0; j < kNT16; ++j)
+        w_lane[j] = sw + ((q & 1) * 8 + r8) * wp + ((((wc0 + 16 * j) / 8 + (q >> 1)) ^ r8) << 4);
       for (int qt = 0; qt < kQuarters; ++qt) {
         if (t0 == 0) mbar_wait(bars + 8 * qt, 0);
         for (int s = quarter_begin(steps, qt); s < quarter_begin(steps, qt + 1); ++s) {
           uint32_t b[kNT16][4];
 #pragma unroll
-          for (int j = 0; j < kNT16; ++j) ldsm_x4_t(w_lane + s * 16 * wp + j * 32, b[j]);
+          for (int j = 0; j < kNT16; ++j) ldsm_x4_t(w_lane[j] + s * 16 * wp, b[j]);
 #pragma unroll
           for (int mi = 0; mi < kMT; ++mi) {
             uint32_t a[4];
