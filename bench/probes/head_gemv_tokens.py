@@ -1,7 +1,7 @@
 """The absorbed MLA's per-head projections at R1's shapes (W_UK: [128, T, 128] @ [128, 128, 512]; W_UV^T:
 [128, T, 512] @ [128, 512, 128], the latter also with o_proj's FP8 quantization) against torch.bmm (+
 quant_fp8_1x128), as CUDA-graph replays of 20 calls, for T tokens. Usage: python bench/probes/head_gemv_tokens.py
-Session 13 used it to decide the head GEMV's token limit (MLA_HEAD_GEMV_MAX_T)."""
+Session 13 used it (with bench/probes/layer_ab.py) to set MLA_HEAD_GEMV_KERNEL_MAX_T."""
 import os
 
 import torch

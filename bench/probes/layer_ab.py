@@ -3,7 +3,7 @@ variants: Python knobs of flashseek.ops or the FLASHSEEK_* environment switches 
 reads on every call. Each variant's layer is captured in its own CUDA graph; the graphs are replayed in
 alternating rounds so that clock and thermal drift fall on every variant alike.
 Usage (a GPU, flashseek built):
-  B=16 AB='ops.MLA_HEAD_GEMV_MAX_T = 8|ops.MLA_HEAD_GEMV_MAX_T = 16' python bench/probes/layer_ab.py
+  B=16 AB='ops.MLA_HEAD_GEMV_KERNEL_MAX_T = 1|ops.MLA_HEAD_GEMV_KERNEL_MAX_T = 16' python bench/probes/layer_ab.py
 AB: variants separated by '|', each Python statements run with `ops` and `os` in scope after the
 environment and the ops knobs are restored to what they were at start. B: decode batch (default 1);
 context 4096, random FP8 weights at R1's sizes, the layer as a decode step runs it (bench model's rows).

@@ -1420,8 +1420,12 @@ def _ref_mla_rope_norm_append(kv, q_pe, positions, cos, sin, norm_weight, eps, s
 _register("mla_rope_norm_append", _check_mla_rope_norm_append, _ref_mla_rope_norm_append)
 
 
-#: mla_head_gemv's token limit (kHeadGemvMaxT, csrc/mla/mla_params.h); the wrapper runs torch.bmm above it.
+#: The head-GEMV ops' token limit (kHeadGemvMaxT, csrc/mla/mla_params.h).
 MLA_HEAD_GEMV_MAX_T = 64
+#: Up to this many tokens the mla_head_gemv wrapper (and the model's FP8 W_UV^T path) takes the kernel,
+#: above it torch.bmm: in the R1 decode layer (H100, session 13, bench/probes/layer_ab.py) the kernel
+#: saved 3-3.5 us at 16 tokens, lost 1.4 at 32 and 12 at 64, where its 8 warps an SM issue too slowly.
+MLA_HEAD_GEMV_KERNEL_MAX_T = 16
 # mla_head_gemv_quant_fp8: a head's [K, 128] bf16 weights sit in one CTA's shared memory.
 MLA_HEAD_GEMV_QUANT_MAX_K = 576
 
@@ -1468,10 +1472,10 @@ def mla_head_gemv(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] 
         a: bf16 [H, T, K] (any strides with a unit last one, e.g. a head-major view of [T, H, K]).
         w: bf16 [H, K, N] with contiguous [K, N] rows per head; K % 32 == 0 (<= 1024), N % 64 == 0.
         out: optional bf16 [H, T, N] with a unit last stride (e.g. a view into a larger tensor).
-    For T <= MLA_HEAD_GEMV_MAX_T the flashseek kernel: every CTA requests a column slice of one head's
-    weight into shared memory as a programmatic dependent and multiplies on tensor cores (one launch where
-    a slice fits, as for R1's W_UK and W_UV^T; else a register-streaming kernel in launches of 8 tokens);
-    above it torch.bmm (cuBLAS).
+    For T <= MLA_HEAD_GEMV_KERNEL_MAX_T the flashseek kernel: every CTA requests a column slice of one
+    head's weight into shared memory as a programmatic dependent and multiplies on tensor cores (one
+    launch where a slice fits, as for R1's W_UK and W_UV^T; else a register-streaming kernel in launches of
+    8 tokens); above it torch.bmm (cuBLAS), faster there. The op itself takes up to MLA_HEAD_GEMV_MAX_T.
     """
     h, t, _ = a.shape
     if out is None:
@@ -1480,7 +1484,7 @@ def mla_head_gemv(a: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] 
     # views; anything else goes to torch.bmm.
     try:
         _check_mla_head_gemv(a, w, out)
-        fits = a.is_cuda and all(_storage_aligned16(x) for x in (a, w, out))
+        fits = t <= MLA_HEAD_GEMV_KERNEL_MAX_T and a.is_cuda and all(_storage_aligned16(x) for x in (a, w, out))
     except ValueError:
         fits = False
     if fits:

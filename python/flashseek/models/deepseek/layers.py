@@ -514,10 +514,11 @@ class MLAAttention:
     def _unabsorb_quant_fits(self, o_lat) -> bool:
         """Whether W_UV^T's projection may write o_proj's FP8 input (flashseek.ops.mla_head_gemv_quant_fp8):
         FP8 mode with an FP8 o_proj, bf16 absorption weights with 128-wide heads, at most
-        MLA_HEAD_GEMV_MAX_T rows and a latent of at most MLA_HEAD_GEMV_QUANT_MAX_K, on the GPU kernel."""
+        MLA_HEAD_GEMV_KERNEL_MAX_T rows (bmm and a quantization are faster above) and a latent of at most
+        MLA_HEAD_GEMV_QUANT_MAX_K, on the GPU kernel."""
         return (self.fuse_norm_quant and self.mode == FP8_MODE and self.o_proj.quantized and o_lat.is_cuda
                 and o_lat.dtype == self.w_uv_t.dtype == torch.bfloat16 and self.w_uv_t.shape[2] == 128
-                and o_lat.shape[0] <= ops.MLA_HEAD_GEMV_MAX_T and o_lat.shape[-1] % 32 == 0
+                and o_lat.shape[0] <= ops.MLA_HEAD_GEMV_KERNEL_MAX_T and o_lat.shape[-1] % 32 == 0
                 and o_lat.shape[-1] <= ops.MLA_HEAD_GEMV_QUANT_MAX_K
                 and ops.has_cuda_kernel("mla_head_gemv_quant_fp8"))
 
