@@ -226,4 +226,40 @@ def run(ctx: BenchContext) -> list[Row]:
                         backend="kernel" if ops.has_cuda_kernel("mla_decode") and ctx.cuda else "reference",
                         extra=extra))
         del sets, outs
+    if ctx.cuda:
+        rows += _head_gemv_rows(ctx)
+    return rows
+
+
+def _head_gemv_rows(ctx: BenchContext) -> list[Row]:
+    """The absorbed decode's per-head projections at R1's shapes: W_UK ([128, T, 128] @ [128, 128, 512]) and
+    W_UV^T with o_proj's FP8 quantization ([128, T, 512] @ [128, 512, 128]) against torch.bmm (+
+    quant_fp8_1x128), as CUDA-graph replays over four weight copies (67 MB, past the L2), at the token
+    counts the wrapper gives the kernel."""
+    dev, h, n_sets = ctx.device, 128, 4
+    g = torch.Generator(device=dev).manual_seed(13)
+    rows = []
+    for name, k, n, quant in (("W_UK", 128, 512, False), ("W_UV^T+quant", 512, 128, True)):
+        ws = [torch.randn(h, k, n, generator=g, device=dev).bfloat16() / 16 for _ in range(n_sets)]
+        for t in ((1, 16) if ctx.quick else (1, 4, 16)):
+            a = [torch.randn(t, h, k, generator=g, device=dev).bfloat16().transpose(0, 1) for _ in range(n_sets)]
+            out = torch.empty(h, t, n, dtype=torch.bfloat16, device=dev)
+            if quant:
+                def ours(i):
+                    return ops.mla_head_gemv_quant_fp8(a[i], ws[i])
+
+                def peer(i):
+                    return ops.quant_fp8_1x128(torch.bmm(a[i], ws[i]).transpose(0, 1).reshape(t, h * n))
+            else:
+                def ours(i):
+                    return ops.mla_head_gemv(a[i], ws[i], out)
+
+                def peer(i):
+                    return torch.bmm(a[i], ws[i], out=out)
+            us = ctx.time(ours, n_inputs=n_sets, graph=True)
+            peer_us = ctx.time(peer, n_inputs=n_sets, graph=True)
+            nbytes = h * k * n * 2 + h * t * k * 2 + h * t * n * (1 if quant else 2)
+            rows.append(Row(FAMILY, f"head gemv {name} T={t} graph", dict(h=h, t=t, k=k, n=n, quant=quant), us,
+                            2 * h * t * k * n, nbytes, peer="torch bmm" + (" + quant" if quant else ""),
+                            peer_us=peer_us, extra={"peak": "bf16_tflops"}))
     return rows
