@@ -1,7 +1,8 @@
 // The absorbed MLA's per-head projections (mla_head_gemv.cu states the op) with each CTA's whole weight
 // slice in shared memory and the products on tensor cores: one CTA per (head, column slice), the slice
-// [K, C] (R1: W_UK 128 x 512, W_UV^T 512 x 128, 128 KB) requested by TMA before griddepcontrol.wait,
-// so its HBM reads start the moment the CTA is resident, whatever the previous kernel still does.
+// [K, C] (R1: W_UK 128 x 512, W_UV^T 512 x 128, 128 KB) requested by cp.async before
+// griddepcontrol.wait, so its HBM reads start the moment the CTA is resident, whatever the previous
+// kernel still does.
 //
 // Why a CTA per slice: in the b=1 decode layer the register kernel's CTAs could only start loading once
 // the MLA decode's CTAs (every register of an SM) had left, then streamed W_UV^T in ~64 KB pieces per CTA
@@ -16,31 +17,24 @@
 // row and its scale directly, bit-identical to quant_fp8_1x128 of the bf16 output: the bf16-rounded
 // values, their amax over the block, fp8_block_quant.cuh's scale and conversion.
 //
-// Shared memory: the slice in 64-column boxes of a 3D tensor map over w [H, K, N] with the 128B swizzle
-// (16-byte chunk c of row k at chunk c ^ (k % 8) of its 128-byte row, so the 8 rows an ldmatrix reads
-// sit in 8 different bank groups), each box a quarter of K, the quarters on four mbarriers so that the
-// first k steps start before the last rows arrive. Not one bulk copy a padded row (17.8 us for W_UV^T's
-// 512 rows of 256 bytes: the TMA unit's per-copy cost, H100, session 13), nor every thread's cp.async
-// (the token rows' loads then queued behind the weights' in the same LSU queues: ncu long-scoreboard and
-// lg-throttle stalls, W_UK 9.8 us at 16 tokens against 7.0 at one). The tokens as [16 kMT][K] rows
+// Shared memory: the slice as [K][C] rows with 16-byte chunk c of row k at chunk c ^ (k % 8) (the 8 rows
+// an ldmatrix reads then sit in 8 different bank groups), landing in four K quarters on four mbarriers
+// so that the first k steps start before the last rows arrive. Copied by every thread's cp.async, not
+// by TMA: bulk copies of one padded row each took 17.8 us for W_UV^T's 512 rows of 256 bytes (H100,
+// session 13), and one bulk copy of the whole slice cannot swizzle. The tokens as [16 kMT][K] rows
 // padded by 16 bytes, staged after the PDL wait, 16 kMT tokens at a time. CTA: 8 warps, warp w owns columns [w C/8, (w+1) C/8) (for C = 64, 4
 // warps own 16 each) of every token: kNT16 x 16 columns, kMT x 16 tokens, every k in ascending 16-steps,
 // so each output's sum has one fixed order (deterministic; both variants equal).
-#include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
-#include <string>
-
-#include <cute/arch/copy_sm90_tma.hpp>
 
 #include "common/cuda_check.h"
 #include "common/fp8_block_quant.cuh"
 #include "common/pdl.cuh"
 #include "common/smem_sm90.cuh"
-#include "gemm/sm90_tensor_maps.h"
 #include "mla/mla_decode_kernel.cuh"
 #include "mla/mla_params.h"
 
@@ -57,58 +51,55 @@ constexpr int kMaxCols = 512;                   // 4 x 16 columns a warp: 64 fp3
 constexpr int64_t kMaxWeightBytes = 160 << 10;
 constexpr int kSmemLimit = 227 << 10;
 constexpr int kQuarters = 4;
+static_assert(int64_t(kHeadGemvQuantMaxK) * 128 * 2 <= kMaxWeightBytes, "the FP8-output kernel takes whole heads");
 
-// The weight slice: C / 64 column boxes, each four quarter boxes of box_rows x 128 bytes (box_rows = 16 x
-// ceil(K / 64): a quarter's k steps; rows past K read as zeros and are never used). 1024-byte aligned, as
-// the 128B swizzle's row phase assumes.
-__host__ __device__ inline int box_rows_for(int K) { return 16 * ((K / 16 + kQuarters - 1) / kQuarters); }
-__host__ __device__ inline int64_t w_bytes(int K, int cols) { return int64_t(cols / 64) * kQuarters * box_rows_for(K) * 128; }
+__host__ __device__ inline int w_pitch(int cols) { return cols * 2; }  // bytes
 __host__ __device__ inline int a_pitch(int K) { return K * 2 + 16; }
 // Layout: weights | token rows (16 kMT) | per-(token, warp) amax (FP8 variant) | kQuarters mbarriers.
-__host__ __device__ inline int64_t a_offset(int K, int cols) { return w_bytes(K, cols); }
+__host__ __device__ inline int64_t a_offset(int K, int cols) { return int64_t(K) * w_pitch(cols); }
 __host__ __device__ inline int64_t amax_offset(int K, int cols, int mt) {
   return a_offset(K, cols) + int64_t(16 * mt) * a_pitch(K);
 }
 __host__ __device__ inline int64_t bar_offset(int K, int cols, int mt) {
   return amax_offset(K, cols, mt) + 16 * mt * kWarps * 4;
 }
-// + 1 KB: the dynamic shared memory's start is rounded up to 1024 bytes in the kernel.
-__host__ __device__ inline int64_t smem_bytes(int K, int cols, int mt) { return bar_offset(K, cols, mt) + kQuarters * 8 + 1024; }
+__host__ __device__ inline int64_t smem_bytes(int K, int cols, int mt) { return bar_offset(K, cols, mt) + kQuarters * 8; }
 
-// k16 steps [quarter_begin(q), quarter_begin(q + 1)) land on mbarrier q (the last quarters are empty for K < 64).
-__host__ __device__ inline int quarter_begin(int steps, int q) {
-  const int per = (steps + kQuarters - 1) / kQuarters;
-  return per * q < steps ? per * q : steps;
-}
+// k16 steps [quarter_begin(q), quarter_begin(q + 1)) land on mbarrier q (some quarters are empty for K < 64).
+__host__ __device__ inline int quarter_begin(int steps, int q) { return steps * q / kQuarters; }
 
 __device__ __forceinline__ uint32_t quantize2_e4m3(float a, float b, float s) {
   return __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)), __NV_SATFINITE, __NV_E4M3);
 }
 
 template <int kMT, int kNT16, bool kQuant>
-__global__ void __launch_bounds__(kThreads)
-    head_gemv_smem_kernel(const HeadGemvParams p, const __grid_constant__ CUtensorMap w_map, int cols) {
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
+__global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemvParams p, int cols) {
+  extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int h = blockIdx.y, n0 = blockIdx.x * cols;
-  const int steps = p.K / 16, ap = a_pitch(p.K), box_rows = box_rows_for(p.K);
-  const int box_bytes = box_rows * 128, colbox_bytes = kQuarters * box_bytes;
+  const int steps = p.K / 16, wp = w_pitch(cols), ap = a_pitch(p.K);
   const uint32_t sw = smem_u32(smem), sa = smem_u32(smem + a_offset(p.K, cols));
   float* s_amax = reinterpret_cast<float*>(smem + amax_offset(p.K, cols, kMT));
   const uint32_t bars = smem_u32(smem + bar_offset(p.K, cols, kMT));
   pdl_launch_dependents();
-  // The weights are static (as in rms_norm.cu): their copies go out before the PDL wait.
-  if (tid == 0) {
-    cute::prefetch_tma_descriptor(&w_map);
-    for (int q = 0; q < kQuarters; ++q) mbar_init(bars + 8 * q, 1);
+  if (tid < kQuarters) {
+    mbar_init(bars + 8 * tid, kThreads);  // every thread's cp.async arrival
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    for (int q = 0; q < kQuarters && quarter_begin(steps, q) < steps; ++q) {
-      uint64_t* bar = reinterpret_cast<uint64_t*>(smem + bar_offset(p.K, cols, kMT) + 8 * q);
-      mbar_arrive_expect_tx(bars + 8 * q, uint32_t(cols / 64) * box_bytes);
-      for (int cb = 0; cb < cols / 64; ++cb)
-        cute::SM90_TMA_LOAD_3D::copy(&w_map, bar, static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
-                                     smem + cb * colbox_bytes + q * box_bytes, n0 + 64 * cb, q * box_rows, h);
+  }
+  __syncthreads();
+  // The weights are static (as in rms_norm.cu): their copies go out before the PDL wait.
+  {
+    const __nv_bfloat16* wh = static_cast<const __nv_bfloat16*>(p.w) + int64_t(h) * p.w_hstride + n0;
+    const int row_chunks = cols / 8, shift = __ffs(row_chunks) - 1;  // cols is a power of two
+    for (int q = 0; q < kQuarters; ++q) {
+      const int c_end = 16 * quarter_begin(steps, q + 1) * row_chunks;
+      for (int idx = 16 * quarter_begin(steps, q) * row_chunks + tid; idx < c_end; idx += kThreads) {
+        const int k = idx >> shift, c = idx & (row_chunks - 1);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sw + k * wp + ((c ^ (k & 7)) << 4)),
+                     "l"(wh + int64_t(k) * p.N + 8 * c)
+                     : "memory");
+      }
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bars + 8 * q) : "memory");
     }
   }
   pdl_wait();
@@ -120,8 +111,10 @@ __global__ void __launch_bounds__(kThreads)
   const int kc = p.K / 8;
   for (int t0 = 0; t0 < p.T; t0 += 16 * kMT) {
     if (t0 > 0) __syncthreads();  // every read of the previous token rows (and amax) is done
-    // Eight loads a thread in flight before their stores. Rows past T are zeros: their outputs are never
-    // stored.
+    // Eight loads a thread in flight before their stores (a load-store loop waited one latency per 256
+    // chunks: W_UK at 64 tokens took 13.7 us against 4.6 at one, H100 run 4). Not cp.async: its
+    // completion would also wait for this thread's weight copies. Rows past T are zeros: their outputs
+    // are never stored.
     constexpr int kBatch = 8;
     const int chunks = 16 * kMT * kc;
     for (int base = tid; base < chunks; base += kBatch * kThreads) {
@@ -148,22 +141,20 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[mi][j][e / 4][e % 4] = 0.f;
     if (has_cols) {
-      // ldmatrix row addresses: lane l feeds row l % 8 of matrix l / 8. A k step moves 16 rows (2 KB of
-      // a box), which keeps every row's swizzle phase (k % 8); the quarter boxes are contiguous in k.
+      // ldmatrix row addresses: lane l feeds row l % 8 of matrix l / 8. A k step moves 16 rows, which
+      // keeps every row's swizzle (k % 8).
       const int q = lane / 8, r8 = lane % 8;
       const uint32_t a_lane = sa + ((q & 1) * 8 + r8) * ap + (q >> 1) * 16;  // tokens x k
       uint32_t w_lane[kNT16];                                                // k x columns
 #pragma unroll
-      for (int j = 0; j < kNT16; ++j) {
-        const int n = wc0 + 16 * j + 8 * (q >> 1);
-        w_lane[j] = sw + (n / 64) * colbox_bytes + ((q & 1) * 8 + r8) * 128 + ((((n % 64) / 8) ^ r8) << 4);
-      }
-      for (int qt = 0; qt < kQuarters && quarter_begin(steps, qt) < steps; ++qt) {
+      for (int j = 0; j < kNT16; ++j)
+        w_lane[j] = sw + ((q & 1) * 8 + r8) * wp + ((((wc0 + 16 * j) / 8 + (q >> 1)) ^ r8) << 4);
+      for (int qt = 0; qt < kQuarters; ++qt) {
         if (t0 == 0) mbar_wait(bars + 8 * qt, 0);
         for (int s = quarter_begin(steps, qt); s < quarter_begin(steps, qt + 1); ++s) {
           uint32_t b[kNT16][4];
 #pragma unroll
-          for (int j = 0; j < kNT16; ++j) ldsm_x4_t(w_lane[j] + s * 16 * 128, b[j]);
+          for (int j = 0; j < kNT16; ++j) ldsm_x4_t(w_lane[j] + s * 16 * wp, b[j]);
 #pragma unroll
           for (int mi = 0; mi < kMT; ++mi) {
             uint32_t a[4];
@@ -251,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int kMT, int kNT16, bool kQuant>
-void launch_t(const HeadGemvParams& p, const CUtensorMap& w_map, int cols, cudaStream_t stream) {
+void launch_t(const HeadGemvParams& p, int cols, cudaStream_t stream) {
   static std::once_flag attr_once[64];
   int device = 0;
   FS_CUDA_CHECK(cudaGetDevice(&device));
@@ -260,7 +251,7 @@ void launch_t(const HeadGemvParams& p, const CUtensorMap& w_map, int cols, cudaS
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemLimit));
   });
   launch_pdl(head_gemv_smem_kernel<kMT, kNT16, kQuant>, dim3(unsigned(p.N / cols), unsigned(p.H)), dim3(kThreads),
-             size_t(smem_bytes(p.K, cols, kMT)), stream, p, w_map, cols);
+             size_t(smem_bytes(p.K, cols, kMT)), stream, p, cols);
 }
 
 // Token tiles per pass: enough for T (up to 4), fewer where the token rows would not fit beside the slice.
@@ -271,28 +262,12 @@ int token_tiles(int T, int K, int cols) {
 }
 
 template <int kNT16, bool kQuant>
-void launch_nt(const HeadGemvParams& p, const CUtensorMap& w_map, int cols, cudaStream_t stream) {
+void launch_nt(const HeadGemvParams& p, int cols, cudaStream_t stream) {
   switch (token_tiles(p.T, p.K, cols)) {
-    case 1: return launch_t<1, kNT16, kQuant>(p, w_map, cols, stream);
-    case 2: return launch_t<2, kNT16, kQuant>(p, w_map, cols, stream);
-    default: return launch_t<4, kNT16, kQuant>(p, w_map, cols, stream);
+    case 1: return launch_t<1, kNT16, kQuant>(p, cols, stream);
+    case 2: return launch_t<2, kNT16, kQuant>(p, cols, stream);
+    default: return launch_t<4, kNT16, kQuant>(p, cols, stream);
   }
-}
-
-// w [H, K, N] (rows of N contiguous, heads w_hstride apart) in boxes of 64 columns x box_rows rows.
-CUtensorMap weight_map(const HeadGemvParams& p) {
-  CUtensorMap map;
-  const cuuint64_t dims[3] = {cuuint64_t(p.N), cuuint64_t(p.K), cuuint64_t(p.H)};
-  const cuuint64_t strides[2] = {cuuint64_t(p.N) * 2, cuuint64_t(p.w_hstride) * 2};
-  const cuuint32_t box[3] = {64, cuuint32_t(box_rows_for(p.K)), 1};
-  const cuuint32_t elem[3] = {1, 1, 1};
-  const CUresult r = tensor_map_encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(p.w), dims,
-                                            strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw std::runtime_error("flashseek: mla_head_gemv's weight tensor map failed: " + std::to_string(int(r)));
-  return map;
 }
 
 }  // namespace
@@ -302,7 +277,7 @@ int head_gemv_smem_cols(int K, int N) {
   // beside one tile of 16 token rows.
   int best = 0;
   for (int c = 64; c <= kMaxCols && c <= N; c *= 2) {
-    if (N % c == 0 && w_bytes(K, c) <= kMaxWeightBytes && smem_bytes(K, c, 1) <= kSmemLimit) best = c;
+    if (N % c == 0 && int64_t(K) * w_pitch(c) <= kMaxWeightBytes && smem_bytes(K, c, 1) <= kSmemLimit) best = c;
   }
   return best;
 }
@@ -313,15 +288,14 @@ void launch_head_gemv_smem(const HeadGemvParams& p, cudaStream_t stream) {
       (p.q != nullptr && (p.N != 128 || cols != 128)))
     throw std::invalid_argument("flashseek: mla_head_gemv (shared-memory kernel) parameters out of range");
   if (p.T == 0 || p.H == 0) return;
-  const CUtensorMap w_map = weight_map(p);
   if (p.q != nullptr) {
-    launch_nt<1, true>(p, w_map, cols, stream);
+    launch_nt<1, true>(p, cols, stream);
   } else if (cols == 512) {
-    launch_nt<4, false>(p, w_map, cols, stream);
+    launch_nt<4, false>(p, cols, stream);
   } else if (cols == 256) {
-    launch_nt<2, false>(p, w_map, cols, stream);
+    launch_nt<2, false>(p, cols, stream);
   } else {
-    launch_nt<1, false>(p, w_map, cols, stream);  // C = 128: a warp each; C = 64: warps 0-3
+    launch_nt<1, false>(p, cols, stream);  // C = 128: a warp each; C = 64: warps 0-3
   }
   FS_CHECK_LAUNCH();
 }
