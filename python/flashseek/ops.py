@@ -1424,8 +1424,8 @@ _register("mla_rope_norm_append", _check_mla_rope_norm_append, _ref_mla_rope_nor
 MLA_HEAD_GEMV_MAX_T = 64
 #: Up to this many tokens the mla_head_gemv wrapper (and the model's FP8 W_UV^T path) takes the kernel,
 #: above it torch.bmm: in the R1 decode layer (H100, session 13, bench/probes/layer_ab.py) the kernel
-#: saved 3-3.5 us at 16 tokens, tied at 32 and lost 12-16 at 64, where each projection took ~18 us in
-#: the layer's timeline against bmm's 9.8 (W_UK) and 11.4 (W_UV^T with its quantization).
+#: saved 3-3.5 us at 16 tokens, tied at 32 and lost 12 at 64 (its 8 warps an SM issue too slowly there:
+#: ncu, 0.16 instructions a cycle per scheduler).
 MLA_HEAD_GEMV_KERNEL_MAX_T = 16
 # mla_head_gemv_quant_fp8: a head's [K, 128] bf16 weights sit in one CTA's shared memory.
 MLA_HEAD_GEMV_QUANT_MAX_K = 576
