@@ -7,25 +7,11 @@ import os
 import torch
 
 from flashseek import ops
+from flashseek.bench.common import time_graph_us
 
 
-def graph_us(fn, calls=20, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / (reps * calls) * 1000
+def graph_us(fn):
+    return time_graph_us(lambda i: fn(), torch.device("cuda"))
 
 
 h = 128

@@ -14,11 +14,7 @@ import statistics
 import torch
 
 from flashseek import ops
-from flashseek.bench.model import _decode_setup
-from flashseek.engine.kv_cache import PagedKVCache
-from flashseek.models.deepseek.config import r1_config
-from flashseek.models.deepseek.layers import MoE
-from flashseek.models.deepseek.model import DeepseekV3ForCausalLM
+from r1_layers import capture, layer_kind, r1_decode_slice
 
 batch = int(os.environ.get("B", "1"))
 variants = [v.strip() for v in os.environ.get("AB", "pass").split("|")]
@@ -36,29 +32,17 @@ def apply(variant: str) -> None:
     exec(variant, {"ops": ops, "os": os})
 
 
-cfg = r1_config(2).replace(first_k_dense_replace=1)
-model = DeepseekV3ForCausalLM.from_random(cfg, "cuda", "fp8")
-gen = torch.Generator().manual_seed(0)
-cache = PagedKVCache(cfg.num_hidden_layers, batch * 64 + 4, 64, model.cache_dtype, "cuda")
-for t in cache.layers:
-    t.normal_()
 with torch.inference_mode():
-    tables, meta, x, ids = _decode_setup(model, cache, batch, 4096, gen)
+    model, cache, meta, x = r1_decode_slice(batch)
     for layer in model.layers:
-        kind = "MoE" if isinstance(layer.mlp, MoE) else "dense"
+        kind = layer_kind(layer)
         kv = cache.layers[layer.idx]
         xs, rs = x.clone(), x.clone()
         fn = lambda: layer.forward(xs, rs, meta, kv, model.rope)  # noqa: E731
         graphs = []
         for v in variants:
             apply(v)
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            graphs.append(g)
+            graphs.append(capture(fn))
         apply("pass")
         times = [[] for _ in variants]
         for _ in range(rounds):

@@ -7,33 +7,19 @@ Usage (a GPU, flashseek built): B=16 python bench/probes/layer_profile.py   (B: 
 context 4096, random FP8 weights at R1's sizes).
 Sessions 9-12 used it to find where a b=1 or b=16 layer's time goes (docs/performance.md)."""
 import os
+
 import torch
-from flashseek.models.deepseek.config import r1_config
-from flashseek.models.deepseek.model import DeepseekV3ForCausalLM
-from flashseek.models.deepseek.layers import MoE
-from flashseek.engine.kv_cache import PagedKVCache
-from flashseek.bench.model import _decode_setup
 from torch.profiler import profile, ProfilerActivity
 
+from r1_layers import capture, layer_kind, r1_decode_slice
+
 batch = int(os.environ.get("B", "1"))
-cfg = r1_config(2).replace(first_k_dense_replace=1)
-model = DeepseekV3ForCausalLM.from_random(cfg, "cuda", "fp8")
-gen = torch.Generator().manual_seed(0)
-cache = PagedKVCache(cfg.num_hidden_layers, batch * 64 + 4, 64, model.cache_dtype, "cuda")
-for t in cache.layers:
-    t.normal_()
 with torch.inference_mode():
-    tables, meta, x, ids = _decode_setup(model, cache, batch, 4096, gen)
+    model, cache, meta, x = r1_decode_slice(batch)
     for layer in model.layers:
-        kind = "MoE" if isinstance(layer.mlp, MoE) else "dense"
+        kind = layer_kind(layer)
         kv = cache.layers[layer.idx]
-        fn = lambda: layer(x, meta, kv, model.rope)
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = capture(lambda: layer(x, meta, kv, model.rope))
         for _ in range(20):
             g.replay()
         torch.cuda.synchronize()
