@@ -78,14 +78,14 @@ bool use_sm90() {
 // the single-token shapes (1x2112x7168 9.9 vs 11.5, 1x24576x1536 17.9 vs 18.4, 1x7168x16384 45.3 vs
 // 46.4, 1x7168x18432 50.0 vs 51.3) and 16x2112x7168 (10.3 vs 11.7), but not 64 tokens on the smaller
 // matrices (64x2112x7168 13.9 vs 12.4, 64x24576x1536 23.2 vs 18.7, 64x7168x16384 50.3 vs 49.3: the
-// reducer adds 8 column groups of partials).
+// reducer adds 8 column groups of partials). At 16 tokens the two tie alone on q_b (16x24576x1536: 18.0-18.1
+// vs 17.9-18.2 us) but the stream-K kernel, a programmatic dependent, takes 1.8 us off the b=16 dense layer
+// (308.3 vs 310.1, six alternating rounds, session 13): up to 16 tokens it runs every K >= 1536.
 // FLASHSEEK_GEMM_SKINNY=0 / 1 forces CUTLASS / the stream-K kernel for every decode problem; read on
 // every call, so that one test process can check both paths.
 constexpr int64_t kSkinnyMinWeight = int64_t(1) << 27;
-constexpr int kSkinnyFewTokens = 8;
+constexpr int kSkinnyFewTokens = 16;
 constexpr int kSkinnyFewTokensMinK = 1536;
-constexpr int kSkinnySomeTokens = 16;
-constexpr int kSkinnySomeTokensMinK = 4096;
 
 int skinny_override() {
   const char* s = std::getenv("FLASHSEEK_GEMM_SKINNY");
@@ -95,8 +95,7 @@ int skinny_override() {
 bool use_skinny_dense(const Fp8GemmParams& p) {
   const int forced = skinny_override();
   if (forced >= 0) return forced == 1;
-  return int64_t(p.n) * p.k >= kSkinnyMinWeight || (p.m <= kSkinnyFewTokens && p.k >= kSkinnyFewTokensMinK) ||
-         (p.m <= kSkinnySomeTokens && p.k >= kSkinnySomeTokensMinK);
+  return int64_t(p.n) * p.k >= kSkinnyMinWeight || (p.m <= kSkinnyFewTokens && p.k >= kSkinnyFewTokensMinK);
 }
 
 __global__ void reduce_split_k_kernel(const float4* __restrict__ partials, int split_k, int64_t mn4,

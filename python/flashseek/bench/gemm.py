@@ -106,8 +106,8 @@ GEMM_CASES = [(64, 2112, 7168), (128, 7168, 16384), (4096, 2112, 7168), (4096, 7
               # gate+up and down (weight streams: the copy bandwidth is their ceiling).
               (1, 2112, 7168), (1, 24576, 1536), (1, 7168, 16384), (1, 36864, 7168), (1, 7168, 18432),
               (16, 36864, 7168),
-              # q_b at batch 16: the dispatch picks the CUTLASS path here (19.2 us in the b=16 layer with
-              # no PDL overlap, session 12); the row records both decode kernels' graph times.
+              # q_b at batch 16: the two decode kernels tie alone, the stream-K one (the dispatch's pick since
+              # session 13) overlaps its launch in the layer; the row records both kernels' graph times.
               (16, 24576, 1536)]
 GEMM_CASES_QUICK = [(64, 2112, 7168), (4096, 7168, 16384)]
 GEMM_CASES_CPU = [(16, 256, 512), (64, 576, 1024)]
@@ -116,7 +116,7 @@ GEMM_CASES_CPU = [(16, 256, 512), (64, 576, 1024)]
 def _gemm_path(m, n, k, ctx) -> str:
     """The kernel fp8_gemm_dispatch.cu picks (docs/gemm-design.md), without the env overrides."""
     sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if ctx.cuda else 132
-    if m <= 64 and (n * k >= 1 << 27 or (m <= 8 and k >= 4096)):
+    if m <= 64 and (n * k >= 1 << 27 or (m <= 16 and k >= 1536)):
         units = (n + 127) // 128 * (k // 128)
         return f"skinny 128x64x128 stream-k over {min(sms, units)} CTAs"
     if m <= 128:
