@@ -19,12 +19,18 @@
 //
 // Shared memory: the slice as [K][C] rows with 16-byte chunk c of row k at chunk c ^ (k % 8) (the 8 rows
 // an ldmatrix reads then sit in 8 different bank groups), landing in four K quarters on four mbarriers
-// so that the first k steps start before the last rows arrive. Copied by every thread's cp.async, not
-// by TMA: bulk copies of one padded row each took 17.8 us for W_UV^T's 512 rows of 256 bytes (H100,
-// session 13), and one bulk copy of the whole slice cannot swizzle. The tokens as [16 kMT][K] rows
-// padded by 16 bytes, staged after the PDL wait, 16 kMT tokens at a time. CTA: 8 warps, warp w owns columns [w C/8, (w+1) C/8) (for C = 64, 4
-// warps own 16 each) of every token: kNT16 x 16 columns, kMT x 16 tokens, every k in ascending 16-steps,
-// so each output's sum has one fixed order (deterministic; both variants equal).
+// so that the first k steps start before the last rows arrive. The tokens as [16 kMT][K] rows padded by
+// 16 bytes, staged after the PDL wait, 16 kMT tokens at a time.
+// The slice comes by every thread's cp.async (session 13, H100, docs/performance.md):
+//   - bulk copies of one padded row each took 17.8 us for W_UV^T's 512 rows of 256 bytes (the TMA
+//     unit's cost per copy), and one bulk copy of the whole slice cannot swizzle;
+//   - a 3D TMA tensor map with the 128B swizzle matched cp.async alone but lost 4-5 us a decode layer
+//     (cause not found; reverted);
+//   - known cost of cp.async: the token rows' loads queue behind the thread's own weight copies (ncu:
+//     long-scoreboard stalls), so 16 tokens take ~2.8 us more than one on cold weights.
+// CTA: 8 warps, warp w owns columns [w C/8, (w+1) C/8) (for C = 64, warps 0-3 own 16 each) of every
+// token: kNT16 x 16 columns, kMT x 16 tokens, every k in ascending 16-steps, so each output's sum has
+// one fixed order (deterministic; both variants equal).
 #include <cuda_bf16.h>
 
 #include <cstdint>
