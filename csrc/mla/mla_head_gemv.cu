@@ -24,7 +24,6 @@
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
 #include "mla/mla_cache_token.cuh"
-#include "mla/mla_head_gemv_row.cuh"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
@@ -74,7 +73,19 @@ __global__ void __launch_bounds__(kThreads, 2) head_gemv_kernel(const HeadGemvPa
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[t][j] = 0.f;
   // One weight row (8 columns) into every token's accumulators, rows in ascending k.
-  auto fma_row = [&](const uint4& w, int i) { fma_weight_row<kT>(acc, w, sa, p.K, p.T, rg + kRowGroups * i); };
+  auto fma_row = [&](const uint4& w, int i) {
+    const int k = rg + kRowGroups * i;
+    float wf[8];
+    to_float8<__nv_bfloat16>(w, wf);
+#pragma unroll
+    for (int t = 0; t < kT; ++t) {
+      if (t < p.T) {
+        const float av = __bfloat162float(sa[t * p.K + k]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[t][j] = fmaf(av, wf[j], acc[t][j]);
+      }
+    }
+  };
 #pragma unroll
   for (int i = 0; i < kPrefetch; ++i) {
     if (i < rows) fma_row(wv[i], i);

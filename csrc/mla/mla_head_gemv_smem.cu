@@ -117,10 +117,8 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
   const int kc = p.K / 8;
   for (int t0 = 0; t0 < p.T; t0 += 16 * kMT) {
     if (t0 > 0) __syncthreads();  // every read of the previous token rows (and amax) is done
-    // Eight loads a thread in flight before their stores (a load-store loop waited one latency per 256
-    // chunks: W_UK at 64 tokens took 13.7 us against 4.6 at one, H100 run 4). Not cp.async: its
-    // completion would also wait for this thread's weight copies. Rows past T are zeros: their outputs
-    // are never stored.
+    // Eight loads a thread in flight before their stores. Not cp.async: its completion would also wait
+    // for this thread's weight copies. Rows past T are zeros: their outputs are never stored.
     constexpr int kBatch = 8;
     const int chunks = 16 * kMT * kc;
     for (int base = tid; base < chunks; base += kBatch * kThreads) {
@@ -279,8 +277,8 @@ void launch_nt(const HeadGemvParams& p, int cols, cudaStream_t stream) {
 }  // namespace
 
 int head_gemv_smem_cols(int K, int N) {
-  // The widest power-of-two multiple of 64 (up to 512) that divides N and whose padded [K, C] slice fits
-  // beside one tile of 16 token rows.
+  // The widest power-of-two multiple of 64 (up to 512) that divides N and whose [K, C] slice fits beside
+  // one tile of 16 token rows.
   int best = 0;
   for (int c = 64; c <= kMaxCols && c <= N; c *= 2) {
     if (N % c == 0 && int64_t(K) * w_pitch(c) <= kMaxWeightBytes && smem_bytes(K, c, 1) <= kSmemLimit) best = c;

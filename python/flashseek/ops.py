@@ -1534,7 +1534,7 @@ def mla_head_gemv_quant_fp8(a: torch.Tensor, w: torch.Tensor, ue8m0: bool = Fals
         a: bf16 [H, T, K] as mla_head_gemv takes it (e.g. o_lat [T, H, 512] viewed head-major).
         w: bf16 [H, K, 128] with contiguous [K, 128] rows per head.
         ue8m0: round the scales up to powers of two (DeepSeek V3.1's scale_fmt).
-    On CUDA one launch (each CTA's head slice lands in shared memory by TMA while the previous kernel
+    On CUDA one launch (each CTA's head slice lands in shared memory by cp.async while the previous kernel
     runs); elsewhere torch.bmm followed by the quantization's reference.
     """
     h, t, _ = a.shape
