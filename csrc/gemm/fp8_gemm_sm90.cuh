@@ -126,12 +126,14 @@ struct SmemLayout {
   static constexpr int kABytes = BM * kBlockK;        // 16 / 32 KB
   static constexpr int kBBytes = kBlockN * kBlockK;  // 16 KB
   // BM + 4 scales: the TMA box starts at the tile's first row rounded down to 4 (a 16-byte aligned
-  // global address, which TMA requires of the innermost coordinate). A box holds at most 256 rows,
-  // so 256-row tiles take two boxes of 132; stages 128-byte aligned.
+  // global address, which TMA requires of the innermost coordinate). A box holds at most 256 rows and
+  // must land on a 128-byte aligned shared address, so box b covers rows [128 b, 128 b + 132) at byte
+  // 512 b (a 256-row tile's two boxes both write rows 128-131, with the same values); stages 128-byte
+  // aligned.
   static constexpr int kSfaBox = 132;
-  static constexpr int kSfaBoxes = (BM + 4 + kSfaBox - 1) / kSfaBox;
-  static constexpr int kSfaRows = kSfaBoxes * kSfaBox;
-  static constexpr int kSfaBytes = (kSfaRows * 4 + 127) / 128 * 128;
+  static constexpr int kSfaBoxes = BM / 128;
+  static constexpr int kSfaTxBytes = kSfaBoxes * kSfaBox * 4;  // what the boxes deliver
+  static constexpr int kSfaBytes = ((BM - 128 + kSfaBox) * 4 + 127) / 128 * 128;
   static constexpr int kA = 0;
   static constexpr int kB = kA + STAGES * kABytes;
   static constexpr int kSfa = kB + STAGES * kBBytes;
@@ -534,7 +536,7 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_a, const CUtens
       for (int kb = 0; kb < num_kb; ++kb) {
         mbar_wait(L::empty(base, stage), phase ^ 1);
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage,
-                                                                       L::kABytes + L::kBBytes + L::kSfaRows * 4);
+                                                                       L::kABytes + L::kBBytes + L::kSfaTxBytes);
         uint8_t* a_dst = smem + L::kA + stage * L::kABytes + rank * kARowsPerCta * kBlockK;
         if constexpr (CLUSTER_N > 1) {
           cute::SM90_TMA_LOAD_MULTICAST_2D::copy(tmap_a, full_bar + stage, uint16_t((1 << CLUSTER_N) - 1), kHint,
@@ -545,10 +547,10 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_a, const CUtens
         cute::SM90_TMA_LOAD_2D::copy(tmap_b, full_bar + stage, kHint, smem + L::kB + stage * L::kBBytes,
                                      kb * kBlockK, b_row);
 #pragma unroll
-        for (int box = 0; box < L::kSfaBoxes; ++box) {  // boxes past the rows arrive zero-filled
+        for (int box = 0; box < L::kSfaBoxes; ++box) {  // rows past the tensor arrive zero-filled
           cute::SM90_TMA_LOAD_3D::copy(tmap_sfa, full_bar + stage, kHint,
-                                       smem + L::kSfa + stage * L::kSfaBytes + box * L::kSfaBox * 4,
-                                       sfa_row + box * L::kSfaBox, kb, sfa_plane);
+                                       smem + L::kSfa + stage * L::kSfaBytes + box * 128 * 4, sfa_row + box * 128, kb,
+                                       sfa_plane);
         }
         if (++stage == STAGES) {
           stage = 0;
