@@ -1,12 +1,16 @@
-"""Is a long FP8 GEMM bound by the card's power limit? Runs each variant back to back for SECONDS
-while nvidia-smi samples the SM clock, the power draw and the active clock-event (throttle) reasons
-every 100 ms, and prints the median of each beside the achieved TFLOP/s.
-Variants: torch._scaled_mm with one tensor-wise scale (the fp8 ceiling of the bench), torch's
-block-wise scaled_mm, and flashseek's fp8_gemm on CUTLASS (default) and on the sm90 kernel, all at
-SHAPE (default 4096,7168,16384) on bench/gemm.py's inputs.
+"""Is a long compute-bound kernel bound by the card's power limit? Runs each variant back to back for
+SECONDS while nvidia-smi samples the SM clock, the power draw and the active clock-event (throttle)
+reasons every 100 ms, and prints the median of each beside the achieved TFLOP/s.
+MODE=gemm (default): torch._scaled_mm with one tensor-wise scale (the fp8 ceiling of the bench),
+torch's block-wise scaled_mm, and flashseek's fp8_gemm on CUTLASS (default) and on the sm90 kernel,
+at SHAPE (default 4096,7168,16384) on bench/gemm.py's inputs.
+MODE=mla: mla_decode at b=128, s_k=4096, h_q=128 (bf16 cache, bench/mla.py's inputs) on the
+two-warpgroup and the turn-taking kernel, and FlashMLA's standalone binary ($FLASHSEEK_FLASHMLA_BENCH,
+sized to run as long) when present.
 Usage (a GPU, flashseek built): python bench/probes/gemm_power.py [--json FILE]"""
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -19,23 +23,30 @@ from flashseek.bench.gemm import _act, _peer_fn, _weight
 
 m, n, k = (int(v) for v in os.environ.get("SHAPE", "4096,7168,16384").split(","))
 seconds = float(os.environ.get("SECONDS", "3"))
+mode = os.environ.get("MODE", "gemm")
 FIELDS = "clocks.sm,power.draw,power.limit,temperature.gpu,clocks_event_reasons.active"
 
 
-def sample_while(fn):
+def sample_while(fn, flops, external=None):
+    """fn: one call, repeated for SECONDS; external: a callable that runs the whole stretch itself and
+    returns µs per call (a separate process)."""
     smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={FIELDS}", "--format=csv,noheader,nounits", "-lms", "100"],
                            stdout=subprocess.PIPE, text=True)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t_end = time.perf_counter() + seconds
-    calls = 0
-    start.record()
-    while time.perf_counter() < t_end:
-        for _ in range(10):
-            fn()
-        calls += 10
-        torch.cuda.synchronize()
-    end.record()
-    end.synchronize()
+    if external is not None:
+        us = external()
+    else:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t_end = time.perf_counter() + seconds
+        calls = 0
+        start.record()
+        while time.perf_counter() < t_end:
+            for _ in range(10):
+                fn()
+            calls += 10
+            torch.cuda.synchronize()
+        end.record()
+        end.synchronize()
+        us = start.elapsed_time(end) * 1e3 / calls
     smi.terminate()
     lines = smi.communicate()[0].strip().splitlines()
     rows = [[v.strip() for v in ln.split(",")] for ln in lines if ln.count(",") == 4]
@@ -45,13 +56,11 @@ def sample_while(fn):
     limit = float(rows[0][2]) if rows else float("nan")
     temp = statistics.median(float(r[3]) for r in rows) if rows else float("nan")
     reasons = sorted({r[4] for r in rows})
-    us = start.elapsed_time(end) * 1e3 / calls
-    return {"us": us, "tflops": 2.0 * m * n * k / us / 1e6, "sm_clock_mhz": clock, "power_w": power,
+    return {"us": us, "tflops": flops / us / 1e6 if us else float("nan"), "sm_clock_mhz": clock, "power_w": power,
             "power_limit_w": limit, "temp_c": temp, "event_reasons": reasons, "samples": len(rows)}
 
 
-def main():
-    dev = torch.device("cuda")
+def gemm_variants(dev):
     q, s = _act(m, k, dev)
     wq, ws = _weight(n, k, dev)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
@@ -69,14 +78,50 @@ def main():
                 os.environ["FLASHSEEK_GEMM_IMPL"] = impl
             ops.fp8_gemm(q, s, wq, ws, out=out)
         variants[f"flashseek {impl}"] = run
-    res = {"card": torch.cuda.get_device_name(), "shape": [m, n, k], "seconds": seconds,
+    return {name: (fn, None) for name, fn in variants.items()}, 2.0 * m * n * k, [m, n, k]
+
+
+def mla_variants(dev):
+    from flashseek.bench import mla as bench_mla
+    b, s_k, h_q = 128, 4096, 128
+    lens = [s_k] * b
+    table, sets = bench_mla._make_inputs(b, 1, h_q, lens, False, dev, 1, seed=0)
+    q, cache = sets[0]
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    plan = ops.mla_decode_plan(seqlens, 1, h_q)
+    o = torch.empty(b, 1, h_q, 512, dtype=torch.bfloat16, device=dev)
+    lse = torch.empty(b, h_q, 1, dtype=torch.float32, device=dev)
+    variants = {}
+    for impl in ("wgmma", "seesaw"):
+        def run(impl=impl):
+            os.environ["FLASHSEEK_MLA_DECODE"] = impl
+            ops.mla_decode(q, cache, table, seqlens, plan, bench_mla.SCALE, False, out=o, lse=lse)
+        variants[f"flashseek {impl}"] = (run, None)
+    exe = os.environ.get("FLASHSEEK_FLASHMLA_BENCH")
+    if exe and os.path.isfile(exe):
+        iters = int(seconds * 1e6 / 260)
+
+        def flashmla():
+            r = subprocess.run([exe, str(b), "1", str(s_k), str(h_q), "0", "0", "0", str(bench_mla.PAGE), "",
+                                str(iters)], capture_output=True, text=True, timeout=300)
+            mt = re.search(r":\s*([0-9.]+) us", r.stdout)
+            return float(mt.group(1)) if r.returncode == 0 and mt else None
+        variants["FlashMLA (standalone)"] = (None, flashmla)
+    return variants, b * h_q * s_k * 2.0 * (576 + 512), [b, s_k, h_q]
+
+
+def main():
+    dev = torch.device("cuda")
+    variants, flops, shape = (mla_variants if mode == "mla" else gemm_variants)(dev)
+    res = {"card": torch.cuda.get_device_name(), "mode": mode, "shape": shape, "seconds": seconds,
            "commit": os.environ.get("FLASHSEEK_COMMIT", "unknown"), "rows": {}}
-    for name, fn in variants.items():
-        if fn is None:
+    for name, (fn, external) in variants.items():
+        if fn is None and external is None:
             continue
-        fn()
-        torch.cuda.synchronize()
-        r = sample_while(fn)
+        if fn is not None:
+            fn()
+            torch.cuda.synchronize()
+        r = sample_while(fn, flops, external)
         res["rows"][name] = r
         print(f"{name:32s} {r['tflops']:7.1f} TF  {r['sm_clock_mhz']:6.0f} MHz  {r['power_w']:6.1f} / "
               f"{r['power_limit_w']:.0f} W  {r['temp_c']:.0f} C  reasons {r['event_reasons']}", flush=True)
