@@ -1,7 +1,8 @@
 """Same-process A/B of the rows-in-M FP8 GEMM kernel families on the large shapes of
-../shared/docs/performance-targets.md: CUTLASS (default), the hand-written sm90 kernel with 128-row
-tiles (FLASHSEEK_GEMM_IMPL=sm90) and with 256-row tiles (=sm90_256), and torch's block-wise
-scaled_mm as the peer, all on the same inputs (bench/gemm.py's generators). The C++ dispatch reads
+../shared/docs/performance-targets.md: CUTLASS (default), the hand-written sm90 kernel
+(FLASHSEEK_GEMM_IMPL=sm90; IMPLS='default,sm90,...' adds other values of that switch, e.g. a branch's
+variant) and torch's block-wise scaled_mm as the peer, all on the same inputs (bench/gemm.py's
+generators). Session 14 ran it with the 256-row tile of branch experiment/sm90-bm256 (sm90_256). The C++ dispatch reads
 the switch on every call, so one process times every variant; rounds alternate the variants so that
 clock and power drift fall on all of them alike. Each timing: CUDA events around CALLS back-to-back
 calls, median of the rounds.
@@ -18,7 +19,7 @@ import torch
 from flashseek import ops
 from flashseek.bench.gemm import _act, _peer_fn, _weight
 
-IMPLS = ["default", "sm90", "sm90_256"]
+IMPLS = os.environ.get("IMPLS", "default,sm90").split(",")
 DENSE = [(4096, 2112, 7168), (4096, 7168, 16384), (4096, 24576, 1536), (8192, 4096, 7168), (2048, 7168, 2048)]
 GROUPED = [(8, 4096, 4096, 7168), (4, 8192, 4096, 7168)]  # groups, rows per group, n, k
 

@@ -29,7 +29,7 @@ struct Fp8GemmPlan {
   size_t workspace_bytes;
   bool stream_k = false;  // large m: stream-K scheduler instead of the persistent data-parallel one
   bool swap_cluster = false;  // 64 < m <= 128, no split: swapped kernel in 1x2 clusters (fp8_gemm_small_mc.cu)
-  int sm90_block_m = 0;       // large m: the hand-written kernel (fp8_gemm_sm90.cu) with this tile height
+  bool sm90 = false;          // large m: the hand-written kernel (fp8_gemm_sm90.cu)
   bool skinny = false;        // m <= 64: the stream-K decode kernel (fp8_gemm_skinny.cu)
 };
 
@@ -79,12 +79,11 @@ size_t grouped_fp8_gemm_workspace(const GroupedFp8GemmParams& p);
 void launch_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream);
 
-// The hand-written sm90 kernel (fp8_gemm_sm90.cu, block_m x 128 tiles with block_m 128 or 256, one CTA
-// per SM, no workspace): dense problems with M > 128, and grouped problems whose scale strides it can
-// TMA-load (supported()).
-void launch_fp8_gemm_sm90(const Fp8GemmParams& p, int block_m, cudaStream_t stream);
+// The hand-written sm90 kernel (fp8_gemm_sm90.cu, 128x128 tiles, one CTA per SM, no workspace): dense
+// problems with M > 128, and grouped problems whose scale strides it can TMA-load (supported()).
+void launch_fp8_gemm_sm90(const Fp8GemmParams& p, cudaStream_t stream);
 bool grouped_fp8_gemm_sm90_supported(const GroupedFp8GemmParams& p);
-void launch_grouped_fp8_gemm_sm90(const GroupedFp8GemmParams& p, int block_m, cudaStream_t stream);
+void launch_grouped_fp8_gemm_sm90(const GroupedFp8GemmParams& p, cudaStream_t stream);
 
 // The decode kernel (fp8_gemm_skinny.cu): weights in the MMA's M, up to 64 tokens in its N, the
 // (tile, K block) units of the whole problem split evenly over the SMs (stream-K, fixed-order

@@ -64,14 +64,11 @@ bool choose_swap_cluster(const Fp8GemmParams& p, int split_k) {
 
 // Rows-in-M problems (dense M > 128, grouped except the swapped masked path): which kernel family.
 // CUTLASS kernels by default: the hand-written sm90 kernel (fp8_gemm_sm90.cuh) is correct and measures
-// 0.91-1.12x of them depending on shape, no clear win yet (docs/gemm-design.md). FLASHSEEK_GEMM_IMPL=sm90
-// selects it with 128-row tiles, =sm90_256 with 256-row tiles (0: the CUTLASS kernels); read on every
-// call (a getenv, ~100 ns) so that one test process can check every path.
-int sm90_block_m() {
+// 0.91-1.12x of them depending on shape, no clear win yet (docs/gemm-design.md). FLASHSEEK_GEMM_IMPL=sm90 selects it; read on every call (a getenv,
+// ~100 ns) so that one test process can check both paths.
+bool use_sm90() {
   const char* s = std::getenv("FLASHSEEK_GEMM_IMPL");
-  if (s == nullptr) return 0;
-  const std::string v(s);
-  return v == "sm90" ? 128 : v == "sm90_256" ? 256 : 0;
+  return s != nullptr && std::string(s) == "sm90";
 }
 
 // Decode problems (dense M <= 64, masked M_max <= 64): the hand-written stream-K kernel
@@ -142,8 +139,8 @@ Fp8GemmPlan plan_fp8_gemm(const Fp8GemmParams& p) {
     size_t partial_bytes = plan.split_k > 1 ? align_up(size_t(plan.split_k) * p.m * p.n * sizeof(float)) : 0;
     plan.workspace_bytes = partial_bytes + align_up(plan.swap_cluster ? fp8_gemm_small_mc_workspace(p)
                                                                       : fp8_gemm_small_workspace(p, plan.split_k));
-  } else if (const int bm = sm90_block_m()) {
-    plan.sm90_block_m = bm;
+  } else if (use_sm90()) {
+    plan.sm90 = true;
   } else {
     plan.stream_k = choose_stream_k(p);
     plan.workspace_bytes = align_up(plan.stream_k ? fp8_gemm_streamk_workspace(p) : fp8_gemm_large_workspace(p));
@@ -159,8 +156,8 @@ void launch_fp8_gemm(const Fp8GemmParams& p, const Fp8GemmPlan& plan, void* work
     return;
   }
   if (!plan.swap_ab) {
-    if (plan.sm90_block_m) {
-      launch_fp8_gemm_sm90(p, plan.sm90_block_m, stream);
+    if (plan.sm90) {
+      launch_fp8_gemm_sm90(p, stream);
     } else if (plan.stream_k) {
       launch_fp8_gemm_streamk(p, ws, stream);
     } else {
@@ -189,8 +186,8 @@ bool grouped_swap(const GroupedFp8GemmParams& p) {
 bool grouped_skinny(const GroupedFp8GemmParams& p) {
   return skinny_override() != 0 && grouped_fp8_gemm_skinny_supported(p);
 }
-int grouped_sm90(const GroupedFp8GemmParams& p) {
-  return !grouped_swap(p) && grouped_fp8_gemm_sm90_supported(p) ? sm90_block_m() : 0;
+bool grouped_sm90(const GroupedFp8GemmParams& p) {
+  return !grouped_swap(p) && use_sm90() && grouped_fp8_gemm_sm90_supported(p);
 }
 }  // namespace
 
@@ -204,8 +201,8 @@ void launch_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace, siz
                              cudaStream_t stream) {
   if (grouped_skinny(p)) {
     launch_grouped_fp8_gemm_skinny(p, workspace, stream);
-  } else if (const int bm = grouped_sm90(p)) {
-    launch_grouped_fp8_gemm_sm90(p, bm, stream);
+  } else if (grouped_sm90(p)) {
+    launch_grouped_fp8_gemm_sm90(p, stream);
   } else if (grouped_swap(p)) {
     launch_grouped_fp8_gemm_swap(p, workspace, workspace_bytes, stream);
   } else {

@@ -8,29 +8,21 @@
 // out, and the next steps. It exists as the base for a
 // DeepGEMM-class kernel: no JIT, one mechanism for dense / contiguous / masked, no scale repacking.
 //
-// Structure (384 threads, one CTA per SM, persistent, BM x 128 tiles, BM = 128 or 256):
-//   warpgroup 0  producer: one thread issues the TMA loads of A (BM x 128 B), B (128 x 128 B) and
+// Structure (384 threads, one CTA per SM, persistent, 128 x 128 tiles):
+//   warpgroup 0  producer: one thread issues the TMA loads of A (128 x 128 B), B (128 x 128 B) and
 //                the activation scales of each K block into a ring of STAGES stages;
-//   warpgroups 1-2  math: rows [64 w, 64 w + 64) of each 128-row wave of the tile.
-//                BM = 128 (one wave): two accumulator sets alternate over the tile's K blocks: the
-//                4 wgmma m64n128k32 of block kb + 1 are issued, then block kb's stage is released and
-//                kb promoted (final += acc * a_scale[row] * b_scale).
-//                BM = 256 (two waves): 64 + 2 x 64 registers of accumulators leave no room for a
-//                second set, so each wave is multiplied, waited for and promoted in turn (as DeepGEMM
-//                does); the other math warpgroup's wgmma keep the tensor pipe busy meanwhile. What the
-//                taller tile buys: a K block of A and B (48 KB) feeds 8.4 MFLOP instead of 4.2, so
-//                L2->SM traffic per FLOP drops by a third (16 instead of 24 KB per 4.2 MFLOP with A
-//                multicast) and there is half as many full-barrier waits per FLOP.
-//                Either way the next stage's full barrier is probed before the last promotion.
-//                Epilogue: bf16 into a shared staging tile, written out by a storer warp
+//   warpgroups 1-2  math: rows [64 w, 64 w + 64) of the tile. Two accumulator sets alternate over
+//                the tile's K blocks: the 4 wgmma m64n128k32 of block kb + 1 are issued, then
+//                block kb's stage is released and kb promoted (final += acc * a_scale[row] *
+//                b_scale); the next stage's full barrier is probed before the promotion. Epilogue: bf16 into a shared staging tile, written out by a storer warp
 //                of warpgroup 0 (16-byte stores masked to the group's rows and to N) while the math
 //                warpgroups start the next tile.
 // Clusters of CLUSTER_N (1 or 2) CTAs take neighbouring n blocks of the same rows: each CTA loads
-// BM / CLUSTER_N rows of the A tile and multicasts them to both, so A's L2->SM traffic halves
-// (BM = 128: 32 -> 24.5 KB per 4.2 MFLOP; measured +4%). A stage is refilled only when the consumers of every
+// 128 / CLUSTER_N rows of the A tile and multicasts them to both, so A's L2->SM traffic halves
+// (32 -> 24.5 KB per 4.2 MFLOP; measured +4%). A stage is refilled only when the consumers of every
 // CTA of the cluster have released it.
 // Groups: group g owns rows [begin(g), end(g)) of A and out and multiplies weights b[g]. Dense is
-// one group [0, M). Every CTA builds the prefix of BM-row blocks per group in shared memory and
+// one group [0, M). Every CTA builds the prefix of 128-row blocks per group in shared memory and
 // walks the same linearised (m block, n block) tile order in bands of `band` m blocks, so that the
 // ~132 tiles in flight share A and B panels in L2.
 #pragma once
@@ -52,6 +44,7 @@
 
 namespace flashseek::sm90gemm {
 
+constexpr int kBlockM = 128;
 constexpr int kBlockN = 128;
 constexpr int kBlockK = 128;
 constexpr int kThreads = 384;
@@ -119,31 +112,23 @@ __device__ __forceinline__ void group_rows(const KernelParams& p, int g, int& be
   }
 }
 
-template <int BM, int STAGES>
+template <int STAGES>
 struct SmemLayout {
-  static_assert(BM == 128 || BM == 256, "tiles of 128 or 256 rows");
-  static constexpr int kWaves = BM / 128;             // 128-row waves per tile (64 rows per math warpgroup)
-  static constexpr int kABytes = BM * kBlockK;        // 16 / 32 KB
+  static constexpr int kABytes = kBlockM * kBlockK;  // 16 KB
   static constexpr int kBBytes = kBlockN * kBlockK;  // 16 KB
-  // BM + 4 scales: the TMA box starts at the tile's first row rounded down to 4 (a 16-byte aligned
-  // global address, which TMA requires of the innermost coordinate). A box holds at most 256 rows and
-  // must land on a 128-byte aligned shared address, so box b covers rows [128 b, 128 b + 132) at byte
-  // 512 b (a 256-row tile's two boxes both write rows 128-131, with the same values); stages 128-byte
-  // aligned.
-  static constexpr int kSfaBox = 132;
-  static constexpr int kSfaBoxes = BM / 128;
-  static constexpr int kSfaTxBytes = kSfaBoxes * kSfaBox * 4;  // what the boxes deliver
-  static constexpr int kSfaBytes = ((BM - 128 + kSfaBox) * 4 + 127) / 128 * 128;
+  // 132 scales: the TMA box starts at the tile's first row rounded down to 4 (a 16-byte aligned
+  // global address, which TMA requires of the innermost coordinate); stages 128-byte aligned.
+  static constexpr int kSfaRows = kBlockM + 4;
+  static constexpr int kSfaBytes = 640;
   static constexpr int kA = 0;
   static constexpr int kB = kA + STAGES * kABytes;
   static constexpr int kSfa = kB + STAGES * kBBytes;
   static constexpr int kDPitch = kBlockN * 2 + 16;  // bytes per staged output row (bank spread)
   static constexpr int kD = kSfa + STAGES * kSfaBytes;
-  static constexpr int kCum = kD + BM * kDPitch;
+  static constexpr int kCum = kD + kBlockM * kDPitch;
   static constexpr int kBar = (kCum + (kMaxGroups + 1) * 4 + 7) / 8 * 8;
   static constexpr int kTotal = kBar + 2 * STAGES * 8;
   static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 inside the kernel
-  static_assert(kDynamic <= 232448, "shared memory of one sm_90 CTA");
   __device__ static uint32_t full(uint32_t base, int s) { return base + kBar + 8 * s; }
   __device__ static uint32_t empty(uint32_t base, int s) { return base + kBar + 8 * (STAGES + s); }
 };
@@ -152,13 +137,12 @@ __device__ __forceinline__ uint8_t* aligned_smem(uint8_t* raw) {
   return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
 }
 
-// The tile of cluster rank `rank` in unit t. A unit is one m block (BM rows) x `cluster_n`
-// neighbouring n blocks; m blocks are numbered across groups (cum[g] = m blocks of groups < g); units
-// walk bands of `band` m blocks, n outer inside a band.
+// The tile of cluster rank `rank` in unit t. A unit is one m block x `cluster_n` neighbouring n
+// blocks; m blocks are numbered across groups (cum[g] = m blocks of groups < g); units walk bands
+// of `band` m blocks, n outer inside a band.
 struct Tile {
   int group, row0, row_end, n0;
 };
-template <int BM>
 __device__ __forceinline__ Tile locate_tile(const KernelParams& p, uint32_t cum, int t, int cluster_n, int rank) {
   const int total_m = lds_s32(cum + 4 * p.num_groups);
   const int n_units = (p.num_n_blocks + cluster_n - 1) / cluster_n;
@@ -178,7 +162,7 @@ __device__ __forceinline__ Tile locate_tile(const KernelParams& p, uint32_t cum,
   tile.group = lo;
   int begin, end;
   group_rows(p, lo, begin, end);
-  tile.row0 = begin + (m_lin - lds_s32(cum + 4 * lo)) * BM;
+  tile.row0 = begin + (m_lin - lds_s32(cum + 4 * lo)) * kBlockM;
   tile.row_end = end;
   return tile;
 }
@@ -190,10 +174,9 @@ __device__ __forceinline__ int total_units(const KernelParams& p, uint32_t cum, 
 // One math warpgroup. Everything is recomputed after setmaxnreg from the kernel parameters and
 // shared memory: a value live across it makes ptxas ignore the register split (and cap the math
 // warpgroups at the kernel's 168 registers).
-template <int BM, int STAGES, int CLUSTER_N>
+template <int STAGES, int CLUSTER_N>
 struct MathWarpgroup {
-  using L = SmemLayout<BM, STAGES>;
-  static constexpr int kWaves = L::kWaves;
+  using L = SmemLayout<STAGES>;
   struct Step {  // one issued K block of a tile
     int t, kb;        // unit, K block
     int n0, row0, row_end, sb_index;  // the tile; sb_index: its weight-scale row in b_scale
@@ -209,7 +192,7 @@ struct MathWarpgroup {
   uint32_t phase = 0;
 
   __device__ __forceinline__ void locate(Step& s) const {
-    const Tile tile = locate_tile<BM>(p, base + L::kCum, s.t, CLUSTER_N, rank);
+    const Tile tile = locate_tile(p, base + L::kCum, s.t, CLUSTER_N, rank);
     const int nsb = (p.n + 127) / 128;
     s.n0 = tile.n0;
     s.row0 = tile.row0;
@@ -232,11 +215,11 @@ struct MathWarpgroup {
     s.sa1 = lds_f32(sfa + 32);
     // Descriptors of stage 0 plus the stage and K-step offsets (in 16-byte units, below the 14-bit
     // address field's limit): two adds instead of rebuilding each descriptor.
-    const uint64_t a_off = uint64_t(stage) * (L::kABytes >> 4), b_off = uint64_t(stage) * (L::kBBytes >> 4);
+    const uint64_t stage_off = uint64_t(stage) * (L::kABytes >> 4);
     cute::warpgroup_arrive();
 #pragma unroll
     for (int ks = 0; ks < kBlockK / 32; ++ks) {
-      wgmma_ss<MmaOp>(a_desc0 + a_off + ks * 2, b_desc0 + b_off + ks * 2, acc, ks > 0,
+      wgmma_ss<MmaOp>(a_desc0 + stage_off + ks * 2, b_desc0 + stage_off + ks * 2, acc, ks > 0,
                       std::make_index_sequence<kAcc>{});
     }
     cute::warpgroup_commit_batch();
@@ -246,10 +229,11 @@ struct MathWarpgroup {
     }
   }
 
-  // Every math warp of the cluster is done reading `st`: its producers may refill it.
-  __device__ __forceinline__ void release(int st) const {
+  // `s` is complete in `acc`: release its stage and promote it into `fin` (sb: its weight scale).
+  __device__ __forceinline__ void retire(const float (&acc)[kAcc], float (&fin)[kAcc], const Step& s,
+                                         float sb) const {
     if (lane == 0) {
-      const uint32_t bar = L::empty(base, st);
+      const uint32_t bar = L::empty(base, s.stage);
       if constexpr (CLUSTER_N > 1) {
 #pragma unroll
         for (int c = 0; c < CLUSTER_N; ++c) mbar_arrive_cluster(bar, c);
@@ -257,10 +241,7 @@ struct MathWarpgroup {
         mbar_arrive(bar);
       }
     }
-  }
-
-  // fin += acc * scale, per row (s0: this thread's row r_local, s1: row r_local + 8).
-  __device__ __forceinline__ static void promote(const float (&acc)[kAcc], float (&fin)[kAcc], float s0, float s1) {
+    const float s0 = s.sa0 * sb, s1 = s.sa1 * sb;
 #pragma unroll
     for (int j = 0; j < kAcc / 4; ++j) {
       fin[4 * j + 0] = fmaf(acc[4 * j + 0], s0, fin[4 * j + 0]);
@@ -268,13 +249,6 @@ struct MathWarpgroup {
       fin[4 * j + 2] = fmaf(acc[4 * j + 2], s1, fin[4 * j + 2]);
       fin[4 * j + 3] = fmaf(acc[4 * j + 3], s1, fin[4 * j + 3]);
     }
-  }
-
-  // `s` is complete in `acc`: release its stage and promote it into `fin` (sb: its weight scale).
-  __device__ __forceinline__ void retire(const float (&acc)[kAcc], float (&fin)[kAcc], const Step& s,
-                                         float sb) const {
-    release(s.stage);
-    promote(acc, fin, s.sa0 * sb, s.sa1 * sb);
   }
 
   // This warpgroup's 64 x 128 half goes to its shared staging tile as bf16, and a storer warp of
@@ -354,127 +328,42 @@ struct MathWarpgroup {
     epilogue(fin);
   }
 
-  // BM = 256: one accumulator set for two 128-row waves. Per K block, wave 0 is multiplied, waited
-  // for and promoted, then wave 1; the stage is released once wave 1's wgmma are done with it. The
-  // next stage's full barrier is probed before the last promotion, as in run_tile. Every branch
-  // around a wgmma depends only on K (a kernel parameter), so ptxas keeps them asynchronous.
-  __device__ __forceinline__ void run_tile_waves(float (&acc)[kAcc], float (&fin)[kWaves][kAcc], int t,
-                                                 bool& ready) {
-    Step s;
-    s.t = t;
-    locate(s);
-#pragma unroll
-    for (int w = 0; w < kWaves; ++w) {
-#pragma unroll
-      for (int i = 0; i < kAcc; ++i) fin[w][i] = 0.f;
-    }
-    // The scales' first row sits at row0 % 4 inside the 16-byte aligned TMA box (masked groups and
-    // dense tiles start at multiples of BM).
-    const int shift = p.masked_m != nullptr ? 0 : (s.row0 & 3);
-    float sb = __ldg(p.b_scale + s.sb_index);
-    for (int kb = 0; kb < num_kb; ++kb) {
-      const float sb_next = __ldg(p.b_scale + s.sb_index + min(kb + 1, num_kb - 1));
-      const int st = stage;
-      if (!ready) mbar_wait(L::full(base, st), phase);
-      ready = false;
-      const uint32_t sfa = base + L::kSfa + st * L::kSfaBytes + 4 * (64 * mw + shift + r_local);
-      float sa[kWaves][2];
-#pragma unroll
-      for (int w = 0; w < kWaves; ++w) {
-        sa[w][0] = lds_f32(sfa + 4 * 128 * w) * sb;
-        sa[w][1] = lds_f32(sfa + 4 * 128 * w + 32) * sb;
-      }
-      const uint64_t a_off = uint64_t(st) * (L::kABytes >> 4), b_off = uint64_t(st) * (L::kBBytes >> 4);
-      if (++stage == STAGES) {
-        stage = 0;
-        phase ^= 1;
-      }
-#pragma unroll
-      for (int w = 0; w < kWaves; ++w) {
-        fence(acc);
-        cute::warpgroup_arrive();
-#pragma unroll
-        for (int ks = 0; ks < kBlockK / 32; ++ks) {
-          // Wave w's rows start 128 rows (16 KB, 1024 descriptor units) further into the A stage.
-          wgmma_ss<MmaOp>(a_desc0 + a_off + w * ((128 * kBlockK) >> 4) + ks * 2, b_desc0 + b_off + ks * 2, acc,
-                          ks > 0, std::make_index_sequence<kAcc>{});
-        }
-        cute::warpgroup_commit_batch();
-        cute::warpgroup_wait<0>();
-        fence(acc);
-        if (w == kWaves - 1) {
-          ready = mbar_test(L::full(base, stage), phase);
-          release(st);
-        }
-        promote(acc, fin[w], sa[w][0], sa[w][1]);
-      }
-      sb = sb_next;
-    }
-    epilogue_waves(fin);
-  }
-
-  // BM = 256: this warpgroup's rows of both waves go to the staging tile (tile rows 128 w + 64 mw + r).
-  __device__ __forceinline__ void epilogue_waves(const float (&fin)[kWaves][kAcc]) const {
-    const uint32_t d_tile = base + L::kD;
-    asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDEmpty + mw) : "memory");  // the storer is done with it
-#pragma unroll
-    for (int w = 0; w < kWaves; ++w) {
-      const uint32_t row_addr = d_tile + (128 * w + 64 * mw + r_local) * L::kDPitch;
-#pragma unroll
-      for (int j = 0; j < kAcc / 4; ++j) {
-        const uint32_t col_bytes = 2 * (8 * j + 2 * (lane % 4));
-        const __nv_bfloat162 lo = __floats2bfloat162_rn(fin[w][4 * j + 0], fin[w][4 * j + 1]);
-        const __nv_bfloat162 hi = __floats2bfloat162_rn(fin[w][4 * j + 2], fin[w][4 * j + 3]);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(row_addr + col_bytes),
-                     "r"(*reinterpret_cast<const uint32_t*>(&lo)) : "memory");
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(row_addr + 8 * L::kDPitch + col_bytes),
-                     "r"(*reinterpret_cast<const uint32_t*>(&hi)) : "memory");
-      }
-    }
-    asm volatile("bar.arrive %0, 160;\n" ::"r"(kBarDFull + mw) : "memory");
-  }
-
   __device__ __forceinline__ static void fence(float (&acc)[kAcc]) {
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) cute::warpgroup_fence_operand(acc[i]);
   }
 };
 
-template <int BM, int STAGES, int CLUSTER_N>
+template <int STAGES, int CLUSTER_N>
 __device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* smem_raw) {
-  using L = SmemLayout<BM, STAGES>;
   cutlass::arch::warpgroup_reg_alloc<232>();
   const uint32_t base = smem_u32(aligned_smem(smem_raw));
   const int tid = threadIdx.x, wg = tid / 128;
-  MathWarpgroup<BM, STAGES, CLUSTER_N> m{p, base};
-  m.mw = wg - 1;  // math warpgroup: rows [64 mw, 64 mw + 64) of each 128-row wave of the tile
+  MathWarpgroup<STAGES, CLUSTER_N> m{p, base};
+  m.mw = wg - 1;  // math warpgroup: rows [64 mw, 64 mw + 64) of the tile
   m.lane = tid % 32;
   m.r_local = 16 * ((tid % 128) / 32) + m.lane / 4;  // and r_local + 8
   m.num_kb = p.k / kBlockK;
   m.num_clusters = gridDim.x / CLUSTER_N;
-  m.num_units = total_units(p, base + L::kCum, CLUSTER_N);
+  m.num_units = total_units(p, base + SmemLayout<STAGES>::kCum, CLUSTER_N);
   m.rank = CLUSTER_N > 1 ? int(cute::block_rank_in_cluster()) : 0;
+  static_assert(SmemLayout<STAGES>::kABytes == SmemLayout<STAGES>::kBBytes, "one stage stride for A and B");
   // K-major operands of 128-byte rows: 8-row core groups 1024 B apart.
-  m.a_desc0 = wgmma_desc_sw128(base + L::kA + m.mw * 64 * kBlockK, 16, 1024);
-  m.b_desc0 = wgmma_desc_sw128(base + L::kB, 16, 1024);
+  m.a_desc0 = wgmma_desc_sw128(base + SmemLayout<STAGES>::kA + m.mw * 64 * kBlockK, 16, 1024);
+  m.b_desc0 = wgmma_desc_sw128(base + SmemLayout<STAGES>::kB, 16, 1024);
+  float acc[kAcc], acc2[kAcc], fin[kAcc];
   bool ready = false;
-  if constexpr (L::kWaves == 1) {
-    float acc[kAcc], acc2[kAcc], fin[kAcc];
-    for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, acc2, fin, t, ready);
-  } else {
-    float acc[kAcc], fin[L::kWaves][kAcc];
-    for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile_waves(acc, fin, t, ready);
-  }
+  for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, acc2, fin, t, ready);
   // Takes the storer's last "buffer free" signal, so no arrival is left pending on the barrier.
   asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDEmpty + m.mw) : "memory");
   if constexpr (CLUSTER_N > 1) cute::cluster_sync();
 }
 
 // Storer warp w (warp 1 + w of the producer warpgroup): writes math warpgroup w's staged 64 x 128
-// bf16 rows of every wave of every tile with 16-byte stores, masked to the group's rows and to N.
-template <int BM, int STAGES, int CLUSTER_N>
+// bf16 half of every tile with 16-byte stores, masked to the group's rows and to N.
+template <int STAGES, int CLUSTER_N>
 __device__ __forceinline__ void storer(const KernelParams& p, uint32_t base, int w) {
-  using L = SmemLayout<BM, STAGES>;
+  using L = SmemLayout<STAGES>;
   const int lane = threadIdx.x % 32;
   const int rank = CLUSTER_N > 1 ? int(cute::block_rank_in_cluster()) : 0;
   const int num_clusters = gridDim.x / CLUSTER_N;
@@ -483,23 +372,19 @@ __device__ __forceinline__ void storer(const KernelParams& p, uint32_t base, int
   constexpr int kChunksPerRow = kBlockN / 8;
   asm volatile("bar.arrive %0, 160;\n" ::"r"(kBarDEmpty + w) : "memory");  // the tile starts free
   for (int t = blockIdx.x / CLUSTER_N; t < num_units; t += num_clusters) {
-    const Tile tile = locate_tile<BM>(p, base + L::kCum, t, CLUSTER_N, rank);
+    const Tile tile = locate_tile(p, base + L::kCum, t, CLUSTER_N, rank);
+    const int row_base = tile.row0 + 64 * w;
     asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDFull + w) : "memory");
-#pragma unroll
-    for (int wave = 0; wave < L::kWaves; ++wave) {
-      const int row_base = tile.row0 + 128 * wave + 64 * w;
-      const uint32_t d_rows = d_tile + 128 * wave * L::kDPitch;
 #pragma unroll 4
-      for (int i = lane; i < 64 * kChunksPerRow; i += 32) {
-        const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
-        const int row = row_base + r, col = tile.n0 + ch * 8;
-        if (row < tile.row_end && col < p.n) {
-          uint4 v;
-          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                       : "r"(d_rows + r * L::kDPitch + ch * 16));
-          *reinterpret_cast<uint4*>(p.out + int64_t(row) * p.n + col) = v;
-        }
+    for (int i = lane; i < 64 * kChunksPerRow; i += 32) {
+      const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
+      const int row = row_base + r, col = tile.n0 + ch * 8;
+      if (row < tile.row_end && col < p.n) {
+        uint4 v;
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "r"(d_tile + r * L::kDPitch + ch * 16));
+        *reinterpret_cast<uint4*>(p.out + int64_t(row) * p.n + col) = v;
       }
     }
     asm volatile("bar.arrive %0, 160;\n" ::"r"(kBarDEmpty + w) : "memory");
@@ -508,14 +393,14 @@ __device__ __forceinline__ void storer(const KernelParams& p, uint32_t base, int
 
 // The producer warpgroup: one thread walks the same units as the math warpgroups and keeps the
 // stage ring full (recomputing everything after setmaxnreg, like the math warpgroups).
-template <int BM, int STAGES, int CLUSTER_N>
+template <int STAGES, int CLUSTER_N>
 __device__ __forceinline__ void producer(const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
                                          const CUtensorMap* tmap_sfa, const KernelParams& p, uint8_t* smem_raw) {
-  using L = SmemLayout<BM, STAGES>;
-  constexpr int kARowsPerCta = BM / CLUSTER_N;
+  using L = SmemLayout<STAGES>;
+  constexpr int kARowsPerCta = kBlockM / CLUSTER_N;
   cutlass::arch::warpgroup_reg_dealloc<40>();
   const int warp = threadIdx.x / 32;
-  if (warp == 1 || warp == 2) storer<BM, STAGES, CLUSTER_N>(p, smem_u32(aligned_smem(smem_raw)), warp - 1);
+  if (warp == 1 || warp == 2) storer<STAGES, CLUSTER_N>(p, smem_u32(aligned_smem(smem_raw)), warp - 1);
   if (threadIdx.x == 0) {
     uint8_t* smem = aligned_smem(smem_raw);
     const uint32_t base = smem_u32(smem);
@@ -529,14 +414,14 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_a, const CUtens
     int stage = 0;
     uint32_t phase = 0;
     for (int t = blockIdx.x / CLUSTER_N; t < num_units; t += num_clusters) {
-      const Tile tile = locate_tile<BM>(p, base + L::kCum, t, CLUSTER_N, rank);
+      const Tile tile = locate_tile(p, base + L::kCum, t, CLUSTER_N, rank);
       const int b_row = tile.group * p.n + tile.n0;
       const int sfa_row = (masked ? tile.row0 - tile.group * p.m_max : tile.row0) & ~3;
       const int sfa_plane = masked ? tile.group : 0;
       for (int kb = 0; kb < num_kb; ++kb) {
         mbar_wait(L::empty(base, stage), phase ^ 1);
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage,
-                                                                       L::kABytes + L::kBBytes + L::kSfaTxBytes);
+                                                                       L::kABytes + L::kBBytes + L::kSfaRows * 4);
         uint8_t* a_dst = smem + L::kA + stage * L::kABytes + rank * kARowsPerCta * kBlockK;
         if constexpr (CLUSTER_N > 1) {
           cute::SM90_TMA_LOAD_MULTICAST_2D::copy(tmap_a, full_bar + stage, uint16_t((1 << CLUSTER_N) - 1), kHint,
@@ -546,12 +431,8 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_a, const CUtens
         }
         cute::SM90_TMA_LOAD_2D::copy(tmap_b, full_bar + stage, kHint, smem + L::kB + stage * L::kBBytes,
                                      kb * kBlockK, b_row);
-#pragma unroll
-        for (int box = 0; box < L::kSfaBoxes; ++box) {  // rows past the tensor arrive zero-filled
-          cute::SM90_TMA_LOAD_3D::copy(tmap_sfa, full_bar + stage, kHint,
-                                       smem + L::kSfa + stage * L::kSfaBytes + box * 128 * 4, sfa_row + box * 128, kb,
-                                       sfa_plane);
-        }
+        cute::SM90_TMA_LOAD_3D::copy(tmap_sfa, full_bar + stage, kHint, smem + L::kSfa + stage * L::kSfaBytes,
+                                     sfa_row, kb, sfa_plane);
         if (++stage == STAGES) {
           stage = 0;
           phase ^= 1;
@@ -562,12 +443,12 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_a, const CUtens
   if constexpr (CLUSTER_N > 1) cute::cluster_sync();
 }
 
-template <int BM, int STAGES, int CLUSTER_N>
+template <int STAGES, int CLUSTER_N>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                          const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ KernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using L = SmemLayout<BM, STAGES>;
+  using L = SmemLayout<STAGES>;
   static_assert(CLUSTER_N == 1 || CLUSTER_N == 2, "clusters of 1 or 2 CTAs");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = aligned_smem(smem_raw);
@@ -577,11 +458,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
 
-  // Prefix of BM-row blocks per group.
+  // Prefix of 128-row blocks per group.
   for (int g = tid; g < p.num_groups; g += kThreads) {
     int begin, end;
     group_rows(p, g, begin, end);
-    cum[g + 1] = (end - begin + BM - 1) / BM;
+    cum[g + 1] = (end - begin + kBlockM - 1) / kBlockM;
   }
   if (tid == 0) {
     cum[0] = 0;
@@ -621,9 +502,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Each role ends with its own cluster barrier (no CTA may leave while its peer can still multicast
   // into it or arrive on its barriers): code shared after setmaxnreg makes ptxas ignore the split.
   if (tid < 128) {
-    producer<BM, STAGES, CLUSTER_N>(&tmap_a, &tmap_b, &tmap_sfa, p, smem_raw);
+    producer<STAGES, CLUSTER_N>(&tmap_a, &tmap_b, &tmap_sfa, p, smem_raw);
   } else {
-    math_warpgroups<BM, STAGES, CLUSTER_N>(p, smem_raw);
+    math_warpgroups<STAGES, CLUSTER_N>(p, smem_raw);
   }
 #endif
 }
