@@ -81,21 +81,32 @@ def gemm_variants(dev):
     return {name: (fn, None) for name, fn in variants.items()}, 2.0 * m * n * k, [m, n, k]
 
 
-def mla_variants(dev):
+MLA_B, MLA_SK, MLA_HQ = 128, 4096, 128
+
+
+def mla_decode_call(dev):
+    """One bf16 MLA decode at b=128, s_k=4096, h_q=128 on bench/mla.py's inputs, as a zero-arg call
+    (the kernel follows FLASHSEEK_MLA_DECODE; mla_ncu.py profiles it too)."""
     from flashseek.bench import mla as bench_mla
-    b, s_k, h_q = 128, 4096, 128
-    lens = [s_k] * b
-    table, sets = bench_mla._make_inputs(b, 1, h_q, lens, False, dev, 1, seed=0)
+    lens = [MLA_SK] * MLA_B
+    table, sets = bench_mla._make_inputs(MLA_B, 1, MLA_HQ, lens, False, dev, 1, seed=0)
     q, cache = sets[0]
     seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
-    plan = ops.mla_decode_plan(seqlens, 1, h_q)
-    o = torch.empty(b, 1, h_q, 512, dtype=torch.bfloat16, device=dev)
-    lse = torch.empty(b, h_q, 1, dtype=torch.float32, device=dev)
+    plan = ops.mla_decode_plan(seqlens, 1, MLA_HQ)
+    o = torch.empty(MLA_B, 1, MLA_HQ, 512, dtype=torch.bfloat16, device=dev)
+    lse = torch.empty(MLA_B, MLA_HQ, 1, dtype=torch.float32, device=dev)
+    return lambda: ops.mla_decode(q, cache, table, seqlens, plan, bench_mla.SCALE, False, out=o, lse=lse)
+
+
+def mla_variants(dev):
+    from flashseek.bench import mla as bench_mla
+    b, s_k, h_q = MLA_B, MLA_SK, MLA_HQ
+    call = mla_decode_call(dev)
     variants = {}
     for impl in ("wgmma", "seesaw"):
         def run(impl=impl):
             os.environ["FLASHSEEK_MLA_DECODE"] = impl
-            ops.mla_decode(q, cache, table, seqlens, plan, bench_mla.SCALE, False, out=o, lse=lse)
+            call()
         variants[f"flashseek {impl}"] = (run, None)
     exe = os.environ.get("FLASHSEEK_FLASHMLA_BENCH")
     if exe and os.path.isfile(exe):
