@@ -1,5 +1,6 @@
 """The package, the op registry and the CLI: what every kernel family stands on."""
 import json
+import os
 import subprocess
 import sys
 
@@ -93,6 +94,39 @@ def test_cli_bench_writes_json_and_roofline(tmp_path):
     for row in doc["rows"]:
         assert row["us"] > 0 and row["bytes"] > 0 and row["family"] == "quant"
     assert png.stat().st_size > 1000
+
+
+def test_bench_gpu_state_sampling(tmp_path, monkeypatch):
+    """Bench rows carry the SM clock / power / throttle reasons that nvidia-smi reports right after their
+    timings; a missing or failing nvidia-smi gives no state (and is not asked again), never an error."""
+    from types import SimpleNamespace
+
+    from flashseek.bench import common
+
+    line = "1305, 1980, 697.22, 700.00, 67, 0x0000000000000004"
+    assert common.parse_gpu_state(line) == {"sm_clock_mhz": 1305.0, "max_sm_clock_mhz": 1980.0, "power_w": 697.22,
+                                            "power_limit_w": 700.0, "temp_c": 67.0,
+                                            "clock_event_reasons": "0x0000000000000004"}
+    assert common.parse_gpu_state("1305, 1980, 697.22") is None
+    assert common.parse_gpu_state("[N/A], 1980, 697.22, 700.00, 67, 0x4") is None
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f'#!/bin/sh\necho "{line}"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(common.torch.cuda, "get_device_properties", lambda d: SimpleNamespace(uuid="abc"))
+    monkeypatch.setattr(common, "_gpu_state_disabled", False)
+    assert common.sample_gpu_state()["sm_clock_mhz"] == 1305.0
+    row = common.Row("gemm", "x", {}, 10.0, 1.0, 1.0)
+    assert row.extra["gpu_state"]["power_w"] == 697.22
+    assert "gpu_state" not in common.Row("gemm", "x", {}, 10.0, 1.0, 1.0, backend="reference").extra
+
+    fake.write_text("#!/bin/sh\nexit 9\n")
+    assert common.sample_gpu_state() is None
+    fake.write_text(f'#!/bin/sh\necho "{line}"\n')
+    assert common.sample_gpu_state() is None  # disabled after the first failure
 
 
 def test_mla_bench_external_flashmla_peer(tmp_path, monkeypatch):

@@ -8,12 +8,58 @@ the table with the percentage of each ceiling, writes JSON and optionally a roof
 """
 from __future__ import annotations
 
+import shutil
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+# Sampled after every row's timings: under sustained load the compute-bound kernels here run at the
+# card's power cap, with the SM clock well below its maximum (docs/performance.md, session 14), so a
+# row's TFLOP/s means little without the clock it ran at.
+_GPU_STATE_FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "power.limit", "temperature.gpu",
+                     "clocks_event_reasons.active")
+_gpu_state_disabled = False
+
+
+def parse_gpu_state(line: str) -> Optional[dict]:
+    """One `nvidia-smi --query-gpu=<_GPU_STATE_FIELDS> --format=csv,noheader,nounits` line as a dict,
+    or None when it does not have those fields."""
+    vals = [v.strip() for v in line.strip().split(",")]
+    if len(vals) != len(_GPU_STATE_FIELDS):
+        return None
+    try:
+        return {"sm_clock_mhz": float(vals[0]), "max_sm_clock_mhz": float(vals[1]), "power_w": float(vals[2]),
+                "power_limit_w": float(vals[3]), "temp_c": float(vals[4]), "clock_event_reasons": vals[5]}
+    except ValueError:
+        return None
+
+
+def sample_gpu_state(device: Optional[torch.device] = None) -> Optional[dict]:
+    """The current GPU's SM clock, power draw and clock-event (throttle) reasons via nvidia-smi, or None
+    (no CUDA device, no nvidia-smi, or it failed once: then it is not tried again)."""
+    global _gpu_state_disabled
+    if _gpu_state_disabled or not torch.cuda.is_available():
+        return None
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        _gpu_state_disabled = True
+        return None
+    cmd = [exe, f"--query-gpu={','.join(_GPU_STATE_FIELDS)}", "--format=csv,noheader,nounits"]
+    uuid = getattr(torch.cuda.get_device_properties(device or torch.cuda.current_device()), "uuid", None)
+    if uuid is not None:
+        cmd.append(f"--id=GPU-{uuid}")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        state = parse_gpu_state(out.stdout.splitlines()[0]) if out.returncode == 0 and out.stdout else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        state = None
+    if state is None:
+        _gpu_state_disabled = True
+    return state
 
 
 @dataclass
@@ -28,6 +74,13 @@ class Row:
     peer_us: Optional[float] = None
     backend: str = "kernel"       # "kernel" or "reference" (what flashseek ran)
     extra: dict = field(default_factory=dict)  # per-stage breakdowns, error metrics, ...
+
+    def __post_init__(self):
+        # Rows are built right after their timings: the clock now is the clock they ran at.
+        if self.backend == "kernel" and "gpu_state" not in self.extra:
+            state = sample_gpu_state()
+            if state is not None:
+                self.extra["gpu_state"] = state
 
     @property
     def tflops(self) -> float:
