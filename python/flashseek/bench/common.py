@@ -123,6 +123,23 @@ class BenchContext:
             return time_graph_us(fn, self.device, n_inputs, self.rep_ms)
         return time_median_us(fn, self.device, n_inputs, self.warmup_ms, self.rep_ms)
 
+    def time_alternating(self, fns: dict, n_inputs: int = 1, rounds: int = 4) -> dict:
+        """Median times (µs) of several callables, name -> fn(i), measured in alternating rounds (order
+        reversed every other round), each round giving every fn rep_ms / rounds of timed calls after a
+        short warm-up; the result per name is the median over its rounds. Compute-bound kernels hold the
+        card at its power cap and its clock drifts within a run (docs/performance.md, session 14): timed
+        one after the other, whichever runs first on a cooler card wins by up to ~10%. Alternating puts
+        the drift on every variant alike."""
+        if not self.cuda:
+            return {name: self.time(fn, n_inputs) for name, fn in fns.items()}
+        names = list(fns)
+        per_round = {name: [] for name in names}
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                per_round[name].append(time_median_us(fns[name], self.device, n_inputs, self.warmup_ms / rounds,
+                                                      self.rep_ms / rounds))
+        return {name: statistics.median(ts) for name, ts in per_round.items()}
+
 
 def time_median_us(fn, device, n_inputs=1, warmup_ms=25.0, rep_ms=100.0, max_iters=2000) -> float:
     if device.type != "cuda":
