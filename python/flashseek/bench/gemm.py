@@ -70,7 +70,10 @@ def _peer_fn(a, sa, b, sb):
     return run
 
 
-def _time_peer(ctx, fns) -> Optional[float]:
+def _time_peer(ctx, fns, graph: bool = False, extra: Optional[dict] = None) -> Optional[float]:
+    """The peer calls fns (one per expert for the grouped forms) timed together, or None where any is
+    missing. graph=True times them as CUDA-graph replays, as the decode rows time ours; a cuBLASLt path
+    that cannot be captured gives no peer, its exception's name in extra["peer_graph_error"]."""
     if not ctx.cuda or not fns or any(f is None for f in fns):
         return None
 
@@ -78,7 +81,14 @@ def _time_peer(ctx, fns) -> Optional[float]:
         for f in fns:
             f()
 
-    return ctx.time(loop)
+    if not graph:
+        return ctx.time(loop)
+    try:
+        return ctx.time(loop, 1, graph=True)
+    except Exception as exc:  # no same-mode peer
+        if extra is not None:
+            extra["peer_graph_error"] = type(exc).__name__
+        return None
 
 
 @contextlib.contextmanager
@@ -164,12 +174,7 @@ def run_gemm(ctx: BenchContext) -> list[Row]:
                 for name, flag in (("skinny", "1"), ("cutlass", "0")):
                     with _env("FLASHSEEK_GEMM_SKINNY", flag):
                         extra[f"{name}_graph_us"] = ctx.time(call, n_inputs, graph=True)
-            if peer:
-                try:
-                    peer_us = ctx.time(lambda i: peer(), 1, graph=True)
-                except Exception as exc:  # a cuBLASLt path that cannot be captured: no same-mode peer
-                    extra["peer_graph_error"] = type(exc).__name__
-                    peer_us = None
+            peer_us = _time_peer(ctx, [peer], graph=True, extra=extra)
         rows.append(Row("gemm", label, {"m": m, "n": n, "k": k}, us, 2.0 * m * n * k, nbytes,
                         peer="torch scaled_mm blockwise" if peer_us else None, peer_us=peer_us,
                         backend=_backend("fp8_gemm"), extra=extra))
@@ -231,7 +236,7 @@ def _masked_rows(ctx, tokens, weights) -> list[Row]:
                 alt["cutlass_us"] = ctx.time(call, graph=True)
         touched = [g for g in range(e) if counts[g] > 0]
         peers = [_peer_fn(a[g, :counts[g]], sa[g, :counts[g]], b[g], sb[g]) for g in touched] if ctx.cuda else []
-        peer_us = _time_peer(ctx, peers)
+        peer_us = _time_peer(ctx, peers, graph=decode, extra=alt)
         valid = int(counts.sum())
         w_bytes = len(touched) * (n * k + ((n + 127) // 128) * kb * 4)
         nbytes = w_bytes + valid * (k + kb * 4 + n * 2)
