@@ -114,10 +114,12 @@ def test_bench_gpu_state_sampling(tmp_path, monkeypatch):
     fake.write_text(f'#!/bin/sh\necho "{line}"\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common, "_gpu_state_disabled", False)
+    if not torch.cuda.is_initialized():  # a process that has not used CUDA asks nobody
+        assert common.sample_gpu_state() is None and not common._gpu_state_disabled
+    monkeypatch.setattr(common.torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(common.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(common.torch.cuda, "get_device_properties", lambda d: SimpleNamespace(uuid="abc"))
-    monkeypatch.setattr(common, "_gpu_state_disabled", False)
     assert common.sample_gpu_state()["sm_clock_mhz"] == 1305.0
     row = common.Row("gemm", "x", {}, 10.0, 1.0, 1.0)
     assert row.extra["gpu_state"]["power_w"] == 697.22

@@ -40,9 +40,10 @@ def parse_gpu_state(line: str) -> Optional[dict]:
 
 def sample_gpu_state(device: Optional[torch.device] = None) -> Optional[dict]:
     """The current GPU's SM clock, power draw and clock-event (throttle) reasons via nvidia-smi, or None
-    (no CUDA device, no nvidia-smi, or it failed once: then it is not tried again)."""
+    (this process has not used CUDA, e.g. a `--device cpu` run on a GPU machine; no nvidia-smi; or it
+    failed once: then it is not tried again)."""
     global _gpu_state_disabled
-    if _gpu_state_disabled or not torch.cuda.is_available():
+    if _gpu_state_disabled or not torch.cuda.is_initialized():
         return None
     exe = shutil.which("nvidia-smi")
     if exe is None:
