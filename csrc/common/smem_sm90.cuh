@@ -19,6 +19,22 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t addr, uint32_t lbo
          (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
+// The same descriptor built once for a tile's base address and stepped through the tile by byte
+// offsets. The start address is bits 0-13 of the low word, in 16-byte units; a shared-memory address
+// (< 2^18 bytes) stays below 2^14 such units, so base + offset never carries into the leading byte
+// offset and a step is one 32-bit add. Rebuilding the descriptor from the address cost ~10
+// instructions a wgmma in the MLA kernels' SASS, issued from the schedulers the softmax also needs.
+struct WgmmaDesc {
+  uint32_t lo, hi;
+  __device__ __forceinline__ uint64_t at(uint32_t byte_offset) const {
+    return (static_cast<uint64_t>(hi) << 32) | (lo + (byte_offset >> 4));
+  }
+};
+__device__ __forceinline__ WgmmaDesc wgmma_desc_sw128_tile(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  const uint64_t d = wgmma_desc_sw128(addr, lbo, sbo);
+  return {static_cast<uint32_t>(d), static_cast<uint32_t>(d >> 32)};
+}
+
 // mbarrier wait on a phase parity (the try_wait loop, with the suspend-time hint CUTLASS uses) and a
 // plain arrive, on 32-bit shared-window addresses.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {

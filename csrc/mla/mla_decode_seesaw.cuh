@@ -65,6 +65,8 @@ using wg::kPanels;
 using wg::kThreads;
 using wg::kTileBytes;
 using wg::swz;
+using wg::WgmmaDesc;
+using wg::wgmma_desc_sw128_tile;
 namespace gmma = wg::gmma;
 
 struct Smem {
@@ -136,7 +138,7 @@ __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage,
 // after the wait is explicit: otherwise ptxas inserts one behind the wait loop (a branch) and then
 // serialises every wgmma of the kernel (C7520).
 template <int kPanel, bool kFirst>
-__device__ __forceinline__ void s_panel(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32],
+__device__ __forceinline__ void s_panel(WgmmaDesc dQ, WgmmaDesc dK, uint32_t bars, uint32_t parity, float (&sacc)[32],
                                         long long (&tma_wait_cycles)[kPanels]) {
   FS_TL(const long long t0 = clock64());
   mbar_wait(bars + 8 * kPanel, parity);
@@ -145,17 +147,17 @@ __device__ __forceinline__ void s_panel(uint32_t sQ, uint32_t sK, uint32_t bars,
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t off = kPanel * kPanelBytes + kk * 32;
-    wg::qk_step(wgmma_desc_sw128(sQ + off, 16, 1024), wgmma_desc_sw128(sK + off, 16, 1024), sacc,
-                kFirst && kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<32>{});
+    wg::qk_step(dQ.at(off), dK.at(off), sacc, kFirst && kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One,
+                std::make_index_sequence<32>{});
   }
 }
 
 // S over the listed panels in that order (kZero: the first one starts the accumulation).
 template <bool kZero, int kFirst, int... kRest>
-__device__ __forceinline__ void s_panels(uint32_t sQ, uint32_t sK, uint32_t bars, uint32_t parity, float (&sacc)[32],
+__device__ __forceinline__ void s_panels(WgmmaDesc dQ, WgmmaDesc dK, uint32_t bars, uint32_t parity, float (&sacc)[32],
                                          long long (&tma_wait_cycles)[kPanels]) {
-  s_panel<kFirst, kZero>(sQ, sK, bars, parity, sacc, tma_wait_cycles);
-  (s_panel<kRest, false>(sQ, sK, bars, parity, sacc, tma_wait_cycles), ...);
+  s_panel<kFirst, kZero>(dQ, dK, bars, parity, sacc, tma_wait_cycles);
+  (s_panel<kRest, false>(dQ, dK, bars, parity, sacc, tma_wait_cycles), ...);
 }
 
 // Rows [valid, 64) of a stage's V panels (0-7) := 0, by one warpgroup.
@@ -220,8 +222,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  const uint32_t sQ = s_base + Smem::kQ;
   const uint32_t stA = s_base + Smem::kStage0, stB = s_base + Smem::kStage1;  // even / odd blocks
+  // wgmma descriptors, stepped by offsets: Q, the stages as K (K-major) and as V (MN-major), P_A.
+  const WgmmaDesc dQ = wgmma_desc_sw128_tile(s_base + Smem::kQ, 16, 1024);
+  const WgmmaDesc dKA = wgmma_desc_sw128_tile(stA, 16, 1024), dKB = wgmma_desc_sw128_tile(stB, 16, 1024);
+  const WgmmaDesc dVA = wgmma_desc_sw128_tile(stA, kPanelBytes, 1024), dVB = wgmma_desc_sw128_tile(stB, kPanelBytes, 1024);
+  const WgmmaDesc dPA = wgmma_desc_sw128_tile(s_base + Smem::kPA, 16, 1024);
   const uint32_t barsA = s_base + Smem::kBars, barsB = barsA + 8 * kPanels;
   // Loads into each stage before the current request: block j of a request lands in stage j % 2 as that
   // stage's load number base[j % 2] + j / 2, whose mbarrier phase parity is that number's low bit.
@@ -283,9 +289,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();  // Q visible to the async proxy
       if (wg < n) {     // S of block wg (warpgroup 0: block 0, warpgroup 1: block 1)
-        const uint32_t sK = wg ? stB : stA, bb = wg ? barsB : barsA, ph = parity(wg);
+        const uint32_t bb = wg ? barsB : barsA, ph = parity(wg);
         fence_regs(sacc);
-        s_panels<true, 0, 1, 2, 3, 4, 5, 6, 7, 8>(sQ, sK, bb, ph, sacc, tl_tma);
+        s_panels<true, 0, 1, 2, 3, 4, 5, 6, 7, 8>(dQ, wg ? dKB : dKA, bb, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_regs(sacc);
@@ -392,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
         const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
-        wg::pv_step_rs(a, wgmma_desc_sw128(stA + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
+        wg::pv_step_rs(a, dVA.at(kk * 2048), o, std::make_index_sequence<128>{});
       }
       cute::warpgroup_commit_batch();
       // Stage 0's rope panel was read only by S_A: refill it first, so that S of block 2i + 2 can start
@@ -436,15 +442,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         cute::warpgroup_arrive();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          wg::pv_step_ss(wgmma_desc_sw128(stB + 8 * kPanelBytes + kk * 32, 16, 1024),
-                         wgmma_desc_sw128(stB + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
+          wg::pv_step_ss(dKB.at(8 * kPanelBytes + kk * 32), dVB.at(kk * 2048), o, std::make_index_sequence<128>{});
         }
         cute::warpgroup_commit_batch();
       }
       if constexpr (kNextA) {  // S of block 2i + 2 over the panels this warpgroup just reloaded
         const uint32_t ph = parity(ja + 2);
         fence_regs(sacc);
-        s_panels<true, 8, 0, 1, 2, 3>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panels<true, 8, 0, 1, 2, 3>(dQ, dKA, barsA, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
       }
       if constexpr (kHasB) {
@@ -459,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if constexpr (kNextA) {
         const uint32_t ph = parity(ja + 2);
-        s_panels<false, 4, 5, 6, 7>(sQ, stA, barsA, ph, sacc, tl_tma);
+        s_panels<false, 4, 5, 6, 7>(dQ, dKA, barsA, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         mma_wait_all();
         fence_regs(sacc);
@@ -510,8 +515,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
           const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
-          wg::pv_step_rs(a, wgmma_desc_sw128(stB + 4 * kPanelBytes + kk * 2048, kPanelBytes, 1024), o,
-                         std::make_index_sequence<128>{});
+          wg::pv_step_rs(a, dVB.at(4 * kPanelBytes + kk * 2048), o, std::make_index_sequence<128>{});
         }
         cute::warpgroup_commit_batch();
       }
@@ -521,9 +525,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       cute::warpgroup_arrive();
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        wg::pv_step_ss(wgmma_desc_sw128(s_base + Smem::kPA + kk * 32, 16, 1024),
-                       wgmma_desc_sw128(stA + 4 * kPanelBytes + kk * 2048, kPanelBytes, 1024), o,
-                       std::make_index_sequence<128>{});
+        wg::pv_step_ss(dPA.at(kk * 32), dVA.at(4 * kPanelBytes + kk * 2048), o, std::make_index_sequence<128>{});
       }
       cute::warpgroup_commit_batch();
       // P_B is stored, and this warpgroup's P V are queued ahead of warpgroup 0's P_B V_B: it finishes
@@ -547,7 +549,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kNextB) {  // S of block 2i + 3: this warpgroup's panels first
         const uint32_t ph = parity(jb + 2);
         fence_regs(sacc);
-        s_panels<true, 4, 5, 6, 7, 8, 0, 1, 2, 3>(sQ, stB, barsB, ph, sacc, tl_tma);
+        s_panels<true, 4, 5, 6, 7, 8, 0, 1, 2, 3>(dQ, dKB, barsB, ph, sacc, tl_tma);
         cute::warpgroup_commit_batch();
         mma_wait_all();
         fence_regs(sacc);

@@ -107,7 +107,9 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {  // chunk c (< 8) of row
 // Byte offset of 16-byte chunk c (< 72) of row r in a 576-wide paneled tile.
 __device__ __forceinline__ uint32_t tile_chunk(int r, int c) { return (c >> 3) * kPanelBytes + swz(r, c & 7); }
 
+using flashseek::WgmmaDesc;
 using flashseek::wgmma_desc_sw128;
+using flashseek::wgmma_desc_sw128_tile;
 
 namespace gmma = cute::SM90::GMMA;
 using MmaQK = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>;
@@ -459,11 +461,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (wg == 0) {
       const int limit[2] = {detail::visible_keys(p, m_tile * kM + row0, len, len_eff),  // this thread's two rows
                             detail::visible_keys(p, m_tile * kM + row0 + 8, len, len_eff)};
-      const uint32_t sQ = s_base + S::kQ;
+      const WgmmaDesc dQ = wgmma_desc_sw128_tile(s_base + S::kQ, 16, 1024);
+      // K-major (S) and MN-major (P V) descriptors of both stages; a block picks its stage's pair.
+      const WgmmaDesc dK0 = wgmma_desc_sw128_tile(s_base + S::kK0, 16, 1024);
+      const WgmmaDesc dK1 = wgmma_desc_sw128_tile(s_base + (kFp8 ? S::kK0 : S::kK1), 16, 1024);
+      const WgmmaDesc dV0 = wgmma_desc_sw128_tile(s_base + S::kK0, kPanelBytes, 1024);
+      const WgmmaDesc dV1 = wgmma_desc_sw128_tile(s_base + (kFp8 ? S::kK0 : S::kK1), kPanelBytes, 1024);
       for (int it = 0; it < n_iter; ++it) {
         const int blk = blk_begin + it;
         fp8_stage(it);
-        const uint32_t sK = s_base + ((!kFp8 && (it & 1)) ? S::kK1 : S::kK0);
+        const WgmmaDesc dKs = (it & 1) ? dK1 : dK0, dVs = (it & 1) ? dV1 : dV0;
         // ---- S = Q K^T ----
         float sacc[32];
         fence_regs(sacc);
@@ -471,8 +478,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kDQK / 16; ++kk) {
           const uint32_t off = (kk >> 2) * kPanelBytes + (kk & 3) * 32;
-          qk_step(wgmma_desc_sw128(sQ + off, 16, 1024), wgmma_desc_sw128(sK + off, 16, 1024), sacc,
-                  kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<32>{});
+          qk_step(dQ.at(off), dKs.at(off), sacc, kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One,
+                  std::make_index_sequence<32>{});
         }
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
@@ -541,7 +548,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
           const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
-          pv_step_rs(a, wgmma_desc_sw128(sK + kk * 2048, kPanelBytes, 1024), o, std::make_index_sequence<128>{});
+          pv_step_rs(a, dVs.at(kk * 2048), o, std::make_index_sequence<128>{});
         }
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
@@ -555,11 +562,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_mrun[row0 + 8] = m_run[1];
       }
     } else {
-      const uint32_t sP = s_base + S::kP;
+      const WgmmaDesc dP = wgmma_desc_sw128_tile(s_base + S::kP, 16, 1024);
+      const WgmmaDesc dV0 = wgmma_desc_sw128_tile(s_base + S::kK0 + 4 * kPanelBytes, kPanelBytes, 1024);
+      const WgmmaDesc dV1 = wgmma_desc_sw128_tile(s_base + (kFp8 ? S::kK0 : S::kK1) + 4 * kPanelBytes, kPanelBytes, 1024);
       for (int it = 0; it < n_iter; ++it) {
         fp8_stage(it);
         fp8_predequant(it);
         const uint32_t sK = s_base + ((!kFp8 && (it & 1)) ? S::kK1 : S::kK0);
+        const WgmmaDesc dVs = (it & 1) ? dV1 : dV0;
         bar_sync(kBarPFull, kThreads);
         const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row0 + 8];
 #pragma unroll
@@ -574,8 +584,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         cute::warpgroup_arrive();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          pv_step_ss(wgmma_desc_sw128(sP + kk * 32, 16, 1024), wgmma_desc_sw128(sK + 4 * kPanelBytes + kk * 2048, kPanelBytes, 1024),
-                     o, std::make_index_sequence<128>{});
+          pv_step_ss(dP.at(kk * 32), dVs.at(kk * 2048), o, std::make_index_sequence<128>{});
         }
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
