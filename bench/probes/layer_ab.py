@@ -4,8 +4,10 @@ reads on every call. Each variant's layer is captured in its own CUDA graph; the
 alternating rounds so that clock and thermal drift fall on every variant alike.
 Usage (a GPU, flashseek built):
   B=16 AB='ops.MLA_HEAD_GEMV_KERNEL_MAX_T = 1|ops.MLA_HEAD_GEMV_KERNEL_MAX_T = 16' python bench/probes/layer_ab.py
-AB: variants separated by '|', each Python statements run with `ops` and `os` in scope after the
-environment and the ops knobs are restored to what they were at start. B: decode batch (default 1);
+AB: variants separated by '|', each Python statements run with `ops`, `os`, the step's attention
+metadata `meta` and a list `keep` in scope, after the environment and the ops knobs are restored to what
+they were at start (a variant that swaps a tensor of meta, e.g. the MLA plan, appends it to `keep`: the
+captured graph reads it at replay). B: decode batch (default 1);
 context 4096, random FP8 weights at R1's sizes, the layer as a decode step runs it (bench model's rows).
 Session 13 used it for the head GEMV's token limit and q_b's kernel at b = 16."""
 import os
@@ -24,12 +26,15 @@ env0 = dict(os.environ)
 knobs0 = {k: getattr(ops, k) for k in dir(ops) if k.isupper() and isinstance(getattr(ops, k), (int, float))}
 
 
-def apply(variant: str) -> None:
+keep: list = []
+
+
+def apply(variant: str, meta=None) -> None:
     os.environ.clear()
     os.environ.update(env0)
     for k, v in knobs0.items():
         setattr(ops, k, v)
-    exec(variant, {"ops": ops, "os": os})
+    exec(variant, {"ops": ops, "os": os, "meta": meta, "keep": keep})
 
 
 with torch.inference_mode():
@@ -40,9 +45,12 @@ with torch.inference_mode():
         xs, rs = x.clone(), x.clone()
         fn = lambda: layer.forward(xs, rs, meta, kv, model.rope)  # noqa: E731
         graphs = []
+        plan0 = meta.decode_plan
         for v in variants:
-            apply(v)
+            meta.decode_plan = plan0
+            apply(v, meta)
             graphs.append(capture(fn))
+        meta.decode_plan = plan0
         apply("pass")
         times = [[] for _ in variants]
         for _ in range(rounds):
