@@ -7,6 +7,9 @@ at SHAPE (default 4096,7168,16384) on bench/gemm.py's inputs.
 MODE=mla: mla_decode at b=128, s_k=4096, h_q=128 (bf16 cache, bench/mla.py's inputs) on the
 two-warpgroup and the turn-taking kernel, and FlashMLA's standalone binary ($FLASHSEEK_FLASHMLA_BENCH,
 sized to run as long) when present.
+MODE=bf16: the bf16 tensor path's sustained rate, the ceiling of any bf16 MLA decode: torch.matmul at
+8192^3, and the decode's two products as cuBLAS batched GEMMs at b=128, s_k=4096, h_q=128 (Q K^T:
+[128 x 576] x [576 x 4096] a request; P V: [128 x 4096] x [4096 x 512]), alone and in turn.
 Usage (a GPU, flashseek built): python bench/probes/gemm_power.py [--json FILE]"""
 import json
 import os
@@ -121,18 +124,41 @@ def mla_variants(dev):
     return variants, b * h_q * s_k * 2.0 * (576 + 512), [b, s_k, h_q]
 
 
+def bf16_variants(dev):
+    g = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16, generator=g)
+    bm = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16, generator=g)
+    c = torch.empty(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b, s_k, h_q = MLA_B, MLA_SK, MLA_HQ
+    q = torch.randn(b, h_q, 576, device=dev, dtype=torch.bfloat16, generator=g)
+    kt = torch.randn(b, 576, s_k, device=dev, dtype=torch.bfloat16, generator=g)
+    p = torch.randn(b, h_q, s_k, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(b, s_k, 512, device=dev, dtype=torch.bfloat16, generator=g)
+    s_out = torch.empty(b, h_q, s_k, device=dev, dtype=torch.bfloat16)
+    o_out = torch.empty(b, h_q, 512, device=dev, dtype=torch.bfloat16)
+    f_qk, f_pv = 2.0 * b * h_q * s_k * 576, 2.0 * b * h_q * s_k * 512
+    return {
+        "torch bf16 matmul 8192^3": (lambda: torch.matmul(a, bm, out=c), None, 2.0 * 8192 ** 3),
+        "torch bf16 bmm Q K^T (MLA b=128)": (lambda: torch.bmm(q, kt, out=s_out), None, f_qk),
+        "torch bf16 bmm P V (MLA b=128)": (lambda: torch.bmm(p, v, out=o_out), None, f_pv),
+        "torch bf16 bmm Q K^T then P V": (lambda: (torch.bmm(q, kt, out=s_out), torch.bmm(p, v, out=o_out)), None,
+                                         f_qk + f_pv),
+    }, None, [8192, 8192, 8192]
+
+
 def main():
     dev = torch.device("cuda")
-    variants, flops, shape = (mla_variants if mode == "mla" else gemm_variants)(dev)
+    make = {"mla": mla_variants, "bf16": bf16_variants}.get(mode, gemm_variants)
+    variants, flops, shape = make(dev)
     res = {"card": torch.cuda.get_device_name(), "mode": mode, "shape": shape, "seconds": seconds,
            "commit": os.environ.get("FLASHSEEK_COMMIT", "unknown"), "rows": {}}
-    for name, (fn, external) in variants.items():
+    for name, (fn, external, *own_flops) in variants.items():
         if fn is None and external is None:
             continue
         if fn is not None:
             fn()
             torch.cuda.synchronize()
-        r = sample_while(fn, flops, external)
+        r = sample_while(fn, own_flops[0] if own_flops else flops, external)
         res["rows"][name] = r
         print(f"{name:32s} {r['tflops']:7.1f} TF  {r['sm_clock_mhz']:6.0f} MHz  {r['power_w']:6.1f} / "
               f"{r['power_limit_w']:.0f} W  {r['temp_c']:.0f} C  reasons {r['event_reasons']}", flush=True)
