@@ -638,6 +638,31 @@ def test_decode_fp8_narrow_cuda(impl, page_size, P, s_q, h_q, causal, qdtype, mo
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", MLA_IMPLS)
+@pytest.mark.parametrize("slope", [0.02, 0.2, -0.02])
+@pytest.mark.parametrize("s_q,causal", [(1, False), (2, True)])
+def test_decode_moving_max_cuda(impl, slope, s_q, causal, monkeypatch):
+    # The 64-row kernels move a row's reference max only when a block's max exceeds it by more than
+    # wg::kRescaleSlack (2^8 in P), and skip rescaling O for a warp whose rows all kept theirs. Scores
+    # that climb along the keys (rope dims of token t shifted by slope * t, q's rope dims 0.5) move the
+    # max by ~4 log2 units a 64-key block (0.02: blocks alternate between keeping and moving it), by
+    # ~40 (0.2: every block moves it), or never past the first block (-0.02).
+    _use_impl(monkeypatch, impl)
+    lens, ps = [0, 1, 300, 2000], 64
+    case = make_case(len(lens), s_q, 128, lens, ps, device="cuda", gen_seed=int(slope * 1000) + s_q)
+    case["q"][..., 512:] = 0.5
+    cache, table = case["kv_cache"], case["block_table"]
+    for i, n in enumerate(lens):
+        t = torch.arange(n, device="cuda")
+        pages, slots = table[i, t // ps].long(), t % ps
+        cache[pages, slots, 512:] = (cache[pages, slots, 512:].float() + slope * t[:, None]).bfloat16()
+    out = poison_(torch.empty(len(lens), s_q, 128, 512, dtype=torch.bfloat16, device="cuda"))
+    lse = poison_(torch.empty(len(lens), 128, s_q, device="cuda"))
+    run_op(case, causal, out=out, lse=lse)
+    check_against_reference(case, out, lse, causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", MLA_IMPLS)
 def test_decode_zero_lengths_cuda(impl, monkeypatch):
     _use_impl(monkeypatch, impl)
     case = make_case(5, 2, 64, [0] * 5, 64, device="cuda")

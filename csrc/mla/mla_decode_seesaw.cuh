@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int h = 0; h < 2; ++h) {
         float v = fmaxf(mx[h][0], __shfl_xor_sync(0xffffffffu, mx[h][0], 1));
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-        m_out[h] = fmaxf(m_in[h], v * p.scale_log2);  // scale_log2 > 0: max commutes with it
+        m_out[h] = wg::lazy_max(m_in[h], v * p.scale_log2);  // scale_log2 > 0: max commutes with it
       }
     };
     // sacc := exp2(sacc * scale - m_use) (fp32 P); sum += this thread's part of the row sums (the
@@ -361,7 +361,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         pf[2 * c + 1] = pack_bf16(sacc[4 * c + 2], sacc[4 * c + 3]);
       }
     };
-    auto scale_o = [&](const float (&f)[2]) {
+    auto scale_o = [&](const float (&f)[2]) {  // skipped by a warp whose rows all kept their reference
+      if (!wg::warp_needs_rescale(f[0], f[1])) return;
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         o[4 * j + 0] *= f[0];
@@ -386,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mAu[h] = mA[h] == -INFINITY ? 0.f : mA[h];  // no key seen yet: avoid (-inf) - (-inf)
-        alpha[h] = fast_exp2(m_run[h] - mAu[h]);
+        alpha[h] = wg::rescale_factor(m_run[h], mA[h]);
         l_run[h] *= alpha[h];
       }
       uint32_t pf[16];
@@ -413,7 +414,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int h = 0; h < 2; ++h) {
           mB[h] = s_maxB[row0 + 8 * h];
           // mA = -inf: P_A, O0 and l are all 0, any finite factor will do.
-          beta[h] = mA[h] == -INFINITY ? 0.f : fast_exp2(mA[h] - mB[h]);
+          beta[h] = mA[h] == -INFINITY ? 0.f : wg::rescale_factor(mA[h], mB[h]);
         }
       }
       // P_A at mB -> the shared tile for warpgroup 1.
@@ -492,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mBu[h] = mB[h] == -INFINITY ? 0.f : mB[h];
-        gamma[h] = fast_exp2(m_run[h] - mBu[h]);
+        gamma[h] = wg::rescale_factor(m_run[h], mB[h]);
         l_run[h] *= gamma[h];
       }
       scale_o(gamma);

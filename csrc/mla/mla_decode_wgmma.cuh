@@ -59,6 +59,24 @@ using detail::store_pair;
 using flashseek::mbar_wait;
 
 constexpr int kThreads = 256;
+// Lazy rescaling (as FlashAttention 4 does it): a row's reference max (log2 domain) moves only when a
+// block's max exceeds it by more than kRescaleSlack, so P stays below 2^8, well inside bf16's range and
+// with its usual relative precision, and the final O / l and lse are unchanged in exact arithmetic. Once
+// a row's max has settled, the reference stays put, the rescale factor is exactly 1 and a warp whose
+// rows all kept theirs skips the 128 FMULs that rescale its O slice (a quarter of a block's instructions
+// on the softmax's critical path).
+constexpr float kRescaleSlack = 8.f;
+__device__ __forceinline__ float lazy_max(float m_ref, float m_block) {
+  return m_block > m_ref + kRescaleSlack ? m_block : m_ref;  // m_ref = -inf: any finite m_block moves it
+}
+// exp2(m_old - m_new), exactly 1 when the reference did not move (m_new = -inf: no key seen yet, 0 * 0).
+__device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
+  return m_new == m_old ? 1.f : detail::fast_exp2(m_old - (m_new == -INFINITY ? 0.f : m_new));
+}
+// Whether any row of this warp needs its O slice rescaled (warp-uniform, so the skip does not diverge).
+__device__ __forceinline__ bool warp_needs_rescale(float f0, float f1) {
+  return __any_sync(0xffffffffu, f0 != 1.f || f1 != 1.f);
+}
 constexpr int kM = 64;
 constexpr int kPanelBytes = 64 * 128;               // 64 rows x 64 bf16
 constexpr int kTileBytes = kDQK / 64 * kPanelBytes; // 73,728
@@ -502,9 +520,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int h = 0; h < 2; ++h) {
           mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 1));
           mloc[h] = fmaxf(mloc[h], __shfl_xor_sync(0xffffffffu, mloc[h], 2));
-          const float m_new = fmaxf(m_run[h], mloc[h]);
+          const float m_new = lazy_max(m_run[h], mloc[h]);
           m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
-          alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+          alpha[h] = rescale_factor(m_run[h], m_new);
           m_run[h] = m_new;
         }
         uint32_t pf[16];  // P as bf16 pairs, in the A-fragment order of the P V wgmma
@@ -535,12 +553,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         fence_async_smem();
         bar_arrive(kBarPFull, kThreads);
+        if (warp_needs_rescale(alpha[0], alpha[1])) {
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          o[4 * j + 0] *= alpha[0];
-          o[4 * j + 1] *= alpha[0];
-          o[4 * j + 2] *= alpha[1];
-          o[4 * j + 3] *= alpha[1];
+          for (int j = 0; j < 32; ++j) {
+            o[4 * j + 0] *= alpha[0];
+            o[4 * j + 1] *= alpha[0];
+            o[4 * j + 2] *= alpha[1];
+            o[4 * j + 3] *= alpha[1];
+          }
         }
         // ---- O0 += P V[:, 0:256] ----
         fence_regs(o);
@@ -572,12 +592,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         const WgmmaDesc dVs = (it & 1) ? dV1 : dV0;
         bar_sync(kBarPFull, kThreads);
         const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row0 + 8];
+        if (warp_needs_rescale(alpha0, alpha1)) {
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          o[4 * j + 0] *= alpha0;
-          o[4 * j + 1] *= alpha0;
-          o[4 * j + 2] *= alpha1;
-          o[4 * j + 3] *= alpha1;
+          for (int j = 0; j < 32; ++j) {
+            o[4 * j + 0] *= alpha0;
+            o[4 * j + 1] *= alpha0;
+            o[4 * j + 2] *= alpha1;
+            o[4 * j + 3] *= alpha1;
+          }
         }
         // ---- O1 += P V[:, 256:512] ----
         fence_regs(o);
