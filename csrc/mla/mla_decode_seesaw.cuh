@@ -16,6 +16,8 @@
 //   WG1: mB = max(mA, rowmax S_B) -> shared, P_B = exp2(S_B - mB) -> shared (stage 1's rope panel,
 //        which S_B no longer needs), O1 = O1 * 2^(m - mB) + P_B V_B[:, 256:] (registers)
 //        + P_A V_A[:, 256:] (shared), then S of block 2i + 3.
+// "max" is the lazy reference max of wg::lazy_max: it moves only when a block's row max passes it by
+// wg::kRescaleSlack, so most factors 2^(..) above are exactly 1 and their O rescale is skipped.
 // Row sums stay per warpgroup and are added at the end. Named barriers: mA ready, mB ready, P_A
 // stored, P_B stored; each is used once per pair, and each warpgroup passes every one of them in
 // the same order, so a barrier is never re-armed before the previous use completed.
@@ -312,7 +314,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int next_rows = -1;
 
     // Row max of block j's raw S (rows row0, row0 + 8), scaled to the log2 domain and combined with
-    // m_in. Blocks that every row of the tile sees in full skip the mask (the tile's first row sees
+    // m_in into the lazy reference (wg::lazy_max). Blocks that every row of the tile sees in full skip the mask (the tile's first row sees
     // the fewest keys); others get -inf past each row's visible length. sacc stays unscaled: the
     // scale is folded into exp2's argument.
     auto row_max = [&](int j, const float (&m_in)[2], float (&m_out)[2]) {

@@ -9,7 +9,8 @@
 // registers, split by columns: warpgroup 0 owns dims 0..255, warpgroup 1 dims 256..511 (128 fp32
 // registers a thread each). Per 64-key block:
 //   WG0: S = Q K^T (36 x wgmma m64n64k16, Q and K from shared memory), mask, online softmax in the
-//        log2 domain, rescale O0, P (bf16) and the row factors to shared memory, then
+//        log2 domain (lazy reference max, kRescaleSlack), rescale O0 (skipped while every row of the
+//        warp keeps its reference), P (bf16) and the row factors to shared memory, then
 //        O0 += P V[:, :256] (4 x m64n256k16, P from registers: the S accumulator layout is the A
 //        fragment layout, so P never round-trips for WG0).
 //   WG1: waits for P, rescales O1, O1 += P V[:, 256:] (P and V from shared memory), and owns the
