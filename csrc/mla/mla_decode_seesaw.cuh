@@ -363,16 +363,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         pf[2 * c + 1] = pack_bf16(sacc[4 * c + 2], sacc[4 * c + 3]);
       }
     };
-    auto scale_o = [&](const float (&f)[2]) {  // skipped by a warp whose rows all kept their reference
-      if (!wg::warp_needs_rescale(f[0], f[1])) return;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        o[4 * j + 0] *= f[0];
-        o[4 * j + 1] *= f[0];
-        o[4 * j + 2] *= f[1];
-        o[4 * j + 3] *= f[1];
-      }
-    };
 
     // ---- warpgroup 0: the even block of each pair ----
     auto wg0_pair = [&]<bool kHasB, bool kNextA, bool kNextB>(int i) {
@@ -394,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       uint32_t pf[16];
       exp_rows(mAu, l_run, pf);
-      scale_o(alpha);
+      wg::rescale_o(o, alpha[0], alpha[1]);
       // O0 += P_A V_A[:, 0:256]
       fence_regs(o);
       cute::warpgroup_arrive();
@@ -438,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kHasB) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) l_run[h] *= beta[h];
-        scale_o(beta);
+        wg::rescale_o(o, beta[0], beta[1]);
         bar_wait(kBarPB);
         // O0 += P_B V_B[:, 0:256], P_B from stage 1's rope panel
         fence_regs(o);
@@ -498,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         gamma[h] = wg::rescale_factor(m_run[h], mB[h]);
         l_run[h] *= gamma[h];
       }
-      scale_o(gamma);
+      wg::rescale_o(o, gamma[0], gamma[1]);
       if constexpr (kHasB) {
         uint32_t pf[16];
         exp_rows(mBu, l_run, pf);

@@ -74,9 +74,17 @@ __device__ __forceinline__ float lazy_max(float m_ref, float m_block) {
 __device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
   return m_new == m_old ? 1.f : detail::fast_exp2(m_old - (m_new == -INFINITY ? 0.f : m_new));
 }
-// Whether any row of this warp needs its O slice rescaled (warp-uniform, so the skip does not diverge).
-__device__ __forceinline__ bool warp_needs_rescale(float f0, float f1) {
-  return __any_sync(0xffffffffu, f0 != 1.f || f1 != 1.f);
+// A thread's 64 x 256 O accumulator slice (rows row0 and row0 + 8) times its rows' factors f0 / f1;
+// skipped when every factor in the warp is 1 (a warp vote, so the skip does not diverge).
+__device__ __forceinline__ void rescale_o(float (&o)[128], float f0, float f1) {
+  if (!__any_sync(0xffffffffu, f0 != 1.f || f1 != 1.f)) return;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    o[4 * j + 0] *= f0;
+    o[4 * j + 1] *= f0;
+    o[4 * j + 2] *= f1;
+    o[4 * j + 3] *= f1;
+  }
 }
 constexpr int kM = 64;
 constexpr int kPanelBytes = 64 * 128;               // 64 rows x 64 bf16
@@ -554,15 +562,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         fence_async_smem();
         bar_arrive(kBarPFull, kThreads);
-        if (warp_needs_rescale(alpha[0], alpha[1])) {
-#pragma unroll
-          for (int j = 0; j < 32; ++j) {
-            o[4 * j + 0] *= alpha[0];
-            o[4 * j + 1] *= alpha[0];
-            o[4 * j + 2] *= alpha[1];
-            o[4 * j + 3] *= alpha[1];
-          }
-        }
+        rescale_o(o, alpha[0], alpha[1]);
         // ---- O0 += P V[:, 0:256] ----
         fence_regs(o);
         cute::warpgroup_arrive();
@@ -592,16 +592,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t sK = s_base + ((!kFp8 && (it & 1)) ? S::kK1 : S::kK0);
         const WgmmaDesc dVs = (it & 1) ? dV1 : dV0;
         bar_sync(kBarPFull, kThreads);
-        const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row0 + 8];
-        if (warp_needs_rescale(alpha0, alpha1)) {
-#pragma unroll
-          for (int j = 0; j < 32; ++j) {
-            o[4 * j + 0] *= alpha0;
-            o[4 * j + 1] *= alpha0;
-            o[4 * j + 2] *= alpha1;
-            o[4 * j + 3] *= alpha1;
-          }
-        }
+        rescale_o(o, s_alpha[row0], s_alpha[row0 + 8]);
         // ---- O1 += P V[:, 256:512] ----
         fence_regs(o);
         cute::warpgroup_arrive();
