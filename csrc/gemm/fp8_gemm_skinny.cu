@@ -7,7 +7,7 @@
 
 #include "common/cuda_check.h"
 #include "gemm/fp8_gemm.h"
-#include "gemm/fp8_gemm_skinny.cuh"
+#include "gemm/fp8_gemm_skinny_launch.cuh"
 #include "gemm/sm90_tensor_maps.h"
 
 namespace flashseek {
@@ -62,19 +62,15 @@ skinny::TokenMaps token_maps(const void* a, int64_t rows, int64_t k) {
   return maps;
 }
 
-// A programmatic dependent launch (common/pdl.cuh): it overlaps whatever precedes it.
-void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Params& kp, int ctas,
+// Either build of the kernel (fp8_gemm_skinny.cuh, kStageMinTokens): `tokens` is M, or M_max of a
+// masked problem.
+void launch(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const Params& kp, int ctas, int tokens,
             cudaStream_t stream) {
-  static std::once_flag attr_once[64];
-  int device = 0;
-  FS_CUDA_CHECK(cudaGetDevice(&device));
-  std::call_once(attr_once[device % 64], [] {
-    FS_CUDA_CHECK(cudaFuncSetAttribute(skinny::skinny_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       skinny::Smem::kDynamic));
-  });
-  if (ctas > skinny::kMaxCtas) throw std::runtime_error("flashseek: the decode GEMM runs at most 1024 CTAs (one per SM)");
-  launch_pdl(skinny::skinny_kernel, dim3(unsigned(ctas)), dim3(skinny::kThreads), size_t(skinny::Smem::kDynamic),
-             stream, tmap_w, tmap_x, kp);
+  if (tokens >= skinny::kStageMinTokens) {
+    launch_skinny_kernel_staged(tmap_w, tmap_x, kp, ctas, stream);
+  } else {
+    launch_skinny_kernel<false>(tmap_w, tmap_x, kp, ctas, stream);
+  }
 }
 
 }  // namespace
@@ -98,7 +94,7 @@ void launch_fp8_gemm_skinny(const Fp8GemmParams& p, void* workspace, cudaStream_
   const int64_t num_kb = p.k / skinny::kBlockK;
   const int64_t units = int64_t((p.n + skinny::kRows - 1) / skinny::kRows) * num_kb;
   const int ctas = int(std::min<int64_t>(p.sm_count, units));
-  launch(fp8_rows_map(p.b, p.n, p.k, skinny::kRows), token_maps(p.a, p.m, p.k), kp, ctas, stream);
+  launch(fp8_rows_map(p.b, p.n, p.k, skinny::kRows), token_maps(p.a, p.m, p.k), kp, ctas, p.m, stream);
 }
 
 bool grouped_fp8_gemm_skinny_supported(const GroupedFp8GemmParams& p) {
@@ -122,7 +118,7 @@ void launch_grouped_fp8_gemm_skinny(const GroupedFp8GemmParams& p, void* workspa
   // Which experts have tokens is only known on the device: every SM runs, idle ones get empty ranges.
   const int64_t e = p.num_experts;
   launch(fp8_rows_map(p.b, e * p.n, p.k, skinny::kRows), token_maps(p.a, e * p.m_rows, p.k), kp,
-         p.sm_count, stream);
+         p.sm_count, p.m_rows, stream);
 }
 
 }  // namespace flashseek

@@ -75,6 +75,20 @@ constexpr int kSlotFloats = kAcc * kMathThreads;      // one fp32 partial tile i
 
 constexpr int kMaxCtas = 1024;  // grid size bound: the tile counters and the fixup table hold one entry a CTA
 
+// Two builds of the kernel differ in how a finished tile reaches out[token][row]. Straight from the
+// accumulators it takes 2-byte stores that each touch four rows of out, 32 a thread at 64 tokens;
+// their issue held the math warpgroups ~2.6 us a tile at 64 tokens (36864 x 7168: 7.1 us of epilogue
+// per CTA against 1.4 at one token, H100, bench/probes/skinny_timeline.cu), and the weight stream
+// stalls behind them once the ring is full. The staged build writes the tile as bf16 into shared
+// memory and stores it in 16-byte rows: 36864 x 7168 at 64 tokens 102.5 -> 100.7 us, 24576 x 1536
+// 21.7 -> 20.5, 2112 x 7168 11.9 -> 11.1. It pays two barriers a tile and 17 KB of shared memory,
+// which cost 0.1-0.2 us a call at 1-16 tokens, so the launchers run it from kStageMinTokens tokens
+// (M, or M_max of a masked problem) up.
+constexpr int kStageMinTokens = 17;
+// The staging tile [token][row]: 256 bytes of rows per token, padded by 16 so that the accumulator
+// layout's 2-byte writes fall on distinct banks (stage_columns).
+constexpr int kOutPitch = kRows * 2 + 16;
+
 struct Params {
   const float* a_scale;  // (group g, token i, kb) at g * a_scale_estride + kb * a_scale_ld + i
   int64_t a_scale_ld, a_scale_estride;
@@ -100,7 +114,11 @@ struct Smem {
   static constexpr int kFix = kGroupTokens + kMaxGroups * 4;  // [kMaxCtas] slots the reducer sums
   static constexpr int kBar = (kFix + kMaxCtas * 4 + 7) / 8 * 8;
   static constexpr int kTotal = kBar + 2 * kStages * 8;
-  static constexpr int kDynamic = kTotal + 1024;  // base rounded up to 1024 (128B-swizzle atoms)
+  static constexpr int kOut = (kTotal + 15) / 16 * 16;  // the staged build's bf16 tile, past the rest
+  // The base is rounded up to 1024 (128B-swizzle atoms).
+  template <bool kStaged>
+  static constexpr int kDynamic = (kStaged ? kOut + kTokens * kOutPitch : kTotal) + 1024;
+  static_assert(kOut + kTokens * kOutPitch + 1024 <= 227 * 1024, "over the sm_90 shared-memory limit");
   __device__ static uint32_t full(uint32_t base, int s) { return base + kBar + 8 * s; }
   __device__ static uint32_t empty(uint32_t base, int s) { return base + kBar + 8 * (kStages + s); }
 };
@@ -178,6 +196,64 @@ __device__ __forceinline__ void store_columns(const Params& p, const float (&v)[
       if (r1 < p.n) out[int64_t(tok) * p.n + r1] = __float2bfloat16_rn(v[2 + q]);
     }
   }
+}
+
+// The staged build: token columns [8 j, 8 j + 8) of a finished tile into the staging tile (same
+// register layout as store_columns); store_tile writes the tile out.
+__device__ __forceinline__ void stage_columns(uint32_t out_smem, const float (&v)[4], int tid, int j) {
+  const int warp = tid / 32, lane = tid % 32;
+  const uint32_t row0 = out_smem + 2 * (16 * warp + lane / 4);
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const uint32_t at = row0 + (8 * j + 2 * (lane % 4) + q) * kOutPitch;
+    const __nv_bfloat16 lo = __float2bfloat16_rn(v[q]), hi = __float2bfloat16_rn(v[2 + q]);
+    asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(at), "h"(*reinterpret_cast<const uint16_t*>(&lo)) : "memory");
+    asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(at + 16), "h"(*reinterpret_cast<const uint16_t*>(&hi)) : "memory");
+  }
+}
+
+// The math threads only (named barrier 3; 0-2 are __syncthreads and the signal warp's).
+constexpr int kBarMath = 3;
+__device__ __forceinline__ void math_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kBarMath), "n"(kMathThreads) : "memory");
+}
+
+// The staged tile's first `tokens` token rows to out[token][n0 .. n0 + 128), masked to N, in 16-byte
+// stores (the bindings require out contiguous and 16-byte aligned, and N a multiple of 16, so each
+// 8-row chunk is whole or past N). The barriers order the staging writes before these reads, and
+// these reads before the next tile's staging writes.
+__device__ __forceinline__ void store_tile(const Params& p, uint32_t out_smem, int g, int n0, int tokens, int tid) {
+  math_sync();
+  const int chunks = min(kRows, p.n - n0) / 8;
+  __nv_bfloat16* out = p.out + int64_t(g) * p.m_rows * p.n + n0;
+  for (int i = tid; i < tokens * (kRows / 8); i += kMathThreads) {
+    const int tok = i / (kRows / 8), c = i % (kRows / 8);
+    if (c < chunks) {
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(out_smem + tok * kOutPitch + 16 * c));
+      *reinterpret_cast<uint4*>(out + int64_t(tok) * p.n + 8 * c) = v;
+    }
+  }
+  math_sync();
+}
+
+// A finished tile's columns and, once they are all there, the tile. The staged build stages a tile
+// only when its group has kStageMinTokens tokens or more: a masked problem's M_max picks the build,
+// and most of its experts may hold a token or two. `tokens` is uniform over the CTA.
+template <bool kStaged>
+__device__ __forceinline__ void put_columns(const Params& p, uint32_t out_smem, const float (&v)[4], int g, int n0,
+                                            int tid, int j, int tokens) {
+  if (kStaged && tokens >= kStageMinTokens) {
+    stage_columns(out_smem, v, tid, j);
+  } else {
+    store_columns(p, v, g, n0, tid, j, tokens);
+  }
+}
+template <bool kStaged>
+__device__ __forceinline__ void put_tile(const Params& p, uint32_t out_smem, int g, int n0, int tokens, int tid) {
+  if (kStaged && tokens >= kStageMinTokens) store_tile(p, out_smem, g, n0, tokens, tid);
 }
 
 // The groups with at least one token, in order, into active[1..]; active[0] = their count. Warp 0
@@ -291,9 +367,10 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
 // The reducer's sum of its shared tile, columns [8 j0, 8 (j0 + kJ)): its own fp32 values (fin), then
 // the partials of the `count` later CTAs listed in `slots` (-1: an empty range, nothing written) in
 // CTA order, kB partials loaded together. Fixed order: the result does not depend on timing.
-template <int kJ, int kB>
+template <int kJ, int kB, bool kStaged>
 __device__ __forceinline__ void reduce_columns(const Params& p, const float (&fin)[kAcc], const int* slots,
-                                               int count, int j0, int g, int n0, int tokens, int tid) {
+                                               int count, int j0, int g, int n0, int tokens, int tid,
+                                               uint32_t out_smem) {
   float4 sum[kJ];
 #pragma unroll
   for (int j = 0; j < kJ; ++j) {
@@ -327,20 +404,21 @@ __device__ __forceinline__ void reduce_columns(const Params& p, const float (&fi
   for (int j = 0; j < kJ; ++j) {
     if (8 * (j0 + j) >= tokens) break;
     const float v[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
-    store_columns(p, v, g, n0, tid, j0 + j, tokens);
+    put_columns<kStaged>(p, out_smem, v, g, n0, tid, j0 + j, tokens);
   }
 }
 
 // kJ column groups at a time, so that the loads in flight per thread stay at 16 float4 whatever the
 // token count (M = 1: one group, 16 partials a round trip).
-template <int kJ>
+template <int kJ, bool kStaged>
 __device__ __forceinline__ void reduce_tile(const Params& p, const float (&fin)[kAcc], const int* slots, int count,
-                                            int g, int n0, int tokens, int tid) {
+                                            int g, int n0, int tokens, int tid, uint32_t out_smem) {
 #pragma unroll
   for (int j0 = 0; j0 < kAcc / 4; j0 += kJ) {
     if (8 * j0 >= tokens) break;
-    reduce_columns<kJ, 16 / kJ>(p, fin, slots, count, j0, g, n0, tokens, tid);
+    reduce_columns<kJ, 16 / kJ, kStaged>(p, fin, slots, count, j0, g, n0, tokens, tid, out_smem);
   }
+  put_tile<kStaged>(p, out_smem, g, n0, tokens, tid);
 }
 
 // The signal warp: it alone touches the tile counters, so the math warpgroups never wait on a fence
@@ -385,6 +463,7 @@ __device__ __forceinline__ void signal_warp(const Params& p, uint8_t* smem, cons
   }
 }
 
+template <bool kStaged>
 __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, const Split& sp, int c) {
   const uint32_t base = smem_u32(smem);
   const int tid = threadIdx.x, lane = tid % 32;
@@ -394,6 +473,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
   // and K-step offsets (16-byte units).
   const uint64_t w_desc0 = wgmma_desc_sw128(base + Smem::kW + (tid / 128) * 64 * kBlockK, 16, 1024);
   const uint64_t x_desc0 = wgmma_desc_sw128(base + Smem::kX, 16, 1024);
+  const uint32_t out_smem = base + Smem::kOut;
   int stage = 0;
   uint32_t phase = 0;
   float acc[kAcc], fin[kAcc];
@@ -459,11 +539,11 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
       const int* slots = reinterpret_cast<const int*>(smem + Smem::kFix);
       const int count = sp.cta_of(t * sp.num_kb + sp.num_kb - 1) - c;
       if (tokens <= 8) {
-        reduce_tile<1>(p, fin, slots, count, g, n0, tokens, tid);
+        reduce_tile<1, kStaged>(p, fin, slots, count, g, n0, tokens, tid, out_smem);
       } else if (tokens <= 16) {
-        reduce_tile<2>(p, fin, slots, count, g, n0, tokens, tid);
+        reduce_tile<2, kStaged>(p, fin, slots, count, g, n0, tokens, tid, out_smem);
       } else {
-        reduce_tile<4>(p, fin, slots, count, g, n0, tokens, tid);
+        reduce_tile<4, kStaged>(p, fin, slots, count, g, n0, tokens, tid, out_smem);
       }
     } else {
       float4* slot = p.partials + int64_t(c) * (kSlotFloats / 4) + tid;
@@ -472,12 +552,16 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
         if (8 * j >= tokens) break;
         if (whole) {
           const float v[4] = {fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]};
-          store_columns(p, v, g, n0, tid, j, tokens);
+          put_columns<kStaged>(p, out_smem, v, g, n0, tid, j, tokens);
         } else {
           slot[j * kMathThreads] = make_float4(fin[4 * j], fin[4 * j + 1], fin[4 * j + 2], fin[4 * j + 3]);
         }
       }
-      if (!whole) named_arrive(kBarPartial);  // the signal warp publishes it
+      if (whole) {
+        put_tile<kStaged>(p, out_smem, g, n0, tokens, tid);
+      } else {
+        named_arrive(kBarPartial);  // the signal warp publishes it
+      }
     }
     FS_SKINNY_TL(tl_epi_end = timeline::now(); tl_epi_clk += tl_epi_end.clk - tl_epi_start.clk;
                  (whole ? tl_whole : tl_partial) += 1; tl_last_whole = whole;)
@@ -504,6 +588,7 @@ __device__ __forceinline__ Split make_split(const Params& p, int active_groups) 
   return sp;
 }
 
+template <bool kStaged>
 __global__ void __launch_bounds__(kThreads, 1)
     skinny_kernel(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ TokenMaps tmap_x,
                   const __grid_constant__ Params p) {
@@ -552,7 +637,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     pdl_wait();  // before the first store: the previous grid may still read this call's output buffer
     FS_SKINNY_TL(tl_pdl = timeline::now();)
     pdl_launch_dependents();
-    math_warpgroup(p, smem, sp, blockIdx.x);
+    math_warpgroup<kStaged>(p, smem, sp, blockIdx.x);
   } else if (warp == kMathThreads / 32) {
     producer(&tmap_w, &tmap_x, p, smem, sp, blockIdx.x);  // waits and launches dependents in its loop
   } else {
