@@ -81,21 +81,34 @@ bool use_sm90() {
 // reducer adds 8 column groups of partials). At 16 tokens the two tie alone on q_b (16x24576x1536: 18.0-18.1
 // vs 17.9-18.2 us) but the stream-K kernel, a programmatic dependent, takes 1.8 us off the b=16 dense layer
 // (308.3 vs 310.1, six alternating rounds, session 13): up to 16 tokens it runs every K >= 1536.
-// FLASHSEEK_GEMM_SKINNY=0 / 1 forces CUTLASS / the stream-K kernel for every decode problem; read on
-// every call, so that one test process can check both paths.
+// Since session 16 the kernel stages a finished tile in shared memory above 16 tokens (fp8_gemm_skinny.cuh,
+// kStageMinTokens), which took 0.8-1.9 us off 64 tokens (skinny_timeline probe, back to back: 64x2112x7168
+// 11.9 -> 11.1, 64x7168x16384 49.6 -> 48.7, 64x7168x18432 54.7 -> 53.9, 64x24576x1536 21.7 -> 20.5): it
+// now also runs every K >= kSkinnyMinK (qkv_a, o_proj and down of a decode step), where the long tiles
+// amortise their epilogues, while q_b (K = 1536) stays on CUTLASS past 16 tokens.
+// FLASHSEEK_GEMM_SKINNY=0 / 1 forces CUTLASS / the stream-K kernel for every decode problem, and
+// FLASHSEEK_GEMM_SKINNY_MIN_K replaces kSkinnyMinK (A/B measurements); both are read on every call, so
+// that one process can check every path.
 constexpr int64_t kSkinnyMinWeight = int64_t(1) << 27;
 constexpr int kSkinnyFewTokens = 16;
 constexpr int kSkinnyFewTokensMinK = 1536;
+constexpr int kSkinnyMinK = 4096;
 
 int skinny_override() {
   const char* s = std::getenv("FLASHSEEK_GEMM_SKINNY");
   return s != nullptr && (s[0] == '0' || s[0] == '1') ? s[0] - '0' : -1;
 }
 
+int skinny_min_k() {
+  const char* s = std::getenv("FLASHSEEK_GEMM_SKINNY_MIN_K");
+  return s != nullptr && s[0] != '\0' ? std::atoi(s) : kSkinnyMinK;
+}
+
 bool use_skinny_dense(const Fp8GemmParams& p) {
   const int forced = skinny_override();
   if (forced >= 0) return forced == 1;
-  return int64_t(p.n) * p.k >= kSkinnyMinWeight || (p.m <= kSkinnyFewTokens && p.k >= kSkinnyFewTokensMinK);
+  return int64_t(p.n) * p.k >= kSkinnyMinWeight || p.k >= skinny_min_k() ||
+         (p.m <= kSkinnyFewTokens && p.k >= kSkinnyFewTokensMinK);
 }
 
 __global__ void reduce_split_k_kernel(const float4* __restrict__ partials, int split_k, int64_t mn4,
