@@ -8,7 +8,9 @@ clock and power drift fall on all of them alike. Each timing: CUDA events around
 calls, median of the rounds.
 Usage (a GPU, flashseek built): python bench/probes/gemm_impl_ab.py [--json FILE]
 env ROUNDS (default 7), CALLS (default 10), SHAPES ('m,n,k;...' to override), GROUPED=0 skips the
-grouped contiguous rows."""
+grouped contiguous rows. SWITCH names another switch to alternate (e.g. SWITCH=FLASHSEEK_GEMM_SKINNY IMPLS=0,1:
+the decode kernel against CUTLASS on M <= 64; 'default' unsets it). COPIES=n cycles the dense rows over n
+weight copies, so that a weight smaller than the L2 is not served from it (default 1)."""
 import json
 import os
 import statistics
@@ -20,6 +22,8 @@ from flashseek import ops
 from flashseek.bench.gemm import _act, _peer_fn, _weight
 
 IMPLS = os.environ.get("IMPLS", "default,sm90").split(",")
+SWITCH = os.environ.get("SWITCH", "FLASHSEEK_GEMM_IMPL")
+COPIES = int(os.environ.get("COPIES", "1"))
 DENSE = [(4096, 2112, 7168), (4096, 7168, 16384), (4096, 24576, 1536), (8192, 4096, 7168), (2048, 7168, 2048)]
 GROUPED = [(8, 4096, 4096, 7168), (4, 8192, 4096, 7168)]  # groups, rows per group, n, k
 
@@ -33,9 +37,9 @@ if os.environ.get("GROUPED", "1") == "0":
 
 def set_impl(impl):
     if impl == "default":
-        os.environ.pop("FLASHSEEK_GEMM_IMPL", None)
+        os.environ.pop(SWITCH, None)
     else:
-        os.environ["FLASHSEEK_GEMM_IMPL"] = impl
+        os.environ[SWITCH] = impl
 
 
 def time_calls(fn):
@@ -79,13 +83,19 @@ def main():
                "calls_per_timing": calls, "commit": os.environ.get("FLASHSEEK_COMMIT", "unknown"), "rows": []}
     for m, n, k in DENSE:
         q, s = _act(m, k, dev)
-        wq, ws = _weight(n, k, dev)
+        weights = [_weight(n, k, dev) for _ in range(COPIES)]
+        wq, ws = weights[0]
         out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
-        call = lambda: ops.fp8_gemm(q, s, wq, ws, out=out)  # noqa: E731
+        turn = [0]
+
+        def call():
+            wq_i, ws_i = weights[turn[0] % COPIES]
+            turn[0] += 1
+            return ops.fp8_gemm(q, s, wq_i, ws_i, out=out)
         ref = None
         for impl in IMPLS:  # the variants must agree before they are timed
             set_impl(impl)
-            got = call().clone()
+            got = ops.fp8_gemm(q, s, wq, ws, out=out).clone()
             if ref is None:
                 ref = got
             else:
@@ -96,7 +106,7 @@ def main():
         fns["torch"] = _peer_fn(q, s, wq, ws)
         res = ab(f"{m}x{n}x{k}", 2.0 * m * n * k, fns)
         results["rows"].append({"case": f"{m}x{n}x{k}", "kind": "dense", **res})
-        del q, s, wq, ws, out
+        del q, s, wq, ws, out, weights
     for e, rows_per, n, k in GROUPED:
         m = e * rows_per
         a, sa = _act(m, k, dev)
