@@ -174,51 +174,75 @@ static int run_one(int m, int n, int k, int calls, int rounds) {
   const float us = per_call[per_call.size() / 2];
 
 #ifdef FLASHSEEK_SKINNY_TIMELINE
-  // Timeline: calls-1 untimed launches, then one with the stamps on (it overlaps the previous tail).
+  // Timeline: calls-1 untimed launches, then one with the stamps on (it overlaps the previous tail), or
+  // with TL_ISOLATED=1 after a synchronisation (no overlap). TL_REPEAT=n repeats it (are the slow CTAs'
+  // SMs the same each time?); DUMP=1 adds every CTA's [smid, units, rate GB/s, first data us, last data
+  // us, exit us]. Per-unit stamps read only %clock64 (a %globaltimer read per unit slowed the kernel by
+  // 15-35%); each CTA's cycles are converted with its own clock rate between its first data and its exit.
+  const int repeat = getenv("TL_REPEAT") ? atoi(getenv("TL_REPEAT")) : 1;
+  const bool isolated = getenv("TL_ISOLATED") && getenv("TL_ISOLATED")[0] == '1';
+  const bool dump = getenv("DUMP") && getenv("DUMP")[0] == '1';
   sk::timeline::Cta* null_ptr = nullptr;
-  for (int i = 0; i < calls - 1; ++i) launch(i);
-  CK(cudaMemcpyToSymbolAsync(sk::timeline::g_cta, &dcta, sizeof(dcta), 0, cudaMemcpyHostToDevice, stream));
-  launch(calls - 1);
-  CK(cudaMemcpyToSymbolAsync(sk::timeline::g_cta, &null_ptr, sizeof(null_ptr), 0, cudaMemcpyHostToDevice, stream));
-  CK(cudaStreamSynchronize(stream));
-  std::vector<sk::timeline::Cta> tl(ctas);
-  CK(cudaMemcpy(tl.data(), dcta, sizeof(sk::timeline::Cta) * ctas, cudaMemcpyDeviceToHost));
-  CK(cudaFree(dcta));
-  uint64_t t0 = ~0ull, t_end = 0;
-  for (auto& c : tl) {
-    t0 = std::min(t0, c.ns[sk::timeline::kEntry]);
-    t_end = std::max(t_end, c.ns[sk::timeline::kExit]);
-  }
-  // Per CTA: steady rate = weight bytes of its units after the first / (last full - first full).
-  std::vector<double> rate, first_full, last_full, exit_t, epi_us, tail;
-  const double unit_bytes = double(sk::kRows) * 128;
-  for (auto& c : tl) {
-    const double nu = double(c.unit_end - c.unit_begin);
-    const double span = double(c.ns[sk::timeline::kFullLast] - c.ns[sk::timeline::kFullFirst]);
-    if (nu > 1 && span > 0) rate.push_back((nu - 1) * unit_bytes / span);  // GB/s (bytes per ns)
-    first_full.push_back((c.ns[sk::timeline::kFullFirst] - t0) / 1e3);
-    last_full.push_back((c.ns[sk::timeline::kFullLast] - t0) / 1e3);
-    exit_t.push_back((c.ns[sk::timeline::kExit] - t0) / 1e3);
-    tail.push_back((c.ns[sk::timeline::kExit] - c.ns[sk::timeline::kFullLast]) / 1e3);
-    epi_us.push_back(c.epi_clk / 1.98e3);  // cycles at the 1980 MHz boost clock
-  }
-  auto stats = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    char buf[160];
-    if (v.empty()) return std::string("null");
-    snprintf(buf, sizeof buf, "{\"min\": %.3f, \"med\": %.3f, \"max\": %.3f}", v.front(), v[v.size() / 2], v.back());
-    return std::string(buf);
-  };
-  double sum_rate = 0;
-  for (double r : rate) sum_rate += r;
   const double roof_bytes = double(n) * k + double(m) * k + double(m) * n * 2;
-  printf("{\"staged\": %d, \"m\": %d, \"n\": %d, \"k\": %d, \"ctas\": %d, \"units\": %lld, \"us\": %.2f, \"tbps\": %.3f, "
-         "\"check_bad\": %d, \"check_max_rel\": %.2e, \"timeline_span_us\": %.2f, \"sum_cta_rate_tbps\": %.3f, "
-         "\"cta_rate_gbps\": %s, \"first_full_us\": %s, \"last_full_us\": %s, \"exit_us\": %s, \"tail_us\": %s, "
-         "\"epilogue_us\": %s}\n",
-         int(staged), m, n, k, ctas, (long long)units, us, roof_bytes / (us * 1e6), bad, max_rel, (t_end - t0) / 1e3,
-         sum_rate / 1e3, stats(rate).c_str(), stats(first_full).c_str(), stats(last_full).c_str(),
-         stats(exit_t).c_str(), stats(tail).c_str(), stats(epi_us).c_str());
+  for (int rep = 0; rep < repeat; ++rep) {
+    CK(cudaMemset(dcta, 0, sizeof(sk::timeline::Cta) * ctas));
+    for (int i = 0; i < calls - 1; ++i) launch(i);
+    if (isolated) CK(cudaStreamSynchronize(stream));
+    CK(cudaMemcpyToSymbolAsync(sk::timeline::g_cta, &dcta, sizeof(dcta), 0, cudaMemcpyHostToDevice, stream));
+    launch(calls - 1);
+    CK(cudaMemcpyToSymbolAsync(sk::timeline::g_cta, &null_ptr, sizeof(null_ptr), 0, cudaMemcpyHostToDevice, stream));
+    CK(cudaStreamSynchronize(stream));
+    std::vector<sk::timeline::Cta> tl(ctas);
+    CK(cudaMemcpy(tl.data(), dcta, sizeof(sk::timeline::Cta) * ctas, cudaMemcpyDeviceToHost));
+    namespace T = sk::timeline;
+    uint64_t t0 = ~0ull, t_end = 0;
+    for (auto& c : tl) {
+      t0 = std::min(t0, c.ns[T::kFullFirst]);
+      t_end = std::max(t_end, c.ns[T::kExit]);
+    }
+    std::vector<double> rate, first_full, last_full, exit_t, epi_us, tail;
+    std::string cta_dump;
+    const double unit_bytes = double(sk::kRows) * 128;
+    for (auto& c : tl) {
+      const double nu = double(c.unit_end - c.unit_begin);
+      const double ghz = double(c.clk[T::kExit] - c.clk[T::kFullFirst]) /
+                         std::max(1.0, double(c.ns[T::kExit] - c.ns[T::kFullFirst]));
+      const double span_ns = double(c.clk[T::kFullLast] - c.clk[T::kFullFirst]) / ghz;
+      const double r = nu > 1 && span_ns > 0 ? (nu - 1) * unit_bytes / span_ns : 0;  // GB/s
+      if (r > 0) rate.push_back(r);
+      const double ff = (c.ns[T::kFullFirst] - t0) / 1e3, lf = ff + span_ns / 1e3, ex = (c.ns[T::kExit] - t0) / 1e3;
+      first_full.push_back(ff);
+      last_full.push_back(lf);
+      exit_t.push_back(ex);
+      tail.push_back(ex - lf);
+      epi_us.push_back(c.epi_clk / ghz / 1e3);
+      if (dump) {
+        char buf[128];
+        snprintf(buf, sizeof buf, "%s[%u, %lld, %.1f, %.2f, %.2f, %.2f]", cta_dump.empty() ? "" : ", ", c.smid,
+                 (long long)nu, r, ff, lf, ex);
+        cta_dump += buf;
+      }
+    }
+    auto stats = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      char buf[200];
+      if (v.empty()) return std::string("null");
+      snprintf(buf, sizeof buf, "{\"min\": %.3f, \"p10\": %.3f, \"med\": %.3f, \"p90\": %.3f, \"max\": %.3f}",
+               v.front(), v[v.size() / 10], v[v.size() / 2], v[v.size() * 9 / 10], v.back());
+      return std::string(buf);
+    };
+    double sum_rate = 0;
+    for (double r : rate) sum_rate += r;
+    printf("{\"staged\": %d, \"m\": %d, \"n\": %d, \"k\": %d, \"ctas\": %d, \"units\": %lld, \"us\": %.2f, "
+           "\"tbps\": %.3f, \"check_bad\": %d, \"check_max_rel\": %.2e, \"isolated\": %d, \"rep\": %d, "
+           "\"span_first_data_to_exit_us\": %.2f, \"sum_cta_rate_tbps\": %.3f, \"cta_rate_gbps\": %s, "
+           "\"first_full_us\": %s, \"last_full_us\": %s, \"exit_us\": %s, \"tail_us\": %s, \"epilogue_us\": %s%s%s%s}\n",
+           int(staged), m, n, k, ctas, (long long)units, us, roof_bytes / (us * 1e6), bad, max_rel, int(isolated), rep,
+           (t_end - t0) / 1e3, sum_rate / 1e3, stats(rate).c_str(), stats(first_full).c_str(), stats(last_full).c_str(),
+           stats(exit_t).c_str(), stats(tail).c_str(), stats(epi_us).c_str(), dump ? ", \"ctas_dump\": [" : "",
+           cta_dump.c_str(), dump ? "]" : "");
+  }
+  CK(cudaFree(dcta));
 #else
   const double roof_bytes = double(n) * k + double(m) * k + double(m) * n * 2;
   printf("{\"staged\": %d, \"m\": %d, \"n\": %d, \"k\": %d, \"ctas\": %d, \"units\": %lld, \"us\": %.2f, \"tbps\": %.3f, "

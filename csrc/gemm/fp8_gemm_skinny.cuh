@@ -327,7 +327,7 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
       cute::SM90_TMA_LOAD_2D::copy(&tmap_x->rows[box], full_bar + stage, kHint,
                                    smem + Smem::kX + stage * Smem::kXBytes,
                                    kb * kBlockK, p.masked_m != nullptr ? g * p.m_rows : 0);
-      FS_SKINNY_TL(tl_last = timeline::now(); if (u == tl_u0) tl_first = tl_last;)
+      FS_SKINNY_TL(if (u == tl_u0) tl_first = tl_last = timeline::now(); else tl_last = timeline::clk_now();)
     }
     const float* sa = p.a_scale + int64_t(g) * p.a_scale_estride + int64_t(kb) * p.a_scale_ld;
     const uint32_t dst = base + Smem::kSa + stage * Smem::kSaBytes;
@@ -493,7 +493,8 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
     for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
     for (int kb = kb0; kb < kb_end; ++kb) {
       mbar_wait(Smem::full(base, stage), phase);
-      FS_SKINNY_TL(tl_full_last = timeline::now(); if (tl_first) tl_full_first = tl_full_last; tl_first = false;)
+      FS_SKINNY_TL(if (tl_first) tl_full_first = tl_full_last = timeline::now(); else tl_full_last = timeline::clk_now();
+                   tl_first = false;)
       const uint64_t w_desc = w_desc0 + uint64_t(stage) * (Smem::kWBytes >> 4);
       const uint64_t x_desc = x_desc0 + uint64_t(stage) * (Smem::kXBytes >> 4);
       cute::warpgroup_arrive();
@@ -530,7 +531,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
         phase ^= 1;
       }
     }
-    FS_SKINNY_TL(tl_epi_start = timeline::now();)
+    FS_SKINNY_TL(tl_epi_start = timeline::clk_now();)
     // Columns past the group's tokens are neither stored nor kept as partials (M = 1: 1/8 of them).
     const int tokens = reinterpret_cast<const int*>(smem + Smem::kGroupTokens)[g];
     const bool whole = kb0 == 0 && kb_end == sp.num_kb;
@@ -563,7 +564,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
         named_arrive(kBarPartial);  // the signal warp publishes it
       }
     }
-    FS_SKINNY_TL(tl_epi_end = timeline::now(); tl_epi_clk += tl_epi_end.clk - tl_epi_start.clk;
+    FS_SKINNY_TL(tl_epi_end = timeline::clk_now(); tl_epi_clk += tl_epi_end.clk - tl_epi_start.clk;
                  (whole ? tl_whole : tl_partial) += 1; tl_last_whole = whole;)
     u = t * sp.num_kb + kb_end;
   }

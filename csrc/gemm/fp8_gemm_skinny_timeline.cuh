@@ -14,11 +14,11 @@ enum Point : int {
   kPdl,        // thread 0, past griddepcontrol.wait
   kSetup,      // thread 0, token counts staged, active groups listed, unit range known
   kTmaFirst,   // producer lane 0, first unit's TMA issued
-  kTmaLast,    // producer lane 0, last unit's TMA issued
+  kTmaLast,    // producer lane 0, last unit's TMA issued (cycles only)
   kFullFirst,  // math thread 0 (warpgroup 0), first full barrier completed (first data landed)
-  kFullLast,   // math thread 0, last full barrier completed
-  kEpiStart,   // math thread 0, last tile's epilogue begins (its wgmma chain is done)
-  kEpiEnd,     // math thread 0, last tile's stores (bf16 or fp32 partial) issued
+  kFullLast,   // math thread 0, last full barrier completed (cycles only)
+  kEpiStart,   // math thread 0, last tile's epilogue begins (its wgmma chain is done; cycles only)
+  kEpiEnd,     // math thread 0, last tile's stores (bf16 or fp32 partial) issued (cycles only)
   kExit,       // thread 0, after a __syncthreads() at the end of the kernel
   kProducer,   // producer lane 0, entering the producer (past griddepcontrol.launch_dependents)
   kTmaPre,     // producer lane 0, first unit: its empty barrier passed, before the TMA instructions
@@ -45,6 +45,14 @@ struct Stamp {
 __device__ __forceinline__ Stamp now() {
   Stamp s;
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(s.ns)::"memory");
+  asm volatile("mov.u64 %0, %%clock64;\n" : "=l"(s.clk)::"memory");
+  return s;
+}
+
+// The SM's cycle counter alone (ns = 0): cheap enough for a stamp per unit. A %globaltimer read per unit
+// slowed the kernel by 15-35% (session 16), so only the first unit and the CTA-level points read it.
+__device__ __forceinline__ Stamp clk_now() {
+  Stamp s{0, 0};
   asm volatile("mov.u64 %0, %%clock64;\n" : "=l"(s.clk)::"memory");
   return s;
 }
