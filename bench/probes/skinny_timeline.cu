@@ -3,6 +3,7 @@
 // kernel exactly as the library's launcher does (PDL, one CTA per SM, stream-K), on random e4m3 data,
 // with the weights in two copies used alternately so that consecutive calls do not share L2 lines.
 // Checks 256 random output elements against a float64 host sum (the probe must not time a wrong kernel).
+// -DFLASHSEEK_SKINNY_TIMELINE_LIGHT as well keeps only the CTA-level stamps (past the PDL wait, exit).
 // build (from the repo root):
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -DFLASHSEEK_SKINNY_TIMELINE -Icsrc \
 //     -I<nvidia-cutlass>/include bench/probes/skinny_timeline.cu csrc/gemm/sm90_tensor_maps.cu -o skinny_timeline
@@ -195,6 +196,38 @@ static int run_one(int m, int n, int k, int calls, int rounds) {
     std::vector<sk::timeline::Cta> tl(ctas);
     CK(cudaMemcpy(tl.data(), dcta, sizeof(sk::timeline::Cta) * ctas, cudaMemcpyDeviceToHost));
     namespace T = sk::timeline;
+#ifdef FLASHSEEK_SKINNY_TIMELINE_LIGHT
+    {  // CTA-level stamps only: when each CTA got past griddepcontrol.wait (math thread 0) and exited.
+      uint64_t p0 = ~0ull;
+      for (auto& c : tl) p0 = std::min(p0, c.ns[T::kPdl]);
+      std::vector<double> pdl, ex, work;
+      std::string cta_dump;
+      for (auto& c : tl) {
+        const double pd = (c.ns[T::kPdl] - p0) / 1e3, e = (c.ns[T::kExit] - p0) / 1e3;
+        pdl.push_back(pd);
+        ex.push_back(e);
+        work.push_back(e - pd);
+        if (dump) {
+          char buf[96];
+          snprintf(buf, sizeof buf, "%s[%u, %lld, %.2f, %.2f]", cta_dump.empty() ? "" : ", ", c.smid,
+                   (long long)(c.unit_end - c.unit_begin), pd, e);
+          cta_dump += buf;
+        }
+      }
+      auto stats = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        char buf[200];
+        snprintf(buf, sizeof buf, "{\"min\": %.3f, \"p10\": %.3f, \"med\": %.3f, \"p90\": %.3f, \"max\": %.3f}",
+                 v.front(), v[v.size() / 10], v[v.size() / 2], v[v.size() * 9 / 10], v.back());
+        return std::string(buf);
+      };
+      printf("{\"light\": 1, \"staged\": %d, \"m\": %d, \"n\": %d, \"k\": %d, \"ctas\": %d, \"us\": %.2f, \"isolated\": %d, "
+             "\"rep\": %d, \"pdl_us\": %s, \"exit_us\": %s, \"exit_minus_pdl_us\": %s%s%s%s}\n",
+             int(staged), m, n, k, ctas, us, int(isolated), rep, stats(pdl).c_str(), stats(ex).c_str(),
+             stats(work).c_str(), dump ? ", \"ctas_dump\": [" : "", cta_dump.c_str(), dump ? "]" : "");
+      continue;
+    }
+#endif
     uint64_t t0 = ~0ull, t_end = 0;
     for (auto& c : tl) {
       t0 = std::min(t0, c.ns[T::kFullFirst]);

@@ -54,11 +54,18 @@
 
 // FS_SKINNY_TL(code): code that exists only in the timeline build (fp8_gemm_skinny_timeline.cuh,
 // -DFLASHSEEK_SKINNY_TIMELINE, standalone harnesses only); the default build compiles to the same SASS.
+// FS_SKINNY_TL_UNIT(code): the stamps inside the unit loops, left out as well by
+// -DFLASHSEEK_SKINNY_TIMELINE_LIGHT (CTA-level stamps only: the per-unit ones slow the kernel by 15-35%).
 #ifdef FLASHSEEK_SKINNY_TIMELINE
 #include "gemm/fp8_gemm_skinny_timeline.cuh"
 #define FS_SKINNY_TL(...) __VA_ARGS__
 #else
 #define FS_SKINNY_TL(...)
+#endif
+#if defined(FLASHSEEK_SKINNY_TIMELINE) && !defined(FLASHSEEK_SKINNY_TIMELINE_LIGHT)
+#define FS_SKINNY_TL_UNIT(...) __VA_ARGS__
+#else
+#define FS_SKINNY_TL_UNIT(...)
 #endif
 
 namespace flashseek::skinny {
@@ -319,7 +326,7 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
     const bool first = u == begin;
     if (first) pdl_wait();  // the token block and the scales are the previous kernel's output
     if (lane == 0) {
-      FS_SKINNY_TL(if (u == tl_u0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kTmaPre, timeline::now());)
+      FS_SKINNY_TL_UNIT(if (u == tl_u0 && timeline::g_cta != nullptr) timeline::put(timeline::g_cta + c, timeline::kTmaPre, timeline::now());)
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_bar + stage,
                                                                      Smem::kWBytes + (8 << box) * kBlockK);
       cute::SM90_TMA_LOAD_2D::copy(tmap_w, full_bar + stage, kHint, smem + Smem::kW + stage * Smem::kWBytes,
@@ -327,7 +334,7 @@ __device__ __forceinline__ void producer(const CUtensorMap* tmap_w, const TokenM
       cute::SM90_TMA_LOAD_2D::copy(&tmap_x->rows[box], full_bar + stage, kHint,
                                    smem + Smem::kX + stage * Smem::kXBytes,
                                    kb * kBlockK, p.masked_m != nullptr ? g * p.m_rows : 0);
-      FS_SKINNY_TL(if (u == tl_u0) tl_first = tl_last = timeline::now(); else tl_last = timeline::clk_now();)
+      FS_SKINNY_TL_UNIT(if (u == tl_u0) tl_first = tl_last = timeline::now(); else tl_last = timeline::clk_now();)
     }
     const float* sa = p.a_scale + int64_t(g) * p.a_scale_estride + int64_t(kb) * p.a_scale_ld;
     const uint32_t dst = base + Smem::kSa + stage * Smem::kSaBytes;
@@ -493,7 +500,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
     for (int i = 0; i < kAcc; ++i) fin[i] = 0.f;
     for (int kb = kb0; kb < kb_end; ++kb) {
       mbar_wait(Smem::full(base, stage), phase);
-      FS_SKINNY_TL(if (tl_first) tl_full_first = tl_full_last = timeline::now(); else tl_full_last = timeline::clk_now();
+      FS_SKINNY_TL_UNIT(if (tl_first) tl_full_first = tl_full_last = timeline::now(); else tl_full_last = timeline::clk_now();
                    tl_first = false;)
       const uint64_t w_desc = w_desc0 + uint64_t(stage) * (Smem::kWBytes >> 4);
       const uint64_t x_desc = x_desc0 + uint64_t(stage) * (Smem::kXBytes >> 4);
@@ -531,7 +538,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
         phase ^= 1;
       }
     }
-    FS_SKINNY_TL(tl_epi_start = timeline::clk_now();)
+    FS_SKINNY_TL_UNIT(tl_epi_start = timeline::clk_now();)
     // Columns past the group's tokens are neither stored nor kept as partials (M = 1: 1/8 of them).
     const int tokens = reinterpret_cast<const int*>(smem + Smem::kGroupTokens)[g];
     const bool whole = kb0 == 0 && kb_end == sp.num_kb;
@@ -564,7 +571,7 @@ __device__ __forceinline__ void math_warpgroup(const Params& p, uint8_t* smem, c
         named_arrive(kBarPartial);  // the signal warp publishes it
       }
     }
-    FS_SKINNY_TL(tl_epi_end = timeline::clk_now(); tl_epi_clk += tl_epi_end.clk - tl_epi_start.clk;
+    FS_SKINNY_TL_UNIT(tl_epi_end = timeline::clk_now(); tl_epi_clk += tl_epi_end.clk - tl_epi_start.clk;
                  (whole ? tl_whole : tl_partial) += 1; tl_last_whole = whole;)
     u = t * sp.num_kb + kb_end;
   }
