@@ -42,6 +42,18 @@ static double e4m3_to_double(uint8_t b) {
   return s ? -v : v;
 }
 
+#ifdef FLASHSEEK_SKINNY_TIMELINE
+// min / p10 / median / p90 / max of v as a JSON object ("null" when empty).
+static std::string stats(std::vector<double> v) {
+  if (v.empty()) return "null";
+  std::sort(v.begin(), v.end());
+  char buf[200];
+  snprintf(buf, sizeof buf, "{\"min\": %.3f, \"p10\": %.3f, \"med\": %.3f, \"p90\": %.3f, \"max\": %.3f}",
+           v.front(), v[v.size() / 10], v[v.size() / 2], v[v.size() * 9 / 10], v.back());
+  return buf;
+}
+#endif
+
 static int run_one(int m, int n, int k, int calls, int rounds) {
   if (m < 1 || m > sk::kTokens || n % 16 || k % 128) {
     fprintf(stderr, "need 1 <= M <= 64, N %% 16 == 0, K %% 128 == 0\n");
@@ -214,13 +226,6 @@ static int run_one(int m, int n, int k, int calls, int rounds) {
           cta_dump += buf;
         }
       }
-      auto stats = [](std::vector<double> v) {
-        std::sort(v.begin(), v.end());
-        char buf[200];
-        snprintf(buf, sizeof buf, "{\"min\": %.3f, \"p10\": %.3f, \"med\": %.3f, \"p90\": %.3f, \"max\": %.3f}",
-                 v.front(), v[v.size() / 10], v[v.size() / 2], v[v.size() * 9 / 10], v.back());
-        return std::string(buf);
-      };
       printf("{\"light\": 1, \"staged\": %d, \"m\": %d, \"n\": %d, \"k\": %d, \"ctas\": %d, \"us\": %.2f, \"isolated\": %d, "
              "\"rep\": %d, \"pdl_us\": %s, \"exit_us\": %s, \"exit_minus_pdl_us\": %s%s%s%s}\n",
              int(staged), m, n, k, ctas, us, int(isolated), rep, stats(pdl).c_str(), stats(ex).c_str(),
@@ -256,14 +261,6 @@ static int run_one(int m, int n, int k, int calls, int rounds) {
         cta_dump += buf;
       }
     }
-    auto stats = [](std::vector<double> v) {
-      std::sort(v.begin(), v.end());
-      char buf[200];
-      if (v.empty()) return std::string("null");
-      snprintf(buf, sizeof buf, "{\"min\": %.3f, \"p10\": %.3f, \"med\": %.3f, \"p90\": %.3f, \"max\": %.3f}",
-               v.front(), v[v.size() / 10], v[v.size() / 2], v[v.size() * 9 / 10], v.back());
-      return std::string(buf);
-    };
     double sum_rate = 0;
     for (double r : rate) sum_rate += r;
     printf("{\"staged\": %d, \"m\": %d, \"n\": %d, \"k\": %d, \"ctas\": %d, \"units\": %lld, \"us\": %.2f, "
