@@ -1,15 +1,16 @@
-// Merges the split-KV partials (o normalized per split, lse in log2) of requests with more than one
-// split: out = sum_i 2^(lse_i - lse) o_i, lse = log2 sum_i 2^lse_i (stored as a natural log).
+// Merges the split-KV partials (o normalized per split, in q's dtype; lse in log2, fp32) of requests
+// with more than one split: out = sum_i 2^(lse_i - lse) o_i, lse = log2 sum_i 2^lse_i (stored as a
+// natural log), summed in fp32.
 // Two shapes, picked on the host from the expected splits per request (num_sm_parts / batch):
 //   narrow (large batches, ~2 splits per request): one warp per packed row, 4 rows per CTA, each lane
-//     owning four float4 columns (16 dims), splits walked 4 at a time;
-//   wide (small batches, many splits): 128 threads per row, 1 row per CTA, one float4 column each,
+//     owning four 4-dim columns (16 dims), splits walked 4 at a time;
+//   wide (small batches, many splits): 128 threads per row, 1 row per CTA, one 4-dim column each,
 //     splits walked 32 at a time (b=1, h_q=128, 4096 keys: 32 splits, so one round of loads, spread
 //     over 128 SMs; 2 rows per CTA and 16 splits a round measured 4.8 µs after the decode grid).
 // Either way every load of a group of splits is issued before any is used, and the first group's
 // before the lse pass, so a request with n splits costs about n / group memory round trips (v1
 // walked them one by one: 32 dependent round trips at b = 1), and a CTA reads each 2 KB partial row
-// fully coalesced. The wide shape alone was
+// (1 KB) fully coalesced. The wide shape alone was
 // measured slower at b = 32..128 (more threads and lse passes per byte), hence the two.
 // Launched as a programmatic dependent of the decode kernel: its CTAs are scheduled as decode CTAs
 // retire and wait (griddepcontrol.wait) until the whole decode grid's writes are visible, which
@@ -25,7 +26,7 @@
 namespace flashseek::mla {
 namespace {
 
-constexpr int kCols = kDV / 4;  // float4 columns of a row
+constexpr int kCols = kDV / 4;  // 4-dim columns of a row
 
 __device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 v) {
   __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
@@ -38,7 +39,18 @@ __device__ __forceinline__ void store4(__half* dst, float4 v) {
   *reinterpret_cast<uint2*>(dst) = u;
 }
 
-// kVec float4 columns per thread, kRows rows per CTA, kGroup splits per round of loads.
+__device__ __forceinline__ float4 to_float4(__nv_bfloat16, uint2 u) {
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float4 to_float4(__half, uint2 u) {
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// kVec 4-dim columns per thread, kRows rows per CTA, kGroup splits per round of loads.
 template <typename QT, int kVec, int kRows, int kGroup>
 __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kRowThreads = kCols / kVec;
@@ -62,11 +74,12 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
   const int lane = threadIdx.x & 31;
   const float* lse_in = p.ws_lse + static_cast<int64_t>(base) * p.rows + R;
   const int64_t split_stride = static_cast<int64_t>(p.rows) * kDV;
-  const float* src = p.ws_o + (static_cast<int64_t>(base) * p.rows + R) * kDV + t * 4;
+  const QT* src = static_cast<const QT*>(p.ws_o) + (static_cast<int64_t>(base) * p.rows + R) * kDV + t * 4;
 
   // The first group's partial rows and lse values do not depend on the row's lse: they are loaded
   // before the lse pass, so that a row with at most kGroup splits costs one memory round trip.
-  float4 v[kGroup][kVec];
+  // Raw 8-byte loads, converted where they are summed, so that a group's loads are all in flight.
+  uint2 v[kGroup][kVec];
   float l[kGroup];
   auto load_group = [&](int i0) {
 #pragma unroll
@@ -75,8 +88,8 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
       l[j] = ok ? lse_in[static_cast<int64_t>(i0 + j) * p.rows] : -INFINITY;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        v[j][k] = ok ? *reinterpret_cast<const float4*>(src + (i0 + j) * split_stride + k * kRowThreads * 4)
-                     : make_float4(0.f, 0.f, 0.f, 0.f);
+        v[j][k] = ok ? *reinterpret_cast<const uint2*>(src + (i0 + j) * split_stride + k * kRowThreads * 4)
+                     : make_uint2(0u, 0u);
       }
     }
   };
@@ -106,10 +119,11 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
         const float w = exp2f(l[j] - lse2);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          acc[k].x += w * v[j][k].x;
-          acc[k].y += w * v[j][k].y;
-          acc[k].z += w * v[j][k].z;
-          acc[k].w += w * v[j][k].w;
+          const float4 x = to_float4(QT(), v[j][k]);
+          acc[k].x += w * x.x;
+          acc[k].y += w * x.y;
+          acc[k].z += w * x.z;
+          acc[k].w += w * x.w;
         }
       }
       if (i0 + kGroup >= n) break;

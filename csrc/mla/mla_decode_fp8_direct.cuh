@@ -634,16 +634,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
           v[kONT + d] = o[m][d][2 * h + 1] * inv;
         }
         const int s = R / p.h_q, hh = R - s * p.h_q;
-        if (direct) {
-          QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col;
+        // Out or workspace slot `slot`, both in q's dtype.
+        QT* dst = direct ? static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col
+                         : static_cast<QT*>(p.ws_o) + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col;
 #pragma unroll
-          for (int d = 0; d < 2 * kONT; d += 2) detail::store_pair<QT>(dst + d, v[d], v[d + 1]);
-          if (warp == 0 && t == 0) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
-        } else {
-          float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col;
-#pragma unroll
-          for (int d = 0; d < 2 * kONT; d += 4) *reinterpret_cast<float4*>(dst + d) = make_float4(v[d], v[d + 1], v[d + 2], v[d + 3]);
-          if (warp == 0 && t == 0) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+        for (int d = 0; d < 2 * kONT; d += 2) detail::store_pair<QT>(dst + d, v[d], v[d + 1]);
+        if (warp == 0 && t == 0) {
+          if (direct) {
+            p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+          } else {
+            p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+          }
         }
       }
   }

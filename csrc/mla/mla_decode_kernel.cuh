@@ -287,31 +287,29 @@ __device__ __forceinline__ int visible_keys(const DecodeParams& p, int R, int le
 }
 
 // Writes this thread's part of output row R (packed s * h_q + h) of request bi: kPairs pairs of
-// columns col0 + 8 j, values pair(j) (unnormalised), scaled by 1 / l; the thread with write_lse
-// also writes the row's lse. Rows with no visible key get out 0 and lse -inf.
+// columns col0 + 8 j, values pair(j) (unnormalised), scaled by 1 / l, to out or to workspace slot
+// `slot` (in q's dtype either way); the thread with write_lse also writes the row's lse (natural log
+// to lse, log2 to the workspace). Rows with no visible key get out 0 and lse -inf.
 template <typename QT, int kPairs, typename Pair>
 __device__ __forceinline__ void write_piece_row(const DecodeParams& p, int bi, int R, bool direct, int slot, int col0,
                                                 float m_log2, float l, bool write_lse, Pair pair) {
   const bool seen = l > 0.f;
   const float inv = seen ? 1.f / l : 0.f;
   const float lse2 = seen ? m_log2 + __log2f(l) : -INFINITY;  // log2 domain
-  if (direct) {
-    const int s = R / p.h_q, hh = R - s * p.h_q;
-    QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col0;
+  const int s = R / p.h_q, hh = R - s * p.h_q;
+  QT* dst = direct ? static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col0
+                   : static_cast<QT*>(p.ws_o) + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col0;
 #pragma unroll
-    for (int j = 0; j < kPairs; ++j) {
-      const float2 v = pair(j);
-      store_pair<QT>(dst + 8 * j, v.x * inv, v.y * inv);
+  for (int j = 0; j < kPairs; ++j) {
+    const float2 v = pair(j);
+    store_pair<QT>(dst + 8 * j, v.x * inv, v.y * inv);
+  }
+  if (write_lse) {
+    if (direct) {
+      p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+    } else {
+      p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
     }
-    if (write_lse) p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
-  } else {
-    float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col0;
-#pragma unroll
-    for (int j = 0; j < kPairs; ++j) {
-      const float2 v = pair(j);
-      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(v.x * inv, v.y * inv);
-    }
-    if (write_lse) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
   }
 }
 

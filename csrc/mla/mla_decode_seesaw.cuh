@@ -84,7 +84,7 @@ struct Smem {
   static constexpr int kTotal = kBarQ + 8;                // then the Q tile's mbarrier
 };
 static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
-static_assert(Smem::kStage0 + kM * (kDV * 4 + 32) <= Smem::kPA, "wg::write_piece_staged's rows must stay in the stages");
+static_assert(Smem::kStage0 + kM * wg::kStagedRowBytes <= Smem::kPA, "wg::write_piece_staged's rows must stay in the stages");
 
 constexpr int kBarMaxA = 1;
 constexpr int kBarMaxB = 2;

@@ -109,9 +109,10 @@ struct Smem {
 };
 static_assert(Smem<false>::kTotal <= 232448 && Smem<true>::kTotal <= 232448,
               "shared memory exceeds the sm_90 per-block limit");
-// write_piece_staged puts a finished piece's rows (64 x 2,080 B at most) over the KV stages.
-static_assert(Smem<false>::kK0 + kM * (kDV * 4 + 32) <= Smem<false>::kAlpha &&
-                  Smem<true>::kK0 + kM * (kDV * 4 + 32) <= Smem<true>::kAlpha,
+// write_piece_staged puts a finished piece's rows (64 x kStagedRowBytes) over the KV stages.
+constexpr int kStagedRowBytes = kDV * 2 + 16;
+static_assert(Smem<false>::kK0 + kM * kStagedRowBytes <= Smem<false>::kAlpha &&
+                  Smem<true>::kK0 + kM * kStagedRowBytes <= Smem<true>::kAlpha,
               "the staged rows must stay in the KV stages");
 
 // Named barriers (0 is __syncthreads).
@@ -312,22 +313,21 @@ __device__ __forceinline__ PieceDest piece_dest(const DecodeParams& p, const det
 }
 
 // A finished 64-row piece through shared memory: every thread puts its normalised values into a
-// row-padded tile (q's dtype for out, fp32 for a split partial) over the KV stages, free after the
-// piece's last block, and then copies 16-byte chunks of whole rows to global memory, so that each
-// warp store covers 512 contiguous bytes. Writing the accumulator fragments straight out (4- and
-// 8-byte stores, 16 or 32 bytes contiguous) took 2.9-3.6 µs for a 128 KB fp32 partial and 4.6-5.0 µs
-// for a 64 KB bf16 output from one SM (session-7 timeline, b=1); one bulk copy per row took ~4.8 /
-// ~3.8 µs (run 1 of session 8), and a microbenchmark measured 55 GB/s out of one SM for bulk copies of
-// any size against 66 GB/s for coalesced 16-byte stores, which also leave the shared memory free as
-// soon as they issue. Row strides 1,040 / 2,080 B (260 / 520 words = 4 / 8 mod 32 banks): a warp's
-// 4-byte and a half-warp's 8-byte stores hit distinct banks. Called by every thread (two barriers).
+// row-padded tile in q's dtype (the output's and the split partials' dtype alike) over the KV stages,
+// free after the piece's last block, and then copies 16-byte chunks of whole rows to out or to the
+// workspace, so that each warp store covers 512 contiguous bytes. Writing the accumulator fragments
+// straight out (4- and 8-byte stores, 16 or 32 bytes contiguous) took 2.9-3.6 µs for a 128 KB fp32
+// partial and 4.6-5.0 µs for a 64 KB bf16 output from one SM (session-7 timeline, b=1); one bulk copy
+// per row took ~4.8 / ~3.8 µs (run 1 of session 8), and a microbenchmark measured 55 GB/s out of one
+// SM for bulk copies of any size against 66 GB/s for coalesced 16-byte stores, which also leave the
+// shared memory free as soon as they issue. Row stride kStagedRowBytes = 1,040 B (260 words = 4 mod
+// 32 banks): a warp's 4-byte stores hit distinct banks. Called by every thread (two barriers).
 template <typename QT, typename MaxOf, typename SumOf>
 __device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
                                                    const float (&o)[128], MaxOf m_log2, SumOf l, char* tile) {
   if (!dest.ok) return;
   const bool direct = dest.direct;
   const int slot = dest.slot;
-  constexpr int kOutStride = kDV * 2 + 16, kWsStride = kDV * 4 + 32;
   const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, q4 = lane & 3;
   const int row0 = ((threadIdx.x & 127) >> 5) * 16 + (lane >> 2);
   const int col0 = wg * 256 + 2 * q4;
@@ -338,38 +338,31 @@ __device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const 
     const bool seen = lsum > 0.f;
     const float inv = seen ? 1.f / lsum : 0.f;
     const float lse2 = seen ? m_log2(h, r) + __log2f(lsum) : -INFINITY;  // log2 domain
-    if (direct) {
-      QT* dst = reinterpret_cast<QT*>(tile + r * kOutStride) + col0;
+    QT* dst = reinterpret_cast<QT*>(tile + r * kStagedRowBytes) + col0;
 #pragma unroll
-      for (int j = 0; j < 32; ++j) store_pair<QT>(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-      if (wg == 0 && q4 == 0 && R < p.rows) {
+    for (int j = 0; j < 32; ++j) store_pair<QT>(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    if (wg == 0 && q4 == 0 && R < p.rows) {
+      if (direct) {
         const int s = R / p.h_q, hh = R - s * p.h_q;
         p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+      } else {
+        p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
       }
-    } else {
-      float* dst = reinterpret_cast<float*>(tile + r * kWsStride) + col0;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-      }
-      if (wg == 0 && q4 == 0 && R < p.rows) p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
     }
   }
   __syncthreads();
+  // 64 chunks a row: a warp stores half a row.
   const int valid = min(kM, p.rows - m_tile * kM);
-  if (direct) {  // 64 chunks a row: a warp stores half a row
-    for (int i = threadIdx.x; i < valid * 64; i += kThreads) {
-      const int r = i >> 6, c = i & 63, R = m_tile * kM + r;
+  for (int i = threadIdx.x; i < valid * 64; i += kThreads) {
+    const int r = i >> 6, c = i & 63, R = m_tile * kM + r;
+    QT* dst;
+    if (direct) {
       const int s = R / p.h_q, hh = R - s * p.h_q;
-      QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + c * 8;
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tile + r * kOutStride + c * 16);
+      dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h;
+    } else {
+      dst = static_cast<QT*>(p.ws_o) + (static_cast<int64_t>(slot) * p.rows + R) * kDV;
     }
-  } else {  // 128 chunks a row; the tile's rows are consecutive in the workspace
-    float* dst = p.ws_o + (static_cast<int64_t>(slot) * p.rows + m_tile * kM) * kDV;
-    for (int i = threadIdx.x; i < valid * 128; i += kThreads) {
-      const int r = i >> 7, c = i & 127;
-      *reinterpret_cast<uint4*>(dst + r * kDV + c * 4) = *reinterpret_cast<const uint4*>(tile + r * kWsStride + c * 16);
-    }
+    *reinterpret_cast<uint4*>(dst + c * 8) = *reinterpret_cast<const uint4*>(tile + r * kStagedRowBytes + c * 16);
   }
   // The tile's reads are done and its generic-proxy writes ordered before the next piece's TMA
   // writes (async proxy) into the same stages.

@@ -152,7 +152,10 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tenso
   at::Tensor ws_o, ws_lse;
   if (num_sm_parts > 1) {
     const int64_t slots = workspace_slots(num_sm_parts);
-    ws_o = at::empty({slots * rows * kDV}, q.options().dtype(at::kFloat));
+    // Partials in q's dtype (FlashInfer keeps its split partials in the output dtype too): half the
+    // bytes of fp32 for the one-SM row writes and the combine's reads, for one more rounding of each
+    // normalised partial (<= 2^-8 relative in bf16; tests/test_mla.py counts it in the budget).
+    ws_o = at::empty({slots * rows * kDV}, q.options());
     ws_lse = at::empty({slots * rows}, q.options().dtype(at::kFloat));
   }
   DecodeParams p{};
@@ -174,7 +177,7 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tenso
   p.o_stride_s = out.stride(1);
   p.o_stride_h = out.stride(2);
   p.lse = lse.data_ptr<float>();
-  p.ws_o = num_sm_parts > 1 ? ws_o.data_ptr<float>() : nullptr;
+  p.ws_o = num_sm_parts > 1 ? ws_o.data_ptr() : nullptr;
   p.ws_lse = num_sm_parts > 1 ? ws_lse.data_ptr<float>() : nullptr;
   p.batch = static_cast<int>(b);
   p.s_q = static_cast<int>(s_q);

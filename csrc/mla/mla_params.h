@@ -47,7 +47,7 @@ struct DecodeParams {
   void* out;                      // [b, s_q, h_q, 512] q's dtype, strides in elements
   int64_t o_stride_b, o_stride_s, o_stride_h;
   float* lse;                     // [b, h_q, s_q] contiguous, natural log
-  float* ws_o;                    // [workspace_slots, rows, 512] fp32 split partials (null if 1 part)
+  void* ws_o;                     // [workspace_slots, rows, 512] split partials in q's dtype (null if 1 part)
   float* ws_lse;                  // [workspace_slots, rows], log2 domain
   int batch, s_q, h_q, rows;      // rows = s_q * h_q
   float scale_log2;               // softmax_scale * log2(e)

@@ -1,0 +1,104 @@
+"""Small-batch MLA decode: the whole mla_decode call (split kernel + combine) as CUDA-graph replays, for
+a few split counts (num_sm_parts), plus the error against the fp32 reference. Written for session 17's
+A/B of the split partials' dtype: run it once under each build (PYTHONPATH picks the build) in one
+device call, so that both sets of figures come from the same card.
+
+Timing: one graph holds N consecutive calls, each on its own q and cache (the sets together exceed the
+50 MB L2, as successive layers' caches do in a model), replayed ROUNDS x REPLAYS times after a warm-up;
+a call's time is the median replay / N. Error: set 0 against ref_mla.mla_decode in fp32. Besides the
+max abs error it prints how much of issue 3's bf16 budget the call uses, with the partial rounding
+counted (`over_budget`, as tests/test_mla.py counts) and without it (`over_budget_no_partial_term`);
+<= 0 is within, 1e-3 is the edge.
+Usage (a GPU, flashseek built):
+  CASES='1,128,4096;32,128,1024' PARTS='default,33' TAG=new python bench/probes/mla_small_batch.py
+Prints one JSON object per line: tag, b, h_q, s_k, dtype, parts, us, err fields."""
+import json
+import math
+import os
+import statistics
+
+import torch
+
+from flashseek import ops
+from flashseek.bench.mla import PAGE, SCALE, _make_inputs
+from flashseek.ref import mla as ref_mla
+
+L2 = 50e6
+cases = [tuple(int(x) for x in c.split(",")) for c in
+         os.environ.get("CASES", "1,128,4096;1,16,4096;4,128,4096;16,128,4096;32,128,1024").split(";")]
+parts_list = os.environ.get("PARTS", "default").split(",")
+dtypes = [getattr(torch, d) for d in os.environ.get("DTYPES", "bfloat16").split(",")]
+rounds, replays = int(os.environ.get("ROUNDS", "5")), int(os.environ.get("REPLAYS", "40"))
+tag = os.environ.get("TAG", "")
+
+
+def error_fields(q, cache, table, seqlens, out):
+    ref, _ = ref_mla.mla_decode(q, cache, table, seqlens, SCALE, False)
+    b, s_q, h_q, _ = q.shape
+    pav = torch.zeros_like(ref)
+    for i, n in enumerate(seqlens.tolist()):
+        kv = cache[table[i, :(n + PAGE - 1) // PAGE].long()].reshape(-1, 576)[:n].float()
+        p = torch.softmax(q[i].float().reshape(s_q * h_q, 576) @ kv.t() * SCALE, dim=-1)
+        pav[i] = (p @ kv[:, :512].abs()).reshape(s_q, h_q, 512)
+    o = out.float()
+    half_ulp = 2.0**-8 if q.dtype == torch.bfloat16 else 2.0**-11
+    err = (o - ref).abs()
+    base = err - half_ulp * ref.abs() - 2.0**-8 * pav
+    cd = 1 - 2 * (o.double() * ref.double()).sum() / ((o.double()**2).sum() + (ref.double()**2).sum())
+    return {"max_abs_err": err.max().item(), "cos_diff": cd.item(),
+            "over_budget_no_partial_term": base.max().item(),
+            "over_budget": (base - half_ulp * pav).max().item(), "max_abs_out": ref.abs().max().item()}
+
+
+def main():
+    with torch.inference_mode():
+        for (b, h_q, s_k) in cases:
+            for dt in dtypes:
+                lens = [s_k] * b
+                nbytes = b * s_k * 1152
+                n_sets = min(16, math.ceil(3 * L2 / nbytes) + 1)
+                table, sets = _make_inputs(b, 1, h_q, lens, False, "cuda", n_sets, seed=b * 7 + s_k)
+                sets = [(q.to(dt), c) for q, c in sets]
+                seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+                outs = [(torch.empty(b, 1, h_q, 512, dtype=dt, device="cuda"),
+                         torch.empty(b, h_q, 1, dtype=torch.float32, device="cuda")) for _ in sets]
+                for parts in parts_list:
+                    plan = ops.mla_decode_plan(seqlens, 1, h_q, None if parts == "default" else int(parts))
+                    n_parts = ref_mla.plan_num_sm_parts(plan.numel(), b)
+
+                    def calls():
+                        for (q, c), (o, l) in zip(sets, outs):
+                            ops.mla_decode(q, c, table, seqlens, plan, SCALE, out=o, lse=l)
+
+                    calls()
+                    torch.cuda.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        calls()
+                        with torch.cuda.graph(g, stream=s):
+                            calls()
+                    torch.cuda.current_stream().wait_stream(s)
+                    for _ in range(5):
+                        g.replay()
+                    times = []
+                    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                    for _ in range(rounds):
+                        for _ in range(replays):
+                            ev[0].record()
+                            g.replay()
+                            ev[1].record()
+                            ev[1].synchronize()
+                            times.append(ev[0].elapsed_time(ev[1]) * 1e3 / len(sets))
+                    q0, c0 = sets[0]
+                    rec = {"tag": tag, "build": os.path.dirname(ops.__file__), "b": b, "h_q": h_q, "s_k": s_k, "dtype": str(dt).split(".")[-1],
+                           "parts": n_parts, "sets": len(sets), "us": round(statistics.median(times), 2),
+                           "us_p10": round(sorted(times)[len(times) // 10], 2)}
+                    rec.update(error_fields(q0, c0, table, seqlens, outs[0][0]))
+                    print(json.dumps(rec), flush=True)
+                    del g
+
+
+if __name__ == "__main__":
+    main()
