@@ -127,6 +127,14 @@ template <>
 __device__ __forceinline__ void store_pair<__half>(__half* dst, float a, float b) {
   *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
 }
+// 8 consecutive values to a 16-byte aligned dst in one store.
+template <typename QT>
+__device__ __forceinline__ void store_8(QT* dst, const float* v) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) store_pair<QT>(reinterpret_cast<QT*>(w + i), v[2 * i], v[2 * i + 1]);
+  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+}
 
 // 8 q values -> 8 bf16 (the MMAs run in bf16; fp16 q is rounded to bf16 here).
 template <typename QT>
