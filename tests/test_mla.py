@@ -321,6 +321,41 @@ def test_plan_balances_parts():
     assert max(costs) <= (sum(costs) + P - 1) // P + 2 * ref_mla.FIXED_SPLIT_COST
 
 
+def test_plan_payload_is_the_smallest_that_fits():
+    # Brute force over every payload from the smallest allowed: none below plan_payload's fits in P parts.
+    rng = random.Random(17)
+    cases = [([4096] * 2, 66), ([4096] * 3, 66), ([1024] * 32, 66), ([4096] * 16, 66), ([4096] * 4, 132),
+             ([0, 0, 3], 7), ([160 * 1024], 66), ([4096] * 128, 66)]
+    cases += [([rng.choice([0, 1, 64, 65, 300, 4096, 9000]) for _ in range(rng.randint(1, 40))], rng.choice([1, 2, 7, 66]))
+              for _ in range(60)]
+    for lens, P in cases:
+        nblk = [(n + 63) // 64 for n in lens]
+        payload = ref_mla.plan_payload(nblk, P)
+        lowest = ref_mla.MIN_SPLIT_BLOCKS + ref_mla.FIXED_SPLIT_COST
+        assert payload >= lowest
+        fits = ref_mla._walk_fits(nblk, payload, P)
+        assert not any(ref_mla._walk_fits(nblk, c, P) for c in range(lowest, payload)), (lens, P, payload)
+        # FlashMLA's payload is the fallback when nothing smaller fits.
+        total = sum(n + ref_mla.FIXED_SPLIT_COST for n in nblk)
+        assert payload <= max((total + P - 1) // P, ref_mla.MIN_SPLIT_BLOCKS) + ref_mla.FIXED_SPLIT_COST
+        assert fits or payload == max((total + P - 1) // P, ref_mla.MIN_SPLIT_BLOCKS) + ref_mla.FIXED_SPLIT_COST
+
+
+@pytest.mark.parametrize("lens,P,max_blocks,busy", [([4096] * 2, 66, 2, 64), ([4096] * 3, 66, 3, 66),
+                                                    ([1024] * 32, 66, 8, 64), ([4096] * 4, 132, 2, 128)])
+def test_plan_fills_the_parts(lens, P, max_blocks, busy):
+    # Small batches: pieces as short as P parts allow (the critical path), not ceil(total / P) + fixed
+    # cost units, which left 22 of 66 parts idle at two requests of 4096 keys (3-block pieces).
+    plan = ref_mla.mla_decode_plan(torch.tensor(lens, dtype=torch.int32), 1, 128, P).tolist()
+    pieces, used = [], 0
+    for p in range(P):
+        b0, blk0, b1, blk1, _ = plan[8 * p: 8 * p + 5]
+        used += b1 >= b0
+        for i in range(b0, b1 + 1):
+            pieces.append((blk1 if i == b1 else (lens[i] + 63) // 64) - (blk0 if i == b0 else 0))
+    assert max(pieces) == max_blocks and used == busy
+
+
 @pytest.mark.parametrize("lens,P", [([4096], 132), ([100], 132), ([64, 64], 132), ([8192], 132)])
 def test_plan_min_split_blocks(lens, P):
     # A tiny total is not cut into one-block pieces: every piece but a request's last holds at least

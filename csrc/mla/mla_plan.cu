@@ -9,6 +9,31 @@ namespace flashseek::mla {
 namespace {
 
 constexpr int kPlanThreads = 256;
+// Candidate payloads tried at once, one per warp: [lo, lo + kFixedSplitCost] always holds the answer.
+constexpr int kPayloadCandidates = kFixedSplitCost + 1;
+static_assert(kPayloadCandidates * 32 <= kPlanThreads, "one warp per candidate payload");
+
+// Whether the greedy walk with `payload` cost units per part covers every request within P parts
+// (it stops counting there: O(batch + P)).
+__device__ bool walk_fits(const int* nblk, int b, long long payload, int P) {
+  int i = 0, blk = 0;
+  for (int part = 0; part < P && i < b; ++part) {
+    long long rem = payload;
+    while (i < b) {
+      const int rest = nblk[i] - blk;
+      if (rest + kFixedSplitCost <= rem) {
+        rem -= rest + kFixedSplitCost;
+        ++i;
+        blk = 0;
+      } else {
+        const long long take = rem - kFixedSplitCost;
+        if (take > 0) blk += static_cast<int>(take);
+        break;
+      }
+    }
+  }
+  return i >= b;
+}
 
 __global__ void __launch_bounds__(kPlanThreads) mla_plan_kernel(PlanParams p) {
   // Per request: its key blocks during the walk; then (ws_base << 16) | num_splits (both <= 2P + 1
@@ -28,10 +53,28 @@ __global__ void __launch_bounds__(kPlanThreads) mla_plan_kernel(PlanParams p) {
   atomicAdd(reinterpret_cast<unsigned long long*>(&s_total), static_cast<unsigned long long>(local));
   __syncthreads();
 
+  // The payload: the smallest number of cost units per part with which the walk fits in P parts
+  // (the makespan of the cost model), at least kMinSplitBlocks + kFixedSplitCost. P parts of `lo`
+  // units cannot hold the total, and hi (FlashMLA's payload, which let small batches leave SMs idle:
+  // b=2 h_q=128 used 44 of 66 parts with 3-block pieces) is taken when no smaller one fits. The
+  // candidates are walked in parallel, one warp each.
+  __shared__ int s_fits[kPayloadCandidates];
+  const long long per_part = (s_total + P - 1) / P;
+  const long long hi = max(per_part, static_cast<long long>(kMinSplitBlocks)) + kFixedSplitCost;
+  const long long lo = max(per_part, static_cast<long long>(kMinSplitBlocks + kFixedSplitCost));
+  if ((threadIdx.x & 31) == 0 && threadIdx.x / 32 < kPayloadCandidates) {
+    const long long c = lo + threadIdx.x / 32;
+    s_fits[threadIdx.x / 32] = c <= hi && walk_fits(s_req, b, c, P);
+  }
+  __syncthreads();
+
   if (threadIdx.x == 0) {
+    long long payload = hi;
+    for (int k = kPayloadCandidates - 1; k >= 0; --k) {
+      if (s_fits[k]) payload = lo + k;
+    }
     // The walk is inherently sequential (each part starts where the previous one stopped); from
     // shared memory it costs a few cycles per request and part, so one thread does it.
-    const long long payload = max((s_total + P - 1) / P, static_cast<long long>(kMinSplitBlocks)) + kFixedSplitCost;
     int i = 0, blk = 0, cur_split = 0;
     for (int part = 0; part < P; ++part) {
       // The last part takes whatever is left, so every block is covered for any rounding.

@@ -71,10 +71,42 @@ def workspace_slots(num_sm_parts: int) -> int:
     return 2 * num_sm_parts
 
 
+def _walk_fits(nblk: list[int], payload: int, P: int) -> bool:
+    """Whether the greedy walk with `payload` cost units per part covers every request in P parts."""
+    i, blk, b = 0, 0, len(nblk)
+    for _ in range(P):
+        if i >= b:
+            break
+        rem = payload
+        while i < b:
+            rest = nblk[i] - blk
+            if rest + FIXED_SPLIT_COST <= rem:
+                rem -= rest + FIXED_SPLIT_COST
+                i, blk = i + 1, 0
+            else:
+                if rem - FIXED_SPLIT_COST > 0:
+                    blk += rem - FIXED_SPLIT_COST
+                break
+    return i >= b
+
+
+def plan_payload(nblk: list[int], P: int) -> int:
+    """Cost units per part: the smallest payload with which the greedy walk fits in P parts (the cost
+    model's makespan), at least MIN_SPLIT_BLOCKS + FIXED_SPLIT_COST. P parts of ceil(total / P) units
+    cannot hold less, so the answer lies in [that, that + FIXED_SPLIT_COST]; the top of the range is
+    FlashMLA's payload, taken when no smaller one fits (the last part then takes the rest)."""
+    total = sum(n + FIXED_SPLIT_COST for n in nblk)
+    per_part = (total + P - 1) // P
+    hi = max(per_part, MIN_SPLIT_BLOCKS) + FIXED_SPLIT_COST
+    lo = max(per_part, MIN_SPLIT_BLOCKS + FIXED_SPLIT_COST)
+    return next((c for c in range(lo, hi + 1) if _walk_fits(nblk, c, P)), hi)
+
+
 def mla_decode_plan(cache_seqlens: torch.Tensor, s_q: int, h_q: int, num_sm_parts: int) -> torch.Tensor:
     """Greedy FlashMLA-style schedule: requests laid end to end in key blocks, each split costing
-    FIXED_SPLIT_COST extra blocks, cut into num_sm_parts nearly equal runs of at least
-    MIN_SPLIT_BLOCKS blocks (parts past the work stay empty).
+    FIXED_SPLIT_COST extra blocks, cut into runs of plan_payload cost units (the smallest that fits
+    in num_sm_parts parts), pieces of at least MIN_SPLIT_BLOCKS blocks (parts past the work stay
+    empty).
 
     Part p (ints [8p, 8p+8)) covers requests b0..b1 (b1 < b0: nothing), starting at key block blk0
     of b0 and ending before block blk1 of b1; split0 is the split ordinal of its first piece.
@@ -85,8 +117,7 @@ def mla_decode_plan(cache_seqlens: torch.Tensor, s_q: int, h_q: int, num_sm_part
     lens = [max(int(x), 0) for x in cache_seqlens.cpu().tolist()]
     b, P = len(lens), num_sm_parts
     nblk = [(n + BLOCK_N - 1) // BLOCK_N for n in lens]
-    total = sum(n + FIXED_SPLIT_COST for n in nblk)
-    payload = max((total + P - 1) // P, MIN_SPLIT_BLOCKS) + FIXED_SPLIT_COST
+    payload = plan_payload(nblk, P)
     plan = [0] * plan_size(b, P)
     nsplits = [0] * b
     i, blk, cur_split = 0, 0, 0
