@@ -9,7 +9,8 @@ namespace flashseek::mla {
 namespace {
 
 constexpr int kPlanThreads = 256;
-// Candidate payloads tried at once, one per warp: [lo, lo + kFixedSplitCost] always holds the answer.
+// Candidate payloads tried at once, one per warp: the search range [lo, hi] below has at most
+// kFixedSplitCost + 1 values.
 constexpr int kPayloadCandidates = kFixedSplitCost + 1;
 static_assert(kPayloadCandidates * 32 <= kPlanThreads, "one warp per candidate payload");
 

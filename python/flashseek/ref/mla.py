@@ -92,9 +92,10 @@ def _walk_fits(nblk: list[int], payload: int, P: int) -> bool:
 
 def plan_payload(nblk: list[int], P: int) -> int:
     """Cost units per part: the smallest payload with which the greedy walk fits in P parts (the cost
-    model's makespan), at least MIN_SPLIT_BLOCKS + FIXED_SPLIT_COST. P parts of ceil(total / P) units
-    cannot hold less, so the answer lies in [that, that + FIXED_SPLIT_COST]; the top of the range is
-    FlashMLA's payload, taken when no smaller one fits (the last part then takes the rest)."""
+    model's makespan), at least MIN_SPLIT_BLOCKS + FIXED_SPLIT_COST. P parts of fewer than
+    ceil(total / P) units cannot hold the total, so the search starts there and ends at FlashMLA's
+    payload, that + FIXED_SPLIT_COST, which is kept when nothing smaller fits (the last part then takes
+    the rest)."""
     total = sum(n + FIXED_SPLIT_COST for n in nblk)
     per_part = (total + P - 1) // P
     hi = max(per_part, MIN_SPLIT_BLOCKS) + FIXED_SPLIT_COST
