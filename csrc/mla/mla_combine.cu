@@ -54,10 +54,8 @@ __device__ __forceinline__ float4 to_float4(__half, uint2 u) {
 template <typename QT, int kVec, int kRows, int kGroup>
 __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kRowThreads = kCols / kVec;
-  FS_MTL(const unsigned long long tl_entry = timeline::now();
-         unsigned long long* tl = timeline::g_combine == nullptr ? nullptr
-                                  : timeline::g_combine + (blockIdx.y * gridDim.x + blockIdx.x) * timeline::kCombineStamps;
-         if (threadIdx.x == 0 && tl != nullptr) tl[3] = 0;)
+  FS_MTL(const unsigned long long tl_entry = timeline::now(); unsigned long long* tl = timeline::combine_row();
+         if (tl != nullptr) { tl[3] = 0; tl[4] = timeline::cta(); tl[5] = timeline::smid(); })
   // The next kernel (the next layer's decode, also launched with launch_pdl) may be scheduled once
   // every CTA of this grid has started; it waits for this whole grid before touching memory.
   pdl_launch_dependents();

@@ -374,8 +374,8 @@ template <typename QT, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_wgmma_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ TileMaps maps) {
   using S = Smem<kFp8>;
-  FS_MTL(unsigned long long* tl = timeline::decode_row(); unsigned long long tl_t[8] = {timeline::now()};
-         bool tl_first = true;)
+  FS_MTL(unsigned long long* tl = timeline::decode_row();
+         unsigned long long tl_t[timeline::kDecodeStamps] = {timeline::now()}; bool tl_first = true;)
   // The combine kernel (programmatic dependent) may be scheduled as SMs free up; it waits for this
   // whole grid before reading any partial.
   pdl_launch_dependents();
@@ -406,6 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Launched as a programmatic dependent (launch_pdl): nothing written by an earlier kernel (the plan,
   // q, the cache, the workspace the previous combine may still read) is touched before this.
   pdl_wait();
+  FS_MTL(tl_t[8] = timeline::now();)
   const detail::PlanPart plan(p, part);
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
@@ -620,6 +621,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   FS_MTL(if (threadIdx.x == 0 && tl != nullptr) {
     tl_t[6] = timeline::now();
+    tl_t[9] = timeline::cta();
+    tl_t[10] = timeline::smid();
     for (int i = 0; i < timeline::kDecodeStamps; ++i) tl[i] = tl_t[i];
   })
 }
