@@ -198,7 +198,8 @@ int main(int argc, char** argv) {
     for (int s = 0; s < sets; ++s)
       for (int i = 0; i < combine_grid; ++i) {
         const u64* r = &comb[(size_t(s) * combine_grid + i) * tl::kCombineStamps];
-        std::fprintf(f, "combine,%d,%llu,%llu,%llu,%llu,%llu,%llu\n", s, r[0], r[1], r[2], r[3], r[4], r[5]);
+        std::fprintf(f, "combine,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu\n", s, r[0], r[1], r[2], r[3], r[4], r[5],
+                     r[6], r[7], r[8]);
       }
     std::fclose(f);
   }
@@ -206,7 +207,7 @@ int main(int argc, char** argv) {
   // Per call, µs after the call's first decode entry: decode entries, past the PDL wait (busy / empty
   // CTAs), the busy CTAs' first block done and rows written, their exits; the combine's entries, past
   // its wait, exits; then the next call's first decode entry.
-  std::printf("call | dec entry lo/hi | wait busy lo/hi | wait empty hi | block0 med | written hi | exit busy hi | "
+  std::printf("call | dec entry lo/hi | wait busy lo/hi | wait empty hi | Q in med | written hi | exit busy hi | "
               "comb entry lo/med/hi | comb wait lo/hi | comb exit hi | next dec entry\n");
   for (int s = 0; s < sets; ++s) {
     const u64* d = &dec[size_t(s) * grid * tl::kDecodeStamps];
@@ -243,6 +244,42 @@ int main(int argc, char** argv) {
     std::printf("%4d | %6.2f %6.2f | %6.2f %6.2f | %6.2f | %6.2f | %6.2f | %6.2f | %6.2f %6.2f %6.2f | %6.2f %6.2f | %6.2f | %6.2f\n",
                 s, se.lo, se.hi, swb.lo, swb.hi, swe.hi, sb.med, sw.hi, sx.hi, sce.lo, sce.med, sce.hi, scw.lo, scw.hi,
                 scx.hi, next);
+  }
+  // Inside the combine's working CTAs (thread 0), µs after its PDL wait: the plan read, the lse pass
+  // (the first group of loads landed), the partials summed, the exit after the stores issued.
+  {
+    std::vector<double> plan, lse, sum, ex;
+    for (int s = 1; s < sets; ++s)
+      for (int i = 0; i < combine_grid; ++i) {
+        const u64* r = &comb[(size_t(s) * combine_grid + i) * tl::kCombineStamps];
+        if (!r[3]) continue;
+        const double w = double(r[1]);
+        plan.push_back((r[6] - w) / 1000.0);
+        lse.push_back((r[7] - w) / 1000.0);
+        sum.push_back((r[8] - w) / 1000.0);
+        ex.push_back((r[2] - w) / 1000.0);
+      }
+    const Stat a = stat(plan), b2 = stat(lse), c = stat(sum), d = stat(ex);
+    std::printf("combine, after its wait (median / max, us): plan read %.2f / %.2f, lse pass %.2f / %.2f, "
+                "summed %.2f / %.2f, exit %.2f / %.2f\n", a.med, a.hi, b2.med, b2.hi, c.med, c.hi, d.med, d.hi);
+  }
+  // Inside the decode's busy CTAs (thread 0), µs after its PDL wait: Q landed, block 0 landed, the last
+  // block's P V done, the rows written (first piece of the CTA).
+  {
+    std::vector<double> qin, b0, loop, wr;
+    for (int s = 1; s < sets; ++s)
+      for (int i = 0; i < grid; ++i) {
+        const u64* r = &dec[(size_t(s) * grid + i) * tl::kDecodeStamps];
+        if (!r[1]) continue;
+        const double w = double(r[8]);
+        qin.push_back((r[3] - w) / 1000.0);
+        b0.push_back((r[2] - w) / 1000.0);
+        loop.push_back((r[4] - w) / 1000.0);
+        wr.push_back((r[5] - w) / 1000.0);
+      }
+    const Stat a = stat(qin), b2 = stat(b0), c = stat(loop), d = stat(wr);
+    std::printf("decode, after its wait (median / max, us): Q in %.2f / %.2f, block 0 in %.2f / %.2f, "
+                "blocks done %.2f / %.2f, written %.2f / %.2f\n", a.med, a.hi, b2.med, b2.hi, c.med, c.hi, d.med, d.hi);
   }
   // The busy CTAs' SMs in the last call (placement: which GPCs the pieces landed on).
   {

@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
   if (n <= 1) return;  // written by the decode kernel directly
   if (base < 0 || base + n > workspace_slots(p.num_sm_parts)) return;  // inconsistent plan
   if (R >= p.rows) return;  // whole warps: kRowThreads is a multiple of 32
+  FS_MTL(if (tl != nullptr) tl[6] = timeline::now();)
   const int lane = threadIdx.x & 31;
   const float* lse_in = p.ws_lse + static_cast<int64_t>(base) * p.rows + R;
   const int64_t split_stride = static_cast<int64_t>(p.rows) * kDV;
@@ -105,6 +106,7 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   const float lse2 = m == -INFINITY ? -INFINITY : m + log2f(sum);
+  FS_MTL(if (tl != nullptr) tl[7] = timeline::now();)
 
   float4 acc[kVec];
 #pragma unroll
@@ -128,6 +130,7 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
       load_group(i0 + kGroup);
     }
   }
+  FS_MTL(if (tl != nullptr) tl[8] = timeline::now();)
   const int s = R / p.h_q, h = R - s * p.h_q;
   QT* dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + h * p.o_stride_h + t * 4;
 #pragma unroll

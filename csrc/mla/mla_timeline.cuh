@@ -7,9 +7,10 @@
 #ifdef FLASHSEEK_MLA_TIMELINE
 namespace flashseek::mla::timeline {
 // Decode: entry, piece read, q + block 0 in, first block done, loop done, written, exit, n_iter, past the
-// PDL wait, CTA index, SM id. Combine: entry, past the PDL wait, exit, worked, CTA index, SM id.
+// PDL wait, CTA index, SM id. Combine: entry, past the PDL wait, exit, worked, CTA index, SM id, plan
+// read, lse pass done, partials summed.
 constexpr int kDecodeStamps = 11;
-constexpr int kCombineStamps = 6;
+constexpr int kCombineStamps = 9;
 // Rings filled in the order the CTAs enter (every CTA of a call enters before any of the next call's:
 // a programmatic dependent launches only once all of its primary's CTAs have started), so that
 // back-to-back calls, graph replays included, each leave their own rows. The harness sets the
