@@ -187,7 +187,9 @@ int main(int argc, char** argv) {
 
   if (const char* path = std::getenv("DUMP")) {
     FILE* f = std::fopen(path, "w");
-    std::fprintf(f, "kind,call,entry,piece,q_block0,first_block,loop,written,exit,n_iter,past_wait,cta,smid\n");
+    // Decode rows: kind,call, then mla_timeline.cuh's 11 decode stamps (entry, piece read, block 0 in, Q in,
+    // blocks done, written, exit, n_iter, past the wait, cta, smid); combine rows: its 9 stamps.
+    std::fprintf(f, "kind,call,s0,s1,s2,s3,s4,s5,s6,s7,s8,s9,s10\n");
     for (int s = 0; s < sets; ++s)
       for (int i = 0; i < grid; ++i) {
         const u64* r = &dec[(size_t(s) * grid + i) * tl::kDecodeStamps];
@@ -245,42 +247,30 @@ int main(int argc, char** argv) {
                 s, se.lo, se.hi, swb.lo, swb.hi, swe.hi, sb.med, sw.hi, sx.hi, sce.lo, sce.med, sce.hi, scw.lo, scw.hi,
                 scx.hi, next);
   }
-  // Inside the combine's working CTAs (thread 0), µs after its PDL wait: the plan read, the lse pass
-  // (the first group of loads landed), the partials summed, the exit after the stores issued.
-  {
-    std::vector<double> plan, lse, sum, ex;
-    for (int s = 1; s < sets; ++s)
-      for (int i = 0; i < combine_grid; ++i) {
-        const u64* r = &comb[(size_t(s) * combine_grid + i) * tl::kCombineStamps];
-        if (!r[3]) continue;
-        const double w = double(r[1]);
-        plan.push_back((r[6] - w) / 1000.0);
-        lse.push_back((r[7] - w) / 1000.0);
-        sum.push_back((r[8] - w) / 1000.0);
-        ex.push_back((r[2] - w) / 1000.0);
-      }
-    const Stat a = stat(plan), b2 = stat(lse), c = stat(sum), d = stat(ex);
-    std::printf("combine, after its wait (median / max, us): plan read %.2f / %.2f, lse pass %.2f / %.2f, "
-                "summed %.2f / %.2f, exit %.2f / %.2f\n", a.med, a.hi, b2.med, b2.hi, c.med, c.hi, d.med, d.hi);
-  }
-  // Inside the decode's busy CTAs (thread 0), µs after its PDL wait: Q landed, block 0 landed, the last
-  // block's P V done, the rows written (first piece of the CTA).
-  {
-    std::vector<double> qin, b0, loop, wr;
-    for (int s = 1; s < sets; ++s)
-      for (int i = 0; i < grid; ++i) {
-        const u64* r = &dec[(size_t(s) * grid + i) * tl::kDecodeStamps];
-        if (!r[1]) continue;
-        const double w = double(r[8]);
-        qin.push_back((r[3] - w) / 1000.0);
-        b0.push_back((r[2] - w) / 1000.0);
-        loop.push_back((r[4] - w) / 1000.0);
-        wr.push_back((r[5] - w) / 1000.0);
-      }
-    const Stat a = stat(qin), b2 = stat(b0), c = stat(loop), d = stat(wr);
-    std::printf("decode, after its wait (median / max, us): Q in %.2f / %.2f, block 0 in %.2f / %.2f, "
-                "blocks done %.2f / %.2f, written %.2f / %.2f\n", a.med, a.hi, b2.med, b2.hi, c.med, c.hi, d.med, d.hi);
-  }
+  // Phases inside the CTAs that worked (thread 0), µs after each CTA's own PDL wait, calls 2 on:
+  // median / max of stamp column `cols[k]` over the rows whose column `worked` is non-zero.
+  auto phases = [&](const char* what, const std::vector<u64>& ring, int rows_per_call, int stamps, int worked,
+                    int wait, std::initializer_list<std::pair<const char*, int>> cols) {
+    std::printf("%s, after its wait (median / max, us):", what);
+    for (const auto& [name, col] : cols) {
+      std::vector<double> v;
+      for (int s = 1; s < sets; ++s)
+        for (int i = 0; i < rows_per_call; ++i) {
+          const u64* r = &ring[(size_t(s) * rows_per_call + i) * stamps];
+          if (r[worked]) v.push_back((double(r[col]) - double(r[wait])) / 1000.0);
+        }
+      const Stat st = stat(v);
+      std::printf(" %s %.2f / %.2f,", name, st.med, st.hi);
+    }
+    std::printf("\n");
+  };
+  // The combine: the plan read, the lse pass (its first group of loads landed), the partials summed, the
+  // exit once the stores are issued.
+  phases("combine", comb, combine_grid, tl::kCombineStamps, 3, 1,
+         {{"plan read", 6}, {"lse pass", 7}, {"summed", 8}, {"exit", 2}});
+  // The decode's first piece: Q landed, block 0 landed, its last block's P V done, its rows written.
+  phases("decode", dec, grid, tl::kDecodeStamps, 1, 8,
+         {{"Q in", 3}, {"block 0 in", 2}, {"blocks done", 4}, {"written", 5}});
   // The busy CTAs' SMs in the last call (placement: which GPCs the pieces landed on).
   {
     const u64* d = &dec[size_t(sets - 1) * grid * tl::kDecodeStamps];
