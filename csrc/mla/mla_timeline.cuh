@@ -6,8 +6,8 @@
 
 #ifdef FLASHSEEK_MLA_TIMELINE
 namespace flashseek::mla::timeline {
-// Decode: entry, piece read, q + block 0 in, first block done, loop done, written, exit, n_iter, past the
-// PDL wait, CTA index, SM id. Combine: entry, past the PDL wait, exit, worked, CTA index, SM id, plan
+// Decode (first piece of the CTA): entry, piece read, block 0 in, Q in, blocks done, rows written, exit,
+// n_iter, past the PDL wait, CTA index, SM id. Combine: entry, past the PDL wait, exit, worked, CTA index, SM id, plan
 // read, lse pass done, partials summed.
 constexpr int kDecodeStamps = 11;
 constexpr int kCombineStamps = 9;
