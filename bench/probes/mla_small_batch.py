@@ -92,8 +92,8 @@ def main():
                             ev[1].synchronize()
                             times.append(ev[0].elapsed_time(ev[1]) * 1e3 / len(sets))
                     q0, c0 = sets[0]
-                    rec = {"tag": tag, "build": os.path.dirname(ops.__file__), "b": b, "h_q": h_q, "s_k": s_k, "dtype": str(dt).split(".")[-1],
-                           "parts": n_parts, "sets": len(sets), "us": round(statistics.median(times), 2),
+                    rec = {"tag": tag, "build": os.path.dirname(ops.__file__), "b": b, "h_q": h_q, "s_k": s_k,
+                           "dtype": str(dt).split(".")[-1], "parts": n_parts, "sets": len(sets), "us": round(statistics.median(times), 2),
                            "us_p10": round(sorted(times)[len(times) // 10], 2)}
                     rec.update(error_fields(q0, c0, table, seqlens, outs[0][0]))
                     print(json.dumps(rec), flush=True)

@@ -302,12 +302,12 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         out bf16 [M, N].
     CUDA kernels: M <= 64 runs the hand-written stream-K decode kernel when the weight has at least
     2^27 elements or K >= 4096, and M <= 16 also when K >= 1536 (see grouped_fp8_gemm_masked;
-    FLASHSEEK_GEMM_SKINNY=1 / 0 forces it / CUTLASS for every M <= 64). Otherwise CUTLASS sm90 block-wise FP8: M <= 128 swaps the operands (tokens in the MMA's N,
-    128x64 tiles, split-K over K when the tiles alone cannot fill the SMs, else for 64 < M 1x2 clusters
-    that multicast each weight tile to both token tiles); larger M uses 128x128x128
-    cooperative tiles in 2x1 clusters with a persistent scheduler, or a stream-K scheduler where the
-    last wave of tiles would be less than half full (deterministic reduction). docs/gemm-design.md
-    has the per-shape rule.
+    FLASHSEEK_GEMM_SKINNY=1 / 0 forces it / CUTLASS for every M <= 64). Otherwise CUTLASS sm90
+    block-wise FP8: M <= 128 swaps the operands (tokens in the MMA's N, 128x64 tiles, split-K over K
+    when the tiles alone cannot fill the SMs, else for 64 < M 1x2 clusters that multicast each weight
+    tile to both token tiles); larger M uses 128x128x128 cooperative tiles in 2x1 clusters with a
+    persistent scheduler, or a stream-K scheduler where the last wave of tiles would be less than half
+    full (deterministic reduction). docs/gemm-design.md has the per-shape rule.
     """
     _expect(out_dtype == torch.bfloat16, f"fp8_gemm supports out_dtype=torch.bfloat16 only, got {out_dtype}")
     if out is None:
