@@ -10,8 +10,9 @@ max abs error it prints how much of issue 3's bf16 budget the call uses, with th
 counted (`over_budget`, as tests/test_mla.py counts) and without it (`over_budget_no_partial_term`);
 <= 0 is within, 1e-3 is the edge.
 Usage (a GPU, flashseek built):
-  CASES='1,128,4096;32,128,1024' PARTS='default,33' TAG=new python bench/probes/mla_small_batch.py
-Prints one JSON object per line: tag, b, h_q, s_k, dtype, parts, us, err fields."""
+  CASES='1,128,4096;32,128,1024' PARTS='default,33' KERNELS='wgmma,seesaw' TAG=new python bench/probes/mla_small_batch.py
+Prints one JSON object per line: tag, b, h_q, s_k, dtype, parts, kernel, us, err fields. The variants of a
+case (PARTS x KERNELS) are timed in alternating rounds. Outputs start as NaN."""
 import json
 import math
 import os
@@ -30,6 +31,8 @@ parts_list = os.environ.get("PARTS", "default").split(",")
 dtypes = [getattr(torch, d) for d in os.environ.get("DTYPES", "bfloat16").split(",")]
 rounds, replays = int(os.environ.get("ROUNDS", "5")), int(os.environ.get("REPLAYS", "40"))
 tag = os.environ.get("TAG", "")
+# FLASHSEEK_MLA_DECODE values to compare (read by the C++ dispatch when a call is captured); "default" unsets it.
+impls = os.environ.get("KERNELS", "default").split(",")
 
 
 def error_fields(q, cache, table, seqlens, out):
@@ -62,42 +65,59 @@ def main():
                 seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
                 outs = [(torch.empty(b, 1, h_q, 512, dtype=dt, device="cuda"),
                          torch.empty(b, h_q, 1, dtype=torch.float32, device="cuda")) for _ in sets]
+                # Every (parts, kernel) variant of the case gets its own graph; rounds alternate over them
+                # so that clock and thermal drift fall on all alike.
+                variants = []
                 for parts in parts_list:
                     plan = ops.mla_decode_plan(seqlens, 1, h_q, None if parts == "default" else int(parts))
                     n_parts = ref_mla.plan_num_sm_parts(plan.numel(), b)
+                    for impl in impls:
+                        if impl == "default":
+                            os.environ.pop("FLASHSEEK_MLA_DECODE", None)
+                        else:
+                            os.environ["FLASHSEEK_MLA_DECODE"] = impl
+                        outs = [(torch.full((b, 1, h_q, 512), float("nan"), dtype=dt, device="cuda"),
+                                 torch.empty(b, h_q, 1, dtype=torch.float32, device="cuda")) for _ in sets]
 
-                    def calls():
-                        for (q, c), (o, l) in zip(sets, outs):
-                            ops.mla_decode(q, c, table, seqlens, plan, SCALE, out=o, lse=l)
+                        def calls(plan=plan, outs=outs):
+                            for (q, c), (o, lse) in zip(sets, outs):
+                                ops.mla_decode(q, c, table, seqlens, plan, SCALE, out=o, lse=lse)
 
-                    calls()
-                    torch.cuda.synchronize()
-                    g = torch.cuda.CUDAGraph()
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
                         calls()
-                        with torch.cuda.graph(g, stream=s):
+                        torch.cuda.synchronize()
+                        g = torch.cuda.CUDAGraph()
+                        s = torch.cuda.Stream()
+                        s.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(s):
                             calls()
-                    torch.cuda.current_stream().wait_stream(s)
+                            with torch.cuda.graph(g, stream=s):
+                                calls()
+                        torch.cuda.current_stream().wait_stream(s)
+                        variants.append((parts, n_parts, impl, g, outs, plan))
+                    os.environ.pop("FLASHSEEK_MLA_DECODE", None)
+                for v in variants:
                     for _ in range(5):
-                        g.replay()
-                    times = []
-                    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-                    for _ in range(rounds):
+                        v[3].replay()
+                times = [[] for _ in variants]
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                for _ in range(rounds):
+                    for i, v in enumerate(variants):
                         for _ in range(replays):
                             ev[0].record()
-                            g.replay()
+                            v[3].replay()
                             ev[1].record()
                             ev[1].synchronize()
-                            times.append(ev[0].elapsed_time(ev[1]) * 1e3 / len(sets))
-                    q0, c0 = sets[0]
+                            times[i].append(ev[0].elapsed_time(ev[1]) * 1e3 / len(sets))
+                q0, c0 = sets[0]
+                for (parts, n_parts, impl, g, outs, _), ts in zip(variants, times):
                     rec = {"tag": tag, "build": os.path.dirname(ops.__file__), "b": b, "h_q": h_q, "s_k": s_k,
-                           "dtype": str(dt).split(".")[-1], "parts": n_parts, "sets": len(sets), "us": round(statistics.median(times), 2),
-                           "us_p10": round(sorted(times)[len(times) // 10], 2)}
+                           "dtype": str(dt).split(".")[-1], "parts": n_parts, "kernel": impl, "sets": len(sets),
+                           "us": round(statistics.median(ts), 2), "us_p10": round(sorted(ts)[len(ts) // 10], 2),
+                           "round_medians": [round(statistics.median(ts[r * replays:(r + 1) * replays]), 2)
+                                             for r in range(rounds)]}
                     rec.update(error_fields(q0, c0, table, seqlens, outs[0][0]))
                     print(json.dumps(rec), flush=True)
-                    del g
+                del variants
 
 
 if __name__ == "__main__":

@@ -633,21 +633,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
           v[d] = o[m][d][2 * h] * inv;
           v[kONT + d] = o[m][d][2 * h + 1] * inv;
         }
-        const int s = R / p.h_q, hh = R - s * p.h_q;
-        // Out or workspace slot `slot`, both in q's dtype, rows 16-byte aligned (checked on the host), so
-        // the thread's 16 consecutive dims go out in two 16-byte stores.
-        QT* dst = direct ? static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col
-                         : static_cast<QT*>(p.ws_o) + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col;
+        // Rows are 16-byte aligned (checked on the host), so the thread's 16 consecutive dims go out in
+        // two 16-byte stores.
+        QT* dst = detail::piece_row<QT>(p, bi, R, direct, slot) + col;
         static_assert(2 * kONT % 8 == 0, "whole 16-byte chunks");
 #pragma unroll
         for (int d = 0; d < 2 * kONT; d += 8) detail::store_8<QT>(dst + d, v + d);
-        if (warp == 0 && t == 0) {
-          if (direct) {
-            p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
-          } else {
-            p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
-          }
-        }
+        if (warp == 0 && t == 0) detail::store_row_lse(p, bi, R, direct, slot, lse2);
       }
   }
 }

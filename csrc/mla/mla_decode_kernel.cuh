@@ -294,6 +294,28 @@ __device__ __forceinline__ int visible_keys(const DecodeParams& p, int R, int le
   return min(p.causal ? len - p.s_q + s + 1 : len, len_eff);
 }
 
+// Where packed row R (s * h_q + h) of request bi goes when a piece finishes: straight to out when the
+// piece is the whole request (`direct`), else to workspace slot `slot`. Both hold q's dtype. The lse
+// goes to lse in natural log, or to the workspace in log2 (what the combine's exp2 wants). Every
+// piece writer (the two 64-row wgmma kernels, the mma.sync kernel, the FP8 direct kernel) uses these.
+template <typename QT>
+__device__ __forceinline__ QT* piece_row(const DecodeParams& p, int bi, int R, bool direct, int slot) {
+  if (direct) {
+    const int s = R / p.h_q, hh = R - s * p.h_q;
+    return static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h;
+  }
+  return static_cast<QT*>(p.ws_o) + (static_cast<int64_t>(slot) * p.rows + R) * kDV;
+}
+__device__ __forceinline__ void store_row_lse(const DecodeParams& p, int bi, int R, bool direct, int slot,
+                                              float lse2) {
+  if (direct) {
+    const int s = R / p.h_q, hh = R - s * p.h_q;
+    p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
+  } else {
+    p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
+  }
+}
+
 // Writes this thread's part of output row R (packed s * h_q + h) of request bi: kPairs pairs of
 // columns col0 + 8 j, values pair(j) (unnormalised), scaled by 1 / l, to out or to workspace slot
 // `slot` (in q's dtype either way); the thread with write_lse also writes the row's lse (natural log
@@ -304,21 +326,13 @@ __device__ __forceinline__ void write_piece_row(const DecodeParams& p, int bi, i
   const bool seen = l > 0.f;
   const float inv = seen ? 1.f / l : 0.f;
   const float lse2 = seen ? m_log2 + __log2f(l) : -INFINITY;  // log2 domain
-  const int s = R / p.h_q, hh = R - s * p.h_q;
-  QT* dst = direct ? static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h + col0
-                   : static_cast<QT*>(p.ws_o) + (static_cast<int64_t>(slot) * p.rows + R) * kDV + col0;
+  QT* dst = piece_row<QT>(p, bi, R, direct, slot) + col0;
 #pragma unroll
   for (int j = 0; j < kPairs; ++j) {
     const float2 v = pair(j);
     store_pair<QT>(dst + 8 * j, v.x * inv, v.y * inv);
   }
-  if (write_lse) {
-    if (direct) {
-      p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
-    } else {
-      p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
-    }
-  }
+  if (write_lse) store_row_lse(p, bi, R, direct, slot, lse2);
 }
 
 template <typename QT, int kRG>

@@ -341,27 +341,14 @@ __device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const 
     QT* dst = reinterpret_cast<QT*>(tile + r * kStagedRowBytes) + col0;
 #pragma unroll
     for (int j = 0; j < 32; ++j) store_pair<QT>(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-    if (wg == 0 && q4 == 0 && R < p.rows) {
-      if (direct) {
-        const int s = R / p.h_q, hh = R - s * p.h_q;
-        p.lse[(static_cast<int64_t>(bi) * p.h_q + hh) * p.s_q + s] = lse2 * 0.69314718055994531f;
-      } else {
-        p.ws_lse[static_cast<int64_t>(slot) * p.rows + R] = lse2;
-      }
-    }
+    if (wg == 0 && q4 == 0 && R < p.rows) detail::store_row_lse(p, bi, R, direct, slot, lse2);
   }
   __syncthreads();
   // 64 chunks a row: a warp stores half a row.
   const int valid = min(kM, p.rows - m_tile * kM);
   for (int i = threadIdx.x; i < valid * 64; i += kThreads) {
     const int r = i >> 6, c = i & 63, R = m_tile * kM + r;
-    QT* dst;
-    if (direct) {
-      const int s = R / p.h_q, hh = R - s * p.h_q;
-      dst = static_cast<QT*>(p.out) + bi * p.o_stride_b + s * p.o_stride_s + hh * p.o_stride_h;
-    } else {
-      dst = static_cast<QT*>(p.ws_o) + (static_cast<int64_t>(slot) * p.rows + R) * kDV;
-    }
+    QT* dst = detail::piece_row<QT>(p, bi, R, direct, slot);
     *reinterpret_cast<uint4*>(dst + c * 8) = *reinterpret_cast<const uint4*>(tile + r * kStagedRowBytes + c * 16);
   }
   // The tile's reads are done and its generic-proxy writes ordered before the next piece's TMA
