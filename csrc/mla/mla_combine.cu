@@ -59,13 +59,15 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
   // The next kernel (the next layer's decode, also launched with launch_pdl) may be scheduled once
   // every CTA of this grid has started; it waits for this whole grid before touching memory.
   pdl_launch_dependents();
+  const int bi = blockIdx.y, R = blockIdx.x * kRows + threadIdx.x / kRowThreads;
+  const int t = threadIdx.x % kRowThreads;
+  // The plan is final before this kernel starts (PlanPart, mla_decode_kernel.cuh), so its entries are
+  // read while the decode grid runs; the partials are read after the wait.
+  const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
+  const int n = per_req[2 * bi + 1], base = per_req[2 * bi];
   // Wait for the decode grid (a no-op when not launched as a programmatic dependent).
   pdl_wait();
   FS_MTL(if (threadIdx.x == 0 && tl != nullptr) { tl[0] = tl_entry; tl[1] = timeline::now(); })
-  const int bi = blockIdx.y, R = blockIdx.x * kRows + threadIdx.x / kRowThreads;
-  const int t = threadIdx.x % kRowThreads;
-  const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
-  const int n = per_req[2 * bi + 1], base = per_req[2 * bi];
   if (n <= 1) return;  // written by the decode kernel directly
   if (base < 0 || base + n > workspace_slots(p.num_sm_parts)) return;  // inconsistent plan
   if (R >= p.rows) return;  // whole warps: kRowThreads is a multiple of 32

@@ -249,10 +249,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   }
   __syncthreads();
 
-  // Launched as a programmatic dependent (launch_pdl): nothing written by an earlier kernel (the plan,
-  // q, the cache, the workspace the previous combine may still read) is touched before this.
-  pdl_wait();
+  // The plan may be read before the wait (PlanPart). Launched as a programmatic dependent (launch_pdl):
+  // nothing else written by an earlier kernel (q, the block table, the cache, the workspace the previous
+  // combine may still read) is touched before this.
   const PlanPart plan(p, part);
+  plan.warm(p);
+  pdl_wait();
   Loader ld;
   ld.more = false;
   bool loading = false;          // warp 0 has issued the first blocks

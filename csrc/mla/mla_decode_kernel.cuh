@@ -251,10 +251,20 @@ __device__ __forceinline__ void dequant_fp8_block(const char* stage, char* tile)
   }
 }
 
+__device__ __forceinline__ void prefetch_l1(const void* ptr) { asm volatile("prefetch.global.L1 [%0];" ::"l"(ptr)); }
+
 // This CTA's part of the split-KV plan (mla_params.h): requests b0..b1 and, for each, its piece of
 // key blocks. Shared by the mma.sync and the wgmma kernels.
 // (per_req and the slot count are re-derived from the parameters where used: the 16-row FP8
 // kernel sits at 255 registers, and keeping them live made it spill.)
+//
+// The decode kernels build it, and warm() the first request's entries, before griddepcontrol.wait, so
+// that the plan's round trips are off the path to the first loads. That is safe because every kernel
+// queued after mla_decode_plan's kernel starts after the plan is written and visible: that kernel is a
+// plain launch that never lets its dependents start early, and it fences its writes before it exits
+// (mla_plan.cu). cache_seqlens is older still (the plan kernel reads it) and must hold the same values
+// until mla_decode (the op's contract). A line cached in L1 here therefore holds the final values.
+// q, the block table and the cache are read only after the wait.
 struct PlanPart {
   const int* meta;  // this part's entries
   int b0, b1, blk0, blk1, cap;
@@ -276,6 +286,13 @@ struct PlanPart {
     blk_begin = bi == meta[0] ? max(blk0, 0) : 0;
     const int blk_end = bi == meta[2] ? min(blk1, nblk) : nblk;
     n_iter = max(blk_end - blk_begin, 0);
+  }
+  // Requests request b0's length and plan entries into L1 (no registers held).
+  __device__ __forceinline__ void warm(const DecodeParams& p) const {
+    if (b0 <= b1) {
+      prefetch_l1(p.seqlens + b0);
+      prefetch_l1(p.plan + kPlanPartInts * p.num_sm_parts + 2 * b0);
+    }
   }
   // Where request bi's piece goes: straight to out / lse (one split) or workspace slot `slot`.
   // False for an inconsistent plan (slot out of range, or no workspace): nothing is written.
@@ -369,10 +386,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   const int g = lane >> 2, q4 = lane & 3;
   const int row0 = rg * 16 + g;                // this thread's rows: row0 and row0 + 8
 
-  // Launched as a programmatic dependent (launch_pdl): nothing written by an earlier kernel (the plan,
-  // q, the cache, the workspace the previous combine may still read) is touched before this.
-  pdl_wait();
+  // The plan may be read before the wait (PlanPart). Launched as a programmatic dependent (launch_pdl):
+  // nothing else written by an earlier kernel (q, the block table, the cache, the workspace the previous
+  // combine may still read) is touched before this.
   const PlanPart plan(p, part);
+  plan.warm(p);
+  pdl_wait();
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
     plan.piece(p, bi, len, len_eff, blk_begin, n_iter);

@@ -248,10 +248,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     FS_TL(tl_mma += clock64() - t0);
   };
 
-  // Launched as a programmatic dependent (launch_pdl): nothing written by an earlier kernel (the plan,
-  // q, the cache, the workspace the previous combine may still read) is touched before this.
-  pdl_wait();
+  // The plan may be read before the wait (detail::PlanPart). Launched as a programmatic dependent
+  // (launch_pdl): nothing else written by an earlier kernel (q, the block table, the cache, the
+  // workspace the previous combine may still read) is touched before this.
   const detail::PlanPart plan(p, part);
+  plan.warm(p);
+  pdl_wait();
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n;
     plan.piece(p, bi, len, len_eff, blk_begin, n);

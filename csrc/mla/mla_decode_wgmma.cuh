@@ -390,11 +390,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g = lane >> 2, q4 = lane & 3;
   const int row0 = warp * 16 + g;  // this thread's accumulator rows: row0 and row0 + 8
 
-  // Launched as a programmatic dependent (launch_pdl): nothing written by an earlier kernel (the plan,
-  // q, the cache, the workspace the previous combine may still read) is touched before this.
+  // The plan may be read before the wait (detail::PlanPart). Launched as a programmatic dependent
+  // (launch_pdl): nothing else written by an earlier kernel (q, the block table, the cache, the
+  // workspace the previous combine may still read) is touched before this.
+  const detail::PlanPart plan(p, part);
+  plan.warm(p);
   pdl_wait();
   FS_MTL(tl_t[8] = timeline::now();)
-  const detail::PlanPart plan(p, part);
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n_iter;
     plan.piece(p, bi, len, len_eff, blk_begin, n_iter);

@@ -125,6 +125,10 @@ __global__ void __launch_bounds__(kPlanThreads) mla_plan_kernel(PlanParams p) {
     per_req[2 * r] = v >> 16;
     per_req[2 * r + 1] = v & 0xffff;
   }
+  // The decode and combine kernels read the plan before their griddepcontrol.wait (PlanPart in
+  // mla_decode_kernel.cuh). This kernel is a plain launch that never triggers its dependents, so they
+  // start only once it has exited; the fence makes its writes visible device-wide before that.
+  __threadfence();
 }
 
 }  // namespace
