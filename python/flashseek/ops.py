@@ -1329,7 +1329,9 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         kv_cache: bf16 [num_pages, page_size, 576] or the FP8 uint8 [num_pages, page_size, 656]
             layout (see empty_mla_cache); page_size 16, 32, 64 or 128.
         block_table: int32 [b, max_pages]; cache_seqlens: int32 [b], 0 <= len <= max_pages * page_size.
-        plan: from mla_decode_plan(cache_seqlens, s_q, h_q).
+        plan: from mla_decode_plan(cache_seqlens, s_q, h_q), as that op wrote it (or a copy made by a
+            memcpy): the kernels read it before waiting for the previous kernel on the stream, which is
+            safe because mla_decode_plan's kernel only lets later kernels start once the plan is written.
         causal: bottom-right aligned mask for s_q > 1 (query i sees the first len - s_q + i + 1 keys).
         validate: read block_table and cache_seqlens on the host and raise on out-of-range values
             (synchronizes; for debugging). Without it the CUDA kernel clamps: page ids to
