@@ -1,7 +1,6 @@
 // Shared CUTLASS 4.2 plumbing of the FP8 block-scaled GEMMs (sm90 block-wise collectives).
 #pragma once
 #include <array>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
@@ -9,6 +8,7 @@
 #include <string>
 
 #include "common/cuda_check.h"
+#include "common/smem_opt_in.h"
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -150,14 +150,8 @@ void run_gemm(typename Gemm::Arguments const& args, LaunchKey key, void* workspa
     check_status(Kernel::initialize_workspace(args, workspace, stream, nullptr), "initialize_workspace");
   }
 
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> smem_set[kMaxDevices] = {};
   constexpr int smem = int(Kernel::SharedStorageSize);
-  if (smem >= (48 << 10) && (device >= kMaxDevices || !smem_set[device].load(std::memory_order_acquire))) {
-    check_cuda(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-               "cudaFuncSetAttribute", __FILE__, __LINE__);
-    if (device < kMaxDevices) smem_set[device].store(true, std::memory_order_release);
-  }
+  if constexpr (smem >= (48 << 10)) opt_in_dynamic_smem<cutlass::device_kernel<Kernel>>(smem);
   check_status(Gemm::run(params, stream), "run");
 }
 

@@ -2,11 +2,11 @@
 // instantiated in its own translation unit (fp8_gemm_skinny.cu: direct stores; fp8_gemm_skinny_staged.cu:
 // the staged epilogue), so that the two compile in parallel.
 #pragma once
-#include <mutex>
 #include <stdexcept>
 
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
+#include "common/smem_opt_in.h"
 #include "gemm/fp8_gemm_skinny.cuh"
 
 namespace flashseek {
@@ -16,13 +16,7 @@ template <bool kStaged>
 void launch_skinny_kernel(const CUtensorMap& tmap_w, const skinny::TokenMaps& tmap_x, const skinny::Params& kp,
                           int ctas, cudaStream_t stream) {
   constexpr int kSmem = skinny::Smem::kDynamic<kStaged>;
-  static std::once_flag attr_once[64];
-  int device = 0;
-  FS_CUDA_CHECK(cudaGetDevice(&device));
-  std::call_once(attr_once[device % 64], [] {
-    FS_CUDA_CHECK(cudaFuncSetAttribute(skinny::skinny_kernel<kStaged>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       kSmem));
-  });
+  opt_in_dynamic_smem<skinny::skinny_kernel<kStaged>>(kSmem);
   if (ctas > skinny::kMaxCtas) throw std::runtime_error("flashseek: the decode GEMM runs at most 1024 CTAs (one per SM)");
   launch_pdl(skinny::skinny_kernel<kStaged>, dim3(unsigned(ctas)), dim3(skinny::kThreads), size_t(kSmem), stream,
              tmap_w, tmap_x, kp);

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/cuda_check.h"
+#include "common/smem_opt_in.h"
 #include "gemm/fp8_gemm.h"
 #include "gemm/fp8_gemm_sm90.cuh"
 #include "gemm/sm90_tensor_maps.h"
@@ -86,12 +87,7 @@ int resident_clusters(const void* kernel, int smem_bytes, int sm_count) {
 void launch(const Problem& pr, int64_t max_units, cudaStream_t stream) {
   using L = sm90gemm::SmemLayout<kStages>;
   auto kernel = sm90gemm::fp8_gemm_sm90_kernel<kStages, kClusterN>;
-  static std::once_flag attr_once[64];
-  int device = 0;
-  FS_CUDA_CHECK(cudaGetDevice(&device));
-  std::call_once(attr_once[device % 64], [&] {
-    FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kDynamic));
-  });
+  opt_in_dynamic_smem<sm90gemm::fp8_gemm_sm90_kernel<kStages, kClusterN>>(L::kDynamic);
   const int clusters = int(std::min<int64_t>(
       std::max<int64_t>(max_units, 1), resident_clusters(reinterpret_cast<const void*>(kernel), L::kDynamic,
                                                          pr.sm_count)));

@@ -650,7 +650,7 @@ template <typename QT, int kRG>
 void launch(const DecodeParams& p, cudaStream_t stream) {
   auto kernel = mla_decode_fp8_direct_kernel<QT, kRG>;
   constexpr int smem = Tile<kRG>::kTotal;
-  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  opt_in_dynamic_smem<mla_decode_fp8_direct_kernel<QT, kRG>>(smem);
   const dim3 grid((p.rows + Tile<kRG>::kM - 1) / Tile<kRG>::kM, p.num_sm_parts);
   launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p);
   FS_CHECK_LAUNCH();

@@ -28,6 +28,7 @@
 
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
+#include "common/smem_opt_in.h"
 #include "common/smem_sm90.cuh"
 #include "mla/mla_params.h"
 
@@ -622,9 +623,7 @@ template <typename QT, int kRG>
 void launch_decode_rg(const DecodeParams& p, cudaStream_t stream) {
   constexpr int smem = Smem<kRG>::kTotal;
   auto kernel = mla_decode_kernel<QT, kRG>;
-  // Set on every launch: the attribute belongs to the current device's context (cheap, no stream op,
-  // allowed while capturing a graph).
-  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  opt_in_dynamic_smem<mla_decode_kernel<QT, kRG>>(smem);
   constexpr int kM = Smem<kRG>::kM;
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
   launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p);

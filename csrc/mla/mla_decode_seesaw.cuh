@@ -598,7 +598,7 @@ template <typename QT>
 void launch_decode_seesaw(const DecodeParams& p, const CUtensorMap& map, cudaStream_t stream) {
   constexpr int smem = Smem::kTotal;
   auto kernel = mla_decode_seesaw_kernel<QT>;
-  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  opt_in_dynamic_smem<mla_decode_seesaw_kernel<QT>>(smem);
   wg::TileMaps maps;
   wg::make_tile_maps(p, std::is_same_v<QT, __half>, maps);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);

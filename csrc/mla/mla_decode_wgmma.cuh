@@ -620,7 +620,7 @@ template <typename QT, bool kFp8>
 void launch_decode_wgmma(const DecodeParams& p, cudaStream_t stream) {
   constexpr int smem = Smem<kFp8>::kTotal;
   auto kernel = mla_decode_wgmma_kernel<QT, kFp8>;
-  FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  opt_in_dynamic_smem<mla_decode_wgmma_kernel<QT, kFp8>>(smem);
   TileMaps maps;
   make_tile_maps(p, std::is_same_v<QT, __half>, maps);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);

@@ -34,13 +34,13 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <mutex>
 #include <stdexcept>
 
 #include "common/cuda_check.h"
 #include "common/fp8_block_quant.cuh"
 #include "common/pdl.cuh"
 #include "common/smem_sm90.cuh"
+#include "common/smem_opt_in.h"
 #include "mla/mla_decode_kernel.cuh"
 #include "mla/mla_params.h"
 
@@ -247,13 +247,7 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
 
 template <int kMT, int kNT16, bool kQuant>
 void launch_t(const HeadGemvParams& p, int cols, cudaStream_t stream) {
-  static std::once_flag attr_once[64];
-  int device = 0;
-  FS_CUDA_CHECK(cudaGetDevice(&device));
-  std::call_once(attr_once[device % 64], [] {
-    FS_CUDA_CHECK(cudaFuncSetAttribute(head_gemv_smem_kernel<kMT, kNT16, kQuant>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemLimit));
-  });
+  opt_in_dynamic_smem<head_gemv_smem_kernel<kMT, kNT16, kQuant>>(kSmemLimit);
   launch_pdl(head_gemv_smem_kernel<kMT, kNT16, kQuant>, dim3(unsigned(p.N / cols), unsigned(p.H)), dim3(kThreads),
              size_t(smem_bytes(p.K, cols, kMT)), stream, p, cols);
 }

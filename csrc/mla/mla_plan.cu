@@ -3,6 +3,7 @@
 #include <climits>
 
 #include "common/cuda_check.h"
+#include "common/smem_opt_in.h"
 #include "mla/mla_params.h"
 
 namespace flashseek::mla {
@@ -135,10 +136,7 @@ __global__ void __launch_bounds__(kPlanThreads) mla_plan_kernel(PlanParams p) {
 
 void launch_plan(const PlanParams& p, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(p.batch) * sizeof(int);
-  if (smem > 48 * 1024) {
-    FS_CUDA_CHECK(cudaFuncSetAttribute(mla_plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem)));
-  }
+  if (smem > 48 * 1024) opt_in_dynamic_smem<mla_plan_kernel>(static_cast<int>(smem));
   mla_plan_kernel<<<1, kPlanThreads, smem, stream>>>(p);
   FS_CHECK_LAUNCH();
 }

@@ -34,6 +34,7 @@
 
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
+#include "common/smem_opt_in.h"
 #include "moe/moe.h"
 #include "moe/moe_quant_device.cuh"
 #include "routing/routing_device.cuh"
@@ -266,16 +267,7 @@ void launch_typed(const MoeRouteDispatchParams& p, const Layout& l, cudaStream_t
   warps = warps > T ? warps : T;
   warps = warps < 1 ? 1 : (warps > C::kMaxWarps ? C::kMaxWarps : warps);
   const int bytes = smem_layout(warps, int(sizeof(typename C::Smem)), E, T * p.route.topk, p.num_local).total;
-  // Above 48 KB a kernel needs the opt-in, once per device: set for the largest call it can get.
-  static bool opted_in[64] = {};
-  int dev = 0;
-  FS_CUDA_CHECK(cudaGetDevice(&dev));
-  if (!opted_in[dev & 63]) {
-    const int most = smem_layout(C::kMaxWarps, int(sizeof(typename C::Smem)), kMaxExperts, kMaxSlots,
-                                 kMoeAlignMaxLocalExperts).total;
-    FS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
-    opted_in[dev & 63] = true;
-  }
+  opt_in_dynamic_smem<moe_route_dispatch_kernel<kR1, VPL, In>>(bytes);
   launch_pdl(kernel, dim3(unsigned(ctas)), dim3(unsigned(warps * 32)), size_t(bytes), stream, p, l, per_cta);
 }
 
