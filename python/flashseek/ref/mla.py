@@ -71,23 +71,40 @@ def workspace_slots(num_sm_parts: int) -> int:
     return 2 * num_sm_parts
 
 
-def _walk_fits(nblk: list[int], payload: int, P: int) -> bool:
-    """Whether the greedy walk with `payload` cost units per part covers every request in P parts."""
-    i, blk, b = 0, 0, len(nblk)
-    for _ in range(P):
-        if i >= b:
-            break
-        rem = payload
+def _walk(nblk: list[int], payload: int, P: int, last_takes_rest: bool = False):
+    """The greedy walk of the schedule: requests laid end to end in key blocks, each split costing
+    FIXED_SPLIT_COST extra, every part taking `payload` cost units (with last_takes_rest, the last part
+    takes whatever is left), pieces cut only where more than FIXED_SPLIT_COST units remain.
+    Returns each part's (b0, blk0, b1, blk1, split0), each request's split count, and how many
+    requests the P parts covered."""
+    b = len(nblk)
+    parts, nsplits = [], [0] * b
+    i, blk, cur_split = 0, 0, 0
+    for p in range(P):
+        rem = 1 << 62 if last_takes_rest and p == P - 1 else payload
+        b0, blk0, split0 = i, blk, cur_split
+        last_b, last_blk = b0 - 1, 0
         while i < b:
             rest = nblk[i] - blk
             if rest + FIXED_SPLIT_COST <= rem:
                 rem -= rest + FIXED_SPLIT_COST
-                i, blk = i + 1, 0
+                nsplits[i] = cur_split + 1
+                last_b, last_blk = i, nblk[i]
+                i, blk, cur_split = i + 1, 0, 0
             else:
-                if rem - FIXED_SPLIT_COST > 0:
-                    blk += rem - FIXED_SPLIT_COST
+                take = rem - FIXED_SPLIT_COST
+                if take > 0:
+                    blk += take
+                    cur_split += 1
+                    last_b, last_blk = i, blk
                 break
-    return i >= b
+        parts.append((b0, blk0, last_b, last_blk, split0))
+    return parts, nsplits, i
+
+
+def _walk_fits(nblk: list[int], payload: int, P: int) -> bool:
+    """Whether the greedy walk with `payload` cost units per part covers every request in P parts."""
+    return _walk(nblk, payload, P)[2] >= len(nblk)
 
 
 def plan_payload(nblk: list[int], P: int) -> int:
@@ -120,27 +137,9 @@ def mla_decode_plan(cache_seqlens: torch.Tensor, s_q: int, h_q: int, num_sm_part
     nblk = [(n + BLOCK_N - 1) // BLOCK_N for n in lens]
     payload = plan_payload(nblk, P)
     plan = [0] * plan_size(b, P)
-    nsplits = [0] * b
-    i, blk, cur_split = 0, 0, 0
-    for p in range(P):
-        rem = payload if p < P - 1 else 1 << 62
-        b0, blk0, split0 = i, blk, cur_split
-        last_b, last_blk = b0 - 1, 0
-        while i < b:
-            rest = nblk[i] - blk
-            if rest + FIXED_SPLIT_COST <= rem:
-                rem -= rest + FIXED_SPLIT_COST
-                nsplits[i] = cur_split + 1
-                last_b, last_blk = i, nblk[i]
-                i, blk, cur_split = i + 1, 0, 0
-            else:
-                take = rem - FIXED_SPLIT_COST
-                if take > 0:
-                    blk += take
-                    cur_split += 1
-                    last_b, last_blk = i, blk
-                break
-        plan[PLAN_PART_INTS * p: PLAN_PART_INTS * p + 5] = [b0, blk0, last_b, last_blk, split0]
+    parts, nsplits, _ = _walk(nblk, payload, P, last_takes_rest=True)
+    for p, entries in enumerate(parts):
+        plan[PLAN_PART_INTS * p: PLAN_PART_INTS * p + 5] = list(entries)
     ws = 0
     for i in range(b):
         plan[PLAN_PART_INTS * P + 2 * i] = ws
