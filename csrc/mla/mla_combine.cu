@@ -9,9 +9,9 @@
 //     over 128 SMs; 2 rows per CTA and 16 splits a round measured 4.8 µs after the decode grid).
 // Either way every load of a group of splits is issued before any is used, and the first group's
 // before the lse pass, so a request with n splits costs about n / group memory round trips (v1
-// walked them one by one: 32 dependent round trips at b = 1), and a CTA reads each 2 KB partial row
-// (1 KB) fully coalesced. The wide shape alone was
-// measured slower at b = 32..128 (more threads and lse passes per byte), hence the two.
+// walked them one by one: 32 dependent round trips at b = 1), and a CTA reads each partial row (1 KB
+// in a 16-bit q dtype) fully coalesced. The wide shape alone was measured slower at b = 32..128 (more
+// threads and lse passes per byte), hence the two.
 // Launched as a programmatic dependent of the decode kernel: its CTAs are scheduled as decode CTAs
 // retire and wait (griddepcontrol.wait) until the whole decode grid's writes are visible, which
 // hides most of the launch gap between the two kernels.
