@@ -11,7 +11,9 @@ counted (`over_budget`, as tests/test_mla.py counts) and without it (`over_budge
 <= 0 is within, 1e-3 is the edge.
 Usage (a GPU, flashseek built):
   CASES='1,128,4096;32,128,1024' PARTS='default,33' KERNELS='wgmma,seesaw' TAG=new python bench/probes/mla_small_batch.py
-Prints one JSON object per line: tag, b, h_q, s_k, dtype, parts, kernel, us, err fields. The variants of a
+L2RES=k maps every block-table entry to page (entry % k), so that the whole KV stays in L2 (the kernels'
+compute side without HBM waits). Prints one JSON object per line: tag, b, h_q, s_k, dtype, parts, kernel,
+us, err fields. The variants of a
 case (PARTS x KERNELS) are timed in alternating rounds. Outputs start as NaN."""
 import json
 import math
@@ -33,6 +35,7 @@ rounds, replays = int(os.environ.get("ROUNDS", "5")), int(os.environ.get("REPLAY
 tag = os.environ.get("TAG", "")
 # FLASHSEEK_MLA_DECODE values to compare (read by the C++ dispatch when a call is captured); "default" unsets it.
 impls = os.environ.get("KERNELS", "default").split(",")
+l2res = int(os.environ.get("L2RES", "0"))
 
 
 def error_fields(q, cache, table, seqlens, out):
@@ -61,6 +64,8 @@ def main():
                 nbytes = b * s_k * 1152
                 n_sets = min(16, math.ceil(3 * L2 / nbytes) + 1)
                 table, sets = _make_inputs(b, 1, h_q, lens, False, "cuda", n_sets, seed=b * 7 + s_k)
+                if l2res:
+                    table = table % l2res
                 sets = [(q.to(dt), c) for q, c in sets]
                 seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
                 outs = [(torch.empty(b, 1, h_q, 512, dtype=dt, device="cuda"),
@@ -111,7 +116,7 @@ def main():
                 q0, c0 = sets[0]
                 for (parts, n_parts, impl, g, outs, _), ts in zip(variants, times):
                     rec = {"tag": tag, "build": os.path.dirname(ops.__file__), "b": b, "h_q": h_q, "s_k": s_k,
-                           "dtype": str(dt).split(".")[-1], "parts": n_parts, "kernel": impl, "sets": len(sets),
+                           "dtype": str(dt).split(".")[-1], "parts": n_parts, "kernel": impl, "sets": len(sets), "l2res": l2res,
                            "us": round(statistics.median(ts), 2), "us_p10": round(sorted(ts)[len(ts) // 10], 2),
                            "round_medians": [round(statistics.median(ts[r * replays:(r + 1) * replays]), 2)
                                              for r in range(rounds)]}
