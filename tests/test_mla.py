@@ -571,16 +571,16 @@ def check_against_reference(case, out, lse, causal):
     assert_lse_close(lse, ref_lse, 1e-3)
 
 
-# Tiles with two kernels, forced per call by FLASHSEEK_MLA_DECODE: the bf16 cache's tiles, all 64 rows
-# (by default the two-warpgroup kernel mla_decode_wgmma.cuh, the turn-taking one mla_decode_seesaw.cuh
-# for s_q >= 2 with four or more row tiles; =wgmma / =seesaw force one) and the FP8 cache's tiles of up
-# to 32 rows (mla_decode_fp8_direct.cuh by default, the bf16-tile mma.sync kernel with =staged).
-# "default" runs every tile's default kernel.
-MLA_IMPLS = ["default", "wgmma", "seesaw", "staged"]
+# Tiles with several kernels, forced per call by FLASHSEEK_MLA_DECODE: the bf16 cache's tiles, all 64
+# rows (by default the two-warpgroup kernel mla_decode_wgmma.cuh, the turn-taking one mla_decode_seesaw.cuh
+# for s_q >= 2 with four or more row tiles; =wgmma / =seesaw / =qreg (mla_decode_qreg.cuh) force one) and
+# the FP8 cache's tiles of up to 32 rows (mla_decode_fp8_direct.cuh by default, the bf16-tile mma.sync
+# kernel with =staged). "default" runs every tile's default kernel.
+MLA_IMPLS = ["default", "wgmma", "seesaw", "qreg", "staged"]
 
 
 def _use_impl(monkeypatch, impl, rows=None, fp8=False):
-    if impl in ("wgmma", "seesaw") and fp8:
+    if impl in ("wgmma", "seesaw", "qreg") and fp8:
         pytest.skip("one kernel serves this tile and cache")
     if impl == "staged" and (not fp8 or rows is not None and rows > 32):
         pytest.skip("one kernel serves this tile and cache")
@@ -767,7 +767,7 @@ def test_cache_append_cuda_matches_reference(fp8, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("h_q,impl,fp8", [(16, "wgmma", False), (128, "wgmma", False), (128, "seesaw", False),
-                                         (16, "wgmma", True), (16, "staged", True)])
+                                         (128, "qreg", False), (16, "wgmma", True), (16, "staged", True)])
 def test_bad_indices_are_clamped_cuda(h_q, impl, fp8, monkeypatch):
     monkeypatch.setenv("FLASHSEEK_MLA_DECODE", impl)
     case = make_case(2, 1, h_q, [100, 300], 16, fp8=fp8, device="cuda")
@@ -796,7 +796,7 @@ def test_bad_inputs_cuda(idx):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fp8,h_q,impl", [(False, 16, "wgmma"), (True, 16, "wgmma"), (True, 16, "staged"),
-                                          (False, 128, "wgmma"), (False, 128, "seesaw")])
+                                          (False, 128, "wgmma"), (False, 128, "seesaw"), (False, 128, "qreg")])
 def test_cuda_graph_capture(fp8, h_q, impl, monkeypatch):
     monkeypatch.setenv("FLASHSEEK_MLA_DECODE", impl)
     b, s_q, ps = 4, 2, 64

@@ -322,39 +322,53 @@ __device__ __forceinline__ PieceDest piece_dest(const DecodeParams& p, const det
 // SM for bulk copies of any size against 66 GB/s for coalesced 16-byte stores, which also leave the
 // shared memory free as soon as they issue. Row stride kStagedRowBytes = 1,040 B (260 words = 4 mod
 // 32 banks): a warp's 4-byte stores hit distinct banks. Called by every thread (two barriers).
-template <typename QT, typename MaxOf, typename SumOf>
-__device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
-                                                   const float (&o)[128], MaxOf m_log2, SumOf l, char* tile) {
-  if (!dest.ok) return;
-  const bool direct = dest.direct;
-  const int slot = dest.slot;
-  const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, q4 = lane & 3;
+// Split in two for kernels whose output owners are not "warpgroup w owns columns [256 w, + 256)"
+// (qreg: warpgroup 0 owns 64 columns, warpgroup 1 the other 448 as 256 + 192): stage_piece_rows puts
+// an accumulator of kCols columns starting at column col0 into the tile (the caller holding column 0
+// also writes the lse), copy_piece_rows is called by every thread of the CTA (kNThreads).
+template <typename QT, int kCols, typename MaxOf, typename SumOf>
+__device__ __forceinline__ void stage_piece_rows(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
+                                                 const float (&o)[kCols / 2], int col0, MaxOf m_log2, SumOf l,
+                                                 char* tile) {
+  const int lane = threadIdx.x & 31, q4 = lane & 3;
   const int row0 = ((threadIdx.x & 127) >> 5) * 16 + (lane >> 2);
-  const int col0 = wg * 256 + 2 * q4;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = row0 + 8 * h, R = m_tile * kM + r;
     const float lsum = l(h, r);
     const bool seen = lsum > 0.f;
     const float inv = seen ? 1.f / lsum : 0.f;
-    const float lse2 = seen ? m_log2(h, r) + __log2f(lsum) : -INFINITY;  // log2 domain
-    QT* dst = reinterpret_cast<QT*>(tile + r * kStagedRowBytes) + col0;
+    QT* dst = reinterpret_cast<QT*>(tile + r * kStagedRowBytes) + col0 + 2 * q4;
 #pragma unroll
-    for (int j = 0; j < 32; ++j) store_pair<QT>(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-    if (wg == 0 && q4 == 0 && R < p.rows) detail::store_row_lse(p, bi, R, direct, slot, lse2);
+    for (int j = 0; j < kCols / 8; ++j) store_pair<QT>(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    if (col0 == 0 && q4 == 0 && R < p.rows) {
+      const float lse2 = seen ? m_log2(h, r) + __log2f(lsum) : -INFINITY;  // log2 domain
+      detail::store_row_lse(p, bi, R, dest.direct, dest.slot, lse2);
+    }
   }
+}
+template <typename QT, int kNThreads>
+__device__ __forceinline__ void copy_piece_rows(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
+                                                const char* tile) {
   __syncthreads();
   // 64 chunks a row: a warp stores half a row.
   const int valid = min(kM, p.rows - m_tile * kM);
-  for (int i = threadIdx.x; i < valid * 64; i += kThreads) {
+  for (int i = threadIdx.x; i < valid * 64; i += kNThreads) {
     const int r = i >> 6, c = i & 63, R = m_tile * kM + r;
-    QT* dst = detail::piece_row<QT>(p, bi, R, direct, slot);
+    QT* dst = detail::piece_row<QT>(p, bi, R, dest.direct, dest.slot);
     *reinterpret_cast<uint4*>(dst + c * 8) = *reinterpret_cast<const uint4*>(tile + r * kStagedRowBytes + c * 16);
   }
   // The tile's reads are done and its generic-proxy writes ordered before the next piece's TMA
   // writes (async proxy) into the same stages.
   fence_async_smem();
   __syncthreads();
+}
+template <typename QT, typename MaxOf, typename SumOf>
+__device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
+                                                   const float (&o)[128], MaxOf m_log2, SumOf l, char* tile) {
+  if (!dest.ok) return;
+  stage_piece_rows<QT, 256>(p, dest, bi, m_tile, o, (threadIdx.x >> 7) * 256, m_log2, l, tile);
+  copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, tile);
 }
 
 template <typename QT, bool kFp8>

@@ -166,13 +166,13 @@ def run(ctx: BenchContext) -> list[Row]:
             # 317.0 us, session 8): one discarded timing first.
             ctx.time(call, n_inputs=len(sets))
         by_kernel = {}
-        # Tiles with two kernels (FLASHSEEK_MLA_DECODE, read per call): the bf16 cache's 64-row tiles
+        # Tiles with several kernels (FLASHSEEK_MLA_DECODE, read per call): the bf16 cache's 64-row tiles
         # and the FP8 cache's tiles of up to 32 rows. The default call and both kernels are timed on the
         # same inputs in alternating rounds (the compute-bound rows run at the power cap), so the default
         # can be picked from one run.
         impls = ()
         if ctx.cuda and not fp8 and s_q * h_q > 32:
-            impls = ("wgmma", "seesaw")
+            impls = ("wgmma", "seesaw", "qreg")
         elif ctx.cuda and fp8 and s_q * h_q <= 32:
             impls = ("direct", "staged")
         if impls:

@@ -1,0 +1,504 @@
+// Paged MLA latent decode, 64-row tiles, bf16 cache: Q in registers, three KV stages, and a P V
+// warpgroup that runs one block behind the softmax warpgroup.
+//
+// Why: at h_q = 128 the 64-row kernels are compute-bound, and the two-warpgroup kernel
+// (mla_decode_wgmma.cuh) leaves the tensor pipe idle through every softmax. Hiding the softmax means
+// holding a block's stage until late in the next block, and with Q (72 KB) beside two 72 KB stages
+// the refills then have too little lead to cover an HBM trip under load (the turn-taking kernel,
+// mla_decode_seesaw.cuh, and docs/mla-design.md, sessions 14-15). Here Q's latent part (64 x 512) lives
+// in warpgroup 0's registers as the A operand of S (128 registers a thread), which frees room for a
+// third stage.
+//
+// Roles (256 threads, two warpgroups of up to 255 registers):
+//   WG0: S(j) = Q K(j)^T (32 wgmma with A from registers over the latent panels, 4 from shared memory
+//        over the rope panel), mask, online softmax (lazy reference max, wg::lazy_max), P(j) in bf16
+//        into stage j's rope panel (S(j) was its only reader) with the O rescale factor, and
+//        O[:, 0:64] += P(j) V(j)[:, 0:64]; it issues S(j + 1) right behind that before it signals P(j),
+//        so that WG1's P V of block j queues behind S(j + 1) and runs during WG0's next softmax.
+//        Registers: Q 128, S 32, its O slice 32.
+//   WG1: O[:, 64:512] (224 fp32 registers a thread, as m64n256 + m64n192 accumulators): waits for P(j),
+//        rescales, eight wgmma with P and V from shared memory, then releases stage j; its warp 0
+//        refills the stage with block j + 3 once both warpgroups are done with it (TMA, one box per
+//        page and panel, as the turn-taking kernel loads).
+// Per block the tensor pipe sees P V(j)[:, :64] and S(j + 1) (1,280 cycles), then P V(j)[:, 64:] (896)
+// during WG0's softmax of block j + 1, so it need not idle; a refill has about one block of lead.
+//
+// Measured (session 19, H100, b=128 s_k=4096 h_q=128, graph replays; docs/mla-design.md): correct (every
+// MLA test forced onto it), and slower than the two-warpgroup kernel: 290.7 against 274.1 µs with the KV
+// in L2, 301.6 against 293.0 from HBM. The third stage did its job (11 µs lost to HBM, against 66 for the
+// turn-taking kernel), but one softmax warpgroup is the bottleneck: ncu puts its serial path at ~4,200
+// cycles a block (softmax ~1,550, S issue with nine panel waits ~1,500, waiting for the pipe ~700)
+// against 2,176 cycles of tensor work. Not dispatched by default; FLASHSEEK_MLA_DECODE=qreg selects it.
+//
+// Shared memory: stage 0 | stage 1 | stage 2 (73,728 B each, 9 panels of [64 rows][128 B], 128B
+// swizzle) | Q's rope panel | row vectors | mbarriers. Each piece's Q lands by TMA in the stage that
+// block 2 will use (its latent panels) and the Q rope slot; WG0 reads its fragments and block 2's
+// load follows. Blocks are numbered per CTA across pieces: block g uses stage g % 3 with phase
+// parity (g / 3) & 1 on every mbarrier of that stage (panel full, P ready, stage empty).
+#pragma once
+#include <cuda.h>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "mla/mla_decode_seesaw.cuh"
+
+namespace flashseek::mla {
+namespace qreg {
+
+using detail::fast_exp2;
+using detail::pack_bf16;
+using detail::smem_u32;
+using wg::bar_arrive;
+using wg::bar_sync;
+using wg::fence_async_smem;
+using wg::fence_regs;
+using wg::kM;
+using wg::kPanelBytes;
+using wg::kPanels;
+using wg::kTileBytes;
+using wg::swz;
+using wg::WgmmaDesc;
+using wg::wgmma_desc_sw128_tile;
+namespace gmma = wg::gmma;
+
+constexpr int kThreads = 256;
+constexpr int kStages = 3;
+constexpr int kCols0 = 64;                 // WG0's output columns; WG1 owns the rest
+constexpr int kColsA = 256, kColsB = 192;  // WG1's two accumulators: columns 64-319 and 320-511
+
+struct Smem {
+  static constexpr int kStage0 = 0;                             // stage s at s * kTileBytes
+  static constexpr int kQRope = kStages * kTileBytes;           // Q's rope panel (64 x 64)
+  static constexpr int kAlpha = kQRope + kPanelBytes;           // [stage][64] O rescale factor of its block
+  static constexpr int kLRun = kAlpha + kStages * kM * 4;       // [64] final row sum
+  static constexpr int kMRun = kLRun + kM * 4;                  // [64] final reference max (log2 domain)
+  static constexpr int kBarFull = kMRun + kM * 4;               // [stage][panel] TMA landed
+  static constexpr int kBarP = kBarFull + kStages * kPanels * 8;  // [stage] P and its factors stored
+  static constexpr int kBarEmpty = kBarP + kStages * 8;           // [stage] every reader done
+  static constexpr int kBarQ = kBarEmpty + kStages * 8;           // the Q tile's TMA
+  static constexpr int kTotal = kBarQ + 8;
+};
+static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
+static_assert(kM * wg::kStagedRowBytes <= kTileBytes, "the staged output rows must stay in stage 0");
+
+// Named barriers of warpgroup 0 (128 threads).
+constexpr int kBarQRead = 1;    // Q's fragments read out of block 2's stage, an fp16 rope converted
+constexpr int kBarPStored = 2;  // every warp's P rows stored, before this warpgroup's P V reads them
+
+using MmaQKrs = gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>;
+template <size_t... I>
+__device__ __forceinline__ void qk_step_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[32], gmma::ScaleOut sc,
+                                           std::index_sequence<I...>) {
+  MmaQKrs::fma(a[0], a[1], a[2], a[3], db, d[I]..., sc);
+}
+// P V over N output columns (P: 64 x 16 keys, K-major; V: MN-major), both from shared memory.
+template <int N> struct PvMma;
+template <> struct PvMma<64> { using T = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
+template <> struct PvMma<128> { using T = gmma::MMA_64x128x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
+template <> struct PvMma<192> { using T = gmma::MMA_64x192x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
+template <> struct PvMma<256> { using T = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
+template <int N, size_t... I>
+__device__ __forceinline__ void pv_step(uint64_t da, uint64_t db, float (&d)[N / 2], std::index_sequence<I...>) {
+  PvMma<N>::T::fma(da, db, d[I]..., gmma::ScaleOut::One);
+}
+// O slice (N columns, rows row0 / row0 + 8) times the rows' factors; skipped when the whole warp keeps
+// its reference max (see wg::rescale_o).
+template <int N>
+__device__ __forceinline__ void rescale_cols(float (&o)[N], float f0, float f1) {
+  if (!__any_sync(0xffffffffu, f0 != 1.f || f1 != 1.f)) return;
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    o[4 * j + 0] *= f0;
+    o[4 * j + 1] *= f0;
+    o[4 * j + 2] *= f1;
+    o[4 * j + 3] *= f1;
+  }
+}
+
+// S = Q K^T of one block: the latent panels with Q from registers, then the rope panel with Q from
+// shared memory, each panel once its TMA landed (the wgmma fence after each wait: see seesaw::s_panel).
+// One wait for the whole block (one mbarrier a stage) measured slower: 300.8 against 290.7 µs at
+// b=128 h_q=128 with the KV in L2 (session 19, run 4; ptxas then spilled in the loop).
+__device__ __forceinline__ void s_block(const uint32_t (&qf)[32][4], WgmmaDesc dQr, WgmmaDesc dK, uint32_t bars,
+                                        uint32_t parity, float (&sacc)[32]) {
+#pragma unroll
+  for (int pn = 0; pn < kPanels - 1; ++pn) {
+    mbar_wait(bars + 8 * pn, parity);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      qk_step_rs(qf[4 * pn + kk], dK.at(pn * kPanelBytes + kk * 32), sacc,
+                 pn == 0 && kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<32>{});
+    }
+  }
+  mbar_wait(bars + 8 * (kPanels - 1), parity);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    wg::qk_step(dQr.at(kk * 32), dK.at((kPanels - 1) * kPanelBytes + kk * 32), sacc, gmma::ScaleOut::One,
+                std::make_index_sequence<32>{});
+  }
+}
+
+// half2 -> bf16x2 (q in fp16; bf16 passes through).
+template <typename QT>
+__device__ __forceinline__ uint32_t frag_to_bf16(uint32_t v) {
+  if constexpr (std::is_same_v<QT, __half>) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&v));
+    return pack_bf16(f.x, f.y);
+  } else {
+    return v;
+  }
+}
+
+// All nine panels of one block into stage st: box b's cache row in lane lane0 + b of `rows` (one warp).
+__device__ __forceinline__ void issue_block_rows(const CUtensorMap* map, char* smem, uint64_t* bar_full, int rows,
+                                                 int lane0, int st, int nbox, int box_log2, int lane) {
+  seesaw::issue_block<seesaw::kPanelsAll>(map, smem + st * kTileBytes, bar_full + st * kPanels, rows, lane0, nbox,
+                                          box_log2, lane);
+}
+
+// An fp16 Q's rope panel -> bf16 in place, by warpgroup 0 (elementwise: the swizzled positions stay).
+template <typename QT>
+__device__ __forceinline__ void q_rope_to_bf16(char* rope, int tw) {
+  if constexpr (std::is_same_v<QT, __half>) {
+#pragma unroll
+    for (int i = 0; i < kPanelBytes / 16 / 128; ++i) {
+      uint4* c = reinterpret_cast<uint4*>(rope) + tw + i * 128;
+      *c = detail::q_to_bf16<QT>(*c);
+    }
+  }
+}
+
+// A P V accumulator slice of N columns, times the rows' 1 / l, into the staged rows (row0 at `tile`,
+// row0 + 8 at tile + 8 rows), in q's dtype.
+template <typename QT, int N>
+__device__ __forceinline__ void stage_scaled(float (&o)[N / 2], const float (&inv)[2], char* tile) {
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[4 * j + e] *= inv[e >> 1];
+    detail::store_pair<QT>(reinterpret_cast<QT*>(tile) + 8 * j, o[4 * j], o[4 * j + 1]);
+    detail::store_pair<QT>(reinterpret_cast<QT*>(tile + 8 * wg::kStagedRowBytes) + 8 * j, o[4 * j + 2], o[4 * j + 3]);
+  }
+}
+
+// Runs step<true>(j) for every block but the last and step<false> for the last one: the S of the next
+// block is a wgmma batch, which must not sit under a run-time condition (ptxas would serialise every
+// wgmma of the kernel; see seesaw::run_pairs).
+template <typename Step>
+__device__ __forceinline__ void run_blocks(Step& step, int n) {
+  for (int j = 0; j + 1 < n; ++j) step.template operator()<true>(j);
+  if (n > 0) step.template operator()<false>(n - 1);
+}
+
+template <typename QT>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_qreg_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv,
+                           const __grid_constant__ wg::TileMaps maps) {
+  // The combine kernel (programmatic dependent) waits for this whole grid before reading partials.
+  pdl_launch_dependents();
+  extern __shared__ __align__(1024) char smem[];
+  const uint32_t s_base = smem_u32(smem);
+  if (s_base & 1023u) __trap();  // wgmma's and TMA's 128B swizzle need 1,024-aligned tiles (see wg::)
+  float* s_alpha = reinterpret_cast<float*>(smem + Smem::kAlpha);
+  float* s_lrun = reinterpret_cast<float*>(smem + Smem::kLRun);
+  float* s_mrun = reinterpret_cast<float*>(smem + Smem::kMRun);
+  uint64_t* bar_full = reinterpret_cast<uint64_t*>(smem + Smem::kBarFull);
+  uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Smem::kBarQ);
+  const uint32_t bar_full_u = s_base + Smem::kBarFull, bar_p_u = s_base + Smem::kBarP;
+  const uint32_t bar_empty_u = s_base + Smem::kBarEmpty, bar_q_u = s_base + Smem::kBarQ;
+
+  const int m_tile = blockIdx.x, part = blockIdx.y;
+  const int wg = threadIdx.x >> 7, tw = threadIdx.x & 127;
+  const int warp = tw >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, q4 = lane & 3;
+  const int row0 = warp * 16 + g;  // this thread's accumulator rows: row0 and row0 + 8
+  const int box_log2 = min(p.page_size_log2, 6);
+  const int nbox = kBlockN >> box_log2;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages * kPanels; ++i) cutlass::arch::ClusterTransactionBarrier::init(bar_full + i, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_p_u + 8 * s, 128);
+      mbar_init(bar_empty_u + 8 * s, kThreads);  // every thread, after its own wgmma reading the stage retired
+    }
+    cutlass::arch::ClusterTransactionBarrier::init(bar_q, 1);
+    cutlass::arch::fence_barrier_init();
+    cute::prefetch_tma_descriptor(&tmap_kv);
+    cute::prefetch_tma_descriptor(&maps.q);
+  }
+  __syncthreads();
+
+  auto stage_off = [](int s) { return s * kTileBytes; };
+  uint32_t q_parity = 0;
+  int gblk = 0;  // blocks this CTA has run before the current piece
+
+  // The plan may be read before the wait (detail::PlanPart). Launched as a programmatic dependent
+  // (launch_pdl): nothing else written by an earlier kernel (q, the block table, the cache, the
+  // workspace the previous combine may still read) is touched before this.
+  const detail::PlanPart plan(p, part);
+  plan.warm(p);
+  pdl_wait();
+  if (wg == 0) {
+  for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+    int len, len_eff, blk_begin, n;
+    plan.piece(p, bi, len, len_eff, blk_begin, n);
+    const wg::PieceDest dest = wg::piece_dest(p, plan, bi);
+    auto stage_of = [&](int j) { return (gblk + j) % kStages; };
+    auto parity_of = [&](int j) { return static_cast<uint32_t>(((gblk + j) / kStages) & 1); };
+    // Cache row of box `box` of block j (-1 past the sequence or past the piece).
+    auto block_rows = [&](int j, int box) {
+      return box < nbox && j < n ? seesaw::box_row(p, bi, blk_begin + j, box, box_log2, len_eff) : -1;
+    };
+
+      // ---- softmax warpgroup ----
+      const int limit[2] = {detail::visible_keys(p, m_tile * kM + row0, len, len_eff),
+                            detail::visible_keys(p, m_tile * kM + row0 + 8, len, len_eff)};
+      const int min_limit = detail::visible_keys(p, m_tile * kM, len, len_eff);  // the tile's first row
+      float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+      float o0[kCols0 / 2];
+#pragma unroll
+      for (int i = 0; i < kCols0 / 2; ++i) o0[i] = 0.f;
+      uint32_t qf[32][4];
+      // Zeroed so that no path reaches a wgmma with sacc undefined (see seesaw).
+      float sacc[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
+      const WgmmaDesc dQr = wgmma_desc_sw128_tile(s_base + Smem::kQRope, 16, 1024);
+      if (n > 0) {
+        if (threadIdx.x == 0) {  // Q: latent panels into block 2's stage, rope panel into its slot
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar_q, kTileBytes);
+          const int row = bi * p.rows + m_tile * kM;
+          constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+#pragma unroll
+          for (int pn = 0; pn < kPanels; ++pn) {
+            char* dst = pn < kPanels - 1 ? smem + stage_off(stage_of(2)) + pn * kPanelBytes : smem + Smem::kQRope;
+            cute::SM90_TMA_LOAD_2D::copy(&maps.q, bar_q, kHint, dst, pn * 64, row);
+          }
+        }
+        if (warp == 0) {  // blocks 0 and 1 at once (lanes 0-7 / 8-15 hold their boxes' rows)
+          const int rows = lane < 16 ? block_rows(lane >> 3, lane & 7) : -1;
+          issue_block_rows(&tmap_kv, smem, bar_full, rows, 0, stage_of(0), nbox, box_log2, lane);
+          if (n > 1) issue_block_rows(&tmap_kv, smem, bar_full, rows, 8, stage_of(1), nbox, box_log2, lane);
+        }
+        const int rows2 = warp == 0 ? block_rows(2, lane) : -1;
+        mbar_wait(bar_q_u, q_parity);
+        q_parity ^= 1;
+        const char* qs = smem + stage_off(stage_of(2));
+#pragma unroll
+        for (int kk = 0; kk < 32; ++kk) {
+          const char* panel = qs + (kk >> 2) * kPanelBytes;
+          const int c0 = 2 * (kk & 3);
+          qf[kk][0] = frag_to_bf16<QT>(*reinterpret_cast<const uint32_t*>(panel + swz(row0, c0) + q4 * 4));
+          qf[kk][1] = frag_to_bf16<QT>(*reinterpret_cast<const uint32_t*>(panel + swz(row0 + 8, c0) + q4 * 4));
+          qf[kk][2] = frag_to_bf16<QT>(*reinterpret_cast<const uint32_t*>(panel + swz(row0, c0 + 1) + q4 * 4));
+          qf[kk][3] = frag_to_bf16<QT>(*reinterpret_cast<const uint32_t*>(panel + swz(row0 + 8, c0 + 1) + q4 * 4));
+        }
+        q_rope_to_bf16<QT>(smem + Smem::kQRope, tw);
+        fence_async_smem();  // the reads above before block 2's TMA; an fp16 rope's rewrite before S
+        bar_sync(kBarQRead, 128);  // every warp has its fragments (and its part of the rope converted)
+        if (warp == 0 && n > 2) issue_block_rows(&tmap_kv, smem, bar_full, rows2, 0, stage_of(2), nbox, box_log2, lane);
+        fence_regs(sacc);
+        s_block(qf, dQr, wgmma_desc_sw128_tile(s_base + stage_off(stage_of(0)), 16, 1024),
+                bar_full_u + 8 * kPanels * stage_of(0), parity_of(0), sacc);
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();  // every batch retires in the region that issued it (see s_block)
+        fence_regs(sacc);
+      }
+      auto step = [&]<bool kNext>(int j) {
+        const int st = stage_of(j);
+        char* stage = smem + stage_off(st);
+        // Block j + 2 goes into block j - 1's stage at the end of this step: its cache rows, read now.
+        const int next_rows = warp == 0 && j >= 1 && j + 2 < n ? block_rows(j + 2, lane) : -1;
+        const int blk = blk_begin + j;
+        const int valid = len_eff - blk * kBlockN;
+        if (valid < kBlockN) seesaw::zero_tail_rows(stage, max(valid, 0), tw);  // 0 * NaN would poison O
+        // Row max of raw S (masked only in blocks some row does not see in full), lazy reference.
+        if ((blk + 1) * kBlockN > min_limit) {
+          const int key0 = blk * kBlockN + 2 * q4;
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              if (key0 + 8 * c + (e & 1) >= limit[e >> 1]) sacc[4 * c + e] = -INFINITY;
+            }
+          }
+        }
+        float mx[2][2];  // two chains a row: few registers beside Q's fragments
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          mx[0][c] = fmaxf(sacc[4 * c], sacc[4 * c + 1]);
+          mx[1][c] = fmaxf(sacc[4 * c + 2], sacc[4 * c + 3]);
+        }
+#pragma unroll
+        for (int c = 2; c < 8; ++c) {
+          mx[0][c & 1] = fmaxf(mx[0][c & 1], fmaxf(sacc[4 * c], sacc[4 * c + 1]));
+          mx[1][c & 1] = fmaxf(mx[1][c & 1], fmaxf(sacc[4 * c + 2], sacc[4 * c + 3]));
+        }
+        float m_use[2], alpha[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float v = fmaxf(mx[h][0], mx[h][1]);
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+          const float m_new = wg::lazy_max(m_run[h], v * p.scale_log2);  // scale_log2 > 0: max commutes
+          m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: avoid (-inf) - (-inf)
+          alpha[h] = wg::rescale_factor(m_run[h], m_new);
+          m_run[h] = m_new;
+          l_run[h] *= alpha[h];
+        }
+        // P = exp2(S * scale - m) in bf16 over the rope panel; this thread's part of the row sums (the
+        // quad's parts are added once, at the end of the piece).
+        char* sP = stage + (kPanels - 1) * kPanelBytes;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          float pv[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            pv[e] = fast_exp2(fmaf(sacc[4 * c + e], p.scale_log2, -m_use[e >> 1]));
+            l_run[e >> 1] += pv[e];
+          }
+          *reinterpret_cast<uint32_t*>(sP + swz(row0, c) + q4 * 4) = pack_bf16(pv[0], pv[1]);
+          *reinterpret_cast<uint32_t*>(sP + swz(row0 + 8, c) + q4 * 4) = pack_bf16(pv[2], pv[3]);
+        }
+        if (q4 == 0) {
+          s_alpha[st * kM + row0] = alpha[0];
+          s_alpha[st * kM + row0 + 8] = alpha[1];
+        }
+        rescale_cols(o0, alpha[0], alpha[1]);
+        fence_async_smem();  // P (and zeroed tail rows) before any wgmma reads them
+        bar_sync(kBarPStored, 128);  // every warp's P rows: this warpgroup's P V reads all 64
+        // O[:, 0:64] += P V[:, 0:64], then S of the next block.
+        const uint32_t sb = s_base + stage_off(st);
+        const WgmmaDesc dP = wgmma_desc_sw128_tile(sb + (kPanels - 1) * kPanelBytes, 16, 1024);
+        const WgmmaDesc dV = wgmma_desc_sw128_tile(sb, kPanelBytes, 1024);
+        fence_regs(o0);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          pv_step<kCols0>(dP.at(kk * 32), dV.at(kk * 2048), o0, std::make_index_sequence<kCols0 / 2>{});
+        }
+        if constexpr (kNext) {
+          const int sn = stage_of(j + 1);
+          fence_regs(sacc);
+          s_block(qf, dQr, wgmma_desc_sw128_tile(s_base + stage_off(sn), 16, 1024), bar_full_u + 8 * kPanels * sn,
+                  parity_of(j + 1), sacc);
+        }
+        cute::warpgroup_commit_batch();
+        mbar_arrive(bar_p_u + 8 * st);
+        // Block j - 1's stage, once warpgroup 1's P V of it retired (it ran during this softmax), takes
+        // block j + 2. The tensor pipe has S(j + 1) queued meanwhile.
+        if (warp == 0 && j >= 1 && j + 2 < n) {
+          const int sp = stage_of(j - 1);
+          mbar_wait(bar_empty_u + 8 * sp, parity_of(j - 1));
+          issue_block_rows(&tmap_kv, smem, bar_full, next_rows, 0, sp, nbox, box_log2, lane);
+        }
+        // S(j + 1) (and this P V) retire here, not across the loop's back edge: a wgmma batch in flight
+        // across a branch or a loop iteration makes ptxas serialise every wgmma (C7518).
+        cute::warpgroup_wait<0>();
+        fence_regs(sacc);
+        fence_regs(o0);
+        mbar_arrive(bar_empty_u + 8 * st);  // this warpgroup is done with stage j
+      };
+      run_blocks(step, n);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // the quad's parts of each row sum
+        l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+        l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+      }
+      if (q4 == 0) {
+        s_lrun[row0] = l_run[0];
+        s_lrun[row0 + 8] = l_run[1];
+        s_mrun[row0] = m_run[0];
+        s_mrun[row0 + 8] = m_run[1];
+      }
+      __syncthreads();  // row statistics visible; every wgmma of the piece retired
+      if (dest.ok) {
+        wg::stage_piece_rows<QT, kCols0>(p, dest, bi, m_tile, o0, 0, [&](int h, int) { return m_run[h]; },
+                                         [&](int, int r) { return s_lrun[r]; }, smem + Smem::kStage0);
+        wg::copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, smem + Smem::kStage0);
+      }
+    gblk += n;
+  }
+  } else {
+  for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+    int len, len_eff, blk_begin, n;
+    plan.piece(p, bi, len, len_eff, blk_begin, n);
+    const wg::PieceDest dest = wg::piece_dest(p, plan, bi);
+    auto stage_of = [&](int j) { return (gblk + j) % kStages; };
+    auto parity_of = [&](int j) { return static_cast<uint32_t>(((gblk + j) / kStages) & 1); };
+    // Cache row of box `box` of block j (-1 past the sequence or past the piece).
+    auto block_rows = [&](int j, int box) {
+      return box < nbox && j < n ? seesaw::box_row(p, bi, blk_begin + j, box, box_log2, len_eff) : -1;
+    };
+
+      // ---- P V warpgroup: output columns 64-511 ----
+      float oa[kColsA / 2], ob[kColsB / 2];
+#pragma unroll
+      for (int i = 0; i < kColsA / 2; ++i) oa[i] = 0.f;
+#pragma unroll
+      for (int i = 0; i < kColsB / 2; ++i) ob[i] = 0.f;
+      for (int j = 0; j < n; ++j) {
+        const int st = stage_of(j);
+        const uint32_t ph = parity_of(j);
+        mbar_wait(bar_p_u + 8 * st, ph);
+        const float f0 = s_alpha[st * kM + row0], f1 = s_alpha[st * kM + row0 + 8];
+        rescale_cols(oa, f0, f1);
+        rescale_cols(ob, f0, f1);
+        const uint32_t sb = s_base + stage_off(st);
+        const WgmmaDesc dP = wgmma_desc_sw128_tile(sb + (kPanels - 1) * kPanelBytes, 16, 1024);
+        const WgmmaDesc dV = wgmma_desc_sw128_tile(sb + kCols0 / 64 * kPanelBytes, kPanelBytes, 1024);
+        fence_regs(oa);
+        fence_regs(ob);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          pv_step<kColsA>(dP.at(kk * 32), dV.at(kk * 2048), oa, std::make_index_sequence<kColsA / 2>{});
+          pv_step<kColsB>(dP.at(kk * 32), dV.at(kColsA / 64 * kPanelBytes + kk * 2048), ob, std::make_index_sequence<kColsB / 2>{});
+        }
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_regs(oa);
+        fence_regs(ob);
+        mbar_arrive(bar_empty_u + 8 * st);
+      }
+      __syncthreads();  // WG0's row statistics visible
+      if (dest.ok) {
+        // WG0 writes the lse. Here: scale in place, then store, so that no second copy of the
+        // accumulators is ever live.
+        float inv[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float lsum = s_lrun[row0 + 8 * h];
+          inv[h] = lsum > 0.f ? 1.f / lsum : 0.f;
+        }
+        char* tile = smem + Smem::kStage0 + row0 * wg::kStagedRowBytes + (kCols0 + 2 * q4) * 2;
+        stage_scaled<QT, kColsA>(oa, inv, tile);
+        stage_scaled<QT, kColsB>(ob, inv, tile + kColsA * 2);
+        wg::copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, smem + Smem::kStage0);
+      }
+    gblk += n;
+  }
+  }
+}
+
+// TMA map of the bf16 cache (seesaw::kv_tensor_map) and the Q tile map (wg::make_tile_maps): false when
+// either cannot be built; the caller then runs another kernel.
+template <typename QT>
+bool launch_decode_qreg(const DecodeParams& p, const CUtensorMap& map, cudaStream_t stream) {
+  wg::TileMaps maps;
+  wg::make_tile_maps(p, std::is_same_v<QT, __half>, maps);
+  if (!maps.q_tma) return false;
+  constexpr int smem = Smem::kTotal;
+  opt_in_dynamic_smem<mla_decode_qreg_kernel<QT>>(smem);
+  const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
+  launch_pdl(mla_decode_qreg_kernel<QT>, grid, dim3(kThreads), smem, stream, p, map, maps);
+  FS_CHECK_LAUNCH();
+  return true;
+}
+
+}  // namespace qreg
+}  // namespace flashseek::mla
