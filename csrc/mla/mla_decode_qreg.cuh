@@ -15,20 +15,20 @@
 //        into stage j's rope panel (S(j) was its only reader) with the O rescale factor, and
 //        O[:, 0:64] += P(j) V(j)[:, 0:64]; it issues S(j + 1) right behind that before it signals P(j),
 //        so that WG1's P V of block j queues behind S(j + 1) and runs during WG0's next softmax.
-//        Registers: Q 128, S 32, its O slice 32.
+//        Registers: Q 128, S 32, its O slice 32. Its per-block path is the kernel's pace, so nothing
+//        else runs on it: it issues only the first three blocks of a piece.
 //   WG1: O[:, 64:512] (224 fp32 registers a thread, as m64n256 + m64n192 accumulators): waits for P(j),
 //        rescales, eight wgmma with P and V from shared memory, then releases stage j; its warp 0
 //        refills the stage with block j + 3 once both warpgroups are done with it (TMA, one box per
-//        page and panel, as the turn-taking kernel loads).
+//        page and panel, as the turn-taking kernel loads; table entries read an iteration early).
 // Per block the tensor pipe sees P V(j)[:, :64] and S(j + 1) (1,280 cycles), then P V(j)[:, 64:] (896)
-// during WG0's softmax of block j + 1, so it need not idle; a refill has about one block of lead.
+// during WG0's softmax of block j + 1; a refill has one to two blocks of lead.
 //
-// Measured (session 19, H100, b=128 s_k=4096 h_q=128, graph replays; docs/mla-design.md): correct (every
-// MLA test forced onto it), and slower than the two-warpgroup kernel: 290.7 against 274.1 µs with the KV
-// in L2, 301.6 against 293.0 from HBM. The third stage did its job (11 µs lost to HBM, against 66 for the
-// turn-taking kernel), but one softmax warpgroup is the bottleneck: ncu puts its serial path at ~4,200
-// cycles a block (softmax ~1,550, S issue with nine panel waits ~1,500, waiting for the pipe ~700)
-// against 2,176 cycles of tensor work. Not dispatched by default; FLASHSEEK_MLA_DECODE=qreg selects it.
+// Measured (session 19, H100, graph replays of the whole call at s_k = 4096; docs/mla-design.md):
+// b=128 h_q=128 238.4 µs with the KV in L2 (two-warpgroup 274.3, turn-taking 236.5) and 263.3 from HBM
+// (299.0): the third stage keeps the HBM loss to ~25 µs. The refill first ran on WG0's warp 0; taking it
+// off WG0 cut a block from ~4,200 to ~3,500 cycles (290 -> 238 µs in L2). Dispatch: see
+// mla_decode_wgmma_bf16.cu.
 //
 // Shared memory: stage 0 | stage 1 | stage 2 (73,728 B each, 9 panels of [64 rows][128 B], 128B
 // swizzle) | Q's rope panel | row vectors | mbarriers. Each piece's Q lands by TMA in the stage that
@@ -311,8 +311,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       auto step = [&]<bool kNext>(int j) {
         const int st = stage_of(j);
         char* stage = smem + stage_off(st);
-        // Block j + 2 goes into block j - 1's stage at the end of this step: its cache rows, read now.
-        const int next_rows = warp == 0 && j >= 1 && j + 2 < n ? block_rows(j + 2, lane) : -1;
         const int blk = blk_begin + j;
         const int valid = len_eff - blk * kBlockN;
         if (valid < kBlockN) seesaw::zero_tail_rows(stage, max(valid, 0), tw);  // 0 * NaN would poison O
@@ -391,11 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive(bar_p_u + 8 * st);
         // Block j - 1's stage, once warpgroup 1's P V of it retired (it ran during this softmax), takes
         // block j + 2. The tensor pipe has S(j + 1) queued meanwhile.
-        if (warp == 0 && j >= 1 && j + 2 < n) {
-          const int sp = stage_of(j - 1);
-          mbar_wait(bar_empty_u + 8 * sp, parity_of(j - 1));
-          issue_block_rows(&tmap_kv, smem, bar_full, next_rows, 0, sp, nbox, box_log2, lane);
-        }
+
         // S(j + 1) (and this P V) retire here, not across the loop's back edge: a wgmma batch in flight
         // across a branch or a loop iteration makes ptxas serialise every wgmma (C7518).
         cute::warpgroup_wait<0>();
@@ -441,6 +435,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kColsA / 2; ++i) oa[i] = 0.f;
 #pragma unroll
       for (int i = 0; i < kColsB / 2; ++i) ob[i] = 0.f;
+      // Warp 0, lane b: the table entry of box b of block j + 3 during iteration j.
+      int next_page = warp == 0 && lane < nbox && 3 < n ? seesaw::box_page(p, bi, blk_begin + 3, lane, box_log2, len_eff) : 0;
       for (int j = 0; j < n; ++j) {
         const int st = stage_of(j);
         const uint32_t ph = parity_of(j);
@@ -464,6 +460,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_regs(oa);
         fence_regs(ob);
         mbar_arrive(bar_empty_u + 8 * st);
+        // Warp 0 refills the stage with block j + 3 once warpgroup 0 is done with it too (its P V of block
+        // j retired at the end of its step j, long before). The refill stays off warpgroup 0, whose serial
+        // path sets the pace; the table entries were loaded an iteration ago (next_page).
+        if (warp == 0) {
+          if (j + 3 < n) {
+            const int rows = lane < nbox ? seesaw::box_row_from(p, next_page, blk_begin + j + 3, lane, box_log2, len_eff) : -1;
+            mbar_wait(bar_empty_u + 8 * st, ph);
+            issue_block_rows(&tmap_kv, smem, bar_full, rows, 0, st, nbox, box_log2, lane);
+          }
+          next_page = lane < nbox && j + 4 < n ? seesaw::box_page(p, bi, blk_begin + j + 4, lane, box_log2, len_eff) : 0;
+        }
       }
       __syncthreads();  // WG0's row statistics visible
       if (dest.ok) {

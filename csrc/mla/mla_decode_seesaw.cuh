@@ -100,12 +100,22 @@ constexpr uint32_t kPanelsAll = 0x1FF;
 // First cache row of box `box` of key block `blk` (boxes of 2^box_log2 tokens, inside one page), or
 // -1 when the box starts at or past len_eff (not loaded). Page ids are clamped to [0, num_pages): a bad
 // table gives wrong values, never an out-of-bounds read (as in detail::cache_row).
-__device__ __forceinline__ int box_row(const DecodeParams& p, int bi, int blk, int box, int box_log2, int len_eff) {
+// box_page is the table load alone and box_row_from finishes the row from it: a caller that needs the
+// row later issues the load early and finishes it where it is used. Computed in one go, the clamp right
+// behind the load stalls the warp for the load's whole latency (ncu, session 19).
+__device__ __forceinline__ int box_page(const DecodeParams& p, int bi, int blk, int box, int box_log2, int len_eff) {
+  const int t0 = blk * kBlockN + (box << box_log2);
+  return t0 < len_eff ? __ldg(p.block_table + bi * p.bt_stride_b + (t0 >> p.page_size_log2)) : 0;
+}
+__device__ __forceinline__ int box_row_from(const DecodeParams& p, int page, int blk, int box, int box_log2,
+                                            int len_eff) {
   const int t0 = blk * kBlockN + (box << box_log2);
   if (t0 >= len_eff) return -1;
-  const uint32_t page = min(static_cast<uint32_t>(__ldg(p.block_table + bi * p.bt_stride_b + (t0 >> p.page_size_log2))),
-                            static_cast<uint32_t>(p.num_pages - 1));
-  return static_cast<int>((page << p.page_size_log2) + (t0 & ((1 << p.page_size_log2) - 1)));
+  const uint32_t pg = min(static_cast<uint32_t>(page), static_cast<uint32_t>(p.num_pages - 1));
+  return static_cast<int>((pg << p.page_size_log2) + (t0 & ((1 << p.page_size_log2) - 1)));
+}
+__device__ __forceinline__ int box_row(const DecodeParams& p, int bi, int blk, int box, int box_log2, int len_eff) {
+  return box_row_from(p, box_page(p, bi, blk, box, box_log2, len_eff), blk, box, box_log2, len_eff);
 }
 
 // One warp issues the TMA loads of the panels in kMask of a key block into a stage. Box b's cache

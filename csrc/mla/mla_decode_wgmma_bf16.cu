@@ -8,23 +8,30 @@
 
 namespace flashseek::mla {
 namespace {
-// The turn-taking kernel for s_q >= 2 with at least four row tiles (h_q = 128 and up), the
-// two-warpgroup one otherwise. Bench runs of sessions 7-8 had the turn-taking kernel 1-9% faster at
-// s_q = 2 h_q = 128 (causal, varlen; s_k = 16384: 2207-2231 vs 2358-2422 us) and slower at s_q = 1 and
-// at every smaller s_q >= 2 tile count measured (harness, run 22: s_q = 2 h_q = 64 352-356 vs 316-325
-// us, s_q = 4 h_q = 16 281 vs 256, s_q = 2 h_q = 32 277-278 vs 253). FLASHSEEK_MLA_DECODE=seesaw /
-// =wgmma / =qreg, read on every call, force one of them (tests and A/Bs).
-const char* forced_kernel() { return std::getenv("FLASHSEEK_MLA_DECODE"); }
+// Which kernel runs a call. FLASHSEEK_MLA_DECODE=wgmma / =seesaw / =qreg, read on every call, forces one
+// (tests and A/Bs). By default:
+// - s_q = 1, two or more row tiles (h_q > 64) and batch >= 8: the Q-in-registers kernel. Session 19, one
+//   H100, graph replays at s_k = 4096 (µs, two-warpgroup -> qreg): b=128 h_q=128 299 -> 263 (281 against
+//   323 timed eagerly at the power cap), b=64 154.3 -> 134.3, b=16 51.0 -> 46.3, b=32 s_k=1024 34.8 ->
+//   32.8; a tie at b=4 (21.5 / 21.6) and slower at b=1 (14.6 / 15.5), where each CTA runs two blocks
+//   and the extra prologue (Q into registers) is not paid back.
+// - s_q >= 2 with four or more row tiles: the turn-taking kernel (sessions 7-8: 1-9% faster than the
+//   two-warpgroup one at s_q = 2 h_q = 128, slower at every smaller s_q >= 2 tile count measured).
+// - otherwise the two-warpgroup kernel (one row tile is memory-bound: b=64 h_q=64 121.4 against qreg's
+//   122.1, b=128 h_q=32 216.9 / 216.0).
 bool forced(const char* name) {
-  const char* s = forced_kernel();
+  const char* s = std::getenv("FLASHSEEK_MLA_DECODE");
   return s != nullptr && std::strcmp(s, name) == 0;
 }
+bool any_forced() { return forced("wgmma") || forced("seesaw") || forced("qreg"); }
+bool use_qreg(const DecodeParams& p) {
+  if (any_forced()) return forced("qreg");
+  return p.s_q == 1 && p.rows > wg::kM && p.batch >= 8;
+}
 bool use_seesaw(const DecodeParams& p) {
-  if (forced("seesaw")) return true;
-  if (forced("wgmma") || forced("qreg")) return false;
+  if (any_forced()) return forced("seesaw");
   return p.s_q >= 2 && p.rows >= 4 * wg::kM;
 }
-bool use_qreg(const DecodeParams&) { return forced("qreg"); }
 }  // namespace
 
 void launch_decode_wgmma_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
