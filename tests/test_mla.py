@@ -572,8 +572,8 @@ def check_against_reference(case, out, lse, causal):
 
 
 # Tiles with several kernels, forced per call by FLASHSEEK_MLA_DECODE: the bf16 cache's tiles, all 64
-# rows (by default the Q-in-registers kernel mla_decode_qreg.cuh for s_q = 1 with two or more row tiles
-# at batch >= 8, the turn-taking one mla_decode_seesaw.cuh for s_q >= 2 with four or more row tiles, the
+# rows (by default the Q-in-registers kernel mla_decode_qreg.cuh for two or more row tiles at batch >= 8,
+# below that the turn-taking one mla_decode_seesaw.cuh for s_q >= 2 with four or more row tiles, the
 # two-warpgroup kernel mla_decode_wgmma.cuh otherwise; =wgmma / =seesaw / =qreg force one) and the FP8
 # cache's tiles of up to 32 rows (mla_decode_fp8_direct.cuh by default, the bf16-tile mma.sync kernel
 # with =staged). "default" runs every tile's default kernel.

@@ -10,13 +10,15 @@ namespace flashseek::mla {
 namespace {
 // Which kernel runs a call. FLASHSEEK_MLA_DECODE=wgmma / =seesaw / =qreg, read on every call, forces one
 // (tests and A/Bs). By default:
-// - s_q = 1, two or more row tiles (h_q > 64) and batch >= 8: the Q-in-registers kernel. Session 19, one
-//   H100, graph replays at s_k = 4096 (µs, two-warpgroup -> qreg): b=128 h_q=128 299 -> 263 (281 against
-//   323 timed eagerly at the power cap), b=64 154.3 -> 134.3, b=16 51.0 -> 46.3, b=32 s_k=1024 34.8 ->
-//   32.8; a tie at b=4 (21.5 / 21.6) and slower at b=1 (14.6 / 15.5), where each CTA runs two blocks
-//   and the extra prologue (Q into registers) is not paid back.
-// - s_q >= 2 with four or more row tiles: the turn-taking kernel (sessions 7-8: 1-9% faster than the
-//   two-warpgroup one at s_q = 2 h_q = 128, slower at every smaller s_q >= 2 tile count measured).
+// - two or more row tiles (s_q * h_q > 64) at batch >= 8: the Q-in-registers kernel. Session 19, one
+//   H100. Graph replays at s_q = 1, s_k = 4096 (µs, two-warpgroup -> qreg): b=128 h_q=128 299 -> 263,
+//   b=64 154.3 -> 134.3, b=16 51.0 -> 46.3, b=32 s_k=1024 34.8 -> 32.8; a tie at b=4 (21.5 / 21.6) and
+//   slower at b=1 (14.6 / 15.5), where each CTA runs two blocks and the extra prologue (Q into
+//   registers) is not paid back. bench mla (eager, alternating, at the power cap), b=128 h_q=128:
+//   s_q = 1 327.6 (two-warpgroup) / 328.0 (turn-taking) / 272.4 (qreg); s_q = 2 causal varlen at 4096
+//   keys 655.1 / 602.8 / 567.7 and at 16384 keys 2389.7 / 2127.4 / 2060.7.
+// - below batch 8, s_q >= 2 with four or more row tiles: the turn-taking kernel (sessions 7-8: 1-9%
+//   faster than the two-warpgroup one at s_q = 2 h_q = 128, slower at every smaller tile count).
 // - otherwise the two-warpgroup kernel (one row tile is memory-bound: b=64 h_q=64 121.4 against qreg's
 //   122.1, b=128 h_q=32 216.9 / 216.0).
 bool forced(const char* name) {
@@ -26,7 +28,7 @@ bool forced(const char* name) {
 bool any_forced() { return forced("wgmma") || forced("seesaw") || forced("qreg"); }
 bool use_qreg(const DecodeParams& p) {
   if (any_forced()) return forced("qreg");
-  return p.s_q == 1 && p.rows > wg::kM && p.batch >= 8;
+  return p.rows > wg::kM && p.batch >= 8;
 }
 bool use_seesaw(const DecodeParams& p) {
   if (any_forced()) return forced("seesaw");
