@@ -194,6 +194,24 @@ __device__ __forceinline__ void run_blocks(Step& step, int n) {
   if (n > 0) step.template operator()<false>(n - 1);
 }
 
+// A request's piece of this CTA's part, and where its blocks go: block j is the CTA's block gblk + j,
+// in stage (gblk + j) % 3 with phase parity ((gblk + j) / 3) & 1 on every mbarrier of that stage.
+struct Piece {
+  int len, len_eff, blk_begin, n, bi, gblk;
+  wg::PieceDest dest;
+  __device__ __forceinline__ Piece(const DecodeParams& p, const detail::PlanPart& plan, int bi_, int gblk_)
+      : bi(bi_), gblk(gblk_) {
+    plan.piece(p, bi, len, len_eff, blk_begin, n);
+    dest = wg::piece_dest(p, plan, bi);
+  }
+  __device__ __forceinline__ int stage(int j) const { return (gblk + j) % kStages; }
+  __device__ __forceinline__ uint32_t parity(int j) const { return static_cast<uint32_t>(((gblk + j) / kStages) & 1); }
+  // Cache row of box `box` of block j (-1 past the sequence or past the piece).
+  __device__ __forceinline__ int rows(const DecodeParams& p, int nbox, int box_log2, int j, int box) const {
+    return box < nbox && j < n ? seesaw::box_row(p, bi, blk_begin + j, box, box_log2, len_eff) : -1;
+  }
+};
+
 template <typename QT>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_qreg_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv,
@@ -243,17 +261,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   plan.warm(p);
   pdl_wait();
   if (wg == 0) {
-  for (int bi = plan.b0; bi <= plan.b1; ++bi) {
-    int len, len_eff, blk_begin, n;
-    plan.piece(p, bi, len, len_eff, blk_begin, n);
-    const wg::PieceDest dest = wg::piece_dest(p, plan, bi);
-    auto stage_of = [&](int j) { return (gblk + j) % kStages; };
-    auto parity_of = [&](int j) { return static_cast<uint32_t>(((gblk + j) / kStages) & 1); };
-    // Cache row of box `box` of block j (-1 past the sequence or past the piece).
-    auto block_rows = [&](int j, int box) {
-      return box < nbox && j < n ? seesaw::box_row(p, bi, blk_begin + j, box, box_log2, len_eff) : -1;
-    };
-
+    for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+      const Piece pc(p, plan, bi, gblk);
+      const int len = pc.len, len_eff = pc.len_eff, blk_begin = pc.blk_begin, n = pc.n;
+      const wg::PieceDest& dest = pc.dest;
       // ---- softmax warpgroup ----
       const int limit[2] = {detail::visible_keys(p, m_tile * kM + row0, len, len_eff),
                             detail::visible_keys(p, m_tile * kM + row0 + 8, len, len_eff)};
@@ -275,19 +286,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
 #pragma unroll
           for (int pn = 0; pn < kPanels; ++pn) {
-            char* dst = pn < kPanels - 1 ? smem + stage_off(stage_of(2)) + pn * kPanelBytes : smem + Smem::kQRope;
+            char* dst = pn < kPanels - 1 ? smem + stage_off(pc.stage(2)) + pn * kPanelBytes : smem + Smem::kQRope;
             cute::SM90_TMA_LOAD_2D::copy(&maps.q, bar_q, kHint, dst, pn * 64, row);
           }
         }
         if (warp == 0) {  // blocks 0 and 1 at once (lanes 0-7 / 8-15 hold their boxes' rows)
-          const int rows = lane < 16 ? block_rows(lane >> 3, lane & 7) : -1;
-          issue_block_rows(&tmap_kv, smem, bar_full, rows, 0, stage_of(0), nbox, box_log2, lane);
-          if (n > 1) issue_block_rows(&tmap_kv, smem, bar_full, rows, 8, stage_of(1), nbox, box_log2, lane);
+          const int rows = lane < 16 ? pc.rows(p, nbox, box_log2, lane >> 3, lane & 7) : -1;
+          issue_block_rows(&tmap_kv, smem, bar_full, rows, 0, pc.stage(0), nbox, box_log2, lane);
+          if (n > 1) issue_block_rows(&tmap_kv, smem, bar_full, rows, 8, pc.stage(1), nbox, box_log2, lane);
         }
-        const int rows2 = warp == 0 ? block_rows(2, lane) : -1;
+        const int rows2 = warp == 0 ? pc.rows(p, nbox, box_log2, 2, lane) : -1;
         mbar_wait(bar_q_u, q_parity);
         q_parity ^= 1;
-        const char* qs = smem + stage_off(stage_of(2));
+        const char* qs = smem + stage_off(pc.stage(2));
 #pragma unroll
         for (int kk = 0; kk < 32; ++kk) {
           const char* panel = qs + (kk >> 2) * kPanelBytes;
@@ -300,16 +311,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         q_rope_to_bf16<QT>(smem + Smem::kQRope, tw);
         fence_async_smem();  // the reads above before block 2's TMA; an fp16 rope's rewrite before S
         bar_sync(kBarQRead, 128);  // every warp has its fragments (and its part of the rope converted)
-        if (warp == 0 && n > 2) issue_block_rows(&tmap_kv, smem, bar_full, rows2, 0, stage_of(2), nbox, box_log2, lane);
+        if (warp == 0 && n > 2) issue_block_rows(&tmap_kv, smem, bar_full, rows2, 0, pc.stage(2), nbox, box_log2, lane);
         fence_regs(sacc);
-        s_block(qf, dQr, wgmma_desc_sw128_tile(s_base + stage_off(stage_of(0)), 16, 1024),
-                bar_full_u + 8 * kPanels * stage_of(0), parity_of(0), sacc);
+        s_block(qf, dQr, wgmma_desc_sw128_tile(s_base + stage_off(pc.stage(0)), 16, 1024),
+                bar_full_u + 8 * kPanels * pc.stage(0), pc.parity(0), sacc);
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();  // every batch retires in the region that issued it (see s_block)
         fence_regs(sacc);
       }
       auto step = [&]<bool kNext>(int j) {
-        const int st = stage_of(j);
+        const int st = pc.stage(j);
         char* stage = smem + stage_off(st);
         const int blk = blk_begin + j;
         const int valid = len_eff - blk * kBlockN;
@@ -380,10 +391,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           pv_step<kCols0>(dP.at(kk * 32), dV.at(kk * 2048), o0, std::make_index_sequence<kCols0 / 2>{});
         }
         if constexpr (kNext) {
-          const int sn = stage_of(j + 1);
+          const int sn = pc.stage(j + 1);
           fence_regs(sacc);
           s_block(qf, dQr, wgmma_desc_sw128_tile(s_base + stage_off(sn), 16, 1024), bar_full_u + 8 * kPanels * sn,
-                  parity_of(j + 1), sacc);
+                  pc.parity(j + 1), sacc);
         }
         cute::warpgroup_commit_batch();
         mbar_arrive(bar_p_u + 8 * st);
@@ -415,20 +426,13 @@ __global__ void __launch_bounds__(kThreads, 1)
                                          [&](int, int r) { return s_lrun[r]; }, smem + Smem::kStage0);
         wg::copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, smem + Smem::kStage0);
       }
-    gblk += n;
-  }
+      gblk += n;
+    }
   } else {
-  for (int bi = plan.b0; bi <= plan.b1; ++bi) {
-    int len, len_eff, blk_begin, n;
-    plan.piece(p, bi, len, len_eff, blk_begin, n);
-    const wg::PieceDest dest = wg::piece_dest(p, plan, bi);
-    auto stage_of = [&](int j) { return (gblk + j) % kStages; };
-    auto parity_of = [&](int j) { return static_cast<uint32_t>(((gblk + j) / kStages) & 1); };
-    // Cache row of box `box` of block j (-1 past the sequence or past the piece).
-    auto block_rows = [&](int j, int box) {
-      return box < nbox && j < n ? seesaw::box_row(p, bi, blk_begin + j, box, box_log2, len_eff) : -1;
-    };
-
+    for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+      const Piece pc(p, plan, bi, gblk);
+      const int len_eff = pc.len_eff, blk_begin = pc.blk_begin, n = pc.n;
+      const wg::PieceDest& dest = pc.dest;
       // ---- P V warpgroup: output columns 64-511 ----
       float oa[kColsA / 2], ob[kColsB / 2];
 #pragma unroll
@@ -438,8 +442,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Warp 0, lane b: the table entry of box b of block j + 3 during iteration j.
       int next_page = warp == 0 && lane < nbox && 3 < n ? seesaw::box_page(p, bi, blk_begin + 3, lane, box_log2, len_eff) : 0;
       for (int j = 0; j < n; ++j) {
-        const int st = stage_of(j);
-        const uint32_t ph = parity_of(j);
+        const int st = pc.stage(j);
+        const uint32_t ph = pc.parity(j);
         mbar_wait(bar_p_u + 8 * st, ph);
         const float f0 = s_alpha[st * kM + row0], f1 = s_alpha[st * kM + row0 + 8];
         rescale_cols(oa, f0, f1);
@@ -487,8 +491,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         stage_scaled<QT, kColsB>(ob, inv, tile + kColsA * 2);
         wg::copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, smem + Smem::kStage0);
       }
-    gblk += n;
-  }
+      gblk += n;
+    }
   }
 }
 
