@@ -40,7 +40,6 @@
 
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
 
 #include "mla/mla_decode_seesaw.cuh"
 
@@ -96,7 +95,6 @@ __device__ __forceinline__ void qk_step_rs(const uint32_t (&a)[4], uint64_t db, 
 // P V over N output columns (P: 64 x 16 keys, K-major; V: MN-major), both from shared memory.
 template <int N> struct PvMma;
 template <> struct PvMma<64> { using T = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
-template <> struct PvMma<128> { using T = gmma::MMA_64x128x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
 template <> struct PvMma<192> { using T = gmma::MMA_64x192x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
 template <> struct PvMma<256> { using T = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
 template <int N, size_t... I>
