@@ -136,7 +136,7 @@ void launch_decode_fp8_direct(const DecodeParams& p, bool q_fp16, cudaStream_t s
 // The turn-taking wgmma kernel for 64-row tiles, bf16 cache (mla_decode_seesaw.cuh). False (nothing
 // launched) when the cache cannot be described by a TMA map.
 bool launch_decode_seesaw_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
-// Q in registers, three stages, one softmax and two P V warpgroups (mla_decode_qreg.cuh), bf16 cache.
+// Q in registers, three stages, a softmax and a P V warpgroup (mla_decode_qreg.cuh), bf16 cache.
 // False (nothing launched) when the cache or q cannot be described by TMA maps.
 bool launch_decode_qreg_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 // Merges the partials of requests with more than one split into out/lse.

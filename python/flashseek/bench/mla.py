@@ -167,7 +167,7 @@ def run(ctx: BenchContext) -> list[Row]:
             ctx.time(call, n_inputs=len(sets))
         by_kernel = {}
         # Tiles with several kernels (FLASHSEEK_MLA_DECODE, read per call): the bf16 cache's 64-row tiles
-        # and the FP8 cache's tiles of up to 32 rows. The default call and both kernels are timed on the
+        # and the FP8 cache's tiles of up to 32 rows. The default call and each kernel are timed on the
         # same inputs in alternating rounds (the compute-bound rows run at the power cap), so the default
         # can be picked from one run.
         impls = ()
