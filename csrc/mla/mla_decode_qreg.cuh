@@ -279,14 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const WgmmaDesc dQr = wgmma_desc_sw128_tile(s_base + Smem::kQRope, 16, 1024);
       if (n > 0) {
         if (threadIdx.x == 0) {  // Q: latent panels into block 2's stage, rope panel into its slot
-          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar_q, kTileBytes);
-          const int row = bi * p.rows + m_tile * kM;
-          constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-#pragma unroll
-          for (int pn = 0; pn < kPanels; ++pn) {
-            char* dst = pn < kPanels - 1 ? smem + stage_off(pc.stage(2)) + pn * kPanelBytes : smem + Smem::kQRope;
-            cute::SM90_TMA_LOAD_2D::copy(&maps.q, bar_q, kHint, dst, pn * 64, row);
-          }
+          wg::issue_q_panels(maps, p, bi, m_tile, smem + stage_off(pc.stage(2)), smem + Smem::kQRope, bar_q);
         }
         if (warp == 0) {  // blocks 0 and 1 at once (lanes 0-7 / 8-15 hold their boxes' rows)
           const int rows = lane < 16 ? pc.rows(p, nbox, box_log2, lane >> 3, lane & 7) : -1;

@@ -274,16 +274,22 @@ void make_tile_maps(const DecodeParams& p, bool q_fp16, TileMaps& maps);
 
 // The Q tile of request bi, row tile m_tile by TMA: nine 64-column boxes of the packed rows, armed on
 // bar_q by thread 0. Rows past the request's s_q * h_q hold the next request's rows (or zeros past the
-// tensor); their outputs are never written. Called by thread 0 only.
-__device__ __forceinline__ void issue_q_tile(const TileMaps& maps, const DecodeParams& p, int bi, int m_tile, char* q_tile,
-                                             uint64_t* bar_q) {
+// tensor); their outputs are never written. Called by thread 0 only. The eight latent panels land at
+// `latent`, the rope panel at `rope` (latent + 8 panels in a plain Q tile; the qreg kernel parks the
+// latent panels in a KV stage and keeps the rope panel apart).
+__device__ __forceinline__ void issue_q_panels(const TileMaps& maps, const DecodeParams& p, int bi, int m_tile,
+                                               char* latent, char* rope, uint64_t* bar_q) {
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar_q, kTileBytes);
   const int row = bi * p.rows + m_tile * kM;
 #pragma unroll
   for (int j = 0; j < kPanels; ++j) {
     cute::SM90_TMA_LOAD_2D::copy(&maps.q, bar_q, static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
-                                 q_tile + j * kPanelBytes, j * 64, row);
+                                 j < kPanels - 1 ? latent + j * kPanelBytes : rope, j * 64, row);
   }
+}
+__device__ __forceinline__ void issue_q_tile(const TileMaps& maps, const DecodeParams& p, int bi, int m_tile, char* q_tile,
+                                             uint64_t* bar_q) {
+  issue_q_panels(maps, p, bi, m_tile, q_tile, q_tile + (kPanels - 1) * kPanelBytes, bar_q);
 }
 // After the Q tile's TMA landed: an fp16 q becomes bf16 in place (elementwise, so the swizzled
 // positions stay), by all threads; the caller's barrier publishes it.
