@@ -21,25 +21,33 @@ namespace {
 //   faster than the two-warpgroup one at s_q = 2 h_q = 128, slower at every smaller tile count).
 // - otherwise the two-warpgroup kernel (one row tile is memory-bound: b=64 h_q=64 121.4 against qreg's
 //   122.1, b=128 h_q=32 216.9 / 216.0).
-bool forced(const char* name) {
+enum class Kernel { kByShape, kWgmma, kSeesaw, kQreg };  // kWgmma: also every rule's fallback
+// One read of FLASHSEEK_MLA_DECODE per call; values naming other tiles' kernels (e.g. staged) leave the
+// choice to the shape.
+Kernel forced_kernel() {
   const char* s = std::getenv("FLASHSEEK_MLA_DECODE");
-  return s != nullptr && std::strcmp(s, name) == 0;
+  if (s == nullptr) return Kernel::kByShape;
+  if (std::strcmp(s, "wgmma") == 0) return Kernel::kWgmma;
+  if (std::strcmp(s, "seesaw") == 0) return Kernel::kSeesaw;
+  if (std::strcmp(s, "qreg") == 0) return Kernel::kQreg;
+  return Kernel::kByShape;
 }
-bool any_forced() { return forced("wgmma") || forced("seesaw") || forced("qreg"); }
-bool use_qreg(const DecodeParams& p) {
-  if (any_forced()) return forced("qreg");
-  return p.rows > wg::kM && p.batch >= 8;
-}
-bool use_seesaw(const DecodeParams& p) {
-  if (any_forced()) return forced("seesaw");
-  return p.s_q >= 2 && p.rows >= 4 * wg::kM;
-}
+bool qreg_shape(const DecodeParams& p) { return p.rows > wg::kM && p.batch >= 8; }
+bool seesaw_shape(const DecodeParams& p) { return p.s_q >= 2 && p.rows >= 4 * wg::kM; }
 }  // namespace
 
 void launch_decode_wgmma_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return;
-  if (use_qreg(p) && launch_decode_qreg_bf16_cache(p, q_fp16, stream)) return;
-  if (use_seesaw(p) && launch_decode_seesaw_bf16_cache(p, q_fp16, stream)) return;
+  // The TMA-fed kernels return false when a map cannot describe q or the cache; the next rule applies.
+  const Kernel forced = forced_kernel();
+  const bool by_shape = forced == Kernel::kByShape;
+  if ((forced == Kernel::kQreg || (by_shape && qreg_shape(p))) && launch_decode_qreg_bf16_cache(p, q_fp16, stream)) {
+    return;
+  }
+  if ((forced == Kernel::kSeesaw || (by_shape && seesaw_shape(p))) &&
+      launch_decode_seesaw_bf16_cache(p, q_fp16, stream)) {
+    return;
+  }
   if (q_fp16) {
     wg::launch_decode_wgmma<__half, false>(p, stream);
   } else {
