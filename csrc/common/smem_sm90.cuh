@@ -11,6 +11,14 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// This thread's warpgroup (threadIdx.x / 128), broadcast from lane 0 so that ptxas knows it is
+// warp-uniform. Under a branch on the plain quotient, ptxas treats the branch as divergent and keeps
+// every value computed inside in vector registers: each wgmma descriptor then went through an R2UR
+// (and its latency) right before its HGMMA, 79 of 88 in the MLA Q-in-registers kernel (session 20).
+// Broadcast, the descriptors stay in uniform registers. The same idea as CUTLASS's
+// canonical_warp_group_idx.
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, threadIdx.x / 128, 0); }
+
 // wgmma shared-memory matrix descriptor for a 128B-swizzled operand (what TMA writes with
 // CU_TENSOR_MAP_SWIZZLE_128B, or the same XOR layout written by hand): start address, leading and
 // stride byte offsets (16-byte units, 14 bits each). K-major tiles ignore the leading byte offset.

@@ -13,9 +13,9 @@
 //   WG0: S(j) = Q K(j)^T (32 wgmma with A from registers over the latent panels, 4 from shared memory
 //        over the rope panel), mask, online softmax (lazy reference max, wg::lazy_max), P(j) in bf16
 //        into stage j's rope panel (S(j) was its only reader) with the O rescale factor, and
-//        O[:, 0:64] += P(j) V(j)[:, 0:64]; it issues S(j + 1) right behind that before it signals P(j),
-//        so that WG1's P V of block j queues behind S(j + 1) and runs during WG0's next softmax.
-//        Registers: Q 128, S 32, its O slice 32. Its per-block path is the kernel's pace, so nothing
+//        O[:, 0:64] += P(j) V(j)[:, 0:64] (P from registers); it issues S(j + 1) right behind that
+//        before it signals P(j), so that WG1's P V of block j queues behind S(j + 1) and runs during
+//        WG0's next softmax. Registers: Q 128, S 32, P 16, its O slice 32. Its per-block path is the kernel's pace, so nothing
 //        else runs on it: it issues only the first three blocks of a piece.
 //   WG1: O[:, 64:512] (224 fp32 registers a thread, as m64n256 + m64n192 accumulators): waits for P(j),
 //        rescales, eight wgmma with P and V from shared memory, then releases stage j; its warp 0
@@ -27,8 +27,10 @@
 // Measured (session 19, H100, graph replays of the whole call at s_k = 4096; docs/mla-design.md):
 // b=128 h_q=128 238.4 µs with the KV in L2 (two-warpgroup 274.3, turn-taking 236.5) and 263.3 from HBM
 // (299.0): the third stage keeps the HBM loss to ~25 µs. The refill first ran on WG0's warp 0; taking it
-// off WG0 cut a block from ~4,200 to ~3,500 cycles (290 -> 238 µs in L2). Dispatch: see
-// mla_decode_wgmma_bf16.cu.
+// off WG0 cut a block from ~4,200 to ~3,500 cycles (290 -> 238 µs in L2). Session 20: with the warpgroup
+// index broadcast (warpgroup_index), S's descriptors stay in uniform registers instead of an R2UR before
+// each HGMMA, and WG0's P V takes P from registers: 246.2 -> 226.6 µs in L2, 265.8 -> 256.3 from HBM.
+// Dispatch: see mla_decode_wgmma_bf16.cu.
 //
 // Shared memory: stage 0 | stage 1 | stage 2 (73,728 B each, 9 panels of [64 rows][128 B], 128B
 // swizzle) | Q's rope panel | row vectors | mbarriers. Each piece's Q lands by TMA in the stage that
@@ -84,9 +86,15 @@ static_assert(kM * wg::kStagedRowBytes <= kTileBytes, "the staged output rows mu
 
 // Named barriers of warpgroup 0 (128 threads).
 constexpr int kBarQRead = 1;    // Q's fragments read out of block 2's stage, an fp16 rope converted
-constexpr int kBarPStored = 2;  // every warp's P rows stored, before this warpgroup's P V reads them
+constexpr int kBarZeroed = 2;   // a tail block's V rows zeroed by every warp, before this warpgroup's P V
 
 using MmaQKrs = gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>;
+// Warpgroup 0's P V over its 64 columns, P from registers.
+template <size_t... I>
+__device__ __forceinline__ void pv64_step_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[32], std::index_sequence<I...>) {
+  gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>::fma(a[0], a[1], a[2], a[3], db, d[I]...,
+                                                                           gmma::ScaleOut::One);
+}
 template <size_t... I>
 __device__ __forceinline__ void qk_step_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[32], gmma::ScaleOut sc,
                                            std::index_sequence<I...>) {
@@ -94,7 +102,6 @@ __device__ __forceinline__ void qk_step_rs(const uint32_t (&a)[4], uint64_t db, 
 }
 // P V over N output columns (P: 64 x 16 keys, K-major; V: MN-major), both from shared memory.
 template <int N> struct PvMma;
-template <> struct PvMma<64> { using T = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
 template <> struct PvMma<192> { using T = gmma::MMA_64x192x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
 template <> struct PvMma<256> { using T = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>; };
 template <int N, size_t... I>
@@ -228,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bar_empty_u = s_base + Smem::kBarEmpty, bar_q_u = s_base + Smem::kBarQ;
 
   const int m_tile = blockIdx.x, part = blockIdx.y;
-  const int wg = threadIdx.x >> 7, tw = threadIdx.x & 127;
+  const int wg = warpgroup_index(), tw = threadIdx.x & 127;
   const int warp = tw >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, q4 = lane & 3;
   const int row0 = warp * 16 + g;  // this thread's accumulator rows: row0 and row0 + 8
@@ -353,6 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // P = exp2(S * scale - m) in bf16 over the rope panel; this thread's part of the row sums (the
         // quad's parts are added once, at the end of the piece).
         char* sP = stage + (kPanels - 1) * kPanelBytes;
+        uint32_t pf[16];
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
           float pv[4];
@@ -361,8 +369,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             pv[e] = fast_exp2(fmaf(sacc[4 * c + e], p.scale_log2, -m_use[e >> 1]));
             l_run[e >> 1] += pv[e];
           }
-          *reinterpret_cast<uint32_t*>(sP + swz(row0, c) + q4 * 4) = pack_bf16(pv[0], pv[1]);
-          *reinterpret_cast<uint32_t*>(sP + swz(row0 + 8, c) + q4 * 4) = pack_bf16(pv[2], pv[3]);
+          pf[2 * c] = pack_bf16(pv[0], pv[1]);
+          pf[2 * c + 1] = pack_bf16(pv[2], pv[3]);
+          *reinterpret_cast<uint32_t*>(sP + swz(row0, c) + q4 * 4) = pf[2 * c];
+          *reinterpret_cast<uint32_t*>(sP + swz(row0 + 8, c) + q4 * 4) = pf[2 * c + 1];
         }
         if (q4 == 0) {
           s_alpha[st * kM + row0] = alpha[0];
@@ -370,16 +380,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         rescale_cols(o0, alpha[0], alpha[1]);
         fence_async_smem();  // P (and zeroed tail rows) before any wgmma reads them
-        bar_sync(kBarPStored, 128);  // every warp's P rows: this warpgroup's P V reads all 64
+        // This warpgroup's P V takes P from registers (the S accumulator layout is the A fragment
+        // layout), so only a tail block, whose V rows every warp zeroed in part, needs a barrier first.
+        // Against P from shared memory behind a barrier every block: 226.6 against 228.8 µs at b=128
+        // h_q=128 with the KV in L2, 256.3 against 260.3 from HBM (session 20, run 1).
+        if (valid < kBlockN) bar_sync(kBarZeroed, 128);
         // O[:, 0:64] += P V[:, 0:64], then S of the next block.
         const uint32_t sb = s_base + stage_off(st);
-        const WgmmaDesc dP = wgmma_desc_sw128_tile(sb + (kPanels - 1) * kPanelBytes, 16, 1024);
         const WgmmaDesc dV = wgmma_desc_sw128_tile(sb, kPanelBytes, 1024);
         fence_regs(o0);
         cute::warpgroup_arrive();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          pv_step<kCols0>(dP.at(kk * 32), dV.at(kk * 2048), o0, std::make_index_sequence<kCols0 / 2>{});
+          const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
+          pv64_step_rs(a, dV.at(kk * 2048), o0, std::make_index_sequence<kCols0 / 2>{});
         }
         if constexpr (kNext) {
           const int sn = pc.stage(j + 1);

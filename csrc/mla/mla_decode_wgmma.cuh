@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   const int m_tile = blockIdx.x, part = blockIdx.y;
-  const int wg = threadIdx.x >> 7, tw = threadIdx.x & 127;  // warpgroup, thread within it
+  const int wg = warpgroup_index(), tw = threadIdx.x & 127;  // warpgroup, thread within it
   const int warp = tw >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, q4 = lane & 3;
   const int row0 = warp * 16 + g;  // this thread's accumulator rows: row0 and row0 + 8
