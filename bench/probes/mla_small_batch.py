@@ -34,6 +34,7 @@ dtypes = [getattr(torch, d) for d in os.environ.get("DTYPES", "bfloat16").split(
 rounds, replays = int(os.environ.get("ROUNDS", "5")), int(os.environ.get("REPLAYS", "40"))
 tag = os.environ.get("TAG", "")
 # FLASHSEEK_MLA_DECODE values to compare (read by the C++ dispatch when a call is captured); "default" unsets it.
+# "kernel:v" also sets FLASHSEEK_AB_VAR=v, which a build under a temporary A/B reads to pick a variant.
 impls = os.environ.get("KERNELS", "default").split(",")
 l2res = int(os.environ.get("L2RES", "0"))
 
@@ -77,10 +78,15 @@ def main():
                     plan = ops.mla_decode_plan(seqlens, 1, h_q, None if parts == "default" else int(parts))
                     n_parts = ref_mla.plan_num_sm_parts(plan.numel(), b)
                     for impl in impls:
-                        if impl == "default":
+                        name, _, var = impl.partition(":")
+                        if name == "default":
                             os.environ.pop("FLASHSEEK_MLA_DECODE", None)
                         else:
-                            os.environ["FLASHSEEK_MLA_DECODE"] = impl
+                            os.environ["FLASHSEEK_MLA_DECODE"] = name
+                        if var:
+                            os.environ["FLASHSEEK_AB_VAR"] = var
+                        else:
+                            os.environ.pop("FLASHSEEK_AB_VAR", None)
                         outs = [(torch.full((b, 1, h_q, 512), float("nan"), dtype=dt, device="cuda"),
                                  torch.empty(b, h_q, 1, dtype=torch.float32, device="cuda")) for _ in sets]
 
@@ -100,6 +106,7 @@ def main():
                         torch.cuda.current_stream().wait_stream(s)
                         variants.append((parts, n_parts, impl, g, outs, plan))
                     os.environ.pop("FLASHSEEK_MLA_DECODE", None)
+                    os.environ.pop("FLASHSEEK_AB_VAR", None)
                 for v in variants:
                     for _ in range(5):
                         v[3].replay()
