@@ -338,7 +338,7 @@ template <int STAGES, int CLUSTER_N>
 __device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* smem_raw) {
   cutlass::arch::warpgroup_reg_alloc<232>();
   const uint32_t base = smem_u32(aligned_smem(smem_raw));
-  const int tid = threadIdx.x, wg = tid / 128;
+  const int tid = threadIdx.x, wg = warpgroup_index();
   MathWarpgroup<STAGES, CLUSTER_N> m{p, base};
   m.mw = wg - 1;  // math warpgroup: rows [64 mw, 64 mw + 64) of the tile
   m.lane = tid % 32;
@@ -501,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Each role ends with its own cluster barrier (no CTA may leave while its peer can still multicast
   // into it or arrive on its barriers): code shared after setmaxnreg makes ptxas ignore the split.
-  if (tid < 128) {
+  if (warpgroup_index() == 0) {  // broadcast: the math warpgroups' descriptors stay uniform (smem_sm90.cuh)
     producer<STAGES, CLUSTER_N>(&tmap_a, &tmap_b, &tmap_sfa, p, smem_raw);
   } else {
     math_warpgroups<STAGES, CLUSTER_N>(p, smem_raw);
