@@ -30,6 +30,8 @@
 // off WG0 cut a block from ~4,200 to ~3,500 cycles (290 -> 238 µs in L2). Session 20: with the warpgroup
 // index broadcast (warpgroup_index), S's descriptors stay in uniform registers instead of an R2UR before
 // each HGMMA, and WG0's P V takes P from registers: 246.2 -> 226.6 µs in L2, 265.8 -> 256.3 from HBM.
+// Measured slower and dropped (docs/mla-design.md, session 20): S in 32-key halves, an L2 prefetch
+// from WG1, one test of all panel barriers, and P signalled later or earlier than here.
 // Dispatch: see mla_decode_wgmma_bf16.cu.
 //
 // Shared memory: stage 0 | stage 1 | stage 2 (73,728 B each, 9 panels of [64 rows][128 B], 128B
