@@ -1344,11 +1344,10 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     Kernels (CUDA): bf16 cache: wgmma kernels on 64-row tiles for every shape (two warpgroups
     splitting the output columns; for s_q * h_q > 64 at batch >= 8, Q held in registers with
     three KV stages, 3-17% faster than the kernels below at h_q = 128 and batch >= 16; below
-    batch 8, warpgroups taking turns on key blocks for s_q >= 2 with four or more row tiles). FP8
-    cache: up
-    to 32 rows, a kernel that multiplies the exact e4m3 values by their scales in fp32 (scores and
-    output within the bf16 budget of the reference on the dequantized cache); above, a wgmma kernel
-    that rounds the dequantized values to bf16 (cos-diff <= 1e-3). FLASHSEEK_MLA_DECODE, read per
+    batch 8, warpgroups taking turns on key blocks for s_q >= 2 with four or more row tiles).
+    FP8 cache: up to 32 rows, a kernel that multiplies the exact e4m3 values by their scales in
+    fp32 (scores and output within the bf16 budget of the reference on the dequantized cache);
+    above, a wgmma kernel that rounds the dequantized values to bf16 (cos-diff <= 1e-3). FLASHSEEK_MLA_DECODE, read per
     call, forces alternatives for tests and A/Bs: ``qreg`` / ``seesaw`` / ``wgmma`` (bf16, 64-row
     tiles: the Q-in-registers / turn-taking / two-warpgroup kernel at any s_q), ``staged`` (FP8, up
     to 32 rows: dequantize each block to a bf16 tile first).
