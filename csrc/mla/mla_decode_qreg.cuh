@@ -15,8 +15,8 @@
 //        into stage j's rope panel (S(j) was its only reader) with the O rescale factor, and
 //        O[:, 0:64] += P(j) V(j)[:, 0:64] (P from registers); it issues S(j + 1) right behind that
 //        before it signals P(j), so that WG1's P V of block j queues behind S(j + 1) and runs during
-//        WG0's next softmax. Registers: Q 128, S 32, P 16, its O slice 32. Its per-block path is the kernel's pace, so nothing
-//        else runs on it: it issues only the first three blocks of a piece.
+//        WG0's next softmax. Registers: Q 128, S 32, P 16, its O slice 32. Its per-block path is the
+//        kernel's pace, so nothing else runs on it: it issues only the first three blocks of a piece.
 //   WG1: O[:, 64:512] (224 fp32 registers a thread, as m64n256 + m64n192 accumulators): waits for P(j),
 //        rescales, eight wgmma with P and V from shared memory, then releases stage j; its warp 0
 //        refills the stage with block j + 3 once both warpgroups are done with it (TMA, one box per
