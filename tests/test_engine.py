@@ -148,6 +148,28 @@ def test_sampler_filters():
         SamplingParams(max_tokens=0)
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(max_tokens=2.5), dict(max_tokens=True), dict(temperature=float("nan")), dict(temperature=float("inf")),
+    dict(temperature=-0.5), dict(temperature="1"), dict(top_k=-2), dict(top_k=2.5), dict(top_p=float("nan")),
+    dict(top_p=1.5), dict(seed=1.5), dict(stop_token_ids=[1, "2"]),
+])
+def test_sampling_params_reject_bad_values(kwargs):
+    # Rejected up front, with the field's name, rather than failing inside a decode step.
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accept_edge_values():
+    SamplingParams(temperature=0, top_k=-1, top_p=1, seed=0, stop_token_ids=[0])
+    SamplingParams(temperature=1e-3, top_k=0, top_p=1e-6)
+    import numpy as np
+    sp = SamplingParams(max_tokens=np.int64(4), top_k=np.int32(5), temperature=np.float32(0.5), seed=np.int64(3))
+    assert type(sp.seed) is int and type(sp.temperature) is float
+    logits = torch.tensor([0.0, 5.0, 4.9, -1.0, 4.8])
+    assert Sampler(sp)(logits) == Sampler(SamplingParams(max_tokens=4, top_k=5, temperature=0.5, seed=3))(logits)
+
+
 # ---- stopping and streaming ----------------------------------------------------------------------
 def test_stop_eos_and_streaming(llm):
     p = prompts(1, seed=6)[0]

@@ -1,10 +1,16 @@
 """Sampling parameters and the per-request sampler (greedy, temperature, top-k, top-p; seeded)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+
+def _is_int(x) -> bool:  # numpy integers included, bools not
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass
@@ -18,12 +24,27 @@ class SamplingParams:
     stop_token_ids: list = field(default_factory=list)
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # Checked here, not when a token is drawn: a NaN temperature or a fractional top_k would
+        # otherwise surface as an error from inside a batched decode step, or as garbage tokens.
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, numbers.Real) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_p, numbers.Real) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        bad = [t for t in self.stop_token_ids if not _is_int(t)]
+        if bad:
+            raise ValueError(f"stop_token_ids must be integers, got {bad[:8]!r}")
+        # Plain Python numbers from here on (torch.Generator.manual_seed takes no numpy integer).
+        self.max_tokens, self.top_k = int(self.max_tokens), int(self.top_k)
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.seed = None if self.seed is None else int(self.seed)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
 
     @property
     def greedy(self) -> bool:
