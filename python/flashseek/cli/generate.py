@@ -6,7 +6,9 @@ true sizes instead (for timing on one GPU).
 """
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 
 
@@ -40,6 +42,21 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    """Bad arguments, configs and checkpoints end in one line on stderr and exit status 2 (the
+    traceback with FLASHSEEK_TRACEBACK=1); anything else propagates."""
+    from flashseek.engine.kv_cache import OutOfPages
+
+    try:
+        return _run(args)
+    except (ValueError, OutOfPages) as e:  # ConfigError and CheckpointError are ValueErrors
+        if os.environ.get("FLASHSEEK_TRACEBACK") == "1":
+            raise
+        print(f"flashseek generate: error: {e} ({type(e).__name__}; FLASHSEEK_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     import torch
 
     from flashseek.engine.llm import LLM, default_device
@@ -47,11 +64,16 @@ def run(args) -> int:
 
     device = args.device or default_device()
     if device == "cuda" and not torch.cuda.is_available():
-        print("flashseek generate: --device cuda but no CUDA device is available")
-        return 2
+        raise ValueError("--device cuda but no CUDA device is available")
     if args.full_dims and args.model:
-        print("flashseek generate: --full-dims builds a random model; it cannot be combined with --model")
-        return 2
+        raise ValueError("--full-dims builds a random model; it cannot be combined with --model")
+    for name in ("batch", "max_batched_tokens") + (() if args.prompt_tokens else ("prompt_len",)):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # Checked before the model loads, which takes minutes for a real checkpoint.
+    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed + i, ignore_eos=args.ignore_eos)
+              for i in range(args.batch)]
     t0 = time.perf_counter()
     llm = LLM(args.model, device=device, precision=args.precision, num_layers=args.num_layers,
               full_dims=args.full_dims, max_num_seqs=max(args.batch, 1),
@@ -66,10 +88,6 @@ def run(args) -> int:
     else:
         g = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
-    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed + i, ignore_eos=args.ignore_eos)
-              for i in range(args.batch)]
-
     peak = {"used": 0}
 
     def on_token(i, tok):
