@@ -76,7 +76,7 @@ def _run(args) -> int:
               for i in range(args.batch)]
     t0 = time.perf_counter()
     llm = LLM(args.model, device=device, precision=args.precision, num_layers=args.num_layers,
-              full_dims=args.full_dims, max_num_seqs=max(args.batch, 1),
+              full_dims=args.full_dims, max_num_seqs=args.batch,
               max_num_batched_tokens=args.max_batched_tokens, kv_cache_fp8=args.kv_cache_fp8,
               cuda_graphs=not args.no_cuda_graphs, save_dir=args.save_checkpoint)
     cfg = llm.model.cfg
