@@ -356,6 +356,35 @@ def test_plan_fills_the_parts(lens, P, max_blocks, busy):
     assert max(pieces) == max_blocks and used == busy
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_split_list(seed):
+    # Ints 5-7 of part e hold the e-th split request, its ws_base and num_splits (-1, 0, 0 past the
+    # last): the combine launches one CTA row per possible entry (min(batch, P - 1)) and merges only
+    # what the list names, so a request missing from it would keep NaN outputs on the GPU. The bound
+    # P - 1 is what sizes that grid: each split request holds one of the P - 1 part boundaries.
+    g = torch.Generator().manual_seed(seed)
+    P = [2, 7, 66, 132, 66, 9][seed]
+    b = int(torch.randint(1, 300, (1,), generator=g))
+    lens = torch.randint(0, 9000, (b,), generator=g, dtype=torch.int32)
+    if seed == 4:  # a uniform batch of 128 requests: two whole requests per part, an empty list
+        lens = torch.full((128,), 4096, dtype=torch.int32)
+    plan = ref_mla.mla_decode_plan(lens, 1, 128, P).tolist()
+    per_req = plan[8 * P:]
+    split = [i for i in range(len(lens)) if per_req[2 * i + 1] > 1]
+    assert len(split) <= P - 1
+    listed = []
+    for e in range(P):
+        r, base, n = plan[8 * e + 5: 8 * e + 8]
+        if r < 0:
+            assert (base, n) == (0, 0) and all(plan[8 * k + 5] == -1 for k in range(e, P))
+            break
+        assert (base, n) == (per_req[2 * r], per_req[2 * r + 1])
+        listed.append(r)
+    assert listed == split
+    if seed == 4:
+        assert listed == []
+
+
 @pytest.mark.parametrize("lens,P", [([4096], 132), ([100], 132), ([64, 64], 132), ([8192], 132)])
 def test_plan_min_split_blocks(lens, P):
     # A tiny total is not cut into one-block pieces: every piece but a request's last holds at least

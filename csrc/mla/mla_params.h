@@ -16,11 +16,14 @@ constexpr int kBlockM = 64;          // packed query rows (s * h_q + h) per CTA
 constexpr int kBlockN = 64;          // keys per pipeline step; also the unit of the schedule
 constexpr int kFixedSplitCost = 5;   // one split costs this many key blocks (Q load, fill, combine)
 constexpr int kMinSplitBlocks = 2;   // a part's share is at least this many key blocks (tiny totals)
-constexpr int kPlanPartInts = 8;     // per sm part: b0, blk0, b1, blk1, split0, 0, 0, 0
+constexpr int kPlanPartInts = 8;     // per sm part: b0, blk0, b1, blk1, split0, split_req, its ws_base, its n
 
 // Plan layout (int32): [num_sm_parts][8] then [batch][2] = (ws_base, num_splits).
 // Part p covers requests b0..b1 (none when b1 < b0), key blocks [blk0, ..) of b0 through
 // [.., blk1) of b1; split0 is the split ordinal of the part's first piece within b0.
+// split_req of part p is the p-th request (in order) with num_splits > 1, or -1 past the last (then
+// 0, 0), followed by that request's ws_base and num_splits: the combine's work list. Each such
+// request holds one of the num_sm_parts - 1 part boundaries, so the list always ends with a -1.
 // A request with num_splits > 1 writes its partials to workspace slots ws_base + split ordinal;
 // the slots of any plan fit in workspace_slots(num_sm_parts).
 constexpr int workspace_slots(int num_sm_parts) { return 2 * num_sm_parts; }

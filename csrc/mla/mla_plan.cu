@@ -110,13 +110,24 @@ __global__ void __launch_bounds__(kPlanThreads) mla_plan_kernel(PlanParams p) {
       out[2] = last_b;
       out[3] = last_blk;
       out[4] = split0;
-      out[5] = out[6] = out[7] = 0;
+      out[5] = -1;
+      out[6] = out[7] = 0;
     }
-    int ws = 0;
+    int ws = 0, n_split = 0;
     for (int r = 0; r < b; ++r) {
       const int n = s_req[r];
       s_req[r] = (ws << 16) | n;
-      if (n > 1) ws += n;
+      if (n > 1) {
+        ws += n;
+        // The combine's work list (at most P - 1 entries: each holds a part boundary), with the
+        // request's workspace base and split count, so that the combine reads one entry.
+        if (n_split < P) {
+          int* e = p.plan + kPlanPartInts * n_split++;
+          e[5] = r;
+          e[6] = ws - n;
+          e[7] = n;
+        }
+      }
     }
   }
   __syncthreads();

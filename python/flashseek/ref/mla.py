@@ -42,7 +42,7 @@ FIXED_SPLIT_COST = 5  # cost of one split in key blocks: Q load, pipeline fill, 
 # keys) ceil(total / P) is 1 block, and 64 one-block splits measured slower than 32 two-block ones
 # (H100, b=1 s_k=4096 h_q=16, graph replay: 19.0 vs 16.1 us bf16, 19.4 vs 15.5 FP8).
 MIN_SPLIT_BLOCKS = 2
-PLAN_PART_INTS = 8    # ints per sm part: b0, blk0, b1, blk1, split0, 0, 0, 0
+PLAN_PART_INTS = 8    # ints per sm part: b0, blk0, b1, blk1, split0, split_req, its ws_base, its n
 
 
 def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
@@ -128,6 +128,9 @@ def mla_decode_plan(cache_seqlens: torch.Tensor, s_q: int, h_q: int, num_sm_part
 
     Part p (ints [8p, 8p+8)) covers requests b0..b1 (b1 < b0: nothing), starting at key block blk0
     of b0 and ending before block blk1 of b1; split0 is the split ordinal of its first piece.
+    split_req of part p is the p-th request with more than one split (-1, 0, 0 past the last), then
+    that request's ws_base and num_splits: the combine's work list (each split request holds one of
+    the P - 1 part boundaries, so at most P - 1).
     Then per request i: ws_base (first workspace slot of its partials, meaningful when it has more
     than one split) and num_splits. s_q and h_q do not change the schedule (the kernel's cost per
     block is the same for every request); they are part of the API so a cost model may use them.
@@ -139,14 +142,16 @@ def mla_decode_plan(cache_seqlens: torch.Tensor, s_q: int, h_q: int, num_sm_part
     plan = [0] * plan_size(b, P)
     parts, nsplits, _ = _walk(nblk, payload, P, last_takes_rest=True)
     for p, entries in enumerate(parts):
-        plan[PLAN_PART_INTS * p: PLAN_PART_INTS * p + 5] = list(entries)
-    ws = 0
+        plan[PLAN_PART_INTS * p: PLAN_PART_INTS * p + 6] = list(entries) + [-1]
+    ws, n_split = 0, 0
     for i in range(b):
         plan[PLAN_PART_INTS * P + 2 * i] = ws
         plan[PLAN_PART_INTS * P + 2 * i + 1] = nsplits[i]
         if nsplits[i] > 1:
             ws += nsplits[i]
-    assert ws <= workspace_slots(P)
+            plan[PLAN_PART_INTS * n_split + 5: PLAN_PART_INTS * n_split + 8] = [i, ws - nsplits[i], nsplits[i]]
+            n_split += 1
+    assert ws <= workspace_slots(P) and n_split < P
     return torch.tensor(plan, dtype=torch.int32, device=cache_seqlens.device)
 
 
