@@ -73,7 +73,9 @@ int main(int argc, char** argv) {
   }
   const int rows = h_q, pages_per = (s_k + 63) / 64, pages = b * pages_per;
   const int m_tiles = (rows + 63) / 64, grid = m_tiles * P;
-  const int combine_grid = P >= 8 * b ? rows * b : (rows + 3) / 4 * b;  // launch_combine_t's two shapes
+  // launch_combine_t's two shapes: [row groups, entries of the plan's split list (<= min(b, P - 1))]
+  const int entries = std::min(b, P - 1);
+  const int combine_grid = P >= 8 * b ? rows * entries : (rows + 7) / 8 * entries;
 
   std::vector<__nv_bfloat16*> q(sets), kv(sets);
   for (int s = 0; s < sets; ++s) {

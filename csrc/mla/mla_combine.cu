@@ -2,7 +2,7 @@
 // with more than one split: out = sum_i 2^(lse_i - lse) o_i, lse = log2 sum_i 2^lse_i (stored as a
 // natural log), summed in fp32.
 // Two shapes, picked on the host from the expected splits per request (num_sm_parts / batch):
-//   narrow (large batches, ~2 splits per request): one warp per packed row, 4 rows per CTA, each lane
+//   narrow (large batches, ~2 splits per request): one warp per packed row, 8 rows per CTA, each lane
 //     owning four 4-dim columns (16 dims), splits walked 4 at a time;
 //   wide (small batches, many splits): 128 threads per row, 1 row per CTA, one 4-dim column each,
 //     splits walked 32 at a time (b=1, h_q=128, 4096 keys: 32 splits, so one round of loads, spread
@@ -12,6 +12,11 @@
 // walked them one by one: 32 dependent round trips at b = 1), and a CTA reads each partial row (1 KB
 // in a 16-bit q dtype) fully coalesced. The wide shape alone was measured slower at b = 32..128 (more
 // threads and lse passes per byte), hence the two.
+// The grid is [row groups, entries of the plan's split-request list]: the list holds at most
+// num_sm_parts - 1 requests, so a batch larger than that costs CTAs only for requests that can be
+// split. Until session 21 the second dimension was the batch whatever the plan held: 4,096 CTAs at
+// b=128 h_q=128 (4 rows each), where a uniform batch has no split request at all, cost 5.4 µs a call
+// for nothing (docs/performance.md, session 21).
 // Launched as a programmatic dependent of the decode kernel: its CTAs are scheduled as decode CTAs
 // retire and wait (griddepcontrol.wait) until the whole decode grid's writes are visible, which
 // hides most of the launch gap between the two kernels.
@@ -59,16 +64,16 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
   // The next kernel (the next layer's decode, also launched with launch_pdl) may be scheduled once
   // every CTA of this grid has started; it waits for this whole grid before touching memory.
   pdl_launch_dependents();
-  const int bi = blockIdx.y, R = blockIdx.x * kRows + threadIdx.x / kRowThreads;
+  const int R = blockIdx.x * kRows + threadIdx.x / kRowThreads;
   const int t = threadIdx.x % kRowThreads;
-  // The plan is final before this kernel starts (PlanPart, mla_decode_kernel.cuh), so its entries are
-  // read while the decode grid runs; the partials are read after the wait.
-  const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
-  const int n = per_req[2 * bi + 1], base = per_req[2 * bi];
+  // The plan is final before this kernel starts (PlanPart, mla_decode_kernel.cuh), so this CTA's list
+  // entry (request, ws_base, num_splits) is read while the decode grid runs; the partials after the wait.
+  const int* entry = p.plan + kPlanPartInts * blockIdx.y + 5;
+  const int bi = entry[0], base = entry[1], n = entry[2];
   // Wait for the decode grid (a no-op when not launched as a programmatic dependent).
   pdl_wait();
   FS_MTL(if (threadIdx.x == 0 && tl != nullptr) { tl[0] = tl_entry; tl[1] = timeline::now(); })
-  if (n <= 1) return;  // written by the decode kernel directly
+  if (bi < 0 || bi >= p.batch || n <= 1) return;  // past the list
   if (base < 0 || base + n > workspace_slots(p.num_sm_parts)) return;  // inconsistent plan
   if (R >= p.rows) return;  // whole warps: kRowThreads is a multiple of 32
   FS_MTL(if (tl != nullptr) tl[6] = timeline::now();)
@@ -143,7 +148,8 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
 
 template <typename QT, int kVec, int kRows, int kGroup>
 void launch_combine_shape(const DecodeParams& p, cudaStream_t stream) {
-  launch_pdl(mla_combine_kernel<QT, kVec, kRows, kGroup>, dim3((p.rows + kRows - 1) / kRows, p.batch),
+  const int entries = p.batch < p.num_sm_parts - 1 ? p.batch : p.num_sm_parts - 1;
+  launch_pdl(mla_combine_kernel<QT, kVec, kRows, kGroup>, dim3((p.rows + kRows - 1) / kRows, entries),
              dim3(kRows * kCols / kVec), 0, stream, p);
 }
 
@@ -153,14 +159,14 @@ void launch_combine_t(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_sm_parts >= 8 * p.batch) {
     launch_combine_shape<QT, 1, 1, 32>(p, stream);
   } else {
-    launch_combine_shape<QT, 4, 4, 4>(p, stream);
+    launch_combine_shape<QT, 4, 8, 4>(p, stream);
   }
 }
 
 }  // namespace
 
 void launch_combine(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
-  if (p.batch == 0 || p.rows == 0 || p.ws_o == nullptr) return;
+  if (p.batch == 0 || p.rows == 0 || p.ws_o == nullptr || p.num_sm_parts < 2) return;
   if (q_fp16) {
     launch_combine_t<__half>(p, stream);
   } else {
