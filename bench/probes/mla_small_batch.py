@@ -11,6 +11,7 @@ counted (`over_budget`, as tests/test_mla.py counts) and without it (`over_budge
 <= 0 is within, 1e-3 is the edge.
 Usage (a GPU, flashseek built):
   CASES='1,128,4096;32,128,1024' PARTS='default,33' KERNELS='wgmma,seesaw' TAG=new python bench/probes/mla_small_batch.py
+VARLEN=1 draws the lengths as `flashseek bench mla`'s varlen rows do.
 L2RES=k maps every block-table entry to page (entry % k), so that the whole KV stays in L2 (the kernels'
 compute side without HBM waits). Prints one JSON object per line: tag, b, h_q, s_k, dtype, parts, kernel,
 us, err fields. The variants of a
@@ -23,7 +24,7 @@ import statistics
 import torch
 
 from flashseek import ops
-from flashseek.bench.mla import PAGE, SCALE, _make_inputs
+from flashseek.bench.mla import PAGE, SCALE, _lengths, _make_inputs
 from flashseek.ref import mla as ref_mla
 
 L2 = 50e6
@@ -37,6 +38,7 @@ tag = os.environ.get("TAG", "")
 # "kernel:v" also sets FLASHSEEK_AB_VAR=v, which a build under a temporary A/B reads to pick a variant.
 impls = os.environ.get("KERNELS", "default").split(",")
 l2res = int(os.environ.get("L2RES", "0"))
+varlen = os.environ.get("VARLEN", "0") == "1"  # lengths drawn as bench mla's varlen rows draw them
 
 
 def error_fields(q, cache, table, seqlens, out):
@@ -61,7 +63,7 @@ def main():
     with torch.inference_mode():
         for (b, h_q, s_k) in cases:
             for dt in dtypes:
-                lens = [s_k] * b
+                lens = _lengths(b, 1, s_k, True, seed=b * 7 + s_k) if varlen else [s_k] * b
                 nbytes = b * s_k * 1152
                 n_sets = min(16, math.ceil(3 * L2 / nbytes) + 1)
                 table, sets = _make_inputs(b, 1, h_q, lens, False, "cuda", n_sets, seed=b * 7 + s_k)
@@ -112,8 +114,11 @@ def main():
                         v[3].replay()
                 times = [[] for _ in variants]
                 ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-                for _ in range(rounds):
-                    for i, v in enumerate(variants):
+                for r in range(rounds):
+                    # Each round starts at another variant, so that drift inside a round (the compute-bound
+                    # rows slow down as the card reaches its power cap) does not fall on one variant.
+                    for i in [(r + k) % len(variants) for k in range(len(variants))]:
+                        v = variants[i]
                         for _ in range(replays):
                             ev[0].record()
                             v[3].replay()
@@ -123,7 +128,7 @@ def main():
                 q0, c0 = sets[0]
                 for (parts, n_parts, impl, g, outs, _), ts in zip(variants, times):
                     rec = {"tag": tag, "build": os.path.dirname(ops.__file__), "b": b, "h_q": h_q, "s_k": s_k,
-                           "dtype": str(dt).split(".")[-1], "parts": n_parts, "kernel": impl, "sets": len(sets), "l2res": l2res,
+                           "dtype": str(dt).split(".")[-1], "parts": n_parts, "kernel": impl, "sets": len(sets), "l2res": l2res, "varlen": varlen,
                            "us": round(statistics.median(ts), 2), "us_p10": round(sorted(ts)[len(ts) // 10], 2),
                            "round_medians": [round(statistics.median(ts[r * replays:(r + 1) * replays]), 2)
                                              for r in range(rounds)]}
