@@ -279,9 +279,10 @@ def emulate_kernel(case, plan, causal, scale=SCALE):
                 slot = per_req[2 * bi] + (split0 if bi == b0 else 0)
                 assert 0 <= slot < 2 * P and slot not in ws, "split slots must be distinct and in range"
                 ws[slot] = (o_n, lse2)
-    for bi in range(b):
-        nsplit, base = per_req[2 * bi + 1], per_req[2 * bi]
-        if nsplit > 1:
+    # The combine's grid: one row of CTAs per entry of the plan's split list that any plan can hold.
+    for e in range(min(b, P - 1)):
+        bi, base, nsplit = plan[8 * e + 5: 8 * e + 8]
+        if bi >= 0 and nsplit > 1:
             os_ = torch.stack([ws[base + i][0] for i in range(nsplit)])
             ls = torch.stack([ws[base + i][1] for i in range(nsplit)])
             mx = ls.max(0).values
