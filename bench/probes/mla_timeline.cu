@@ -1,7 +1,7 @@
-// Per-CTA timeline of back-to-back MLA decode calls (the two-warpgroup bf16 kernel + the combine), as
-// CUDA-graph replays like bench/probes/mla_small_batch.py, with %globaltimer stamps in every CTA
-// (mla_timeline.cuh). Written for session 17's question: why the same pieces run 1-2 us slower in a
-// grid of exactly one CTA per SM than in a smaller or a larger one.
+// Per-CTA timeline of back-to-back MLA decode calls (the bf16 dispatch; the two-warpgroup kernel and the
+// combine carry the stamps), as CUDA-graph replays like bench/probes/mla_small_batch.py, with
+// %globaltimer stamps in every CTA (mla_timeline.cuh). Written for session 17's question: why the same
+// pieces run 1-2 us slower in a grid of exactly one CTA per SM than in a smaller or a larger one.
 // Build (no torch; the kernels are compiled into this file with the stamps on):
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++20 --expt-relaxed-constexpr -DNDEBUG \
 //     -Icsrc -isystem <cutlass>/include bench/probes/mla_timeline.cu csrc/gemm/sm90_tensor_maps.cu -o mla_timeline
@@ -10,6 +10,8 @@
 //   the phases relative to that call's first decode entry; DUMP=file writes every ring row as CSV.
 #define FLASHSEEK_MLA_TIMELINE 1
 #include "mla/mla_combine.cu"
+#include "mla/mla_decode_qreg_bf16.cu"
+#include "mla/mla_decode_seesaw_bf16.cu"
 #include "mla/mla_decode_wgmma_bf16.cu"
 #include "mla/mla_plan.cu"
 #include "mla/mla_tile_maps.cu"
@@ -20,11 +22,6 @@
 #include <numeric>
 #include <random>
 #include <vector>
-
-namespace flashseek::mla {
-// s_q = 1 never takes the turn-taking kernel; the harness leaves it out.
-bool launch_decode_seesaw_bf16_cache(const DecodeParams&, bool, cudaStream_t) { return false; }
-}  // namespace flashseek::mla
 
 namespace harness {
 using u64 = unsigned long long;
