@@ -225,9 +225,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                            const __grid_constant__ wg::TileMaps maps) {
   // The combine kernel (programmatic dependent) waits for this whole grid before reading partials.
   pdl_launch_dependents();
-  extern __shared__ __align__(1024) char smem[];
+  char* smem = wg::swizzle_aligned_smem();
   const uint32_t s_base = smem_u32(smem);
-  if (s_base & 1023u) __trap();  // wgmma's and TMA's 128B swizzle need 1,024-aligned tiles (see wg::)
   float* s_alpha = reinterpret_cast<float*>(smem + Smem::kAlpha);
   float* s_lrun = reinterpret_cast<float*>(smem + Smem::kLRun);
   float* s_mrun = reinterpret_cast<float*>(smem + Smem::kMRun);
@@ -326,16 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int valid = len_eff - blk * kBlockN;
         if (valid < kBlockN) seesaw::zero_tail_rows(stage, max(valid, 0), tw);  // 0 * NaN would poison O
         // Row max of raw S (masked only in blocks some row does not see in full), lazy reference.
-        if ((blk + 1) * kBlockN > min_limit) {
-          const int key0 = blk * kBlockN + 2 * q4;
-#pragma unroll
-          for (int c = 0; c < 8; ++c) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              if (key0 + 8 * c + (e & 1) >= limit[e >> 1]) sacc[4 * c + e] = -INFINITY;
-            }
-          }
-        }
+        seesaw::mask_block(sacc, blk, q4, limit, min_limit);
         float mx[2][2];  // two chains a row: few registers beside Q's fragments
 #pragma unroll
         for (int c = 0; c < 2; ++c) {

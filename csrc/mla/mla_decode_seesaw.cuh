@@ -172,6 +172,21 @@ __device__ __forceinline__ void s_panels(WgmmaDesc dQ, WgmmaDesc dK, uint32_t ba
   (s_panel<kRest, false>(dQ, dK, bars, parity, sacc, tma_wait_cycles), ...);
 }
 
+// -inf over the S entries of block blk (64 keys; this thread's columns blk * 64 + 2 * q4 + 8c + {0, 1},
+// rows row0 / row0 + 8) past each row's visible keys limit[0] / limit[1]. A block that every row of the
+// tile sees in full (min_limit: the tile's first row sees the fewest keys) is left as it is.
+__device__ __forceinline__ void mask_block(float (&sacc)[32], int blk, int q4, const int (&limit)[2], int min_limit) {
+  if ((blk + 1) * kBlockN <= min_limit) return;
+  const int key0 = blk * kBlockN + 2 * q4;
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (key0 + 8 * c + (e & 1) >= limit[e >> 1]) sacc[4 * c + e] = -INFINITY;
+    }
+  }
+}
+
 // Rows [valid, 64) of a stage's V panels (0-7) := 0, by one warpgroup.
 __device__ __forceinline__ void zero_tail_rows(char* stage, int valid, int tw) {
   for (int idx = tw; idx < (kBlockN - valid) * 64; idx += 128) {
@@ -206,9 +221,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                              const __grid_constant__ wg::TileMaps maps) {
   // The combine kernel (programmatic dependent) waits for this whole grid before reading partials.
   pdl_launch_dependents();
-  extern __shared__ __align__(1024) char smem[];
+  char* smem = wg::swizzle_aligned_smem();
   const uint32_t s_base = smem_u32(smem);
-  if (s_base & 1023u) __trap();  // wgmma's and TMA's 128B swizzle need 1,024-aligned tiles (see wg::)
   float* s_maxA = reinterpret_cast<float*>(smem + Smem::kMaxA);
   float* s_maxB = reinterpret_cast<float*>(smem + Smem::kMaxB);
   float* s_rowsum = reinterpret_cast<float*>(smem + Smem::kRowSum);
@@ -330,16 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the fewest keys); others get -inf past each row's visible length. sacc stays unscaled: the
     // scale is folded into exp2's argument.
     auto row_max = [&](int j, const float (&m_in)[2], float (&m_out)[2]) {
-      if ((blk_begin + j + 1) * kBlockN > min_limit) {
-        const int key0 = (blk_begin + j) * kBlockN + 2 * q4;
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            if (key0 + 8 * c + (e & 1) >= limit[e >> 1]) sacc[4 * c + e] = -INFINITY;
-          }
-        }
-      }
+      mask_block(sacc, blk_begin + j, q4, limit, min_limit);
       float mx[2][8];  // pairwise tree: depth 4 instead of a 16-long chain
 #pragma unroll
       for (int c = 0; c < 8; ++c) {

@@ -60,6 +60,15 @@ using detail::store_pair;
 using flashseek::mbar_wait;
 
 constexpr int kThreads = 256;
+// The kernel's dynamic shared memory window. wgmma's and TMA's 128B swizzle is a function of address
+// bits 4-9: tiles must start 1,024-byte aligned. A kernel without static shared memory gets its dynamic window at
+// that alignment (CUTLASS's sm90 kernels rely on the same); the 64-row kernels' layouts leave no slack
+// to realign, so this checks instead.
+__device__ __forceinline__ char* swizzle_aligned_smem() {
+  extern __shared__ __align__(1024) char smem[];
+  if (smem_u32(smem) & 1023u) __trap();
+  return smem;
+}
 // Lazy rescaling (as FlashAttention 4 does it): a row's reference max (log2 domain) moves only when a
 // block's max exceeds it by more than kRescaleSlack, so P stays below 2^8, well inside bf16's range and
 // with its usual relative precision, and the final O / l and lse are unchanged in exact arithmetic. Once
@@ -386,12 +395,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The combine kernel (programmatic dependent) may be scheduled as SMs free up; it waits for this
   // whole grid before reading any partial.
   pdl_launch_dependents();
-  // wgmma's 128B swizzle is a function of address bits 4-9: tiles must start 1,024-byte aligned.
-  // A kernel without static shared memory gets its dynamic window at that alignment (CUTLASS's
-  // sm90 kernels rely on the same); the FP8 layout leaves no slack to realign, so check instead.
-  extern __shared__ __align__(1024) char smem[];
+  char* smem = swizzle_aligned_smem();
   const uint32_t s_base = smem_u32(smem);
-  if (s_base & 1023u) __trap();
   float* s_alpha = reinterpret_cast<float*>(smem + S::kAlpha);
   float* s_lrun = reinterpret_cast<float*>(smem + S::kLRun);
   float* s_mrun = reinterpret_cast<float*>(smem + S::kMRun);
