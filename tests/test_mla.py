@@ -221,17 +221,20 @@ def test_plan_reference_schedule(P):
 RESCALE_SLACK = 8.0  # log2 units: the 64-row kernels' wg::kRescaleSlack
 
 
-def emulate_kernel(case, plan, causal, scale=SCALE):
+def emulate_kernel(case, plan, causal, scale=SCALE, cluster_pairs=False):
     """The CUDA kernel's algorithm in torch: each sm part walks its pieces in 64-key blocks with the
     online softmax in the log2 domain and P rounded to bf16, writes one-split requests directly and
-    split partials (o / l, log2 lse) to workspace slots, then the combine merges them. It pins down
-    the contract between the plan and the kernel (piece bounds, split slots, masking, clamping)."""
+    split partials (o / l, log2 lse) to workspace slots, then the combine merges them. With
+    cluster_pairs (the decode launched in 2-CTA clusters), the pair of parts (2c, 2c + 1) merges the
+    request they alone hold, and the combine skips it. It pins down the contract between the plan and
+    the kernels (piece bounds, split slots, who merges what, masking, clamping)."""
     q, cache, table, lens = case["q"], case["kv_cache"], case["block_table"], case["lens"]
     b, s_q, h_q, _ = q.shape
     rows, ps = s_q * h_q, cache.shape[1]
     P = ref_mla.plan_num_sm_parts(plan.numel(), b)
     plan = plan.tolist()
     per_req = plan[8 * P:]
+    assert per_req[1::2] == [plan[8 * P + 2 * i + 1] for i in range(b)]
     kvf = ref_mla.cache_as_float(cache).reshape(-1, 576)
     cap = table.shape[1] * ps
     out = torch.full((b, rows, 512), math.nan)
@@ -279,28 +282,45 @@ def emulate_kernel(case, plan, causal, scale=SCALE):
                 slot = per_req[2 * bi] + (split0 if bi == b0 else 0)
                 assert 0 <= slot < 2 * P and slot not in ws, "split slots must be distinct and in range"
                 ws[slot] = (o_n, lse2)
+    def merge(bi, base, nsplit):
+        os_ = torch.stack([ws[base + i][0] for i in range(nsplit)])
+        ls = torch.stack([ws[base + i][1] for i in range(nsplit)])
+        mx = ls.max(0).values
+        tot = torch.where(mx == -math.inf, mx, mx + torch.log2(torch.exp2(ls - mx).sum(0)))
+        w = torch.where(tot == -math.inf, torch.zeros_like(ls), torch.exp2(ls - tot))
+        assert torch.isnan(lse[bi]).all(), "a request merged twice"
+        out[bi] = (w[..., None] * os_).sum(0)
+        lse[bi] = tot / log2e
+
+    # Cluster pairs: merged by the two CTAs that computed them, from their own (per-request) entries.
+    if cluster_pairs:
+        nsplits = per_req[1::2]
+        for c in range(0, P - 1, 2):
+            r = ref_mla.cluster_pair_request(plan, c, P, nsplits)
+            if r >= 0:
+                merge(r, per_req[2 * r], 2)
     # The combine's grid: one row of CTAs per entry of the plan's split list that any plan can hold.
     for e in range(min(b, P - 1)):
         bi, base, nsplit = plan[8 * e + 5: 8 * e + 8]
-        if bi >= 0 and nsplit > 1:
-            os_ = torch.stack([ws[base + i][0] for i in range(nsplit)])
-            ls = torch.stack([ws[base + i][1] for i in range(nsplit)])
-            mx = ls.max(0).values
-            tot = torch.where(mx == -math.inf, mx, mx + torch.log2(torch.exp2(ls - mx).sum(0)))
-            w = torch.where(tot == -math.inf, torch.zeros_like(ls), torch.exp2(ls - tot))
-            out[bi] = (w[..., None] * os_).sum(0)
-            lse[bi] = tot / log2e
+        if nsplit < 0 and cluster_pairs:
+            continue
+        if bi >= 0 and abs(nsplit) > 1:
+            merge(bi, base, abs(nsplit))
     assert not torch.isnan(lse).any(), "a request was never written"
     return out.reshape(b, s_q, h_q, 512), lse.reshape(b, s_q, h_q).transpose(1, 2)
 
 
-@pytest.mark.parametrize("P", [1, 2, 5, 40])
+@pytest.mark.parametrize("P,lens", [(1, None), (2, None), (5, None), (40, None), (8, [256] * 4),
+                                    (12, [128, 300, 128, 0, 65, 200, 7])])
 @pytest.mark.parametrize("s_q,h_q,causal", [(1, 16, False), (2, 3, True), (4, 5, True)])
-def test_kernel_schedule_emulation(P, s_q, h_q, causal):
-    lens = [0, 1, 64, 65, 700, 3, 129, 0, 260]
+@pytest.mark.parametrize("cluster_pairs", [False, True])
+def test_kernel_schedule_emulation(P, lens, s_q, h_q, causal, cluster_pairs):
+    lens = lens or [0, 1, 64, 65, 700, 3, 129, 0, 260]
     case = make_case(len(lens), s_q, h_q, lens, 32, gen_seed=P)
     plan = ops.mla_decode_plan(case["cache_seqlens"], s_q, h_q, P)
-    out, lse = emulate_kernel(case, plan, causal)
+    if lens == [256] * 4:  # four-block requests on 8 parts: every request is a cluster pair
+        assert [plan[8 * e + 7].item() for e in range(4)] == [-2] * 4
+    out, lse = emulate_kernel(case, plan, causal, cluster_pairs=cluster_pairs)
     r_out, r_lse = ref_mla.mla_decode(case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"],
                                       SCALE, causal)
     # bf16 P is the only approximation (the output stays fp32 here).
@@ -379,7 +399,12 @@ def test_plan_split_list(seed):
         if r < 0:
             assert (base, n) == (0, 0) and all(plan[8 * k + 5] == -1 for k in range(e, P))
             break
-        assert (base, n) == (per_req[2 * r], per_req[2 * r + 1])
+        assert (base, abs(n)) == (per_req[2 * r], per_req[2 * r + 1])
+        # Negative: the request's two pieces are exactly parts 2c and 2c + 1 (a 2-CTA cluster).
+        parts = [c for c in range(P) if plan[8 * c] <= r <= plan[8 * c + 2]]
+        pair = (n == 2 or n == -2) and len(parts) == 2 and parts[0] % 2 == 0 and all(
+            plan[8 * c] == plan[8 * c + 2] == r for c in parts)
+        assert (n < 0) == pair, (r, n, parts)
         listed.append(r)
     assert listed == split
     if seed == 4:
@@ -763,6 +788,35 @@ def test_decode_strided_q_out_cuda(layout, h_q):
     o, lse = run_op({**case, "q": q}, True, out=out)
     check_against_reference(case, o, lse, True)
     assert torch.isnan(obig[..., :256]).all() and torch.isnan(obig[..., 768:]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("h_q,b,s_k,fp8,impl", [(64, 64, 4096, False, "default"), (64, 64, 4096, True, "default"),
+                                              (128, 32, 1024, False, "default"), (128, 32, 1024, False, "wgmma"),
+                                              (2, 64, 4096, False, "default"), (128, 32, 1024, False, "seesaw")])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_decode_cluster_pairs_cuda(h_q, b, s_k, fp8, impl, varlen, monkeypatch):
+    # Batches where the plan puts most requests in exactly two parts of one 2-CTA cluster: the decode
+    # merges those through distributed shared memory and the combine the rest (varlen mixes both). The
+    # turn-taking kernel does not merge pairs, and at h_q = 2 the decode is not launched in clusters: the
+    # combine must then merge the marked pairs too.
+    _use_impl(monkeypatch, impl, fp8=fp8)
+    rng = random.Random(b + h_q)
+    lens = [max(int(rng.normalvariate(s_k, s_k / 2)), 1) for _ in range(b)] if varlen else [s_k] * b
+    case = make_case(b, 1, h_q, lens, 64, fp8=fp8, device="cuda", gen_seed=b + h_q)
+    plan = ops.mla_decode_plan(case["cache_seqlens"], 1, h_q)
+    P = ref_mla.plan_num_sm_parts(plan.numel(), b)
+    marks = [plan[8 * e + 7].item() for e in range(P)]
+    assert varlen or any(n < 0 for n in marks), marks
+    outs = []
+    for _ in range(2):
+        out = poison_(torch.empty(b, 1, h_q, 512, dtype=torch.bfloat16, device="cuda"))
+        lse = poison_(torch.empty(b, h_q, 1, device="cuda"))
+        ops.mla_decode(case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], plan, SCALE,
+                       False, out=out, lse=lse)
+        outs.append((out, lse))
+    check_against_reference(case, outs[0][0], outs[0][1], False)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.cuda

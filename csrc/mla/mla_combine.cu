@@ -69,11 +69,13 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
   // The plan is final before this kernel starts (PlanPart, mla_decode_kernel.cuh), so this CTA's list
   // entry (request, ws_base, num_splits) is read while the decode grid runs; the partials after the wait.
   const int* entry = p.plan + kPlanPartInts * blockIdx.y + 5;
-  const int bi = entry[0], base = entry[1], n = entry[2];
+  const int bi = entry[0], base = entry[1];
+  // A cluster pair (negative count) was merged by the decode when it ran in clusters.
+  const int n = entry[2] >= 0 ? entry[2] : (p.cluster_pairs ? 0 : -entry[2]);
   // Wait for the decode grid (a no-op when not launched as a programmatic dependent).
   pdl_wait();
   FS_MTL(if (threadIdx.x == 0 && tl != nullptr) { tl[0] = tl_entry; tl[1] = timeline::now(); })
-  if (bi < 0 || bi >= p.batch || n <= 1) return;  // past the list
+  if (bi < 0 || bi >= p.batch || n <= 1) return;  // past the list, or merged by the decode
   if (base < 0 || base + n > workspace_slots(p.num_sm_parts)) return;  // inconsistent plan
   if (R >= p.rows) return;  // whole warps: kRowThreads is a multiple of 32
   FS_MTL(if (tl != nullptr) tl[6] = timeline::now();)

@@ -293,6 +293,7 @@ struct PlanPart {
     if (b0 <= b1) {
       prefetch_l1(p.seqlens + b0);
       prefetch_l1(p.plan + kPlanPartInts * p.num_sm_parts + 2 * b0);
+      if (p.cluster_pairs) prefetch_l1(p.plan + kPlanPartInts * (blockIdx.y ^ 1));  // the cluster peer's part
     }
   }
   // Where request bi's piece goes: straight to out / lse (one split) or workspace slot `slot`.

@@ -421,7 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (dest.ok) {
         wg::stage_piece_rows<QT, kCols0>(p, dest, bi, m_tile, o0, 0, [&](int h, int) { return m_run[h]; },
                                          [&](int, int r) { return s_lrun[r]; }, smem + Smem::kStage0);
-        wg::copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, smem + Smem::kStage0);
+        wg::copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, smem + Smem::kStage0, s_mrun, s_lrun);
       }
       gblk += n;
     }
@@ -486,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         char* tile = smem + Smem::kStage0 + row0 * wg::kStagedRowBytes + (kCols0 + 2 * q4) * 2;
         stage_scaled<QT, kColsA>(oa, inv, tile);
         stage_scaled<QT, kColsB>(ob, inv, tile + kColsA * 2);
-        wg::copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, smem + Smem::kStage0);
+        wg::copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, smem + Smem::kStage0, s_mrun, s_lrun);
       }
       gblk += n;
     }
@@ -503,7 +503,11 @@ bool launch_decode_qreg(const DecodeParams& p, const CUtensorMap& map, cudaStrea
   constexpr int smem = Smem::kTotal;
   opt_in_dynamic_smem<mla_decode_qreg_kernel<QT>>(smem);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  launch_pdl(mla_decode_qreg_kernel<QT>, grid, dim3(kThreads), smem, stream, p, map, maps);
+  if (p.cluster_pairs) {
+    launch_pdl_clusters(mla_decode_qreg_kernel<QT>, grid, dim3(kThreads), smem, stream, dim3(1, 2, 1), p, map, maps);
+  } else {
+    launch_pdl(mla_decode_qreg_kernel<QT>, grid, dim3(kThreads), smem, stream, p, map, maps);
+  }
   FS_CHECK_LAUNCH();
   return true;
 }

@@ -589,7 +589,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // both row sums visible; every read of Q and the stages done
 
     wg::write_piece_staged<QT>(p, dest, bi, m_tile, o, [&](int h, int) { return m_run[h]; },
-                               [&](int, int r) { return s_rowsum[r] + s_rowsum[kM + r]; }, smem + Smem::kStage0);
+                               [&](int, int r) { return s_rowsum[r] + s_rowsum[kM + r]; }, smem + Smem::kStage0,
+                               nullptr, nullptr);  // never launched in cluster pairs
     __syncthreads();  // s_rowsum is rewritten by the next request
   }
   FS_TL(if (tw == 0 && g_mla_timeline != nullptr) {

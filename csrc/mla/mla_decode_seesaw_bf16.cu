@@ -21,6 +21,7 @@ bool kv_tensor_map(const DecodeParams& p, CUtensorMap& map) {
 }  // namespace seesaw
 
 bool launch_decode_seesaw_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
+  if (p.cluster_pairs) return false;  // it does not merge cluster pairs (decode_merges_cluster_pairs)
   CUtensorMap map;
   if (!seesaw::kv_tensor_map(p, map)) return false;
   if (q_fp16) {

@@ -37,6 +37,7 @@
 #pragma once
 #include <cuda.h>
 
+#include <cute/arch/cluster_sm90.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90_desc.hpp>
 #include <cutlass/arch/barrier.h>
@@ -362,28 +363,123 @@ __device__ __forceinline__ void stage_piece_rows(const DecodeParams& p, const Pi
     }
   }
 }
+// Whether request bi's piece is half of a cluster pair (mla_params.h): the decode runs in 2-CTA clusters
+// along the parts (grid y), this part holds only bi, and bi's other piece is the peer part's only one.
+__device__ __forceinline__ bool is_cluster_pair(const DecodeParams& p, int bi) {
+  if (!p.cluster_pairs) return false;
+  const int part = blockIdx.y, even = part & ~1;
+  const int* e0 = p.plan + kPlanPartInts * even;
+  return cluster_pair_request(e0, e0 + kPlanPartInts, p.plan + kPlanPartInts * p.num_sm_parts, p.batch) == bi;
+}
+
+__device__ __forceinline__ uint32_t peer_smem(uint32_t addr, uint32_t peer) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(peer));
+  return remote;
+}
+__device__ __forceinline__ float ld_peer_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 ld_peer_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ float4 q4_to_float4(__nv_bfloat16, uint32_t a, uint32_t b) {
+  const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a));
+  const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b));
+  return make_float4(x.x, x.y, y.x, y.y);
+}
+__device__ __forceinline__ float4 q4_to_float4(__half, uint32_t a, uint32_t b) {
+  const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&a));
+  const float2 y = __half22float2(*reinterpret_cast<const __half2*>(&b));
+  return make_float4(x.x, x.y, y.x, y.y);
+}
+
+// A cluster pair's merge: both CTAs have staged their normalised rows (tile) and row statistics (s_m: row
+// max, log2 domain; s_l: row sum) in shared memory; CTA rank k writes final rows [32 k, 32 k + 32) of the
+// tile from its own rows and the peer's (read through distributed shared memory). The sums are the
+// combine's, in split order (rank 0 holds the request's first piece), so either rank computes the same.
+// Called by every thread of both CTAs; the second cluster barrier keeps each tile alive until the peer
+// has read it.
+template <typename QT, int kNThreads>
+__device__ __forceinline__ void merge_cluster_pair(const DecodeParams& p, int bi, int m_tile, const char* tile,
+                                                   const float* s_m, const float* s_l) {
+  static_assert(kNThreads == 8 * (kM / 2), "eight threads a row");
+  cute::cluster_sync();  // both tiles and row statistics written (release / acquire)
+  const uint32_t rank = cute::block_rank_in_cluster(), peer = rank ^ 1;
+  const int r = (kM / 2) * rank + (threadIdx.x >> 3), q = threadIdx.x & 7, R = m_tile * kM + r;
+  if (R < p.rows) {
+    const float m_own = s_m[r], l_own = s_l[r];
+    const float m_peer = ld_peer_f32(peer_smem(smem_u32(s_m + r), peer));
+    const float l_peer = ld_peer_f32(peer_smem(smem_u32(s_l + r), peer));
+    const float lse_own = l_own > 0.f ? m_own + __log2f(l_own) : -INFINITY;
+    const float lse_peer = l_peer > 0.f ? m_peer + __log2f(l_peer) : -INFINITY;
+    const float l0 = rank == 0 ? lse_own : lse_peer, l1 = rank == 0 ? lse_peer : lse_own;
+    const float mx = fmaxf(l0, l1);
+    const float lse2 = mx == -INFINITY ? -INFINITY : mx + log2f(exp2f(l0 - mx) + exp2f(l1 - mx));
+    const float w0 = lse2 == -INFINITY ? 0.f : exp2f(l0 - lse2), w1 = lse2 == -INFINITY ? 0.f : exp2f(l1 - lse2);
+    const char* own_row = tile + r * kStagedRowBytes;
+    const uint32_t peer_row = peer_smem(smem_u32(own_row), peer);
+    uint4* dst = reinterpret_cast<uint4*>(detail::piece_row<QT>(p, bi, R, true, 0));
+    uint4 vp[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) vp[j] = ld_peer_v4(peer_row + (q + 8 * j) * 16);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int c = q + 8 * j;
+      const uint4 vo = *reinterpret_cast<const uint4*>(own_row + c * 16);
+      const uint4 x0 = rank == 0 ? vo : vp[j], x1 = rank == 0 ? vp[j] : vo;
+      const float4 a0 = q4_to_float4(QT(), x0.x, x0.y), b0 = q4_to_float4(QT(), x0.z, x0.w);
+      const float4 a1 = q4_to_float4(QT(), x1.x, x1.y), b1 = q4_to_float4(QT(), x1.z, x1.w);
+      uint4 o;
+      store_pair<QT>(reinterpret_cast<QT*>(&o.x), w0 * a0.x + w1 * a1.x, w0 * a0.y + w1 * a1.y);
+      store_pair<QT>(reinterpret_cast<QT*>(&o.y), w0 * a0.z + w1 * a1.z, w0 * a0.w + w1 * a1.w);
+      store_pair<QT>(reinterpret_cast<QT*>(&o.z), w0 * b0.x + w1 * b1.x, w0 * b0.y + w1 * b1.y);
+      store_pair<QT>(reinterpret_cast<QT*>(&o.w), w0 * b0.z + w1 * b1.z, w0 * b0.w + w1 * b1.w);
+      dst[c] = o;
+    }
+    if (q == 0) {
+      const int s = R / p.h_q, h = R - s * p.h_q;
+      p.lse[(static_cast<int64_t>(bi) * p.h_q + h) * p.s_q + s] = lse2 * 0.69314718055994531f;
+    }
+  }
+  cute::cluster_sync();  // the peer is done reading this CTA's tile and statistics
+}
+
+// s_m / s_l: the piece's row statistics in shared memory (max in the log2 domain, sum), read only when
+// the piece is half of a cluster pair.
 template <typename QT, int kNThreads>
 __device__ __forceinline__ void copy_piece_rows(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
-                                                const char* tile) {
+                                                const char* tile, const float* s_m, const float* s_l) {
   __syncthreads();
-  // 64 chunks a row: a warp stores half a row.
-  const int valid = min(kM, p.rows - m_tile * kM);
-  for (int i = threadIdx.x; i < valid * 64; i += kNThreads) {
-    const int r = i >> 6, c = i & 63, R = m_tile * kM + r;
-    QT* dst = detail::piece_row<QT>(p, bi, R, dest.direct, dest.slot);
-    *reinterpret_cast<uint4*>(dst + c * 8) = *reinterpret_cast<const uint4*>(tile + r * kStagedRowBytes + c * 16);
+  if (!dest.direct && is_cluster_pair(p, bi)) {
+    merge_cluster_pair<QT, kNThreads>(p, bi, m_tile, tile, s_m, s_l);
+  } else {
+    // 64 chunks a row: a warp stores half a row.
+    const int valid = min(kM, p.rows - m_tile * kM);
+    for (int i = threadIdx.x; i < valid * 64; i += kNThreads) {
+      const int r = i >> 6, c = i & 63, R = m_tile * kM + r;
+      QT* dst = detail::piece_row<QT>(p, bi, R, dest.direct, dest.slot);
+      *reinterpret_cast<uint4*>(dst + c * 8) = *reinterpret_cast<const uint4*>(tile + r * kStagedRowBytes + c * 16);
+    }
   }
   // The tile's reads are done and its generic-proxy writes ordered before the next piece's TMA
   // writes (async proxy) into the same stages.
   fence_async_smem();
   __syncthreads();
 }
+// s_m / s_l: as copy_piece_rows (null in a kernel never launched in cluster pairs).
 template <typename QT, typename MaxOf, typename SumOf>
 __device__ __forceinline__ void write_piece_staged(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
-                                                   const float (&o)[128], MaxOf m_log2, SumOf l, char* tile) {
+                                                   const float (&o)[128], MaxOf m_log2, SumOf l, char* tile,
+                                                   const float* s_m, const float* s_l) {
   if (!dest.ok) return;
   stage_piece_rows<QT, 256>(p, dest, bi, m_tile, o, (threadIdx.x >> 7) * 256, m_log2, l, tile);
-  copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, tile);
+  copy_piece_rows<QT, kThreads>(p, dest, bi, m_tile, tile, s_m, s_l);
 }
 
 template <typename QT, bool kFp8>
@@ -628,7 +724,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- write this piece: straight to out/lse, or a split partial to the workspace ----
     write_piece_staged<QT>(p, dest, bi, m_tile, o, [&](int, int r) { return s_mrun[r]; },
-                           [&](int, int r) { return s_lrun[r]; }, smem + S::kK0);
+                           [&](int, int r) { return s_lrun[r]; }, smem + S::kK0, s_mrun, s_lrun);
     // s_lrun / s_mrun are rewritten by the next request (at once when it has no blocks here).
     __syncthreads();
     FS_MTL(if (tl_first) { tl_t[5] = timeline::now(); tl_first = false; })
@@ -649,7 +745,11 @@ void launch_decode_wgmma(const DecodeParams& p, cudaStream_t stream) {
   TileMaps maps;
   make_tile_maps(p, std::is_same_v<QT, __half>, maps);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p, maps);
+  if (p.cluster_pairs) {
+    launch_pdl_clusters(kernel, grid, dim3(kThreads), smem, stream, dim3(1, 2, 1), p, maps);
+  } else {
+    launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p, maps);
+  }
   FS_CHECK_LAUNCH();
 }
 

@@ -36,6 +36,14 @@ bool qreg_shape(const DecodeParams& p) { return p.rows > wg::kM && p.batch >= 8;
 bool seesaw_shape(const DecodeParams& p) { return p.s_q >= 2 && p.rows >= 4 * wg::kM; }
 }  // namespace
 
+bool decode_merges_cluster_pairs(const DecodeParams& p, bool fp8_cache) {
+  if (fp8_cache) return p.rows > 32;  // the FP8 wgmma kernel; narrower tiles run the direct kernel
+  const Kernel forced = forced_kernel();
+  const bool qreg = forced == Kernel::kQreg || (forced == Kernel::kByShape && qreg_shape(p));
+  const bool seesaw = forced == Kernel::kSeesaw || (forced == Kernel::kByShape && !qreg && seesaw_shape(p));
+  return !seesaw;
+}
+
 void launch_decode_wgmma_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return;
   // The TMA-fed kernels return false when a map cannot describe q or the cache; the next rule applies.

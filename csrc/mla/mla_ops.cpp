@@ -185,6 +185,14 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tenso
   p.rows = rows;
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.causal = causal ? 1 : 0;
+  // 2-CTA clusters (cluster pairs, mla_params.h) only where the plan is likely to pair requests: between
+  // 2 and 2.5 parts a request. With uniform lengths the plan pairs every request for batches from ~0.35 P
+  // (1,024 keys) or ~0.47 P (4,096 keys) to P / 2, and none outside. A cluster launch without pairs cost
+  // 1.0-1.4 µs (b=40 h_q=128, 4,096 keys: 98.8 against 97.4 µs; b=64 h_q=2: 111.6 against 110.6, where the
+  // combine has two rows a request), with pairs it saved 3.7-4.4 µs (b=32 s_k=1024, b=64 h_q=64) and
+  // 0.7-1.6 at h_q = 8-32 (H100, graph replays, docs/performance.md, session 22).
+  p.cluster_pairs = num_sm_parts % 2 == 0 && 5 * b > 2 * num_sm_parts && 2 * b <= num_sm_parts && rows >= 8 &&
+                    decode_merges_cluster_pairs(p, fp8);
   const bool q_fp16 = q.scalar_type() == at::kHalf;
   const cudaStream_t stream = current_stream(q);
   if (fp8) {

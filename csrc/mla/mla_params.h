@@ -28,6 +28,18 @@ constexpr int kPlanPartInts = 8;     // per sm part: b0, blk0, b1, blk1, split0,
 // the slots of any plan fit in workspace_slots(num_sm_parts).
 constexpr int workspace_slots(int num_sm_parts) { return 2 * num_sm_parts; }
 
+// Cluster pairs. A request whose two pieces are exactly parts 2c and 2c + 1 (each part holding nothing
+// else) can be merged by a decode launched in 2-CTA clusters along the parts: the two CTAs exchange their
+// staged rows through distributed shared memory and each writes half of the final rows, with no workspace
+// round trip and nothing left for the combine. The plan marks such a request in the split list with a
+// negative split count (-2); the combine skips it when the decode ran clustered (DecodeParams::cluster_pairs).
+// e0, e1: the plan entries of parts 2c and 2c + 1; per_req: the per-request entries. Returns the request or -1.
+__host__ __device__ inline int cluster_pair_request(const int* e0, const int* e1, const int* per_req, int batch) {
+  const int r = e0[0];
+  if (r < 0 || r >= batch || e0[2] != r || e1[0] != r || e1[2] != r) return -1;
+  return per_req[2 * r + 1] == 2 ? r : -1;
+}
+
 struct PlanParams {
   const int* seqlens;  // [batch]
   int* plan;           // [8 * num_sm_parts + 2 * batch]
@@ -53,6 +65,9 @@ struct DecodeParams {
   void* ws_o;                     // [workspace_slots, rows, 512] split partials in q's dtype (null if 1 part)
   float* ws_lse;                  // [workspace_slots, rows], log2 domain
   int batch, s_q, h_q, rows;      // rows = s_q * h_q
+  // Launched in 2-CTA clusters along the parts (even num_sm_parts; a kernel that merges cluster pairs):
+  // requests the plan marks as cluster pairs are merged in the decode (cluster_pair_request).
+  int cluster_pairs;
   float scale_log2;               // softmax_scale * log2(e)
   int causal;
 };
@@ -144,6 +159,9 @@ bool launch_decode_seesaw_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStr
 bool launch_decode_qreg_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
 // Merges the partials of requests with more than one split into out/lse.
 void launch_combine(const DecodeParams& p, bool q_fp16, cudaStream_t stream);
+// Whether the kernel launch_decode_bf16_cache / launch_decode_fp8_cache will run for p can merge cluster
+// pairs (the 64-row two-warpgroup and Q-in-registers kernels; not the turn-taking one or the narrow FP8 tiles).
+bool decode_merges_cluster_pairs(const DecodeParams& p, bool fp8_cache);
 void launch_cache_append(const AppendParams& p, bool fp8_cache, cudaStream_t stream);
 void launch_rope_norm_append(const RopeNormAppendParams& p, bool fp8_cache, cudaStream_t stream);
 

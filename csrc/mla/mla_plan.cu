@@ -113,19 +113,29 @@ __global__ void __launch_bounds__(kPlanThreads) mla_plan_kernel(PlanParams p) {
       out[5] = -1;
       out[6] = out[7] = 0;
     }
+    // Cluster pairs (mla_params.h): marked in bit 15 of the request's slot (num_splits <= 8193 fits below).
+    constexpr int kPairBit = 1 << 15;
+    for (int c = 0; c + 1 < P; c += 2) {
+      const int* e0 = p.plan + kPlanPartInts * c;
+      const int* e1 = e0 + kPlanPartInts;
+      const int r = e0[0];
+      if (r >= 0 && r < b && e0[2] == r && e1[0] == r && e1[2] == r && s_req[r] == 2) s_req[r] |= kPairBit;
+    }
     int ws = 0, n_split = 0;
     for (int r = 0; r < b; ++r) {
-      const int n = s_req[r];
+      const int n = s_req[r] & ~kPairBit;
+      const bool pair = s_req[r] & kPairBit;
       s_req[r] = (ws << 16) | n;
       if (n > 1) {
         ws += n;
         // The combine's work list (at most P - 1 entries: each holds a part boundary), with the
-        // request's workspace base and split count, so that the combine reads one entry.
+        // request's workspace base and split count (negative for a cluster pair), so that the combine
+        // reads one entry.
         if (n_split < P) {
           int* e = p.plan + kPlanPartInts * n_split++;
           e[5] = r;
           e[6] = ws - n;
-          e[7] = n;
+          e[7] = pair ? -n : n;
         }
       }
     }

@@ -120,6 +120,17 @@ def plan_payload(nblk: list[int], P: int) -> int:
     return next((c for c in range(lo, hi + 1) if _walk_fits(nblk, c, P)), hi)
 
 
+def cluster_pair_request(plan: list, c: int, P: int, nsplits: list) -> int:
+    """The request whose two pieces are exactly parts c and c + 1 (c even), each holding nothing else, or
+    -1: a decode launched in 2-CTA clusters along the parts merges it in shared memory, and the plan's
+    split list marks it with a negative split count (the combine skips it when the decode ran clustered)."""
+    e0, e1 = plan[PLAN_PART_INTS * c: PLAN_PART_INTS * c + 3], plan[PLAN_PART_INTS * (c + 1): PLAN_PART_INTS * (c + 1) + 3]
+    r = e0[0]
+    if r < 0 or r >= len(nsplits) or e0[2] != r or e1[0] != r or e1[2] != r:
+        return -1
+    return r if nsplits[r] == 2 else -1
+
+
 def mla_decode_plan(cache_seqlens: torch.Tensor, s_q: int, h_q: int, num_sm_parts: int) -> torch.Tensor:
     """Greedy FlashMLA-style schedule: requests laid end to end in key blocks, each split costing
     FIXED_SPLIT_COST extra blocks, cut into runs of plan_payload cost units (the smallest that fits
@@ -129,8 +140,8 @@ def mla_decode_plan(cache_seqlens: torch.Tensor, s_q: int, h_q: int, num_sm_part
     Part p (ints [8p, 8p+8)) covers requests b0..b1 (b1 < b0: nothing), starting at key block blk0
     of b0 and ending before block blk1 of b1; split0 is the split ordinal of its first piece.
     split_req of part p is the p-th request with more than one split (-1, 0, 0 past the last), then
-    that request's ws_base and num_splits: the combine's work list (each split request holds one of
-    the P - 1 part boundaries, so at most P - 1).
+    that request's ws_base and num_splits, negated for a cluster pair (cluster_pair_request): the
+    combine's work list (each split request holds one of the P - 1 part boundaries, so at most P - 1).
     Then per request i: ws_base (first workspace slot of its partials, meaningful when it has more
     than one split) and num_splits. s_q and h_q do not change the schedule (the kernel's cost per
     block is the same for every request); they are part of the API so a cost model may use them.
@@ -143,13 +154,15 @@ def mla_decode_plan(cache_seqlens: torch.Tensor, s_q: int, h_q: int, num_sm_part
     parts, nsplits, _ = _walk(nblk, payload, P, last_takes_rest=True)
     for p, entries in enumerate(parts):
         plan[PLAN_PART_INTS * p: PLAN_PART_INTS * p + 6] = list(entries) + [-1]
+    pairs = {cluster_pair_request(plan, c, P, nsplits) for c in range(0, P - 1, 2)} - {-1}
     ws, n_split = 0, 0
     for i in range(b):
         plan[PLAN_PART_INTS * P + 2 * i] = ws
         plan[PLAN_PART_INTS * P + 2 * i + 1] = nsplits[i]
         if nsplits[i] > 1:
             ws += nsplits[i]
-            plan[PLAN_PART_INTS * n_split + 5: PLAN_PART_INTS * n_split + 8] = [i, ws - nsplits[i], nsplits[i]]
+            n = -nsplits[i] if i in pairs else nsplits[i]
+            plan[PLAN_PART_INTS * n_split + 5: PLAN_PART_INTS * n_split + 8] = [i, ws - nsplits[i], n]
             n_split += 1
     assert ws <= workspace_slots(P) and n_split < P
     return torch.tensor(plan, dtype=torch.int32, device=cache_seqlens.device)
