@@ -72,10 +72,15 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
   const int bi = entry[0], base = entry[1];
   // A cluster pair (negative count) was merged by the decode when it ran in clusters.
   const int n = entry[2] >= 0 ? entry[2] : (p.cluster_pairs ? 0 : -entry[2]);
+  // Past the list, or merged by the decode: nothing to do, so leave before the wait (a CTA waiting there
+  // holds its SM's slot for the next kernel's early CTAs; -1.5 µs at b=64 h_q=128, session 22).
+  if (bi < 0 || bi >= p.batch || n <= 1) {
+    FS_MTL(if (threadIdx.x == 0 && tl != nullptr) { tl[0] = tl_entry; tl[1] = timeline::now(); })
+    return;
+  }
   // Wait for the decode grid (a no-op when not launched as a programmatic dependent).
   pdl_wait();
   FS_MTL(if (threadIdx.x == 0 && tl != nullptr) { tl[0] = tl_entry; tl[1] = timeline::now(); })
-  if (bi < 0 || bi >= p.batch || n <= 1) return;  // past the list, or merged by the decode
   if (base < 0 || base + n > workspace_slots(p.num_sm_parts)) return;  // inconsistent plan
   if (R >= p.rows) return;  // whole warps: kRowThreads is a multiple of 32
   FS_MTL(if (tl != nullptr) tl[6] = timeline::now();)

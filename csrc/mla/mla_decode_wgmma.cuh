@@ -516,6 +516,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // workspace the previous combine may still read) is touched before this.
   const detail::PlanPart plan(p, part);
   plan.warm(p);
+  // An empty part (the plan left it no piece) leaves before the wait: its SM is free for the combine's
+  // CTAs, which cannot share one with a decode CTA (registers), while the previous kernel still runs.
+  if (plan.b0 > plan.b1) {
+    FS_MTL(tl_t[8] = timeline::now(); timeline::write_decode_row(tl, tl_t);)
+    return;
+  }
   pdl_wait();
   FS_MTL(tl_t[8] = timeline::now();)
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
@@ -729,12 +735,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     FS_MTL(if (tl_first) { tl_t[5] = timeline::now(); tl_first = false; })
   }
-  FS_MTL(if (threadIdx.x == 0 && tl != nullptr) {
-    tl_t[6] = timeline::now();
-    tl_t[9] = timeline::cta();
-    tl_t[10] = timeline::smid();
-    for (int i = 0; i < timeline::kDecodeStamps; ++i) tl[i] = tl_t[i];
-  })
+  FS_MTL(timeline::write_decode_row(tl, tl_t);)
 }
 
 template <typename QT, bool kFp8>

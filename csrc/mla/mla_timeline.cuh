@@ -41,6 +41,14 @@ __device__ __forceinline__ unsigned long long* combine_row() {
   return ring_row(g_combine, &g_combine_n, kCombineStamps);
 }
 __device__ __forceinline__ unsigned long long cta() { return blockIdx.y * gridDim.x + blockIdx.x; }
+// A decode CTA's exit: its stamps (exit, CTA, SM filled in here) into its ring row.
+__device__ __forceinline__ void write_decode_row(unsigned long long* row, unsigned long long (&t)[kDecodeStamps]) {
+  if (row == nullptr) return;
+  t[6] = now();
+  t[9] = cta();
+  t[10] = smid();
+  for (int i = 0; i < kDecodeStamps; ++i) row[i] = t[i];
+}
 }  // namespace flashseek::mla::timeline
 #define FS_MTL(...) __VA_ARGS__
 #else
