@@ -790,12 +790,18 @@ def test_decode_strided_q_out_cuda(layout, h_q):
     assert torch.isnan(obig[..., :256]).all() and torch.isnan(obig[..., 768:]).all()
 
 
+BF16, FP16 = torch.bfloat16, torch.float16
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("h_q,b,s_k,fp8,impl", [(64, 64, 4096, False, "default"), (64, 64, 4096, True, "default"),
-                                              (128, 32, 1024, False, "default"), (128, 32, 1024, False, "wgmma"),
-                                              (2, 64, 4096, False, "default"), (128, 32, 1024, False, "seesaw")])
+@pytest.mark.parametrize("h_q,b,s_k,fp8,impl,qdtype,page", [
+    (64, 64, 4096, False, "default", BF16, 64), (64, 64, 4096, True, "default", BF16, 64),
+    (64, 64, 4096, False, "default", FP16, 16), (16, 64, 4096, False, "default", BF16, 32),
+    (128, 32, 1024, False, "default", BF16, 64), (128, 32, 1024, False, "qreg", FP16, 128),
+    (128, 32, 1024, False, "wgmma", BF16, 64), (2, 64, 4096, False, "default", BF16, 64),
+    (128, 32, 1024, False, "seesaw", BF16, 64)])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_decode_cluster_pairs_cuda(h_q, b, s_k, fp8, impl, varlen, monkeypatch):
+def test_decode_cluster_pairs_cuda(h_q, b, s_k, fp8, impl, qdtype, page, varlen, monkeypatch):
     # Batches where the plan puts most requests in exactly two parts of one 2-CTA cluster: the decode
     # merges those through distributed shared memory and the combine the rest (varlen mixes both). The
     # turn-taking kernel does not merge pairs, and at h_q = 2 the decode is not launched in clusters: the
@@ -803,14 +809,14 @@ def test_decode_cluster_pairs_cuda(h_q, b, s_k, fp8, impl, varlen, monkeypatch):
     _use_impl(monkeypatch, impl, fp8=fp8)
     rng = random.Random(b + h_q)
     lens = [max(int(rng.normalvariate(s_k, s_k / 2)), 1) for _ in range(b)] if varlen else [s_k] * b
-    case = make_case(b, 1, h_q, lens, 64, fp8=fp8, device="cuda", gen_seed=b + h_q)
+    case = make_case(b, 1, h_q, lens, page, fp8=fp8, qdtype=qdtype, device="cuda", gen_seed=b + h_q)
     plan = ops.mla_decode_plan(case["cache_seqlens"], 1, h_q)
     P = ref_mla.plan_num_sm_parts(plan.numel(), b)
     marks = [plan[8 * e + 7].item() for e in range(P)]
     assert varlen or any(n < 0 for n in marks), marks
     outs = []
     for _ in range(2):
-        out = poison_(torch.empty(b, 1, h_q, 512, dtype=torch.bfloat16, device="cuda"))
+        out = poison_(torch.empty(b, 1, h_q, 512, dtype=qdtype, device="cuda"))
         lse = poison_(torch.empty(b, h_q, 1, device="cuda"))
         ops.mla_decode(case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], plan, SCALE,
                        False, out=out, lse=lse)
