@@ -44,6 +44,7 @@
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <utility>
 
+#include "mla/mla_cache_token.cuh"
 #include "mla/mla_decode_kernel.cuh"
 #include "mla/mla_timeline.cuh"
 
@@ -388,16 +389,6 @@ __device__ __forceinline__ uint4 ld_peer_v4(uint32_t addr) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
   return v;
 }
-__device__ __forceinline__ float4 q4_to_float4(__nv_bfloat16, uint32_t a, uint32_t b) {
-  const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a));
-  const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b));
-  return make_float4(x.x, x.y, y.x, y.y);
-}
-__device__ __forceinline__ float4 q4_to_float4(__half, uint32_t a, uint32_t b) {
-  const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&a));
-  const float2 y = __half22float2(*reinterpret_cast<const __half2*>(&b));
-  return make_float4(x.x, x.y, y.x, y.y);
-}
 
 // A cluster pair's merge: both CTAs have staged their normalised rows (tile) and row statistics (s_m: row
 // max, log2 domain; s_l: row sum) in shared memory; CTA rank k writes final rows [32 k, 32 k + 32) of the
@@ -424,7 +415,7 @@ __device__ __forceinline__ void merge_cluster_pair(const DecodeParams& p, int bi
     const float w0 = lse2 == -INFINITY ? 0.f : exp2f(l0 - lse2), w1 = lse2 == -INFINITY ? 0.f : exp2f(l1 - lse2);
     const char* own_row = tile + r * kStagedRowBytes;
     const uint32_t peer_row = peer_smem(smem_u32(own_row), peer);
-    uint4* dst = reinterpret_cast<uint4*>(detail::piece_row<QT>(p, bi, R, true, 0));
+    QT* dst = detail::piece_row<QT>(p, bi, R, true, 0);
     uint4 vp[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) vp[j] = ld_peer_v4(peer_row + (q + 8 * j) * 16);
@@ -432,15 +423,12 @@ __device__ __forceinline__ void merge_cluster_pair(const DecodeParams& p, int bi
     for (int j = 0; j < 8; ++j) {
       const int c = q + 8 * j;
       const uint4 vo = *reinterpret_cast<const uint4*>(own_row + c * 16);
-      const uint4 x0 = rank == 0 ? vo : vp[j], x1 = rank == 0 ? vp[j] : vo;
-      const float4 a0 = q4_to_float4(QT(), x0.x, x0.y), b0 = q4_to_float4(QT(), x0.z, x0.w);
-      const float4 a1 = q4_to_float4(QT(), x1.x, x1.y), b1 = q4_to_float4(QT(), x1.z, x1.w);
-      uint4 o;
-      store_pair<QT>(reinterpret_cast<QT*>(&o.x), w0 * a0.x + w1 * a1.x, w0 * a0.y + w1 * a1.y);
-      store_pair<QT>(reinterpret_cast<QT*>(&o.y), w0 * a0.z + w1 * a1.z, w0 * a0.w + w1 * a1.w);
-      store_pair<QT>(reinterpret_cast<QT*>(&o.z), w0 * b0.x + w1 * b1.x, w0 * b0.y + w1 * b1.y);
-      store_pair<QT>(reinterpret_cast<QT*>(&o.w), w0 * b0.z + w1 * b1.z, w0 * b0.w + w1 * b1.w);
-      dst[c] = o;
+      float x0[8], x1[8], o[8];
+      to_float8<QT>(rank == 0 ? vo : vp[j], x0);
+      to_float8<QT>(rank == 0 ? vp[j] : vo, x1);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) o[k] = w0 * x0[k] + w1 * x1[k];
+      detail::store_8<QT>(dst + c * 8, o);
     }
     if (q == 0) {
       const int s = R / p.h_q, h = R - s * p.h_q;
