@@ -22,8 +22,8 @@ namespace {
 // - otherwise the two-warpgroup kernel (one row tile is memory-bound: b=64 h_q=64 121.4 against qreg's
 //   122.1, b=128 h_q=32 216.9 / 216.0).
 enum class Kernel { kByShape, kWgmma, kSeesaw, kQreg };  // kWgmma: also every rule's fallback
-// One read of FLASHSEEK_MLA_DECODE per call; values naming other tiles' kernels (e.g. staged) leave the
-// choice to the shape.
+// FLASHSEEK_MLA_DECODE, read once per rule lookup (kernels_to_try: twice a call); values naming other
+// tiles' kernels (e.g. staged) leave the choice to the shape.
 Kernel forced_kernel() {
   const char* s = std::getenv("FLASHSEEK_MLA_DECODE");
   if (s == nullptr) return Kernel::kByShape;
@@ -34,28 +34,31 @@ Kernel forced_kernel() {
 }
 bool qreg_shape(const DecodeParams& p) { return p.rows > wg::kM && p.batch >= 8; }
 bool seesaw_shape(const DecodeParams& p) { return p.s_q >= 2 && p.rows >= 4 * wg::kM; }
+// The kernels a call tries, in this order: the Q-in-registers one, the turn-taking one, and then always
+// the two-warpgroup one.
+struct KernelsToTry {
+  bool qreg, seesaw;
+};
+KernelsToTry kernels_to_try(const DecodeParams& p) {
+  const Kernel forced = forced_kernel();
+  const bool by_shape = forced == Kernel::kByShape;
+  return {forced == Kernel::kQreg || (by_shape && qreg_shape(p)),
+          forced == Kernel::kSeesaw || (by_shape && seesaw_shape(p))};
+}
 }  // namespace
 
 bool decode_merges_cluster_pairs(const DecodeParams& p, bool fp8_cache) {
   if (fp8_cache) return p.rows > 32;  // the FP8 wgmma kernel; narrower tiles run the direct kernel
-  const Kernel forced = forced_kernel();
-  const bool qreg = forced == Kernel::kQreg || (forced == Kernel::kByShape && qreg_shape(p));
-  const bool seesaw = forced == Kernel::kSeesaw || (forced == Kernel::kByShape && !qreg && seesaw_shape(p));
-  return !seesaw;
+  const KernelsToTry k = kernels_to_try(p);
+  return k.qreg || !k.seesaw;  // the turn-taking kernel runs only where the Q-in-registers one is not tried
 }
 
 void launch_decode_wgmma_bf16_cache(const DecodeParams& p, bool q_fp16, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return;
-  // The TMA-fed kernels return false when a map cannot describe q or the cache; the next rule applies.
-  const Kernel forced = forced_kernel();
-  const bool by_shape = forced == Kernel::kByShape;
-  if ((forced == Kernel::kQreg || (by_shape && qreg_shape(p))) && launch_decode_qreg_bf16_cache(p, q_fp16, stream)) {
-    return;
-  }
-  if ((forced == Kernel::kSeesaw || (by_shape && seesaw_shape(p))) &&
-      launch_decode_seesaw_bf16_cache(p, q_fp16, stream)) {
-    return;
-  }
+  // The TMA-fed kernels return false when a map cannot describe q or the cache; the next one is tried.
+  const KernelsToTry k = kernels_to_try(p);
+  if (k.qreg && launch_decode_qreg_bf16_cache(p, q_fp16, stream)) return;
+  if (k.seesaw && launch_decode_seesaw_bf16_cache(p, q_fp16, stream)) return;
   if (q_fp16) {
     wg::launch_decode_wgmma<__half, false>(p, stream);
   } else {
