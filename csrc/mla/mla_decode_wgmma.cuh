@@ -370,7 +370,8 @@ __device__ __forceinline__ bool is_cluster_pair(const DecodeParams& p, int bi) {
   if (!p.cluster_pairs) return false;
   const int part = blockIdx.y, even = part & ~1;
   const int* e0 = p.plan + kPlanPartInts * even;
-  return cluster_pair_request(e0, e0 + kPlanPartInts, p.plan + kPlanPartInts * p.num_sm_parts, p.batch) == bi;
+  const int* per_req = p.plan + kPlanPartInts * p.num_sm_parts;
+  return cluster_pair_candidate(e0, e0 + kPlanPartInts, p.batch) == bi && per_req[2 * bi + 1] == 2;
 }
 
 __device__ __forceinline__ uint32_t peer_smem(uint32_t addr, uint32_t peer) {

@@ -33,11 +33,11 @@ constexpr int workspace_slots(int num_sm_parts) { return 2 * num_sm_parts; }
 // staged rows through distributed shared memory and each writes half of the final rows, with no workspace
 // round trip and nothing left for the combine. The plan marks such a request in the split list with a
 // negative split count (-2); the combine skips it when the decode ran clustered (DecodeParams::cluster_pairs).
-// e0, e1: the plan entries of parts 2c and 2c + 1; per_req: the per-request entries. Returns the request or -1.
-__host__ __device__ inline int cluster_pair_request(const int* e0, const int* e1, const int* per_req, int batch) {
+// e0, e1: the plan entries of parts 2c and 2c + 1. Returns the one request both parts hold, or -1; it is a
+// cluster pair if it has two splits (the caller checks, from wherever it keeps the split counts).
+__host__ __device__ inline int cluster_pair_candidate(const int* e0, const int* e1, int batch) {
   const int r = e0[0];
-  if (r < 0 || r >= batch || e0[2] != r || e1[0] != r || e1[2] != r) return -1;
-  return per_req[2 * r + 1] == 2 ? r : -1;
+  return r >= 0 && r < batch && e0[2] == r && e1[0] == r && e1[2] == r ? r : -1;
 }
 
 struct PlanParams {
@@ -66,7 +66,7 @@ struct DecodeParams {
   float* ws_lse;                  // [workspace_slots, rows], log2 domain
   int batch, s_q, h_q, rows;      // rows = s_q * h_q
   // Launched in 2-CTA clusters along the parts (even num_sm_parts; a kernel that merges cluster pairs):
-  // requests the plan marks as cluster pairs are merged in the decode (cluster_pair_request).
+  // requests the plan marks as cluster pairs are merged in the decode (cluster_pair_candidate).
   int cluster_pairs;
   float scale_log2;               // softmax_scale * log2(e)
   int causal;

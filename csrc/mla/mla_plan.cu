@@ -117,9 +117,8 @@ __global__ void __launch_bounds__(kPlanThreads) mla_plan_kernel(PlanParams p) {
     constexpr int kPairBit = 1 << 15;
     for (int c = 0; c + 1 < P; c += 2) {
       const int* e0 = p.plan + kPlanPartInts * c;
-      const int* e1 = e0 + kPlanPartInts;
-      const int r = e0[0];
-      if (r >= 0 && r < b && e0[2] == r && e1[0] == r && e1[2] == r && s_req[r] == 2) s_req[r] |= kPairBit;
+      const int r = cluster_pair_candidate(e0, e0 + kPlanPartInts, b);
+      if (r >= 0 && s_req[r] == 2) s_req[r] |= kPairBit;
     }
     int ws = 0, n_split = 0;
     for (int r = 0; r < b; ++r) {
