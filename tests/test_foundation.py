@@ -133,15 +133,23 @@ def test_bench_gpu_state_sampling(tmp_path, monkeypatch):
 
 def test_mla_bench_external_flashmla_peer(tmp_path, monkeypatch):
     """The MLA bench's standalone-FlashMLA peer hook: parses the binary's timing line, passes the
-    row's shape, and reports no peer (rather than failing) for a missing or failing binary."""
+    row's shape (a varlen row: varlen=1, s_k = the longest length, and the lengths themselves in
+    FLASHMLA_BENCH_SEQLENS), and reports no peer (rather than failing) for a missing or failing binary."""
     from flashseek.bench import mla as bench_mla
 
     exe = tmp_path / "fake_flashmla"
+    # Exits 4 unless a varlen call carries exactly the row's lengths with s_k = their maximum.
     exe.write_text('#!/bin/sh\n[ "$1" = 128 ] || exit 3\n'
-                   'echo "fake b=$1 sq=$2 sk=$3 hq=$4 fp8=$5 causal=$6 varlen=$7 page=$8 P=66: 252.4 us  579 TFLOP/s"\n')
+                   'if [ "$5" = 1 ]; then [ "$3" = 9000 ] && [ "$FLASHMLA_BENCH_SEQLENS" = "5,9000,77" ] || exit 4; '
+                   'echo "fake: 301.5 us"; exit 0; fi\n'
+                   '[ -z "$FLASHMLA_BENCH_SEQLENS" ] || exit 5\n'
+                   'echo "fake b=$1 sq=$2 sk=$3 hq=$4 varlen=$5 causal=$6 fp8=$7 page=$8 P=66: 252.4 us  579 TFLOP/s"\n')
     exe.chmod(0o755)
     monkeypatch.setenv("FLASHSEEK_FLASHMLA_BENCH", str(exe))
+    monkeypatch.delenv("FLASHMLA_BENCH_SEQLENS", raising=False)
     assert bench_mla._external_peer_us(128, 1, 4096, 128, False) == 252.4
+    assert bench_mla._external_peer_us(128, 1, 4096, 128, False, lens=[5, 9000, 77]) == 301.5
+    assert bench_mla._external_peer_us(128, 1, 4096, 128, False, lens=[5, 9000, 78]) is None
     assert bench_mla._external_peer_us(64, 1, 4096, 64, False) is None  # the binary exits non-zero
     monkeypatch.setenv("FLASHSEEK_FLASHMLA_BENCH", str(tmp_path / "missing"))
     assert bench_mla._external_peer_us(128, 1, 4096, 128, False) is None

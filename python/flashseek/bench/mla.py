@@ -7,9 +7,10 @@ Counting (performance-targets.md), per call with mean_len the mean of the actual
 Timed: the whole mla_decode call (split kernel + combine) with the plan computed once, as an engine
 reuses it across layers; the plan kernel's own time is reported in `extra`. Peer: FlashMLA's dense
 kernel (bf16 cache, page 64) on the same inputs when `flash_mla` is importable; otherwise, for the
-fixed-length bf16 rows, a standalone FlashMLA benchmark binary named by FLASHSEEK_FLASHMLA_BENCH
-(arguments `b s_q s_k h_q 0 causal 0 64 "" iters`, prints "...: <us> us"; decode + combine, with
-its own random inputs of the same shape), run in the same process on the same GPU.
+bf16 rows, a standalone FlashMLA benchmark binary named by FLASHSEEK_FLASHMLA_BENCH (arguments
+`b s_q s_k h_q varlen causal 0 64 "" iters`, prints "...: <us> us"; decode + combine, with its own
+random inputs of the same shape; a varlen row passes its exact lengths in FLASHMLA_BENCH_SEQLENS, so
+that both sides run the same length draw), run in the same process on the same GPU.
 """
 from __future__ import annotations
 
@@ -119,18 +120,23 @@ def _peer(q, cache, table, seqlens, causal) -> Optional[callable]:
     return fn
 
 
-def _external_peer_us(b, s_q, s_k, h_q, causal, iters=30) -> Optional[float]:
-    """Median µs from the standalone FlashMLA binary (see the module docstring), or None. `iters`
+def _external_peer_us(b, s_q, s_k, h_q, causal, iters=30, lens=None) -> Optional[float]:
+    """Median µs from the standalone FlashMLA binary (see the module docstring), or None. `lens`
+    (a varlen row's lengths) goes to the binary as FLASHMLA_BENCH_SEQLENS, with s_k their maximum. `iters`
     calls are timed after 3 warm-up calls: the caller sizes them like its own timing (~125 ms of
     back-to-back calls), since a compute-bound row runs 6-9% slower over 1,000 calls than over 30 as
     the card settles under its power limit (session 8: FlashMLA 255.7 -> 271.6 µs, ours 294 -> 323)."""
     exe = os.environ.get("FLASHSEEK_FLASHMLA_BENCH")
     if not exe or not os.path.isfile(exe):
         return None
+    env = dict(os.environ)
+    if lens is not None:
+        env["FLASHMLA_BENCH_SEQLENS"] = ",".join(str(int(n)) for n in lens)
+        s_k = max(lens)
     try:
-        res = subprocess.run([exe, str(b), str(s_q), str(s_k), str(h_q), "0", str(int(causal)), "0", str(PAGE), "",
-                              str(iters)],
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run([exe, str(b), str(s_q), str(s_k), str(h_q), "0" if lens is None else "1", str(int(causal)),
+                              "0", str(PAGE), "", str(iters)],
+                             capture_output=True, text=True, timeout=120, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.search(r":\s*([0-9.]+) us", res.stdout)
@@ -228,9 +234,9 @@ def run(ctx: BenchContext) -> list[Row]:
             fns = [_peer(q, cache, table, seqlens, causal) for q, cache in sets]
             if fns[0] is not None:
                 peer, peer_us = "FlashMLA", ctx.time(lambda i: fns[i](), n_inputs=len(fns))
-            elif not varlen:
+            else:
                 iters = max(30, min(5000, int((ctx.warmup_ms + ctx.rep_ms) * 1e3 / max(us, 1.0))))
-                peer_us = _external_peer_us(b, s_q, s_k, h_q, causal, iters)
+                peer_us = _external_peer_us(b, s_q, s_k, h_q, causal, iters, lens if varlen else None)
                 peer = "FlashMLA (standalone)" if peer_us is not None else None
         if b * s_k <= 16384 or not ctx.cuda:  # accuracy on the small rows only (the reference is slow)
             q, cache = sets[0]
