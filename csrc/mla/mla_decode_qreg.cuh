@@ -42,6 +42,8 @@
 #pragma once
 #include <cuda.h>
 
+#include <cstdlib>
+
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
@@ -81,7 +83,10 @@ struct Smem {
   static constexpr int kBarP = kBarFull + kStages * kPanels * 8;  // [stage] P and its factors stored
   static constexpr int kBarEmpty = kBarP + kStages * 8;           // [stage] every reader done
   static constexpr int kBarQ = kBarEmpty + kStages * 8;           // the Q tile's TMA
-  static constexpr int kTotal = kBarQ + 8;
+  // Multicast pairs only (kMc): [stage] the peer CTA released the stage; the peer read its Q out of block 2's stage.
+  static constexpr int kBarPeerEmpty = kBarQ + 8;
+  static constexpr int kBarPeerQ = kBarPeerEmpty + kStages * 8;
+  static constexpr int kTotal = kBarPeerQ + 8;
 };
 static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
 static_assert(kM * wg::kStagedRowBytes <= kTileBytes, "the staged output rows must stay in stage 0");
@@ -167,6 +172,46 @@ __device__ __forceinline__ void issue_block_rows(const CUtensorMap* map, char* s
                                           box_log2, lane);
 }
 
+// Multicast pairs (kMc): the two row tiles of one part run as a 2-CTA cluster and read the same key
+// blocks, so each CTA loads half of a block's panels (panel pn by rank pn % 2) into both CTAs' stages
+// with one multicast TMA: the L2 serves each block once per pair instead of once per row tile. Each CTA
+// arms its own barriers for all nine panels (the peer's half completes on them too). A stage is refilled
+// only once both CTAs released it (the refilling warp tells the peer through its kBarPeerEmpty), block 2
+// of a piece only once the peer read its Q out of that stage (kBarPeerQ), and a new piece starts behind a
+// cluster barrier (its first blocks land in stages the peer's previous piece used, and stage 0 held its
+// staged output rows).
+__device__ __forceinline__ void issue_block_rows_mc(const CUtensorMap* map, char* smem, uint64_t* bar_full, int rows,
+                                                    int lane0, int st, int nbox, int box_log2, int lane, int rank) {
+  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  char* stage = smem + st * kTileBytes;
+  uint64_t* bars = bar_full + st * kPanels;
+  const int row = __shfl_sync(0xffffffffu, rows, lane0 + (lane & 7));
+  const bool mine = lane < nbox && row >= 0;
+  const uint32_t bytes = static_cast<uint32_t>(__popc(__ballot_sync(0xffffffffu, mine))) << (box_log2 + 7);
+  if (lane == 0) {
+#pragma unroll
+    for (int pn = 0; pn < kPanels; ++pn) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bars + pn, bytes);
+  }
+  __syncwarp();
+  if (mine) {
+#pragma unroll
+    for (int pn = 0; pn < kPanels; ++pn) {
+      if ((pn & 1) == rank) {
+        cute::SM90_TMA_LOAD_MULTICAST_2D::copy(map, bars + pn, uint16_t(0x3), kHint,
+                                               stage + pn * kPanelBytes + (lane << (box_log2 + 7)), pn * 64, row);
+      }
+    }
+  }
+}
+// Arrive on the peer CTA's copy of the mbarrier at local address `bar`.
+__device__ __forceinline__ void mbar_arrive_peer(uint32_t bar, uint32_t peer) {
+  asm volatile(
+      "{\n.reg .b32 ra;\n"
+      "mapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar), "r"(peer)
+      : "memory");
+}
+
 // An fp16 Q's rope panel -> bf16 in place, by warpgroup 0 (elementwise: the swizzled positions stay).
 template <typename QT>
 __device__ __forceinline__ void q_rope_to_bf16(char* rope, int tw) {
@@ -219,7 +264,7 @@ struct Piece {
   }
 };
 
-template <typename QT>
+template <typename QT, bool kMc>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_qreg_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_kv,
                            const __grid_constant__ wg::TileMaps maps) {
@@ -234,6 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Smem::kBarQ);
   const uint32_t bar_full_u = s_base + Smem::kBarFull, bar_p_u = s_base + Smem::kBarP;
   const uint32_t bar_empty_u = s_base + Smem::kBarEmpty, bar_q_u = s_base + Smem::kBarQ;
+  const uint32_t bar_peer_empty_u = s_base + Smem::kBarPeerEmpty, bar_peer_q_u = s_base + Smem::kBarPeerQ;
 
   const int m_tile = blockIdx.x, part = blockIdx.y;
   const int wg = warpgroup_index(), tw = threadIdx.x & 127;
@@ -242,6 +288,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int row0 = warp * 16 + g;  // this thread's accumulator rows: row0 and row0 + 8
   const int box_log2 = min(p.page_size_log2, 6);
   const int nbox = kBlockN >> box_log2;
+  const int rank = kMc ? m_tile & 1 : 0;  // the cluster is (2, 1, 1): rank = m_tile % 2
+  // All nine panels of one block into stage st, alone or with the peer (kMc).
+  auto issue_block = [&](int rows, int lane0, int st) {
+    if constexpr (kMc) {
+      issue_block_rows_mc(&tmap_kv, smem, bar_full, rows, lane0, st, nbox, box_log2, lane, rank);
+    } else {
+      issue_block_rows(&tmap_kv, smem, bar_full, rows, lane0, st, nbox, box_log2, lane);
+    }
+  };
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages * kPanels; ++i) cutlass::arch::ClusterTransactionBarrier::init(bar_full + i, 1);
@@ -250,6 +305,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(bar_empty_u + 8 * s, kThreads);  // every thread, after its own wgmma reading the stage retired
     }
     cutlass::arch::ClusterTransactionBarrier::init(bar_q, 1);
+    if constexpr (kMc) {
+      for (int s = 0; s < kStages; ++s) mbar_init(bar_peer_empty_u + 8 * s, 1);
+      mbar_init(bar_peer_q_u, 1);
+    }
     cutlass::arch::fence_barrier_init();
     cute::prefetch_tma_descriptor(&tmap_kv);
     cute::prefetch_tma_descriptor(&maps.q);
@@ -267,10 +326,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   plan.warm(p);
   // An empty part (the plan left it no piece) leaves before the wait: its SM is free for the combine's
   // CTAs, which cannot share one with a decode CTA (registers), while the previous kernel still runs.
-  if (plan.b0 > plan.b1) return;
+  if (plan.b0 > plan.b1) return;  // kMc: both CTAs of the pair share the part
+  if constexpr (kMc) cute::cluster_sync();  // the peer's barriers are initialised before any remote arrive or copy
   pdl_wait();
   if (wg == 0) {
+    uint32_t peer_q_parity = 0;
     for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+      if constexpr (kMc) {
+        if (bi > plan.b0) cute::cluster_sync();  // both CTAs are done with the previous piece
+      }
       const Piece pc(p, plan, bi, gblk);
       const int len = pc.len, len_eff = pc.len_eff, blk_begin = pc.blk_begin, n = pc.n;
       const wg::PieceDest& dest = pc.dest;
@@ -294,8 +358,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         if (warp == 0) {  // blocks 0 and 1 at once (lanes 0-7 / 8-15 hold their boxes' rows)
           const int rows = lane < 16 ? pc.rows(p, nbox, box_log2, lane >> 3, lane & 7) : -1;
-          issue_block_rows(&tmap_kv, smem, bar_full, rows, 0, pc.stage(0), nbox, box_log2, lane);
-          if (n > 1) issue_block_rows(&tmap_kv, smem, bar_full, rows, 8, pc.stage(1), nbox, box_log2, lane);
+          issue_block(rows, 0, pc.stage(0));
+          if (n > 1) issue_block(rows, 8, pc.stage(1));
         }
         const int rows2 = warp == 0 ? pc.rows(p, nbox, box_log2, 2, lane) : -1;
         mbar_wait(bar_q_u, q_parity);
@@ -313,7 +377,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         q_rope_to_bf16<QT>(smem + Smem::kQRope, tw);
         fence_async_smem();  // the reads above before block 2's TMA; an fp16 rope's rewrite before S
         bar_sync(kBarQRead, 128);  // every warp has its fragments (and its part of the rope converted)
-        if (warp == 0 && n > 2) issue_block_rows(&tmap_kv, smem, bar_full, rows2, 0, pc.stage(2), nbox, box_log2, lane);
+        if constexpr (kMc) {
+          if (tw == 0) mbar_arrive_peer(bar_peer_q_u, rank ^ 1);  // the peer may now load block 2 into this stage
+          if (warp == 0 && n > 2) mbar_wait(bar_peer_q_u, peer_q_parity);
+          peer_q_parity ^= 1;
+        }
+        if (warp == 0 && n > 2) issue_block(rows2, 0, pc.stage(2));
         fence_regs(sacc);
         s_block(qf, dQr, wgmma_desc_sw128_tile(s_base + stage_off(pc.stage(0)), 16, 1024),
                 bar_full_u + 8 * kPanels * pc.stage(0), pc.parity(0), sacc);
@@ -429,7 +498,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       gblk += n;
     }
   } else {
+    uint32_t peer_empty_parity = 0;  // bit s: the phase of kBarPeerEmpty[s] (kMc)
     for (int bi = plan.b0; bi <= plan.b1; ++bi) {
+      if constexpr (kMc) {
+        if (bi > plan.b0) cute::cluster_sync();
+      }
       const Piece pc(p, plan, bi, gblk);
       const int len_eff = pc.len_eff, blk_begin = pc.blk_begin, n = pc.n;
       const wg::PieceDest& dest = pc.dest;
@@ -471,7 +544,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (j + 3 < n) {
             const int rows = lane < nbox ? seesaw::box_row_from(p, next_page, blk_begin + j + 3, lane, box_log2, len_eff) : -1;
             mbar_wait(bar_empty_u + 8 * st, ph);
-            issue_block_rows(&tmap_kv, smem, bar_full, rows, 0, st, nbox, box_log2, lane);
+            if constexpr (kMc) {  // and the peer's readers too: this refill lands in both CTAs
+              if (lane == 0) mbar_arrive_peer(bar_peer_empty_u + 8 * st, rank ^ 1);
+              mbar_wait(bar_peer_empty_u + 8 * st, (peer_empty_parity >> st) & 1);
+              peer_empty_parity ^= 1u << st;
+            }
+            issue_block(rows, 0, st);
           }
           next_page = lane < nbox && j + 4 < n ? seesaw::box_page(p, bi, blk_begin + j + 4, lane, box_log2, len_eff) : 0;
         }
@@ -494,6 +572,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       gblk += n;
     }
   }
+  // No CTA of a pair leaves while the peer's multicast copies into it or its arrives may be in flight.
+  if constexpr (kMc) cute::cluster_sync();
 }
 
 // TMA map of the bf16 cache (seesaw::kv_tensor_map) and the Q tile map (wg::make_tile_maps): false when
@@ -504,12 +584,17 @@ bool launch_decode_qreg(const DecodeParams& p, const CUtensorMap& map, cudaStrea
   wg::make_tile_maps(p, std::is_same_v<QT, __half>, maps);
   if (!maps.q_tma) return false;
   constexpr int smem = Smem::kTotal;
-  opt_in_dynamic_smem<mla_decode_qreg_kernel<QT>>(smem);
+  opt_in_dynamic_smem<mla_decode_qreg_kernel<QT, false>>(smem);
+  opt_in_dynamic_smem<mla_decode_qreg_kernel<QT, true>>(smem);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
+  const char* ab = std::getenv("FLASHSEEK_AB_VAR");  // TEMPORARY A/B switch (session 23): 1 = multicast pairs
+  const bool mc = ab != nullptr && ab[0] == '1' && grid.x % 2 == 0 && !p.cluster_pairs;
   if (p.cluster_pairs) {
-    launch_pdl_clusters(mla_decode_qreg_kernel<QT>, grid, dim3(kThreads), smem, stream, dim3(1, 2, 1), p, map, maps);
+    launch_pdl_clusters(mla_decode_qreg_kernel<QT, false>, grid, dim3(kThreads), smem, stream, dim3(1, 2, 1), p, map, maps);
+  } else if (mc) {
+    launch_pdl_clusters(mla_decode_qreg_kernel<QT, true>, grid, dim3(kThreads), smem, stream, dim3(2, 1, 1), p, map, maps);
   } else {
-    launch_pdl(mla_decode_qreg_kernel<QT>, grid, dim3(kThreads), smem, stream, p, map, maps);
+    launch_pdl(mla_decode_qreg_kernel<QT, false>, grid, dim3(kThreads), smem, stream, p, map, maps);
   }
   FS_CHECK_LAUNCH();
   return true;
