@@ -83,9 +83,7 @@ struct Smem {
   static constexpr int kBarP = kBarFull + kStages * kPanels * 8;  // [stage] P and its factors stored
   static constexpr int kBarEmpty = kBarP + kStages * 8;           // [stage] every reader done
   static constexpr int kBarQ = kBarEmpty + kStages * 8;           // the Q tile's TMA
-  // Multicast pairs only (kMc): [stage] the peer CTA released the stage; the peer read its Q out of block 2's stage.
-  static constexpr int kBarPeerEmpty = kBarQ + 8;
-  static constexpr int kBarPeerQ = kBarPeerEmpty + kStages * 8;
+  static constexpr int kBarPeerQ = kBarQ + 8;  // multicast pairs only (kMc): the peer read its Q out of block 2's stage
   static constexpr int kTotal = kBarPeerQ + 8;
 };
 static_assert(Smem::kTotal <= 232448, "shared memory exceeds the sm_90 per-block limit");
@@ -175,11 +173,11 @@ __device__ __forceinline__ void issue_block_rows(const CUtensorMap* map, char* s
 // Multicast pairs (kMc): the two row tiles of one part run as a 2-CTA cluster and read the same key
 // blocks, so each CTA loads half of a block's panels (panel pn by rank pn % 2) into both CTAs' stages
 // with one multicast TMA: the L2 serves each block once per pair instead of once per row tile. Each CTA
-// arms its own barriers for all nine panels (the peer's half completes on them too). A stage is refilled
-// only once both CTAs released it (the refilling warp tells the peer through its kBarPeerEmpty), block 2
-// of a piece only once the peer read its Q out of that stage (kBarPeerQ), and a new piece starts behind a
-// cluster barrier (its first blocks land in stages the peer's previous piece used, and stage 0 held its
-// staged output rows).
+// arms its own barriers for all nine panels (the peer's half completes on them too). Every warp of both
+// CTAs releases a stage on both CTAs' "empty" barriers, so a refill waits for one local barrier as before;
+// block 2 of a piece waits until the peer read its Q out of that stage (kBarPeerQ), and a new piece starts
+// behind a cluster barrier (its first blocks land in stages the peer's previous piece used, and stage 0
+// held its staged output rows).
 __device__ __forceinline__ void issue_block_rows_mc(const CUtensorMap* map, char* smem, uint64_t* bar_full, int rows,
                                                     int lane0, int st, int nbox, int box_log2, int lane, int rank) {
   constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
@@ -279,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Smem::kBarQ);
   const uint32_t bar_full_u = s_base + Smem::kBarFull, bar_p_u = s_base + Smem::kBarP;
   const uint32_t bar_empty_u = s_base + Smem::kBarEmpty, bar_q_u = s_base + Smem::kBarQ;
-  const uint32_t bar_peer_empty_u = s_base + Smem::kBarPeerEmpty, bar_peer_q_u = s_base + Smem::kBarPeerQ;
+  const uint32_t bar_peer_q_u = s_base + Smem::kBarPeerQ;
 
   const int m_tile = blockIdx.x, part = blockIdx.y;
   const int wg = warpgroup_index(), tw = threadIdx.x & 127;
@@ -290,6 +288,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int nbox = kBlockN >> box_log2;
   const int rank = kMc ? m_tile & 1 : 0;  // the cluster is (2, 1, 1): rank = m_tile % 2
   // All nine panels of one block into stage st, alone or with the peer (kMc).
+  // This thread (kMc: its warp, on both CTAs' barriers) is done with stage st.
+  auto release_stage = [&](int st) {
+    if constexpr (kMc) {
+      __syncwarp();
+      if (lane == 0) {
+        mbar_arrive(bar_empty_u + 8 * st);
+        mbar_arrive_peer(bar_empty_u + 8 * st, rank ^ 1);
+      }
+    } else {
+      mbar_arrive(bar_empty_u + 8 * st);
+    }
+  };
   auto issue_block = [&](int rows, int lane0, int st) {
     if constexpr (kMc) {
       issue_block_rows_mc(&tmap_kv, smem, bar_full, rows, lane0, st, nbox, box_log2, lane, rank);
@@ -302,13 +312,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kStages * kPanels; ++i) cutlass::arch::ClusterTransactionBarrier::init(bar_full + i, 1);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_p_u + 8 * s, 128);
-      mbar_init(bar_empty_u + 8 * s, kThreads);  // every thread, after its own wgmma reading the stage retired
+      // Every thread after its own wgmma reading the stage retired; kMc: every warp of both CTAs.
+      mbar_init(bar_empty_u + 8 * s, kMc ? 2 * kThreads / 32 : kThreads);
     }
     cutlass::arch::ClusterTransactionBarrier::init(bar_q, 1);
-    if constexpr (kMc) {
-      for (int s = 0; s < kStages; ++s) mbar_init(bar_peer_empty_u + 8 * s, 1);
-      mbar_init(bar_peer_q_u, 1);
-    }
+    if constexpr (kMc) mbar_init(bar_peer_q_u, 1);
     cutlass::arch::fence_barrier_init();
     cute::prefetch_tma_descriptor(&tmap_kv);
     cute::prefetch_tma_descriptor(&maps.q);
@@ -475,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         cute::warpgroup_wait<0>();
         fence_regs(sacc);
         fence_regs(o0);
-        mbar_arrive(bar_empty_u + 8 * st);  // this warpgroup is done with stage j
+        release_stage(st);  // this warpgroup is done with stage j
       };
       run_blocks(step, n);
 #pragma unroll
@@ -498,7 +506,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       gblk += n;
     }
   } else {
-    uint32_t peer_empty_parity = 0;  // bit s: the phase of kBarPeerEmpty[s] (kMc)
     for (int bi = plan.b0; bi <= plan.b1; ++bi) {
       if constexpr (kMc) {
         if (bi > plan.b0) cute::cluster_sync();
@@ -536,19 +543,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         cute::warpgroup_wait<0>();
         fence_regs(oa);
         fence_regs(ob);
-        mbar_arrive(bar_empty_u + 8 * st);
+        release_stage(st);
         // Warp 0 refills the stage with block j + 3 once warpgroup 0 is done with it too (its P V of block
         // j retired at the end of its step j, long before). The refill stays off warpgroup 0, whose serial
         // path sets the pace; the table entries were loaded an iteration ago (next_page).
         if (warp == 0) {
           if (j + 3 < n) {
             const int rows = lane < nbox ? seesaw::box_row_from(p, next_page, blk_begin + j + 3, lane, box_log2, len_eff) : -1;
-            mbar_wait(bar_empty_u + 8 * st, ph);
-            if constexpr (kMc) {  // and the peer's readers too: this refill lands in both CTAs
-              if (lane == 0) mbar_arrive_peer(bar_peer_empty_u + 8 * st, rank ^ 1);
-              mbar_wait(bar_peer_empty_u + 8 * st, (peer_empty_parity >> st) & 1);
-              peer_empty_parity ^= 1u << st;
-            }
+            mbar_wait(bar_empty_u + 8 * st, ph);  // kMc: the peer's readers too (this refill lands in both)
             issue_block(rows, 0, st);
           }
           next_page = lane < nbox && j + 4 < n ? seesaw::box_page(p, bi, blk_begin + j + 4, lane, box_log2, len_eff) : 0;
