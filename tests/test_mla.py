@@ -825,6 +825,46 @@ def test_decode_cluster_pairs_cuda(h_q, b, s_k, fp8, impl, qdtype, page, varlen,
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+def _qreg_instantiations(fn):
+    """The Q-in-registers kernel's multicast template flags (True / False) of the launches `fn` made."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "mla_decode_qreg_kernel" in e.name]
+    return {("bfloat16, true" in n or "__half, true" in n or "Lb1E" in n) for n in names}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("b,s_q,h_q,page,qdtype,causal,varlen,parts", [
+    (129, 1, 128, 64, BF16, False, False, None),  # the default rule's regime (batch >= parts)
+    (8, 1, 128, 16, BF16, False, True, None),     # 16-token pages: four boxes a panel; lengths from 0
+    (9, 2, 64, 32, FP16, True, True, None),       # a pair of tiles with different causal limits (s = 0, 1)
+    (5, 4, 64, 128, BF16, True, False, 3),        # four tiles (two pairs), several pieces a part
+    (12, 1, 96, 64, BF16, False, True, 5),        # the second tile half empty (rows 64-95)
+    (3, 8, 16, 64, FP16, True, False, 2)])        # s_q = 8: 128 rows of 16 heads
+def test_decode_multicast_pairs_cuda(b, s_q, h_q, page, qdtype, causal, varlen, parts, monkeypatch):
+    # The Q-in-registers kernel with its two row tiles as a 2-CTA cluster loading each key block once for
+    # both (TMA multicast): forced on and off, it must give the reference's result and the same bits (the
+    # math and its order are the same; only who loads a panel differs), and the profile must show that
+    # the multicast instantiation really ran.
+    monkeypatch.setenv("FLASHSEEK_MLA_DECODE", "qreg")
+    rng = random.Random(b * 31 + h_q)
+    lens = ([0] + [rng.randint(1, 3000) for _ in range(b - 1)]) if varlen else [2000 + 37 * b] * b
+    case = make_case(b, s_q, h_q, lens, page, qdtype=qdtype, device="cuda", gen_seed=b + h_q)
+    plan = ops.mla_decode_plan(case["cache_seqlens"], s_q, h_q, parts)
+    res = {}
+    for mc in ("1", "0"):
+        monkeypatch.setenv("FLASHSEEK_MLA_MULTICAST", mc)
+        out = poison_(torch.empty(b, s_q, h_q, 512, dtype=qdtype, device="cuda"))
+        lse = poison_(torch.empty(b, h_q, s_q, device="cuda"))
+        ran = _qreg_instantiations(lambda: ops.mla_decode(case["q"], case["kv_cache"], case["block_table"],
+                                                          case["cache_seqlens"], plan, SCALE, causal, out=out, lse=lse))
+        assert ran == {mc == "1"}, ran
+        res[mc] = (out, lse)
+    check_against_reference(case, res["1"][0], res["1"][1], causal)
+    assert torch.equal(res["1"][0], res["0"][0]) and torch.equal(res["1"][1], res["0"][1])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("P", [1, 5, 66, 132, 4096])
 def test_plan_kernel_matches_reference_cuda(P):

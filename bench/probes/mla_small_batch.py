@@ -35,7 +35,8 @@ dtypes = [getattr(torch, d) for d in os.environ.get("DTYPES", "bfloat16").split(
 rounds, replays = int(os.environ.get("ROUNDS", "5")), int(os.environ.get("REPLAYS", "40"))
 tag = os.environ.get("TAG", "")
 # FLASHSEEK_MLA_DECODE values to compare (read by the C++ dispatch when a call is captured); "default" unsets it.
-# "kernel:v" also sets FLASHSEEK_AB_VAR=v, which a build under a temporary A/B reads to pick a variant.
+# "kernel:v" also sets FLASHSEEK_AB_VAR=v, which a build under a temporary A/B reads to pick a variant;
+# "kernel:NAME=v" sets the environment variable NAME=v instead (e.g. default:FLASHSEEK_MLA_MULTICAST=0).
 impls = os.environ.get("KERNELS", "default").split(",")
 l2res = int(os.environ.get("L2RES", "0"))
 varlen = os.environ.get("VARLEN", "0") == "1"  # lengths drawn as bench mla's varlen rows draw them
@@ -85,10 +86,11 @@ def main():
                             os.environ.pop("FLASHSEEK_MLA_DECODE", None)
                         else:
                             os.environ["FLASHSEEK_MLA_DECODE"] = name
+                        env_name, _, env_value = var.rpartition("=") if "=" in var else ("FLASHSEEK_AB_VAR", "", var)
+                        for e in ("FLASHSEEK_AB_VAR", "FLASHSEEK_MLA_MULTICAST"):
+                            os.environ.pop(e, None)
                         if var:
-                            os.environ["FLASHSEEK_AB_VAR"] = var
-                        else:
-                            os.environ.pop("FLASHSEEK_AB_VAR", None)
+                            os.environ[env_name] = env_value
                         outs = [(torch.full((b, 1, h_q, 512), float("nan"), dtype=dt, device="cuda"),
                                  torch.empty(b, h_q, 1, dtype=torch.float32, device="cuda")) for _ in sets]
 
@@ -107,8 +109,8 @@ def main():
                                 calls()
                         torch.cuda.current_stream().wait_stream(s)
                         variants.append((parts, n_parts, impl, g, outs, plan))
-                    os.environ.pop("FLASHSEEK_MLA_DECODE", None)
-                    os.environ.pop("FLASHSEEK_AB_VAR", None)
+                    for e in ("FLASHSEEK_MLA_DECODE", "FLASHSEEK_AB_VAR", "FLASHSEEK_MLA_MULTICAST"):
+                        os.environ.pop(e, None)
                 for v in variants:
                     for _ in range(5):
                         v[3].replay()

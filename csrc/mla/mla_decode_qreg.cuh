@@ -32,7 +32,9 @@
 // each HGMMA, and WG0's P V takes P from registers: 246.2 -> 226.6 µs in L2, 265.8 -> 256.3 from HBM.
 // Measured slower and dropped (docs/mla-design.md, session 20): S in 32-key halves, an L2 prefetch
 // from WG1, one test of all panel barriers, and P signalled later or earlier than here.
-// Dispatch: see mla_decode_wgmma_bf16.cu.
+// Dispatch: see mla_decode_wgmma_bf16.cu. Multicast pairs (kMc, issue_block_rows_mc): where the batch
+// fills the parts, the two row tiles of a part run as a 2-CTA cluster that loads each key block once for
+// both (multicast_pairs).
 //
 // Shared memory: stage 0 | stage 1 | stage 2 (73,728 B each, 9 panels of [64 rows][128 B], 128B
 // swizzle) | Q's rope panel | row vectors | mbarriers. Each piece's Q lands by TMA in the stage that
@@ -578,6 +580,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kMc) cute::cluster_sync();
 }
 
+// Whether the row tiles run as multicast pairs (kMc): they must pair up, and the parts' 2-CTA clusters
+// along the keys (cluster pairs, DecodeParams::cluster_pairs) take precedence. By default only where the
+// batch fills the parts (batch >= num_sm_parts: long pieces, about one whole request or more a part).
+// Same-run graph replays, session 23 (docs/mla-design.md): b=128 h_q=128 250.2 -> 247.5 µs, varlen
+// 285.5 -> 279.7, KV in L2 223.9 -> 216.5; b=64 a tie; b=16 +1.2 and b=8 +4.1 µs (the cluster launch,
+// the barriers at piece starts and ends, the peer's Q read before block 2). FLASHSEEK_MLA_MULTICAST=0 / =1,
+// read on every call, forces it off / on (where the tiles pair up), for tests and A/B runs.
+inline bool multicast_pairs(const DecodeParams& p, int m_tiles) {
+  if (m_tiles % 2 != 0 || p.cluster_pairs) return false;
+  const char* forced = std::getenv("FLASHSEEK_MLA_MULTICAST");
+  if (forced != nullptr && (forced[0] == '0' || forced[0] == '1') && forced[1] == '\0') return forced[0] == '1';
+  return p.batch >= p.num_sm_parts;
+}
+
 // TMA map of the bf16 cache (seesaw::kv_tensor_map) and the Q tile map (wg::make_tile_maps): false when
 // either cannot be built; the caller then runs another kernel.
 template <typename QT>
@@ -589,8 +605,7 @@ bool launch_decode_qreg(const DecodeParams& p, const CUtensorMap& map, cudaStrea
   opt_in_dynamic_smem<mla_decode_qreg_kernel<QT, false>>(smem);
   opt_in_dynamic_smem<mla_decode_qreg_kernel<QT, true>>(smem);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  const char* ab = std::getenv("FLASHSEEK_AB_VAR");  // TEMPORARY A/B switch (session 23): 1 = multicast pairs
-  const bool mc = ab != nullptr && ab[0] == '1' && grid.x % 2 == 0 && !p.cluster_pairs;
+  const bool mc = multicast_pairs(p, static_cast<int>(grid.x));
   if (p.cluster_pairs) {
     launch_pdl_clusters(mla_decode_qreg_kernel<QT, false>, grid, dim3(kThreads), smem, stream, dim3(1, 2, 1), p, map, maps);
   } else if (mc) {
