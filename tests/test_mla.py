@@ -826,12 +826,15 @@ def test_decode_cluster_pairs_cuda(h_q, b, s_k, fp8, impl, qdtype, page, varlen,
 
 
 def _qreg_instantiations(fn):
-    """The Q-in-registers kernel's multicast template flags (True / False) of the launches `fn` made."""
+    """The Q-in-registers kernel's multicast template flags (True / False) of the launches `fn` made, or
+    None where the profiler records no kernel at all (CUPTI is unavailable under compute-sanitizer)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if "mla_decode_qreg_kernel" in e.name]
-    return {("bfloat16, true" in n or "__half, true" in n or "Lb1E" in n) for n in names}
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not names:
+        return None
+    return {("bfloat16, true" in n or "__half, true" in n or "Lb1E" in n) for n in names if "mla_decode_qreg_kernel" in n}
 
 
 @pytest.mark.cuda
@@ -859,7 +862,7 @@ def test_decode_multicast_pairs_cuda(b, s_q, h_q, page, qdtype, causal, varlen, 
         lse = poison_(torch.empty(b, h_q, s_q, device="cuda"))
         ran = _qreg_instantiations(lambda: ops.mla_decode(case["q"], case["kv_cache"], case["block_table"],
                                                           case["cache_seqlens"], plan, SCALE, causal, out=out, lse=lse))
-        assert ran == {mc == "1"}, ran
+        assert ran is None or ran == {mc == "1"}, ran
         res[mc] = (out, lse)
     check_against_reference(case, res["1"][0], res["1"][1], causal)
     assert torch.equal(res["1"][0], res["0"][0]) and torch.equal(res["1"][1], res["0"][1])
