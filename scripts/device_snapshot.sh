@@ -5,7 +5,8 @@
 #   - the wheels of .whl/ (the GPU machine has no network);
 #   - .prebuilt/libflashseek_kernels.a, the CUDA kernels compiled here (scripts/build_kernels.sh), so that
 #     only the host glue compiles there.
-# .snapshot/.prebuilt/ keeps anything else in it (local harnesses, peer binaries: never committed).
+# .snapshot/.prebuilt/ keeps anything else in it (local harnesses: never committed); the peer binaries of
+# .prebuilt/peers/ are copied in afresh.
 # Needs nvcc and the dev venv's cmake (>= 3.26) on PATH. Ninja's build directory persists between calls
 # in $FLASHSEEK_SNAPSHOT_BUILD (default /tmp/flashseek_snapshot_build), and ccache makes rebuilds cheap.
 # Usage: scripts/device_snapshot.sh [--worktree]
@@ -24,6 +25,12 @@ else
   git -C "$root" archive HEAD | tar -x -m -C "$snap"
 fi
 [ -d "$root/.whl" ] && cp -r "$root/.whl" "$snap/"
+# Peer binaries built here (git-ignored, never committed): refreshed on every snapshot, so that a rebuilt
+# peer reaches the GPU machine (session 23 ran a stale FlashMLA binary that lacked varlen).
+if [ -d "$root/.prebuilt/peers" ]; then
+  mkdir -p "$snap/.prebuilt/peers"
+  find "$root/.prebuilt/peers" -maxdepth 1 -type f -exec cp -p {} "$snap/.prebuilt/peers/" \;
+fi
 mkdir -p "$snap/build"
 [ -d "$keep" ] && mv "$keep" "$snap/build/kernels"
 status=0

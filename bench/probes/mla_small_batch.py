@@ -11,7 +11,8 @@ counted (`over_budget`, as tests/test_mla.py counts) and without it (`over_budge
 <= 0 is within, 1e-3 is the edge.
 Usage (a GPU, flashseek built):
   CASES='1,128,4096;32,128,1024' PARTS='default,33' KERNELS='wgmma,seesaw' TAG=new python bench/probes/mla_small_batch.py
-VARLEN=1 draws the lengths as `flashseek bench mla`'s varlen rows do.
+VARLEN=1 draws the lengths as `flashseek bench mla`'s varlen rows do. S_Q=n (default 1) runs n query rows a
+request, CAUSAL=1 with the causal mask (the error fields then hold max abs error and cos diff only).
 L2RES=k maps every block-table entry to page (entry % k), so that the whole KV stays in L2 (the kernels'
 compute side without HBM waits). Prints one JSON object per line: tag, b, h_q, s_k, dtype, parts, kernel,
 us, err fields. The variants of a
@@ -40,11 +41,17 @@ tag = os.environ.get("TAG", "")
 impls = os.environ.get("KERNELS", "default").split(",")
 l2res = int(os.environ.get("L2RES", "0"))
 varlen = os.environ.get("VARLEN", "0") == "1"  # lengths drawn as bench mla's varlen rows draw them
+s_q_all = int(os.environ.get("S_Q", "1"))
+causal = os.environ.get("CAUSAL", "0") == "1"
 
 
 def error_fields(q, cache, table, seqlens, out):
-    ref, _ = ref_mla.mla_decode(q, cache, table, seqlens, SCALE, False)
+    ref, _ = ref_mla.mla_decode(q, cache, table, seqlens, SCALE, causal)
     b, s_q, h_q, _ = q.shape
+    if causal:
+        o = out.float()
+        cd = 1 - 2 * (o.double() * ref.double()).sum() / ((o.double()**2).sum() + (ref.double()**2).sum())
+        return {"max_abs_err": (o - ref).abs().max().item(), "cos_diff": cd.item()}
     pav = torch.zeros_like(ref)
     for i, n in enumerate(seqlens.tolist()):
         kv = cache[table[i, :(n + PAGE - 1) // PAGE].long()].reshape(-1, 576)[:n].float()
@@ -64,21 +71,21 @@ def main():
     with torch.inference_mode():
         for (b, h_q, s_k) in cases:
             for dt in dtypes:
-                lens = _lengths(b, 1, s_k, True, seed=b * 7 + s_k) if varlen else [s_k] * b
+                lens = _lengths(b, s_q_all, s_k, True, seed=b * 7 + s_k) if varlen else [s_k] * b
                 nbytes = b * s_k * 1152
                 n_sets = min(16, math.ceil(3 * L2 / nbytes) + 1)
-                table, sets = _make_inputs(b, 1, h_q, lens, False, "cuda", n_sets, seed=b * 7 + s_k)
+                table, sets = _make_inputs(b, s_q_all, h_q, lens, False, "cuda", n_sets, seed=b * 7 + s_k)
                 if l2res:
                     table = table % l2res
                 sets = [(q.to(dt), c) for q, c in sets]
                 seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-                outs = [(torch.empty(b, 1, h_q, 512, dtype=dt, device="cuda"),
-                         torch.empty(b, h_q, 1, dtype=torch.float32, device="cuda")) for _ in sets]
+                outs = [(torch.empty(b, s_q_all, h_q, 512, dtype=dt, device="cuda"),
+                         torch.empty(b, h_q, s_q_all, dtype=torch.float32, device="cuda")) for _ in sets]
                 # Every (parts, kernel) variant of the case gets its own graph; rounds alternate over them
                 # so that clock and thermal drift fall on all alike.
                 variants = []
                 for parts in parts_list:
-                    plan = ops.mla_decode_plan(seqlens, 1, h_q, None if parts == "default" else int(parts))
+                    plan = ops.mla_decode_plan(seqlens, s_q_all, h_q, None if parts == "default" else int(parts))
                     n_parts = ref_mla.plan_num_sm_parts(plan.numel(), b)
                     for impl in impls:
                         name, _, var = impl.partition(":")
@@ -91,12 +98,12 @@ def main():
                             os.environ.pop(e, None)
                         if var:
                             os.environ[env_name] = env_value
-                        outs = [(torch.full((b, 1, h_q, 512), float("nan"), dtype=dt, device="cuda"),
-                                 torch.empty(b, h_q, 1, dtype=torch.float32, device="cuda")) for _ in sets]
+                        outs = [(torch.full((b, s_q_all, h_q, 512), float("nan"), dtype=dt, device="cuda"),
+                                 torch.empty(b, h_q, s_q_all, dtype=torch.float32, device="cuda")) for _ in sets]
 
                         def calls(plan=plan, outs=outs):
                             for (q, c), (o, lse) in zip(sets, outs):
-                                ops.mla_decode(q, c, table, seqlens, plan, SCALE, out=o, lse=lse)
+                                ops.mla_decode(q, c, table, seqlens, plan, SCALE, causal, out=o, lse=lse)
 
                         calls()
                         torch.cuda.synchronize()
