@@ -25,6 +25,7 @@
 
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
+#include "mla/mla_cache_token.cuh"
 #include "mla/mla_params.h"
 #include "mla/mla_timeline.cuh"
 
@@ -44,14 +45,10 @@ __device__ __forceinline__ void store4(__half* dst, float4 v) {
   *reinterpret_cast<uint2*>(dst) = u;
 }
 
-__device__ __forceinline__ float4 to_float4(__nv_bfloat16, uint2 u) {
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-__device__ __forceinline__ float4 to_float4(__half, uint2 u) {
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+// Four packed 16-bit values (8 bytes) -> fp32, through the cache's two-value conversion.
+template <typename QT>
+__device__ __forceinline__ float4 to_float4(uint2 u) {
+  const float2 a = to_float2<QT>(u.x), b = to_float2<QT>(u.y);
   return make_float4(a.x, a.y, b.x, b.y);
 }
 
@@ -133,7 +130,7 @@ __global__ void __launch_bounds__(kRows * kCols / kVec) mla_combine_kernel(const
         const float w = exp2f(l[j] - lse2);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          const float4 x = to_float4(QT(), v[j][k]);
+          const float4 x = to_float4<QT>(v[j][k]);
           acc[k].x += w * x.x;
           acc[k].y += w * x.y;
           acc[k].z += w * x.z;
