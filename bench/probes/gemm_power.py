@@ -4,9 +4,11 @@ reasons every 100 ms, and prints the median of each beside the achieved TFLOP/s.
 MODE=gemm (default): torch._scaled_mm with one tensor-wise scale (the fp8 ceiling of the bench),
 torch's block-wise scaled_mm, and flashseek's fp8_gemm on CUTLASS (default) and on the sm90 kernel,
 at SHAPE (default 4096,7168,16384) on bench/gemm.py's inputs.
-MODE=mla: mla_decode at b=128, s_k=4096, h_q=128 (bf16 cache, bench/mla.py's inputs) on the
-two-warpgroup and the turn-taking kernel, and FlashMLA's standalone binary ($FLASHSEEK_FLASHMLA_BENCH,
-sized to run as long) when present.
+MODE=mla: mla_decode at b=128, s_k=4096, h_q=128 (bf16 cache, bench/mla.py's inputs; S_Q=n, CAUSAL=1 and
+VARLEN=1 as bench mla's rows, S_K other key counts) on the variants of MLA_VARIANTS (default
+"default,mc0,wgmma,seesaw": the default dispatch, the default without multicast pairs, the two-warpgroup and the
+turn-taking kernel), and FlashMLA's standalone binary ($FLASHSEEK_FLASHMLA_BENCH, sized to run as long, on the
+same lengths) when present.
 MODE=bf16: the bf16 tensor path's sustained rate, the ceiling of any bf16 MLA decode: torch.matmul at
 8192^3, and the decode's two products as cuBLAS batched GEMMs at b=128, s_k=4096, h_q=128 (Q K^T:
 [128 x 576] x [576 x 4096] a request; P V: [128 x 4096] x [4096 x 512]), alone and in turn.
@@ -84,44 +86,62 @@ def gemm_variants(dev):
     return {name: (fn, None) for name, fn in variants.items()}, 2.0 * m * n * k, [m, n, k]
 
 
-MLA_B, MLA_SK, MLA_HQ = 128, 4096, 128
+MLA_B, MLA_HQ = 128, 128
+MLA_SK = int(os.environ.get("S_K", "4096"))
+MLA_SQ = int(os.environ.get("S_Q", "1"))
+MLA_CAUSAL = os.environ.get("CAUSAL", "0") == "1"
+MLA_VARLEN = os.environ.get("VARLEN", "0") == "1"
+
+
+def mla_lengths():
+    from flashseek.bench import mla as bench_mla
+    return bench_mla._lengths(MLA_B, MLA_SQ, MLA_SK, MLA_VARLEN, seed=MLA_B * 7 + MLA_SK)
 
 
 def mla_decode_call(dev):
-    """One bf16 MLA decode at b=128, s_k=4096, h_q=128 on bench/mla.py's inputs, as a zero-arg call
-    (the kernel follows FLASHSEEK_MLA_DECODE; mla_ncu.py profiles it too)."""
+    """One bf16 MLA decode (b=128, h_q=128; s_k, s_q, causal and varlen as set above) on bench/mla.py's
+    inputs, as a zero-arg call (the kernel follows FLASHSEEK_MLA_DECODE; mla_ncu.py profiles it too)."""
     from flashseek.bench import mla as bench_mla
-    lens = [MLA_SK] * MLA_B
-    table, sets = bench_mla._make_inputs(MLA_B, 1, MLA_HQ, lens, False, dev, 1, seed=0)
+    lens = mla_lengths()
+    table, sets = bench_mla._make_inputs(MLA_B, MLA_SQ, MLA_HQ, lens, False, dev, 1, seed=0)
     q, cache = sets[0]
     seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
-    plan = ops.mla_decode_plan(seqlens, 1, MLA_HQ)
-    o = torch.empty(MLA_B, 1, MLA_HQ, 512, dtype=torch.bfloat16, device=dev)
-    lse = torch.empty(MLA_B, MLA_HQ, 1, dtype=torch.float32, device=dev)
-    return lambda: ops.mla_decode(q, cache, table, seqlens, plan, bench_mla.SCALE, False, out=o, lse=lse)
+    plan = ops.mla_decode_plan(seqlens, MLA_SQ, MLA_HQ)
+    o = torch.empty(MLA_B, MLA_SQ, MLA_HQ, 512, dtype=torch.bfloat16, device=dev)
+    lse = torch.empty(MLA_B, MLA_HQ, MLA_SQ, dtype=torch.float32, device=dev)
+    return lambda: ops.mla_decode(q, cache, table, seqlens, plan, bench_mla.SCALE, MLA_CAUSAL, out=o, lse=lse)
 
 
 def mla_variants(dev):
     from flashseek.bench import mla as bench_mla
-    b, s_k, h_q = MLA_B, MLA_SK, MLA_HQ
+    b, h_q = MLA_B, MLA_HQ
+    lens = mla_lengths()
+    mean_len = sum(lens) / b
     call = mla_decode_call(dev)
+    env = {"default": {}, "mc0": {"FLASHSEEK_MLA_MULTICAST": "0"}, "wgmma": {"FLASHSEEK_MLA_DECODE": "wgmma"},
+           "seesaw": {"FLASHSEEK_MLA_DECODE": "seesaw"}}
     variants = {}
-    for impl in ("wgmma", "seesaw"):
-        def run(impl=impl):
-            os.environ["FLASHSEEK_MLA_DECODE"] = impl
+    for name in os.environ.get("MLA_VARIANTS", "default,mc0,wgmma,seesaw").split(","):
+        def run(e=env[name]):
+            for k in ("FLASHSEEK_MLA_DECODE", "FLASHSEEK_MLA_MULTICAST"):
+                os.environ.pop(k, None)
+            os.environ.update(e)
             call()
-        variants[f"flashseek {impl}"] = (run, None)
+        variants[f"flashseek {name}"] = (run, None)
     exe = os.environ.get("FLASHSEEK_FLASHMLA_BENCH")
     if exe and os.path.isfile(exe):
-        iters = int(seconds * 1e6 / 260)
+        iters = int(seconds * 1e6 / (260 * MLA_SQ * mean_len / 4096))
 
         def flashmla():
-            r = subprocess.run([exe, str(b), "1", str(s_k), str(h_q), "0", "0", "0", str(bench_mla.PAGE), "",
-                                str(iters)], capture_output=True, text=True, timeout=300)
+            env_p = dict(os.environ, FLASHMLA_BENCH_SEQLENS=",".join(map(str, lens)))
+            r = subprocess.run([exe, str(b), str(MLA_SQ), str(max(lens)), str(h_q), "1", str(int(MLA_CAUSAL)), "0",
+                                str(bench_mla.PAGE), "", str(iters)], capture_output=True, text=True, timeout=300,
+                               env=env_p)
             mt = re.search(r":\s*([0-9.]+) us", r.stdout)
             return float(mt.group(1)) if r.returncode == 0 and mt else None
         variants["FlashMLA (standalone)"] = (None, flashmla)
-    return variants, b * h_q * s_k * 2.0 * (576 + 512), [b, s_k, h_q]
+    # Causal rows: every query row sees (nearly) the whole length; counted as bench mla counts them.
+    return variants, b * h_q * MLA_SQ * mean_len * 2.0 * (576 + 512), [b, MLA_SQ, MLA_SK, h_q]
 
 
 def bf16_variants(dev):
