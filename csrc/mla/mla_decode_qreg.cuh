@@ -289,7 +289,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int box_log2 = min(p.page_size_log2, 6);
   const int nbox = kBlockN >> box_log2;
   const int rank = kMc ? m_tile & 1 : 0;  // the cluster is (2, 1, 1): rank = m_tile % 2
-  // All nine panels of one block into stage st, alone or with the peer (kMc).
   // This thread (kMc: its warp, on both CTAs' barriers) is done with stage st.
   auto release_stage = [&](int st) {
     if constexpr (kMc) {
@@ -302,6 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_arrive(bar_empty_u + 8 * st);
     }
   };
+  // All nine panels of one block into stage st, alone or with the peer (kMc).
   auto issue_block = [&](int rows, int lane0, int st) {
     if constexpr (kMc) {
       issue_block_rows_mc(&tmap_kv, smem, bar_full, rows, lane0, st, nbox, box_log2, lane, rank);
@@ -585,8 +585,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // batch fills the parts (batch >= num_sm_parts: long pieces, about one whole request or more a part).
 // Same-run graph replays, session 23 (docs/mla-design.md): b=128 h_q=128 250.2 -> 247.5 µs, varlen
 // 285.5 -> 279.7, KV in L2 223.9 -> 216.5; b=64 a tie; b=16 +1.2 and b=8 +4.1 µs (the cluster launch,
-// the barriers at piece starts and ends, the peer's Q read before block 2). FLASHSEEK_MLA_MULTICAST=0 / =1,
-// read on every call, forces it off / on (where the tiles pair up), for tests and A/B runs.
+// the barriers at piece starts and ends, the peer's Q read before block 2). Sustained at the 700 W cap,
+// where the L2 bytes saved turn into clock: +6.3% at b=128 h_q=128, +4.4% at s_q = 2 causal.
+// FLASHSEEK_MLA_MULTICAST=0 / =1, read on every call, forces it off / on (where the tiles pair up), for
+// tests and A/B runs.
 inline bool multicast_pairs(const DecodeParams& p, int m_tiles) {
   if (m_tiles % 2 != 0 || p.cluster_pairs) return false;
   const char* forced = std::getenv("FLASHSEEK_MLA_MULTICAST");
@@ -605,10 +607,9 @@ bool launch_decode_qreg(const DecodeParams& p, const CUtensorMap& map, cudaStrea
   opt_in_dynamic_smem<mla_decode_qreg_kernel<QT, false>>(smem);
   opt_in_dynamic_smem<mla_decode_qreg_kernel<QT, true>>(smem);
   const dim3 grid((p.rows + kM - 1) / kM, p.num_sm_parts);
-  const bool mc = multicast_pairs(p, static_cast<int>(grid.x));
   if (p.cluster_pairs) {
     launch_pdl_clusters(mla_decode_qreg_kernel<QT, false>, grid, dim3(kThreads), smem, stream, dim3(1, 2, 1), p, map, maps);
-  } else if (mc) {
+  } else if (multicast_pairs(p, static_cast<int>(grid.x))) {
     launch_pdl_clusters(mla_decode_qreg_kernel<QT, true>, grid, dim3(kThreads), smem, stream, dim3(2, 1, 1), p, map, maps);
   } else {
     launch_pdl(mla_decode_qreg_kernel<QT, false>, grid, dim3(kThreads), smem, stream, p, map, maps);
