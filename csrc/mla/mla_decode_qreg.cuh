@@ -32,7 +32,7 @@
 // each HGMMA, and WG0's P V takes P from registers: 246.2 -> 226.6 µs in L2, 265.8 -> 256.3 from HBM.
 // Measured slower and dropped (docs/mla-design.md, session 20): S in 32-key halves, an L2 prefetch
 // from WG1, one test of all panel barriers, and P signalled later or earlier than here.
-// Dispatch: see mla_decode_wgmma_bf16.cu. Multicast pairs (kMc, issue_block_rows_mc): where the batch
+// Dispatch: see mla_decode_wgmma_bf16.cu. Multicast pairs (kMc, mbar_arrive_peer): where the batch
 // fills the parts, the two row tiles of a part run as a 2-CTA cluster that loads each key block once for
 // both (multicast_pairs).
 //
@@ -165,51 +165,17 @@ __device__ __forceinline__ uint32_t frag_to_bf16(uint32_t v) {
   }
 }
 
-// All nine panels of one block into stage st: box b's cache row in lane lane0 + b of `rows` (one warp).
-__device__ __forceinline__ void issue_block_rows(const CUtensorMap* map, char* smem, uint64_t* bar_full, int rows,
-                                                 int lane0, int st, int nbox, int box_log2, int lane) {
-  seesaw::issue_block<seesaw::kPanelsAll>(map, smem + st * kTileBytes, bar_full + st * kPanels, rows, lane0, nbox,
-                                          box_log2, lane);
-}
-
 // Multicast pairs (kMc): the two row tiles of one part run as a 2-CTA cluster and read the same key
-// blocks, so each CTA loads half of a block's panels (panel pn by rank pn % 2) into both CTAs' stages
-// with one multicast TMA: the L2 serves each block once per pair instead of once per row tile. Each CTA
-// arms its own barriers for all nine panels (the peer's half completes on them too). Every warp of both
-// CTAs releases a stage on both CTAs' "empty" barriers, so a refill waits for one local barrier as before;
-// block 2 of a piece waits until the peer read its Q out of that stage (kBarPeerQ), and a new piece starts
-// behind a cluster barrier (its first blocks land in stages the peer's previous piece used, and stage 0
-// held its staged output rows).
-__device__ __forceinline__ void issue_block_rows_mc(const CUtensorMap* map, char* smem, uint64_t* bar_full, int rows,
-                                                    int lane0, int st, int nbox, int box_log2, int lane, int rank) {
-  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-  char* stage = smem + st * kTileBytes;
-  uint64_t* bars = bar_full + st * kPanels;
-  const int row = __shfl_sync(0xffffffffu, rows, lane0 + (lane & 7));
-  const bool mine = lane < nbox && row >= 0;
-  const uint32_t bytes = static_cast<uint32_t>(__popc(__ballot_sync(0xffffffffu, mine))) << (box_log2 + 7);
-  if (lane == 0) {
-#pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bars + pn, bytes);
-  }
-  __syncwarp();
-  if (mine) {
-#pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) {
-      if ((pn & 1) == rank) {
-        cute::SM90_TMA_LOAD_MULTICAST_2D::copy(map, bars + pn, uint16_t(0x3), kHint,
-                                               stage + pn * kPanelBytes + (lane << (box_log2 + 7)), pn * 64, row);
-      }
-    }
-  }
-}
-// Arrive on the peer CTA's copy of the mbarrier at local address `bar`.
+// blocks, so each CTA loads half of a block's panels into both CTAs' stages with one multicast TMA
+// (seesaw::issue_block): the L2 serves each block once per pair instead of once per row tile. Every warp
+// of both CTAs releases a stage on both CTAs' "empty" barriers, so a refill waits for one local barrier as
+// before; block 2 of a piece waits until the peer read its Q out of that stage (kBarPeerQ), and a new
+// piece starts behind a cluster barrier (its first blocks land in stages the peer's previous piece used,
+// and stage 0 held its staged output rows). mbar_arrive_peer: an arrive on the peer CTA's copy of the
+// mbarrier at local address `bar` (the default release semantics, as CUTLASS's multicast pipelines: with
+// .release.cluster every warp's release cost 16% at b=128, docs/performance.md, session 23, run 2).
 __device__ __forceinline__ void mbar_arrive_peer(uint32_t bar, uint32_t peer) {
-  asm volatile(
-      "{\n.reg .b32 ra;\n"
-      "mapa.shared::cluster.u32 ra, %0, %1;\n"
-      "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar), "r"(peer)
-      : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(wg::peer_smem(bar, peer)) : "memory");
 }
 
 // An fp16 Q's rope panel -> bf16 in place, by warpgroup 0 (elementwise: the swizzled positions stay).
@@ -301,13 +267,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_arrive(bar_empty_u + 8 * st);
     }
   };
-  // All nine panels of one block into stage st, alone or with the peer (kMc).
+  // All nine panels of one block into stage st: box b's cache row in lane lane0 + b of `rows` (one warp);
+  // kMc: this CTA's half of them, into both CTAs.
   auto issue_block = [&](int rows, int lane0, int st) {
-    if constexpr (kMc) {
-      issue_block_rows_mc(&tmap_kv, smem, bar_full, rows, lane0, st, nbox, box_log2, lane, rank);
-    } else {
-      issue_block_rows(&tmap_kv, smem, bar_full, rows, lane0, st, nbox, box_log2, lane);
-    }
+    seesaw::issue_block<seesaw::kPanelsAll, kMc>(&tmap_kv, smem + st * kTileBytes, bar_full + st * kPanels, rows, lane0,
+                                                 nbox, box_log2, lane, rank);
   };
 
   if (threadIdx.x == 0) {

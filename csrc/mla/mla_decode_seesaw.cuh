@@ -120,10 +120,12 @@ __device__ __forceinline__ int box_row(const DecodeParams& p, int bi, int blk, i
 
 // One warp issues the TMA loads of the panels in kMask of a key block into a stage. Box b's cache
 // row is in lane lane0 + b of `rows` (-1: past the end, not loaded); lane 0 arms each panel's
-// mbarrier with the bytes that will land.
-template <uint32_t kMask>
+// mbarrier with the bytes that will land. kMulticast (a 2-CTA cluster reading the same blocks,
+// mla_decode_qreg.cuh): this CTA loads only the panels pn with pn % 2 == rank, into the same stage of
+// both CTAs; it still arms its barriers for every panel, since the peer's half lands on them too.
+template <uint32_t kMask, bool kMulticast = false>
 __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage, uint64_t* bars, int rows, int lane0,
-                                            int nbox, int box_log2, int lane) {
+                                            int nbox, int box_log2, int lane, int rank = 0) {
   constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
   const int row = __shfl_sync(0xffffffffu, rows, lane0 + (lane & 7));
   const bool mine = lane < nbox && row >= 0;
@@ -138,9 +140,12 @@ __device__ __forceinline__ void issue_block(const CUtensorMap* map, char* stage,
   if (mine) {
 #pragma unroll
     for (int pn = 0; pn < kPanels; ++pn) {
-      if (kMask >> pn & 1) {
-        cute::SM90_TMA_LOAD_2D::copy(map, bars + pn, kHint, stage + pn * kPanelBytes + (lane << (box_log2 + 7)), pn * 64,
-                                     row);
+      if (!(kMask >> pn & 1)) continue;
+      char* dst = stage + pn * kPanelBytes + (lane << (box_log2 + 7));
+      if constexpr (kMulticast) {
+        if ((pn & 1) == rank) cute::SM90_TMA_LOAD_MULTICAST_2D::copy(map, bars + pn, uint16_t(0x3), kHint, dst, pn * 64, row);
+      } else {
+        cute::SM90_TMA_LOAD_2D::copy(map, bars + pn, kHint, dst, pn * 64, row);
       }
     }
   }
