@@ -26,41 +26,43 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+namespace detail {
+// cudaLaunchKernelEx with programmatic stream serialization, and a cluster dimension when `cluster` is
+// not null.
 template <typename... KernelArgs, typename... Args>
-void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
-                Args&&... args) {
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem_bytes;
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
-}
-
-// launch_pdl in thread-block clusters of `cluster` CTAs.
-template <typename... KernelArgs, typename... Args>
-void launch_pdl_clusters(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
-                         dim3 cluster, Args&&... args) {
+void launch_pdl_ex(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                   const dim3* cluster, Args&&... args) {
   cudaLaunchAttribute attrs[2]{};
   attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attrs[0].val.programmaticStreamSerializationAllowed = 1;
-  attrs[1].id = cudaLaunchAttributeClusterDimension;
-  attrs[1].val.clusterDim.x = cluster.x;
-  attrs[1].val.clusterDim.y = cluster.y;
-  attrs[1].val.clusterDim.z = cluster.z;
+  if (cluster != nullptr) {
+    attrs[1].id = cudaLaunchAttributeClusterDimension;
+    attrs[1].val.clusterDim.x = cluster->x;
+    attrs[1].val.clusterDim.y = cluster->y;
+    attrs[1].val.clusterDim.z = cluster->z;
+  }
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem_bytes;
   cfg.stream = stream;
   cfg.attrs = attrs;
-  cfg.numAttrs = 2;
+  cfg.numAttrs = cluster != nullptr ? 2 : 1;
   FS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+}  // namespace detail
+
+template <typename... KernelArgs, typename... Args>
+void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                Args&&... args) {
+  detail::launch_pdl_ex(kernel, grid, block, smem_bytes, stream, nullptr, std::forward<Args>(args)...);
+}
+
+// launch_pdl in thread-block clusters of `cluster` CTAs.
+template <typename... KernelArgs, typename... Args>
+void launch_pdl_clusters(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                         dim3 cluster, Args&&... args) {
+  detail::launch_pdl_ex(kernel, grid, block, smem_bytes, stream, &cluster, std::forward<Args>(args)...);
 }
 
 }  // namespace flashseek
