@@ -254,9 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_direct_kernel(cons
   // combine may still read) is touched before this.
   const PlanPart plan(p, part);
   plan.warm(p);
-  // An empty part (the plan left it no piece) leaves before the wait: its SM is free for the combine's
-  // CTAs, which cannot share one with a decode CTA (registers), while the previous kernel still runs.
-  if (plan.b0 > plan.b1) return;
+  if (plan.empty()) return;  // before the wait (PlanPart::empty)
   pdl_wait();
   Loader ld;
   ld.more = false;

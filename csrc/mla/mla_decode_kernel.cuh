@@ -288,9 +288,13 @@ struct PlanPart {
     const int blk_end = bi == meta[2] ? min(blk1, nblk) : nblk;
     n_iter = max(blk_end - blk_begin, 0);
   }
+  // The plan left this part no piece. Such a CTA leaves before its PDL wait: its SM is then free for the
+  // combine's CTAs, which cannot share one with a decode CTA (registers), while the previous kernel still
+  // runs (docs/performance.md, session 22).
+  __device__ __forceinline__ bool empty() const { return b0 > b1; }
   // Requests request b0's length and plan entries into L1 (no registers held).
   __device__ __forceinline__ void warm(const DecodeParams& p) const {
-    if (b0 <= b1) {
+    if (!empty()) {
       prefetch_l1(p.seqlens + b0);
       prefetch_l1(p.plan + kPlanPartInts * p.num_sm_parts + 2 * b0);
       if (p.cluster_pairs) prefetch_l1(p.plan + kPlanPartInts * (blockIdx.y ^ 1));  // the cluster peer's part

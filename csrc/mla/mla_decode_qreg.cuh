@@ -298,9 +298,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // workspace the previous combine may still read) is touched before this.
   const detail::PlanPart plan(p, part);
   plan.warm(p);
-  // An empty part (the plan left it no piece) leaves before the wait: its SM is free for the combine's
-  // CTAs, which cannot share one with a decode CTA (registers), while the previous kernel still runs.
-  if (plan.b0 > plan.b1) return;  // kMc: both CTAs of the pair share the part
+  if (plan.empty()) return;  // before the wait (PlanPart::empty); kMc: both CTAs of a pair share the part
   if constexpr (kMc) cute::cluster_sync();  // the peer's barriers are initialised before any remote arrive or copy
   pdl_wait();
   if (wg == 0) {

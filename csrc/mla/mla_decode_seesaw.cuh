@@ -282,9 +282,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // workspace the previous combine may still read) is touched before this.
   const detail::PlanPart plan(p, part);
   plan.warm(p);
-  // An empty part (the plan left it no piece) leaves before the wait: its SM is free for the combine's
-  // CTAs, which cannot share one with a decode CTA (registers), while the previous kernel still runs.
-  if (plan.b0 > plan.b1) return;
+  if (plan.empty()) return;  // before the wait (PlanPart::empty)
   pdl_wait();
   for (int bi = plan.b0; bi <= plan.b1; ++bi) {
     int len, len_eff, blk_begin, n;
