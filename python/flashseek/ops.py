@@ -1344,13 +1344,17 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     Kernels (CUDA): bf16 cache: wgmma kernels on 64-row tiles for every shape (two warpgroups
     splitting the output columns; for s_q * h_q > 64 at batch >= 8, Q held in registers with
     three KV stages, 3-17% faster than the kernels below at h_q = 128 and batch >= 16; below
-    batch 8, warpgroups taking turns on key blocks for s_q >= 2 with four or more row tiles).
-    FP8 cache: up to 32 rows, a kernel that multiplies the exact e4m3 values by their scales in
-    fp32 (scores and output within the bf16 budget of the reference on the dequantized cache);
-    above, a wgmma kernel that rounds the dequantized values to bf16 (cos-diff <= 1e-3). FLASHSEEK_MLA_DECODE, read per
-    call, forces alternatives for tests and A/Bs: ``qreg`` / ``seesaw`` / ``wgmma`` (bf16, 64-row
-    tiles: the Q-in-registers / turn-taking / two-warpgroup kernel at any s_q), ``staged`` (FP8, up
-    to 32 rows: dequantize each block to a bf16 tile first).
+    batch 8, warpgroups taking turns on key blocks for s_q >= 2 with four or more row tiles; where
+    the batch is at least the plan's part count, the Q-in-registers kernel's row tiles run in pairs
+    that load each key block once for both, by TMA multicast). FP8 cache: up to 32 rows, a kernel
+    that multiplies the exact e4m3 values by their scales in fp32 (scores and output within the bf16
+    budget of the reference on the dequantized cache); above, a wgmma kernel that rounds the
+    dequantized values to bf16 (cos-diff <= 1e-3). Read per call, for tests and A/Bs:
+    FLASHSEEK_MLA_DECODE forces ``qreg`` / ``seesaw`` / ``wgmma`` (bf16, 64-row tiles: the
+    Q-in-registers / turn-taking / two-warpgroup kernel at any s_q) or ``staged`` (FP8, up to 32
+    rows: dequantize each block to a bf16 tile first); FLASHSEEK_MLA_MULTICAST=0 / 1 forces the
+    multicast pairs off / on (where the row tiles pair up). Every choice gives the same result
+    within the stated budgets; multicast on and off give identical bits.
     """
     b, s_q, h_q, _ = q.shape
     if validate:
