@@ -187,7 +187,7 @@ def test_silu_mul_quant_cuda_bit_exact(m, n, dtype, ue8m0):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("e,per,n", [(8, 33, 2048), (256, 1, 2048), (3, 64, 128)])
+@pytest.mark.parametrize("e,per,n", [(8, 33, 2048), (256, 1, 2048), (3, 64, 128), (257, 16, 2048)])
 def test_silu_mul_quant_cuda_masked(e, per, n):
     counts = torch.randint(0, per + 1, (e,)).tolist()
     counts[0], counts[-1] = 0, per + 5  # empty, and past the group (clamped)
