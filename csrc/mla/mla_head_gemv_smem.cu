@@ -20,14 +20,16 @@
 // Shared memory: the slice as [K][C] rows with 16-byte chunk c of row k at chunk c ^ (k % 8) (the 8 rows
 // an ldmatrix reads then sit in 8 different bank groups), landing in four K quarters on four mbarriers
 // so that the first k steps start before the last rows arrive. The tokens as [16 kMT][K] rows padded by
-// 16 bytes, staged after the PDL wait, 16 kMT tokens at a time.
+// 16 bytes, staged after the PDL wait, 16 kMT tokens at a time, by one TMA bulk copy a row on a fifth
+// mbarrier (session 25, H200: -0.7 to -1.7 us a decode layer at b = 1 and 16 against every thread's loads,
+// which queued behind its own weight cp.asyncs).
 // The slice comes by every thread's cp.async (session 13, H100, docs/performance.md):
 //   - bulk copies of one padded row each took 17.8 us for W_UV^T's 512 rows of 256 bytes (the TMA
 //     unit's cost per copy), and one bulk copy of the whole slice cannot swizzle;
 //   - a 3D TMA tensor map with the 128B swizzle matched cp.async alone but lost 4-5 us a decode layer
 //     (cause not found; reverted);
-//   - known cost of cp.async: the token rows' loads queue behind the thread's own weight copies (ncu:
-//     long-scoreboard stalls), so 16 tokens take ~2.8 us more than one on cold weights.
+//   - known cost of cp.async: a thread's later loads queue behind its own weight copies (ncu:
+//     long-scoreboard stalls), which is why the token rows come by bulk copies.
 // CTA: 8 warps, warp w owns columns [w C/8, (w+1) C/8) (for C = 64, warps 0-3 own 16 each) of every
 // token: kNT16 x 16 columns, kMT x 16 tokens, every k in ascending 16-steps, so each output's sum has
 // one fixed order (deterministic; both variants equal).
@@ -69,7 +71,9 @@ __host__ __device__ inline int64_t amax_offset(int K, int cols, int mt) {
 __host__ __device__ inline int64_t bar_offset(int K, int cols, int mt) {
   return amax_offset(K, cols, mt) + 16 * mt * kWarps * 4;
 }
-__host__ __device__ inline int64_t smem_bytes(int K, int cols, int mt) { return bar_offset(K, cols, mt) + kQuarters * 8; }
+// mbarriers: the four weight quarters, then the token rows'.
+constexpr int kBars = kQuarters + 1;
+__host__ __device__ inline int64_t smem_bytes(int K, int cols, int mt) { return bar_offset(K, cols, mt) + kBars * 8; }
 
 // k16 steps [quarter_begin(q), quarter_begin(q + 1)) land on mbarrier q (some quarters are empty for K < 64).
 __host__ __device__ inline int quarter_begin(int steps, int q) { return steps * q / kQuarters; }
@@ -88,10 +92,10 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
   float* s_amax = reinterpret_cast<float*>(smem + amax_offset(p.K, cols, kMT));
   const uint32_t bars = smem_u32(smem + bar_offset(p.K, cols, kMT));
   pdl_launch_dependents();
-  if (tid < kQuarters) {
-    mbar_init(bars + 8 * tid, kThreads);  // every thread's cp.async arrival
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  const uint32_t tok_bar = bars + 8 * kQuarters;
+  if (tid < kQuarters) mbar_init(bars + 8 * tid, kThreads);  // every thread's cp.async arrival
+  if (tid == kQuarters) mbar_init(tok_bar, 1);              // one arrival: warp 0 lane 0, with the bytes
+  if (tid <= kQuarters) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   __syncthreads();
   // The weights are static (as in rms_norm.cu): their copies go out before the PDL wait.
   {
@@ -117,25 +121,27 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
   const int kc = p.K / 8;
   for (int t0 = 0; t0 < p.T; t0 += 16 * kMT) {
     if (t0 > 0) __syncthreads();  // every read of the previous token rows (and amax) is done
-    // Eight loads a thread in flight before their stores. Not cp.async: its completion would also wait
-    // for this thread's weight copies. Rows past T are zeros: their outputs are never stored.
-    constexpr int kBatch = 8;
-    const int chunks = 16 * kMT * kc;
-    for (int base = tid; base < chunks; base += kBatch * kThreads) {
-      uint4 v[kBatch];
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const int idx = base + b * kThreads, r = idx / kc, j = idx - r * kc;
-        v[b] = make_uint4(0, 0, 0, 0);
-        if (idx < chunks && t0 + r < p.T) v[b] = *reinterpret_cast<const uint4*>(ah + int64_t(t0 + r) * p.a_tstride + 8 * j);
-      }
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const int idx = base + b * kThreads, r = idx / kc, j = idx - r * kc;
-        if (idx < chunks) *reinterpret_cast<uint4*>(smem + a_offset(p.K, cols) + int64_t(r) * ap + 16 * j) = v[b];
-      }
+    // The rows come by TMA bulk copies, one a row, issued by warp 0. Not by this thread's loads: those
+    // would queue behind its own weight cp.asyncs in the SM's load path (session 13's ncu profile of
+    // the 16-token case: long-scoreboard and lg-throttle stalls). The copy engine is idle here. Rows
+    // past T are zeros (plain stores): their outputs are never stored.
+    const int rows = min(16 * kMT, p.T - t0);
+    const uint32_t a_row_bytes = uint32_t(p.K) * 2;
+    for (int idx = rows * kc + tid; idx < 16 * kMT * kc; idx += kThreads) {
+      const int r = idx / kc, j = idx - r * kc;
+      *reinterpret_cast<uint4*>(smem + a_offset(p.K, cols) + int64_t(r) * ap + 16 * j) = make_uint4(0, 0, 0, 0);
     }
-    __syncthreads();
+    if (warp == 0) {
+      // The previous pass's rows were read through the generic proxy (ldmatrix) before the barrier
+      // above; the copies below overwrite them through the async proxy.
+      if (t0 > 0) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      if (lane == 0) mbar_arrive_expect_tx(tok_bar, uint32_t(rows) * a_row_bytes);
+      __syncwarp();
+      for (int r = lane; r < rows; r += 32)
+        bulk_copy(sa + r * ap, ah + int64_t(t0 + r) * p.a_tstride, a_row_bytes, tok_bar);
+    }
+    __syncthreads();  // the zero rows
+    mbar_wait(tok_bar, uint32_t(t0 / (16 * kMT)) & 1u);
 
     float acc[kMT][kNT16][2][4];
 #pragma unroll
