@@ -8,7 +8,10 @@
 // ids and weights are route_noaux_tc's by construction. Each CTA then knows every slot's row and
 // quantizes its own share of the (token, 128-column block) units; CTA 0 alone writes topk_weights,
 // topk_ids, masked_m and token_slots. Each CTA issues the loads of its first hidden block before it
-// routes, so they overlap the routing.
+// routes, so they overlap the routing. Its setup (the bias in shared memory, the routing tables) runs
+// before the PDL wait, and the first token's logits are requested right after it, beside the hidden
+// block: one L2 round trip between the wait and the routing (session 25, H200: -1.0 us in the b=1 MoE
+// layer).
 //
 // Rows. T <= 32 makes a token set one 32-bit word: tokmask[e] bit t = token t picked local expert e.
 // When no token picks the same local expert twice (always, unless NaN logits or an expert_map that
@@ -48,7 +51,6 @@ using moe_dev::quantize_chunk;
 
 constexpr int kMinUnitsPerCta = 16;
 constexpr int kMaxCtas = 64;
-constexpr int kMaxSlots = kMoeRouteDispatchMaxT * kMaxTopk;
 static_assert(kMoeRouteDispatchMaxT <= 32, "a token set is one 32-bit word");
 static_assert(kMaxTopk <= 16, "a token's slots fit in a half-warp");
 
@@ -124,19 +126,8 @@ __global__ void __launch_bounds__(Cfg<kR1, VPL>::kMaxWarps * 32)
   int32_t* scount = reinterpret_cast<int32_t*>(smem + L.count);   // [num_local] (only with duplicates)
   volatile int* sdup = reinterpret_cast<volatile int*>(smem + L.flag);
 
-  pdl_wait();
-  pdl_launch_dependents();
-
-  // This CTA's units [u0, u1) of (token, 128-column block), token-major; half-warp hw takes u0 + hw,
-  // u0 + hw + n_hw, ... Its first block is loaded now, under the routing.
-  const int KB = int(p.H / 128);
-  const int u0 = int(blockIdx.x) * units_per_cta;
-  const int u1 = min(u0 + units_per_cta, T * KB);
-  const int hl = tid & 15, n_hw = int(blockDim.x) >> 4;
-  int u = u0 + (tid >> 4);
-  uint4 raw = make_uint4(0u, 0u, 0u, 0u);
-  if (u < u1) raw = load_chunk(p, u / KB, u % KB, hl);
-
+  // Everything up to the wait reads only the bias (a weight, never written by a kernel that lets its
+  // dependents start early: see rms_norm.cu) and shared memory, so it overlaps the previous kernel's end.
   for (int e = tid; e < num_local; e += blockDim.x) tokmask[e] = 0u;
   if (tid == 0) *sdup = 0;
   if constexpr (kR1) {
@@ -156,6 +147,27 @@ __global__ void __launch_bounds__(Cfg<kR1, VPL>::kMaxWarps * 32)
     nl = make_noaux_lane(l, lane);
     init_list<VPL>(wsm, lane);
   }
+
+  pdl_wait();
+  pdl_launch_dependents();
+
+  // This CTA's units [u0, u1) of (token, 128-column block), token-major; half-warp hw takes u0 + hw,
+  // u0 + hw + n_hw, ... Its first block is loaded now, under the routing.
+  const int KB = int(p.H / 128);
+  const int u0 = int(blockIdx.x) * units_per_cta;
+  const int u1 = min(u0 + units_per_cta, T * KB);
+  const int hl = tid & 15, n_hw = int(blockDim.x) >> 4;
+  int u = u0 + (tid >> 4);
+  uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+  if (u < u1) raw = load_chunk(p, u / KB, u % KB, hl);
+  // R1: the warp's first token's logits are requested alongside, before the barrier (one L2 round
+  // trip after the wait instead of two).
+  [[maybe_unused]] float s_logits[8];
+  if constexpr (kR1) {
+    if (warp < T)
+      load_row<8, In>(static_cast<const In*>(r.logits) + int64_t(warp) * r.logits_stride, 8 * lane, 8, true, 0.0f,
+                      s_logits);
+  }
   __syncthreads();
 
   // Route; then lane j < topk owns slot (t, j): its id, its local expert, the token's bit.
@@ -166,7 +178,8 @@ __global__ void __launch_bounds__(Cfg<kR1, VPL>::kMaxWarps * 32)
     float* w_out = writer ? r.weights + int64_t(t) * r.weights_stride : wscratch + t * k;
     int32_t* id_out = sid + t * k;
     if constexpr (kR1) {
-      r1::route_token<In>(row, sbias, ktable, wsm, rl, r.scale, r.renormalize, w_out, id_out);
+      if (t != warp) load_row<8, In>(row, 8 * lane, 8, true, 0.0f, s_logits);
+      r1::route_token_regs(s_logits, sbias, ktable, wsm, rl, r.scale, r.renormalize, w_out, id_out);
     } else {
       noaux_route_token<VPL, In>(row, l, nl, sbias, wsm, grouped, r.topk_group, k, r.scale, r.renormalize, w_out,
                                  id_out);
