@@ -985,6 +985,8 @@ def moe_route_dispatch(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.T
         token_slots int32 [T, topk], a e4m3 [num_local + num_shared, max_m, H], a_scale fp32
         [num_local + num_shared, max_m, H/128] in the empty_grouped_act_scale layout). Rows of a / a_scale
         past masked_m[e] are not written.
+    The CUDA kernel reads bias before its programmatic-dependency wait, i.e. while the kernel before it on
+    the stream may still run: that kernel must not write it (as with mla_rope_norm_append's tables).
     """
     t, h = logits.shape[0], hidden.shape[-1]
     dev = hidden.device
@@ -1575,6 +1577,9 @@ def mla_rope_norm_append(kv: torch.Tensor, q_pe: torch.Tensor, positions: torch.
         kv_cache: bf16 [num_pages, page_size, 576] or the FP8 uint8 [.., .., 656] layout.
         q_out: optional [T, h, 64] output in kv's dtype, any strides with 16-byte rows, e.g.
             q_lat[..., 512:] of the absorbed query [T, h, 576]; must not overlap the inputs.
+    The CUDA kernel reads positions, slot_mapping, cos, sin and norm_weight before its programmatic-
+    dependency wait, i.e. while the kernel before it on the stream may still run: that kernel must not
+    write them (no flashseek op does; a kernel without an early trigger, e.g. any torch op, has finished).
     Returns:
         q_out. Tolerance of the CUDA kernel against the reference: rope and the cache's rope bits
         exact; the latent within one rounding of kv's dtype (the fp32 sum of squares is ordered as
