@@ -97,6 +97,12 @@ TORCH_LIBRARY(flashseek, m) {
   m.def(
       "mla_rope_norm_append(Tensor kv, Tensor q_pe, Tensor positions, Tensor cos, Tensor sin, "
       "Tensor norm_weight, float eps, Tensor slot_mapping, Tensor(a!) kv_cache, Tensor(b!) q_out) -> ()");
+  // The decode step's glue and W_UK absorption in one launch, for 1-16 tokens: q [T, h, nope + 64] ->
+  // q_lat [T, h, 576] = [q_nope @ w_uk [h, nope, 512] | rope(q_pe)], plus mla_rope_norm_append's cache
+  // append (bf16 q, kv and norm_weight).
+  m.def(
+      "mla_absorb_rope_append(Tensor q, Tensor kv, Tensor w_uk, Tensor positions, Tensor cos, Tensor sin, "
+      "Tensor norm_weight, float eps, Tensor slot_mapping, Tensor(a!) kv_cache, Tensor(b!) q_lat) -> ()");
 
   // The absorbed MLA's per-head projections for T <= 8: out [H, T, N] = a [H, T, K] @ w [H, K, N]
   // (bf16, fp32 accumulation; q_nope @ W_UK and o_lat @ W_UV^T). flashseek.ops.mla_head_gemv runs

@@ -50,7 +50,7 @@ def make_inputs(T, h, page_size=16, num_pages=6, fp8=False, dtype=torch.bfloat16
     a, q, q_lat, positions, cos, sin, weight, slots, cache = (
         x.to(device) for x in (a, q, q_lat, positions, cos, sin, weight, slots, cache))
     return dict(kv=a[:, 384:], q_pe=q[..., 128:], positions=positions, cos=cos, sin=sin, norm_weight=weight,
-                eps=EPS, slot_mapping=slots, kv_cache=cache, q_out=q_lat[..., 512:], q_lat=q_lat)
+                eps=EPS, slot_mapping=slots, kv_cache=cache, q_out=q_lat[..., 512:], q_lat=q_lat, q=q)
 
 
 ARGS = ("kv", "q_pe", "positions", "cos", "sin", "norm_weight", "eps", "slot_mapping", "kv_cache", "q_out")
@@ -281,9 +281,9 @@ def test_decode_attention_op_count(fp8_model, model_dir):
     print(f"\ndecode attention ops per layer, before ({len(before)}): {before}"
           f"\nafter ({len(after)}): {after}")
     # The input arrives quantized (the decoder layer's fused add + norm + quant), the q_a norm quantizes
-    # for q_b in the same op.
+    # for q_b in the same op, and a decode-only step takes the glue and W_UK's product from one op.
     assert after == ["fp8_gemm", "rms_norm_quant_fp8", "fp8_gemm",
-                     "mla_rope_norm_append", "bmm.out", "mla_decode", "bmm.out", "quant_fp8_1x128", "fp8_gemm"]
+                     "mla_absorb_rope_append", "mla_decode", "bmm.out", "quant_fp8_1x128", "fp8_gemm"]
     assert len(before) >= 2 * len(after)
 
 
@@ -446,6 +446,150 @@ def test_fusion_equals_unfused_cuda(model_dir, prefill_mode, switch, seed):
         plain = run_steps(model, prompt, chunk=40)
     for a, b in zip(fused, plain):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# mla_absorb_rope_append: mla_rope_norm_append and the W_UK product in one launch (decode steps)
+# ------------------------------------------------------------------------------------------------
+ABSORB_ARGS = ("q", "kv", "w_uk", "positions", "cos", "sin", "norm_weight", "eps", "slot_mapping", "kv_cache", "q_lat")
+
+
+def absorb_inputs(T, h, fp8=False, page_size=16, device="cpu", seed=0, nope=128):
+    """make_inputs plus W_UK [h, nope, 512] (q's nope part is its first 128 columns; other widths get a
+    fresh q). Outputs poisoned: q_lat NaN, the cache NaN."""
+    d = make_inputs(T, h, page_size, num_pages=-(-T // page_size) + 2, fp8=fp8, device=device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    if nope != 128:
+        d["q"] = (torch.randn(T, h, nope + 64, generator=g) * 3).bfloat16().to(device)
+    d["w_uk"] = (torch.randn(h, nope, 512, generator=g) * 0.05).bfloat16().to(device)
+    return d
+
+
+def call_absorb(d):
+    torch.ops.flashseek.mla_absorb_rope_append(*[d[k] for k in ABSORB_ARGS])
+
+
+def two_ops(d):
+    """The pair the op replaces, on copies of d's outputs: (q_lat, kv_cache)."""
+    q_lat, cache = d["q_lat"].clone(), d["kv_cache"].clone()
+    nope = d["q"].shape[-1] - 64
+    torch.ops.flashseek.mla_rope_norm_append(d["kv"], d["q"][..., nope:], d["positions"], d["cos"], d["sin"],
+                                             d["norm_weight"], d["eps"], d["slot_mapping"], cache,
+                                             q_lat[..., 512:])
+    torch.ops.flashseek.mla_head_gemv(d["q"][..., :nope].transpose(0, 1), d["w_uk"], q_lat[..., :512].transpose(0, 1))
+    return q_lat, cache
+
+
+def _same_bytes(a, b):
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("T,h", [(1, 3), (5, 2)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_absorb_rope_append_cpu(T, h, fp8):
+    d = absorb_inputs(T, h, fp8)
+    want_q, want_cache = two_ops(d)
+    out = ops.mla_absorb_rope_append(*[d[k] for k in ABSORB_ARGS])
+    assert out is d["q_lat"] and _same_bytes(out, want_q) and _same_bytes(d["kv_cache"], want_cache)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_absorb_rope_append_opcheck(device):
+    d = absorb_inputs(3, 4, device=device)
+    opcheck(torch.ops.flashseek.mla_absorb_rope_append.default, tuple(d[k] for k in ABSORB_ARGS))
+
+
+def _absorb_bad_cases(device):
+    cases = []
+
+    def case(match, T=2, h=4, **over):
+        d = absorb_inputs(T, h, device=device)
+        for k, v in over.items():
+            d[k] = v(d) if callable(v) else v
+        cases.append((d, match))
+
+    case("1 to 16 tokens", T=17)
+    case("q must have dtype", q=lambda d: d["q"].half())
+    case("norm_weight", norm_weight=lambda d: d["norm_weight"].float())
+    case("q_lat", q_lat=lambda d: d["q_lat"][:, :, :575])
+    case("w must have shape|w_uk", w_uk=lambda d: d["w_uk"][:3])
+    case("w_uk|512", w_uk=lambda d: d["w_uk"][..., :256].contiguous())
+    case("q_pe|kv|tokens", kv=lambda d: d["kv"][:1])
+    return cases
+
+
+@pytest.mark.parametrize("idx", range(7))
+def test_absorb_rope_append_bad_inputs_cpu(idx):
+    d, match = _absorb_bad_cases("cpu")[idx]
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call_absorb(d)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("idx", range(7))
+def test_absorb_rope_append_bad_inputs_cuda(idx):
+    d, match = _absorb_bad_cases("cuda")[idx]
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call_absorb(d)
+
+
+@pytest.mark.cuda
+def test_absorb_rope_append_wide_nope_cuda():
+    """A head slice past one CTA (nope 192: 192 KB) is refused by the op; the wrapper runs the two ops."""
+    d = absorb_inputs(2, 4, device="cuda", nope=192)
+    with pytest.raises((ValueError, RuntimeError), match="qk_nope"):
+        call_absorb(d)
+    want_q, want_cache = two_ops(d)
+    ops.mla_absorb_rope_append(*[d[k] for k in ABSORB_ARGS])
+    assert _same_bytes(d["q_lat"], want_q) and _same_bytes(d["kv_cache"], want_cache)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T,h", [(1, 128), (2, 128), (16, 128), (5, 16), (16, 3), (16, 1), (9, 2)])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_absorb_rope_append_equals_the_two_ops_cuda(T, h, fp8, page_size):
+    """Bit for bit the pair it replaces: q_lat (its NaN poison fully overwritten) and every cache byte
+    (written slots and the NaN pages around them; every third slot is padding, -1). h = 1 and 2 put
+    several tokens' kv work on one CTA (tokens h + H w + 8 H i)."""
+    d = absorb_inputs(T, h, fp8, page_size, device="cuda", seed=T * 37 + h)
+    want_q, want_cache = two_ops(d)
+    call_absorb(d)
+    torch.cuda.synchronize()
+    assert not d["q_lat"].isnan().any()
+    assert _same_bytes(d["q_lat"], want_q)
+    assert _same_bytes(d["kv_cache"], want_cache)
+
+
+@pytest.mark.cuda
+def test_absorb_rope_append_out_of_range_slot_and_positions_cuda():
+    d = absorb_inputs(5, 8, device="cuda")
+    cap = d["kv_cache"].shape[0] * d["kv_cache"].shape[1]
+    d["slot_mapping"][0] = cap + 100
+    d["positions"][1] = 10 ** 9
+    d["positions"][2] = -4
+    want_q, want_cache = two_ops(d)
+    call_absorb(d)
+    assert _same_bytes(d["q_lat"], want_q) and _same_bytes(d["kv_cache"], want_cache)
+
+
+@pytest.mark.cuda
+def test_absorb_rope_append_graph_replay_cuda():
+    d = absorb_inputs(4, 16, device="cuda")
+    call_absorb(d)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        call_absorb(d)
+    torch.cuda.current_stream().wait_stream(s)
+    d["q"].copy_(torch.randn_like(d["q"]))
+    d["kv"].copy_(torch.randn_like(d["kv"]))
+    d["positions"].copy_(torch.tensor([5, 2, 9, 4]))
+    g.replay()
+    torch.cuda.synchronize()
+    want_q, want_cache = two_ops(d)
+    assert _same_bytes(d["q_lat"], want_q) and _same_bytes(d["kv_cache"], want_cache)
 
 
 # ------------------------------------------------------------------------------------------------

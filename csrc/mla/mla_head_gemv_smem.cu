@@ -45,6 +45,7 @@
 #include "common/smem_opt_in.h"
 #include "mla/mla_decode_kernel.cuh"
 #include "mla/mla_params.h"
+#include "mla/mla_rope_device.cuh"
 
 namespace flashseek::mla {
 namespace {
@@ -82,8 +83,31 @@ __device__ __forceinline__ uint32_t quantize2_e4m3(float a, float b, float s) {
   return __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)), __NV_SATFINITE, __NV_E4M3);
 }
 
-template <int kMT, int kNT16, bool kQuant>
-__global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemvParams p, int cols) {
+// kGlue (mla_absorb_rope_append): the MLA glue of mla_rope_norm_append runs beside the W_UK product, so
+// that its kernel and one kernel boundary leave the decode step. CTA h (column slice 0) takes q_rope of
+// head h for every token, and kv_token of tokens h + H w (+ 8 H i) on warp w. Their *_pre halves run
+// before the PDL wait; the rest right after the token rows' copies are issued, so its loads overlap them.
+struct GlueState {
+  rope_dev::KvPre kv;
+  rope_dev::QPre q;
+};
+
+template <bool kFp8>
+__device__ __forceinline__ void glue_rest(const RopeNormAppendParams& r, int H, int h, int warp, int lane, int tid,
+                                          const GlueState& pre) {
+  using T = __nv_bfloat16;
+  for (int t = h + H * warp, i = 0; t < r.tokens; t += H * kWarps, ++i)
+    rope_dev::kv_token<T, T, kFp8>(r, i == 0 ? pre.kv : rope_dev::kv_pre<T>(r, t, lane), t, lane);
+  for (int k = tid, i = 0; k < r.tokens * rope_dev::kThreadsPerHead; k += kThreads, ++i) {
+    const int t = k / rope_dev::kThreadsPerHead, part = k % rope_dev::kThreadsPerHead;
+    rope_dev::q_rope<T>(r, i == 0 ? pre.q : rope_dev::q_pre(r, t, part), t, h, part);
+  }
+}
+
+// kGlue: 0 none, 1 with a bf16 cache, 2 with the FP8 cache.
+template <int kMT, int kNT16, bool kQuant, int kGlue>
+__global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemvParams p, int cols,
+                                                                  const RopeNormAppendParams r) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int h = blockIdx.y, n0 = blockIdx.x * cols;
@@ -110,6 +134,15 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
                      : "memory");
       }
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bars + 8 * q) : "memory");
+    }
+  }
+  [[maybe_unused]] GlueState glue{};
+  [[maybe_unused]] const bool glue_cta = kGlue != 0 && blockIdx.x == 0;
+  if constexpr (kGlue != 0) {
+    if (glue_cta) {
+      if (h + p.H * warp < r.tokens) glue.kv = rope_dev::kv_pre<__nv_bfloat16>(r, h + p.H * warp, lane);
+      if (tid < r.tokens * rope_dev::kThreadsPerHead)
+        glue.q = rope_dev::q_pre(r, tid / rope_dev::kThreadsPerHead, tid % rope_dev::kThreadsPerHead);
     }
   }
   pdl_wait();
@@ -139,6 +172,9 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
       __syncwarp();
       for (int r = lane; r < rows; r += 32)
         bulk_copy(sa + r * ap, ah + int64_t(t0 + r) * p.a_tstride, a_row_bytes, tok_bar);
+    }
+    if constexpr (kGlue != 0) {
+      if (t0 == 0 && glue_cta) glue_rest<kGlue == 2>(r, p.H, h, warp, lane, tid, glue);
     }
     __syncthreads();  // the zero rows
     mbar_wait(tok_bar, uint32_t(t0 / (16 * kMT)) & 1u);
@@ -251,11 +287,11 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
   }
 }
 
-template <int kMT, int kNT16, bool kQuant>
-void launch_t(const HeadGemvParams& p, int cols, cudaStream_t stream) {
-  opt_in_dynamic_smem<head_gemv_smem_kernel<kMT, kNT16, kQuant>>(kSmemLimit);
-  launch_pdl(head_gemv_smem_kernel<kMT, kNT16, kQuant>, dim3(unsigned(p.N / cols), unsigned(p.H)), dim3(kThreads),
-             size_t(smem_bytes(p.K, cols, kMT)), stream, p, cols);
+template <int kMT, int kNT16, bool kQuant, int kGlue = 0>
+void launch_t(const HeadGemvParams& p, int cols, cudaStream_t stream, const RopeNormAppendParams& r = {}) {
+  opt_in_dynamic_smem<head_gemv_smem_kernel<kMT, kNT16, kQuant, kGlue>>(kSmemLimit);
+  launch_pdl(head_gemv_smem_kernel<kMT, kNT16, kQuant, kGlue>, dim3(unsigned(p.N / cols), unsigned(p.H)),
+             dim3(kThreads), size_t(smem_bytes(p.K, cols, kMT)), stream, p, cols, r);
 }
 
 // Token tiles per pass: enough for T (up to 4), fewer where the token rows would not fit beside the slice.
@@ -284,6 +320,25 @@ int head_gemv_smem_cols(int K, int N) {
     if (N % c == 0 && int64_t(K) * w_pitch(c) <= kMaxWeightBytes && smem_bytes(K, c, 1) <= kSmemLimit) best = c;
   }
   return best;
+}
+
+bool absorb_rope_append_fits(const HeadGemvParams& p) {
+  return p.T >= 1 && p.T <= kAbsorbRopeAppendMaxT && p.N == kDV && p.q == nullptr && p.K % 32 == 0 &&
+         head_gemv_smem_cols(p.K, p.N) == kDV;
+}
+
+void launch_absorb_rope_append(const HeadGemvParams& p, const RopeNormAppendParams& r, bool fp8_cache,
+                               cudaStream_t stream) {
+  if (!absorb_rope_append_fits(p) || r.tokens != p.T || r.heads != p.H || r.fp16_input != 0 ||
+      r.weight_dtype != WeightDtype::kBFloat16)
+    throw std::invalid_argument("flashseek: mla_absorb_rope_append parameters out of range");
+  // T <= 16: one pass of token rows (kMT = 1); C = 512: four 16-column tiles a warp.
+  if (fp8_cache) {
+    launch_t<1, 4, false, 2>(p, kDV, stream, r);
+  } else {
+    launch_t<1, 4, false, 1>(p, kDV, stream, r);
+  }
+  FS_CHECK_LAUNCH();
 }
 
 void launch_head_gemv_smem(const HeadGemvParams& p, cudaStream_t stream) {

@@ -240,9 +240,12 @@ void mla_cache_append(const at::Tensor& latent, const at::Tensor& k_rope, at::Te
 }
 
 
-void mla_rope_norm_append(const at::Tensor& kv, const at::Tensor& q_pe, const at::Tensor& positions,
-                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& norm_weight, double eps,
-                          const at::Tensor& slot_mapping, at::Tensor& kv_cache, at::Tensor& q_out) {
+// mla_rope_norm_append's inputs checked and packed (also for mla_absorb_rope_append); *fp8 = the cache's kind.
+RopeNormAppendParams check_rope_norm_append_inputs(const at::Tensor& kv, const at::Tensor& q_pe,
+                                                   const at::Tensor& positions, const at::Tensor& cos,
+                                                   const at::Tensor& sin, const at::Tensor& norm_weight, double eps,
+                                                   const at::Tensor& slot_mapping, const at::Tensor& kv_cache,
+                                                   const at::Tensor& q_out, bool* fp8_cache) {
   FS_CHECK_CUDA(kv);
   FS_CHECK(kv.scalar_type() == at::kBFloat16 || kv.scalar_type() == at::kHalf,
            "kv must have dtype BFloat16 or Half, got ", kv.scalar_type());
@@ -301,8 +304,7 @@ void mla_rope_norm_append(const at::Tensor& kv, const at::Tensor& q_pe, const at
   }
   const int64_t ctas = (t + 3) / 4 + t * ((h + 15) / 16);
   FS_CHECK(ctas <= INT_MAX, "too many tokens x heads for one launch: ", t, " x ", h);
-  if (t == 0) return;
-  const c10::cuda::CUDAGuard guard(kv.device());
+  *fp8_cache = fp8;
   RopeNormAppendParams p{};
   p.kv = kv.data_ptr();
   p.kv_stride = kv.stride(0);
@@ -325,6 +327,17 @@ void mla_rope_norm_append(const at::Tensor& kv, const at::Tensor& q_pe, const at
   p.tokens = static_cast<int>(t);
   p.heads = static_cast<int>(h);
   p.fp16_input = kv.scalar_type() == at::kHalf ? 1 : 0;
+  return p;
+}
+
+void mla_rope_norm_append(const at::Tensor& kv, const at::Tensor& q_pe, const at::Tensor& positions,
+                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& norm_weight, double eps,
+                          const at::Tensor& slot_mapping, at::Tensor& kv_cache, at::Tensor& q_out) {
+  bool fp8 = false;
+  const RopeNormAppendParams p = check_rope_norm_append_inputs(kv, q_pe, positions, cos, sin, norm_weight, eps,
+                                                               slot_mapping, kv_cache, q_out, &fp8);
+  if (p.tokens == 0) return;
+  const c10::cuda::CUDAGuard guard(kv.device());
   launch_rope_norm_append(p, fp8, current_stream(kv));
 }
 
@@ -409,6 +422,43 @@ void mla_head_gemv_quant_fp8(const at::Tensor& a, const at::Tensor& w, at::Tenso
   launch_head_gemv(p, current_stream(a));
 }
 
+// q [T, H, K + 64] (q_nope | q_pe), kv [T, 576], w_uk [H, K, 512] -> q_lat [T, H, 576] = [q_nope @ W_UK |
+// rope(q_pe)] and the cache append: mla_rope_norm_append and mla_head_gemv in one launch.
+void mla_absorb_rope_append(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& w_uk,
+                            const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                            const at::Tensor& norm_weight, double eps, const at::Tensor& slot_mapping,
+                            at::Tensor& kv_cache, at::Tensor& q_lat) {
+  FS_CHECK_CUDA(q);
+  FS_CHECK_DTYPE(q, at::kBFloat16);
+  FS_CHECK_DIM(q, 3);
+  const int64_t t = q.size(0), h = q.size(1), nope = q.size(2) - kDRope;
+  FS_CHECK(nope > 0, "q must be [T, H, qk_nope + 64], got ", q.sizes());
+  FS_CHECK(t >= 1 && t <= kAbsorbRopeAppendMaxT, "mla_absorb_rope_append takes 1 to ", kAbsorbRopeAppendMaxT,
+           " tokens, got ", t, " (flashseek.ops.mla_absorb_rope_append runs the two ops above that)");
+  FS_CHECK_CUDA(q_lat);
+  FS_CHECK_DTYPE(q_lat, at::kBFloat16);
+  FS_CHECK_SHAPE(q_lat, t, h, kDQK);
+  FS_CHECK(norm_weight.scalar_type() == at::kBFloat16, "norm_weight must have dtype BFloat16 here, got ",
+           norm_weight.scalar_type(), " (flashseek.ops.mla_absorb_rope_append runs the two ops for other dtypes)");
+  bool fp8 = false;
+  const RopeNormAppendParams r = check_rope_norm_append_inputs(
+      kv, q.narrow(2, nope, kDRope), positions, cos, sin, norm_weight, eps, slot_mapping, kv_cache,
+      q_lat.narrow(2, kDV, kDRope), &fp8);
+  HeadGemvParams p = check_head_gemv_inputs(q.narrow(2, 0, nope).transpose(0, 1), w_uk);
+  FS_CHECK(p.N == kDV, "w_uk must be [H, qk_nope, 512], got ", w_uk.sizes());
+  const at::Tensor out = q_lat.narrow(2, 0, kDV).transpose(0, 1);
+  FS_CHECK(out.stride(2) == 1, "q_lat must have a unit last stride, got strides ", q_lat.strides());
+  FS_CHECK_SAME_DEVICE(q, q_lat);
+  FS_CHECK_SAME_DEVICE(q, kv);
+  p.out = out.data_ptr();
+  p.o_hstride = out.stride(0);
+  p.o_tstride = out.stride(1);
+  FS_CHECK(absorb_rope_append_fits(p), "mla_absorb_rope_append needs W_UK's [", p.K,
+           ", 512] head slice to fit one CTA (qk_nope <= 160), got ", w_uk.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  launch_absorb_rope_append(p, r, fp8, current_stream(q));
+}
+
 }  // namespace
 
 void register_mla_cuda(torch::Library& m) {
@@ -418,6 +468,7 @@ void register_mla_cuda(torch::Library& m) {
   m.impl("mla_decode", &mla_decode);
   m.impl("mla_cache_append", &mla_cache_append);
   m.impl("mla_rope_norm_append", &mla_rope_norm_append);
+  m.impl("mla_absorb_rope_append", &mla_absorb_rope_append);
 }
 
 }  // namespace flashseek

@@ -140,6 +140,13 @@ void launch_head_gemv(const HeadGemvParams& p, cudaStream_t stream);
 // issued before the PDL wait. Columns per CTA for a [K, N] head weight, 0 if no slice fits.
 int head_gemv_smem_cols(int K, int N);
 void launch_head_gemv_smem(const HeadGemvParams& p, cudaStream_t stream);
+// mla_absorb_rope_append (mla_head_gemv_smem.cu): the W_UK product (p: q_nope, W_UK [H, K, 512], out =
+// q_lat's latent part) and mla_rope_norm_append's work (r; bf16 input and norm weight) in one launch, for
+// 1 <= T <= kAbsorbRopeAppendMaxT tokens and a [K, 512] head slice that fits one CTA.
+constexpr int kAbsorbRopeAppendMaxT = 16;
+bool absorb_rope_append_fits(const HeadGemvParams& p);
+void launch_absorb_rope_append(const HeadGemvParams& p, const RopeNormAppendParams& r, bool fp8_cache,
+                               cudaStream_t stream);
 
 void launch_plan(const PlanParams& p, cudaStream_t stream);
 // Decode of every (row tile, sm part); requests with one split are written to out/lse directly.

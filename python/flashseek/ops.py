@@ -1592,6 +1592,89 @@ def mla_rope_norm_append(kv: torch.Tensor, q_pe: torch.Tensor, positions: torch.
     return q_out
 
 
+#: mla_absorb_rope_append's token limit (kAbsorbRopeAppendMaxT, csrc/mla/mla_params.h): one pass of 16
+#: token rows beside W_UK's head slice.
+MLA_ABSORB_ROPE_APPEND_MAX_T = 16
+# The head slice [qk_nope, 512] bf16 must fit one CTA (160 KB): qk_nope <= 160.
+_ABSORB_MAX_NOPE = 160
+
+
+def _check_mla_absorb_rope_append(q, kv, w_uk, positions, cos, sin, norm_weight, eps, slot_mapping, kv_cache,
+                                  q_lat):
+    _expect_dtype(q, "q", torch.bfloat16)
+    _expect_dim(q, "q", 3)
+    t, h, d = q.shape
+    nope = d - ref_mla.D_ROPE
+    _expect(nope > 0, f"q must be [T, H, qk_nope + {ref_mla.D_ROPE}], got {list(q.shape)}")
+    _expect(1 <= t <= MLA_ABSORB_ROPE_APPEND_MAX_T,
+            f"mla_absorb_rope_append takes 1 to {MLA_ABSORB_ROPE_APPEND_MAX_T} tokens, got {t} "
+            "(flashseek.ops.mla_absorb_rope_append runs the two ops above that)")
+    _expect_dtype(q_lat, "q_lat", torch.bfloat16)
+    _expect_shape(q_lat, "q_lat", (t, h, ref_mla.D_QK))
+    _expect(q_lat.stride(-1) == 1, f"q_lat must have a unit last stride, got strides {tuple(q_lat.stride())}")
+    _expect_dtype(norm_weight, "norm_weight", torch.bfloat16)
+    _check_mla_rope_norm_append(kv, q[..., nope:], positions, cos, sin, norm_weight, eps, slot_mapping, kv_cache,
+                                q_lat[..., ref_mla.D_V:])
+    _check_head_gemv_inputs(q[..., :nope].transpose(0, 1), w_uk, "mla_absorb_rope_append")
+    _expect(w_uk.shape[2] == ref_mla.D_V and nope <= _ABSORB_MAX_NOPE,
+            f"w_uk must be [H, qk_nope <= {_ABSORB_MAX_NOPE}, {ref_mla.D_V}], got {list(w_uk.shape)}")
+    _expect_same_device(q, "q", kv=kv, w_uk=w_uk, q_lat=q_lat)
+
+
+def _ref_mla_absorb_rope_append(q, kv, w_uk, positions, cos, sin, norm_weight, eps, slot_mapping, kv_cache, q_lat):
+    nope = q.shape[-1] - ref_mla.D_ROPE
+    _ref_mla_rope_norm_append(kv, q[..., nope:], positions, cos, sin, norm_weight, eps, slot_mapping, kv_cache,
+                              q_lat[..., ref_mla.D_V:])
+    _ref_mla_head_gemv(q[..., :nope].transpose(0, 1), w_uk, q_lat[..., :ref_mla.D_V].transpose(0, 1))
+
+
+_register("mla_absorb_rope_append", _check_mla_absorb_rope_append, _ref_mla_absorb_rope_append)
+
+
+def mla_absorb_rope_append(q: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor, positions: torch.Tensor,
+                           cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                           slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
+                           q_lat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A decode step's absorbed query and cache append: mla_rope_norm_append and the W_UK product in one.
+
+    q_lat[t, h] = [q[t, h, :nope] @ w_uk[h] | rope(q[t, h, nope:])] (bf16, fp32 accumulation), and kv's
+    latent and k_pe appended to kv_cache at slot_mapping[t], exactly as
+        mla_rope_norm_append(kv, q[..., nope:], positions, cos, sin, norm_weight, eps, slot_mapping, kv_cache,
+                             q_out=q_lat[..., 512:])
+        mla_head_gemv(q[..., :nope].transpose(0, 1), w_uk, q_lat[..., :512].transpose(0, 1))
+    compute them, bit for bit.
+
+    Args:
+        q: bf16 [T, H, nope + 64], e.g. q_b's output viewed per head (R1: nope 128).
+        kv: bf16 [T, 576] (512 latent | 64 k_pe); positions, cos, sin, eps, slot_mapping, kv_cache: as
+            mla_rope_norm_append takes them (the same early reads apply: see its docstring).
+        w_uk: bf16 [H, nope, 512], contiguous [nope, 512] rows per head.
+        norm_weight: [512] kv_a_layernorm weight.
+        q_lat: optional bf16 [T, H, 576] output with a unit last stride.
+    For 1 <= T <= MLA_ABSORB_ROPE_APPEND_MAX_T with a bf16 norm weight and nope <= 160, the op
+    torch.ops.flashseek.mla_absorb_rope_append: on the GPU one kernel, W_UK's CTAs (one a head) also running
+    the glue, so that a launch and a kernel boundary leave the decode step. Otherwise the two ops above.
+    Returns:
+        q_lat.
+    """
+    t, h, d = q.shape
+    nope = d - ref_mla.D_ROPE
+    if q_lat is None:
+        q_lat = torch.empty((t, h, ref_mla.D_QK), dtype=q.dtype, device=q.device)
+    # The op where it takes the inputs (on the CPU its reference, the two ops' composition).
+    fused = (1 <= t <= MLA_ABSORB_ROPE_APPEND_MAX_T and q.dtype == torch.bfloat16
+             and norm_weight.dtype == torch.bfloat16 and 0 < nope <= _ABSORB_MAX_NOPE
+             and (not q.is_cuda or has_cuda_kernel("mla_absorb_rope_append")))
+    if fused:
+        torch.ops.flashseek.mla_absorb_rope_append(q, kv, w_uk, positions, cos, sin, norm_weight, float(eps),
+                                                   slot_mapping, kv_cache, q_lat)
+    else:
+        mla_rope_norm_append(kv, q[..., nope:], positions, cos, sin, norm_weight, eps, slot_mapping, kv_cache,
+                             q_out=q_lat[..., ref_mla.D_V:])
+        mla_head_gemv(q[..., :nope].transpose(0, 1), w_uk, q_lat[..., :ref_mla.D_V].transpose(0, 1))
+    return q_lat
+
+
 # --------------------------------------------------------------------------------------------
 # RMSNorm and fused residual-add + RMSNorm   [section: norm]
 # --------------------------------------------------------------------------------------------

@@ -437,14 +437,22 @@ class MLAAttention:
         T, h = x.shape[0], c.num_attention_heads
         q, kv = self._project(x)
         q_nope = q[..., : c.qk_nope_head_dim]
+        absorbed = False  # q_lat already holds q_nope @ W_UK (mla_absorb_rope_append)
         if self._fused_glue(kv_cache, q):
             # The absorbed query [T, h, 576] = [q_nope @ W_UK | rope(q_pe)]: the op writes the rope
-            # tail of every row (the decompressed prefill reads it there too), _absorb_q the rest.
+            # tail of every row (the decompressed prefill reads it there too), _absorb_q the rest. A step
+            # of decode rows only takes both from one launch (one kernel boundary fewer).
             q_lat = torch.empty(T, h, c.kv_lora_rank + c.qk_rope_head_dim, dtype=q.dtype, device=x.device)
             q_rope = q_lat[..., c.kv_lora_rank:]
             cos, sin = rope.tables
-            ops.mla_rope_norm_append(kv, q[..., c.qk_nope_head_dim:], meta.positions, cos, sin, self.kv_a_norm,
-                                     c.rms_norm_eps, meta.slot_mapping, kv_cache, q_out=q_rope)
+            absorbed = (not meta.prefills and T <= ops.MLA_ABSORB_ROPE_APPEND_MAX_T
+                        and q.dtype == torch.bfloat16 and self.w_uk.dtype == torch.bfloat16)
+            if absorbed:
+                ops.mla_absorb_rope_append(q, kv, self.w_uk, meta.positions, cos, sin, self.kv_a_norm,
+                                           c.rms_norm_eps, meta.slot_mapping, kv_cache, q_lat=q_lat)
+            else:
+                ops.mla_rope_norm_append(kv, q[..., c.qk_nope_head_dim:], meta.positions, cos, sin,
+                                         self.kv_a_norm, c.rms_norm_eps, meta.slot_mapping, kv_cache, q_out=q_rope)
         else:
             q_lat = None
             latent = norm(kv[:, : c.kv_lora_rank], self.kv_a_norm, c.rms_norm_eps, self.mode)
@@ -462,7 +470,7 @@ class MLAAttention:
         if nd:
             if meta.decode_plan is None:
                 meta.decode_plan = make_plan(kv_cache, meta.cache_seqlens[:nd], 1, h)
-            ql = self._absorb_q(q_nope[:nd], q_rope[:nd], rows(slice(0, nd)))     # [nd, h, 576]
+            ql = q_lat[:nd] if absorbed else self._absorb_q(q_nope[:nd], q_rope[:nd], rows(slice(0, nd)))
             o_lat, _ = mla_decode(ql.unsqueeze(1), kv_cache, meta.block_tables[:nd],
                                   meta.cache_seqlens[:nd], meta.decode_plan, c.softmax_scale, causal=False)
             if not meta.prefills and self._unabsorb_quant_fits(o_lat):
