@@ -390,16 +390,22 @@ def test_bad_inputs_cuda(idx):
         call_op(kw)
 
 
-@pytest.mark.cuda
-def test_cuda_graph_capture():
-    d = make_inputs(4, 16, device="cuda")
-    call_op(d)  # warm up outside the capture
+def captured(fn):
+    """fn run once (warm-up), then captured into a CUDA graph on a side stream."""
+    fn()
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        call_op(d)
+        fn()
     torch.cuda.current_stream().wait_stream(s)
+    return g
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    d = make_inputs(4, 16, device="cuda")
+    g = captured(lambda: call_op(d))
     d["kv"].copy_(torch.randn_like(d["kv"]))
     d["positions"].copy_(torch.tensor([1, 2, 3, 4]))
     g.replay()
@@ -518,17 +524,10 @@ def _absorb_bad_cases(device):
     return cases
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("idx", range(7))
-def test_absorb_rope_append_bad_inputs_cpu(idx):
-    d, match = _absorb_bad_cases("cpu")[idx]
-    with pytest.raises((ValueError, RuntimeError), match=match):
-        call_absorb(d)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("idx", range(7))
-def test_absorb_rope_append_bad_inputs_cuda(idx):
-    d, match = _absorb_bad_cases("cuda")[idx]
+def test_absorb_rope_append_bad_inputs(device, idx):
+    d, match = _absorb_bad_cases(device)[idx]
     with pytest.raises((ValueError, RuntimeError), match=match):
         call_absorb(d)
 
@@ -576,13 +575,7 @@ def test_absorb_rope_append_out_of_range_slot_and_positions_cuda():
 @pytest.mark.cuda
 def test_absorb_rope_append_graph_replay_cuda():
     d = absorb_inputs(4, 16, device="cuda")
-    call_absorb(d)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        call_absorb(d)
-    torch.cuda.current_stream().wait_stream(s)
+    g = captured(lambda: call_absorb(d))
     d["q"].copy_(torch.randn_like(d["q"]))
     d["kv"].copy_(torch.randn_like(d["kv"]))
     d["positions"].copy_(torch.tensor([5, 2, 9, 4]))
