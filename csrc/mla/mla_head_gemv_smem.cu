@@ -107,7 +107,7 @@ __device__ __forceinline__ void glue_rest(const RopeNormAppendParams& r, int H, 
 // kGlue: 0 none, 1 with a bf16 cache, 2 with the FP8 cache.
 template <int kMT, int kNT16, bool kQuant, int kGlue>
 __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemvParams p, int cols,
-                                                                  const RopeNormAppendParams r) {
+                                                                  const RopeNormAppendParams glue_p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int h = blockIdx.y, n0 = blockIdx.x * cols;
@@ -140,9 +140,9 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
   [[maybe_unused]] const bool glue_cta = kGlue != 0 && blockIdx.x == 0;
   if constexpr (kGlue != 0) {
     if (glue_cta) {
-      if (h + p.H * warp < r.tokens) glue.kv = rope_dev::kv_pre<__nv_bfloat16>(r, h + p.H * warp, lane);
-      if (tid < r.tokens * rope_dev::kThreadsPerHead)
-        glue.q = rope_dev::q_pre(r, tid / rope_dev::kThreadsPerHead, tid % rope_dev::kThreadsPerHead);
+      if (h + p.H * warp < glue_p.tokens) glue.kv = rope_dev::kv_pre<__nv_bfloat16>(glue_p, h + p.H * warp, lane);
+      if (tid < glue_p.tokens * rope_dev::kThreadsPerHead)
+        glue.q = rope_dev::q_pre(glue_p, tid / rope_dev::kThreadsPerHead, tid % rope_dev::kThreadsPerHead);
     }
   }
   pdl_wait();
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
         bulk_copy(sa + r * ap, ah + int64_t(t0 + r) * p.a_tstride, a_row_bytes, tok_bar);
     }
     if constexpr (kGlue != 0) {
-      if (t0 == 0 && glue_cta) glue_rest<kGlue == 2>(r, p.H, h, warp, lane, tid, glue);
+      if (t0 == 0 && glue_cta) glue_rest<kGlue == 2>(glue_p, p.H, h, warp, lane, tid, glue);
     }
     __syncthreads();  // the zero rows
     mbar_wait(tok_bar, uint32_t(t0 / (16 * kMT)) & 1u);
