@@ -441,12 +441,12 @@ class MLAAttention:
         if self._fused_glue(kv_cache, q):
             # The absorbed query [T, h, 576] = [q_nope @ W_UK | rope(q_pe)]: the op writes the rope
             # tail of every row (the decompressed prefill reads it there too), _absorb_q the rest. A step
-            # of decode rows only takes both from one launch (one kernel boundary fewer).
+            # of decode rows only takes both from mla_absorb_rope_append (one launch up to 16 tokens; the
+            # two ops above that, as here).
             q_lat = torch.empty(T, h, c.kv_lora_rank + c.qk_rope_head_dim, dtype=q.dtype, device=x.device)
             q_rope = q_lat[..., c.kv_lora_rank:]
             cos, sin = rope.tables
-            absorbed = (not meta.prefills and T <= ops.MLA_ABSORB_ROPE_APPEND_MAX_T
-                        and q.dtype == torch.bfloat16 and self.w_uk.dtype == torch.bfloat16)
+            absorbed = not meta.prefills and q.dtype == torch.bfloat16 and self.w_uk.dtype == torch.bfloat16
             if absorbed:
                 ops.mla_absorb_rope_append(q, kv, self.w_uk, meta.positions, cos, sin, self.kv_a_norm,
                                            c.rms_norm_eps, meta.slot_mapping, kv_cache, q_lat=q_lat)
