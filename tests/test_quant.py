@@ -186,6 +186,43 @@ def test_silu_mul_quant_cuda_bit_exact(m, n, dtype, ue8m0):
     assert torch.equal(_bytes(out), _bytes(q))
 
 
+def _special_rows(k, device):
+    """Rows whose blocks hold the operands the quantizers' divisions take off their fast path
+    (common/fp8_block_quant.cuh, div_rn_n): zeros, bf16 denormals, values past 2^60, +-inf, NaN, and
+    gate values past -88 (exp overflows, the silu divisor is inf), each in a block of ordinary values."""
+    x = torch.randn(8, k, device=device) * 3
+    x[0, :64] = 0.0
+    x[1, 5:40] = 1e-40
+    x[2, 7] = 3e30
+    x[3, 130] = float("inf")
+    x[3, 131] = -float("inf")
+    x[4, 9] = float("nan")
+    x[5, :128] = -1e4
+    x[6, 128:256] = torch.linspace(-120, -80, 128)
+    x[7, :] = 1e-30
+    return x.bfloat16()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_quant_cuda_special_values_bit_exact(ue8m0):
+    """The branch-free divisions redo a thread's block with IEEE division when any operand is off their
+    range; either way the bytes must be the reference's (NaN blocks compared as NaN)."""
+    x = _special_rows(512, "cuda")
+    q, s = ops.quant_fp8_1x128(x, ue8m0=ue8m0)
+    rq, rs = ref_quant.quant_fp8_1x128(x, ue8m0)
+    assert torch.equal(s.isnan(), rs.isnan()) and torch.equal(s.nan_to_num(), rs.nan_to_num())
+    assert torch.equal(q.float().isnan(), rq.float().isnan())
+    assert torch.equal(q.float().nan_to_num(), rq.float().nan_to_num())
+    gu = torch.cat([_special_rows(512, "cuda"), torch.randn(8, 512, device="cuda").bfloat16()], 1)
+    gu = torch.cat([gu, torch.cat([gu[:, 512:], gu[:, :512]], 1)])  # the specials as up values too
+    q, s = ops.silu_mul_quant_fp8(gu, ue8m0=ue8m0)
+    rq, rs = ref_quant.silu_mul_quant_fp8(gu, ue8m0)
+    assert torch.equal(s.isnan(), rs.isnan()) and torch.equal(s.nan_to_num(), rs.nan_to_num())
+    assert torch.equal(q.float().isnan(), rq.float().isnan())
+    assert torch.equal(q.float().nan_to_num(), rq.float().nan_to_num())
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("e,per,n", [(8, 33, 2048), (256, 1, 2048), (3, 64, 128), (257, 16, 2048)])
 def test_silu_mul_quant_cuda_masked(e, per, n):

@@ -34,15 +34,77 @@ __device__ __forceinline__ float fp8_block_scale(float amax, bool ue8m0 = false)
   return ue8m0 ? ceil_pow2(s) : s;
 }
 
-// Four values -> four e4m3 bytes in one word (first value in the low byte): q = e4m3(x / s) with
-// IEEE division, round-to-nearest-even; SATFINITE saturates to +-448 like the reference's clamp
-// and keeps NaN.
-__device__ __forceinline__ uint32_t quantize4_e4m3(float a, float b, float c, float d, float s) {
-  const __nv_fp8x2_storage_t lo =
-      __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)), __NV_SATFINITE, __NV_E4M3);
-  const __nv_fp8x2_storage_t hi =
-      __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(c, s), __fdiv_rn(d, s)), __NV_SATFINITE, __NV_E4M3);
-  return uint32_t(lo) | (uint32_t(hi) << 16);
+// a / b rounded as __fdiv_rn rounds it (IEEE, nearest even), without its range-check branch. The
+// compiler's division is the hardware reciprocal and three FMAs of refinement and correction, then FCHK
+// and a branch to a slow routine for operands that sequence cannot take. That branch sits after every
+// division, so a thread quantizing 8 values runs its divisions one after another on a latency-bound
+// kernel's critical path (H200, session 26: silu_mul_quant_fp8 at one token 1.82 -> 1.40 us a call,
+// quant_fp8_1x128 and the norm quantizers -0.15 us; performance.md).
+// Here the same sequence runs unconditionally, and `exact` says whether the operands lie where it is the
+// IEEE quotient: both finite, normal and within 2^+-60 of 1, so that no intermediate overflows or
+// underflows (a subset of the operands FCHK lets through). div_rn_n batches it: one check for all.
+__device__ __forceinline__ float div_rn_unchecked(float a, float b, bool& exact) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+  r = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
+  const float q = __fmaf_rn(a, r, 0.0f);
+  const float abs_a = fabsf(a), abs_b = fabsf(b);
+  exact = abs_a >= 0x1p-60f && abs_a <= 0x1p60f && abs_b >= 0x1p-60f && abs_b <= 0x1p60f;
+  return __fmaf_rn(r, __fmaf_rn(-b, q, a), q);
+}
+
+// q[i] = __fdiv_rn(a[i], b[i]) for kN quotients: the branch-free sequences side by side, then one
+// branch (rarely taken: a zero, denormal, huge, infinite or NaN operand) that redoes them all.
+template <int kN>
+__device__ __forceinline__ void div_rn_n(const float (&a)[kN], const float (&b)[kN], float (&q)[kN]) {
+  bool exact = true;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+    bool ok;
+    q[i] = div_rn_unchecked(a[i], b[i], ok);
+    exact &= ok;
+  }
+  if (!exact) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) q[i] = __fdiv_rn(a[i], b[i]);
+  }
+}
+
+// torch's silu(gate) * up, 8 values at once: gate / (1 + exp(-gate)) in fp32, then the product with up,
+// never rounded to 16 bits (v holds gate on entry, the products on return).
+__device__ __forceinline__ void silu_mul8(float (&v)[8], const float (&up)[8]) {
+  float den[8], q[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) den[i] = 1.0f + expf(-v[i]);
+  div_rn_n<8>(v, den, q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(q[i], up[i]);
+}
+
+// Values already divided by their scale -> e4m3 bytes (RNE, SATFINITE; the first value in the low byte).
+__device__ __forceinline__ uint32_t cvt2_e4m3(float a, float b) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+}
+__device__ __forceinline__ uint32_t cvt4_e4m3(float a, float b, float c, float d) {
+  return cvt2_e4m3(a, b) | (cvt2_e4m3(c, d) << 16);
+}
+
+// kN values (a multiple of 4) -> e4m3 bytes, four a word (first value lowest): q = e4m3(x / s) with IEEE
+// division, round-to-nearest-even; SATFINITE saturates to +-448 like the reference's clamp and keeps NaN.
+template <int kN>
+__device__ __forceinline__ void quantize_e4m3(const float (&x)[kN], float s, uint32_t (&w)[kN / 4]) {
+  static_assert(kN % 4 == 0, "whole words");
+  float sv[kN], q[kN];
+#pragma unroll
+  for (int i = 0; i < kN; ++i) sv[i] = s;
+  div_rn_n<kN>(x, sv, q);
+#pragma unroll
+  for (int i = 0; i < kN / 4; ++i) w[i] = cvt4_e4m3(q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]);
+}
+__device__ __forceinline__ uint2 quantize8_e4m3(const float (&x)[8], float s) {
+  uint32_t w[2];
+  quantize_e4m3<8>(x, s, w);
+  return make_uint2(w[0], w[1]);
 }
 
 }  // namespace flashseek

@@ -34,8 +34,7 @@ __global__ void __launch_bounds__(kTokensPerCta * 32) mla_cache_append_kernel(co
     amax = group_amax<8>(amax, 0xffffffffu);  // 8 lanes hold one 128-value block
     const float scale = fp8_block_scale(amax);
     uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = quantize4_e4m3(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3], scale);
+    quantize_e4m3<16>(x, scale, w);
     *reinterpret_cast<uint4*>(dst + lane * 16) = make_uint4(w[0], w[1], w[2], w[3]);
     if ((lane & 7) == 0) *reinterpret_cast<float*>(dst + kFp8ScaleOffset + 4 * (lane >> 3)) = scale;
     if (lane < 8) *reinterpret_cast<uint4*>(dst + kFp8RopeOffset + lane * 16) = to_bf16x8(rope);

@@ -60,9 +60,5 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
 
 __device__ __forceinline__ uint4 to_bf16x8(const float* f) { return pack8<__nv_bfloat16>(f); }
 
-// Eight consecutive latent values of an FP8 token -> eight e4m3 bytes (first value lowest).
-__device__ __forceinline__ uint2 quantize8_e4m3(const float* f, float scale) {
-  return make_uint2(quantize4_e4m3(f[0], f[1], f[2], f[3], scale), quantize4_e4m3(f[4], f[5], f[6], f[7], scale));
-}
 
 }  // namespace flashseek::mla

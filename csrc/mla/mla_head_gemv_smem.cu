@@ -79,9 +79,6 @@ __host__ __device__ inline int64_t smem_bytes(int K, int cols, int mt) { return 
 // k16 steps [quarter_begin(q), quarter_begin(q + 1)) land on mbarrier q (some quarters are empty for K < 64).
 __host__ __device__ inline int quarter_begin(int steps, int q) { return steps * q / kQuarters; }
 
-__device__ __forceinline__ uint32_t quantize2_e4m3(float a, float b, float s) {
-  return __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)), __NV_SATFINITE, __NV_E4M3);
-}
 
 // kGlue (mla_absorb_rope_append): the MLA glue of mla_rope_norm_append runs beside the W_UK product, so
 // that its kernel and one kernel boundary leave the decode step. CTA h (column slice 0) takes q_rope of
@@ -277,10 +274,12 @@ __global__ void __launch_bounds__(kThreads) head_gemv_smem_kernel(const HeadGemv
           for (int w = 0; w < kWarps; ++w) m = max_nan(m, s_amax[r * kWarps + w]);
           const float sc = fp8_block_scale(m, p.ue8m0);
           uint8_t* qrow = p.q + int64_t(t) * p.q_tstride + int64_t(h) * 128 + wc0 + 2 * (lane % 4);
+          const float x[4] = {acc[mi][0][0][2 * half], acc[mi][0][0][2 * half + 1], acc[mi][0][1][2 * half],
+                              acc[mi][0][1][2 * half + 1]};
+          uint32_t w[1];
+          quantize_e4m3<4>(x, sc, w);
 #pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-            *reinterpret_cast<uint16_t*>(qrow + 8 * nt) =
-                uint16_t(quantize2_e4m3(acc[mi][0][nt][2 * half], acc[mi][0][nt][2 * half + 1], sc));
+          for (int nt = 0; nt < 2; ++nt) *reinterpret_cast<uint16_t*>(qrow + 8 * nt) = uint16_t(w[0] >> (16 * nt));
           if (warp == 0 && lane % 4 == 0) p.scale[int64_t(h) * p.scale_ld + t] = sc;
         }
     }

@@ -35,7 +35,7 @@ __device__ __forceinline__ QuantizedChunk quantize_chunk(const uint4 raw) {
   amax = group_amax<16>(amax, half);
   QuantizedChunk c;
   c.scale = fp8_block_scale(amax);
-  c.q = make_uint2(quantize4_e4m3(v[0], v[1], v[2], v[3], c.scale), quantize4_e4m3(v[4], v[5], v[6], v[7], c.scale));
+  c.q = quantize8_e4m3(v, c.scale);
   return c;
 }
 

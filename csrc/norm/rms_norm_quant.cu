@@ -67,8 +67,7 @@ __global__ void __launch_bounds__(1024) rms_norm_quant_fp8_kernel(RmsNormQuantPa
         }
         amax = group_amax<kAccPerBlock>(amax, 0xffffu << (threadIdx.x & 16));
         const float s = fp8_block_scale(amax, p.ue8m0);
-        *reinterpret_cast<uint2*>(q + int64_t(j) * kVec) =
-            make_uint2(quantize4_e4m3(v[0], v[1], v[2], v[3], s), quantize4_e4m3(v[4], v[5], v[6], v[7], s));
+        *reinterpret_cast<uint2*>(q + int64_t(j) * kVec) = quantize8_e4m3(v, s);
         if (j % kAccPerBlock == 0) p.scale[int64_t(j / kAccPerBlock) * p.scale_ld + row] = s;
       });
 }

@@ -67,12 +67,7 @@ __global__ void __launch_bounds__(kThreads) quant_fp8_1x128_kernel(QuantFp8Param
     float u[8];
     load8(x, v);
     load8(x + p.n, u);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      // torch's silu: x / (1 + exp(-x)) in fp32, then the product with up, never rounded to 16 bits.
-      float sg = __fdiv_rn(v[i], 1.0f + expf(-v[i]));
-      v[i] = __fmul_rn(sg, u[i]);
-    }
+    silu_mul8(v, u);  // torch's silu in fp32, the product with up never rounded to 16 bits
   } else {
     load8(x, v);
   }
@@ -83,8 +78,7 @@ __global__ void __launch_bounds__(kThreads) quant_fp8_1x128_kernel(QuantFp8Param
   amax = group_amax<kLanesPerBlock>(amax, 0xffffu << (threadIdx.x & 16));
   const float s = fp8_block_scale(amax, p.ue8m0);
   uint8_t* out = static_cast<uint8_t*>(p.out) + row * p.n + col;
-  *reinterpret_cast<uint2*>(out) = make_uint2(quantize4_e4m3(v[0], v[1], v[2], v[3], s),
-                                              quantize4_e4m3(v[4], v[5], v[6], v[7], s));
+  *reinterpret_cast<uint2*>(out) = quantize8_e4m3(v, s);
   if (lane == 0) p.scale[kb * p.scale_ld + row] = s;
 }
 
