@@ -16,7 +16,7 @@ import statistics
 import torch
 
 from flashseek import ops
-from r1_layers import capture, layer_kind, r1_decode_slice
+from r1_layers import capture, layer_kind, r1_decode_slice, replay_us
 
 batch = int(os.environ.get("B", "1"))
 variants = [v.strip() for v in os.environ.get("AB", "pass").split("|")]
@@ -55,15 +55,7 @@ with torch.inference_mode():
         times = [[] for _ in variants]
         for _ in range(rounds):
             for i, g in enumerate(graphs):
-                for _ in range(20):
-                    g.replay()
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                for _ in range(replays):
-                    g.replay()
-                e1.record()
-                torch.cuda.synchronize()
-                times[i].append(e0.elapsed_time(e1) / replays * 1000)
+                times[i].append(replay_us(g, replays))
         for v, ts in zip(variants, times):
             print(f"== {kind} layer b={batch}: median {statistics.median(ts):7.1f} us "
                   f"(rounds {' '.join(f'{t:.1f}' for t in ts)})  [{v}]")

@@ -1,5 +1,5 @@
 """Session 26 probe: per-call latency of the latency-bound FP8 quantizing kernels of a batch-1 decode step
-(R1 shapes), each captured as 20 back-to-back calls in a CUDA graph (a programmatic-dependent chain, so a
+(R1 shapes; run with bench/probes on PYTHONPATH), each captured as 20 back-to-back calls in a CUDA graph (a programmatic-dependent chain, so a
 call's time is its critical path), medians of 5 rounds of graph replays. Argument: a label for the output."""
 import statistics
 import sys
@@ -7,6 +7,7 @@ import sys
 import torch
 
 from flashseek import ops
+from r1_layers import replay_us
 
 label = sys.argv[1] if len(sys.argv) > 1 else ""
 CALLS = 20
@@ -23,15 +24,7 @@ def capture(fn):
 
 
 def time_graph(g, reps=20):
-    for _ in range(3):
-        g.replay()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / reps / CALLS * 1000
+    return replay_us(g, reps, warmup=3) / CALLS
 
 
 with torch.inference_mode():

@@ -36,3 +36,16 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(g):
         fn()
     return g
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, replays: int, warmup: int = 20) -> float:
+    """Mean device time of one replay of `graph`, in us: `warmup` replays, then `replays` timed with CUDA events."""
+    for _ in range(warmup):
+        graph.replay()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(replays):
+        graph.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / replays * 1000
