@@ -35,14 +35,16 @@ __device__ __forceinline__ float fp8_block_scale(float amax, bool ue8m0 = false)
 }
 
 // a / b rounded as __fdiv_rn rounds it (IEEE, nearest even), without its range-check branch. The
-// compiler's division is the hardware reciprocal and three FMAs of refinement and correction, then FCHK
-// and a branch to a slow routine for operands that sequence cannot take. That branch sits after every
-// division, so a thread quantizing 8 values runs its divisions one after another on a latency-bound
+// compiler's division is the hardware reciprocal and five FMAs (refinement, quotient, correction), then
+// FCHK and a branch to a slow routine for operands that sequence cannot take. That branch sits after
+// every division, so a thread quantizing 8 values runs its divisions one after another on a latency-bound
 // kernel's critical path (H200, session 26: silu_mul_quant_fp8 at one token 1.82 -> 1.40 us a call,
 // quant_fp8_1x128 and the norm quantizers -0.15 us; performance.md).
-// Here the same sequence runs unconditionally, and `exact` says whether the operands lie where it is the
-// IEEE quotient: both finite, normal and within 2^+-60 of 1, so that no intermediate overflows or
-// underflows (a subset of the operands FCHK lets through). div_rn_n batches it: one check for all.
+// Here the same sequence, as the compiler emits it, runs unconditionally, and `exact` says whether the
+// operands lie where it is the IEEE quotient: both finite, normal and within 2^+-60 of 1, so that no
+// intermediate overflows or underflows. That this range is inside the one FCHK passes is our reading
+// (FCHK is undocumented); the bit-exact GPU tests of every quantizer against its reference check it.
+// div_rn_n batches it: one check for all.
 __device__ __forceinline__ float div_rn_unchecked(float a, float b, bool& exact) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));

@@ -60,5 +60,4 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
 
 __device__ __forceinline__ uint4 to_bf16x8(const float* f) { return pack8<__nv_bfloat16>(f); }
 
-
 }  // namespace flashseek::mla

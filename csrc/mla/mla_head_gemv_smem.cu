@@ -79,7 +79,6 @@ __host__ __device__ inline int64_t smem_bytes(int K, int cols, int mt) { return 
 // k16 steps [quarter_begin(q), quarter_begin(q + 1)) land on mbarrier q (some quarters are empty for K < 64).
 __host__ __device__ inline int quarter_begin(int steps, int q) { return steps * q / kQuarters; }
 
-
 // kGlue (mla_absorb_rope_append): the MLA glue of mla_rope_norm_append runs beside the W_UK product, so
 // that its kernel and one kernel boundary leave the decode step. CTA h (column slice 0) takes q_rope of
 // head h for every token, and kv_token of tokens h + H w (+ 8 H i) on warp w. Their *_pre halves run
