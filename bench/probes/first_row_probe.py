@@ -1,17 +1,14 @@
-"""Session 26 probe: bench model's first row (dense b=1) reads ~6% above layer_ab.py's figure for the same layer
-(sessions 25-26). This builds bench model's slice (4 layers, random FP8 weights on the GPU), then times the dense
-b=1 layer graph with bench model's own timer (bench.common.time_graph_us) right away, again, after an idle second,
-and after three more, printing the SM clock, clock-event reasons and power (nvidia-smi) each time."""
+"""Session 26 probe (run with bench/probes on PYTHONPATH): bench model's first row (dense b=1) reads ~6% above
+layer_ab.py's figure for the same layer (sessions 25-26). This builds bench model's slice (4 layers, random FP8
+weights on the GPU), then times the dense b=1 layer graph with bench model's own timer (bench.common.time_graph_us)
+right away, again, after an idle second, and after three more, printing the SM clock, clock-event reasons and power
+(nvidia-smi) each time."""
 import time
 
 import torch
 
 from flashseek.bench.common import sample_gpu_state, time_graph_us
-from flashseek.bench.model import _decode_setup
-from flashseek.engine.kv_cache import PagedKVCache
-from flashseek.models.deepseek.config import r1_config
-from flashseek.models.deepseek.layers import MoE
-from flashseek.models.deepseek.model import DeepseekV3ForCausalLM
+from r1_layers import layer_kind, r1_decode_slice
 
 
 def gpu_state():
@@ -20,16 +17,11 @@ def gpu_state():
 
 
 with torch.inference_mode():
-    cfg = r1_config(4).replace(first_k_dense_replace=1)
     t0 = time.perf_counter()
-    model = DeepseekV3ForCausalLM.from_random(cfg, "cuda", "fp8")
-    cache = PagedKVCache(cfg.num_hidden_layers, 64 + 4, 64, model.cache_dtype, "cuda")
-    for t in cache.layers:
-        t.normal_()
-    _, meta, x, _ = _decode_setup(model, cache, 1, 4096, torch.Generator().manual_seed(0))
+    model, cache, meta, x = r1_decode_slice(1, layers=4)
     torch.cuda.synchronize()
     print(f"built in {time.perf_counter() - t0:.1f} s; state {gpu_state()}")
-    dense = next(l for l in model.layers if not isinstance(l.mlp, MoE))
+    dense = next(l for l in model.layers if layer_kind(l) == "dense")
     xs, rs = x.clone(), x.clone()
     kv = cache.layers[dense.idx]
     fn = lambda i: dense.forward(xs, rs, meta, kv, model.rope)  # noqa: E731

@@ -1,26 +1,17 @@
-"""Session 26 probe: per-call latency of the latency-bound FP8 quantizing kernels of a batch-1 decode step
-(R1 shapes; run with bench/probes on PYTHONPATH), each captured as 20 back-to-back calls in a CUDA graph (a programmatic-dependent chain, so a
-call's time is its critical path), medians of 5 rounds of graph replays. Argument: a label for the output."""
+"""Session 26 probe (run with bench/probes on PYTHONPATH): per-call latency of the latency-bound FP8 quantizing
+kernels of a batch-1 decode step (R1 shapes), each captured as 20 back-to-back calls in a CUDA graph (a
+programmatic-dependent chain, so a call's time is its critical path), medians of 5 rounds of graph replays.
+Argument: a label for the output."""
 import statistics
 import sys
 
 import torch
 
 from flashseek import ops
-from r1_layers import replay_us
+from r1_layers import capture, replay_us
 
 label = sys.argv[1] if len(sys.argv) > 1 else ""
 CALLS = 20
-
-
-def capture(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(CALLS):
-            fn()
-    return g
 
 
 def time_graph(g, reps=20):
@@ -47,7 +38,7 @@ with torch.inference_mode():
         "silu_mul_quant_fp8 masked 9/257": lambda: ops.silu_mul_quant_fp8(gum.view(e, 4096), masked_m=counts),
         "mla_head_gemv_quant_fp8 128x1x512x128": lambda: ops.mla_head_gemv_quant_fp8(o_lat, w_uv),
     }
-    graphs = {k: capture(f) for k, f in cases.items()}
+    graphs = {k: capture(f, CALLS) for k, f in cases.items()}
     times = {k: [] for k in cases}
     for _ in range(5):
         for k, g in graphs.items():

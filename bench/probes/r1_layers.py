@@ -12,9 +12,10 @@ from flashseek.models.deepseek.model import DeepseekV3ForCausalLM
 CONTEXT = 4096
 
 
-def r1_decode_slice(batch: int):
-    """(model, cache, meta, x): call inside torch.inference_mode() for the decode step's tensors."""
-    cfg = r1_config(2).replace(first_k_dense_replace=1)
+def r1_decode_slice(batch: int, layers: int = 2):
+    """(model, cache, meta, x): call inside torch.inference_mode() for the decode step's tensors. One dense
+    layer, then MoE ones (layers = 4 is bench model's slice)."""
+    cfg = r1_config(layers).replace(first_k_dense_replace=1)
     model = DeepseekV3ForCausalLM.from_random(cfg, "cuda", "fp8")
     cache = PagedKVCache(cfg.num_hidden_layers, batch * 64 + 4, 64, model.cache_dtype, "cuda")
     for t in cache.layers:
@@ -27,14 +28,15 @@ def layer_kind(layer) -> str:
     return "MoE" if isinstance(layer.mlp, MoE) else "dense"
 
 
-def capture(fn) -> torch.cuda.CUDAGraph:
-    """fn() run three times (lazy setup, autotuning), then captured once."""
+def capture(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
+    """fn() run three times (lazy setup, autotuning), then captured `calls` times back to back in one graph."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        for _ in range(calls):
+            fn()
     return g
 
 

@@ -44,7 +44,7 @@ __device__ __forceinline__ float fp8_block_scale(float amax, bool ue8m0 = false)
 // operands lie where it is the IEEE quotient: both finite, normal and within 2^+-60 of 1, so that no
 // intermediate overflows or underflows. That this range is inside the one FCHK passes is our reading
 // (FCHK is undocumented); the bit-exact GPU tests of every quantizer against its reference check it.
-// div_rn_n batches it: one check for all.
+// div_rn_n batches it: one check for all (the pattern of routing_device.cuh's sigmoid_ref, for reciprocals).
 __device__ __forceinline__ float div_rn_unchecked(float a, float b, bool& exact) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
