@@ -64,10 +64,11 @@ TORCH_LIBRARY(flashseek, m) {
       "Tensor(a!) masked_m, Tensor(b!) token_slots) -> ()");
   m.def(
       "moe_gather_quant(Tensor hidden, Tensor sorted_ids, int topk, Tensor(a!) out, "
-      "Tensor(b!) scale) -> ()");
+      "Tensor(b!) scale, bool ue8m0=False) -> ()");
   // Each token quantized once, stored to rows token_slots[t, :] of out [G, M, H] / scale [G, M, H/128].
   m.def(
-      "moe_scatter_quant(Tensor hidden, Tensor token_slots, Tensor(a!) out, Tensor(b!) scale) -> ()");
+      "moe_scatter_quant(Tensor hidden, Tensor token_slots, Tensor(a!) out, Tensor(b!) scale, "
+      "bool ue8m0=False) -> ()");
   // route_noaux_tc + moe_align_masked + moe_scatter_quant in one launch for T <= 32 (fused_moe's masked
   // front end), bit-identical to that chain: E = logits.size(1) global experts, E_local =
   // masked_m.size(0) - num_shared, max_m = a.size(1); a e4m3 [E_local + num_shared, max_m, H], a_scale
@@ -77,7 +78,7 @@ TORCH_LIBRARY(flashseek, m) {
       "moe_route_dispatch(Tensor hidden, Tensor logits, Tensor bias, int n_group, int topk_group, int topk, "
       "float routed_scaling_factor, bool renormalize, Tensor? expert_map, Tensor(a!) topk_weights, "
       "Tensor(b!) topk_ids, Tensor(c!) masked_m, Tensor(d!) token_slots, Tensor(e!) a, Tensor(f!) a_scale, "
-      "int num_shared=0) -> ()");
+      "int num_shared=0, bool ue8m0=False) -> ()");
   m.def(
       "moe_combine(Tensor expert_out, Tensor topk_weights, Tensor token_slots, "
       "Tensor? shared_out, Tensor(a!) out) -> ()");

@@ -85,6 +85,44 @@ def test_fp8_moe_layers_stack_the_shared_expert(fp8_model):
         assert moe.w13.shape[0] == cfg.n_routed_experts + 1 and moe.w2.shape[0] == cfg.n_routed_experts + 1
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fp8_moe_honours_ue8m0(device):
+    """A V3.1 checkpoint (scale_fmt: ue8m0): the MoE layer's fused_moe quantizes its activations with
+    power-of-two scales, as its per-expert FP8 path (fp8_linear, silu_mul_quant) does; the two paths
+    agree with each other and not with the other scale format (~6% apart)."""
+    from flashseek.models.deepseek import fp8 as fp8_ops
+    from flashseek.models.deepseek.layers import FP8_MODE, MoE
+    cfg = tiny_r1_config()
+    g = torch.Generator().manual_seed(1)
+    h, inter, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+
+    def weight(n, k):
+        return fp8_ops.quantize_weight_128x128((torch.randn(n, k, generator=g) * 0.05).to(device))
+
+    mats = [(weight(inter, h), weight(inter, h), weight(h, inter)) for _ in range(E + 1)]
+    gate_w = torch.randn(E, h, generator=g).to(device)
+    bias = (0.05 * torch.randn(E, generator=g)).to(device)
+    x = torch.randn(5, h, generator=g).to(device).bfloat16()
+    outs = {}
+    for ue8m0 in (False, True):
+        moe = MoE(cfg, FP8_MODE, ue8m0)
+        for mlp, (gw, uw, dw) in zip(moe.experts + [moe.shared], mats):
+            mlp.gate.set(*gw)
+            mlp.up.set(*uw)
+            mlp.down.set(*dw)
+        moe.gate_weight, moe.bias = gate_w.clone(), bias.clone()
+        moe.finalize()
+        assert moe.w13 is not None and moe.n_stacked_shared == 1  # fused_moe runs it
+        fused = moe(x)
+        per_expert = moe._experts_fp8_fallback(x, moe.router_logits(x), None)
+        outs[ue8m0] = fused, per_expert
+    for ue8m0 in (False, True):
+        fused, per_expert = outs[ue8m0]
+        # The same quantized rows: the grouped and the dense GEMMs may round their bf16 outputs apart.
+        assert rel_err(fused, per_expert) < 1e-2, ue8m0
+    assert rel_err(outs[True][0], outs[False][1]) > 2e-2
+
+
 def test_fp8_kv_cache_runs(fp8_model):
     prompt = ids(70, 4)
     a = Session(fp8_model, max_len=128).greedy(prompt, 4)[1]

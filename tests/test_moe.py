@@ -1,4 +1,6 @@
 """MoE dispatch (align, gather/scatter + quant), combine and fused_moe against flashseek.ref.moe."""
+import inspect
+
 import pytest
 import torch
 
@@ -204,6 +206,33 @@ def test_moe_scatter_quant(layout):
         _assert_rows_quantized(flat_out, flat_scale, rows, src)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_moe_quant_ue8m0(device):
+    """DeepSeek-V3.1's power-of-two scales in both dispatch quantizers: bit-identical to
+    quant_fp8_1x128(ue8m0=True), every scale a power of two, and not the default rounding."""
+    t, k, e, h = 9, 3, 6, 384
+    hidden = (torch.randn(t, h, device=device) * 3).to(torch.bfloat16)
+    hidden[2, :128] = 0  # the amax floor: 1e-4 / 448 rounded up to 2^-22
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).to(torch.int32).to(device)
+    sorted_ids, _, _, slots = ops.moe_align(ids, e, 4)
+    q, s = ref_quant.quant_fp8_1x128(hidden, ue8m0=True)
+    out, scale = ops.moe_gather_quant(hidden, sorted_ids, k, ue8m0=True)
+    real = (sorted_ids >= 0) & (sorted_ids < t * k)
+    src = sorted_ids[real].long() // k
+    assert torch.equal(out[real].view(torch.uint8), q.view(torch.uint8)[src]) and torch.equal(scale[real], s[src])
+    assert (scale[~real] == 2.0 ** -22).all()
+    _, mslots = ops.moe_align_masked(ids, e, t)
+    out3 = poison_(torch.empty(e, t, h, dtype=FP8, device=device))
+    scale3 = poison_(ops.empty_grouped_act_scale(e, t, h // 128, device))
+    ops.moe_scatter_quant(hidden, mslots, out3, scale3, ue8m0=True)
+    rows = mslots.flatten().long()
+    tok = torch.arange(t, device=device).repeat_interleave(k)
+    assert torch.equal(out3.view(e * t, h)[rows].view(torch.uint8), q.view(torch.uint8)[tok])
+    assert torch.equal(scale3[rows // t, rows % t], s[tok])
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s)
+    assert not torch.equal(s, ref_quant.quant_fp8_1x128(hidden)[1])
+
+
 def test_moe_combine_matches_float64_and_skips_dropped():
     t, k, h, r = 9, 4, 264, 50
     expert_out = torch.randn(r, h).to(torch.bfloat16)
@@ -314,6 +343,36 @@ def test_fused_moe_cpu(t, layout, case):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.skipif(not _gemm_refs_registered(), reason="grouped FP8 GEMM ops not registered")
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("layout", ["masked", "contiguous"])
+def test_fused_moe_ue8m0_cpu(t, layout, monkeypatch):
+    """ue8m0 reaches every activation quantizer of both layouts (the shared expert's on the contiguous
+    one too), and the result is the reference's with ue8m0."""
+    cfg = SMALL
+    hidden, logits, bias, w13, w13_s, w2, w2_s = _moe_inputs(t, cfg["h"], cfg["inter"], cfg["e"])
+    stacks = _with_stacked_shared(w13, w13_s, w2, w2_s)
+    kw = _cfg_kwargs(cfg)
+    seen = []
+    for name in ("quant_fp8_1x128", "silu_mul_quant_fp8", "moe_scatter_quant", "moe_route_dispatch"):
+        def spy(*args, _fn=getattr(ops, name), _name=name, **kwargs):
+            bound = inspect.signature(_fn).bind(*args, **kwargs)
+            bound.apply_defaults()
+            seen.append((_name, bound.arguments["ue8m0"]))
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
+    out = ops.fused_moe(hidden, logits, bias, *stacks, **kw, layout=layout, n_shared_experts=1, ue8m0=True)
+    monkeypatch.undo()
+    assert seen and all(flag is True for _, flag in seen), seen
+    assert {n for n, _ in seen} >= {"silu_mul_quant_fp8"}
+    ref = ref_moe.fused_moe(hidden, logits, bias, *stacks, **kw, n_shared_experts=1, ue8m0=True)
+    assert rel_err(out, ref) < 1e-2
+    # The specification itself: every quantization with power-of-two scales, not the default ones
+    # (~6% apart on these inputs).
+    plain = ref_moe.fused_moe(hidden, logits, bias, *stacks, **kw, n_shared_experts=1)
+    assert rel_err(plain, ref) > 2e-2
+
+
 def test_fused_moe_bad_inputs():
     cfg = SMALL
     hidden, logits, bias, w13, w13_s, w2, w2_s = _moe_inputs(2, cfg["h"], cfg["inter"], cfg["e"])
@@ -361,10 +420,12 @@ def _opcheck_all(device):
     out = torch.empty(rows, h, dtype=FP8, device=device)
     scale = ops.empty_act_scale(rows, h // 128, device)
     opcheck(torch.ops.flashseek.moe_gather_quant.default, (hidden, sorted_ids, k, out, scale))
+    opcheck(torch.ops.flashseek.moe_gather_quant.default, (hidden, sorted_ids, k, out, scale, True))
     _, mslots = ops.moe_align_masked(ids, e, t)
     out3 = torch.zeros(e, t, h, dtype=FP8, device=device)
     scale3 = ops.empty_grouped_act_scale(e, t, h // 128, device).fill_(1.0)
     opcheck(torch.ops.flashseek.moe_scatter_quant.default, (hidden, mslots, out3, scale3))
+    opcheck(torch.ops.flashseek.moe_scatter_quant.default, (hidden, mslots, out3, scale3, True))
     eo = torch.randn(rows, h, device=device).to(torch.bfloat16)
     w = torch.rand(t, k, device=device)
     res = torch.empty(t, h, device=device, dtype=torch.bfloat16)
@@ -427,30 +488,31 @@ def test_moe_align_cuda_skewed_and_out_of_range():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("t,h", [(1, 7168), (7, 128), (300, 384), (4096, 7168)])
-def test_moe_gather_scatter_quant_cuda(t, h):
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_moe_gather_scatter_quant_cuda(t, h, ue8m0):
     e, k = 32, 8
     hidden = (torch.randn(t, h, device="cuda") * 3).to(torch.bfloat16)
     hidden[0, :128] = 0
     ids = _rand_ids(t, k, e)
     sorted_ids, _, _, slots = ops.moe_align(ids, e, 128)
-    out, scale = ops.moe_gather_quant(hidden, sorted_ids, k)
-    q, s = ref_moe.gather_quant(hidden, sorted_ids, k)
+    out, scale = ops.moe_gather_quant(hidden, sorted_ids, k, ue8m0=ue8m0)
+    q, s = ref_moe.gather_quant(hidden, sorted_ids, k, ue8m0)
     assert torch.equal(out.view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale, s)
     # scatter, masked layout
     _, mslots = ops.moe_align_masked(ids, e, t)
     out3 = poison_(torch.empty(e, t, h, dtype=FP8, device="cuda"))
     scale3 = poison_(ops.empty_grouped_act_scale(e, t, h // 128, "cuda"))
     ref3, refs3 = out3.clone(), scale3.clone()
-    ops.moe_scatter_quant(hidden, mslots, out3, scale3)
-    ref_moe.scatter_quant_(hidden, mslots, ref3, refs3)
+    ops.moe_scatter_quant(hidden, mslots, out3, scale3, ue8m0)
+    ref_moe.scatter_quant_(hidden, mslots, ref3, refs3, ue8m0)
     assert torch.equal(out3.view(torch.uint8), ref3.view(torch.uint8))
     assert torch.equal(scale3.nan_to_num(-1.0), refs3.nan_to_num(-1.0))
     # scatter, contiguous layout
     out2 = torch.zeros(sorted_ids.shape[0], h, dtype=FP8, device="cuda")
     scale2 = ops.empty_act_scale(sorted_ids.shape[0], h // 128, "cuda").fill_(-1)
     ref2, refs2 = out2.clone(), scale2.clone()
-    ops.moe_scatter_quant(hidden, slots, out2, scale2)
-    ref_moe.scatter_quant_(hidden, slots, ref2.unsqueeze(0), refs2.unsqueeze(0))
+    ops.moe_scatter_quant(hidden, slots, out2, scale2, ue8m0)
+    ref_moe.scatter_quant_(hidden, slots, ref2.unsqueeze(0), refs2.unsqueeze(0), ue8m0)
     assert torch.equal(out2.view(torch.uint8), ref2.view(torch.uint8)) and torch.equal(scale2, refs2)
 
 
@@ -479,7 +541,7 @@ def _fused_ops_have_kernels():
 @pytest.mark.parametrize("t", [0, 1, 7, 128, 4096])
 @pytest.mark.parametrize("layout", ["masked", "contiguous"])
 @pytest.mark.parametrize("case", ["plain", "one_expert", "dead_experts", "shared_map", "stacked_shared",
-                                  "stacked_shared_map"])
+                                  "stacked_shared_map", "stacked_shared_ue8m0"])
 def test_fused_moe_cuda(t, layout, case):
     if layout == "masked" and t == 4096 and case != "plain":
         pytest.skip("one masked 4096-token case is enough")
@@ -497,8 +559,11 @@ def test_fused_moe_cuda(t, layout, case):
         shared = torch.randn(t, cfg["h"], device="cuda").to(torch.bfloat16)
     if case.startswith("stacked_shared"):
         stacks = _with_stacked_shared(w13, w13_s, w2, w2_s, "cuda")
-        out = ops.fused_moe(hidden, logits, bias, *stacks, **kw, expert_map=emap, layout=layout, n_shared_experts=1)
-        ref = ref_moe.fused_moe(hidden, logits, bias, *stacks, **kw, expert_map=emap, n_shared_experts=1)
+        ue8m0 = case.endswith("ue8m0")  # V3.1's power-of-two activation scales in every quantizer
+        out = ops.fused_moe(hidden, logits, bias, *stacks, **kw, expert_map=emap, layout=layout, n_shared_experts=1,
+                            ue8m0=ue8m0)
+        ref = ref_moe.fused_moe(hidden, logits, bias, *stacks, **kw, expert_map=emap, n_shared_experts=1,
+                                ue8m0=ue8m0)
         # The shared expert is in: without it the output is far off (the reference's own shared path is
         # checked against the shared_out form on CPU). Its share alone is not compared: out - routed
         # differences two bf16 roundings of the sum, ~2% of the shared part at T=1 (run 1, session 9).

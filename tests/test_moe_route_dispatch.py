@@ -58,7 +58,7 @@ def _poisoned_outputs(t, cfg, num_local, max_m, dev, num_shared=0):
             poison_(ops.empty_grouped_act_scale(g, max_m, h // 128, dev)))
 
 
-def _chain(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True, num_shared=0):
+def _chain(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True, num_shared=0, ue8m0=False):
     """The three ops the fused op replaces, into poisoned outputs; shared experts are one more scatter
     slot per token (row t of each shared group) and masked_m = T."""
     e, ng, tg, k, _ = cfg
@@ -72,16 +72,16 @@ def _chain(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=
         rows = (torch.arange(num_shared, device=slots.device)[None, :] + num_local) * max_m + \
             torch.arange(t, device=slots.device)[:, None]
         scatter_slots = torch.cat([slots, rows.to(torch.int32)], 1)
-    ops.moe_scatter_quant(hidden, scatter_slots, a, a_scale)
+    ops.moe_scatter_quant(hidden, scatter_slots, a, a_scale, ue8m0)
     return w, ids, masked_m, slots, a, a_scale
 
 
-def _fused(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True, num_shared=0):
+def _fused(hidden, logits, bias, cfg, expert_map, num_local, max_m, renormalize=True, num_shared=0, ue8m0=False):
     """The fused op, into poisoned outputs."""
     _, ng, tg, k, _ = cfg
     outs = _poisoned_outputs(hidden.shape[0], cfg, num_local, max_m, hidden.device, num_shared)
     torch.ops.flashseek.moe_route_dispatch(hidden, logits, bias, ng, tg, k, 2.5, renormalize, expert_map, *outs,
-                                           num_shared)
+                                           num_shared, ue8m0)
     return outs
 
 
@@ -191,6 +191,7 @@ def _opcheck_all(device):
     # One shared expert after 15 routed ones (masked_m / a / a_scale keep their 16 groups).
     em15 = torch.arange(16, dtype=torch.int32, device=device) % 15
     opcheck(torch.ops.flashseek.moe_route_dispatch.default, (*head, em15, *out, 1))
+    opcheck(torch.ops.flashseek.moe_route_dispatch.default, (*head, None, *out, 0, True))
 
 
 def test_opcheck_cpu():
@@ -302,6 +303,21 @@ def test_cuda_shared_experts(t, cfg, num_shared, map_case):
     want = _chain(hidden, logits, bias, cfg, em, num_local, max_m, num_shared=num_shared)
     _assert_bitwise_equal(got, want)
     assert got[2][num_local:].tolist() == [t] * num_shared
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("t", [1, 7, 32])
+@pytest.mark.parametrize("num_shared", [0, 1])
+def test_ue8m0_matches_chain(device, t, num_shared):
+    """V3.1's power-of-two scales: bit-identical to the chain with ue8m0, and every scale written is a
+    power of two (the poison of unwritten rows aside)."""
+    hidden, logits, bias = _inputs(t, R1, device)
+    e = R1[0]
+    got = _fused(hidden, logits, bias, R1, None, e, t + num_shared, num_shared=num_shared, ue8m0=True)
+    want = _chain(hidden, logits, bias, R1, None, e, t + num_shared, num_shared=num_shared, ue8m0=True)
+    _assert_bitwise_equal(got, want)
+    s = got[5][~got[5].isnan()]
+    assert s.numel() and torch.equal(torch.exp2(torch.log2(s).round()), s)
 
 
 @pytest.mark.cuda

@@ -56,6 +56,7 @@ struct MoeQuantParams {
   int64_t out_gstride, out_rstride;
   float* scale;              // (r, kb) at scale + (r / rpg) * s_gstride + (r % rpg) + kb * s_ld
   int64_t s_gstride, s_ld;
+  bool ue8m0;                // round each scale up to a power of two (DeepSeek-V3.1 scale_fmt: ue8m0)
 };
 void launch_moe_gather_quant(const MoeQuantParams& p, cudaStream_t stream);
 void launch_moe_scatter_quant(const MoeQuantParams& p, cudaStream_t stream);
@@ -88,6 +89,7 @@ struct MoeRouteDispatchParams {
   uint8_t* a;                 // e4m3 [num_local + num_shared, max_m, H], contiguous, 8-byte aligned
   float* a_scale;             // (e, m, kb) at a_scale + e * s_gstride + m + kb * s_ld
   int64_t s_gstride, s_ld;
+  bool ue8m0;                 // power-of-two scales, as MoeQuantParams::ue8m0
 };
 void launch_moe_route_dispatch(const MoeRouteDispatchParams& p, cudaStream_t stream);
 

@@ -162,8 +162,9 @@ void check_grouped_out(const at::Tensor& hidden, const at::Tensor& out, const at
   FS_CHECK(g * m < (int64_t(1) << 31), out_name, " must have fewer than 2^31 rows");
 }
 
-MoeQuantParams quant_params(const at::Tensor& hidden) {
+MoeQuantParams quant_params(const at::Tensor& hidden, bool ue8m0) {
   MoeQuantParams p{};
+  p.ue8m0 = ue8m0;
   p.hidden = hidden.data_ptr();
   p.hidden_stride = hidden.stride(0);
   p.T = hidden.size(0);
@@ -172,7 +173,7 @@ MoeQuantParams quant_params(const at::Tensor& hidden) {
 }
 
 void moe_gather_quant_cuda(const at::Tensor& hidden, const at::Tensor& sorted_ids, int64_t topk, at::Tensor& out,
-                           at::Tensor& scale) {
+                           at::Tensor& scale, bool ue8m0) {
   check_hidden(hidden);
   FS_CHECK(topk >= 1, "topk must be >= 1, got ", topk);
   check_i32_1d(sorted_ids, "sorted_ids", hidden);
@@ -192,7 +193,7 @@ void moe_gather_quant_cuda(const at::Tensor& hidden, const at::Tensor& sorted_id
   FS_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 8 == 0, "out's data must be 8-byte aligned");
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(hidden.device());
-  MoeQuantParams p = quant_params(hidden);
+  MoeQuantParams p = quant_params(hidden, ue8m0);
   p.topk = static_cast<int>(topk);
   p.sorted_ids = sorted_ids.data_ptr<int32_t>();
   p.rows = rows;
@@ -207,7 +208,7 @@ void moe_gather_quant_cuda(const at::Tensor& hidden, const at::Tensor& sorted_id
 }
 
 void moe_scatter_quant_cuda(const at::Tensor& hidden, const at::Tensor& token_slots, at::Tensor& out,
-                            at::Tensor& scale) {
+                            at::Tensor& scale, bool ue8m0) {
   check_hidden(hidden);
   FS_CHECK_SAME_DEVICE(hidden, token_slots);
   FS_CHECK_DTYPE(token_slots, at::kInt);
@@ -222,7 +223,7 @@ void moe_scatter_quant_cuda(const at::Tensor& hidden, const at::Tensor& token_sl
   const int64_t g = out.size(0), m = out.size(1);
   if (hidden.size(0) == 0 || g * m == 0) return;
   const c10::cuda::CUDAGuard guard(hidden.device());
-  MoeQuantParams p = quant_params(hidden);
+  MoeQuantParams p = quant_params(hidden, ue8m0);
   p.topk = static_cast<int>(token_slots.size(1));
   p.token_slots = token_slots.data_ptr<int32_t>();
   p.token_slots_stride = token_slots.stride(0);
@@ -241,7 +242,7 @@ void moe_route_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& logits,
                              int64_t topk_group, int64_t topk, double routed_scaling_factor, bool renormalize,
                              const std::optional<at::Tensor>& expert_map, at::Tensor& topk_weights,
                              at::Tensor& topk_ids, at::Tensor& masked_m, at::Tensor& token_slots, at::Tensor& a,
-                             at::Tensor& a_scale, int64_t num_shared) {
+                             at::Tensor& a_scale, int64_t num_shared, bool ue8m0) {
   check_noaux_params(logits, bias, n_group, topk_group, topk);
   check_route_outputs(logits, topk, topk_weights, topk_ids);
   const int64_t T = logits.size(0);
@@ -285,6 +286,7 @@ void moe_route_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& logits,
   p.a_scale = a_scale.data_ptr<float>();
   p.s_gstride = a_scale.stride(0);
   p.s_ld = a_scale.size(2) > 1 ? a_scale.stride(2) : max_m;
+  p.ue8m0 = ue8m0;
   launch_moe_route_dispatch(p, current_stream(logits));
 }
 

@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) moe_gather_quant_kernel(const MoeQua
   const int64_t slot = p.sorted_ids[row];
   const bool real = slot >= 0 && slot < p.T * p.topk;
   const uint4 raw = real ? load_chunk(p, slot / p.topk, kb, hl) : make_uint4(0, 0, 0, 0);
-  store_row_chunk(p, row, kb, hl, quantize_chunk(raw));
+  store_row_chunk(p, row, kb, hl, quantize_chunk(raw, p.ue8m0));
 }
 
 __global__ void __launch_bounds__(kThreads) moe_scatter_quant_kernel(const MoeQuantParams p) {
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) moe_scatter_quant_kernel(const MoeQu
   const int kb = blockIdx.y * kBlocksPerCta + (threadIdx.x >> 4);
   const int hl = threadIdx.x & 15;
   if (kb * 128 >= p.H) return;
-  const QuantizedChunk c = quantize_chunk(load_chunk(p, token, kb, hl));
+  const QuantizedChunk c = quantize_chunk(load_chunk(p, token, kb, hl), p.ue8m0);
   const int32_t* slots = p.token_slots + token * p.token_slots_stride;
   for (int j = 0; j < p.topk; ++j) {
     const int64_t row = __ldg(slots + j);

@@ -18,8 +18,9 @@ struct QuantizedChunk {
 
 // One 128-column block of a bf16 row on a half-warp (lanes 0-15 or 16-31 of a 1-D block): raw =
 // this lane's 8 bf16 (columns 8 * (lane % 16) ..; zeros for a missing row). The block amax takes
-// four xor-shuffles that stay inside the half-warp, so the other half may have left.
-__device__ __forceinline__ QuantizedChunk quantize_chunk(const uint4 raw) {
+// four xor-shuffles that stay inside the half-warp, so the other half may have left. ue8m0: the
+// scale rounded up to a power of two (fp8_block_scale), as quant_fp8_1x128 with ue8m0.
+__device__ __forceinline__ QuantizedChunk quantize_chunk(const uint4 raw, bool ue8m0) {
   const unsigned half = 0xffffu << (threadIdx.x & 16);
   float v[8];
   const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
@@ -34,7 +35,7 @@ __device__ __forceinline__ QuantizedChunk quantize_chunk(const uint4 raw) {
   for (int i = 0; i < 8; ++i) amax = max_nan(amax, fabsf(v[i]));
   amax = group_amax<16>(amax, half);
   QuantizedChunk c;
-  c.scale = fp8_block_scale(amax);
+  c.scale = fp8_block_scale(amax, ue8m0);
   c.q = quantize8_e4m3(v, c.scale);
   return c;
 }

@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(Cfg<kR1, VPL>::kMaxWarps * 32)
   const unsigned half = 0xffffu << (tid & 16);
   for (; u < u1; u += n_hw) {
     const int t = u / KB, kb = u - t * KB;
-    const QuantizedChunk c = quantize_chunk(raw);
+    const QuantizedChunk c = quantize_chunk(raw, p.ue8m0);
     const int un = u + n_hw;
     if (un < u1) raw = load_chunk(p, un / KB, un % KB, hl);
     const int my_row = hl < k ? slot_row(t * k + hl, t) : -1;

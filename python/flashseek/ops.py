@@ -827,7 +827,7 @@ def _check_moe_hidden(hidden):
     return h
 
 
-def _check_moe_gather_quant(hidden, sorted_ids, topk, out, scale):
+def _check_moe_gather_quant(hidden, sorted_ids, topk, out, scale, ue8m0=False):
     h = _check_moe_hidden(hidden)
     _expect(topk >= 1, f"topk must be >= 1, got {topk}")
     _expect_dtype(sorted_ids, "sorted_ids", torch.int32)
@@ -841,8 +841,8 @@ def _check_moe_gather_quant(hidden, sorted_ids, topk, out, scale):
     _expect_same_device(hidden, "hidden", sorted_ids=sorted_ids, out=out, scale=scale)
 
 
-def _ref_moe_gather_quant(hidden, sorted_ids, topk, out, scale):
-    q, s = ref_moe.gather_quant(hidden, sorted_ids, topk)
+def _ref_moe_gather_quant(hidden, sorted_ids, topk, out, scale, ue8m0=False):
+    q, s = ref_moe.gather_quant(hidden, sorted_ids, topk, ue8m0)
     out.copy_(q)
     scale.copy_(s)
 
@@ -851,15 +851,15 @@ _register("moe_gather_quant", _check_moe_gather_quant, _ref_moe_gather_quant)
 
 
 def moe_gather_quant(hidden: torch.Tensor, sorted_ids: torch.Tensor, topk: int, out: Optional[torch.Tensor] = None,
-                     scale: Optional[torch.Tensor] = None):
+                     scale: Optional[torch.Tensor] = None, ue8m0: bool = False):
     """Row r of the output = FP8 1x128 quantization of hidden[sorted_ids[r] // topk] (bit-identical
-    to quant_fp8_1x128); rows whose id is outside [0, T * topk) (moe_align's sentinel) get the
-    quantization of a zero row (zeros, scale 1e-4 / 448).
+    to quant_fp8_1x128 with the same ue8m0); rows whose id is outside [0, T * topk) (moe_align's
+    sentinel) get the quantization of a zero row (zeros, scale 1e-4 / 448, or 2^-22 with ue8m0).
     hidden bf16 [T, H] (H % 128 == 0) -> (out e4m3 [R, H], scale fp32 [R, H/128] `empty_act_scale`)."""
     rows, h = sorted_ids.shape[0], hidden.shape[1]
     out = torch.empty((rows, h), dtype=FP8, device=hidden.device) if out is None else out
     scale = empty_act_scale(rows, h // 128, hidden.device) if scale is None else scale
-    torch.ops.flashseek.moe_gather_quant(hidden, sorted_ids, topk, out, scale)
+    torch.ops.flashseek.moe_gather_quant(hidden, sorted_ids, topk, out, scale, ue8m0)
     return out, scale
 
 
@@ -879,7 +879,7 @@ def _check_grouped_rows(out, scale, h, out_name="out", scale_name="scale"):
             f"{scale_name} must have a leading dimension (stride(2)) >= {m}, got strides {tuple(scale.stride())}")
 
 
-def _check_moe_scatter_quant(hidden, token_slots, out, scale):
+def _check_moe_scatter_quant(hidden, token_slots, out, scale, ue8m0=False):
     h = _check_moe_hidden(hidden)
     _expect_dtype(token_slots, "token_slots", torch.int32)
     _expect_dim(token_slots, "token_slots", 2)
@@ -890,22 +890,23 @@ def _check_moe_scatter_quant(hidden, token_slots, out, scale):
     _expect_same_device(hidden, "hidden", token_slots=token_slots, out=out, scale=scale)
 
 
-def _ref_moe_scatter_quant(hidden, token_slots, out, scale):
-    ref_moe.scatter_quant_(hidden, token_slots, out, scale)
+def _ref_moe_scatter_quant(hidden, token_slots, out, scale, ue8m0=False):
+    ref_moe.scatter_quant_(hidden, token_slots, out, scale, ue8m0)
 
 _register("moe_scatter_quant", _check_moe_scatter_quant, _ref_moe_scatter_quant)
 
 
-def moe_scatter_quant(hidden: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor, scale: torch.Tensor):
-    """Quantizes each token once (FP8 1x128, bit-identical to quant_fp8_1x128) and stores it to the
-    rows token_slots[t, :] (>= 0) of `out`; rows nobody points at keep their contents.
+def moe_scatter_quant(hidden: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor, scale: torch.Tensor,
+                      ue8m0: bool = False):
+    """Quantizes each token once (FP8 1x128, bit-identical to quant_fp8_1x128 with the same ue8m0) and
+    stores it to the rows token_slots[t, :] (>= 0) of `out`; rows nobody points at keep their contents.
 
     out: e4m3 [R, H] with scale fp32 [R, H/128] (`empty_act_scale`, the contiguous layout), or
     e4m3 [G, M, H] with scale [G, M, H/128] (`empty_grouped_act_scale`, the masked layout), where a
     row index r means group r // M, row r % M. Returns (out, scale).
     """
     o, s = (out.unsqueeze(0), scale.unsqueeze(0)) if out.dim() == 2 else (out, scale)
-    torch.ops.flashseek.moe_scatter_quant(hidden, token_slots, o, s)
+    torch.ops.flashseek.moe_scatter_quant(hidden, token_slots, o, s, ue8m0)
     return out, scale
 
 
@@ -919,7 +920,8 @@ MOE_ROUTE_DISPATCH_MAX_SHARED = 4
 
 
 def _check_moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
-                              expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale, num_shared=0):
+                              expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale, num_shared=0,
+                              ue8m0=False):
     _check_route_noaux_tc(logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize, topk_weights,
                           topk_ids)
     t, e = logits.shape
@@ -950,9 +952,10 @@ def _check_moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk, r
 
 
 def _ref_moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize,
-                            expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale, num_shared=0):
+                            expert_map, topk_weights, topk_ids, masked_m, token_slots, a, a_scale, num_shared=0,
+                            ue8m0=False):
     w, ids, m, slots = ref_moe.route_dispatch_(hidden, logits, bias, n_group, topk_group, topk, routed_scaling_factor,
-                                               renormalize, expert_map, a, a_scale, num_shared)
+                                               renormalize, expert_map, a, a_scale, num_shared, ue8m0)
     topk_weights.copy_(w)
     topk_ids.copy_(ids)
     masked_m.copy_(m)
@@ -965,7 +968,7 @@ _register("moe_route_dispatch", _check_moe_route_dispatch, _ref_moe_route_dispat
 def moe_route_dispatch(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
                        topk: int, routed_scaling_factor: float, renormalize: bool = True,
                        expert_map: Optional[torch.Tensor] = None, num_local: Optional[int] = None,
-                       max_m: Optional[int] = None, num_shared: int = 0):
+                       max_m: Optional[int] = None, num_shared: int = 0, ue8m0: bool = False):
     """route_noaux_tc -> moe_align_masked -> moe_scatter_quant in one launch, for decode batches.
 
     The front of fused_moe's masked path for T <= MOE_ROUTE_DISPATCH_MAX_T tokens; every output is
@@ -980,6 +983,7 @@ def moe_route_dispatch(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.T
         num_shared: shared experts (0..MOE_ROUTE_DISPATCH_MAX_SHARED) placed after the routed ones:
             each takes every token, token t at its row t (max_m >= T), masked_m = T; no token_slots
             entry points at them (fused_moe adds their [T, H] output slab as moe_combine's shared_out).
+        ue8m0: power-of-two activation scales, as moe_scatter_quant.
     Returns:
         (topk_weights fp32 [T, topk], topk_ids int32 [T, topk], masked_m int32 [num_local + num_shared],
         token_slots int32 [T, topk], a e4m3 [num_local + num_shared, max_m, H], a_scale fp32
@@ -1001,7 +1005,7 @@ def moe_route_dispatch(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.T
     a_scale = empty_grouped_act_scale(groups, max_m, h // 128, dev)
     torch.ops.flashseek.moe_route_dispatch(hidden, logits, bias, n_group, topk_group, topk,
                                            float(routed_scaling_factor), renormalize, expert_map, topk_weights,
-                                           topk_ids, masked_m, token_slots, a, a_scale, num_shared)
+                                           topk_ids, masked_m, token_slots, a, a_scale, num_shared, ue8m0)
     return topk_weights, topk_ids, masked_m, token_slots, a, a_scale
 
 
@@ -1067,7 +1071,7 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
               w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, *, n_group: int, topk_group: int,
               topk: int, routed_scaling_factor: float, renormalize: bool = True, scoring: str = "sigmoid",
               shared_out: Optional[torch.Tensor] = None, expert_map: Optional[torch.Tensor] = None,
-              layout: str = "auto", n_shared_experts: int = 0) -> torch.Tensor:
+              layout: str = "auto", n_shared_experts: int = 0, ue8m0: bool = False) -> torch.Tensor:
     """The routed-expert MoE layer with FP8 experts: route, dispatch + quantize, grouped GEMM 1,
     silu_mul_quant, grouped GEMM 2, combine (+ shared_out). No host syncs on either layout, so the
     whole call is CUDA-graph capturable.
@@ -1093,6 +1097,9 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
             and added like shared_out (which must then be None). On the masked layout it is one more
             group of T rows in both grouped GEMMs, so a decode step streams every expert's weights in
             one launch per GEMM; on the contiguous layout it runs as dense fp8_gemm calls.
+        ue8m0: every activation quantization (hidden's, and silu(gate) * up's before the second GEMM)
+            rounds its scales up to powers of two: DeepSeek-V3.1's `scale_fmt: ue8m0` recipe, which the
+            model's dense layers follow too. The weights' scales are taken as given.
     Returns:
         bf16 [T, H]. Spec: flashseek.ref.moe.fused_moe.
     """
@@ -1127,7 +1134,7 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
         max_m = t
         weights, _, masked_m, token_slots, a, a_scale = moe_route_dispatch(
             hidden, router_logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize, expert_map,
-            e_local, max_m, n_shared_experts)
+            e_local, max_m, n_shared_experts, ue8m0)
     else:
         if scoring == "sigmoid":
             weights, ids = route_noaux_tc(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor,
@@ -1145,12 +1152,12 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
             if n_shared_experts:  # the shared expert's group: token t at row t
                 scatter_slots = torch.cat([token_slots, ref_moe.shared_expert_rows(t, e_local, 1, max_m, dev)], 1)
                 masked_m = torch.cat([masked_m, masked_m.new_full((1,), t)])
-            moe_scatter_quant(hidden, scatter_slots, a, a_scale)
+            moe_scatter_quant(hidden, scatter_slots, a, a_scale, ue8m0)
 
     if layout == "masked":
         gate_up = grouped_fp8_gemm_masked(a, a_scale, w13, w13_scale, masked_m)
         # Rows past masked_m[e] hold stale data; they stay in their rows and are never read.
-        act, act_scale = silu_mul_quant_fp8(gate_up.view(e_all * max_m, i2), masked_m=masked_m)
+        act, act_scale = silu_mul_quant_fp8(gate_up.view(e_all * max_m, i2), ue8m0, masked_m=masked_m)
         # Per-expert views of the flat [E * max_m, I/128] column-major scales: strides (max_m, 1, ld).
         down = grouped_fp8_gemm_masked(act.view(e_all, max_m, inter), act_scale.unflatten(0, (e_all, max_m)),
                                        w2, w2_scale, masked_m)
@@ -1161,13 +1168,13 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, bias: Optional[
         _, _, offsets, token_slots = moe_align(ids, e_global, FUSED_MOE_BLOCK_M, expert_map, e_local, rows)
         a = torch.empty((rows, h), dtype=FP8, device=dev)
         a_scale = empty_act_scale(rows, kb_h, dev)
-        moe_scatter_quant(hidden, token_slots, a, a_scale)
+        moe_scatter_quant(hidden, token_slots, a, a_scale, ue8m0)
         gate_up = grouped_fp8_gemm_contiguous(a, a_scale, w13[:e_local], w13_scale[:e_local], offsets)
-        act, act_scale = silu_mul_quant_fp8(gate_up)
+        act, act_scale = silu_mul_quant_fp8(gate_up, ue8m0)
         down = grouped_fp8_gemm_contiguous(act, act_scale, w2[:e_local], w2_scale[:e_local], offsets)
         if n_shared_experts:  # T rows: the dense GEMMs at full efficiency
-            x_q, x_s = quant_fp8_1x128(hidden)
-            s_act, s_act_scale = silu_mul_quant_fp8(fp8_gemm(x_q, x_s, w13[e_local], w13_scale[e_local]))
+            x_q, x_s = quant_fp8_1x128(hidden, ue8m0)
+            s_act, s_act_scale = silu_mul_quant_fp8(fp8_gemm(x_q, x_s, w13[e_local], w13_scale[e_local]), ue8m0)
             shared_out = fp8_gemm(s_act, s_act_scale, w2[e_local], w2_scale[e_local])
     return moe_combine(down, weights, token_slots, shared_out)
 

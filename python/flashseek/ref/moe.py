@@ -96,23 +96,24 @@ def moe_align_masked(topk_ids: torch.Tensor, num_experts: int, max_m: int, exper
     return counts.clamp(max=max_m).to(torch.int32), row.to(torch.int32).reshape(topk_ids.shape)
 
 
-def gather_quant(hidden: torch.Tensor, sorted_ids: torch.Tensor, topk: int):
-    """Row r = quant_fp8_1x128(hidden[sorted_ids[r] // topk]); ids outside [0, T * topk) (the
-    sentinel) give the quantization of a zero row: q = 0, scale = 1e-4 / 448."""
+def gather_quant(hidden: torch.Tensor, sorted_ids: torch.Tensor, topk: int, ue8m0: bool = False):
+    """Row r = quant_fp8_1x128(hidden[sorted_ids[r] // topk], ue8m0); ids outside [0, T * topk) (the
+    sentinel) give the quantization of a zero row: q = 0, scale = 1e-4 / 448 (ue8m0: 2^-22)."""
     t = hidden.shape[0]
     ids = sorted_ids.long()
     real = (ids >= 0) & (ids < t * topk)
     src = torch.zeros((ids.numel(), hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
     src[real] = hidden[ids[real] // topk]
-    return ref_quant.quant_fp8_1x128(src)
+    return ref_quant.quant_fp8_1x128(src, ue8m0)
 
 
-def scatter_quant_(hidden: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor, scale: torch.Tensor):
+def scatter_quant_(hidden: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor, scale: torch.Tensor,
+                   ue8m0: bool = False):
     """out / scale viewed as [G, M, H] / [G, M, H/128]: row token_slots[t, j] (flat row index
-    g * M + m) = quant_fp8_1x128(hidden[t]); slots < 0 skipped, other rows untouched."""
+    g * M + m) = quant_fp8_1x128(hidden[t], ue8m0); slots < 0 skipped, other rows untouched."""
     if hidden.shape[0] == 0:
         return
-    q, s = ref_quant.quant_fp8_1x128(hidden)
+    q, s = ref_quant.quant_fp8_1x128(hidden, ue8m0)
     g, m = out.shape[0], out.shape[1]
     slots = token_slots.long()
     if slots.numel():
@@ -136,10 +137,10 @@ def shared_expert_rows(t: int, num_local: int, num_shared: int, max_m: int, devi
 
 def route_dispatch_(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
                     topk: int, routed_scaling_factor: float, renormalize: bool, expert_map: Optional[torch.Tensor],
-                    a: torch.Tensor, a_scale: torch.Tensor, num_shared: int = 0):
+                    a: torch.Tensor, a_scale: torch.Tensor, num_shared: int = 0, ue8m0: bool = False):
     """The front of fused_moe's masked path, the specification of moe_route_dispatch: route_noaux_tc,
     then moe_align_masked (num_local = a.shape[0] - num_shared, max_m = a.shape[1]), then scatter_quant_
-    into a / a_scale [E_local + num_shared, max_m, H(/128)] (rows no slot points at untouched). The
+    (with ue8m0) into a / a_scale [E_local + num_shared, max_m, H(/128)] (rows no slot points at untouched). The
     num_shared experts after the routed ones take every token t at row t (max_m >= T): masked_m = T.
     -> (topk_weights, topk_ids, masked_m, token_slots)."""
     t = hidden.shape[0]
@@ -149,7 +150,7 @@ def route_dispatch_(hidden: torch.Tensor, logits: torch.Tensor, bias: torch.Tens
     # One scatter over the routed slots plus a slot per (token, shared expert): every row comes from
     # the token's one quantization, as in the kernel.
     shared = shared_expert_rows(t, num_local, num_shared, max_m, slots.device)
-    scatter_quant_(hidden, torch.cat([slots, shared], 1), a, a_scale)
+    scatter_quant_(hidden, torch.cat([slots, shared], 1), a, a_scale, ue8m0)
     masked_m = torch.cat([masked_m, masked_m.new_full((num_shared,), t)])
     return w, ids, masked_m, slots
 
@@ -183,32 +184,34 @@ def _dequant_weight(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def expert_mlp(x_q: torch.Tensor, x_s: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
-               w2_scale: torch.Tensor) -> torch.Tensor:
+               w2_scale: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
     """One expert on already-quantized rows: the pipeline's rounding points (bf16 GEMM outputs, the
-    fused silu*up quantization), dequantized fp32 GEMMs in between. -> bf16 [M, H]."""
+    fused silu*up quantization, with ue8m0 scales if asked), dequantized fp32 GEMMs in between.
+    -> bf16 [M, H]."""
     a = ref_quant.dequant_fp8_1x128(x_q, x_s)
     gu = (a @ _dequant_weight(w13, w13_scale).t()).to(torch.bfloat16)
-    h_q, h_s = ref_quant.silu_mul_quant_fp8(gu)
+    h_q, h_s = ref_quant.silu_mul_quant_fp8(gu, ue8m0)
     h = ref_quant.dequant_fp8_1x128(h_q, h_s)
     return (h @ _dequant_weight(w2, w2_scale).t()).to(torch.bfloat16)
 
 
 def moe_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13, w13_scale, w2,
                 w2_scale, expert_map: Optional[torch.Tensor] = None,
-                shared_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference routed MoE from given routing: per expert, quantize its tokens (1x128), run the
-    dequantized FP8 MLP, combine in fp32 (j ascending) and add shared_out. -> bf16 [T, H]."""
+                shared_out: Optional[torch.Tensor] = None, ue8m0: bool = False) -> torch.Tensor:
+    """Reference routed MoE from given routing: per expert, quantize its tokens (1x128; ue8m0: power-of-two
+    scales, both quantizations), run the dequantized FP8 MLP, combine in fp32 (j ascending) and add
+    shared_out. -> bf16 [T, H]."""
     t, h = hidden.shape
     k = topk_ids.shape[1]
     num_local = w13.shape[0]
     num_global = expert_map.numel() if expert_map is not None else num_local
     local = _local_ids(topk_ids, num_global, expert_map, num_local).reshape(t, k)
     y = torch.zeros((t, k, h), dtype=torch.bfloat16, device=hidden.device)
-    x_q, x_s = ref_quant.quant_fp8_1x128(hidden) if t else (None, None)
+    x_q, x_s = ref_quant.quant_fp8_1x128(hidden, ue8m0) if t else (None, None)
     for e in torch.unique(local[local >= 0]).tolist():
         tok, j = torch.nonzero(local == e, as_tuple=True)
         xq = x_q.view(torch.uint8)[tok].view(torch.float8_e4m3fn)  # fp8 gathers are not on every backend
-        y[tok, j] = expert_mlp(xq, x_s[tok], w13[e], w13_scale[e], w2[e], w2_scale[e])
+        y[tok, j] = expert_mlp(xq, x_s[tok], w13[e], w13_scale[e], w2[e], w2_scale[e], ue8m0)
     slots = torch.where(local >= 0, torch.arange(t * k, device=hidden.device).reshape(t, k),
                         torch.full_like(local, -1)).to(torch.int32)
     return combine(y.reshape(t * k, h), topk_weights, slots, shared_out)
@@ -228,15 +231,16 @@ def route(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor,
 
 def fused_moe(hidden, router_logits, bias, w13, w13_scale, w2, w2_scale, *, n_group, topk_group, topk,
               routed_scaling_factor, renormalize=True, scoring="sigmoid", shared_out=None, expert_map=None,
-              n_shared_experts=0):
+              n_shared_experts=0, ue8m0=False):
     """The specification of flashseek.ops.fused_moe: route, then moe_experts. With n_shared_experts = 1
     the last expert of the stacks is the shared expert: its MLP on every token (the same 1x128
-    quantization of hidden and the same rounding points as a routed expert) is shared_out."""
+    quantization of hidden and the same rounding points as a routed expert) is shared_out. ue8m0: every
+    activation quantization (hidden's, silu*up's) rounds its scales up to powers of two."""
     if n_shared_experts:
         e = w13.shape[0] - 1
         if hidden.shape[0]:
-            x_q, x_s = ref_quant.quant_fp8_1x128(hidden)
-            shared_out = expert_mlp(x_q, x_s, w13[e], w13_scale[e], w2[e], w2_scale[e])
+            x_q, x_s = ref_quant.quant_fp8_1x128(hidden, ue8m0)
+            shared_out = expert_mlp(x_q, x_s, w13[e], w13_scale[e], w2[e], w2_scale[e], ue8m0)
         w13, w13_scale, w2, w2_scale = w13[:e], w13_scale[:e], w2[:e], w2_scale[:e]
     w, ids = route(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor, renormalize, scoring)
-    return moe_experts(hidden, w, ids, w13, w13_scale, w2, w2_scale, expert_map, shared_out)
+    return moe_experts(hidden, w, ids, w13, w13_scale, w2, w2_scale, expert_map, shared_out, ue8m0)

@@ -317,7 +317,7 @@ class MoE:
                 return fused(x, logits, self.bias, self.w13, self.w13_scale, self.w2, self.w2_scale,
                              n_group=c.n_group, topk_group=c.topk_group, topk=c.num_experts_per_tok,
                              routed_scaling_factor=c.routed_scaling_factor, renormalize=c.norm_topk_prob,
-                             shared_out=shared, n_shared_experts=self.n_stacked_shared)
+                             shared_out=shared, n_shared_experts=self.n_stacked_shared, ue8m0=self.ue8m0)
             return self._experts_fp8_fallback(x, logits, shared)
         weights, ids = self.route(logits)
         out = torch.zeros(x.shape[0], c.hidden_size, dtype=torch.float32, device=x.device)
