@@ -44,6 +44,7 @@
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <utility>
 
+#include "common/named_barrier.cuh"
 #include "mla/mla_cache_token.cuh"
 #include "mla/mla_decode_kernel.cuh"
 #include "mla/mla_timeline.cuh"
@@ -132,10 +133,6 @@ constexpr int kBarBlockEnd = 2;
 constexpr int kBarWG0 = 3;  // FP8: WG0's S reads of the rope panel are done before P overwrites it
 constexpr int kBarWG1 = 4;  // FP8: every WG1 thread's raw copies of the next block have landed
 
-__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
 // Orders this thread's generic-proxy shared-memory writes (st.shared, cp.async) before later
 // async-proxy reads (wgmma operands).
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -558,13 +555,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto fp8_stage = [&](int it) {
       if constexpr (kFp8) {
         if (wg == 1) cp_async_wait<1>();
-        bar_sync(0, kThreads);  // raw tokens visible; the previous block is done with the stage
+        named_barrier_sync(0, kThreads);  // raw tokens visible; the previous block is done with the stage
         char* raw = smem + S::kK1 + (it & 1) * S::kRawStage;
         if (it == 0 && wg == 1) dequant_upper_to_regs(raw, pre, tw);  // no earlier block to do it during
         dequant_lower_and_rope(raw, smem + S::kK0);
         if (wg == 1) store_upper_regs(pre, smem + S::kK0, tw);
         fence_async_smem();
-        bar_sync(0, kThreads);  // the stage complete; raw buffer it % 2 free
+        named_barrier_sync(0, kThreads);  // the stage complete; raw buffer it % 2 free
         if (wg == 1) {
           if (it + 2 < n_iter) issue_raw_block(p, s_base + S::kK1 + (it & 1) * S::kRawStage, bi, blk_begin + it + 2, len_eff, tw);
           cp_async_commit();
@@ -576,7 +573,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kFp8) {
         if (it + 1 < n_iter) {
           cp_async_wait<1>();       // block it + 1 landed (it + 2 may be pending)
-          bar_sync(kBarWG1, 128);   // ... for every WG1 thread's copies
+          named_barrier_sync(kBarWG1, 128);   // ... for every WG1 thread's copies
           dequant_upper_to_regs(smem + S::kK1 + ((it + 1) & 1) * S::kRawStage, pre, tw);
         }
       }
@@ -633,7 +630,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         uint32_t pf[16];  // P as bf16 pairs, in the A-fragment order of the P V wgmma
         char* sP = smem + S::kP;
-        if constexpr (kFp8) bar_sync(kBarWG0, 128);  // P overwrites the rope panel every warp's S read
+        if constexpr (kFp8) named_barrier_sync(kBarWG0, 128);  // P overwrites the rope panel every warp's S read
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const float p0 = fast_exp2(sacc[4 * j + 0] - m_use[0]);
@@ -658,7 +655,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           l_run[h] = l_run[h] * alpha[h] + sloc[h];
         }
         fence_async_smem();
-        bar_arrive(kBarPFull, kThreads);
+        named_barrier_arrive(kBarPFull, kThreads);
         rescale_o(o, alpha[0], alpha[1]);
         // ---- O0 += P V[:, 0:256] ----
         fence_regs(o);
@@ -671,7 +668,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_regs(o);
-        bar_sync(kBarBlockEnd, kThreads);
+        named_barrier_sync(kBarBlockEnd, kThreads);
       }
       if (q4 == 0) {
         s_lrun[row0] = l_run[0];
@@ -688,7 +685,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fp8_predequant(it);
         const uint32_t sK = s_base + ((!kFp8 && (it & 1)) ? S::kK1 : S::kK0);
         const WgmmaDesc dVs = (it & 1) ? dV1 : dV0;
-        bar_sync(kBarPFull, kThreads);
+        named_barrier_sync(kBarPFull, kThreads);
         rescale_o(o, s_alpha[row0], s_alpha[row0 + 8]);
         // ---- O1 += P V[:, 256:512] ----
         fence_regs(o);
@@ -704,7 +701,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           cp_async_wait<0>();  // block it + 1 landed (block it + 2 is not issued yet)
           fence_async_smem();
         }
-        bar_sync(kBarBlockEnd, kThreads);
+        named_barrier_sync(kBarBlockEnd, kThreads);
         // Both warpgroups are done with this stage: refill it with block it + 2.
         if (!kFp8 && it + 2 < n_iter) {
           issue_kv_block(p, sK, bi, blk_begin + it + 2, len_eff, tw);

@@ -1,0 +1,23 @@
+// Named barriers between the roles of one CTA: a producer's arrive and a consumer's sync, or two
+// warpgroups' branches meeting at the end of a block. PTX's bar.sync / bar.arrive are
+// barrier.sync.aligned / barrier.arrive.aligned, which require every participating thread to execute
+// the same instruction (otherwise the behaviour is undefined); roles that meet from different places in
+// the code need the non-aligned forms below. compute-sanitizer synccheck reports the aligned forms there
+// as "divergent thread(s) in block", and racecheck reports hazards across such barriers.
+// Where the compiler sees the warp converged, the SASS is the plain BAR.SYNC / BAR.ARV.
+#pragma once
+
+namespace flashseek {
+
+// Waits until `threads` threads (a multiple of 32, warps whole) have arrived at barrier `id` (0-15;
+// 0 is __syncthreads') by named_barrier_sync or named_barrier_arrive.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Arrives at barrier `id` without waiting: the thread's earlier shared-memory accesses are ordered
+// before the accesses that the waiting threads make after the barrier completes.
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("barrier.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+}  // namespace flashseek
