@@ -19,5 +19,12 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("barrier.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// __syncthreads for code that the CTA's roles reach from different instructions (a helper inlined into
+// both branches of `if (warpgroup == 0)`): barrier 0, every thread of the CTA.
+__device__ __forceinline__ void cta_barrier_sync() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
+// cute::cluster_sync (barrier.cluster arrive + wait, release / acquire) for the same case.
+__device__ __forceinline__ void cluster_barrier_sync() {
+  asm volatile("barrier.cluster.arrive;\nbarrier.cluster.wait;\n" ::: "memory");
+}
 
 }  // namespace flashseek

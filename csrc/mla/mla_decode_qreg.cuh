@@ -303,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t peer_q_parity = 0;
     for (int bi = plan.b0; bi <= plan.b1; ++bi) {
       if constexpr (kMc) {
-        if (bi > plan.b0) cute::cluster_sync();  // both CTAs are done with the previous piece
+        if (bi > plan.b0) cluster_barrier_sync();  // both CTAs are done with the previous piece
       }
       const Piece pc(p, plan, bi, gblk);
       const int len = pc.len, len_eff = pc.len_eff, blk_begin = pc.blk_begin, n = pc.n;
@@ -459,7 +459,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_mrun[row0] = m_run[0];
         s_mrun[row0 + 8] = m_run[1];
       }
-      __syncthreads();  // row statistics visible; every wgmma of the piece retired
+      cta_barrier_sync();  // row statistics visible; every wgmma of the piece retired
       if (dest.ok) {
         wg::stage_piece_rows<QT, kCols0>(p, dest, bi, m_tile, o0, 0, [&](int h, int) { return m_run[h]; },
                                          [&](int, int r) { return s_lrun[r]; }, smem + Smem::kStage0);
@@ -470,7 +470,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     for (int bi = plan.b0; bi <= plan.b1; ++bi) {
       if constexpr (kMc) {
-        if (bi > plan.b0) cute::cluster_sync();
+        if (bi > plan.b0) cluster_barrier_sync();
       }
       const Piece pc(p, plan, bi, gblk);
       const int len_eff = pc.len_eff, blk_begin = pc.blk_begin, n = pc.n;
@@ -518,7 +518,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           next_page = lane < nbox && j + 4 < n ? seesaw::box_page(p, bi, blk_begin + j + 4, lane, box_log2, len_eff) : 0;
         }
       }
-      __syncthreads();  // WG0's row statistics visible
+      cta_barrier_sync();  // WG0's row statistics visible
       if (dest.ok) {
         // WG0 writes the lse. Here: scale in place, then store, so that no second copy of the
         // accumulators is ever live.

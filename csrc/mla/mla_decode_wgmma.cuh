@@ -339,7 +339,8 @@ __device__ __forceinline__ PieceDest piece_dest(const DecodeParams& p, const det
 // Split in two for kernels whose output owners are not "warpgroup w owns columns [256 w, + 256)"
 // (qreg: warpgroup 0 owns 64 columns, warpgroup 1 the other 448 as 256 + 192): stage_piece_rows puts
 // an accumulator of kCols columns starting at column col0 into the tile (the caller holding column 0
-// also writes the lse), copy_piece_rows is called by every thread of the CTA (kNThreads).
+// also writes the lse), copy_piece_rows is called by every thread of the CTA (kNThreads), from both
+// warpgroups' branches in qreg: its barriers are the non-aligned forms (common/named_barrier.cuh).
 template <typename QT, int kCols, typename MaxOf, typename SumOf>
 __device__ __forceinline__ void stage_piece_rows(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
                                                  const float (&o)[kCols / 2], int col0, MaxOf m_log2, SumOf l,
@@ -398,7 +399,7 @@ template <typename QT, int kNThreads>
 __device__ __forceinline__ void merge_cluster_pair(const DecodeParams& p, int bi, int m_tile, const char* tile,
                                                    const float* s_m, const float* s_l) {
   static_assert(kNThreads == 8 * (kM / 2), "eight threads a row");
-  cute::cluster_sync();  // both tiles and row statistics written (release / acquire)
+  cluster_barrier_sync();  // both tiles and row statistics written (release / acquire)
   const uint32_t rank = cute::block_rank_in_cluster(), peer = rank ^ 1;
   const int r = (kM / 2) * rank + (threadIdx.x >> 3), q = threadIdx.x & 7, R = m_tile * kM + r;
   if (R < p.rows) {
@@ -433,7 +434,7 @@ __device__ __forceinline__ void merge_cluster_pair(const DecodeParams& p, int bi
       p.lse[(static_cast<int64_t>(bi) * p.h_q + h) * p.s_q + s] = lse2 * 0.69314718055994531f;
     }
   }
-  cute::cluster_sync();  // the peer is done reading this CTA's tile and statistics
+  cluster_barrier_sync();  // the peer is done reading this CTA's tile and statistics
 }
 
 // s_m / s_l: the piece's row statistics in shared memory (max in the log2 domain, sum), read only when
@@ -441,7 +442,7 @@ __device__ __forceinline__ void merge_cluster_pair(const DecodeParams& p, int bi
 template <typename QT, int kNThreads>
 __device__ __forceinline__ void copy_piece_rows(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
                                                 const char* tile, const float* s_m, const float* s_l) {
-  __syncthreads();
+  cta_barrier_sync();
   if (!dest.direct && is_cluster_pair(p, bi)) {
     merge_cluster_pair<QT, kNThreads>(p, bi, m_tile, tile, s_m, s_l);
   } else {
@@ -456,7 +457,7 @@ __device__ __forceinline__ void copy_piece_rows(const DecodeParams& p, const Pie
   // The tile's reads are done and its generic-proxy writes ordered before the next piece's TMA
   // writes (async proxy) into the same stages.
   fence_async_smem();
-  __syncthreads();
+  cta_barrier_sync();
 }
 // s_m / s_l: as copy_piece_rows (null in a kernel never launched in cluster pairs).
 template <typename QT, typename MaxOf, typename SumOf>
