@@ -27,8 +27,10 @@ def mla_row(name, b, s_q, s_k, h_q, varlen, causal, fp8, calls=10):
     plan = ops.mla_decode_plan(seqlens, s_q, h_q)
     out = torch.empty(b, s_q, h_q, 512, dtype=torch.bfloat16, device=dev)
     lse = torch.empty(b, h_q, s_q, device=dev)
+    # The graph reads these tensors at every replay: the row keeps them alive.
+    keep = (q, cache, table, seqlens, plan, out, lse)
     rows[name] = (capture(lambda: ops.mla_decode(q, cache, table, seqlens, plan, 576 ** -0.5, causal, out=out,
-                                                 lse=lse), calls), calls)
+                                                 lse=lse), calls), calls, keep)
 
 
 def gemm_row(name, m, n, k, calls=10, env=None):
@@ -40,7 +42,7 @@ def gemm_row(name, m, n, k, calls=10, env=None):
     out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
     old = dict(os.environ)
     os.environ.update(env or {})
-    rows[name] = (capture(lambda: ops.fp8_gemm(xq, xs, wq, ws, out=out), calls), calls)
+    rows[name] = (capture(lambda: ops.fp8_gemm(xq, xs, wq, ws, out=out), calls), calls, (xq, xs, wq, ws, out))
     os.environ.clear()
     os.environ.update(old)
 
@@ -57,7 +59,7 @@ with torch.inference_mode():
     gemm_row("gemm 4096x7168x16384 (sm90)", 4096, 7168, 16384, calls=2, env={"FLASHSEEK_GEMM_IMPL": "sm90"})
     times = {k: [] for k in rows}
     for _ in range(rounds):
-        for k, (g, calls) in rows.items():
+        for k, (g, calls, _) in rows.items():
             times[k].append(replay_us(g, 20) / calls)
     res = {k: statistics.median(v) for k, v in times.items()}
     for k, v in res.items():

@@ -518,6 +518,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           next_page = lane < nbox && j + 4 < n ? seesaw::box_page(p, bi, blk_begin + j + 4, lane, box_log2, len_eff) : 0;
         }
       }
+      // The last kStages blocks' stage releases have no refill to wait for them; waiting here anyway leaves
+      // no completed mbarrier phase unobserved (synccheck reports one as "missing wait" once the next piece
+      // arrives on that barrier). The CTA barrier below would order the stages' reuse without it.
+      if (warp == 0) {
+        for (int j = max(n - kStages, 0); j < n; ++j) mbar_wait(bar_empty_u + 8 * pc.stage(j), pc.parity(j));
+      }
       cta_barrier_sync();  // WG0's row statistics visible
       if (dest.ok) {
         // WG0 writes the lse. Here: scale in place, then store, so that no second copy of the
