@@ -22,6 +22,11 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 // __syncthreads for code that the CTA's roles reach from different instructions (a helper inlined into
 // both branches of `if (warpgroup == 0)`): barrier 0, every thread of the CTA.
 __device__ __forceinline__ void cta_barrier_sync() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
+// One warpgroup's own barrier (128 threads) where all of them reach each use of it at the same
+// instruction: the aligned form is valid there and spares the divergence fallback on hot paths.
+__device__ __forceinline__ void warpgroup_barrier_sync(int id) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
+}
 // cute::cluster_sync (barrier.cluster arrive + wait, release / acquire) for the same case.
 __device__ __forceinline__ void cluster_barrier_sync() {
   asm volatile("barrier.cluster.arrive;\nbarrier.cluster.wait;\n" ::: "memory");

@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         q_rope_to_bf16<QT>(smem + Smem::kQRope, tw);
         fence_async_smem();  // the reads above before block 2's TMA; an fp16 rope's rewrite before S
-        named_barrier_sync(kBarQRead, 128);  // every warp has its fragments (and its part of the rope converted)
+        warpgroup_barrier_sync(kBarQRead);  // every warp has its fragments (and its part of the rope converted)
         if constexpr (kMc) {
           if (tw == 0) mbar_arrive_peer(bar_peer_q_u, rank ^ 1);  // the peer may now load block 2 into this stage
           if (warp == 0 && n > 2) mbar_wait(bar_peer_q_u, peer_q_parity);
@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // layout), so only a tail block, whose V rows every warp zeroed in part, needs a barrier first.
         // Against P from shared memory behind a barrier every block: 226.6 against 228.8 µs at b=128
         // h_q=128 with the KV in L2, 256.3 against 260.3 from HBM (session 20, run 1).
-        if (valid < kBlockN) named_barrier_sync(kBarZeroed, 128);
+        if (valid < kBlockN) warpgroup_barrier_sync(kBarZeroed);
         // O[:, 0:64] += P V[:, 0:64], then S of the next block.
         const uint32_t sb = s_base + stage_off(st);
         const WgmmaDesc dV = wgmma_desc_sw128_tile(sb, kPanelBytes, 1024);

@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int valid = len_eff - (blk_begin + j) * kBlockN;
       if (valid < kBlockN) {
         zero_tail_rows(j & 1 ? stage1 : stage0, max(valid, 0), tw);
-        named_barrier_sync(kBarWG + wg, 128);
+        warpgroup_barrier_sync(kBarWG + wg);
       }
     };
 

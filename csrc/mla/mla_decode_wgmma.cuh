@@ -574,7 +574,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kFp8) {
         if (it + 1 < n_iter) {
           cp_async_wait<1>();       // block it + 1 landed (it + 2 may be pending)
-          named_barrier_sync(kBarWG1, 128);   // ... for every WG1 thread's copies
+          warpgroup_barrier_sync(kBarWG1);   // ... for every WG1 thread's copies
           dequant_upper_to_regs(smem + S::kK1 + ((it + 1) & 1) * S::kRawStage, pre, tw);
         }
       }
@@ -631,7 +631,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         uint32_t pf[16];  // P as bf16 pairs, in the A-fragment order of the P V wgmma
         char* sP = smem + S::kP;
-        if constexpr (kFp8) named_barrier_sync(kBarWG0, 128);  // P overwrites the rope panel every warp's S read
+        if constexpr (kFp8) warpgroup_barrier_sync(kBarWG0);  // P overwrites the rope panel every warp's S read
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const float p0 = fast_exp2(sacc[4 * j + 0] - m_use[0]);
