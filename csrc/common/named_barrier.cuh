@@ -4,7 +4,9 @@
 // the same instruction (otherwise the behaviour is undefined); roles that meet from different places in
 // the code need the non-aligned forms below. compute-sanitizer synccheck reports the aligned forms there
 // as "divergent thread(s) in block", and racecheck reports hazards across such barriers.
-// Where the compiler sees the warp converged, the SASS is the plain BAR.SYNC / BAR.ARV.
+// The SASS keeps the plain BAR.SYNC / BAR.ARV on the converged path and adds a divergence fallback
+// branch, which can cost registers; one barrier pair in the Q-in-registers MLA kernel keeps the aligned
+// form for that reason (mla_decode_qreg.cuh).
 #pragma once
 
 namespace flashseek {

@@ -459,7 +459,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_mrun[row0] = m_run[0];
         s_mrun[row0 + 8] = m_run[1];
       }
-      cta_barrier_sync();  // row statistics visible; every wgmma of the piece retired
+      // The one CTA barrier of this kernel that the two branches reach from their own instructions
+      // (WG1's twin is below) and that keeps its aligned form: the non-aligned one (cta_barrier_sync)
+      // pushed the register-bound kernel to a spill and cost 2.5% at s_q = 2 and ~4% at b = 16 (H200,
+      // session 27, run 6), and an mbarrier in its place spilled too. Every warp reaches it whole and
+      // converged, which is what the hardware counts; compute-sanitizer synccheck reports the pair as
+      // "divergent thread(s) in block" (docs/mla-design.md, session 27).
+      __syncthreads();  // row statistics visible; every wgmma of the piece retired
       if (dest.ok) {
         wg::stage_piece_rows<QT, kCols0>(p, dest, bi, m_tile, o0, 0, [&](int h, int) { return m_run[h]; },
                                          [&](int, int r) { return s_lrun[r]; }, smem + Smem::kStage0);
@@ -524,7 +530,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (warp == 0) {
         for (int j = max(n - kStages, 0); j < n; ++j) mbar_wait(bar_empty_u + 8 * pc.stage(j), pc.parity(j));
       }
-      cta_barrier_sync();  // WG0's row statistics visible
+      __syncthreads();  // WG0's row statistics visible (aligned: see warpgroup 0's twin)
       if (dest.ok) {
         // WG0 writes the lse. Here: scale in place, then store, so that no second copy of the
         // accumulators is ever live.
