@@ -7,7 +7,8 @@
 #   TESTS="tests/test_mla.py ..."  which test files (default: all; only `cuda`-marked tests run, one process each)
 #   CRASH_GDB="expr"               on a crash, rerun the tests matching expr under cuda-gdb for a native backtrace
 #   BENCH="mla gemm ..."           which bench families (default: all; BENCH=none skips)
-#   SANITIZE="tests/x.py ..."      also run these test files under compute-sanitizer memcheck
+#   SANITIZE="tests/x.py ..."      also run these test files under compute-sanitizer (SANITIZE_TOOL: memcheck,
+#                                  or synccheck / racecheck / initcheck)
 #   SANITIZE_K="expr"              ... only the tests matching this pytest -k expression
 #   TEST_TIMEOUT / BENCH_TIMEOUT   seconds (default 300 / 240)
 #   BUDGET=seconds                 start no further step (test file, sanitizer, bench) past this many
@@ -70,8 +71,8 @@ done
 if [ -n "${SANITIZE:-}" ] && over_budget; then
   echo "sanitizer skipped: BUDGET=${BUDGET}s reached"
 elif [ -n "${SANITIZE:-}" ]; then
-  stamp "compute-sanitizer memcheck: $SANITIZE -k '${SANITIZE_K:-}'"
-  timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  stamp "compute-sanitizer ${SANITIZE_TOOL:-memcheck}: $SANITIZE -k '${SANITIZE_K:-}'"
+  timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "${SANITIZE_TOOL:-memcheck}" --error-exitcode 9 \
     $py -m pytest $SANITIZE -m cuda -q -p no:cacheprovider ${SANITIZE_K:+-k "$SANITIZE_K"} >"$log/sanitizer.log" 2>&1
   echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$log/sanitizer.log" | tail -3
   pack

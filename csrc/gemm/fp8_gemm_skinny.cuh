@@ -48,6 +48,7 @@
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "common/named_barrier.cuh"
 #include "common/pdl.cuh"
 #include "common/smem_sm90.cuh"
 #include "common/wgmma_sm90.cuh"
@@ -180,12 +181,8 @@ struct SharedTiles {
 // kBarReady: every other partial of the CTA's reduce tile is visible (the signal warp arrives, the
 // math threads wait).
 constexpr int kBarPartial = 1, kBarReady = 2, kBarSignalCount = kMathThreads + 32;
-__device__ __forceinline__ void named_arrive(int id) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kBarSignalCount) : "memory");
-}
-__device__ __forceinline__ void named_sync(int id) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kBarSignalCount) : "memory");
-}
+__device__ __forceinline__ void named_arrive(int id) { named_barrier_arrive(id, kBarSignalCount); }
+__device__ __forceinline__ void named_sync(int id) { named_barrier_sync(id, kBarSignalCount); }
 
 // Writes token columns [8 j, 8 j + 8) of a finished tile, transposed to out[token][row], masked to
 // the group's tokens and to N. Thread (warp w, lane l) holds rows 16 w + l / 4 (+ 8) and, in
@@ -221,9 +218,7 @@ __device__ __forceinline__ void stage_columns(uint32_t out_smem, const float (&v
 
 // The math threads only (named barrier 3; 0-2 are __syncthreads and the signal warp's).
 constexpr int kBarMath = 3;
-__device__ __forceinline__ void math_sync() {
-  asm volatile("bar.sync %0, %1;\n" ::"n"(kBarMath), "n"(kMathThreads) : "memory");
-}
+__device__ __forceinline__ void math_sync() { named_barrier_sync(kBarMath, kMathThreads); }
 
 // The staged tile's first `tokens` token rows to out[token][n0 .. n0 + 128), masked to N, in 16-byte
 // stores (the bindings require out contiguous and 16-byte aligned, and N a multiple of 16, so each

@@ -39,6 +39,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "common/named_barrier.cuh"
 #include "common/smem_sm90.cuh"
 #include "common/wgmma_sm90.cuh"
 
@@ -256,7 +257,7 @@ struct MathWarpgroup {
   // pipe after 64 shared stores instead of a tile's worth of global stores.
   __device__ __forceinline__ void epilogue(const float (&fin)[kAcc]) const {
     const uint32_t d_tile = base + L::kD + mw * 64 * L::kDPitch;
-    asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDEmpty + mw) : "memory");  // the storer is done with it
+    named_barrier_sync(kBarDEmpty + mw, 160);  // the storer is done with it
 #pragma unroll
     for (int j = 0; j < kAcc / 4; ++j) {
       const uint32_t col_bytes = 2 * (8 * j + 2 * (lane % 4));
@@ -267,7 +268,7 @@ struct MathWarpgroup {
       asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(d_tile + (r_local + 8) * L::kDPitch + col_bytes),
                    "r"(*reinterpret_cast<const uint32_t*>(&hi)) : "memory");
     }
-    asm volatile("bar.arrive %0, 160;\n" ::"r"(kBarDFull + mw) : "memory");
+    named_barrier_arrive(kBarDFull + mw, 160);
   }
 
   // One tile. The full barrier of the next K block is probed right after this one's wgmma complete,
@@ -355,7 +356,7 @@ __device__ __forceinline__ void math_warpgroups(const KernelParams& p, uint8_t* 
   bool ready = false;
   for (int t = blockIdx.x / CLUSTER_N; t < m.num_units; t += m.num_clusters) m.run_tile(acc, acc2, fin, t, ready);
   // Takes the storer's last "buffer free" signal, so no arrival is left pending on the barrier.
-  asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDEmpty + m.mw) : "memory");
+  named_barrier_sync(kBarDEmpty + m.mw, 160);
   if constexpr (CLUSTER_N > 1) cute::cluster_sync();
 }
 
@@ -370,11 +371,11 @@ __device__ __forceinline__ void storer(const KernelParams& p, uint32_t base, int
   const int num_units = total_units(p, base + L::kCum, CLUSTER_N);
   const uint32_t d_tile = base + L::kD + w * 64 * L::kDPitch;
   constexpr int kChunksPerRow = kBlockN / 8;
-  asm volatile("bar.arrive %0, 160;\n" ::"r"(kBarDEmpty + w) : "memory");  // the tile starts free
+  named_barrier_arrive(kBarDEmpty + w, 160);  // the tile starts free
   for (int t = blockIdx.x / CLUSTER_N; t < num_units; t += num_clusters) {
     const Tile tile = locate_tile(p, base + L::kCum, t, CLUSTER_N, rank);
     const int row_base = tile.row0 + 64 * w;
-    asm volatile("bar.sync %0, 160;\n" ::"r"(kBarDFull + w) : "memory");
+    named_barrier_sync(kBarDFull + w, 160);
 #pragma unroll 4
     for (int i = lane; i < 64 * kChunksPerRow; i += 32) {
       const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
@@ -387,7 +388,7 @@ __device__ __forceinline__ void storer(const KernelParams& p, uint32_t base, int
         *reinterpret_cast<uint4*>(p.out + int64_t(row) * p.n + col) = v;
       }
     }
-    asm volatile("bar.arrive %0, 160;\n" ::"r"(kBarDEmpty + w) : "memory");
+    named_barrier_arrive(kBarDEmpty + w, 160);
   }
 }
 

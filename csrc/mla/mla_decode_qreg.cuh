@@ -57,8 +57,6 @@ namespace qreg {
 using detail::fast_exp2;
 using detail::pack_bf16;
 using detail::smem_u32;
-using wg::bar_arrive;
-using wg::bar_sync;
 using wg::fence_async_smem;
 using wg::fence_regs;
 using wg::kM;
@@ -305,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t peer_q_parity = 0;
     for (int bi = plan.b0; bi <= plan.b1; ++bi) {
       if constexpr (kMc) {
-        if (bi > plan.b0) cute::cluster_sync();  // both CTAs are done with the previous piece
+        if (bi > plan.b0) cluster_barrier_sync();  // both CTAs are done with the previous piece
       }
       const Piece pc(p, plan, bi, gblk);
       const int len = pc.len, len_eff = pc.len_eff, blk_begin = pc.blk_begin, n = pc.n;
@@ -348,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         q_rope_to_bf16<QT>(smem + Smem::kQRope, tw);
         fence_async_smem();  // the reads above before block 2's TMA; an fp16 rope's rewrite before S
-        bar_sync(kBarQRead, 128);  // every warp has its fragments (and its part of the rope converted)
+        warpgroup_barrier_sync(kBarQRead);  // every warp has its fragments (and its part of the rope converted)
         if constexpr (kMc) {
           if (tw == 0) mbar_arrive_peer(bar_peer_q_u, rank ^ 1);  // the peer may now load block 2 into this stage
           if (warp == 0 && n > 2) mbar_wait(bar_peer_q_u, peer_q_parity);
@@ -420,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // layout), so only a tail block, whose V rows every warp zeroed in part, needs a barrier first.
         // Against P from shared memory behind a barrier every block: 226.6 against 228.8 µs at b=128
         // h_q=128 with the KV in L2, 256.3 against 260.3 from HBM (session 20, run 1).
-        if (valid < kBlockN) bar_sync(kBarZeroed, 128);
+        if (valid < kBlockN) warpgroup_barrier_sync(kBarZeroed);
         // O[:, 0:64] += P V[:, 0:64], then S of the next block.
         const uint32_t sb = s_base + stage_off(st);
         const WgmmaDesc dV = wgmma_desc_sw128_tile(sb, kPanelBytes, 1024);
@@ -461,6 +459,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_mrun[row0] = m_run[0];
         s_mrun[row0 + 8] = m_run[1];
       }
+      // The one CTA barrier of this kernel that the two branches reach from their own instructions
+      // (WG1's twin is below) and that keeps its aligned form: the non-aligned one (cta_barrier_sync)
+      // pushed the register-bound kernel to a spill and cost 2.5% at s_q = 2 and ~4% at b = 16 (H200,
+      // session 27, run 6), and an mbarrier in its place spilled too. Every warp reaches it whole and
+      // converged, which is what the hardware counts; compute-sanitizer synccheck reports the pair as
+      // "divergent thread(s) in block" (docs/mla-design.md, session 27).
       __syncthreads();  // row statistics visible; every wgmma of the piece retired
       if (dest.ok) {
         wg::stage_piece_rows<QT, kCols0>(p, dest, bi, m_tile, o0, 0, [&](int h, int) { return m_run[h]; },
@@ -472,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     for (int bi = plan.b0; bi <= plan.b1; ++bi) {
       if constexpr (kMc) {
-        if (bi > plan.b0) cute::cluster_sync();
+        if (bi > plan.b0) cluster_barrier_sync();
       }
       const Piece pc(p, plan, bi, gblk);
       const int len_eff = pc.len_eff, blk_begin = pc.blk_begin, n = pc.n;
@@ -520,7 +524,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           next_page = lane < nbox && j + 4 < n ? seesaw::box_page(p, bi, blk_begin + j + 4, lane, box_log2, len_eff) : 0;
         }
       }
-      __syncthreads();  // WG0's row statistics visible
+      // The last kStages blocks' stage releases have no refill to wait for them; waiting here anyway leaves
+      // no completed mbarrier phase unobserved (synccheck reports one as "missing wait" once the next piece
+      // arrives on that barrier). The CTA barrier below would order the stages' reuse without it.
+      if (warp == 0) {
+        for (int j = max(n - kStages, 0); j < n; ++j) mbar_wait(bar_empty_u + 8 * pc.stage(j), pc.parity(j));
+      }
+      __syncthreads();  // WG0's row statistics visible (aligned: see warpgroup 0's twin)
       if (dest.ok) {
         // WG0 writes the lse. Here: scale in place, then store, so that no second copy of the
         // accumulators is ever live.

@@ -57,8 +57,6 @@ __device__ unsigned long long* g_mla_timeline = nullptr;
 using detail::fast_exp2;
 using detail::pack_bf16;
 using detail::smem_u32;
-using wg::bar_arrive;
-using wg::bar_sync;
 using wg::fence_async_smem;
 using wg::fence_regs;
 using wg::kM;
@@ -268,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   FS_TL(long long tl_bar = 0; long long tl_mma = 0; const long long tl_start = clock64();)
   auto bar_wait = [&](int id) {
     FS_TL(const long long t0 = clock64());
-    bar_sync(id, kThreads);
+    named_barrier_sync(id, kThreads);
     FS_TL(tl_bar += clock64() - t0);
   };
   auto mma_wait_all = [&]() {
@@ -297,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int valid = len_eff - (blk_begin + j) * kBlockN;
       if (valid < kBlockN) {
         zero_tail_rows(j & 1 ? stage1 : stage0, max(valid, 0), tw);
-        bar_sync(kBarWG + wg, 128);
+        warpgroup_barrier_sync(kBarWG + wg);
       }
     };
 
@@ -397,7 +395,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_maxA[row0] = mA[0];
         s_maxA[row0 + 8] = mA[1];
       }
-      bar_arrive(kBarMaxA, kThreads);
+      named_barrier_arrive(kBarMaxA, kThreads);
       float mAu[2], alpha[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -441,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             pack_bf16(sacc[4 * c + 2] * beta[1], sacc[4 * c + 3] * beta[1]);
       }
       fence_async_smem();
-      bar_arrive(kBarPA, kThreads);
+      named_barrier_arrive(kBarPA, kThreads);
       mma_wait_all();
       fence_regs(o);
       // Stage 0's panels 0-3 (read only by this P V) are free.
@@ -524,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         // mB is signalled only now, after the whole softmax: warpgroup 0's P_A store and TMA issue
         // would otherwise compete with this critical exp for the same schedulers (as FlashMLA orders it).
-        bar_arrive(kBarMaxB, kThreads);
+        named_barrier_arrive(kBarMaxB, kThreads);
         // O1 += P_B V_B[:, 256:512], P_B from registers (its shared-memory copy is fenced below)
         fence_regs(o);
         cute::warpgroup_arrive();
@@ -548,7 +546,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // them first and can refill its panels (FlashMLA orders its two warpgroups' P V the same way).
       if constexpr (kHasB) {
         fence_async_smem();  // the P_B stores, before warpgroup 0's wgmma reads them
-        bar_arrive(kBarPB, kThreads);
+        named_barrier_arrive(kBarPB, kThreads);
       }
       if constexpr (kHasB) {
         cute::warpgroup_wait<1>();

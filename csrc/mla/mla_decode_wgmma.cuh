@@ -44,6 +44,7 @@
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <utility>
 
+#include "common/named_barrier.cuh"
 #include "mla/mla_cache_token.cuh"
 #include "mla/mla_decode_kernel.cuh"
 #include "mla/mla_timeline.cuh"
@@ -132,10 +133,6 @@ constexpr int kBarBlockEnd = 2;
 constexpr int kBarWG0 = 3;  // FP8: WG0's S reads of the rope panel are done before P overwrites it
 constexpr int kBarWG1 = 4;  // FP8: every WG1 thread's raw copies of the next block have landed
 
-__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
 // Orders this thread's generic-proxy shared-memory writes (st.shared, cp.async) before later
 // async-proxy reads (wgmma operands).
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -342,7 +339,8 @@ __device__ __forceinline__ PieceDest piece_dest(const DecodeParams& p, const det
 // Split in two for kernels whose output owners are not "warpgroup w owns columns [256 w, + 256)"
 // (qreg: warpgroup 0 owns 64 columns, warpgroup 1 the other 448 as 256 + 192): stage_piece_rows puts
 // an accumulator of kCols columns starting at column col0 into the tile (the caller holding column 0
-// also writes the lse), copy_piece_rows is called by every thread of the CTA (kNThreads).
+// also writes the lse), copy_piece_rows is called by every thread of the CTA (kNThreads), from both
+// warpgroups' branches in qreg: its barriers are the non-aligned forms (common/named_barrier.cuh).
 template <typename QT, int kCols, typename MaxOf, typename SumOf>
 __device__ __forceinline__ void stage_piece_rows(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
                                                  const float (&o)[kCols / 2], int col0, MaxOf m_log2, SumOf l,
@@ -401,7 +399,7 @@ template <typename QT, int kNThreads>
 __device__ __forceinline__ void merge_cluster_pair(const DecodeParams& p, int bi, int m_tile, const char* tile,
                                                    const float* s_m, const float* s_l) {
   static_assert(kNThreads == 8 * (kM / 2), "eight threads a row");
-  cute::cluster_sync();  // both tiles and row statistics written (release / acquire)
+  cluster_barrier_sync();  // both tiles and row statistics written (release / acquire)
   const uint32_t rank = cute::block_rank_in_cluster(), peer = rank ^ 1;
   const int r = (kM / 2) * rank + (threadIdx.x >> 3), q = threadIdx.x & 7, R = m_tile * kM + r;
   if (R < p.rows) {
@@ -436,7 +434,7 @@ __device__ __forceinline__ void merge_cluster_pair(const DecodeParams& p, int bi
       p.lse[(static_cast<int64_t>(bi) * p.h_q + h) * p.s_q + s] = lse2 * 0.69314718055994531f;
     }
   }
-  cute::cluster_sync();  // the peer is done reading this CTA's tile and statistics
+  cluster_barrier_sync();  // the peer is done reading this CTA's tile and statistics
 }
 
 // s_m / s_l: the piece's row statistics in shared memory (max in the log2 domain, sum), read only when
@@ -444,7 +442,7 @@ __device__ __forceinline__ void merge_cluster_pair(const DecodeParams& p, int bi
 template <typename QT, int kNThreads>
 __device__ __forceinline__ void copy_piece_rows(const DecodeParams& p, const PieceDest& dest, int bi, int m_tile,
                                                 const char* tile, const float* s_m, const float* s_l) {
-  __syncthreads();
+  cta_barrier_sync();
   if (!dest.direct && is_cluster_pair(p, bi)) {
     merge_cluster_pair<QT, kNThreads>(p, bi, m_tile, tile, s_m, s_l);
   } else {
@@ -459,7 +457,7 @@ __device__ __forceinline__ void copy_piece_rows(const DecodeParams& p, const Pie
   // The tile's reads are done and its generic-proxy writes ordered before the next piece's TMA
   // writes (async proxy) into the same stages.
   fence_async_smem();
-  __syncthreads();
+  cta_barrier_sync();
 }
 // s_m / s_l: as copy_piece_rows (null in a kernel never launched in cluster pairs).
 template <typename QT, typename MaxOf, typename SumOf>
@@ -558,13 +556,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto fp8_stage = [&](int it) {
       if constexpr (kFp8) {
         if (wg == 1) cp_async_wait<1>();
-        bar_sync(0, kThreads);  // raw tokens visible; the previous block is done with the stage
+        named_barrier_sync(0, kThreads);  // raw tokens visible; the previous block is done with the stage
         char* raw = smem + S::kK1 + (it & 1) * S::kRawStage;
         if (it == 0 && wg == 1) dequant_upper_to_regs(raw, pre, tw);  // no earlier block to do it during
         dequant_lower_and_rope(raw, smem + S::kK0);
         if (wg == 1) store_upper_regs(pre, smem + S::kK0, tw);
         fence_async_smem();
-        bar_sync(0, kThreads);  // the stage complete; raw buffer it % 2 free
+        named_barrier_sync(0, kThreads);  // the stage complete; raw buffer it % 2 free
         if (wg == 1) {
           if (it + 2 < n_iter) issue_raw_block(p, s_base + S::kK1 + (it & 1) * S::kRawStage, bi, blk_begin + it + 2, len_eff, tw);
           cp_async_commit();
@@ -576,7 +574,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kFp8) {
         if (it + 1 < n_iter) {
           cp_async_wait<1>();       // block it + 1 landed (it + 2 may be pending)
-          bar_sync(kBarWG1, 128);   // ... for every WG1 thread's copies
+          warpgroup_barrier_sync(kBarWG1);   // ... for every WG1 thread's copies
           dequant_upper_to_regs(smem + S::kK1 + ((it + 1) & 1) * S::kRawStage, pre, tw);
         }
       }
@@ -633,7 +631,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         uint32_t pf[16];  // P as bf16 pairs, in the A-fragment order of the P V wgmma
         char* sP = smem + S::kP;
-        if constexpr (kFp8) bar_sync(kBarWG0, 128);  // P overwrites the rope panel every warp's S read
+        if constexpr (kFp8) warpgroup_barrier_sync(kBarWG0);  // P overwrites the rope panel every warp's S read
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const float p0 = fast_exp2(sacc[4 * j + 0] - m_use[0]);
@@ -658,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           l_run[h] = l_run[h] * alpha[h] + sloc[h];
         }
         fence_async_smem();
-        bar_arrive(kBarPFull, kThreads);
+        named_barrier_arrive(kBarPFull, kThreads);
         rescale_o(o, alpha[0], alpha[1]);
         // ---- O0 += P V[:, 0:256] ----
         fence_regs(o);
@@ -671,7 +669,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_regs(o);
-        bar_sync(kBarBlockEnd, kThreads);
+        named_barrier_sync(kBarBlockEnd, kThreads);
       }
       if (q4 == 0) {
         s_lrun[row0] = l_run[0];
@@ -688,7 +686,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fp8_predequant(it);
         const uint32_t sK = s_base + ((!kFp8 && (it & 1)) ? S::kK1 : S::kK0);
         const WgmmaDesc dVs = (it & 1) ? dV1 : dV0;
-        bar_sync(kBarPFull, kThreads);
+        named_barrier_sync(kBarPFull, kThreads);
         rescale_o(o, s_alpha[row0], s_alpha[row0 + 8]);
         // ---- O1 += P V[:, 256:512] ----
         fence_regs(o);
@@ -704,7 +702,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           cp_async_wait<0>();  // block it + 1 landed (block it + 2 is not issued yet)
           fence_async_smem();
         }
-        bar_sync(kBarBlockEnd, kThreads);
+        named_barrier_sync(kBarBlockEnd, kThreads);
         // Both warpgroups are done with this stage: refill it with block it + 2.
         if (!kFp8 && it + 2 < n_iter) {
           issue_kv_block(p, sK, bi, blk_begin + it + 2, len_eff, tw);
