@@ -3,7 +3,7 @@
 // barrier.sync.aligned / barrier.arrive.aligned, which require every participating thread to execute
 // the same instruction (otherwise the behaviour is undefined); roles that meet from different places in
 // the code need the non-aligned forms below. compute-sanitizer synccheck reports the aligned forms there
-// as "divergent thread(s) in block", and racecheck reports hazards across such barriers.
+// as "divergent thread(s) in block".
 // The SASS keeps the plain BAR.SYNC / BAR.ARV on the converged path and adds a divergence fallback
 // branch, which can cost registers; one barrier pair in the Q-in-registers MLA kernel keeps the aligned
 // form for that reason (mla_decode_qreg.cuh).
