@@ -26,6 +26,12 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / n) if n > 0 else float((x - ref).norm())
 
 
+def is_powers_of_two(s: torch.Tensor) -> bool:
+    """Whether every element of s is a power of two (ue8m0 scales): a frexp mantissa of exactly 0.5."""
+    mant, _ = torch.frexp(s)
+    return bool(torch.all(mant == 0.5))
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fills t with NaN (or, for integer/fp8 tensors, a recognisable garbage pattern)."""
     if t.dtype.is_floating_point and t.dtype != FP8:

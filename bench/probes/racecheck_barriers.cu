@@ -16,24 +16,14 @@
 __device__ __forceinline__ void bsync(int id, int n) { asm volatile("barrier.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void barrive(int id, int n) { asm volatile("barrier.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
 
-__global__ void k_arrive(int* out) {
+// arrive (kArrive) or twosync: warp 0 writes and arrives or syncs, warp 1 syncs at another instruction and reads.
+template <bool kArrive>
+__global__ void k_pair(int* out) {
   __shared__ int s[32];
   const int w = threadIdx.x / 32, l = threadIdx.x % 32;
   if (w == 0) {
     s[l] = l + 1;
-    barrive(1, 64);
-  } else {
-    bsync(1, 64);
-    out[l] = s[31 - l];
-  }
-}
-
-__global__ void k_twosync(int* out) {
-  __shared__ int s[32];
-  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-  if (w == 0) {
-    s[l] = l + 1;
-    bsync(1, 64);
+    if (kArrive) barrive(1, 64); else bsync(1, 64);
   } else {
     bsync(1, 64);
     out[l] = s[31 - l];
@@ -79,8 +69,8 @@ int main(int argc, char** argv) {
   const char* c = argc > 1 ? argv[1] : "arrive";
   int* out = nullptr;
   cudaMalloc(&out, 1024 * sizeof(int));
-  if (!strcmp(c, "arrive")) k_arrive<<<1, 64>>>(out);
-  else if (!strcmp(c, "twosync")) k_twosync<<<1, 64>>>(out);
+  if (!strcmp(c, "arrive")) k_pair<true><<<1, 64>>>(out);
+  else if (!strcmp(c, "twosync")) k_pair<false><<<1, 64>>>(out);
   else if (!strcmp(c, "plain")) k_plain<<<1, 64>>>(out);
   else if (!strcmp(c, "roles")) k_roles<<<1, 256>>>(out);
   else { fprintf(stderr, "unknown case %s\n", c); return 2; }
